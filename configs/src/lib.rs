@@ -1,0 +1,4 @@
+//! The machine configuration of a Keelson node: its strict TOML schema, validation,
+//! cluster secrets and PKI, and generation of per-node configs.
+
+pub mod layout;

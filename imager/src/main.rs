@@ -1,0 +1,2 @@
+//! `imager`: the command-line front of [`keelson_imager`].
+fn main() {}

@@ -1,0 +1,1 @@
+//! `init`: Keelson's PID 1, in two stages (initramfs, then the verity-protected root).

@@ -1,0 +1,2 @@
+//! `machinectl`: the operator's command-line client.
+fn main() {}

@@ -1,0 +1,1 @@
+//! `machined`, the node's API daemon, and `machinectl`, the operator's CLI.
