@@ -166,6 +166,11 @@ pub const CMDLINE_VERITY_CHECK: &str = "keelson.verity.check";
 
 /// Where stage 1 lives in the initramfs (the kernel runs `/init`).
 pub const INITRAMFS_INIT: &str = "init";
+/// Directory of the initramfs that holds the kernel modules stage 1 loads (flat `*.ko`).
+pub const INITRAMFS_MODULES_DIR: &str = "modules";
+/// Text file in the initramfs: one module file name per line, in load order
+/// (dependencies first). Stage 1 loads them in this order and skips ones already loaded.
+pub const INITRAMFS_MODULES_ORDER: &str = "modules/order";
 /// Where stage 2 lives in the root filesystem.
 pub const ROOT_INIT: &str = "sbin/init";
 /// The argument stage 1 passes when it execs stage 2 after switch_root.
