@@ -2,3 +2,5 @@
 //! cluster secrets and PKI, and generation of per-node configs.
 
 pub mod layout;
+pub mod pki;
+pub mod secrets;
