@@ -2,5 +2,6 @@
 //! cluster secrets and PKI, and generation of per-node configs.
 
 pub mod layout;
+pub mod patch;
 pub mod pki;
 pub mod secrets;

@@ -7,6 +7,7 @@
 //! ```toml
 //! version = 1
 //! bootstrap_token = "abcdef.0123456789abcdef"     # kubeadm format, for kubelet TLS bootstrap
+//! api_join_token = "ghijkl.0123456789abcdef"      # same format; a node's node API cert request
 //! encryption_key = "<base64 of 32 bytes>"         # Secret encryption at rest
 //! service_account_key = """-----BEGIN PRIVATE KEY-----..."""
 //!
@@ -112,6 +113,8 @@ pub struct ClusterSecrets {
     pub version: u32,
     /// The kubeadm-format bootstrap token the kubelets use for TLS bootstrap.
     pub bootstrap_token: BootstrapToken,
+    /// Authenticates a worker's request for its node API server certificate (same format).
+    pub api_join_token: BootstrapToken,
     /// The key Kubernetes Secrets are encrypted with at rest.
     pub encryption_key: EncryptionKey,
     /// The service-account token signing key (PKCS#8 PEM).
@@ -131,6 +134,7 @@ impl fmt::Debug for ClusterSecrets {
         f.debug_struct("ClusterSecrets")
             .field("version", &self.version)
             .field("bootstrap_token", &self.bootstrap_token)
+            .field("api_join_token", &self.api_join_token)
             .field("encryption_key", &self.encryption_key)
             .field("service_account_key", &"<redacted>")
             .field("kubernetes_ca", &self.kubernetes_ca)
@@ -167,6 +171,7 @@ impl ClusterSecrets {
             Ok(ClusterSecrets {
                 version: SECRETS_VERSION,
                 bootstrap_token: BootstrapToken::generate()?,
+                api_join_token: BootstrapToken::generate()?,
                 encryption_key: EncryptionKey::generate()?,
                 service_account_key: pki::generate_service_account_key()?,
                 kubernetes_ca: pki::generate_ca(ca_names::KUBERNETES)?,
@@ -231,6 +236,7 @@ fn line_column(text: &str, offset: usize) -> (usize, usize) {
 struct RawSecrets {
     version: Spanned<u32>,
     bootstrap_token: Spanned<String>,
+    api_join_token: Spanned<String>,
     encryption_key: Spanned<String>,
     service_account_key: Spanned<String>,
     kubernetes_ca: RawCa,
@@ -272,6 +278,11 @@ impl RawSecrets {
             .get_ref()
             .parse()
             .map_err(|e| invalid("bootstrap_token", self.bootstrap_token.span(), e))?;
+        let api_join_token: BootstrapToken = self
+            .api_join_token
+            .get_ref()
+            .parse()
+            .map_err(|e| invalid("api_join_token", self.api_join_token.span(), e))?;
         let encryption_key: EncryptionKey = self
             .encryption_key
             .get_ref()
@@ -301,6 +312,7 @@ impl RawSecrets {
         Ok(ClusterSecrets {
             version: SECRETS_VERSION,
             bootstrap_token,
+            api_join_token,
             encryption_key,
             service_account_key: self.service_account_key.into_inner(),
             kubernetes_ca: ca("kubernetes_ca", self.kubernetes_ca)?,
