@@ -1,2 +1,7 @@
 //! The imager: turns pinned inputs (Debian packages, our own binaries, an image
 //! definition from `images/`) into bootable disk images.
+pub mod rootfs;
+pub mod squashfs;
+pub mod verity;
+pub mod cpio;
+pub mod compress;
