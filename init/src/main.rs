@@ -1,2 +1,6 @@
 //! The `init` binary: stage 1 in the initramfs, stage 2 as PID 1 of the root filesystem.
-fn main() {}
+//! All of it lives in the library; see `keelson_init::pid1_main`.
+
+fn main() {
+    keelson_init::pid1_main()
+}

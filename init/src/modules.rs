@@ -1,0 +1,187 @@
+//! Kernel modules: load the initramfs's module list in order with `finit_module`.
+//!
+//! The imager writes `/modules/order` (one `.ko` file name a line, dependencies first,
+//! see `keelson_configs::layout::INITRAMFS_MODULES_ORDER`) and the files beside it. A
+//! module that is already loaded (EEXIST) is fine; any other failure is logged with the
+//! module's name and errno and loading goes on: whether the boot can continue is decided
+//! by what comes next (a missing disk driver shows up as a root partition that never
+//! appears, and that message names the modules that failed).
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use crate::console::Log;
+use crate::syscalls::{Syscalls, errno_name};
+
+/// Errors of module loading.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The order file exists but cannot be read.
+    #[error("cannot read the module list {path}: {errno}", errno = errno_name(source))]
+    Order {
+        /// The order file.
+        path: String,
+        /// The kernel's answer.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// What happened to each module.
+#[derive(Debug, Default)]
+pub struct Report {
+    /// Modules loaded now.
+    pub loaded: Vec<String>,
+    /// Modules that were already loaded (EEXIST).
+    pub already: Vec<String>,
+    /// Modules that failed, with the error.
+    pub failed: Vec<(String, io::Error)>,
+}
+
+impl Report {
+    /// `name (ERRNO), ...` of the failed modules, for later error messages.
+    pub fn failures(&self) -> String {
+        self.failed
+            .iter()
+            .map(|(name, err)| format!("{name} ({})", errno_name(err)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// The kernel's name of a module file: `dm-verity.ko` -> `dm_verity`.
+pub fn module_name(file: &str) -> String {
+    let stem = file.rsplit('/').next().unwrap_or(file);
+    let stem = stem.strip_suffix(".ko").unwrap_or(stem);
+    stem.replace('-', "_")
+}
+
+/// Parse an order file: one file name a line; blank lines and `#` comments are skipped.
+pub fn parse_order(text: &str) -> Vec<&str> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect()
+}
+
+/// Load every module listed in `order_file` from `dir`, in order.
+pub fn load_all(
+    sys: &dyn Syscalls,
+    log: &dyn Log,
+    dir: &Path,
+    order_file: &Path,
+) -> Result<Report, Error> {
+    let mut report = Report::default();
+    let text = match sys.read_file(order_file) {
+        Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            log.line(&format!(
+                "no module list at {}: relying on built-in drivers",
+                order_file.display()
+            ));
+            return Ok(report);
+        }
+        Err(source) => {
+            return Err(Error::Order {
+                path: order_file.display().to_string(),
+                source,
+            });
+        }
+    };
+    for file in parse_order(&text) {
+        let name = module_name(file);
+        let path: PathBuf = dir.join(file);
+        match sys.finit_module(&path, "") {
+            Ok(()) => {
+                log.line(&format!("module {name} loaded"));
+                report.loaded.push(name);
+            }
+            Err(e) if e.raw_os_error() == Some(17) => {
+                log.line(&format!("module {name} already loaded"));
+                report.already.push(name);
+            }
+            Err(e) => {
+                log.line(&format!(
+                    "module {name} failed to load from {}: {}",
+                    path.display(),
+                    errno_name(&e)
+                ));
+                report.failed.push((name, e));
+            }
+        }
+    }
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::console::memory::MemoryLog;
+    use crate::syscalls::fake::{Call, Fake};
+
+    #[test]
+    fn names_follow_the_kernel() {
+        assert_eq!(module_name("dm-verity.ko"), "dm_verity");
+        assert_eq!(module_name("virtio_blk.ko"), "virtio_blk");
+        assert_eq!(module_name("sub/dm-bufio.ko"), "dm_bufio");
+    }
+
+    #[test]
+    fn modules_load_in_order_and_eexist_is_fine() -> Result<(), Error> {
+        let mut fake = Fake::new().with_file(
+            "/modules/order",
+            "# closure\nvirtio_pci.ko\n\ndm-mod.ko\ndm-bufio.ko\n  dm-verity.ko  \nsquashfs.ko\n",
+        );
+        fake.module_errors
+            .insert(PathBuf::from("/modules/dm-mod.ko"), 17);
+        fake.module_errors
+            .insert(PathBuf::from("/modules/squashfs.ko"), 2);
+        let log = MemoryLog::default();
+        let report = load_all(
+            &fake,
+            &log,
+            Path::new("/modules"),
+            Path::new("/modules/order"),
+        )?;
+        let order: Vec<Call> = [
+            "virtio_pci.ko",
+            "dm-mod.ko",
+            "dm-bufio.ko",
+            "dm-verity.ko",
+            "squashfs.ko",
+        ]
+        .iter()
+        .map(|f| Call::FinitModule(format!("/modules/{f}")))
+        .collect();
+        assert_eq!(fake.calls(), order);
+        assert_eq!(report.loaded, ["virtio_pci", "dm_bufio", "dm_verity"]);
+        assert_eq!(report.already, ["dm_mod"]);
+        assert_eq!(report.failures(), "squashfs (ENOENT (2))");
+        assert_eq!(
+            log.lines(),
+            [
+                "keelson-init: module virtio_pci loaded",
+                "keelson-init: module dm_mod already loaded",
+                "keelson-init: module dm_bufio loaded",
+                "keelson-init: module dm_verity loaded",
+                "keelson-init: module squashfs failed to load from /modules/squashfs.ko: ENOENT (2)",
+            ]
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn a_missing_order_file_means_built_in_drivers() -> Result<(), Error> {
+        let fake = Fake::new();
+        let log = MemoryLog::default();
+        let report = load_all(
+            &fake,
+            &log,
+            Path::new("/modules"),
+            Path::new("/modules/order"),
+        )?;
+        assert!(report.loaded.is_empty() && fake.calls().is_empty());
+        assert_eq!(log.lines().len(), 1);
+        Ok(())
+    }
+}

@@ -1,0 +1,551 @@
+//! Every system call PID 1 makes, behind one trait.
+//!
+//! Boot logic (the mount table, module loading, device-mapper, switch_root) is written
+//! against [`Syscalls`], so it is unit-tested without root through the recording fake in
+//! [`fake`]. [`Linux`] is the real implementation, built on `rustix` (raw Linux system
+//! calls, no C library needed) and the standard library; the QEMU end-to-end tests are
+//! what exercise it.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::time::Duration;
+
+pub use rustix::mount::MountFlags;
+
+/// Which kind of device node [`Syscalls::mknod`] creates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeKind {
+    /// A block device (`S_IFBLK`).
+    Block,
+    /// A character device (`S_IFCHR`).
+    Char,
+}
+
+/// What [`Syscalls::reboot`] asks the kernel to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RebootHow {
+    /// `RB_AUTOBOOT`: restart the machine (the firmware's boot counter moves on).
+    Restart,
+    /// `RB_POWER_OFF`: power the machine off.
+    PowerOff,
+}
+
+/// The kernel's `uname` answer, reduced to what we print.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Uname {
+    /// Kernel release (`uname -r`).
+    pub release: String,
+    /// Machine architecture (`uname -m`).
+    pub machine: String,
+}
+
+/// The system calls PID 1 makes. Paths are absolute paths of the running system.
+pub trait Syscalls {
+    /// `mount(2)`: mount `source` of type `fstype` at `target`.
+    fn mount(
+        &self,
+        source: &str,
+        target: &Path,
+        fstype: &str,
+        flags: MountFlags,
+        data: &str,
+    ) -> io::Result<()>;
+    /// `mount(2)` with `MS_MOVE`: move the mount at `from` to `to`.
+    fn mount_move(&self, from: &Path, to: &Path) -> io::Result<()>;
+    /// Whether `path` is the root of a mount (its device differs from its parent's).
+    fn is_mount_point(&self, path: &Path) -> io::Result<bool>;
+    /// `mkdir(2)`; an existing directory is an `AlreadyExists` error.
+    fn mkdir(&self, path: &Path, mode: u32) -> io::Result<()>;
+    /// `mknod(2)` of a device node.
+    fn mknod(
+        &self,
+        path: &Path,
+        kind: NodeKind,
+        mode: u32,
+        major: u32,
+        minor: u32,
+    ) -> io::Result<()>;
+    /// Whether `path` exists (follows symlinks).
+    fn exists(&self, path: &Path) -> bool;
+    /// Read a whole (small) file.
+    fn read_file(&self, path: &Path) -> io::Result<Vec<u8>>;
+    /// Write `data` to an existing file (such as `/dev/kmsg` or a sysfs attribute).
+    fn write_file(&self, path: &Path, data: &[u8]) -> io::Result<()>;
+    /// Open a file or block device for sequential reading.
+    fn open_read(&self, path: &Path) -> io::Result<Box<dyn Read>>;
+    /// `finit_module(2)` of the module file at `path`, with `params`.
+    fn finit_module(&self, path: &Path, params: &str) -> io::Result<()>;
+    /// A device-mapper ioctl (`_IOWR(0xfd, cmd, struct dm_ioctl)`) on the control node at
+    /// `control`. `buf` starts with a `struct dm_ioctl` whose `data_size` is `buf.len()`;
+    /// the kernel writes its answer back into `buf`.
+    fn dm_ioctl(&self, control: &Path, cmd: u8, buf: &mut [u8]) -> io::Result<()>;
+    /// `chdir(2)`.
+    fn chdir(&self, path: &Path) -> io::Result<()>;
+    /// `chroot(2)`.
+    fn chroot(&self, path: &Path) -> io::Result<()>;
+    /// `sync(2)`.
+    fn sync(&self);
+    /// `reboot(2)`; returns only when the kernel refused.
+    fn reboot(&self, how: RebootHow) -> io::Error;
+    /// `execv(3)`: replace this process; returns only on failure.
+    fn exec(&self, path: &str, args: &[&str]) -> io::Error;
+    /// `uname(2)`.
+    fn uname(&self) -> Uname;
+    /// Sleep (the fake returns at once).
+    fn sleep(&self, duration: Duration);
+}
+
+/// The real system calls of the running Linux kernel.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Linux;
+
+fn cstring(s: &str) -> io::Result<CString> {
+    CString::new(s).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in string"))
+}
+
+impl Syscalls for Linux {
+    fn mount(
+        &self,
+        source: &str,
+        target: &Path,
+        fstype: &str,
+        flags: MountFlags,
+        data: &str,
+    ) -> io::Result<()> {
+        let data = cstring(data)?;
+        rustix::mount::mount(source, target, fstype, flags, Some(data.as_c_str()))?;
+        Ok(())
+    }
+
+    fn mount_move(&self, from: &Path, to: &Path) -> io::Result<()> {
+        rustix::mount::mount_move(from, to)?;
+        Ok(())
+    }
+
+    fn is_mount_point(&self, path: &Path) -> io::Result<bool> {
+        let own = std::fs::metadata(path)?;
+        let parent = std::fs::metadata(path.join(".."))?;
+        // A mount root differs from its parent in device, or is the root itself.
+        Ok(own.dev() != parent.dev() || own.ino() == parent.ino())
+    }
+
+    fn mkdir(&self, path: &Path, mode: u32) -> io::Result<()> {
+        rustix::fs::mkdir(path, rustix::fs::Mode::from_raw_mode(mode))?;
+        Ok(())
+    }
+
+    fn mknod(
+        &self,
+        path: &Path,
+        kind: NodeKind,
+        mode: u32,
+        major: u32,
+        minor: u32,
+    ) -> io::Result<()> {
+        let file_type = match kind {
+            NodeKind::Block => rustix::fs::FileType::BlockDevice,
+            NodeKind::Char => rustix::fs::FileType::CharacterDevice,
+        };
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            path,
+            file_type,
+            rustix::fs::Mode::from_raw_mode(mode),
+            rustix::fs::makedev(major, minor),
+        )?;
+        Ok(())
+    }
+
+    fn exists(&self, path: &Path) -> bool {
+        path.exists()
+    }
+
+    fn read_file(&self, path: &Path) -> io::Result<Vec<u8>> {
+        std::fs::read(path)
+    }
+
+    fn write_file(&self, path: &Path, data: &[u8]) -> io::Result<()> {
+        use std::io::Write;
+        let mut file = std::fs::OpenOptions::new().write(true).open(path)?;
+        file.write_all(data)
+    }
+
+    fn open_read(&self, path: &Path) -> io::Result<Box<dyn Read>> {
+        Ok(Box::new(File::open(path)?))
+    }
+
+    fn finit_module(&self, path: &Path, params: &str) -> io::Result<()> {
+        let file = File::open(path)?;
+        let params = cstring(params)?;
+        rustix::system::finit_module(&file, &params, 0)?;
+        Ok(())
+    }
+
+    fn dm_ioctl(&self, control: &Path, cmd: u8, buf: &mut [u8]) -> io::Result<()> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(control)?;
+        if buf.len() < crate::dm::DM_IOCTL_SIZE {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "device-mapper buffer smaller than struct dm_ioctl",
+            ));
+        }
+        let request = DmRequest { cmd, buf };
+        // SAFETY: `request` passes a pointer to `buf`, which is at least
+        // `sizeof(struct dm_ioctl)` bytes and whose `data_size` field (written by
+        // `dm::encode`) is `buf.len()`, so the kernel reads and writes only inside `buf`;
+        // the opcode is `_IOWR(0xfd, cmd, struct dm_ioctl)` as linux/dm-ioctl.h defines it.
+        unsafe { rustix::ioctl::ioctl(&file, request)? };
+        Ok(())
+    }
+
+    fn chdir(&self, path: &Path) -> io::Result<()> {
+        rustix::process::chdir(path)?;
+        Ok(())
+    }
+
+    fn chroot(&self, path: &Path) -> io::Result<()> {
+        rustix::process::chroot(path)?;
+        Ok(())
+    }
+
+    fn sync(&self) {
+        rustix::fs::sync();
+    }
+
+    fn reboot(&self, how: RebootHow) -> io::Error {
+        let cmd = match how {
+            RebootHow::Restart => rustix::system::RebootCommand::Restart,
+            RebootHow::PowerOff => rustix::system::RebootCommand::PowerOff,
+        };
+        match rustix::system::reboot(cmd) {
+            Ok(()) => io::Error::other("reboot(2) returned without rebooting"),
+            Err(errno) => errno.into(),
+        }
+    }
+
+    fn exec(&self, path: &str, args: &[&str]) -> io::Error {
+        let mut command = std::process::Command::new(path);
+        if let Some((arg0, rest)) = args.split_first() {
+            command.arg0(arg0).args(rest);
+        }
+        command.exec()
+    }
+
+    fn uname(&self) -> Uname {
+        let uname = rustix::system::uname();
+        Uname {
+            release: uname.release().to_string_lossy().into_owned(),
+            machine: uname.machine().to_string_lossy().into_owned(),
+        }
+    }
+
+    fn sleep(&self, duration: Duration) {
+        std::thread::sleep(duration);
+    }
+}
+
+/// A device-mapper ioctl request: a read-write ioctl on a variable-length buffer that
+/// starts with `struct dm_ioctl` (rustix's `Updater` wants a fixed-size type).
+struct DmRequest<'a> {
+    cmd: u8,
+    buf: &'a mut [u8],
+}
+
+// SAFETY: the opcode encodes `_IOWR(DM_IOCTL, cmd, struct dm_ioctl)`, the pointer is to a
+// buffer of at least `sizeof(struct dm_ioctl)` bytes whose `data_size` equals its length
+// (checked by the caller), the kernel may write into it (IS_MUTATING), and there is no
+// output beyond the buffer itself.
+unsafe impl rustix::ioctl::Ioctl for DmRequest<'_> {
+    type Output = ();
+
+    const IS_MUTATING: bool = true;
+
+    fn opcode(&self) -> rustix::ioctl::Opcode {
+        crate::dm::opcode(self.cmd)
+    }
+
+    fn as_ptr(&mut self) -> *mut std::ffi::c_void {
+        self.buf.as_mut_ptr().cast()
+    }
+
+    unsafe fn output_from_ptr(
+        _out: rustix::ioctl::IoctlOutput,
+        _extract_output: *mut std::ffi::c_void,
+    ) -> rustix::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The errno name of an I/O error (`ENOENT`), or its text when it carries no errno.
+pub fn errno_name(err: &io::Error) -> String {
+    let Some(code) = err.raw_os_error() else {
+        return err.to_string();
+    };
+    let name = match code {
+        1 => "EPERM",
+        2 => "ENOENT",
+        5 => "EIO",
+        6 => "ENXIO",
+        11 => "EAGAIN",
+        12 => "ENOMEM",
+        13 => "EACCES",
+        14 => "EFAULT",
+        16 => "EBUSY",
+        17 => "EEXIST",
+        19 => "ENODEV",
+        20 => "ENOTDIR",
+        22 => "EINVAL",
+        28 => "ENOSPC",
+        30 => "EROFS",
+        38 => "ENOSYS",
+        61 => "ENODATA",
+        74 => "EBADMSG",
+        84 => "EILSEQ",
+        95 => "EOPNOTSUPP",
+        117 => "EUCLEAN",
+        _ => return format!("errno {code}"),
+    };
+    format!("{name} ({code})")
+}
+
+#[cfg(test)]
+pub mod fake {
+    //! A recording fake of [`Syscalls`](super::Syscalls) for unit tests: it remembers
+    //! every call in order and answers from what the test put into it.
+
+    use super::*;
+    use std::cell::RefCell;
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::path::PathBuf;
+
+    /// One recorded call.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub enum Call {
+        Mount {
+            source: String,
+            target: String,
+            fstype: String,
+            flags: MountFlags,
+            data: String,
+        },
+        MountMove(String, String),
+        Mkdir(String),
+        Mknod(String, NodeKind, u32, u32),
+        WriteFile(String, Vec<u8>),
+        OpenRead(String),
+        FinitModule(String),
+        DmIoctl(u8, Vec<u8>),
+        Chdir(String),
+        Chroot(String),
+        Sync,
+        Reboot(RebootHow),
+        Exec(String, Vec<String>),
+        Sleep(Duration),
+    }
+
+    /// The fake system: files, mount points and canned errors, plus the call log.
+    #[derive(Debug, Default)]
+    pub struct Fake {
+        pub calls: RefCell<Vec<Call>>,
+        pub files: RefCell<BTreeMap<PathBuf, Vec<u8>>>,
+        pub mount_points: RefCell<BTreeSet<PathBuf>>,
+        /// Errno returned by `finit_module` per module path.
+        pub module_errors: BTreeMap<PathBuf, i32>,
+        /// Errno returned by `mount` per filesystem type.
+        pub mount_errors: BTreeMap<String, i32>,
+        /// Errno returned by `dm_ioctl` per command number.
+        pub dm_errors: BTreeMap<u8, i32>,
+        /// Bytes to write back into the buffer of a dm ioctl at the given offset.
+        pub dm_answers: BTreeMap<u8, (usize, Vec<u8>)>,
+        /// For `open_read`: the device size, and the offset where reads fail with EIO.
+        pub device: Option<(u64, Option<u64>)>,
+    }
+
+    impl Fake {
+        pub fn new() -> Fake {
+            Fake::default()
+        }
+
+        pub fn with_file(self, path: &str, content: &str) -> Fake {
+            self.files
+                .borrow_mut()
+                .insert(PathBuf::from(path), content.as_bytes().to_vec());
+            self
+        }
+
+        pub fn calls(&self) -> Vec<Call> {
+            self.calls.borrow().clone()
+        }
+
+        fn record(&self, call: Call) {
+            self.calls.borrow_mut().push(call);
+        }
+    }
+
+    fn s(path: &Path) -> String {
+        path.display().to_string()
+    }
+
+    /// A reader over a device of `size` zero bytes that fails with EIO at `bad`.
+    struct FakeDevice {
+        pos: u64,
+        size: u64,
+        bad: Option<u64>,
+    }
+
+    impl Read for FakeDevice {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let end = self.size.min(self.pos + buf.len() as u64);
+            let end = match self.bad {
+                Some(bad) if bad >= self.pos && bad < end => {
+                    if bad == self.pos {
+                        return Err(io::Error::from_raw_os_error(5));
+                    }
+                    bad
+                }
+                _ => end,
+            };
+            let n = (end - self.pos) as usize;
+            buf[..n].fill(0);
+            self.pos = end;
+            Ok(n)
+        }
+    }
+
+    impl Syscalls for Fake {
+        fn mount(
+            &self,
+            source: &str,
+            target: &Path,
+            fstype: &str,
+            flags: MountFlags,
+            data: &str,
+        ) -> io::Result<()> {
+            self.record(Call::Mount {
+                source: source.into(),
+                target: s(target),
+                fstype: fstype.into(),
+                flags,
+                data: data.into(),
+            });
+            if let Some(errno) = self.mount_errors.get(fstype) {
+                return Err(io::Error::from_raw_os_error(*errno));
+            }
+            self.mount_points.borrow_mut().insert(target.to_path_buf());
+            Ok(())
+        }
+
+        fn mount_move(&self, from: &Path, to: &Path) -> io::Result<()> {
+            self.record(Call::MountMove(s(from), s(to)));
+            Ok(())
+        }
+
+        fn is_mount_point(&self, path: &Path) -> io::Result<bool> {
+            Ok(self.mount_points.borrow().contains(path))
+        }
+
+        fn mkdir(&self, path: &Path, _mode: u32) -> io::Result<()> {
+            self.record(Call::Mkdir(s(path)));
+            Ok(())
+        }
+
+        fn mknod(
+            &self,
+            path: &Path,
+            kind: NodeKind,
+            _mode: u32,
+            major: u32,
+            minor: u32,
+        ) -> io::Result<()> {
+            self.record(Call::Mknod(s(path), kind, major, minor));
+            Ok(())
+        }
+
+        fn exists(&self, path: &Path) -> bool {
+            self.files.borrow().contains_key(path)
+        }
+
+        fn read_file(&self, path: &Path) -> io::Result<Vec<u8>> {
+            self.files
+                .borrow()
+                .get(path)
+                .cloned()
+                .ok_or_else(|| io::Error::from_raw_os_error(2))
+        }
+
+        fn write_file(&self, path: &Path, data: &[u8]) -> io::Result<()> {
+            self.record(Call::WriteFile(s(path), data.to_vec()));
+            Ok(())
+        }
+
+        fn open_read(&self, path: &Path) -> io::Result<Box<dyn Read>> {
+            self.record(Call::OpenRead(s(path)));
+            let (size, bad) = self.device.unwrap_or((0, None));
+            Ok(Box::new(FakeDevice { pos: 0, size, bad }))
+        }
+
+        fn finit_module(&self, path: &Path, _params: &str) -> io::Result<()> {
+            self.record(Call::FinitModule(s(path)));
+            match self.module_errors.get(path) {
+                Some(errno) => Err(io::Error::from_raw_os_error(*errno)),
+                None => Ok(()),
+            }
+        }
+
+        fn dm_ioctl(&self, _control: &Path, cmd: u8, buf: &mut [u8]) -> io::Result<()> {
+            self.record(Call::DmIoctl(cmd, buf.to_vec()));
+            if let Some(errno) = self.dm_errors.get(&cmd) {
+                return Err(io::Error::from_raw_os_error(*errno));
+            }
+            if let Some((offset, bytes)) = self.dm_answers.get(&cmd) {
+                buf[*offset..*offset + bytes.len()].copy_from_slice(bytes);
+            }
+            Ok(())
+        }
+
+        fn chdir(&self, path: &Path) -> io::Result<()> {
+            self.record(Call::Chdir(s(path)));
+            Ok(())
+        }
+
+        fn chroot(&self, path: &Path) -> io::Result<()> {
+            self.record(Call::Chroot(s(path)));
+            Ok(())
+        }
+
+        fn sync(&self) {
+            self.record(Call::Sync);
+        }
+
+        fn reboot(&self, how: RebootHow) -> io::Error {
+            self.record(Call::Reboot(how));
+            io::Error::other("fake reboot")
+        }
+
+        fn exec(&self, path: &str, args: &[&str]) -> io::Error {
+            self.record(Call::Exec(
+                path.into(),
+                args.iter().map(|a| a.to_string()).collect(),
+            ));
+            io::Error::other("fake exec")
+        }
+
+        fn uname(&self) -> Uname {
+            Uname {
+                release: "6.12.0-test".into(),
+                machine: "x86_64".into(),
+            }
+        }
+
+        fn sleep(&self, duration: Duration) {
+            self.record(Call::Sleep(duration));
+        }
+    }
+}
