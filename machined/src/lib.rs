@@ -1,1 +1,4 @@
 //! `machined`, the node's API daemon, and `machinectl`, the operator's CLI.
+
+pub mod atomic;
+pub mod clientconfig;
