@@ -49,11 +49,37 @@ impl Report {
     }
 }
 
-/// The kernel's name of a module file: `dm-verity.ko` -> `dm_verity`.
+/// Compressed module suffixes the kernel decompresses itself (Debian trixie ships `.ko.xz`).
+pub const COMPRESSED_SUFFIXES: [&str; 3] = [".ko.xz", ".ko.zst", ".ko.gz"];
+
+/// Whether a module file is compressed (the kernel is asked to decompress it).
+pub fn is_compressed(file: &str) -> bool {
+    COMPRESSED_SUFFIXES.iter().any(|s| file.ends_with(s))
+}
+
+/// The kernel's name of a module file: `dm-verity.ko` (or `.ko.xz`) -> `dm_verity`.
 pub fn module_name(file: &str) -> String {
-    let stem = file.rsplit('/').next().unwrap_or(file);
-    let stem = stem.strip_suffix(".ko").unwrap_or(stem);
+    let base = file.rsplit('/').next().unwrap_or(file);
+    let stem = COMPRESSED_SUFFIXES
+        .iter()
+        .chain(&[".ko"])
+        .find_map(|s| base.strip_suffix(s))
+        .unwrap_or(base);
     stem.replace('-', "_")
+}
+
+/// What a `finit_module` errno usually means (the kernel log above says exactly why).
+pub fn failure_hint(err: &io::Error) -> &'static str {
+    match err.raw_os_error() {
+        Some(2) => {
+            "an unknown symbol or a missing algorithm: a module it needs (or a soft dependency) was not loaded before it"
+        }
+        Some(8) => "not a module for this kernel",
+        Some(22) => "the kernel refused it (wrong kernel version or a bad parameter)",
+        Some(126) | Some(129) => "its signature was rejected",
+        Some(16) => "a module of that name is being loaded or unloaded",
+        _ => "see the kernel log",
+    }
 }
 
 /// Parse an order file: one file name a line; blank lines and `#` comments are skipped.
@@ -91,7 +117,7 @@ pub fn load_all(
     for file in parse_order(&text) {
         let name = module_name(file);
         let path: PathBuf = dir.join(file);
-        match sys.finit_module(&path, "") {
+        match sys.finit_module(&path, "", is_compressed(file)) {
             Ok(()) => {
                 log.line(&format!("module {name} loaded"));
                 report.loaded.push(name);
@@ -101,10 +127,15 @@ pub fn load_all(
                 report.already.push(name);
             }
             Err(e) => {
+                let why = if sys.exists(&path) {
+                    failure_hint(&e)
+                } else {
+                    "the file is missing from the initramfs"
+                };
                 log.line(&format!(
-                    "module {name} failed to load from {}: {}",
+                    "module {name} failed to load from {}: {}: {why}",
                     path.display(),
-                    errno_name(&e)
+                    errno_name(&e),
                 ));
                 report.failed.push((name, e));
             }
@@ -124,18 +155,22 @@ mod tests {
         assert_eq!(module_name("dm-verity.ko"), "dm_verity");
         assert_eq!(module_name("virtio_blk.ko"), "virtio_blk");
         assert_eq!(module_name("sub/dm-bufio.ko"), "dm_bufio");
+        assert_eq!(module_name("dm-verity.ko.xz"), "dm_verity");
+        assert!(is_compressed("squashfs.ko.xz") && !is_compressed("squashfs.ko"));
     }
 
     #[test]
     fn modules_load_in_order_and_eexist_is_fine() -> Result<(), Error> {
-        let mut fake = Fake::new().with_file(
+        let mut fake = Fake::new().with_file("/modules/squashfs.ko", "").with_file(
             "/modules/order",
-            "# closure\nvirtio_pci.ko\n\ndm-mod.ko\ndm-bufio.ko\n  dm-verity.ko  \nsquashfs.ko\n",
+            "# closure\nvirtio_pci.ko\n\ndm-mod.ko\ndm-bufio.ko.xz\n  dm-verity.ko  \nsquashfs.ko\n",
         );
         fake.module_errors
             .insert(PathBuf::from("/modules/dm-mod.ko"), 17);
         fake.module_errors
             .insert(PathBuf::from("/modules/squashfs.ko"), 2);
+        fake.module_errors
+            .insert(PathBuf::from("/modules/virtio_pci.ko"), 2);
         let log = MemoryLog::default();
         let report = load_all(
             &fake,
@@ -146,25 +181,31 @@ mod tests {
         let order: Vec<Call> = [
             "virtio_pci.ko",
             "dm-mod.ko",
-            "dm-bufio.ko",
+            "dm-bufio.ko.xz",
             "dm-verity.ko",
             "squashfs.ko",
         ]
         .iter()
-        .map(|f| Call::FinitModule(format!("/modules/{f}")))
+        .map(|f| Call::FinitModule(format!("/modules/{f}"), f.ends_with(".xz")))
         .collect();
         assert_eq!(fake.calls(), order);
-        assert_eq!(report.loaded, ["virtio_pci", "dm_bufio", "dm_verity"]);
+        assert_eq!(report.loaded, ["dm_bufio", "dm_verity"]);
         assert_eq!(report.already, ["dm_mod"]);
-        assert_eq!(report.failures(), "squashfs (ENOENT (2))");
+        assert_eq!(
+            report.failures(),
+            "virtio_pci (ENOENT (2)), squashfs (ENOENT (2))"
+        );
         assert_eq!(
             log.lines(),
             [
-                "keelson-init: module virtio_pci loaded",
+                "keelson-init: module virtio_pci failed to load from /modules/virtio_pci.ko: \
+                 ENOENT (2): the file is missing from the initramfs",
                 "keelson-init: module dm_mod already loaded",
                 "keelson-init: module dm_bufio loaded",
                 "keelson-init: module dm_verity loaded",
-                "keelson-init: module squashfs failed to load from /modules/squashfs.ko: ENOENT (2)",
+                "keelson-init: module squashfs failed to load from /modules/squashfs.ko: \
+                 ENOENT (2): an unknown symbol or a missing algorithm: a module it needs (or \
+                 a soft dependency) was not loaded before it",
             ]
         );
         Ok(())

@@ -77,8 +77,10 @@ pub trait Syscalls {
     fn write_file(&self, path: &Path, data: &[u8]) -> io::Result<()>;
     /// Open a file or block device for sequential reading.
     fn open_read(&self, path: &Path) -> io::Result<Box<dyn Read>>;
-    /// `finit_module(2)` of the module file at `path`, with `params`.
-    fn finit_module(&self, path: &Path, params: &str) -> io::Result<()>;
+    /// `finit_module(2)` of the module file at `path`, with `params`; `compressed` asks the
+    /// kernel to decompress the file itself (`MODULE_INIT_COMPRESSED_FILE`, Linux 5.17+
+    /// with `CONFIG_MODULE_DECOMPRESS`, which Debian's kernels have).
+    fn finit_module(&self, path: &Path, params: &str, compressed: bool) -> io::Result<()>;
     /// A device-mapper ioctl (`_IOWR(0xfd, cmd, struct dm_ioctl)`) on the control node at
     /// `control`. `buf` starts with a `struct dm_ioctl` whose `data_size` is `buf.len()`;
     /// the kernel writes its answer back into `buf`.
@@ -178,10 +180,17 @@ impl Syscalls for Linux {
         Ok(Box::new(File::open(path)?))
     }
 
-    fn finit_module(&self, path: &Path, params: &str) -> io::Result<()> {
+    fn finit_module(&self, path: &Path, params: &str, compressed: bool) -> io::Result<()> {
+        /// `MODULE_INIT_COMPRESSED_FILE` from linux/module.h.
+        const MODULE_INIT_COMPRESSED_FILE: i32 = 4;
         let file = File::open(path)?;
         let params = cstring(params)?;
-        rustix::system::finit_module(&file, &params, 0)?;
+        let flags = if compressed {
+            MODULE_INIT_COMPRESSED_FILE
+        } else {
+            0
+        };
+        rustix::system::finit_module(&file, &params, flags)?;
         Ok(())
     }
 
@@ -340,7 +349,7 @@ pub mod fake {
         Mknod(String, NodeKind, u32, u32),
         WriteFile(String, Vec<u8>),
         OpenRead(String),
-        FinitModule(String),
+        FinitModule(String, bool),
         DmIoctl(u8, Vec<u8>),
         Chdir(String),
         Chroot(String),
@@ -491,8 +500,8 @@ pub mod fake {
             Ok(Box::new(FakeDevice { pos: 0, size, bad }))
         }
 
-        fn finit_module(&self, path: &Path, _params: &str) -> io::Result<()> {
-            self.record(Call::FinitModule(s(path)));
+        fn finit_module(&self, path: &Path, _params: &str, compressed: bool) -> io::Result<()> {
+            self.record(Call::FinitModule(s(path), compressed));
             match self.module_errors.get(path) {
                 Some(errno) => Err(io::Error::from_raw_os_error(*errno)),
                 None => Ok(()),
