@@ -7,6 +7,7 @@
 //! a [`Report`] of its problems. [`MachineConfig::to_toml_string`] writes a config back.
 
 pub mod diagnostics;
+pub mod generate;
 pub mod layout;
 pub mod patch;
 pub mod pki;

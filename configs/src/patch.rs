@@ -133,6 +133,53 @@ impl Patch {
     pub fn apply(&self, target: &mut Table) {
         merge(target, &self.table);
     }
+
+    /// Whether applying this patch sets, replaces or deletes the value at `key_path` (a
+    /// diagnostic's path such as `machine.network.interfaces[0].mtu` or
+    /// `machine.sysctls."net.ipv4.ip_forward"`), one of its parents, or something inside it.
+    pub fn touches(&self, key_path: &str) -> bool {
+        let mut table = &self.table;
+        let segments = split_key_path(key_path);
+        if segments.is_empty() {
+            return false;
+        }
+        for key in &segments {
+            match table.get(key.as_str()) {
+                None => return false,
+                Some(Value::Table(sub)) if !is_delete_table(sub) => table = sub,
+                Some(_) => return true,
+            }
+        }
+        true
+    }
+}
+
+/// The keys of a dotted key path, unquoting `"..."` segments and dropping `[N]` indices.
+fn split_key_path(path: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut current = String::new();
+    let mut chars = path.chars();
+    let mut in_quotes = false;
+    let mut in_index = false;
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' if in_quotes => {
+                if let Some(next) = chars.next() {
+                    current.push(next);
+                }
+            }
+            '"' => in_quotes = !in_quotes,
+            _ if in_quotes => current.push(c),
+            '[' => in_index = true,
+            ']' => in_index = false,
+            _ if in_index => {}
+            '.' => out.push(std::mem::take(&mut current)),
+            _ => current.push(c),
+        }
+    }
+    out.push(current);
+    out.retain(|k| !k.is_empty());
+    out
 }
 
 fn line_column(text: &str, offset: usize) -> (usize, usize) {
@@ -156,12 +203,11 @@ fn join(prefix: &str, key: &str) -> String {
 
 /// Whether `value` is exactly the delete directive `{ "$patch" = "delete" }`.
 fn is_delete(value: &Value) -> bool {
-    match value {
-        Value::Table(t) => {
-            t.len() == 1 && t.get(DIRECTIVE_KEY).and_then(Value::as_str) == Some(DELETE)
-        }
-        _ => false,
-    }
+    matches!(value, Value::Table(t) if is_delete_table(t))
+}
+
+fn is_delete_table(t: &Table) -> bool {
+    t.len() == 1 && t.get(DIRECTIVE_KEY).and_then(Value::as_str) == Some(DELETE)
 }
 
 fn check_directives(table: &Table, origin: &str, prefix: &str) -> Result<(), PatchError> {
