@@ -5,3 +5,4 @@ pub mod squashfs;
 pub mod verity;
 pub mod cpio;
 pub mod compress;
+pub mod kmod;
