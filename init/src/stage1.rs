@@ -40,6 +40,10 @@ pub const ROOT_FILESYSTEMS: [&str; 2] = ["squashfs", "erofs"];
 /// Mounts moved from the initramfs into the new root before switching to it.
 pub const MOVED_MOUNTS: [&str; 3] = ["/dev", "/proc", "/sys"];
 
+/// The sysctl that rate-limits writes to `/dev/kmsg` (`kernel.printk_devkmsg`); `on`
+/// keeps every line (unless the command line locked it with `printk.devkmsg=`).
+pub const KMSG_RATELIMIT: &str = "/proc/sys/kernel/printk_devkmsg";
+
 /// Where stage 1 looks for things; tests point `sysfs` at a directory tree they built.
 #[derive(Debug, Clone)]
 pub struct Paths {
@@ -227,6 +231,8 @@ pub enum Error {
 pub fn run(sys: &dyn Syscalls, log: &dyn Log, paths: &Paths) -> Result<Infallible, Error> {
     mounts::apply(sys, EARLY_MOUNTS)?;
     log.reopen();
+    // PID 1 is the kernel log's only early writer: do not let it drop our lines.
+    let _ = sys.write_file(Path::new(KMSG_RATELIMIT), b"on\n");
     log.line(&format!(
         "stage 1 started (keelson-init {})",
         env!("CARGO_PKG_VERSION")
@@ -513,6 +519,10 @@ fn switch_root(sys: &dyn Syscalls, log: &dyn Log, sysroot: &Path) -> Result<(), 
     let step = |step: String| move |source| Error::SwitchRoot { step, source };
     sys.chdir(sysroot)
         .map_err(step(format!("chdir {}", sysroot.display())))?;
+    match sys.free_initramfs() {
+        Ok(bytes) => log.line(&format!("initramfs freed ({} KiB)", bytes / 1024)),
+        Err(e) => log.line(&format!("initramfs not freed: {}", errno_name(&e))),
+    }
     sys.mount_move(Path::new("."), Path::new("/"))
         .map_err(step("mount --move . /".to_string()))?;
     sys.chroot(Path::new("."))
@@ -641,6 +651,7 @@ mod tests {
                 Call::MountMove("/proc".into(), "/sysroot/proc".into()),
                 Call::MountMove("/sys".into(), "/sysroot/sys".into()),
                 Call::Chdir("/sysroot".into()),
+                Call::FreeInitramfs,
                 Call::MountMove(".".into(), "/".into()),
                 Call::Chroot(".".into()),
                 Call::Chdir("/".into()),

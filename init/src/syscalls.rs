@@ -85,6 +85,10 @@ pub trait Syscalls {
     /// `control`. `buf` starts with a `struct dm_ioctl` whose `data_size` is `buf.len()`;
     /// the kernel writes its answer back into `buf`.
     fn dm_ioctl(&self, control: &Path, cmd: u8, buf: &mut [u8]) -> io::Result<()>;
+    /// Delete the initramfs's files (everything under `/` on the root's own filesystem,
+    /// not crossing into other mounts) to give its memory back, as switch_root(8) does.
+    /// Refuses unless `/` is a ramfs or tmpfs. Returns the bytes freed.
+    fn free_initramfs(&self) -> io::Result<u64>;
     /// `chdir(2)`.
     fn chdir(&self, path: &Path) -> io::Result<()>;
     /// `chroot(2)`.
@@ -214,6 +218,17 @@ impl Syscalls for Linux {
         Ok(())
     }
 
+    fn free_initramfs(&self) -> io::Result<u64> {
+        const RAMFS_MAGIC: i64 = 0x8584_58f6;
+        const TMPFS_MAGIC: i64 = 0x0102_1994;
+        let fs_type = rustix::fs::statfs("/")?.f_type as i64;
+        if fs_type != RAMFS_MAGIC && fs_type != TMPFS_MAGIC {
+            return Err(io::Error::other("/ is not an initramfs (ramfs or tmpfs)"));
+        }
+        let root = Path::new("/");
+        remove_same_fs(root, std::fs::symlink_metadata(root)?.dev())
+    }
+
     fn chdir(&self, path: &Path) -> io::Result<()> {
         rustix::process::chdir(path)?;
         Ok(())
@@ -258,6 +273,29 @@ impl Syscalls for Linux {
     fn sleep(&self, duration: Duration) {
         std::thread::sleep(duration);
     }
+}
+
+/// Remove everything under `dir` that lives on device `dev`, without crossing into other
+/// mounts (their mount points are kept, as are directories that still hold one). Errors
+/// on single entries are skipped: freeing memory is best effort. Returns the bytes freed.
+pub fn remove_same_fs(dir: &Path, dev: u64) -> io::Result<u64> {
+    let mut freed = 0;
+    for entry in std::fs::read_dir(dir)?.flatten() {
+        let path = entry.path();
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            continue;
+        };
+        if meta.dev() != dev {
+            continue;
+        }
+        if meta.is_dir() {
+            freed += remove_same_fs(&path, dev).unwrap_or(0);
+            let _ = std::fs::remove_dir(&path);
+        } else if std::fs::remove_file(&path).is_ok() {
+            freed += meta.len();
+        }
+    }
+    Ok(freed)
 }
 
 /// A device-mapper ioctl request: a read-write ioctl on a variable-length buffer that
@@ -325,6 +363,27 @@ pub fn errno_name(err: &io::Error) -> String {
 }
 
 #[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn removal_stays_on_one_filesystem() -> io::Result<()> {
+        let dir = std::env::temp_dir().join(format!("keelson-init-rm-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("modules"))?;
+        std::fs::write(dir.join("init"), [0u8; 100])?;
+        std::fs::write(dir.join("modules/a.ko"), [0u8; 50])?;
+        let dev = std::fs::metadata(&dir)?.dev();
+        // Another device number stands for another mount: nothing is removed.
+        assert_eq!(remove_same_fs(&dir, dev + 1)?, 0);
+        assert!(dir.join("init").exists());
+        assert_eq!(remove_same_fs(&dir, dev)?, 150);
+        assert_eq!(std::fs::read_dir(&dir)?.count(), 0);
+        std::fs::remove_dir(&dir)
+    }
+}
+
+#[cfg(test)]
 pub mod fake {
     //! A recording fake of [`Syscalls`](super::Syscalls) for unit tests: it remembers
     //! every call in order and answers from what the test put into it.
@@ -351,6 +410,7 @@ pub mod fake {
         OpenRead(String),
         FinitModule(String, bool),
         DmIoctl(u8, Vec<u8>),
+        FreeInitramfs,
         Chdir(String),
         Chroot(String),
         Sync,
@@ -517,6 +577,11 @@ pub mod fake {
                 buf[*offset..*offset + bytes.len()].copy_from_slice(bytes);
             }
             Ok(())
+        }
+
+        fn free_initramfs(&self) -> io::Result<u64> {
+            self.record(Call::FreeInitramfs);
+            Ok(4096)
         }
 
         fn chdir(&self, path: &Path) -> io::Result<()> {
