@@ -37,7 +37,7 @@ pub enum Stage {
     Two,
 }
 
-/// The stage from our arguments: `--stage2` anywhere after argv[0] means stage 2.
+/// The stage from our arguments: `--stage2` anywhere after `argv[0]` means stage 2.
 pub fn stage_from_args<I: IntoIterator<Item = String>>(args: I) -> Stage {
     if args
         .into_iter()

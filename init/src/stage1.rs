@@ -456,7 +456,8 @@ fn verify_full(
         });
     }
     log.line(&format!(
-        "verity: all {} MiB of {} match root hash {} ({} ms)",
+        "verity: all {} blocks ({} MiB) of {} match root hash {} ({} ms)",
+        params.verity.data_blocks,
         offset / (1024 * 1024),
         params.slot.partition_name(),
         params.verity.root_hash,

@@ -2,9 +2,9 @@
 //!
 //! Boot logic (the mount table, module loading, device-mapper, switch_root) is written
 //! against [`Syscalls`], so it is unit-tested without root through the recording fake in
-//! [`fake`]. [`Linux`] is the real implementation, built on `rustix` (raw Linux system
-//! calls, no C library needed) and the standard library; the QEMU end-to-end tests are
-//! what exercise it.
+//! the test-only `fake` module. [`Linux`] is the real implementation, built on `rustix`
+//! (raw Linux system calls, no C library needed) and the standard library; the QEMU
+//! end-to-end tests are what exercise it.
 
 use std::ffi::CString;
 use std::fs::File;
