@@ -1,5 +1,7 @@
 //! The imager: turns pinned inputs (Debian packages, our own binaries, an image
 //! definition from `images/`) into bootable disk images.
+pub mod debian;
+pub mod definition;
 pub mod rootfs;
 pub mod squashfs;
 pub mod verity;
