@@ -769,6 +769,47 @@ mod tests {
         assert_eq!(suggest("zzz", keys.into_iter()), None);
     }
 
+    /// A value of `shape` that sets every optional key too.
+    fn full(shape: &Shape) -> toml::Value {
+        match shape {
+            Shape::Array(item) => toml::Value::Array(vec![full(item)]),
+            Shape::Map(key, item) => {
+                toml::Value::Table([(key.placeholder(), full(item))].into_iter().collect())
+            }
+            Shape::AnyTable => toml::Value::Table(
+                [("x".to_string(), toml::Value::Integer(1))]
+                    .into_iter()
+                    .collect(),
+            ),
+            Shape::Table(fields) => toml::Value::Table(
+                fields
+                    .iter()
+                    .map(|f| (f.name.to_string(), full(&f.shape)))
+                    .collect(),
+            ),
+            other => other.placeholder(),
+        }
+    }
+
+    /// The key tree and the serde types describe the same document: a document with every
+    /// key of the tree deserializes, and serializes back to the same document.
+    #[test]
+    fn the_key_tree_matches_the_schema() {
+        let doc = full(&Shape::Table(ROOT));
+        let config: crate::MachineConfig = doc.clone().try_into().unwrap();
+        assert_eq!(toml::Value::try_from(&config).unwrap(), doc);
+        // And the walk accepts it without a word.
+        let text = toml::to_string(&doc).unwrap();
+        let checked = crate::check_str(&text, "full.toml", crate::Mode::Cloud);
+        let errors: Vec<String> = checked
+            .diagnostics
+            .iter()
+            .filter(|d| d.message.starts_with("unknown key") || d.message.starts_with("expected"))
+            .map(|d| d.to_string())
+            .collect();
+        assert_eq!(errors, Vec::<String>::new());
+    }
+
     #[test]
     fn placeholders_pass_their_own_rules() {
         let leaves = [
