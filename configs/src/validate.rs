@@ -4,7 +4,7 @@
 //!
 //! 1. the bytes must be UTF-8 (else "not UTF-8 at byte N");
 //! 2. the text must be TOML (every syntax error the parser recovers from is reported);
-//! 3. the document is walked along the key tree of [`crate::shape`]: unknown keys with a
+//! 3. the document is walked along the crate's key tree (module `shape`): unknown keys with a
 //!    suggestion, wrong types, missing keys, values that break their rule;
 //! 4. the cleaned document is deserialized into [`MachineConfig`], and the checks that
 //!    relate several values run on it: overlapping networks, duplicate interfaces, the
