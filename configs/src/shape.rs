@@ -660,6 +660,9 @@ impl<'s> Sink<'s> {
                 None => {
                     let hint = match suggest(name, fields.iter().map(|f| f.name)) {
                         Some(best) => format!("did you mean `{best}`?"),
+                        None if let Some(home) = find_key(ROOT, name, "") => {
+                            format!("`{name}` belongs in `{home}`")
+                        }
                         None => {
                             let names: Vec<String> =
                                 fields.iter().map(|f| format!("`{}`", f.name)).collect();
@@ -696,6 +699,27 @@ impl<'s> Sink<'s> {
         }
         toml::Value::Table(out)
     }
+}
+
+/// The path of the table that has a key called `name`, searching the whole key tree.
+fn find_key(fields: &[Field], name: &str, path: &str) -> Option<String> {
+    for field in fields {
+        if field.name == name {
+            return Some(if path.is_empty() {
+                "the top level".to_string()
+            } else {
+                path.to_string()
+            });
+        }
+    }
+    fields.iter().find_map(|field| {
+        let child = key_path(path, field.name);
+        match &field.shape {
+            Shape::Table(inner) => find_key(inner, name, &child),
+            Shape::Array(Shape::Table(inner)) => find_key(inner, name, &format!("{child}[]")),
+            _ => None,
+        }
+    })
 }
 
 /// How deeply a pass-through table may nest.

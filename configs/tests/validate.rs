@@ -108,6 +108,20 @@ cp.toml:31:1: error: machine.network.interfaces[1].dchp: unknown key `dchp` (did
 "##,
         ),
         (
+            "key in the wrong table",
+            edit(
+                CP,
+                &[(
+                    "name = \"demo\"\n",
+                    "name = \"demo\"\nhostname = \"cp-1\"\n",
+                )],
+            ),
+            Mode::Metal,
+            r##"
+cp.toml:48:1: error: cluster.hostname: unknown key `hostname` (`hostname` belongs in `machine`)
+"##,
+        ),
+        (
             "unknown key spelt with dashes",
             edit(CP, &[("install_disk =", "install-disk =")]),
             Mode::Cloud,
