@@ -760,6 +760,13 @@ fn cache_verifies_refetches_and_works_offline() {
             && lines[0].contains("is corrupt"),
         "{lines:?}"
     );
+    assert!(
+        lines
+            .last()
+            .unwrap()
+            .starts_with("2 packages for amd64 (0.0 MiB) verified in "),
+        "{lines:?}"
+    );
 
     // Corrupt and offline: a clear error, not a silent use of the bad file.
     std::fs::write(&paths[0], b"garbage").unwrap();

@@ -203,6 +203,13 @@ impl Cache {
         if let Some(e) = first_error.into_inner().ok().flatten() {
             return Err(e);
         }
+        progress(&format!(
+            "{} packages for {} ({:.1} MiB) verified in {}",
+            lock.packages.len(),
+            lock.arch,
+            lock.total_size() as f64 / 1048576.0,
+            dir.display()
+        ));
         Ok(jobs.into_iter().map(|(path, _)| path).collect())
     }
 
