@@ -8,3 +8,6 @@ pub mod verity;
 pub mod cpio;
 pub mod compress;
 pub mod kmod;
+pub mod gpt;
+pub mod esp;
+pub mod inspect;
