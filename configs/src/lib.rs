@@ -7,11 +7,14 @@
 //! a [`Report`] of its problems. [`MachineConfig::to_toml_string`] writes a config back.
 
 pub mod diagnostics;
+#[cfg(feature = "pki")]
 pub mod generate;
 pub mod layout;
 pub mod patch;
+#[cfg(feature = "pki")]
 pub mod pki;
 pub mod schema;
+#[cfg(feature = "pki")]
 pub mod secrets;
 mod shape;
 pub mod validate;
