@@ -1,1 +1,237 @@
-//! End-to-end test support: one guest builder that boots built images under QEMU.
+//! End-to-end test support: one guest builder that boots built images under QEMU
+//! (`Guest::new(Arch::Amd64).boot()`), and waits on the serial console, reporting what
+//! it waited for and the console's tail when it times out.
+//!
+//! The images come from `cargo xtask image` (or `cargo xtask test`, which builds them
+//! once for the whole suite) under `target/images/<arch>/`; tests never build their own.
+
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+pub use keelson_configs::layout::Arch;
+use keelson_imager::qemu::{self, Accel, Machine};
+
+/// The workspace root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from(".."))
+}
+
+/// Where `cargo xtask image` puts an architecture's artefacts.
+pub fn image_dir(arch: Arch) -> PathBuf {
+    workspace_root().join("target/images").join(arch.debian())
+}
+
+/// The built raw disk image for an architecture, or an error saying how to build it.
+pub fn built_image(arch: Arch) -> Result<PathBuf> {
+    let path = image_dir(arch).join("keelson.raw");
+    if !path.is_file() {
+        bail!(
+            "no built image at {}: run `cargo xtask image --arch {arch}` first \
+             (`cargo xtask test` builds both architectures before the tests)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// A VM to boot: architecture, disk, firmware inputs.
+#[derive(Debug, Clone)]
+pub struct Guest {
+    arch: Arch,
+    image: Option<PathBuf>,
+    memory_mib: u32,
+    no_reboot: bool,
+    fw_cfg: Vec<(String, PathBuf)>,
+    raw_disk: bool,
+}
+
+impl Guest {
+    /// A guest of this architecture booting the built image through a fresh overlay.
+    pub fn new(arch: Arch) -> Guest {
+        Guest {
+            arch,
+            image: None,
+            memory_mib: 1024,
+            no_reboot: true,
+            fw_cfg: Vec::new(),
+            raw_disk: false,
+        }
+    }
+
+    /// Boot this image instead of the built one.
+    pub fn image(mut self, path: impl Into<PathBuf>) -> Guest {
+        self.image = Some(path.into());
+        self
+    }
+
+    /// Boot the image file itself (writable, raw) rather than an overlay over it, so the
+    /// test can read the disk back after the VM stops.
+    pub fn raw_disk(mut self) -> Guest {
+        self.raw_disk = true;
+        self
+    }
+
+    /// Let guest reboots happen (by default QEMU exits when the guest reboots).
+    pub fn allow_reboot(mut self) -> Guest {
+        self.no_reboot = false;
+        self
+    }
+
+    /// Memory in MiB.
+    pub fn memory(mut self, mib: u32) -> Guest {
+        self.memory_mib = mib;
+        self
+    }
+
+    /// Add a QEMU `fw_cfg` entry.
+    pub fn fw_cfg(mut self, name: &str, file: impl Into<PathBuf>) -> Guest {
+        self.fw_cfg.push((name.to_string(), file.into()));
+        self
+    }
+
+    /// Start the VM.
+    pub fn boot(self) -> Result<Running> {
+        let image = match self.image {
+            Some(p) => p,
+            None => built_image(self.arch)?,
+        };
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("keelson-guest-{}-", self.arch))
+            .tempdir()
+            .context("creating the guest's scratch directory")?;
+        let disk = if self.raw_disk {
+            image
+        } else {
+            let overlay = dir.path().join("disk.qcow2");
+            qemu::create_overlay(&image, &overlay, None)?;
+            overlay
+        };
+        let accel = qemu::probe_accel(self.arch, dir.path());
+        let mut machine = Machine::new(self.arch, accel, disk, dir.path().to_path_buf());
+        machine.memory_mib = self.memory_mib;
+        machine.no_reboot = self.no_reboot;
+        machine.fw_cfg = self.fw_cfg;
+        let mut cmd = machine.command()?;
+        cmd.stdout(std::process::Stdio::null());
+        cmd.stderr(std::fs::File::create(dir.path().join("qemu.stderr"))?);
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", qemu::qemu_binary(self.arch)))?;
+        eprintln!(
+            "guest: {} ({}) booting, console at {}",
+            self.arch,
+            accel.name(),
+            machine.console_path().display()
+        );
+        Ok(Running {
+            child,
+            console: machine.console_path(),
+            dir,
+            started: Instant::now(),
+            accel,
+        })
+    }
+}
+
+/// A running VM. Dropping it kills QEMU and removes its scratch files.
+#[derive(Debug)]
+pub struct Running {
+    child: Child,
+    console: PathBuf,
+    dir: tempfile::TempDir,
+    started: Instant,
+    accel: Accel,
+}
+
+impl Running {
+    /// Everything the guest has printed so far.
+    pub fn console(&self) -> String {
+        std::fs::read(&self.console)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// The accelerator the VM runs with.
+    pub fn accel(&self) -> Accel {
+        self.accel
+    }
+
+    /// Time since QEMU started.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// The scratch directory (console log, firmware variables, overlay).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn tail(&self) -> String {
+        let stderr =
+            std::fs::read_to_string(self.dir.path().join("qemu.stderr")).unwrap_or_default();
+        format!(
+            "--- console tail ---\n{}\n--- qemu stderr ---\n{}",
+            qemu::console_tail(&self.console, 40),
+            stderr.trim()
+        )
+    }
+
+    /// Wait until the console shows `needle`; on timeout or early exit, say what was
+    /// awaited and show the console's tail.
+    pub fn wait_for(&mut self, needle: &str, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.console().contains(needle) {
+                return Ok(());
+            }
+            if let Some(status) = self.child.try_wait()? {
+                if self.console().contains(needle) {
+                    return Ok(());
+                }
+                bail!(
+                    "QEMU exited ({status}) after {:.1}s before the console showed {needle:?}\n{}",
+                    self.elapsed().as_secs_f64(),
+                    self.tail()
+                );
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "timed out after {:.1}s waiting for the console to show {needle:?}\n{}",
+                    self.elapsed().as_secs_f64(),
+                    self.tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Wait for QEMU to exit by itself (guest power-off, or reboot with `-no-reboot`).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.child.try_wait()?.is_some() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "timed out after {:.1}s waiting for the VM to stop\n{}",
+                    self.elapsed().as_secs_f64(),
+                    self.tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

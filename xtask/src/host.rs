@@ -24,6 +24,8 @@ const TOOLS: &[(&str, &str)] = &[
     ("openssl", "openssl"),
     ("protoc", "protobuf-compiler"),
     ("cpio", "cpio"),
+    ("mdir", "mtools"),
+    ("mkfs.ext4", "e2fsprogs"),
     ("zstd", "zstd"),
     ("dnsmasq", "dnsmasq-base"),
 ];

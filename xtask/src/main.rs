@@ -2,12 +2,17 @@
 //! (never through a shell string) and installs what it needs on the host first.
 
 mod host;
+mod image;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use std::time::Duration;
+
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+use keelson_configs::layout::Arch;
+use keelson_imager::build::Format;
 
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "Keelson's build system")]
@@ -21,6 +26,42 @@ enum Cmd {
     /// Install the host packages (QEMU, UEFI firmware, filesystem tools) and Rust
     /// targets the build and tests need (apt as root; otherwise prints the command).
     Deps,
+    /// Re-resolve every Debian input from the suite's Packages index and rewrite the
+    /// lock files (`images/keelson-<arch>.lock`).
+    Lock {
+        /// Architectures (default: all).
+        #[arg(long = "arch")]
+        arches: Vec<String>,
+        /// Debian mirror URL (default: the host's apt sources).
+        #[arg(long)]
+        mirror: Option<String>,
+    },
+    /// Build disk images: `target/images/<arch>/keelson.<format>`.
+    Image {
+        /// Architecture(s): amd64, arm64 (default: amd64).
+        #[arg(long = "arch")]
+        arches: Vec<String>,
+        /// Output format(s): raw, raw.zst, qcow2 (raw is always written).
+        #[arg(long = "format")]
+        formats: Vec<String>,
+        /// Output directory (default: target/images/<arch>).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Debian mirror URL for packages missing from the cache (default: the host's
+        /// apt sources).
+        #[arg(long)]
+        mirror: Option<String>,
+    },
+    /// Build the image and boot it under QEMU (KVM if it works, else software
+    /// emulation), with its console on this terminal.
+    Run {
+        /// Architecture: amd64 or arm64.
+        #[arg(long, default_value = "amd64")]
+        arch: String,
+        /// Stop the VM after this many seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
     /// Run the whole test suite: host set-up, lints, image builds, unit and
     /// end-to-end tests (VMs under QEMU), and a short fuzzing run.
     Test,
@@ -37,6 +78,36 @@ fn main() {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Cmd::Deps => host::ensure(),
+        Cmd::Lock { arches, mirror } => {
+            let arches = arches_or(&arches, &Arch::ALL)?;
+            image::lock(&arches, mirror.as_deref())
+        }
+        Cmd::Image {
+            arches,
+            formats,
+            out,
+            mirror,
+        } => {
+            host::ensure()?;
+            let args = image::ImageArgs {
+                arches: arches_or(&arches, &[Arch::Amd64])?,
+                formats: formats
+                    .iter()
+                    .map(|f| {
+                        Format::parse(f).with_context(|| {
+                            format!("unknown format `{f}`: use raw, raw.zst or qcow2")
+                        })
+                    })
+                    .collect::<Result<_>>()?,
+                out,
+                mirror,
+            };
+            image::image(&args).map(|_| ())
+        }
+        Cmd::Run { arch, timeout } => {
+            host::ensure()?;
+            image::run(image::parse_arch(&arch)?, Duration::from_secs(timeout))
+        }
         Cmd::Test => test(),
     }
 }
@@ -47,6 +118,13 @@ fn workspace_root() -> PathBuf {
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn arches_or(given: &[String], default: &[Arch]) -> Result<Vec<Arch>> {
+    if given.is_empty() {
+        return Ok(default.to_vec());
+    }
+    given.iter().map(|a| image::parse_arch(a)).collect()
 }
 
 fn cargo() -> Command {
