@@ -180,6 +180,22 @@ pub const SYSROOT: &str = "/sysroot";
 /// The file in the root filesystem that names the OS and its version.
 pub const OS_RELEASE: &str = "usr/lib/os-release";
 
+/// Where STATE (ext4) is mounted on a running node.
+pub const STATE_MOUNT: &str = "/system/state";
+/// Where EPHEMERAL (ext4) is mounted on a running node.
+pub const EPHEMERAL_MOUNT: &str = "/var";
+/// The last applied machine config, inside STATE.
+pub const STATE_CONFIG: &str = "config.toml";
+/// A config staged for the next boot (`apply-config --mode staged`), inside STATE.
+pub const STATE_CONFIG_STAGED: &str = "config.staged.toml";
+/// The QEMU `fw_cfg` entry a machine config is given in (`-fw_cfg name=...,file=...`);
+/// the guest reads it from `/sys/firmware/qemu_fw_cfg/by_name/<name>/raw`.
+pub const FW_CFG_CONFIG: &str = "opt/keelson/config";
+/// Kernel command-line key: a URL to fetch the machine config from.
+pub const CMDLINE_CONFIG_URL: &str = "keelson.config";
+/// The TCP port of the node API (machined), as Talos uses 50000.
+pub const API_PORT: u16 = 50000;
+
 /// The systemd-boot loader entry file name for a slot, with a boot counter when
 /// `tries_left` is given (`keelson-a+3-0.conf`), following the Boot Loader Specification.
 pub fn loader_entry_name(slot: Slot, tries_left: Option<u32>) -> String {
