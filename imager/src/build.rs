@@ -428,7 +428,11 @@ fn root_tree(
             .map_err(tree_err("root filesystem"))?;
     }
     for (name, path) in packages {
-        for e in deb::read_filtered(path, &mut |p: &str| !unwanted(&usrmerge(p)))? {
+        let keep = &mut |p: &str| {
+            let p = usrmerge(p);
+            !unwanted(&p) && !def.drops.iter().any(|d| d.covers(&p))
+        };
+        for e in deb::read_filtered(path, keep)? {
             let p = usrmerge(&e.path);
             if p.is_empty() || USRMERGE.contains(&p.as_str()) {
                 continue;

@@ -82,6 +82,9 @@ pub struct Definition {
     /// Our own binaries and where they go.
     #[serde(rename = "binary", default)]
     pub binaries: Vec<BinarySpec>,
+    /// Files of the pinned packages left out of the root filesystem.
+    #[serde(rename = "drop", default)]
+    pub drops: Vec<DropSpec>,
     /// The file this was loaded from.
     #[serde(skip)]
     pub path: PathBuf,
@@ -164,6 +167,28 @@ pub struct Modules {
     pub initramfs: Vec<String>,
     /// Shipped in the root filesystem for stage 2 and the workloads.
     pub root: Vec<String>,
+}
+
+/// Files of the packages that the image leaves out (a path, or a directory prefix
+/// ending in `/`), with the reason.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DropSpec {
+    /// The path in the root filesystem (merged-/usr form, no leading `/`); a trailing
+    /// `/` drops the directory and everything below it.
+    pub path: String,
+    /// Why the node does without it.
+    pub reason: String,
+}
+
+impl DropSpec {
+    /// Whether this drop covers `path`.
+    pub fn covers(&self, path: &str) -> bool {
+        match self.path.strip_suffix('/') {
+            Some(dir) => path == dir || path.starts_with(&self.path),
+            None => path == self.path,
+        }
+    }
 }
 
 /// One of our binaries, cross-compiled for the image's architecture.
