@@ -1,6 +1,7 @@
 //! `cargo xtask`: the project's only build system. Every command runs programs directly
 //! (never through a shell string) and installs what it needs on the host first.
 
+mod bench;
 mod host;
 mod image;
 
@@ -62,6 +63,9 @@ enum Cmd {
         #[arg(long, default_value_t = 600)]
         timeout: u64,
     },
+    /// Measure build times, sizes, boot time and memory, each beside a reference
+    /// measured in the same run (see BENCHMARKS.md); results in target/bench/.
+    Bench(bench::BenchArgs),
     /// Run the whole test suite: host set-up, lints, image builds, unit and
     /// end-to-end tests (VMs under QEMU), and a short fuzzing run.
     Test,
@@ -107,6 +111,10 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Run { arch, timeout } => {
             host::ensure()?;
             image::run(image::parse_arch(&arch)?, Duration::from_secs(timeout))
+        }
+        Cmd::Bench(args) => {
+            host::ensure()?;
+            bench::run(args)
         }
         Cmd::Test => test(),
     }
