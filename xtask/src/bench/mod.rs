@@ -337,16 +337,30 @@ impl Ctx {
 
     /// Our raw image for `arch`: the one this run built, else built now (raw only).
     pub fn built_image(&mut self, arch: Arch) -> Result<PathBuf> {
+        let path = self.image_dir(arch).join("keelson.raw");
         if !self.built.contains(&arch) {
-            crate::image::image(&crate::image::ImageArgs {
+            let built = crate::image::image(&crate::image::ImageArgs {
                 arches: vec![arch],
                 formats: vec![keelson_imager::build::Format::Raw],
                 out: Some(self.image_dir(arch)),
                 mirror: None,
-            })?;
+            });
+            match built {
+                Ok(_) => {}
+                // In a shared checkout init may be mid-edit: measure the last image
+                // built, and say so.
+                Err(e) if path.is_file() => self.skip(
+                    format!("fresh {arch} image"),
+                    format!(
+                        "the build failed ({e:#}); measured the image built earlier at {}",
+                        path.display()
+                    ),
+                ),
+                Err(e) => return Err(e),
+            }
             self.built.push(arch);
         }
-        Ok(self.image_dir(arch).join("keelson.raw"))
+        Ok(path)
     }
 
     /// The peer (amd64), from the cache or built now; once per run.

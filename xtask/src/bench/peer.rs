@@ -414,7 +414,7 @@ fn configure(root: &Path) -> Result<()> {
     std::fs::remove_file(&link).ok();
     std::os::unix::fs::symlink("/etc/systemd/system/keelson-bench.service", &link)
         .with_context(|| format!("enabling the bench unit ({})", link.display()))?;
-    if !wants.join("containerd.service").exists() {
+    if std::fs::symlink_metadata(wants.join("containerd.service")).is_err() {
         bail!(
             "containerd is not enabled in the peer ({} is missing): see debootstrap.log",
             wants.join("containerd.service").display()
