@@ -146,6 +146,12 @@ pub enum BuildError {
         #[source]
         source: std::io::Error,
     },
+    /// A recorded `build-inputs.toml` could not be read.
+    #[error("build-inputs.toml is malformed: {message}; rebuild with `cargo xtask image`")]
+    Inputs {
+        /// What is wrong.
+        message: String,
+    },
     /// `qemu-img convert` failed.
     #[error("qemu-img could not convert {path} to qcow2: {stderr} (install qemu-utils)")]
     QemuImg {
@@ -207,6 +213,57 @@ pub struct BuildOptions {
     pub cache: Cache,
     /// The OS version written into the image.
     pub version: String,
+}
+
+/// The inputs of a build as recorded next to its output (`build-inputs.toml`), so
+/// that the same build can be repeated (the reproducibility test does).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BuildInputs {
+    definition: PathBuf,
+    arch: String,
+    binaries: BTreeMap<String, PathBuf>,
+    cache: PathBuf,
+    version: String,
+}
+
+/// The file a build records its inputs in, inside the output directory.
+pub const BUILD_INPUTS: &str = "build-inputs.toml";
+
+impl BuildOptions {
+    /// Options that repeat a recorded build (raw output only, no mirror: the cache
+    /// holds every input). The caller sets the output directory.
+    pub fn from_inputs_toml(text: &str) -> Result<BuildOptions, BuildError> {
+        let inputs: BuildInputs = toml::from_str(text).map_err(|e| BuildError::Inputs {
+            message: e.to_string(),
+        })?;
+        let arch = Arch::from_debian(&inputs.arch).ok_or_else(|| BuildError::Inputs {
+            message: format!("unknown architecture `{}`", inputs.arch),
+        })?;
+        Ok(BuildOptions {
+            definition: inputs.definition,
+            arch,
+            binaries: inputs.binaries,
+            out_dir: PathBuf::new(),
+            formats: Vec::new(),
+            mirror: None,
+            cache: Cache::new(inputs.cache),
+            version: inputs.version,
+        })
+    }
+
+    fn inputs_toml(&self) -> Result<String, BuildError> {
+        let inputs = BuildInputs {
+            definition: self.definition.clone(),
+            arch: self.arch.debian().to_string(),
+            binaries: self.binaries.clone(),
+            cache: self.cache.root().to_path_buf(),
+            version: self.version.clone(),
+        };
+        toml::to_string(&inputs).map_err(|e| BuildError::Inputs {
+            message: e.to_string(),
+        })
+    }
 }
 
 /// What a build produced.
@@ -768,15 +825,14 @@ pub fn build(opts: &BuildOptions, progress: Progress) -> Result<BuildReport, Bui
     }
     std::fs::rename(&tmp, &raw).map_err(io_err(&raw))?;
     let mut files = vec![(raw.clone(), file_size(&raw))];
+    let inputs = opts.out_dir.join(BUILD_INPUTS);
+    std::fs::write(&inputs, opts.inputs_toml()?).map_err(io_err(&inputs))?;
 
     if opts.formats.contains(&Format::RawZst) {
         let dst = opts.out_dir.join("keelson.raw.zst");
-        let tmp = opts.out_dir.join(".keelson.raw.zst.partial");
         progress(&format!("{arch}: compressing {}", dst.display()));
-        compress::zstd_file(&raw, &tmp, compress::DEFAULT_IMAGE_LEVEL).inspect_err(|_| {
-            let _ = std::fs::remove_file(&tmp);
-        })?;
-        std::fs::rename(&tmp, &dst).map_err(io_err(&dst))?;
+        // Writes a temporary file and renames it into place itself.
+        compress::zstd_file(&raw, &dst, compress::DEFAULT_IMAGE_LEVEL)?;
         files.push((dst.clone(), file_size(&dst)));
     }
     if opts.formats.contains(&Format::Qcow2) {
