@@ -28,6 +28,9 @@ const TOOLS: &[(&str, &str)] = &[
     ("mkfs.ext4", "e2fsprogs"),
     ("zstd", "zstd"),
     ("dnsmasq", "dnsmasq-base"),
+    ("aarch64-linux-gnu-gcc", "gcc-aarch64-linux-gnu"),
+    ("qemu-io", "qemu-utils"),
+    ("debootstrap", "debootstrap"),
 ];
 
 /// Firmware files we need, and the Debian package that provides each.

@@ -69,7 +69,12 @@ pub fn build_binaries(def: &Definition, arch: Arch) -> Result<BTreeMap<String, P
     let target = arch.rust_target();
     let mut out = BTreeMap::new();
     for bin in &def.binaries {
-        run_cmd(cargo().args([
+        // ring (in machined) compiles C: for aarch64 with Debian's cross compiler.
+        let cc_env = [
+            ("CC_aarch64_unknown_linux_musl", "aarch64-linux-gnu-gcc"),
+            ("AR_aarch64_unknown_linux_musl", "aarch64-linux-gnu-ar"),
+        ];
+        run_cmd(cargo().envs(cc_env).args([
             "build",
             "--quiet",
             "--package",

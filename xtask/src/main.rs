@@ -164,6 +164,47 @@ fn test() -> Result<()> {
         "-D",
         "warnings",
     ]))?;
+    // One build of each image, shared by every end-to-end test.
+    image::image(&image::ImageArgs {
+        arches: vec![Arch::Amd64],
+        formats: vec![Format::Raw, Format::RawZst, Format::Qcow2],
+        out: None,
+        mirror: None,
+    })?;
+    image::image(&image::ImageArgs {
+        arches: vec![Arch::Arm64],
+        formats: vec![Format::Raw],
+        out: None,
+        mirror: None,
+    })?;
     run_cmd(cargo().args(["test", "--workspace"]))?;
-    Ok(())
+    fuzz(Duration::from_secs(30))
+}
+
+/// A short run of the machine-config fuzzer (`configs/fuzz`): it must build and find
+/// no crash. cargo-fuzz needs nightly features; `RUSTC_BOOTSTRAP` unlocks them on the
+/// stable toolchain this project pins.
+fn fuzz(duration: Duration) -> Result<()> {
+    let have_fuzz = cargo()
+        .args(["fuzz", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have_fuzz {
+        run_cmd(cargo().args(["install", "--locked", "cargo-fuzz"]))?;
+    }
+    let fuzz_dir = workspace_root().join("configs");
+    let corpus = std::env::temp_dir().join("keelson-fuzz-corpus");
+    std::fs::create_dir_all(&corpus)?;
+    run_cmd(
+        cargo()
+            .current_dir(&fuzz_dir)
+            .env("RUSTC_BOOTSTRAP", "1")
+            .args(["fuzz", "run", "check_config", "--target-dir"])
+            .arg(workspace_root().join("target/fuzz"))
+            .arg(&corpus)
+            .arg("tests/data")
+            .arg("--")
+            .arg(format!("-max_total_time={}", duration.as_secs()))
+            .arg("-max_len=8192"),
+    )
 }
