@@ -15,6 +15,7 @@ pub mod console;
 pub mod dm;
 pub mod modules;
 pub mod mounts;
+pub mod netconf;
 pub mod stage1;
 pub mod stage2;
 pub mod syscalls;
