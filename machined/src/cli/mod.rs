@@ -4,7 +4,9 @@
 //! the outcome to an exit code: 0 success, 1 failure (including an invalid config),
 //! 2 bad usage (clap's own exit code).
 
+pub mod api;
 mod gen_config;
+pub mod output;
 mod validate;
 
 use std::path::PathBuf;
@@ -23,6 +25,37 @@ pub struct Cli {
     #[arg(long, global = true, value_name = "FILE")]
     pub machineconfig: Option<PathBuf>,
 
+    /// The context to use instead of the config's current one.
+    #[arg(long, global = true, value_name = "NAME")]
+    pub context: Option<String>,
+
+    /// Node API addresses to connect to (host or host:port, comma-separated), instead of
+    /// the context's.
+    #[arg(
+        short,
+        long,
+        global = true,
+        value_name = "ADDR,...",
+        value_delimiter = ','
+    )]
+    pub endpoints: Vec<String>,
+
+    /// The nodes to act on (comma-separated), instead of the context's; each is reached
+    /// directly on the endpoints' port.
+    #[arg(
+        short,
+        long,
+        global = true,
+        value_name = "ADDR,...",
+        value_delimiter = ','
+    )]
+    pub nodes: Vec<String>,
+
+    /// Connect without a client certificate and without verifying the node: only for a
+    /// node in maintenance mode (no config yet), which serves version and apply-config.
+    #[arg(short, long, global = true)]
+    pub insecure: bool,
+
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -36,6 +69,42 @@ pub enum Command {
     Gen(GenCommand),
     /// Check a machine config and print every problem found, with file:line:column and key path.
     Validate(validate::ValidateArgs),
+    /// Show the node's OS version, booted slot, kernel and architecture.
+    Version(api::OutputArgs),
+    /// Show what is and is not healthy on the node, and why (exit 1 when not healthy).
+    Health(api::OutputArgs),
+    /// List the services PID 1 supervises.
+    Services(api::OutputArgs),
+    /// Show a service, or start, stop or restart it (operator).
+    Service(api::ServiceArgs),
+    /// Print a service's log (`init`: the boot log).
+    Logs(api::LogsArgs),
+    /// Print the kernel log.
+    Dmesg(api::DmesgArgs),
+    /// Show node state: addresses, links, routes, mounts, sysctls, modules, disks, memory,
+    /// processes.
+    Get(api::GetArgs),
+    /// Print a file under /proc, /sys, /var/log or /system/state (admin for STATE).
+    Read(api::ReadArgs),
+    /// Validate a machine config on the node and apply it (admin).
+    ApplyConfig(api::ApplyArgs),
+    /// Reboot the node (operator).
+    Reboot(api::OutputArgs),
+    /// Power the node off (operator).
+    Shutdown(api::OutputArgs),
+    /// Wipe STATE and EPHEMERAL and reboot into maintenance mode (admin; asks first).
+    Reset(api::ResetArgs),
+    /// List the containers containerd runs.
+    Containers(api::NamespaceArgs),
+    /// containerd images: import an OCI archive (operator), list.
+    #[command(subcommand)]
+    Image(api::ImageCommand),
+    /// Print a shell completion script: `machinectl completion bash > /etc/bash_completion.d/machinectl`.
+    Completion {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 /// `machinectl gen ...`.
@@ -70,8 +139,51 @@ impl From<ModeArg> for Mode {
 /// Runs one command. `Ok` carries the exit code for outcomes that are not errors of
 /// machinectl itself (an invalid config exits 1 after its diagnostics are printed).
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let target = |o: &api::OutputArgs| api::Target {
+        machineconfig: cli.machineconfig.clone(),
+        context: cli.context.clone(),
+        endpoints: cli.endpoints.clone(),
+        nodes: cli.nodes.clone(),
+        insecure: cli.insecure,
+        output: o.output,
+    };
     match cli.command {
         Command::Gen(GenCommand::Config(args)) => gen_config::run(&args),
         Command::Validate(args) => validate::run(&args),
+        Command::Version(o) => api::version(&target(&o)),
+        Command::Health(o) => api::health(&target(&o)),
+        Command::Services(o) => api::services(&target(&o)),
+        Command::Service(args) => api::service(&target(&args.output), &args),
+        Command::Logs(args) => api::logs(&target(&api::OutputArgs::default()), &args),
+        Command::Dmesg(args) => api::dmesg(&target(&args.output), &args),
+        Command::Get(args) => api::get(&target(&args.output), &args),
+        Command::Read(args) => api::read(&target(&api::OutputArgs::default()), &args),
+        Command::ApplyConfig(args) => api::apply_config(&target(&args.output), &args),
+        Command::Reboot(o) => api::power(&target(&o), api::PowerCommand::Reboot, true),
+        Command::Shutdown(o) => api::power(&target(&o), api::PowerCommand::Shutdown, true),
+        Command::Reset(args) => {
+            api::power(&target(&args.output), api::PowerCommand::Reset, args.yes)
+        }
+        Command::Containers(args) => api::containers(&target(&args.output), &args),
+        Command::Image(command) => {
+            let o = match &command {
+                api::ImageCommand::Import { output, .. } => *output,
+                api::ImageCommand::List(args) => args.output,
+            };
+            api::image(&target(&o), &command)
+        }
+        Command::Completion { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "machinectl", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_is_consistent() {
+        <super::Cli as clap::CommandFactory>::command().debug_assert();
     }
 }

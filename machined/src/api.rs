@@ -1,0 +1,175 @@
+//! The node API's wire types and the role every method needs.
+//!
+//! [`proto`] is generated from `machined/proto/machine.proto` by `build.rs` (protox, no
+//! system `protoc`); daemon and client share it. [`required_role`] is the access table:
+//! each method of the service declares the least role allowed to call it, and a method
+//! missing from the table is refused for everyone (a unit test checks that the table
+//! covers the .proto exactly).
+
+use keelson_configs::pki::Role;
+
+/// The generated messages, server and client of `keelson.machine.v1`.
+#[allow(
+    missing_docs,
+    missing_debug_implementations,
+    unused_qualifications,
+    clippy::all,
+    clippy::pedantic
+)]
+pub mod proto {
+    tonic::include_proto!("keelson.machine.v1");
+}
+
+include!(concat!(env!("OUT_DIR"), "/api_methods.rs"));
+
+/// The gRPC service name, as it appears in request paths.
+pub const SERVICE: &str = "keelson.machine.v1.Machine";
+
+/// The largest message the node decodes (8 MiB); a larger one gets RESOURCE_EXHAUSTED.
+pub const MAX_MESSAGE_SIZE: usize = 8 * 1024 * 1024;
+
+/// How the roles rank: admin can do everything an operator can, who can do everything a
+/// reader can.
+pub fn rank(role: Role) -> u8 {
+    match role {
+        Role::Reader => 1,
+        Role::Operator => 2,
+        Role::Admin => 3,
+    }
+}
+
+/// Whether `have` may call a method that needs `need`.
+pub fn allows(have: Role, need: Role) -> bool {
+    rank(have) >= rank(need)
+}
+
+/// One row of the access table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MethodAccess {
+    /// The method name (`ApplyConfig`).
+    pub method: &'static str,
+    /// The command-line name operators know it by (`apply-config`).
+    pub command: &'static str,
+    /// The least role that may call it.
+    pub role: Role,
+    /// Whether a node in maintenance mode (no config, no client certificates) serves it.
+    pub maintenance: bool,
+}
+
+const fn access(
+    method: &'static str,
+    command: &'static str,
+    role: Role,
+    maintenance: bool,
+) -> MethodAccess {
+    MethodAccess {
+        method,
+        command,
+        role,
+        maintenance,
+    }
+}
+
+/// The access table: every method of the node API and the role it needs (Talos's split:
+/// reads for readers, day-to-day operations for operators, anything that changes what the
+/// node is for admins).
+pub const ACCESS: &[MethodAccess] = &[
+    access("Version", "version", Role::Reader, true),
+    access("Health", "health", Role::Reader, false),
+    access("Services", "services", Role::Reader, false),
+    access("Logs", "logs", Role::Reader, false),
+    access("Dmesg", "dmesg", Role::Reader, false),
+    access("Get", "get", Role::Reader, false),
+    access("Read", "read", Role::Reader, false),
+    access("Containers", "containers", Role::Reader, false),
+    access("Images", "image list", Role::Reader, false),
+    access("ServiceAction", "service", Role::Operator, false),
+    access("Reboot", "reboot", Role::Operator, false),
+    access("Shutdown", "shutdown", Role::Operator, false),
+    access("ImageImport", "image import", Role::Operator, false),
+    access("ApplyConfig", "apply-config", Role::Admin, true),
+    access(
+        "ConfirmConfig",
+        "apply-config --confirm",
+        Role::Admin,
+        false,
+    ),
+    access("Reset", "reset", Role::Admin, false),
+];
+
+/// The access table's row for a request path (`/keelson.machine.v1.Machine/Version`);
+/// `None` for a path that is not a method of the node API.
+pub fn access_for_path(path: &str) -> Option<&'static MethodAccess> {
+    let method = path
+        .strip_prefix('/')?
+        .strip_prefix(SERVICE)?
+        .strip_prefix('/')?;
+    ACCESS.iter().find(|a| a.method == method)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_method_of_the_proto_declares_a_role_and_nothing_else_does() {
+        for path in API_METHODS {
+            assert!(
+                access_for_path(path).is_some(),
+                "{path} has no row in api::ACCESS: declare the role it needs"
+            );
+        }
+        for row in ACCESS {
+            let path = format!("/{SERVICE}/{}", row.method);
+            assert!(
+                API_METHODS.contains(&path.as_str()),
+                "api::ACCESS names {path}, which the .proto does not define"
+            );
+        }
+        assert_eq!(API_METHODS.len(), ACCESS.len());
+    }
+
+    #[test]
+    fn the_table_follows_the_documented_split() {
+        let check = |method: &str, role: Role| {
+            let row = access_for_path(&format!("/{SERVICE}/{method}")).unwrap_or_else(|| {
+                panic!("{method} missing");
+            });
+            assert_eq!(row.role, role, "{method}");
+        };
+        for m in [
+            "Version",
+            "Health",
+            "Services",
+            "Logs",
+            "Dmesg",
+            "Get",
+            "Read",
+            "Containers",
+        ] {
+            check(m, Role::Reader);
+        }
+        for m in ["ServiceAction", "Reboot", "Shutdown", "ImageImport"] {
+            check(m, Role::Operator);
+        }
+        for m in ["ApplyConfig", "Reset", "ConfirmConfig"] {
+            check(m, Role::Admin);
+        }
+        let maintenance: Vec<&str> = ACCESS
+            .iter()
+            .filter(|a| a.maintenance)
+            .map(|a| a.method)
+            .collect();
+        assert_eq!(maintenance, ["Version", "ApplyConfig"]);
+    }
+
+    #[test]
+    fn roles_rank_admin_over_operator_over_reader() {
+        assert!(allows(Role::Admin, Role::Reader));
+        assert!(allows(Role::Operator, Role::Operator));
+        assert!(!allows(Role::Reader, Role::Operator));
+        assert!(!allows(Role::Operator, Role::Admin));
+        assert_eq!(access_for_path("/other.Service/Version"), None);
+        assert_eq!(access_for_path("/keelson.machine.v1.Machine/Nope"), None);
+    }
+}

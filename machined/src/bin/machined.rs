@@ -1,0 +1,79 @@
+//! `machined`: the node API daemon. PID 1 supervises it; it serves the node API on port
+//! 50000 until SIGTERM. Parses arguments, runs the server, prints the error chain once and
+//! maps it to an exit code.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use keelson_machined::backend::{INIT_SOCKET, InitSocket};
+use keelson_machined::server::{self, Options};
+
+/// machined: the Keelson node API daemon (gRPC over mutual TLS).
+#[derive(Debug, Parser)]
+#[command(name = "machined", version, about)]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, default_value = "[::]:50000")]
+    listen: std::net::SocketAddr,
+    /// STATE: where the machine config is persisted.
+    #[arg(long, default_value = keelson_configs::layout::STATE_MOUNT)]
+    state_dir: PathBuf,
+    /// PID 1's control socket.
+    #[arg(long, default_value = INIT_SOCKET)]
+    init_socket: PathBuf,
+    /// Where image uploads are spooled before containerd takes them.
+    #[arg(long, default_value = "/var/lib/machined/spool")]
+    spool_dir: PathBuf,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("machined: error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let options = Options {
+        listen: args.listen,
+        state_dir: args.state_dir,
+        spool_dir: args.spool_dir,
+        ..Options::default()
+    };
+    let backend = Arc::new(InitSocket::new(args.init_socket));
+    let result = runtime.block_on(async move {
+        let bound = server::bind(options).await?;
+        bound.serve(backend, shutdown_signal()).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("machined: error: {}", keelson_machined::error_chain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT (PID 1 stops services with SIGTERM).
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers the process still ends on the default SIGTERM action.
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    eprintln!("machined: stopping");
+}

@@ -1,0 +1,188 @@
+//! `machinectl health`: what is and is not healthy on the node, and why.
+//!
+//! The checks: every supervised service is ready (as PID 1 reports it), and the kubelet's
+//! prerequisites hold (kubeadm's preflight): the config's kernel modules are loaded, its
+//! sysctls have their values, swap is off when the config says so, and containerd's
+//! socket exists.
+
+use std::path::Path;
+
+use keelson_configs::MachineConfig;
+use keelson_configs::schema::Swap;
+
+use super::NodePaths;
+use crate::backend::{BackendError, ServiceStatus};
+
+/// One check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Check {
+    /// What was checked.
+    pub name: String,
+    /// Whether it passed.
+    pub ok: bool,
+    /// Why.
+    pub reason: String,
+}
+
+fn check(name: impl Into<String>, ok: bool, reason: impl Into<String>) -> Check {
+    Check {
+        name: name.into(),
+        ok,
+        reason: reason.into(),
+    }
+}
+
+/// Whether module `name` is loaded or built in (`/sys/module/NAME` exists either way).
+fn module_present(sys: &Path, name: &str) -> bool {
+    sys.join("module").join(name.replace('-', "_")).is_dir()
+}
+
+/// Runs every check.
+pub fn checks(
+    paths: &NodePaths,
+    config: Option<&MachineConfig>,
+    services: Result<Vec<ServiceStatus>, BackendError>,
+) -> Vec<Check> {
+    let mut out = Vec::new();
+    match services {
+        Ok(services) => {
+            for s in services {
+                let reason = if s.ready {
+                    format!("{}, ready", s.state)
+                } else if s.message.is_empty() {
+                    format!("{}, not ready", s.state)
+                } else {
+                    format!("{}, not ready: {}", s.state, s.message)
+                };
+                out.push(check(format!("service {}", s.name), s.ready, reason));
+            }
+        }
+        Err(e) => out.push(check("services", false, e.to_string())),
+    }
+    let Some(config) = config else {
+        out.push(check(
+            "machine config",
+            false,
+            "the node has no config yet (maintenance mode): push one with `machinectl apply-config --insecure`",
+        ));
+        return out;
+    };
+    for module in config.machine.effective_kernel_modules() {
+        let ok = module_present(&paths.sys, &module);
+        out.push(check(
+            format!("module {module}"),
+            ok,
+            if ok {
+                "loaded"
+            } else {
+                "not loaded (machine.kernel_modules asks for it)"
+            },
+        ));
+    }
+    for (key, want) in config.machine.effective_sysctls() {
+        let file = paths.proc.join("sys").join(key.replace('.', "/"));
+        let (ok, reason) = match std::fs::read_to_string(&file) {
+            Ok(have) => {
+                let have = have.split_whitespace().collect::<Vec<_>>().join(" ");
+                let want_norm = want.split_whitespace().collect::<Vec<_>>().join(" ");
+                if have == want_norm {
+                    (true, format!("= {have}"))
+                } else {
+                    (false, format!("is {have}, the config wants {want}"))
+                }
+            }
+            Err(e) => (
+                false,
+                format!(
+                    "cannot read {}: {e} (is the module that provides it loaded?)",
+                    file.display()
+                ),
+            ),
+        };
+        out.push(check(format!("sysctl {key}"), ok, reason));
+    }
+    if config.machine.swap == Swap::Off {
+        let swaps = std::fs::read_to_string(paths.proc.join("swaps")).unwrap_or_default();
+        let active: Vec<&str> = swaps
+            .lines()
+            .skip(1)
+            .filter_map(|l| l.split_whitespace().next())
+            .collect();
+        out.push(if active.is_empty() {
+            check("swap", true, "off")
+        } else {
+            check(
+                "swap",
+                false,
+                format!(
+                    "on ({}), but machine.swap = \"off\" and the kubelet needs it off",
+                    active.join(", ")
+                ),
+            )
+        });
+    }
+    let sock = &paths.containerd_socket;
+    out.push(if sock.exists() {
+        check(
+            "containerd socket",
+            true,
+            format!("{} exists", sock.display()),
+        )
+    } else {
+        check(
+            "containerd socket",
+            false,
+            format!("{} is missing: containerd is not serving", sock.display()),
+        )
+    });
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn services_and_maintenance_mode() {
+        let paths = NodePaths::default();
+        let services = vec![
+            ServiceStatus {
+                name: "containerd".into(),
+                state: "running".into(),
+                ready: true,
+                pid: 10,
+                restarts: 0,
+                since_seconds: 5,
+                message: String::new(),
+            },
+            ServiceStatus {
+                name: "kubelet".into(),
+                state: "backoff".into(),
+                ready: false,
+                pid: 0,
+                restarts: 3,
+                since_seconds: 1,
+                message: "exited with status 1".into(),
+            },
+        ];
+        let out = checks(&paths, None, Ok(services));
+        assert_eq!(out[0], check("service containerd", true, "running, ready"));
+        assert_eq!(
+            out[1],
+            check(
+                "service kubelet",
+                false,
+                "backoff, not ready: exited with status 1"
+            )
+        );
+        assert!(!out[2].ok);
+        assert!(out[2].reason.contains("maintenance mode"));
+        let out = checks(
+            &paths,
+            None,
+            Err(BackendError::Refused("init is busy".into())),
+        );
+        assert_eq!(out[0], check("services", false, "init is busy"));
+    }
+}

@@ -1,0 +1,409 @@
+//! machined: the node API server.
+//!
+//! At start-up the persisted state decides the mode: with a machine config in STATE the
+//! node serves every method over TLS 1.3 with mutual authentication (its certificate
+//! issued from the node API CA, client certificates required); without one it is in
+//! maintenance mode and serves only `Version` and `ApplyConfig` with server
+//! authentication only. When the first config has been written, the maintenance
+//! connections are closed and the same listener continues in mutual-TLS mode: an
+//! unauthenticated call is never accepted again, and after a restart STATE says so.
+//!
+//! Each accepted TCP connection gets a TLS handshake (bounded in time and in number),
+//! then HTTP/2 (hyper) in front of the gRPC router, with [`auth::Authorize`] checking
+//! each request's method against the caller's role before its body is decoded.
+
+pub mod apply;
+pub mod auth;
+pub mod identity;
+pub mod service;
+pub mod state;
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use keelson_configs::{MachineConfig, Mode};
+use rustls::ServerConfig;
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::JoinSet;
+
+use crate::api::{MAX_MESSAGE_SIZE, proto::machine_server::MachineServer};
+use crate::backend::NodeBackend;
+use crate::node::NodePaths;
+use crate::tls;
+use apply::Applier;
+use auth::{Authorize, Peer};
+use service::NodeService;
+use state::StateStore;
+
+/// How long a TLS handshake may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How many handshakes may run at once; more connections wait in the kernel's backlog.
+const MAX_HANDSHAKES: usize = 64;
+/// How many connections may be open at once; more are closed right after accept.
+const MAX_CONNECTIONS: usize = 256;
+/// HTTP/2 streams per connection.
+const MAX_STREAMS: u32 = 64;
+/// How long maintenance connections may finish after the first config is installed.
+const MAINTENANCE_DRAIN: Duration = Duration::from_secs(3);
+/// How often a control plane checks whether its addresses changed (DHCP), to reissue its
+/// certificate.
+const ADDRESS_CHECK: Duration = Duration::from_secs(30);
+
+/// Errors that stop machined.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The listening socket could not be bound.
+    #[error("cannot listen on {addr}; is another machined running?")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// STATE could not be read.
+    #[error("cannot read the persisted state")]
+    State(#[from] state::StateError),
+    /// The persisted config is invalid: the node will not serve with a config it cannot
+    /// trust, nor fall back to unauthenticated maintenance mode.
+    #[error(
+        "the config in {path} is invalid, so the node API stays down (it never falls back to unauthenticated maintenance mode once configured):\n{report}"
+    )]
+    BadConfig {
+        /// The file.
+        path: String,
+        /// The validator's report.
+        report: String,
+    },
+    /// The server identity could not be made.
+    #[error("cannot make the node API certificate")]
+    Identity(#[from] identity::IdentityError),
+    /// TLS could not be set up.
+    #[error("cannot set up TLS")]
+    Tls(#[from] tls::TlsError),
+}
+
+/// How machined is set up.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Where to listen (`[::]:50000`).
+    pub listen: SocketAddr,
+    /// STATE (`/system/state`).
+    pub state_dir: PathBuf,
+    /// What `read` maps `/` to (`/`).
+    pub read_root: PathBuf,
+    /// Where image uploads are spooled (`/var/lib/machined/spool`).
+    pub spool_dir: PathBuf,
+    /// The validation mode of configs.
+    pub mode: Mode,
+    /// Where node facts come from.
+    pub paths: NodePaths,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            listen: SocketAddr::from(([0u16; 8], keelson_configs::layout::API_PORT)),
+            state_dir: keelson_configs::layout::STATE_MOUNT.into(),
+            read_root: "/".into(),
+            spool_dir: "/var/lib/machined/spool".into(),
+            mode: Mode::Metal,
+            paths: NodePaths::default(),
+        }
+    }
+}
+
+/// A bound, not yet serving, machined.
+#[derive(Debug)]
+pub struct Bound {
+    listener: TcpListener,
+    options: Options,
+}
+
+/// Binds the listening socket (so tests learn the port before serving).
+pub async fn bind(options: Options) -> Result<Bound, ServerError> {
+    let listener = TcpListener::bind(options.listen)
+        .await
+        .map_err(|source| ServerError::Bind {
+            addr: options.listen,
+            source,
+        })?;
+    Ok(Bound { listener, options })
+}
+
+type SharedTls = Arc<RwLock<Arc<ServerConfig>>>;
+
+fn load_config(
+    store: &StateStore,
+    mode: Mode,
+) -> Result<Option<(MachineConfig, String)>, ServerError> {
+    let Some(bytes) = store.read_config()? else {
+        return Ok(None);
+    };
+    let path = store.config_path().display().to_string();
+    let checked = keelson_configs::check_bytes(&bytes, &path, mode);
+    match checked.into_result() {
+        Ok(config) => Ok(Some((config, String::from_utf8_lossy(&bytes).into_owned()))),
+        Err(report) => Err(ServerError::BadConfig {
+            path,
+            report: report.to_string(),
+        }),
+    }
+}
+
+fn mtls_config(
+    config: &MachineConfig,
+    store: &StateStore,
+    addresses: &BTreeSet<IpAddr>,
+) -> Result<(Arc<ServerConfig>, Vec<String>), ServerError> {
+    let id = identity::server_identity(config, store, addresses)?;
+    let tls = tls::server_config(&id.cert.cert, &id.cert.key, &id.client_ca)?;
+    Ok((tls, id.sans))
+}
+
+impl Bound {
+    /// The address actually bound.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.listener.local_addr().ok()
+    }
+
+    /// Serves until `shutdown` resolves: maintenance mode first if STATE has no config,
+    /// then mutual TLS.
+    pub async fn serve(
+        self,
+        backend: Arc<dyn NodeBackend>,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), ServerError> {
+        let Bound { listener, options } = self;
+        let shown = listener
+            .local_addr()
+            .map_or_else(|_| options.listen.to_string(), |a| a.to_string());
+        let store = StateStore::new(&options.state_dir);
+        tokio::pin!(shutdown);
+        loop {
+            let current = load_config(&store, options.mode)?;
+            let addresses = identity::interface_addresses();
+            match current {
+                None => {
+                    eprintln!(
+                        "machined: no config in {}: maintenance mode on {} (serves version and apply-config; clients use --insecure)",
+                        store.config_path().display(),
+                        shown
+                    );
+                    let cert = identity::maintenance_identity(&addresses)?;
+                    let tls = tls::maintenance_server_config(&cert.cert, &cert.key)?;
+                    let applier = Arc::new(Applier::new(
+                        store.clone(),
+                        backend.clone(),
+                        options.mode,
+                        None,
+                        None,
+                    ));
+                    let (tx, mut rx) = mpsc::channel(1);
+                    let svc = NodeService::new(
+                        options.paths.clone(),
+                        options.read_root.clone(),
+                        options.spool_dir.clone(),
+                        backend.clone(),
+                        applier,
+                        Some(tx),
+                    );
+                    let tls = Arc::new(RwLock::new(tls));
+                    let done = tokio::select! {
+                        () = &mut shutdown => true,
+                        _ = rx.recv() => false,
+                        () = accept_loop(&listener, tls, svc, true) => true,
+                    };
+                    if done {
+                        return Ok(());
+                    }
+                    eprintln!("machined: the first config is installed: leaving maintenance mode");
+                }
+                Some((config, text)) => {
+                    let (server_tls, sans) = mtls_config(&config, &store, &addresses)?;
+                    eprintln!(
+                        "machined: serving the node API with mutual TLS on {} (certificate for {})",
+                        shown,
+                        sans.join(", ")
+                    );
+                    let shared: SharedTls = Arc::new(RwLock::new(server_tls));
+                    let hook_shared = shared.clone();
+                    let hook_store = store.clone();
+                    let hook: apply::ApiHook = Arc::new(move |config: &MachineConfig| {
+                        let addresses = identity::interface_addresses();
+                        let (tls, sans) = mtls_config(config, &hook_store, &addresses)
+                            .map_err(|e| crate::error_chain(&e))?;
+                        if let Ok(mut slot) = hook_shared.write() {
+                            *slot = tls;
+                        }
+                        Ok(format!(
+                            "machine.api: the node API certificate was reissued for {}",
+                            sans.join(", ")
+                        ))
+                    });
+                    let applier = Arc::new(Applier::new(
+                        store.clone(),
+                        backend.clone(),
+                        options.mode,
+                        Some((config, text)),
+                        Some(hook.clone()),
+                    ));
+                    let svc = NodeService::new(
+                        options.paths.clone(),
+                        options.read_root.clone(),
+                        options.spool_dir.clone(),
+                        backend.clone(),
+                        applier.clone(),
+                        None,
+                    );
+                    let watch = watch_addresses(addresses, applier, hook);
+                    tokio::select! {
+                        () = &mut shutdown => {},
+                        () = accept_loop(&listener, shared, svc, false) => {},
+                        () = watch => {},
+                    }
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+/// Reissues the certificate when the node's addresses change (DHCP after start-up).
+async fn watch_addresses(mut known: BTreeSet<IpAddr>, applier: Arc<Applier>, hook: apply::ApiHook) {
+    loop {
+        tokio::time::sleep(ADDRESS_CHECK).await;
+        let now = identity::interface_addresses();
+        if now == known {
+            continue;
+        }
+        if let Some(config) = applier.current() {
+            match hook(&config) {
+                Ok(m) => eprintln!("machined: addresses changed: {m}"),
+                Err(e) => eprintln!("machined: addresses changed, but {e}"),
+            }
+        }
+        known = now;
+    }
+}
+
+/// Accepts connections until the future is dropped; then every connection it started is
+/// aborted (after a short drain for maintenance connections, so the answer to the
+/// installing call gets out).
+async fn accept_loop(listener: &TcpListener, tls: SharedTls, svc: NodeService, maintenance: bool) {
+    let routes = tonic::service::Routes::new(
+        MachineServer::new(svc)
+            .max_decoding_message_size(MAX_MESSAGE_SIZE)
+            .max_encoding_message_size(MAX_MESSAGE_SIZE),
+    );
+    let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut tasks = ConnectionSet {
+        set: JoinSet::new(),
+        drain: maintenance,
+    };
+    loop {
+        // Reap finished connection tasks so the set does not grow.
+        while tasks.set.try_join_next().is_some() {}
+        let (tcp, peer_addr) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("machined: accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(conn_permit) = connections.clone().try_acquire_owned() else {
+            eprintln!(
+                "machined: {MAX_CONNECTIONS} connections open: closing the one from {peer_addr}"
+            );
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = tokio_rustls::TlsAcceptor::from(
+            tls.read()
+                .map(|c| c.clone())
+                .unwrap_or_else(|p| p.into_inner().clone()),
+        );
+        let handshakes = handshakes.clone();
+        let routes = routes.clone();
+        tasks.set.spawn(async move {
+            let _conn_permit = conn_permit;
+            let stream = {
+                let Ok(_permit) = handshakes.acquire_owned().await else {
+                    return;
+                };
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(e)) => {
+                        eprintln!("machined: TLS handshake with {peer_addr} failed: {e}");
+                        return;
+                    }
+                    Err(_) => {
+                        eprintln!("machined: TLS handshake with {peer_addr} timed out");
+                        return;
+                    }
+                }
+            };
+            let peer = if maintenance {
+                Peer::Anonymous
+            } else {
+                match stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                {
+                    Some(cert) => Peer::Client(tls::caller_of(cert)),
+                    // The verifier requires a certificate; never serve without one.
+                    None => return,
+                }
+            };
+            let svc = TowerToHyperService::new(Authorize::new(routes, peer));
+            let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+            builder
+                .timer(TokioTimer::new())
+                .max_concurrent_streams(MAX_STREAMS)
+                .max_header_list_size(16 * 1024)
+                .keep_alive_interval(Some(Duration::from_secs(30)))
+                .keep_alive_timeout(Duration::from_secs(20));
+            if let Err(e) = builder.serve_connection(TokioIo::new(stream), svc).await {
+                let text = e.to_string();
+                if !text.contains("connection closed") {
+                    eprintln!("machined: connection from {peer_addr}: {text}");
+                }
+            }
+        });
+    }
+}
+
+/// The connection tasks of one mode; dropping it ends them.
+struct ConnectionSet {
+    set: JoinSet<()>,
+    drain: bool,
+}
+
+impl Drop for ConnectionSet {
+    fn drop(&mut self) {
+        if !self.drain || self.set.is_empty() {
+            self.set.abort_all();
+            return;
+        }
+        // Let the installing call's answer get out, then end every maintenance connection.
+        let mut set = std::mem::take(&mut self.set);
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(MAINTENANCE_DRAIN, async {
+                while set.join_next().await.is_some() {}
+            })
+            .await;
+            set.abort_all();
+        });
+    }
+}

@@ -1,0 +1,717 @@
+//! The `keelson.machine.v1.Machine` service: one handler per method. Roles were checked
+//! before a handler runs ([`super::auth`]); handlers that read files check the path's own
+//! protection with the caller's role. Blocking work (files, init's socket) runs on tokio's
+//! blocking pool.
+
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use keelson_configs::pki::Role;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt as _};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::api::proto;
+use crate::api::proto::machine_server::Machine;
+use crate::backend::{BackendError, NodeBackend, Power, ServiceOp};
+use crate::node::{NodePaths, files, health, kmsg, tables, version};
+use crate::server::apply::{Applier, ApplyError, ApplyRequest};
+use crate::server::auth::Authorized;
+
+/// How often `logs -f` and `dmesg -f` look for new lines.
+const FOLLOW_INTERVAL: Duration = Duration::from_millis(300);
+/// How many lines `logs -f` compares between two polls.
+const FOLLOW_WINDOW: u32 = 2000;
+/// Kernel messages per streamed message.
+const DMESG_BATCH: usize = 500;
+/// Log lines per streamed message.
+const LOG_BATCH: usize = 1000;
+/// The largest image archive accepted (4 GiB).
+pub const MAX_IMAGE_ARCHIVE: u64 = 4 * 1024 * 1024 * 1024;
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// The handlers' shared state.
+pub struct NodeService {
+    paths: NodePaths,
+    read_root: PathBuf,
+    spool_dir: PathBuf,
+    backend: Arc<dyn NodeBackend>,
+    applier: Arc<Applier>,
+    maintenance: bool,
+    installed: Option<mpsc::Sender<()>>,
+}
+
+impl std::fmt::Debug for NodeService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeService")
+            .field("paths", &self.paths)
+            .field("maintenance", &self.maintenance)
+            .finish_non_exhaustive()
+    }
+}
+
+impl NodeService {
+    /// The service of a configured node (`installed` is None) or of a node in maintenance
+    /// mode (`installed` is told when the first config is in STATE).
+    pub fn new(
+        paths: NodePaths,
+        read_root: PathBuf,
+        spool_dir: PathBuf,
+        backend: Arc<dyn NodeBackend>,
+        applier: Arc<Applier>,
+        installed: Option<mpsc::Sender<()>>,
+    ) -> NodeService {
+        NodeService {
+            paths,
+            read_root,
+            spool_dir,
+            backend,
+            applier,
+            maintenance: installed.is_some(),
+            installed,
+        }
+    }
+}
+
+fn role_of<T>(req: &Request<T>) -> Result<Role, Status> {
+    req.extensions()
+        .get::<Authorized>()
+        .and_then(|a| a.role)
+        .ok_or_else(|| Status::unauthenticated("no authenticated caller"))
+}
+
+fn internal(e: impl std::fmt::Display) -> Status {
+    Status::internal(e.to_string())
+}
+
+/// Runs blocking work on tokio's blocking pool.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f).await.map_err(internal)
+}
+
+fn backend_status(e: BackendError) -> Status {
+    let message = crate::error_chain(&e);
+    match e {
+        BackendError::UnknownService { .. } => Status::not_found(message),
+        BackendError::Refused(_) => Status::failed_precondition(message),
+        BackendError::Connect { .. } | BackendError::Io { .. } | BackendError::Protocol { .. } => {
+            Status::unavailable(message)
+        }
+    }
+}
+
+fn apply_status(e: ApplyError) -> Status {
+    let message = e.to_string();
+    match e {
+        ApplyError::Busy => Status::aborted(message),
+        ApplyError::Invalid(_) | ApplyError::BadRequest(_) => Status::invalid_argument(message),
+        ApplyError::Precondition(_) => Status::failed_precondition(message),
+        ApplyError::Failed(_) => Status::internal(message),
+    }
+}
+
+/// The lines of `now` that follow what `prev` already showed: `now` is a later window of
+/// the same ring buffer, so its head overlaps `prev`'s tail.
+pub fn new_lines<'a>(prev: &[String], now: &'a [String]) -> &'a [String] {
+    let max = prev.len().min(now.len());
+    for k in (1..=max).rev() {
+        if prev.get(prev.len() - k..) == now.get(..k) {
+            return now.get(k..).unwrap_or_default();
+        }
+    }
+    now
+}
+
+fn kernel_message(r: kmsg::Record) -> proto::KernelMessage {
+    proto::KernelMessage {
+        level: r.level,
+        facility: r.facility,
+        sequence: r.sequence,
+        timestamp_us: r.timestamp_us,
+        message: r.message,
+    }
+}
+
+#[tonic::async_trait]
+impl Machine for NodeService {
+    async fn version(
+        &self,
+        _req: Request<proto::VersionRequest>,
+    ) -> Result<Response<proto::VersionResponse>, Status> {
+        let paths = self.paths.clone();
+        let v = blocking(move || version::read(&paths)).await?;
+        let machine_type = self
+            .applier
+            .current()
+            .map(|c| c.machine.kind.to_string())
+            .unwrap_or_default();
+        Ok(Response::new(proto::VersionResponse {
+            os_name: v.os_name,
+            os_version: v.os_version,
+            slot: v.slot,
+            kernel: v.kernel,
+            arch: v.arch,
+            maintenance: self.maintenance,
+            machine_type,
+            hostname: v.hostname,
+            api_version: env!("CARGO_PKG_VERSION").into(),
+        }))
+    }
+
+    async fn health(
+        &self,
+        _req: Request<proto::HealthRequest>,
+    ) -> Result<Response<proto::HealthResponse>, Status> {
+        let paths = self.paths.clone();
+        let backend = self.backend.clone();
+        let config = self.applier.current();
+        let checks = blocking(move || {
+            let services = backend.services();
+            health::checks(&paths, config.as_ref(), services)
+        })
+        .await?;
+        Ok(Response::new(proto::HealthResponse {
+            healthy: checks.iter().all(|c| c.ok),
+            checks: checks
+                .into_iter()
+                .map(|c| proto::HealthCheck {
+                    name: c.name,
+                    ok: c.ok,
+                    reason: c.reason,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn services(
+        &self,
+        _req: Request<proto::ServicesRequest>,
+    ) -> Result<Response<proto::ServicesResponse>, Status> {
+        let backend = self.backend.clone();
+        let services = blocking(move || backend.services())
+            .await?
+            .map_err(backend_status)?;
+        Ok(Response::new(proto::ServicesResponse {
+            services: services
+                .into_iter()
+                .map(|s| proto::Service {
+                    name: s.name,
+                    state: s.state,
+                    ready: s.ready,
+                    pid: s.pid,
+                    restarts: s.restarts,
+                    since_seconds: s.since_seconds,
+                    message: s.message,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn service_action(
+        &self,
+        req: Request<proto::ServiceActionRequest>,
+    ) -> Result<Response<proto::ServiceActionResponse>, Status> {
+        let req = req.into_inner();
+        let op = match req.action() {
+            proto::ServiceAction::Start => ServiceOp::Start,
+            proto::ServiceAction::Stop => ServiceOp::Stop,
+            proto::ServiceAction::Restart => ServiceOp::Restart,
+            proto::ServiceAction::Unspecified => {
+                return Err(Status::invalid_argument(
+                    "no action: use start, stop or restart",
+                ));
+            }
+        };
+        if req.name.is_empty() {
+            return Err(Status::invalid_argument("no service name given"));
+        }
+        if req.name == "machined" && op == ServiceOp::Stop {
+            return Err(Status::failed_precondition(
+                "stopping machined would cut the node off from the API; restart it instead",
+            ));
+        }
+        let backend = self.backend.clone();
+        let message = blocking(move || backend.service_action(&req.name, op))
+            .await?
+            .map_err(backend_status)?;
+        Ok(Response::new(proto::ServiceActionResponse { message }))
+    }
+
+    type LogsStream = BoxStream<proto::LogLines>;
+
+    async fn logs(
+        &self,
+        req: Request<proto::LogsRequest>,
+    ) -> Result<Response<Self::LogsStream>, Status> {
+        let req = req.into_inner();
+        if req.service.is_empty() {
+            return Err(Status::invalid_argument("no service name given"));
+        }
+        let tail = (req.tail_lines > 0).then_some(req.tail_lines);
+        // Following compares each later window with a full earlier one, so fetch a full
+        // window first and cut the tail from it.
+        let fetch = match (req.follow, tail) {
+            (true, Some(t)) => Some(t.max(FOLLOW_WINDOW)),
+            (_, t) => t,
+        };
+        let backend = self.backend.clone();
+        let service = req.service.clone();
+        let window = blocking(move || backend.logs(&service, fetch))
+            .await?
+            .map_err(backend_status)?;
+        let first: Vec<String> = match tail.and_then(|t| usize::try_from(t).ok()) {
+            Some(t) if window.len() > t => {
+                window.get(window.len() - t..).unwrap_or_default().to_vec()
+            }
+            _ => window.clone(),
+        };
+        let (tx, rx) = mpsc::channel(4);
+        let backend = self.backend.clone();
+        tokio::spawn(async move {
+            for chunk in first.chunks(LOG_BATCH) {
+                if tx
+                    .send(Ok(proto::LogLines {
+                        lines: chunk.to_vec(),
+                    }))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            if !req.follow {
+                return;
+            }
+            let mut prev = window;
+            loop {
+                tokio::time::sleep(FOLLOW_INTERVAL).await;
+                if tx.is_closed() {
+                    return;
+                }
+                let backend = backend.clone();
+                let service = req.service.clone();
+                let now = match tokio::task::spawn_blocking(move || {
+                    backend.logs(&service, Some(FOLLOW_WINDOW))
+                })
+                .await
+                {
+                    Ok(Ok(now)) => now,
+                    Ok(Err(e)) => {
+                        let _ = tx.send(Err(backend_status(e))).await;
+                        return;
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(internal(e))).await;
+                        return;
+                    }
+                };
+                let fresh = new_lines(&prev, &now).to_vec();
+                if !fresh.is_empty() && tx.send(Ok(proto::LogLines { lines: fresh })).await.is_err()
+                {
+                    return;
+                }
+                prev = now;
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type DmesgStream = BoxStream<proto::KernelMessages>;
+
+    async fn dmesg(
+        &self,
+        req: Request<proto::DmesgRequest>,
+    ) -> Result<Response<Self::DmesgStream>, Status> {
+        let req = req.into_inner();
+        let path = self.paths.kmsg.clone();
+        let (mut log, mut first) = blocking(move || {
+            let mut log = kmsg::Kmsg::open(&path)?;
+            let records = log.read_available(usize::MAX)?;
+            Ok::<_, kmsg::KmsgError>((log, records))
+        })
+        .await?
+        .map_err(|e| Status::unavailable(crate::error_chain(&e)))?;
+        if req.tail > 0 {
+            let keep = usize::try_from(req.tail).unwrap_or(usize::MAX);
+            if first.len() > keep {
+                first.drain(..first.len() - keep);
+            }
+        }
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            let mut batch = first;
+            loop {
+                while !batch.is_empty() {
+                    let rest = batch.split_off(batch.len().min(DMESG_BATCH));
+                    let messages = batch.into_iter().map(kernel_message).collect();
+                    if tx
+                        .send(Ok(proto::KernelMessages { messages }))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    batch = rest;
+                }
+                if !req.follow {
+                    return;
+                }
+                tokio::time::sleep(FOLLOW_INTERVAL).await;
+                if tx.is_closed() {
+                    return;
+                }
+                match tokio::task::spawn_blocking(move || {
+                    let r = log.read_available(DMESG_BATCH * 4);
+                    (log, r)
+                })
+                .await
+                {
+                    Ok((l, Ok(records))) => {
+                        log = l;
+                        batch = records;
+                    }
+                    Ok((_, Err(e))) => {
+                        let _ = tx
+                            .send(Err(Status::unavailable(crate::error_chain(&e))))
+                            .await;
+                        return;
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(internal(e))).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn get(&self, req: Request<proto::GetRequest>) -> Result<Response<proto::Table>, Status> {
+        let req = req.into_inner();
+        let paths = self.paths.clone();
+        let table = blocking(move || tables::get(&paths, &req.resource, &req.filter))
+            .await?
+            .map_err(|e| match e {
+                tables::TableError::Unknown { .. } => Status::invalid_argument(e.to_string()),
+                other => Status::unavailable(crate::error_chain(&other)),
+            })?;
+        Ok(Response::new(proto::Table {
+            columns: table.columns,
+            rows: table
+                .rows
+                .into_iter()
+                .map(|cells| proto::Row { cells })
+                .collect(),
+        }))
+    }
+
+    type ReadStream = BoxStream<proto::FileChunk>;
+
+    async fn read(
+        &self,
+        req: Request<proto::ReadRequest>,
+    ) -> Result<Response<Self::ReadStream>, Status> {
+        let role = role_of(&req)?;
+        let requested = req.into_inner().path;
+        let root = self.read_root.clone();
+        let (path, file) = blocking(move || {
+            let path = files::authorize(&requested, role, &root)?;
+            let file = files::open(&path)?;
+            Ok::<_, files::ReadError>((path, file))
+        })
+        .await?
+        .map_err(|e| match e {
+            files::ReadError::Role { .. } => Status::permission_denied(e.to_string()),
+            files::ReadError::NotFound { .. } => Status::not_found(e.to_string()),
+            files::ReadError::Io { .. } => Status::unavailable(crate::error_chain(&e)),
+            other => Status::invalid_argument(other.to_string()),
+        })?;
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            let mut file = file;
+            let mut left = files::MAX_READ;
+            loop {
+                let p = path.clone();
+                let result = tokio::task::spawn_blocking(move || {
+                    // One byte more than allowed tells a cut file from one that ends
+                    // exactly at the limit.
+                    let r = files::read_chunk(&mut file, left.max(1), &p);
+                    (file, r)
+                })
+                .await;
+                let (f, chunk) = match result {
+                    Ok((f, Ok(chunk))) => (f, chunk),
+                    Ok((_, Err(e))) => {
+                        let _ = tx
+                            .send(Err(Status::unavailable(crate::error_chain(&e))))
+                            .await;
+                        return;
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(internal(e))).await;
+                        return;
+                    }
+                };
+                file = f;
+                if chunk.is_empty() {
+                    return;
+                }
+                if left == 0 {
+                    let _ = tx
+                        .send(Ok(proto::FileChunk {
+                            data: Vec::new(),
+                            truncated: true,
+                        }))
+                        .await;
+                    return;
+                }
+                left = left.saturating_sub(chunk.len() as u64);
+                if tx
+                    .send(Ok(proto::FileChunk {
+                        data: chunk,
+                        truncated: false,
+                    }))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn apply_config(
+        &self,
+        req: Request<proto::ApplyConfigRequest>,
+    ) -> Result<Response<proto::ApplyConfigResponse>, Status> {
+        let user = req
+            .extensions()
+            .get::<Authorized>()
+            .map(|a| a.user.clone())
+            .unwrap_or_default();
+        let req = req.into_inner();
+        let mode = req.mode();
+        let request = ApplyRequest {
+            config: req.config,
+            mode,
+            try_timeout: (req.try_timeout_seconds > 0)
+                .then(|| Duration::from_secs(u64::from(req.try_timeout_seconds))),
+            dry_run: req.dry_run,
+        };
+        let applied = if self.maintenance {
+            let applied = self
+                .applier
+                .install_first(request)
+                .await
+                .map_err(apply_status)?;
+            if !req.dry_run
+                && let Some(tx) = &self.installed
+            {
+                let _ = tx.try_send(());
+            }
+            applied
+        } else {
+            self.applier.apply(request).await.map_err(apply_status)?
+        };
+        eprintln!(
+            "machined: apply-config by {user:?} (mode {}{}): {}",
+            crate::server::apply::mode_name(applied.mode),
+            if req.dry_run { ", dry run" } else { "" },
+            applied.messages.join("; ")
+        );
+        Ok(Response::new(proto::ApplyConfigResponse {
+            mode: applied.mode.into(),
+            diff: applied.diff,
+            messages: applied.messages,
+            warnings: applied.warnings,
+        }))
+    }
+
+    async fn confirm_config(
+        &self,
+        _req: Request<proto::ConfirmConfigRequest>,
+    ) -> Result<Response<proto::ConfirmConfigResponse>, Status> {
+        let message = self.applier.confirm().await.map_err(apply_status)?;
+        Ok(Response::new(proto::ConfirmConfigResponse { message }))
+    }
+
+    async fn reboot(
+        &self,
+        _req: Request<proto::RebootRequest>,
+    ) -> Result<Response<proto::PowerResponse>, Status> {
+        let backend = self.backend.clone();
+        let message = blocking(move || backend.power(Power::Reboot))
+            .await?
+            .map_err(backend_status)?;
+        Ok(Response::new(proto::PowerResponse { message }))
+    }
+
+    async fn shutdown(
+        &self,
+        _req: Request<proto::ShutdownRequest>,
+    ) -> Result<Response<proto::PowerResponse>, Status> {
+        let backend = self.backend.clone();
+        let message = blocking(move || backend.power(Power::Poweroff))
+            .await?
+            .map_err(backend_status)?;
+        Ok(Response::new(proto::PowerResponse { message }))
+    }
+
+    async fn reset(
+        &self,
+        _req: Request<proto::ResetRequest>,
+    ) -> Result<Response<proto::PowerResponse>, Status> {
+        let backend = self.backend.clone();
+        let message = blocking(move || backend.reset())
+            .await?
+            .map_err(backend_status)?;
+        Ok(Response::new(proto::PowerResponse { message }))
+    }
+
+    async fn containers(
+        &self,
+        req: Request<proto::ContainersRequest>,
+    ) -> Result<Response<proto::ContainersResponse>, Status> {
+        let ns = req.into_inner().namespace;
+        let containers = crate::containerd::containers(&self.paths.containerd_socket, &ns).await?;
+        Ok(Response::new(proto::ContainersResponse { containers }))
+    }
+
+    async fn images(
+        &self,
+        req: Request<proto::ImagesRequest>,
+    ) -> Result<Response<proto::ImagesResponse>, Status> {
+        let ns = req.into_inner().namespace;
+        let images = crate::containerd::images(&self.paths.containerd_socket, &ns).await?;
+        Ok(Response::new(proto::ImagesResponse { images }))
+    }
+
+    async fn image_import(
+        &self,
+        req: Request<Streaming<proto::ImageImportChunk>>,
+    ) -> Result<Response<proto::ImageImportResponse>, Status> {
+        let mut stream = req.into_inner();
+        crate::atomic::create_private_dir(&self.spool_dir)
+            .map_err(|e| internal(crate::error_chain(&e)))?;
+        let spool = tempfile_in(&self.spool_dir)?;
+        let mut file = tokio::fs::File::from_std(
+            spool
+                .reopen()
+                .map_err(|e| internal(format!("cannot open the spool file: {e}")))?,
+        );
+        let mut namespace = String::new();
+        let mut total: u64 = 0;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk?;
+            if namespace.is_empty() && !chunk.namespace.is_empty() {
+                namespace = chunk.namespace;
+            }
+            total += chunk.data.len() as u64;
+            if total > MAX_IMAGE_ARCHIVE {
+                return Err(Status::resource_exhausted(format!(
+                    "the image archive is larger than {} GiB",
+                    MAX_IMAGE_ARCHIVE >> 30
+                )));
+            }
+            tokio::io::AsyncWriteExt::write_all(&mut file, &chunk.data)
+                .await
+                .map_err(|e| internal(format!("cannot spool the archive: {e}")))?;
+        }
+        tokio::io::AsyncWriteExt::flush(&mut file)
+            .await
+            .map_err(|e| internal(format!("cannot spool the archive: {e}")))?;
+        if total == 0 {
+            return Err(Status::invalid_argument("the image archive is empty"));
+        }
+        if namespace.is_empty() {
+            namespace = crate::containerd::DEFAULT_NAMESPACE.into();
+        }
+        let images =
+            crate::containerd::import(&self.paths.containerd_socket, &namespace, spool.path())
+                .await?;
+        Ok(Response::new(proto::ImageImportResponse { images }))
+    }
+}
+
+/// A private temporary file in `dir`, removed when dropped.
+fn tempfile_in(dir: &std::path::Path) -> Result<SpoolFile, Status> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    for attempt in 0..16u32 {
+        let path = dir.join(format!(
+            "import-{}-{}-{attempt}.tar",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or_default()
+        ));
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .read(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+        {
+            Ok(_) => return Ok(SpoolFile { path }),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => {
+                return Err(internal(format!(
+                    "cannot create a spool file in {}: {e}",
+                    dir.display()
+                )));
+            }
+        }
+    }
+    Err(internal("cannot create a spool file"))
+}
+
+/// A spooled upload, deleted on drop.
+#[derive(Debug)]
+struct SpoolFile {
+    path: PathBuf,
+}
+
+impl SpoolFile {
+    fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    fn reopen(&self) -> std::io::Result<std::fs::File> {
+        std::fs::OpenOptions::new().write(true).open(&self.path)
+    }
+}
+
+impl Drop for SpoolFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(items: &[&str]) -> Vec<String> {
+        items.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn following_shows_only_new_lines() {
+        assert_eq!(new_lines(&v(&["a", "b"]), &v(&["a", "b", "c"])), v(&["c"]));
+        assert_eq!(
+            new_lines(&v(&["a", "b", "c"]), &v(&["b", "c", "d", "e"])),
+            v(&["d", "e"])
+        );
+        assert_eq!(
+            new_lines(&v(&["a", "b"]), &v(&["a", "b"])),
+            Vec::<String>::new()
+        );
+        assert_eq!(new_lines(&v(&[]), &v(&["x"])), v(&["x"]));
+        assert_eq!(new_lines(&v(&["a"]), &v(&["x", "y"])), v(&["x", "y"]));
+    }
+}

@@ -1,0 +1,100 @@
+//! The node's persistent state that machined reads and writes, in STATE
+//! (`/system/state`): the machine config (`config.toml`), a config staged for the next
+//! boot (`config.staged.toml`), and a worker's node API certificate (`node-api/`).
+//! Every write is atomic and private (mode 0600): a power cut leaves the old file or the
+//! new one.
+
+use std::path::{Path, PathBuf};
+
+use keelson_configs::layout::{STATE_CONFIG, STATE_CONFIG_STAGED};
+
+use crate::atomic;
+
+/// Errors from reading or writing STATE.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// A file could not be read.
+    #[error("cannot read {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file could not be written.
+    #[error("cannot write to STATE")]
+    Write(#[source] atomic::WriteError),
+}
+
+/// STATE, as a directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateStore {
+    dir: PathBuf,
+}
+
+impl StateStore {
+    /// STATE at `dir` (`/system/state` on a node).
+    pub fn new(dir: impl Into<PathBuf>) -> StateStore {
+        StateStore { dir: dir.into() }
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Where the machine config lives.
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join(STATE_CONFIG)
+    }
+
+    /// Where a staged config lives.
+    pub fn staged_path(&self) -> PathBuf {
+        self.dir.join(STATE_CONFIG_STAGED)
+    }
+
+    /// Where a worker keeps its node API certificate and key (issued through the join
+    /// flow; a control plane issues its own at every start).
+    pub fn node_api_cert_paths(&self) -> (PathBuf, PathBuf) {
+        (
+            self.dir.join("node-api/server.crt"),
+            self.dir.join("node-api/server.key"),
+        )
+    }
+
+    /// Whether a machine config is persisted (the node is not in maintenance mode).
+    pub fn has_config(&self) -> bool {
+        self.config_path().is_file()
+    }
+
+    /// The persisted machine config's bytes, if any.
+    pub fn read_config(&self) -> Result<Option<Vec<u8>>, StateError> {
+        let path = self.config_path();
+        match std::fs::read(&path) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(StateError::Read { path, source }),
+        }
+    }
+
+    /// Writes the machine config atomically.
+    pub fn write_config(&self, text: &str) -> Result<(), StateError> {
+        atomic::write(
+            &self.config_path(),
+            text.as_bytes(),
+            atomic::PRIVATE_FILE_MODE,
+        )
+        .map_err(StateError::Write)
+    }
+
+    /// Writes a config for the next boot atomically.
+    pub fn write_staged(&self, text: &str) -> Result<(), StateError> {
+        atomic::write(
+            &self.staged_path(),
+            text.as_bytes(),
+            atomic::PRIVATE_FILE_MODE,
+        )
+        .map_err(StateError::Write)
+    }
+}
