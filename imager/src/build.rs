@@ -373,6 +373,10 @@ const ROOT_DIRS: &[&str] = &[
     "var",
     "etc",
     "mnt",
+    // Mount point of STATE (`layout::STATE_MOUNT`): the root is read-only, so PID 1
+    // cannot create it at boot.
+    "system",
+    "system/state",
     "usr",
     "usr/bin",
     "usr/sbin",

@@ -12,13 +12,18 @@
 pub mod blockdev;
 pub mod cmdline;
 pub mod console;
+pub mod disks;
 pub mod dm;
+pub mod kmods;
 pub mod modules;
 pub mod mounts;
-pub mod netconf;
+pub mod preflight;
 pub mod stage1;
 pub mod stage2;
+pub mod state;
+pub mod swap;
 pub mod syscalls;
+pub mod sysctl;
 
 use std::error::Error as StdError;
 use std::time::Duration;

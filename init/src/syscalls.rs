@@ -43,6 +43,43 @@ pub struct Uname {
     pub machine: String,
 }
 
+/// What [`Syscalls::blkpg`] asks of the kernel's view of a disk's partition table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlkpgOp {
+    /// `BLKPG_ADD_PARTITION`: a partition the kernel has not seen yet.
+    Add,
+    /// `BLKPG_RESIZE_PARTITION`: same start, new length.
+    Resize,
+}
+
+/// How a program run by [`Syscalls::run_tool`] ended.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ToolOutput {
+    /// The exit code; `None` when a signal killed it.
+    pub code: Option<i32>,
+    /// Its standard output followed by its standard error, as text.
+    pub output: String,
+}
+
+impl ToolOutput {
+    /// Whether it exited with 0.
+    pub fn success(&self) -> bool {
+        self.code == Some(0)
+    }
+
+    /// The last `lines` non-empty lines of its output, joined with ` / ` (for one-line
+    /// error messages).
+    pub fn tail(&self, lines: usize) -> String {
+        let all: Vec<&str> = self
+            .output
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect();
+        all[all.len().saturating_sub(lines)..].join(" / ")
+    }
+}
+
 /// The system calls PID 1 makes. Paths are absolute paths of the running system.
 pub trait Syscalls {
     /// `mount(2)`: mount `source` of type `fstype` at `target`.
@@ -103,6 +140,23 @@ pub trait Syscalls {
     fn uname(&self) -> Uname;
     /// Sleep (the fake returns at once).
     fn sleep(&self, duration: Duration);
+    /// `swapoff(2)` of the swap device or file at `path`. (There is deliberately no
+    /// `swapon`: nothing in PID 1 may enable swap.)
+    fn swapoff(&self, path: &Path) -> io::Result<()>;
+    /// The `BLKPG` ioctl on the whole-disk node `disk`: tell the kernel about partition
+    /// `number` (`start` and `length` in bytes) while other partitions of the disk are in
+    /// use, where `BLKRRPART` would fail with EBUSY.
+    fn blkpg(
+        &self,
+        disk: &Path,
+        op: BlkpgOp,
+        number: u32,
+        start: u64,
+        length: u64,
+    ) -> io::Result<()>;
+    /// Run `program` directly (no shell) with `args`, an empty environment but `PATH`,
+    /// and standard input closed; wait for it and return its exit code and output.
+    fn run_tool(&self, program: &str, args: &[&str]) -> io::Result<ToolOutput>;
 }
 
 /// The real system calls of the running Linux kernel.
@@ -273,6 +327,97 @@ impl Syscalls for Linux {
     fn sleep(&self, duration: Duration) {
         std::thread::sleep(duration);
     }
+
+    fn swapoff(&self, path: &Path) -> io::Result<()> {
+        use std::os::unix::ffi::OsStrExt;
+        let path = CString::new(path.as_os_str().as_bytes())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))?;
+        // SAFETY: `path` is a valid NUL-terminated string that outlives the call;
+        // swapoff(2) only reads it. rustix has no swapoff, so the C library's wrapper
+        // (musl or glibc: the raw system call) is used.
+        let rc = unsafe { libc::swapoff(path.as_ptr()) };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
+    fn blkpg(
+        &self,
+        disk: &Path,
+        op: BlkpgOp,
+        number: u32,
+        start: u64,
+        length: u64,
+    ) -> io::Result<()> {
+        let file = File::open(disk)?;
+        let too_big = || io::Error::new(io::ErrorKind::InvalidInput, "partition beyond 2^63");
+        let mut partition = BlkpgPartition {
+            start: i64::try_from(start).map_err(|_| too_big())?,
+            length: i64::try_from(length).map_err(|_| too_big())?,
+            pno: i32::try_from(number).map_err(|_| too_big())?,
+            devname: [0; 64],
+            volname: [0; 64],
+        };
+        let arg = BlkpgIoctlArg {
+            op: match op {
+                BlkpgOp::Add => 1,
+                BlkpgOp::Resize => 3,
+            },
+            flags: 0,
+            datalen: size_of::<BlkpgPartition>() as i32,
+            data: std::ptr::from_mut(&mut partition).cast(),
+        };
+        // SAFETY: BLKPG is `_IO(0x12, 105)` and takes a pointer to `struct
+        // blkpg_ioctl_arg` (linux/blkpg.h), which `BlkpgIoctlArg` mirrors with `repr(C)`;
+        // its `data` points to `partition`, a `struct blkpg_partition` that lives until
+        // the call returns and whose size is `datalen`. The kernel only reads both.
+        unsafe {
+            rustix::ioctl::ioctl(
+                &file,
+                rustix::ioctl::Setter::<BLKPG, BlkpgIoctlArg>::new(arg),
+            )?
+        };
+        Ok(())
+    }
+
+    fn run_tool(&self, program: &str, args: &[&str]) -> io::Result<ToolOutput> {
+        let out = std::process::Command::new(program)
+            .args(args)
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin")
+            .stdin(std::process::Stdio::null())
+            .output()?;
+        let mut output = String::from_utf8_lossy(&out.stdout).into_owned();
+        output.push_str(&String::from_utf8_lossy(&out.stderr));
+        Ok(ToolOutput {
+            code: out.status.code(),
+            output,
+        })
+    }
+}
+
+/// `BLKPG` from linux/fs.h: `_IO(0x12, 105)`.
+const BLKPG: rustix::ioctl::Opcode = 0x1269;
+
+/// `struct blkpg_ioctl_arg` from linux/blkpg.h.
+#[repr(C)]
+struct BlkpgIoctlArg {
+    op: i32,
+    flags: i32,
+    datalen: i32,
+    data: *mut std::ffi::c_void,
+}
+
+/// `struct blkpg_partition` from linux/blkpg.h.
+#[repr(C)]
+struct BlkpgPartition {
+    start: i64,
+    length: i64,
+    pno: i32,
+    devname: [u8; 64],
+    volname: [u8; 64],
 }
 
 /// Remove everything under `dir` that lives on device `dev`, without crossing into other
@@ -344,10 +489,12 @@ pub fn errno_name(err: &io::Error) -> String {
         12 => "ENOMEM",
         13 => "EACCES",
         14 => "EFAULT",
+        15 => "ENOTBLK",
         16 => "EBUSY",
         17 => "EEXIST",
         19 => "ENODEV",
         20 => "ENOTDIR",
+        21 => "EISDIR",
         22 => "EINVAL",
         28 => "ENOSPC",
         30 => "EROFS",
@@ -417,6 +564,15 @@ pub mod fake {
         Reboot(RebootHow),
         Exec(String, Vec<String>),
         Sleep(Duration),
+        Swapoff(String),
+        Blkpg {
+            disk: String,
+            op: BlkpgOp,
+            number: u32,
+            start: u64,
+            length: u64,
+        },
+        RunTool(String, Vec<String>),
     }
 
     /// The fake system: files, mount points and canned errors, plus the call log.
@@ -435,6 +591,20 @@ pub mod fake {
         pub dm_answers: BTreeMap<u8, (usize, Vec<u8>)>,
         /// For `open_read`: the device size, and the offset where reads fail with EIO.
         pub device: Option<(u64, Option<u64>)>,
+        /// When set, `write_file` behaves like the kernel's files: a path not in `files`
+        /// is ENOENT, and what is written replaces the file's content (so it reads back).
+        pub strict_writes: bool,
+        /// Errno returned by `write_file` per path (with or without `strict_writes`).
+        pub write_errors: BTreeMap<PathBuf, i32>,
+        /// Errno returned by `swapoff` per path; a successful swapoff removes the path's
+        /// line from `/proc/swaps` in `files`.
+        pub swapoff_errors: BTreeMap<PathBuf, i32>,
+        /// Errno returned by `blkpg` per partition number.
+        pub blkpg_errors: BTreeMap<u32, i32>,
+        /// What `run_tool` answers per program (success with no output otherwise).
+        pub tool_results: BTreeMap<String, ToolOutput>,
+        /// For `open_read`: the bytes a path reads (instead of the zero `device`).
+        pub read_data: BTreeMap<PathBuf, Vec<u8>>,
     }
 
     impl Fake {
@@ -551,11 +721,24 @@ pub mod fake {
 
         fn write_file(&self, path: &Path, data: &[u8]) -> io::Result<()> {
             self.record(Call::WriteFile(s(path), data.to_vec()));
+            if let Some(errno) = self.write_errors.get(path) {
+                return Err(io::Error::from_raw_os_error(*errno));
+            }
+            if self.strict_writes {
+                let mut files = self.files.borrow_mut();
+                let Some(content) = files.get_mut(path) else {
+                    return Err(io::Error::from_raw_os_error(2));
+                };
+                *content = data.to_vec();
+            }
             Ok(())
         }
 
         fn open_read(&self, path: &Path) -> io::Result<Box<dyn Read>> {
             self.record(Call::OpenRead(s(path)));
+            if let Some(data) = self.read_data.get(path) {
+                return Ok(Box::new(io::Cursor::new(data.clone())));
+            }
             let (size, bad) = self.device.unwrap_or((0, None));
             Ok(Box::new(FakeDevice { pos: 0, size, bad }))
         }
@@ -620,6 +803,61 @@ pub mod fake {
 
         fn sleep(&self, duration: Duration) {
             self.record(Call::Sleep(duration));
+        }
+
+        fn swapoff(&self, path: &Path) -> io::Result<()> {
+            self.record(Call::Swapoff(s(path)));
+            if let Some(errno) = self.swapoff_errors.get(path) {
+                return Err(io::Error::from_raw_os_error(*errno));
+            }
+            let swaps = PathBuf::from("/proc/swaps");
+            let mut files = self.files.borrow_mut();
+            if let Some(text) = files.get_mut(&swaps) {
+                let name = s(path);
+                let kept: Vec<&str> = std::str::from_utf8(text)
+                    .unwrap_or("")
+                    .lines()
+                    .filter(|l| l.split_whitespace().next() != Some(name.as_str()))
+                    .collect();
+                *text = format!("{}\n", kept.join("\n")).into_bytes();
+            }
+            Ok(())
+        }
+
+        fn blkpg(
+            &self,
+            disk: &Path,
+            op: BlkpgOp,
+            number: u32,
+            start: u64,
+            length: u64,
+        ) -> io::Result<()> {
+            self.record(Call::Blkpg {
+                disk: s(disk),
+                op,
+                number,
+                start,
+                length,
+            });
+            match self.blkpg_errors.get(&number) {
+                Some(errno) => Err(io::Error::from_raw_os_error(*errno)),
+                None => Ok(()),
+            }
+        }
+
+        fn run_tool(&self, program: &str, args: &[&str]) -> io::Result<ToolOutput> {
+            self.record(Call::RunTool(
+                program.into(),
+                args.iter().map(|a| a.to_string()).collect(),
+            ));
+            Ok(self
+                .tool_results
+                .get(program)
+                .cloned()
+                .unwrap_or(ToolOutput {
+                    code: Some(0),
+                    output: String::new(),
+                }))
         }
     }
 }

@@ -1,0 +1,281 @@
+//! STATE: the small ext4 partition (mounted at `/system/state`) that keeps what a node
+//! must remember across boots: the last applied machine config, later its identity and PKI.
+//!
+//! Every write is atomic: the new content goes to a temporary file in the same directory,
+//! which is fsynced, renamed over the target, and the directory fsynced. A power cut at
+//! any point leaves the old file or the new one, never a torn one; a leftover temporary
+//! file is ignored by readers and removed by [`remove_stale`]. Files are created mode
+//! 0600: the machine config carries the cluster's join secrets.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use keelson_configs::layout::{STATE_CONFIG, STATE_MOUNT};
+
+use crate::syscalls::errno_name;
+
+/// Temporary files are named `.<name>.tmp.<pid>.<n>`.
+const TMP_MARKER: &str = ".tmp.";
+
+/// Errors of reading and writing STATE.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The file name is not a plain name inside the directory.
+    #[error("invalid STATE file name {0:?}: a plain file name is expected")]
+    BadName(String),
+    /// One step of an atomic write failed (the old file, if any, is intact).
+    #[error("cannot write {path} ({step}): {errno}; the previous content is unchanged", errno = errno_name(source))]
+    Write {
+        /// The target file.
+        path: String,
+        /// The step that failed (`create`, `write`, `fsync`, `rename`, `fsync dir`).
+        step: &'static str,
+        /// The kernel's answer.
+        #[source]
+        source: io::Error,
+    },
+    /// Reading failed.
+    #[error("cannot read {path}: {errno}", errno = errno_name(source))]
+    Read {
+        /// The file.
+        path: String,
+        /// The kernel's answer.
+        #[source]
+        source: io::Error,
+    },
+    /// The config is not UTF-8 text.
+    #[error("{path} is not UTF-8 text: the machine config is TOML")]
+    NotText {
+        /// The file.
+        path: String,
+    },
+}
+
+fn check_name(name: &str) -> Result<(), Error> {
+    if name.is_empty()
+        || name == "."
+        || name == ".."
+        || name.contains('/')
+        || name.contains('\0')
+        || name.contains(TMP_MARKER)
+    {
+        return Err(Error::BadName(name.to_string()));
+    }
+    Ok(())
+}
+
+fn tmp_name(name: &str) -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!(".{name}{TMP_MARKER}{}.{n}", std::process::id())
+}
+
+/// Replace `dir/name` with `data` atomically (mode 0600).
+pub fn write_atomic(dir: &Path, name: &str, data: &[u8]) -> Result<(), Error> {
+    check_name(name)?;
+    let target = dir.join(name);
+    let tmp = dir.join(tmp_name(name));
+    let fail = |step: &'static str| {
+        let path = target.display().to_string();
+        move |source| Error::Write { path, step, source }
+    };
+    let result = (|| {
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(fail("create"))?;
+        file.write_all(data).map_err(fail("write"))?;
+        file.sync_all().map_err(fail("fsync"))?;
+        drop(file);
+        fs::rename(&tmp, &target).map_err(fail("rename"))?;
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+        return result;
+    }
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(fail("fsync dir"))
+}
+
+/// The content of `dir/name`, or `None` when it does not exist.
+pub fn read(dir: &Path, name: &str) -> Result<Option<Vec<u8>>, Error> {
+    check_name(name)?;
+    let path = dir.join(name);
+    match fs::read(&path) {
+        Ok(data) => Ok(Some(data)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(Error::Read {
+            path: path.display().to_string(),
+            source,
+        }),
+    }
+}
+
+/// Remove temporary files left by writes that a crash interrupted; returns their paths.
+pub fn remove_stale(dir: &Path) -> Vec<PathBuf> {
+    let own = format!("{TMP_MARKER}{}.", std::process::id());
+    let mut removed = Vec::new();
+    for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') && name.contains(TMP_MARKER) && !name.contains(&own) {
+            let path = entry.path();
+            if fs::remove_file(&path).is_ok() {
+                removed.push(path);
+            }
+        }
+    }
+    removed
+}
+
+/// Where STATE is mounted on a node.
+pub fn state_dir() -> PathBuf {
+    PathBuf::from(STATE_MOUNT)
+}
+
+/// The last applied machine config in STATE (`dir` is normally [`state_dir`]).
+pub fn read_config(dir: &Path) -> Result<Option<String>, Error> {
+    match read(dir, STATE_CONFIG)? {
+        None => Ok(None),
+        Some(bytes) => String::from_utf8(bytes)
+            .map(Some)
+            .map_err(|_| Error::NotText {
+                path: dir.join(STATE_CONFIG).display().to_string(),
+            }),
+    }
+}
+
+/// Record `text` as the applied machine config, atomically.
+pub fn write_config(dir: &Path, text: &str) -> Result<(), Error> {
+    write_atomic(dir, STATE_CONFIG, text.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    struct Dir(PathBuf);
+
+    impl Dir {
+        fn new(tag: &str) -> io::Result<Dir> {
+            let dir =
+                std::env::temp_dir().join(format!("keelson-state-{tag}-{}", std::process::id()));
+            let _ = fs::remove_dir_all(&dir);
+            fs::create_dir_all(&dir)?;
+            Ok(Dir(dir))
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[test]
+    fn writes_replace_reads_and_leave_no_temporary_file() -> Result<(), Box<dyn std::error::Error>>
+    {
+        let dir = Dir::new("rw")?;
+        assert_eq!(read_config(&dir.0)?, None);
+        write_config(&dir.0, "version = \"v1\"\n")?;
+        write_config(&dir.0, "version = \"v1\"\n# second\n")?;
+        assert_eq!(
+            read_config(&dir.0)?.as_deref(),
+            Some("version = \"v1\"\n# second\n")
+        );
+        let names: Vec<String> = fs::read_dir(&dir.0)?
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, [STATE_CONFIG]);
+        let mode = fs::metadata(dir.0.join(STATE_CONFIG))?.permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        Ok(())
+    }
+
+    #[test]
+    fn a_crash_before_the_rename_leaves_the_old_file_and_a_stale_temp_that_is_cleaned()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let dir = Dir::new("crash")?;
+        write_config(&dir.0, "old\n")?;
+        // What a power cut between write and rename leaves: a partial temporary file
+        // from an earlier boot (another pid).
+        let stale = dir.0.join(format!(".{STATE_CONFIG}{TMP_MARKER}1.0"));
+        fs::write(&stale, "ne")?;
+        assert_eq!(read_config(&dir.0)?.as_deref(), Some("old\n"));
+        assert_eq!(remove_stale(&dir.0), std::slice::from_ref(&stale));
+        assert!(!stale.exists());
+        Ok(())
+    }
+
+    #[test]
+    fn a_failed_write_keeps_the_old_content() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = Dir::new("fail")?;
+        write_config(&dir.0, "old\n")?;
+        // The rename fails when the target is a non-empty directory.
+        fs::create_dir(dir.0.join("blocked"))?;
+        fs::write(dir.0.join("blocked/x"), "")?;
+        let err = write_atomic(&dir.0, "blocked", b"new")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.starts_with(&format!(
+            "cannot write {}/blocked (rename): ",
+            dir.0.display()
+        )));
+        assert!(err.ends_with("the previous content is unchanged"), "{err}");
+        assert_eq!(read_config(&dir.0)?.as_deref(), Some("old\n"));
+        assert!(
+            remove_stale(&dir.0).is_empty(),
+            "the temporary file was removed"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn readers_never_see_a_torn_file() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = Dir::new("torn")?;
+        let a = vec![b'a'; 256 * 1024];
+        let b = vec![b'b'; 300 * 1024];
+        write_atomic(&dir.0, "blob", &a)?;
+        let path = dir.0.clone();
+        let (a2, b2) = (a.clone(), b.clone());
+        let reader = std::thread::spawn(move || -> Result<usize, String> {
+            let mut seen = 0;
+            for _ in 0..400 {
+                let got = fs::read(path.join("blob")).map_err(|e| e.to_string())?;
+                if got != a2 && got != b2 {
+                    return Err(format!("torn read of {} bytes", got.len()));
+                }
+                seen += 1;
+            }
+            Ok(seen)
+        });
+        for i in 0..40 {
+            write_atomic(&dir.0, "blob", if i % 2 == 0 { &b } else { &a })?;
+        }
+        let seen = reader.join().map_err(|_| "reader panicked")??;
+        assert_eq!(seen, 400);
+        Ok(())
+    }
+
+    #[test]
+    fn names_stay_inside_the_directory() {
+        for bad in ["", ".", "..", "a/b", "../config.toml", ".x.tmp.1.2"] {
+            assert!(
+                matches!(
+                    write_atomic(Path::new("/nonexistent"), bad, b""),
+                    Err(Error::BadName(_))
+                ),
+                "{bad}"
+            );
+        }
+    }
+}
