@@ -137,14 +137,16 @@ pub fn bench(ctx: &mut Ctx) -> Result<()> {
 
         let copy_dst = ctx.dir.join("scratch").join("copy.raw");
         std::fs::create_dir_all(ctx.dir.join("scratch"))?;
-        let (mut whole, mut imager, mut to_raw, mut incremental, mut copy) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut whole, mut binaries, mut imager, mut to_raw) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut incremental, mut copy) = (Vec::new(), Vec::new());
         let mut report = None;
         let mut incremental_error = None;
         for n in 1..=runs {
             eprintln!("xtask: bench: {group}: run {n}/{runs}");
             let t = timed_build(&def, arch, &out_dir, &cache, mirror.as_ref())?;
             whole.push(t.binaries + t.imager);
+            binaries.push(t.binaries);
             imager.push(t.imager);
             to_raw.push(t.to_raw);
             report = Some(t.report);
@@ -170,10 +172,12 @@ pub fn bench(ctx: &mut Ctx) -> Result<()> {
                 .map(|f| {
                     f.target(Some(60.0), None).note(
                         "what `cargo xtask image --format raw --format raw.zst --format qcow2` \
-                         does after its own start-up, the cross-compile being a no-op",
+                         does after its own start-up; the cross-compile is a no-op unless \
+                         someone edited init or its dependencies since the previous build",
                     )
                 })
                 .into_iter()
+                .chain(time("warm build: cross-compile of our binaries", &binaries))
                 .chain(time("warm build: imager only, all formats", &imager))
                 .chain(time(
                     "warm build: imager until keelson.raw is written",

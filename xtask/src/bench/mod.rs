@@ -527,7 +527,7 @@ pub fn table(report: &Report) -> String {
             let _ = writeln!(out, "|-{}-|", rule.join("-|-"));
         }
     }
-    let notes: Vec<String> = report
+    let mut notes: Vec<String> = report
         .figures
         .iter()
         .filter_map(|f| {
@@ -536,6 +536,8 @@ pub fn table(report: &Report) -> String {
                 .map(|n| format!("- {} / {}: {n}", f.group, f.name))
         })
         .collect();
+    // A figure shown against two references carries its note once.
+    notes.dedup();
     if !notes.is_empty() {
         let _ = writeln!(out, "\nNotes:\n{}", notes.join("\n"));
     }
