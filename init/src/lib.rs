@@ -17,6 +17,7 @@ pub mod dm;
 pub mod kmods;
 pub mod modules;
 pub mod mounts;
+pub mod netconf;
 pub mod preflight;
 pub mod stage1;
 pub mod stage2;
