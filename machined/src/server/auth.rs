@@ -129,10 +129,40 @@ where
                 // leave a fresh clone in its place (tower's usual clone-and-swap).
                 let clone = self.inner.clone();
                 let mut inner = std::mem::replace(&mut self.inner, clone);
-                Box::pin(inner.call(req))
+                let future = inner.call(req);
+                Box::pin(async move { future.await.map(size_status) })
             }
         }
     }
+}
+
+/// gRPC's status for a message over the size limit is RESOURCE_EXHAUSTED; tonic reports
+/// its decoder's limit as OUT_OF_RANGE. Rewrites that one status, in the headers of a
+/// trailers-only answer or in the trailers.
+fn size_status(resp: http::Response<tonic::body::Body>) -> http::Response<tonic::body::Body> {
+    use http_body_util::BodyExt as _;
+    fn fix(map: &mut http::HeaderMap) {
+        let out_of_range = map
+            .get("grpc-status")
+            .is_some_and(|v| v.as_bytes() == b"11");
+        let too_large = map
+            .get("grpc-message")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|m| m.contains("message%20length%20too%20large"));
+        if out_of_range && too_large {
+            map.insert("grpc-status", http::HeaderValue::from_static("8"));
+        }
+    }
+    let (mut parts, body) = resp.into_parts();
+    fix(&mut parts.headers);
+    let body = body.map_frame(|frame| match frame.into_trailers() {
+        Ok(mut trailers) => {
+            fix(&mut trailers);
+            http_body::Frame::trailers(trailers)
+        }
+        Err(frame) => frame,
+    });
+    http::Response::from_parts(parts, tonic::body::Body::new(body))
 }
 
 #[cfg(test)]
