@@ -10,8 +10,10 @@ use std::fs::{self, File};
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
-/// Default level for disk images: a good ratio at a build-friendly speed.
-pub const DEFAULT_IMAGE_LEVEL: i32 = 19;
+/// Default level for disk images. The image is zeros plus an already-compressed
+/// squashfs, so higher levels buy almost nothing: on the amd64 image level 3 gives
+/// 72.8 MB in 4.3 s, level 15 72.7 MB in 8.9 s, level 19 72.3 MB in over a minute.
+pub const DEFAULT_IMAGE_LEVEL: i32 = 3;
 /// Default level for the initramfs. The kernel's zstd decompressor handles any level
 /// without `--long`/`--ultra` windows; 19 is what Debian's initramfs-tools uses at most.
 pub const DEFAULT_INITRAMFS_LEVEL: i32 = 19;
