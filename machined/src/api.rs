@@ -1,7 +1,7 @@
 //! The node API's wire types and the role every method needs.
 //!
 //! [`proto`] is generated from `machined/proto/machine.proto` by `build.rs` (protox, no
-//! system `protoc`); daemon and client share it. [`required_role`] is the access table:
+//! system `protoc`); daemon and client share it. [`ACCESS`] is the access table:
 //! each method of the service declares the least role allowed to call it, and a method
 //! missing from the table is refused for everyone (a unit test checks that the table
 //! covers the .proto exactly).
