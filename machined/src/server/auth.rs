@@ -39,7 +39,19 @@ pub struct Authorized {
 /// The decision for one request path.
 pub fn decide(peer: &Peer, path: &str) -> Result<Option<Authorized>, Status> {
     let Some(access) = access_for_path(path) else {
-        // Not a method of the node API: the router answers UNIMPLEMENTED.
+        // A method of our service without a row in the access table is refused for
+        // everyone (deny by default); anything else is not ours and the router answers
+        // UNIMPLEMENTED.
+        if path
+            .strip_prefix('/')
+            .and_then(|p| p.strip_prefix(api::SERVICE))
+            .is_some_and(|p| p.starts_with('/'))
+            && api::API_METHODS.contains(&path)
+        {
+            return Err(Status::permission_denied(format!(
+                "{path} declares no role in the node API's access table, so it is refused"
+            )));
+        }
         return Ok(None);
     };
     match peer {
