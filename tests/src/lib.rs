@@ -48,6 +48,7 @@ pub struct Guest {
     no_reboot: bool,
     fw_cfg: Vec<(String, PathBuf)>,
     raw_disk: bool,
+    extra: Vec<String>,
 }
 
 impl Guest {
@@ -60,6 +61,7 @@ impl Guest {
             no_reboot: true,
             fw_cfg: Vec::new(),
             raw_disk: false,
+            extra: Vec::new(),
         }
     }
 
@@ -94,6 +96,12 @@ impl Guest {
         self
     }
 
+    /// More QEMU arguments (a `-netdev tap,...` and its `-device`, say).
+    pub fn qemu_args<S: Into<String>>(mut self, args: impl IntoIterator<Item = S>) -> Guest {
+        self.extra.extend(args.into_iter().map(Into::into));
+        self
+    }
+
     /// Start the VM.
     pub fn boot(self) -> Result<Running> {
         let image = match self.image {
@@ -116,6 +124,7 @@ impl Guest {
         machine.memory_mib = self.memory_mib;
         machine.no_reboot = self.no_reboot;
         machine.fw_cfg = self.fw_cfg;
+        machine.extra = self.extra;
         let mut cmd = machine.command()?;
         cmd.stdout(std::process::Stdio::null());
         cmd.stderr(std::fs::File::create(dir.path().join("qemu.stderr"))?);
