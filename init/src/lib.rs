@@ -10,18 +10,28 @@
 //! reboot.
 
 pub mod blockdev;
+pub mod bootlog;
 pub mod cmdline;
+pub mod config_source;
 pub mod console;
+pub mod control;
 pub mod disks;
 pub mod dm;
+pub mod etc_files;
+pub mod events;
 pub mod kmods;
 pub mod modules;
 pub mod mounts;
 pub mod netconf;
+pub mod network;
+pub mod power_button;
 pub mod preflight;
+pub mod services;
+pub mod shutdown;
 pub mod stage1;
 pub mod stage2;
 pub mod state;
+pub mod supervisor;
 pub mod swap;
 pub mod syscalls;
 pub mod sysctl;
@@ -88,13 +98,16 @@ pub fn fatal(sys: &dyn Syscalls, log: &dyn Log, err: &dyn StdError) -> ! {
     }
 }
 
-/// Install the panic hook: message on the console, sync, restart.
+/// Install the panic hook: message on the console, writable filesystems made read-only,
+/// sync, restart.
 fn install_panic_hook() {
     std::panic::set_hook(Box::new(|info| {
         console::emergency(&format!("panic: {info}"));
         console::emergency(&format!("rebooting in {} s", FATAL_DELAY.as_secs()));
         let sys = Linux;
         sys.sleep(FATAL_DELAY);
+        // Stage 2 has STATE and EPHEMERAL mounted: leave them clean for the next boot.
+        shutdown::emergency_readonly(&sys);
         sys.sync();
         let _ = sys.reboot(RebootHow::Restart);
         loop {

@@ -140,6 +140,20 @@ pub trait Syscalls {
     fn uname(&self) -> Uname;
     /// Sleep (the fake returns at once).
     fn sleep(&self, duration: Duration);
+    /// `umount2(2)`; `detach` is `MNT_DETACH` (lazy: gone from the tree now, released
+    /// when no longer busy).
+    fn unmount(&self, target: &Path, detach: bool) -> io::Result<()>;
+    /// `mount(2)` with `MS_REMOUNT | MS_RDONLY`: make a mounted filesystem read-only
+    /// (an ext4 filesystem is flushed and marked clean, as by an unmount).
+    fn remount_readonly(&self, target: &Path) -> io::Result<()>;
+    /// `kill(-1, sig)`: signal every process but PID 1 (`SIGTERM`, or `SIGKILL` when
+    /// `kill` is set).
+    fn kill_all(&self, kill: bool) -> io::Result<()>;
+    /// `sethostname(2)`.
+    fn sethostname(&self, name: &str) -> io::Result<()>;
+    /// `reboot(LINUX_REBOOT_CMD_CAD_OFF)`: Ctrl-Alt-Del sends `SIGINT` to PID 1 instead of
+    /// restarting the machine at once.
+    fn ctrl_alt_del_to_init(&self) -> io::Result<()>;
     /// `swapoff(2)` of the swap device or file at `path`. (There is deliberately no
     /// `swapon`: nothing in PID 1 may enable swap.)
     fn swapoff(&self, path: &Path) -> io::Result<()>;
@@ -326,6 +340,42 @@ impl Syscalls for Linux {
 
     fn sleep(&self, duration: Duration) {
         std::thread::sleep(duration);
+    }
+
+    fn unmount(&self, target: &Path, detach: bool) -> io::Result<()> {
+        let flags = if detach {
+            rustix::mount::UnmountFlags::DETACH
+        } else {
+            rustix::mount::UnmountFlags::empty()
+        };
+        rustix::mount::unmount(target, flags)?;
+        Ok(())
+    }
+
+    fn remount_readonly(&self, target: &Path) -> io::Result<()> {
+        rustix::mount::mount_remount(target, MountFlags::RDONLY, "")?;
+        Ok(())
+    }
+
+    fn kill_all(&self, kill: bool) -> io::Result<()> {
+        let sig = if kill {
+            rustix::process::Signal::KILL
+        } else {
+            rustix::process::Signal::TERM
+        };
+        // kill(-1, sig): every process we may signal except ourselves.
+        rustix::process::kill_process_group(rustix::process::Pid::INIT, sig)?;
+        Ok(())
+    }
+
+    fn sethostname(&self, name: &str) -> io::Result<()> {
+        rustix::system::sethostname(name.as_bytes())?;
+        Ok(())
+    }
+
+    fn ctrl_alt_del_to_init(&self) -> io::Result<()> {
+        rustix::system::reboot(rustix::system::RebootCommand::CadOff)?;
+        Ok(())
     }
 
     fn swapoff(&self, path: &Path) -> io::Result<()> {
@@ -564,6 +614,11 @@ pub mod fake {
         Reboot(RebootHow),
         Exec(String, Vec<String>),
         Sleep(Duration),
+        Unmount(String, bool),
+        RemountReadOnly(String),
+        KillAll(bool),
+        Sethostname(String),
+        CtrlAltDelToInit,
         Swapoff(String),
         Blkpg {
             disk: String,
@@ -585,6 +640,8 @@ pub mod fake {
         pub module_errors: BTreeMap<PathBuf, i32>,
         /// Errno returned by `mount` per filesystem type.
         pub mount_errors: BTreeMap<String, i32>,
+        /// Errno returned by `unmount` per target.
+        pub unmount_errors: BTreeMap<PathBuf, i32>,
         /// Errno returned by `dm_ioctl` per command number.
         pub dm_errors: BTreeMap<u8, i32>,
         /// Bytes to write back into the buffer of a dm ioctl at the given offset.
@@ -803,6 +860,37 @@ pub mod fake {
 
         fn sleep(&self, duration: Duration) {
             self.record(Call::Sleep(duration));
+        }
+
+        fn unmount(&self, target: &Path, detach: bool) -> io::Result<()> {
+            self.record(Call::Unmount(s(target), detach));
+            match self.unmount_errors.get(target) {
+                Some(errno) => Err(io::Error::from_raw_os_error(*errno)),
+                None => {
+                    self.mount_points.borrow_mut().remove(target);
+                    Ok(())
+                }
+            }
+        }
+
+        fn remount_readonly(&self, target: &Path) -> io::Result<()> {
+            self.record(Call::RemountReadOnly(s(target)));
+            Ok(())
+        }
+
+        fn kill_all(&self, kill: bool) -> io::Result<()> {
+            self.record(Call::KillAll(kill));
+            Ok(())
+        }
+
+        fn sethostname(&self, name: &str) -> io::Result<()> {
+            self.record(Call::Sethostname(name.into()));
+            Ok(())
+        }
+
+        fn ctrl_alt_del_to_init(&self) -> io::Result<()> {
+            self.record(Call::CtrlAltDelToInit);
+            Ok(())
         }
 
         fn swapoff(&self, path: &Path) -> io::Result<()> {

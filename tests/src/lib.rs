@@ -49,6 +49,7 @@ pub struct Guest {
     fw_cfg: Vec<(String, PathBuf)>,
     raw_disk: bool,
     extra: Vec<String>,
+    netns: Option<String>,
 }
 
 impl Guest {
@@ -62,6 +63,7 @@ impl Guest {
             fw_cfg: Vec::new(),
             raw_disk: false,
             extra: Vec::new(),
+            netns: None,
         }
     }
 
@@ -96,9 +98,28 @@ impl Guest {
         self
     }
 
+    /// A virtio network card with this MAC on QEMU's user-mode network, restricted
+    /// (`restrict=on`: the guest reaches nothing outside the VM; it sees 10.0.2.0/24).
+    pub fn nic(mut self, mac: &str) -> Guest {
+        self.extra.extend([
+            "-netdev".to_string(),
+            "user,id=net0,restrict=on".to_string(),
+            "-device".to_string(),
+            format!("virtio-net-pci,netdev=net0,mac={mac}"),
+        ]);
+        self
+    }
+
     /// More QEMU arguments (a `-netdev tap,...` and its `-device`, say).
     pub fn qemu_args<S: Into<String>>(mut self, args: impl IntoIterator<Item = S>) -> Guest {
         self.extra.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// Run QEMU inside this network namespace (`ip netns exec NS qemu...`), where its tap
+    /// devices live, so that guest traffic stays in the namespace.
+    pub fn netns(mut self, name: &str) -> Guest {
+        self.netns = Some(name.to_string());
         self
     }
 
@@ -125,7 +146,27 @@ impl Guest {
         machine.no_reboot = self.no_reboot;
         machine.fw_cfg = self.fw_cfg;
         machine.extra = self.extra;
+        let monitor = dir.path().join("monitor.sock");
+        machine.extra.extend([
+            "-monitor".to_string(),
+            format!("unix:{},server=on,wait=off", monitor.display()),
+        ]);
         let mut cmd = machine.command()?;
+        if let Some(ns) = &self.netns {
+            let mut inside = std::process::Command::new("ip");
+            inside.args(["netns", "exec", ns]).arg(cmd.get_program());
+            inside.args(cmd.get_args());
+            for (key, value) in cmd.get_envs() {
+                match value {
+                    Some(value) => inside.env(key, value),
+                    None => inside.env_remove(key),
+                };
+            }
+            if let Some(cwd) = cmd.get_current_dir() {
+                inside.current_dir(cwd);
+            }
+            cmd = inside;
+        }
         cmd.stdout(std::process::Stdio::null());
         cmd.stderr(std::fs::File::create(dir.path().join("qemu.stderr"))?);
         let child = cmd
@@ -140,6 +181,7 @@ impl Guest {
         Ok(Running {
             child,
             console: machine.console_path(),
+            monitor,
             dir,
             started: Instant::now(),
             accel,
@@ -152,6 +194,7 @@ impl Guest {
 pub struct Running {
     child: Child,
     console: PathBuf,
+    monitor: PathBuf,
     dir: tempfile::TempDir,
     started: Instant,
     accel: Accel,
@@ -217,6 +260,28 @@ impl Running {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// Send one command to the QEMU monitor (`system_powerdown`, `sendkey
+    /// ctrl-alt-delete`) and return what it answered.
+    pub fn monitor(&self, command: &str) -> Result<String> {
+        use std::io::{Read, Write};
+        let mut conn =
+            std::os::unix::net::UnixStream::connect(&self.monitor).with_context(|| {
+                format!("connecting to the QEMU monitor {}", self.monitor.display())
+            })?;
+        conn.set_read_timeout(Some(Duration::from_millis(500)))?;
+        conn.write_all(format!("{command}\n").as_bytes())?;
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 4096];
+        // The monitor prints a banner and prompts; read until it goes quiet.
+        while let Ok(n) = conn.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            answer.extend_from_slice(&buf[..n]);
+        }
+        Ok(String::from_utf8_lossy(&answer).into_owned())
     }
 
     /// Wait for QEMU to exit by itself (guest power-off, or reboot with `-no-reboot`).

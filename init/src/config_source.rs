@@ -1,0 +1,682 @@
+//! Where the machine config comes from, in order, and how it is judged.
+//!
+//! 1. **STATE**: `/system/state/config.toml`, the last config this node applied.
+//! 2. **QEMU fw_cfg**: the entry `opt/keelson/config`
+//!    (`-fw_cfg name=opt/keelson/config,file=node.toml`), read from
+//!    `/sys/firmware/qemu_fw_cfg/by_name/opt/keelson/config/raw` (module `qemu_fw_cfg`).
+//! 3. **A config drive**: a vfat or iso9660 filesystem labelled `cidata`/`CIDATA`
+//!    (NoCloud: the config is its `user-data` file) or `config-2` (OpenStack config
+//!    drive: `openstack/latest/user_data`). Labels are read from the superblocks (no
+//!    blkid, no udev); the filesystem is mounted read-only for the read, then unmounted.
+//! 4. **A URL** on the kernel command line, `keelson.config=http://host/node.toml`,
+//!    fetched once the network is up (plain HTTP/1.1, see [`http_get`]).
+//!
+//! The first source that holds a valid config wins. Every config is checked with
+//! `keelson_configs::check_bytes` in metal mode: one that fails is refused whole, each
+//! error goes to the console, and the next source is tried; when none is valid the node
+//! keeps waiting and says every 30 s how to give it a config ([`waiting_message`]). A
+//! config from fw_cfg, a config drive or a URL that is valid is written to STATE
+//! (atomically), so later boots use it even when the source is gone.
+
+use std::fmt;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use keelson_configs::layout::{self, CMDLINE_CONFIG_URL, FW_CFG_CONFIG};
+use keelson_configs::{MachineConfig, Mode, check_bytes};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::blockdev::BlockDev;
+use crate::console::Log;
+use crate::mounts::ensure_dir;
+use crate::syscalls::{MountFlags, Syscalls, errno_name};
+
+/// Where the kernel publishes fw_cfg entries by name.
+pub const FW_CFG_BY_NAME: &str = "/sys/firmware/qemu_fw_cfg/by_name";
+/// Where a config drive is mounted while it is read.
+pub const DRIVE_MOUNT: &str = "/run/keelson/config-drive";
+/// The largest config accepted from any source.
+pub const MAX_CONFIG: usize = 1024 * 1024;
+/// How often the node says that it waits for a config.
+pub const REMINDER: Duration = Duration::from_secs(30);
+
+/// A place a config can come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// The last applied config in STATE.
+    State,
+    /// QEMU's fw_cfg.
+    FwCfg,
+    /// A NoCloud or config-drive volume.
+    ConfigDrive {
+        /// The device (`/dev/vdb`).
+        device: String,
+        /// Its label (`cidata`, `config-2`).
+        label: String,
+    },
+    /// A URL from the kernel command line.
+    Url(String),
+}
+
+impl Source {
+    /// Whether a config from here is written to STATE once it validates.
+    pub fn persist(&self) -> bool {
+        !matches!(self, Source::State)
+    }
+
+    /// A short name for logs and `info`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Source::State => "state",
+            Source::FwCfg => "fw_cfg",
+            Source::ConfigDrive { .. } => "config-drive",
+            Source::Url(_) => "url",
+        }
+    }
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::State => write!(
+                f,
+                "STATE ({}/{})",
+                layout::STATE_MOUNT,
+                layout::STATE_CONFIG
+            ),
+            Source::FwCfg => write!(f, "fw_cfg {FW_CFG_CONFIG}"),
+            Source::ConfigDrive { device, label } => {
+                write!(f, "config drive {device} ({label})")
+            }
+            Source::Url(url) => write!(f, "URL {url}"),
+        }
+    }
+}
+
+/// The path of the STATE config.
+pub fn state_config_path() -> PathBuf {
+    Path::new(layout::STATE_MOUNT).join(layout::STATE_CONFIG)
+}
+
+/// The path of the fw_cfg config entry's content.
+pub fn fw_cfg_path() -> PathBuf {
+    Path::new(FW_CFG_BY_NAME).join(FW_CFG_CONFIG).join("raw")
+}
+
+/// Check a config from `source`: the config, or one line per error.
+pub fn judge(source: &Source, bytes: &[u8], log: &dyn Log) -> Result<MachineConfig, Vec<String>> {
+    let checked = check_bytes(bytes, &source.to_string(), Mode::Metal);
+    for warning in checked.diagnostics.iter().filter(|d| !d.is_error()) {
+        log.line(&format!("config {warning}"));
+    }
+    checked.config.ok_or_else(|| {
+        checked
+            .diagnostics
+            .iter()
+            .filter(|d| d.is_error())
+            .map(ToString::to_string)
+            .collect()
+    })
+}
+
+/// Log a refused config, one line per error.
+pub fn report_refusal(source: &Source, errors: &[String], log: &dyn Log) {
+    log.line(&format!(
+        "config from {source} refused: {} error{}; nothing of it is applied",
+        errors.len(),
+        if errors.len() == 1 { "" } else { "s" }
+    ));
+    for e in errors {
+        log.line(&format!("config error: {e}"));
+    }
+}
+
+/// A config found and accepted.
+#[derive(Debug, Clone)]
+pub struct Accepted {
+    /// Where it came from.
+    pub source: Source,
+    /// Its text, as found.
+    pub bytes: Vec<u8>,
+    /// The checked config.
+    pub config: MachineConfig,
+}
+
+/// Look at STATE, fw_cfg and config drives in that order; the first valid config wins.
+/// Invalid ones are reported and skipped.
+pub fn find_local(sys: &dyn Syscalls, log: &dyn Log, sysfs: &Path) -> Option<Accepted> {
+    let mut candidates: Vec<(Source, Vec<u8>)> = Vec::new();
+    if let Ok(bytes) = sys.read_file(&state_config_path()) {
+        candidates.push((Source::State, bytes));
+    }
+    if let Some(found) = read_fw_cfg(sys) {
+        candidates.push((Source::FwCfg, found));
+    }
+    for (source, bytes) in candidates {
+        if let Some(accepted) = accept(source, bytes, log) {
+            return Some(accepted);
+        }
+    }
+    // Config drives are mounted to be read: only when nothing before them was valid.
+    for (source, bytes) in read_config_drives(sys, log, sysfs) {
+        if let Some(accepted) = accept(source, bytes, log) {
+            return Some(accepted);
+        }
+    }
+    None
+}
+
+/// Judge one candidate; log what happened.
+pub fn accept(source: Source, bytes: Vec<u8>, log: &dyn Log) -> Option<Accepted> {
+    if bytes.len() > MAX_CONFIG {
+        report_refusal(
+            &source,
+            &[format!(
+                "{} bytes: larger than the {MAX_CONFIG}-byte limit",
+                bytes.len()
+            )],
+            log,
+        );
+        return None;
+    }
+    match judge(&source, &bytes, log) {
+        Ok(config) => {
+            log.line(&format!("config from {source} is valid"));
+            Some(Accepted {
+                source,
+                bytes,
+                config,
+            })
+        }
+        Err(errors) => {
+            report_refusal(&source, &errors, log);
+            None
+        }
+    }
+}
+
+fn read_fw_cfg(sys: &dyn Syscalls) -> Option<Vec<u8>> {
+    sys.read_file(&fw_cfg_path()).ok()
+}
+
+/// Filesystems a config drive may carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DriveFs {
+    /// FAT (`vfat`).
+    Vfat,
+    /// ISO 9660 (`iso9660`).
+    Iso9660,
+}
+
+impl DriveFs {
+    /// The kernel's filesystem type name.
+    pub fn fstype(self) -> &'static str {
+        match self {
+            DriveFs::Vfat => "vfat",
+            DriveFs::Iso9660 => "iso9660",
+        }
+    }
+}
+
+/// Bytes of a device read to find its label (the ISO 9660 primary volume descriptor
+/// ends at 34 KiB).
+pub const LABEL_PROBE: usize = 0x8000 + 2048;
+
+/// The filesystem and label in the first [`LABEL_PROBE`] bytes of a device, for the
+/// two filesystems config drives use.
+pub fn volume_label(head: &[u8]) -> Option<(DriveFs, String)> {
+    let text = |bytes: &[u8]| {
+        String::from_utf8_lossy(bytes)
+            .trim_end_matches([' ', '\0'])
+            .to_string()
+    };
+    // ISO 9660: the primary volume descriptor (type 1, "CD001") at sector 16.
+    if head.len() >= 0x8000 + 72 && &head[0x8001..0x8006] == b"CD001" && head[0x8000] == 1 {
+        return Some((DriveFs::Iso9660, text(&head[0x8028..0x8048])));
+    }
+    // FAT: the boot signature, then the label where FAT32 or FAT12/16 keep it.
+    if head.len() >= 512 && head[510] == 0x55 && head[511] == 0xaa {
+        if &head[0x52..0x57] == b"FAT32" {
+            return Some((DriveFs::Vfat, text(&head[0x47..0x52])));
+        }
+        if &head[0x36..0x39] == b"FAT" {
+            return Some((DriveFs::Vfat, text(&head[0x2b..0x36])));
+        }
+    }
+    None
+}
+
+/// The config file inside a drive with this label, if the label is one we read.
+pub fn drive_config_file(label: &str) -> Option<&'static str> {
+    match label {
+        "cidata" | "CIDATA" => Some("user-data"),
+        "config-2" | "CONFIG-2" => Some("openstack/latest/user_data"),
+        _ => None,
+    }
+}
+
+fn read_head(sys: &dyn Syscalls, dev: &BlockDev) -> Option<Vec<u8>> {
+    let mut reader = sys.open_read(Path::new(&dev.path())).ok()?;
+    let mut head = vec![0u8; LABEL_PROBE];
+    let mut got = 0;
+    while got < head.len() {
+        match reader.read(&mut head[got..]) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got += n,
+        }
+    }
+    head.truncate(got);
+    Some(head)
+}
+
+/// Find config drives among the block devices and read their config file.
+pub fn read_config_drives(
+    sys: &dyn Syscalls,
+    log: &dyn Log,
+    sysfs: &Path,
+) -> Vec<(Source, Vec<u8>)> {
+    let Ok(devs) = crate::blockdev::scan(sysfs) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for dev in devs {
+        // Our own disk's partitions are never config drives.
+        if dev.partname.is_some()
+            || dev.devname.starts_with("dm-")
+            || dev.devname.starts_with("loop")
+        {
+            continue;
+        }
+        let Some(head) = read_head(sys, &dev) else {
+            continue;
+        };
+        let Some((fs, label)) = volume_label(&head) else {
+            continue;
+        };
+        let Some(file) = drive_config_file(&label) else {
+            continue;
+        };
+        let source = Source::ConfigDrive {
+            device: dev.path(),
+            label: label.clone(),
+        };
+        let mount = Path::new(DRIVE_MOUNT);
+        if let Err(e) = ensure_dir(sys, mount, 0o700) {
+            log.line(&format!("cannot create {DRIVE_MOUNT}: {}", errno_name(&e)));
+            continue;
+        }
+        let flags =
+            MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC;
+        if let Err(e) = sys.mount(&dev.path(), mount, fs.fstype(), flags, "") {
+            log.line(&format!(
+                "{source}: cannot mount {} read-only: {}",
+                fs.fstype(),
+                errno_name(&e)
+            ));
+            continue;
+        }
+        match sys.read_file(&mount.join(file)) {
+            Ok(bytes) => out.push((source, bytes)),
+            Err(e) => log.line(&format!("{source} has no {file}: {}", errno_name(&e))),
+        }
+        if let Err(e) = sys.unmount(mount, false) {
+            log.line(&format!("cannot unmount {DRIVE_MOUNT}: {}", errno_name(&e)));
+        }
+    }
+    out
+}
+
+/// The URL on the kernel command line, if any.
+pub fn cmdline_url(cmdline: &str) -> Option<String> {
+    let args = layout::parse_cmdline(cmdline);
+    layout::cmdline_value(&args, CMDLINE_CONFIG_URL)
+        .filter(|v| !v.is_empty())
+        .map(str::to_string)
+}
+
+/// What the console says while the node waits for a config.
+pub fn waiting_message(url: Option<&str>) -> Vec<String> {
+    let mut lines = vec![
+        "waiting for a machine config; give one by any of:".to_string(),
+        format!("  QEMU fw_cfg: -fw_cfg name={FW_CFG_CONFIG},file=node.toml"),
+        "  a NoCloud drive (vfat or iso9660 labelled cidata) with the config as user-data, \
+         or a config-2 drive with openstack/latest/user_data"
+            .to_string(),
+        format!("  the kernel argument {CMDLINE_CONFIG_URL}=http://<host>/<node>.toml"),
+        format!(
+            "  machinectl apply-config --insecure --nodes <this node's address> --file node.toml (port {})",
+            layout::API_PORT
+        ),
+    ];
+    if let Some(url) = url {
+        lines.push(format!(
+            "  (this boot's {CMDLINE_CONFIG_URL}={url} gave no valid config yet)"
+        ));
+    }
+    lines
+}
+
+/// Parts of an `http://host[:port]/path` URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpUrl {
+    /// Host name or address (IPv6 in brackets).
+    pub host: String,
+    /// Port (80 by default).
+    pub port: u16,
+    /// Path with query, starting with `/`.
+    pub path: String,
+}
+
+/// Parse a plain-HTTP URL (HTTPS is refused: PID 1 carries no TLS stack, and the config
+/// says which CA to trust only once it is read).
+pub fn parse_http_url(url: &str) -> Result<HttpUrl, String> {
+    let rest = url.strip_prefix("http://").ok_or_else(|| {
+        format!(
+            "{url}: only http:// URLs are fetched by PID 1 (https needs machined's apply-config)"
+        )
+    })?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    if authority.is_empty() || authority.contains('@') {
+        return Err(format!("{url}: no host, or credentials in the URL"));
+    }
+    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+        let (h, after) = v6
+            .split_once(']')
+            .ok_or_else(|| format!("{url}: unclosed IPv6 address"))?;
+        let port = match after.strip_prefix(':') {
+            Some(p) => p.parse().map_err(|_| format!("{url}: bad port {p:?}"))?,
+            None if after.is_empty() => 80,
+            None => return Err(format!("{url}: junk after the IPv6 address")),
+        };
+        (format!("[{h}]"), port)
+    } else {
+        match authority.rsplit_once(':') {
+            Some((h, p)) => (
+                h.to_string(),
+                p.parse().map_err(|_| format!("{url}: bad port {p:?}"))?,
+            ),
+            None => (authority.to_string(), 80),
+        }
+    };
+    Ok(HttpUrl {
+        host,
+        port,
+        path: path.to_string(),
+    })
+}
+
+/// Split an HTTP/1.x response into status and body; chunked bodies are decoded.
+pub fn parse_http_response(raw: &[u8]) -> Result<Vec<u8>, String> {
+    let end = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or("the answer has no complete header")?;
+    let head = String::from_utf8_lossy(&raw[..end]);
+    let body = &raw[end + 4..];
+    let mut lines = head.lines();
+    let status = lines.next().unwrap_or_default();
+    let code: u16 = status
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("not an HTTP answer: {status:?}"))?;
+    if code != 200 {
+        return Err(format!("the server answered {status:?}"));
+    }
+    let chunked = lines.any(|l| {
+        l.split_once(':').is_some_and(|(k, v)| {
+            k.trim().eq_ignore_ascii_case("transfer-encoding")
+                && v.trim().eq_ignore_ascii_case("chunked")
+        })
+    });
+    if !chunked {
+        return Ok(body.to_vec());
+    }
+    let mut out = Vec::new();
+    let mut rest = body;
+    loop {
+        let line_end = rest
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .ok_or("truncated chunked body")?;
+        let size_text = String::from_utf8_lossy(&rest[..line_end]);
+        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
+            .map_err(|_| format!("bad chunk size {size_text:?}"))?;
+        rest = &rest[line_end + 2..];
+        if size == 0 {
+            return Ok(out);
+        }
+        if rest.len() < size + 2 {
+            return Err("truncated chunked body".into());
+        }
+        out.extend_from_slice(&rest[..size]);
+        rest = &rest[size + 2..];
+    }
+}
+
+/// Fetch `url` with one HTTP/1.1 GET (no TLS, no redirects), within `timeout`.
+pub async fn http_get(url: &str, timeout: Duration) -> Result<Vec<u8>, String> {
+    let parsed = parse_http_url(url)?;
+    let fetch = async {
+        let host = parsed.host.trim_start_matches('[').trim_end_matches(']');
+        let mut stream = tokio::net::TcpStream::connect((host, parsed.port))
+            .await
+            .map_err(|e| format!("cannot connect to {}:{}: {e}", parsed.host, parsed.port))?;
+        let request = format!(
+            "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: keelson-init\r\nAccept: */*\r\nConnection: close\r\n\r\n",
+            parsed.path, parsed.host
+        );
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .map_err(|e| format!("cannot send the request: {e}"))?;
+        let mut raw = Vec::new();
+        (&mut stream)
+            .take((MAX_CONFIG + 64 * 1024) as u64)
+            .read_to_end(&mut raw)
+            .await
+            .map_err(|e| format!("reading the answer: {e}"))?;
+        parse_http_response(&raw)
+    };
+    tokio::time::timeout(timeout, fetch)
+        .await
+        .map_err(|_| format!("no answer within {} s", timeout.as_secs()))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::console::memory::MemoryLog;
+    use crate::syscalls::fake::Fake;
+
+    const VALID: &str = include_str!("../../configs/tests/data/controlplane.toml");
+
+    #[test]
+    fn sources_are_tried_in_order_and_invalid_ones_refused() {
+        let state = state_config_path().display().to_string();
+        let fw = fw_cfg_path().display().to_string();
+        let broken = VALID.replace("mtu = 1500", "mtu = 99999");
+        /// (files present, expected source, expected refusal count)
+        type Case<'a> = (&'a [(&'a str, &'a str)], Option<Source>, usize);
+        let cases: &[Case] = &[
+            (&[(&state, VALID), (&fw, VALID)], Some(Source::State), 0),
+            (&[(&fw, VALID)], Some(Source::FwCfg), 0),
+            (&[(&state, &broken), (&fw, VALID)], Some(Source::FwCfg), 1),
+            (&[(&fw, &broken)], None, 1),
+            (&[(&fw, "version = \"v1\"\n[machine\n")], None, 1),
+            (&[], None, 0),
+        ];
+        for (files, expected, refusals) in cases {
+            let mut fake = Fake::new();
+            for (path, text) in *files {
+                fake = fake.with_file(path, text);
+            }
+            let log = MemoryLog::default();
+            // The fake sysfs has no block devices: no config drive.
+            let found = find_local(&fake, &log, Path::new("/nonexistent-sysfs"));
+            assert_eq!(
+                found.as_ref().map(|a| &a.source),
+                expected.as_ref(),
+                "{:?}",
+                log.lines()
+            );
+            let refused = log.lines().iter().filter(|l| l.contains("refused")).count();
+            assert_eq!(refused, *refusals, "{:?}", log.lines());
+        }
+    }
+
+    #[test]
+    fn a_refusal_names_every_error_with_its_place() {
+        let log = MemoryLog::default();
+        let broken = VALID
+            .replace("mtu = 1500", "mtu = 99999")
+            .replace("hostname = \"cp-1\"", "hostname = \"-bad-\"");
+        assert!(accept(Source::FwCfg, broken.into_bytes(), &log).is_none());
+        let lines = log.lines();
+        assert_eq!(
+            lines[0],
+            "keelson-init: config from fw_cfg opt/keelson/config refused: 2 errors; nothing of it is applied"
+        );
+        assert!(
+            lines[1].starts_with("keelson-init: config error: fw_cfg opt/keelson/config:6:"),
+            "{lines:?}"
+        );
+        assert!(
+            lines[2].contains("machine.network.interfaces[0].mtu"),
+            "{lines:?}"
+        );
+        let huge = vec![b'#'; MAX_CONFIG + 1];
+        assert!(accept(Source::Url("http://x/".into()), huge, &log).is_none());
+    }
+
+    fn fat32_head(label: &[u8; 11]) -> Vec<u8> {
+        let mut head = vec![0u8; LABEL_PROBE];
+        head[0x47..0x52].copy_from_slice(label);
+        head[0x52..0x5a].copy_from_slice(b"FAT32   ");
+        head[510] = 0x55;
+        head[511] = 0xaa;
+        head
+    }
+
+    #[test]
+    fn config_drive_labels_come_from_superblocks() {
+        assert_eq!(
+            volume_label(&fat32_head(b"CIDATA     ")),
+            Some((DriveFs::Vfat, "CIDATA".into()))
+        );
+        let mut fat16 = vec![0u8; 512];
+        fat16[0x2b..0x36].copy_from_slice(b"config-2   ");
+        fat16[0x36..0x3e].copy_from_slice(b"FAT16   ");
+        fat16[510] = 0x55;
+        fat16[511] = 0xaa;
+        assert_eq!(
+            volume_label(&fat16),
+            Some((DriveFs::Vfat, "config-2".into()))
+        );
+        let mut iso = vec![0u8; LABEL_PROBE];
+        iso[0x8000] = 1;
+        iso[0x8001..0x8006].copy_from_slice(b"CD001");
+        iso[0x8028..0x8048].copy_from_slice(b"cidata                          ");
+        assert_eq!(
+            volume_label(&iso),
+            Some((DriveFs::Iso9660, "cidata".into()))
+        );
+        assert_eq!(volume_label(&[0u8; LABEL_PROBE]), None);
+        assert_eq!(volume_label(&[0u8; 10]), None);
+        assert_eq!(drive_config_file("CIDATA"), Some("user-data"));
+        assert_eq!(
+            drive_config_file("config-2"),
+            Some("openstack/latest/user_data")
+        );
+        assert_eq!(drive_config_file("DATA"), None);
+    }
+
+    #[test]
+    fn urls_and_http_answers() {
+        let url = |s: &str| parse_http_url(s).map(|u| (u.host, u.port, u.path));
+        assert_eq!(
+            url("http://10.0.2.2:8080/n.toml"),
+            Ok(("10.0.2.2".into(), 8080, "/n.toml".into()))
+        );
+        assert_eq!(
+            url("http://cfg.example"),
+            Ok(("cfg.example".into(), 80, "/".into()))
+        );
+        assert_eq!(
+            url("http://[fd00::1]:81/a?b=c"),
+            Ok(("[fd00::1]".into(), 81, "/a?b=c".into()))
+        );
+        assert!(url("https://x/").is_err_and(|e| e.contains("only http://")));
+        assert!(url("http://x:port/").is_err());
+        assert!(url("http://user@x/").is_err());
+        assert_eq!(
+            parse_http_response(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc"),
+            Ok(b"abc".to_vec())
+        );
+        assert_eq!(
+            parse_http_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2;x=y\r\nde\r\n0\r\n\r\n"),
+            Ok(b"abcde".to_vec())
+        );
+        assert!(
+            parse_http_response(b"HTTP/1.1 404 Not Found\r\n\r\n")
+                .is_err_and(|e| e.contains("404"))
+        );
+        assert!(parse_http_response(b"garbage").is_err());
+        assert_eq!(
+            cmdline_url("console=ttyS0 keelson.config=http://h/c.toml"),
+            Some("http://h/c.toml".into())
+        );
+        assert_eq!(cmdline_url("console=ttyS0"), None);
+    }
+
+    #[test]
+    fn http_get_fetches_from_a_real_server() -> std::io::Result<()> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            let port = listener.local_addr()?.port();
+            let server = tokio::spawn(async move {
+                if let Ok((mut conn, _)) = listener.accept().await {
+                    let mut req = vec![0u8; 1024];
+                    let n = conn.read(&mut req).await.unwrap_or(0);
+                    let ok = String::from_utf8_lossy(&req[..n])
+                        .starts_with("GET /node.toml HTTP/1.1\r\n");
+                    let answer: &[u8] = if ok {
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
+                    } else {
+                        b"HTTP/1.1 400 Bad Request\r\n\r\n"
+                    };
+                    let _ = conn.write_all(answer).await;
+                }
+            });
+            let got = http_get(
+                &format!("http://127.0.0.1:{port}/node.toml"),
+                Duration::from_secs(5),
+            )
+            .await;
+            assert_eq!(got, Ok(b"hello".to_vec()));
+            let _ = server.await;
+            Ok(())
+        })
+    }
+
+    #[test]
+    fn the_waiting_message_says_every_way() {
+        let text = waiting_message(Some("http://h/x")).join("\n");
+        for needle in [
+            "opt/keelson/config",
+            "cidata",
+            "keelson.config=",
+            "apply-config --insecure",
+            "http://h/x",
+        ] {
+            assert!(text.contains(needle), "{needle}");
+        }
+    }
+}

@@ -1,0 +1,306 @@
+//! The services of a Keelson node and their readiness checks.
+//!
+//! | service | program | depends on | ready when | started |
+//! |---|---|---|---|---|
+//! | `containerd` | `/usr/bin/containerd --config /etc/containerd/config.toml` | | its gRPC server answers an HTTP/2 preface on `/run/containerd/containerd.sock` | at boot |
+//! | `etcd` | `/usr/bin/etcd` | | running | only on request: cluster bootstrap starts it through the control socket |
+//! | `kubelet` | `/var/lib/keelson/bin/kubelet`, else `/usr/bin/kubelet` | `containerd` | running | at boot when its binary exists |
+//! | `machined` | `/usr/sbin/machined` | | running | at boot when its binary exists |
+//!
+//! etcd is registered on control planes only, and not started at boot: the machine
+//! config has no bootstrap request yet (`machinectl bootstrap` will ask for it), and an
+//! etcd started without the cluster's certificates would form a cluster of its own.
+//! The kubelet's flags here are the minimum the runtime needs (cgroupfs driver, the
+//! containerd socket); its KubeletConfiguration is the bootstrap issue's.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use keelson_configs::schema::{MachineConfig, MachineType};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+
+use crate::supervisor::{Readiness, ServiceSpec};
+
+/// containerd's API socket.
+pub const CONTAINERD_SOCKET: &str = "/run/containerd/containerd.sock";
+/// containerd's config file (rendered into the tmpfs `/etc`).
+pub const CONTAINERD_CONFIG: &str = "/etc/containerd/config.toml";
+/// Where a kubelet fetched for the cluster's Kubernetes version is kept.
+pub const KUBELET_FETCHED: &str = "/var/lib/keelson/bin/kubelet";
+/// Where an image that bakes a kubelet in has it.
+pub const KUBELET_IMAGE: &str = "/usr/bin/kubelet";
+/// The node API daemon.
+pub const MACHINED: &str = "/usr/sbin/machined";
+
+/// The environment every service gets.
+pub fn service_env() -> Vec<(String, String)> {
+    vec![
+        ("PATH".into(), "/usr/sbin:/usr/bin".into()),
+        ("HOME".into(), "/root".into()),
+    ]
+}
+
+/// The node's services for `config`; `exists` says whether a program is present.
+/// Services whose program is missing are left out with a line saying so.
+pub fn catalog(
+    config: &MachineConfig,
+    exists: &dyn Fn(&Path) -> bool,
+    note: &mut dyn FnMut(String),
+) -> Vec<ServiceSpec> {
+    let mut out = vec![ServiceSpec {
+        name: "containerd".into(),
+        program: "/usr/bin/containerd".into(),
+        args: vec!["--config".into(), CONTAINERD_CONFIG.into()],
+        env: service_env(),
+        depends_on: Vec::new(),
+        readiness: Readiness::Http2Socket(CONTAINERD_SOCKET.into()),
+        ready_timeout: Duration::from_secs(120),
+        autostart: true,
+        stop_timeout: Duration::from_secs(20),
+    }];
+    if config.machine.kind == MachineType::ControlPlane {
+        let name = config.machine.hostname.as_deref().unwrap_or("keelson");
+        out.push(ServiceSpec {
+            name: "etcd".into(),
+            program: "/usr/bin/etcd".into(),
+            args: vec![
+                format!("--name={name}"),
+                "--data-dir=/var/lib/etcd".into(),
+                "--listen-client-urls=http://127.0.0.1:2379".into(),
+                "--advertise-client-urls=http://127.0.0.1:2379".into(),
+            ],
+            env: service_env(),
+            depends_on: Vec::new(),
+            readiness: Readiness::Started,
+            ready_timeout: Duration::from_secs(60),
+            autostart: false,
+            stop_timeout: Duration::from_secs(30),
+        });
+    }
+    match [KUBELET_FETCHED, KUBELET_IMAGE]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| exists(p))
+    {
+        Some(program) => out.push(ServiceSpec {
+            name: "kubelet".into(),
+            program,
+            args: vec![
+                "--container-runtime-endpoint=unix:///run/containerd/containerd.sock".into(),
+                "--cgroup-driver=cgroupfs".into(),
+            ],
+            env: service_env(),
+            depends_on: vec!["containerd".into()],
+            readiness: Readiness::Started,
+            ready_timeout: Duration::from_secs(60),
+            autostart: true,
+            stop_timeout: Duration::from_secs(30),
+        }),
+        None => note("kubelet: binary not present, not started".into()),
+    }
+    if exists(Path::new(MACHINED)) {
+        out.push(ServiceSpec {
+            name: "machined".into(),
+            program: MACHINED.into(),
+            args: Vec::new(),
+            env: service_env(),
+            depends_on: Vec::new(),
+            readiness: Readiness::Started,
+            ready_timeout: Duration::from_secs(30),
+            autostart: true,
+            stop_timeout: Duration::from_secs(10),
+        });
+    } else {
+        note(format!("machined: {MACHINED} not present, not started"));
+    }
+    out
+}
+
+/// The HTTP/2 client connection preface (RFC 9113 §3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// An empty SETTINGS frame: length 0, type 4, no flags, stream 0.
+const H2_EMPTY_SETTINGS: [u8; 9] = [0, 0, 0, 4, 0, 0, 0, 0, 0];
+/// How long one check may take.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(3);
+/// Pause between two checks.
+const CHECK_INTERVAL: Duration = Duration::from_millis(200);
+
+/// One readiness check.
+pub async fn check(readiness: &Readiness) -> Result<(), String> {
+    match readiness {
+        Readiness::Started => Ok(()),
+        Readiness::UnixSocket(path) => UnixStream::connect(path)
+            .await
+            .map(drop)
+            .map_err(|e| format!("cannot connect to {}: {e}", path.display())),
+        Readiness::Http2Socket(path) => {
+            match tokio::time::timeout(CHECK_TIMEOUT, http2_hello(path)).await {
+                Ok(result) => result,
+                Err(_) => Err(format!(
+                    "{} accepted no HTTP/2 exchange within {} s",
+                    path.display(),
+                    CHECK_TIMEOUT.as_secs()
+                )),
+            }
+        }
+    }
+}
+
+/// Send the HTTP/2 preface and a SETTINGS frame; the server's first frame must be its
+/// SETTINGS (RFC 9113 §3.4), as every gRPC server sends.
+async fn http2_hello(path: &Path) -> Result<(), String> {
+    let mut stream = UnixStream::connect(path)
+        .await
+        .map_err(|e| format!("cannot connect to {}: {e}", path.display()))?;
+    let mut hello = H2_PREFACE.to_vec();
+    hello.extend_from_slice(&H2_EMPTY_SETTINGS);
+    stream
+        .write_all(&hello)
+        .await
+        .map_err(|e| format!("cannot write to {}: {e}", path.display()))?;
+    let mut header = [0u8; 9];
+    stream
+        .read_exact(&mut header)
+        .await
+        .map_err(|e| format!("{} closed without an HTTP/2 answer: {e}", path.display()))?;
+    let stream_id = u32::from_be_bytes([header[5], header[6], header[7], header[8]]) & 0x7fff_ffff;
+    if header[3] == 4 && stream_id == 0 {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} answered with frame type {} on stream {stream_id}, not SETTINGS: not an HTTP/2 server",
+            path.display(),
+            header[3]
+        ))
+    }
+}
+
+/// Check until ready, or until `timeout` has passed (then the last reason is returned).
+pub async fn wait_ready(readiness: &Readiness, timeout: Duration) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let why = match check(readiness).await {
+            Ok(()) => return Ok(()),
+            Err(why) => why,
+        };
+        if tokio::time::Instant::now() >= deadline {
+            return Err(format!("not ready within {} s: {why}", timeout.as_secs()));
+        }
+        tokio::time::sleep(CHECK_INTERVAL).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::UnixListener;
+
+    fn config(text: &str) -> MachineConfig {
+        let checked = keelson_configs::check_str(text, "test.toml", keelson_configs::Mode::Metal);
+        match checked.config {
+            Some(c) => c,
+            None => panic!("test config invalid: {:?}", checked.diagnostics),
+        }
+    }
+
+    pub(crate) fn controlplane() -> MachineConfig {
+        config(include_str!("../../configs/tests/data/controlplane.toml"))
+    }
+
+    #[test]
+    fn the_catalog_follows_the_node_and_its_binaries() {
+        let cfg = controlplane();
+        let mut notes = Vec::new();
+        let none = catalog(&cfg, &|_| false, &mut |n| notes.push(n));
+        let names: Vec<(&str, bool)> = none
+            .iter()
+            .map(|s| (s.name.as_str(), s.autostart))
+            .collect();
+        assert_eq!(names, [("containerd", true), ("etcd", false)]);
+        assert_eq!(
+            notes,
+            [
+                "kubelet: binary not present, not started",
+                "machined: /usr/sbin/machined not present, not started"
+            ]
+        );
+        let all = catalog(&cfg, &|p| p != Path::new(KUBELET_FETCHED), &mut |_| {});
+        let names: Vec<&str> = all.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["containerd", "etcd", "kubelet", "machined"]);
+        assert_eq!(all[2].program, PathBuf::from(KUBELET_IMAGE));
+        assert_eq!(all[2].depends_on, ["containerd"]);
+        assert!(
+            all[2]
+                .args
+                .contains(&"--cgroup-driver=cgroupfs".to_string())
+        );
+        // Workers have no etcd.
+        let mut worker = cfg.clone();
+        worker.machine.kind = MachineType::Worker;
+        assert!(
+            catalog(&worker, &|_| true, &mut |_| {})
+                .iter()
+                .all(|s| s.name != "etcd")
+        );
+    }
+
+    fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    }
+
+    /// A server on a Unix socket that reads what the client sends and answers `reply`.
+    async fn serve_once(listener: UnixListener, reply: &'static [u8]) {
+        if let Ok((mut conn, _)) = listener.accept().await {
+            let mut got = vec![0u8; H2_PREFACE.len() + 9];
+            if conn.read_exact(&mut got).await.is_ok() && got.starts_with(H2_PREFACE) {
+                let _ = conn.write_all(reply).await;
+            }
+        }
+    }
+
+    #[test]
+    fn the_http2_check_wants_a_settings_frame() -> std::io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        runtime()?.block_on(async {
+            let sock = dir.path().join("h2.sock");
+            let missing = check(&Readiness::Http2Socket(sock.clone())).await;
+            assert!(missing.is_err_and(|e| e.starts_with("cannot connect to")));
+
+            // A real server's first frame: SETTINGS with one setting (6 bytes).
+            let settings: &'static [u8] = &[0, 0, 6, 4, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 100];
+            let listener = UnixListener::bind(&sock)?;
+            let server = tokio::spawn(serve_once(listener, settings));
+            assert_eq!(check(&Readiness::Http2Socket(sock.clone())).await, Ok(()));
+            let _ = server.await;
+
+            // Something that speaks HTTP/1.1 is not ready.
+            std::fs::remove_file(&sock)?;
+            let listener = UnixListener::bind(&sock)?;
+            let server = tokio::spawn(serve_once(listener, b"HTTP/1.1 400 Bad Request\r\n\r\n"));
+            let answer = check(&Readiness::Http2Socket(sock.clone())).await;
+            assert!(
+                answer
+                    .as_ref()
+                    .is_err_and(|e| e.contains("not an HTTP/2 server")),
+                "{answer:?}"
+            );
+            let _ = server.await;
+
+            // A plain socket check only needs the connection.
+            let listener = UnixListener::bind(dir.path().join("plain.sock"))?;
+            let plain = Readiness::UnixSocket(dir.path().join("plain.sock"));
+            assert_eq!(check(&plain).await, Ok(()));
+            drop(listener);
+            let late = wait_ready(
+                &Readiness::UnixSocket(dir.path().join("none")),
+                Duration::from_millis(300),
+            )
+            .await;
+            assert!(late.is_err_and(|e| e.starts_with("not ready within 0 s")));
+            Ok(())
+        })
+    }
+}

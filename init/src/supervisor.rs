@@ -1,0 +1,1619 @@
+//! Service supervision: declared dependencies, readiness, restart with exponential
+//! backoff, bounded output capture, ordered stop.
+//!
+//! Two layers:
+//!
+//! - [`Supervisor`] is the state machine, free of I/O: it is told what happened (a
+//!   process was spawned, exited, became ready, a timer fired, an operator asked for a
+//!   start or a stop) with the current time, and answers with [`Action`]s (spawn this
+//!   service, signal that process group, check readiness, wake me in 4 s). Its tests run
+//!   without processes or clocks.
+//! - [`Runner`] carries the actions out on the real system: it spawns with
+//!   `std::process::Command` (each service in its own process group, stdin from
+//!   `/dev/null`, stdout and stderr into one pipe), reads the pipe into the service's
+//!   [`RingBuffer`], runs readiness checks and timers as tasks that report back as
+//!   [`Event`]s, and reaps.
+//!
+//! # Reaping: one owner
+//!
+//! PID 1 inherits every orphan, so it must reap with `waitpid(-1, WNOHANG)` until nothing
+//! is left (on each `SIGCHLD`), and map the pids it gets back to services. Nothing else
+//! in the process may wait for children: tokio's `process` feature is not used (its
+//! reaper would race ours), and `Child` handles from `std::process` are dropped at once,
+//! never waited on. The one place the standard library waits itself, a failed `exec`
+//! inside `Command::spawn`, runs synchronously on our only thread, where the reaper
+//! cannot run in between. [`ReapScope::Own`] (wait only for our own pids) exists for the
+//! host tests, whose test harness shares the process with other tests' children.
+//!
+//! # Restart policy
+//!
+//! A service that exits while it should be running is restarted after
+//! [`Backoff::delay`]: `base`, doubling with each consecutive failure up to `cap`
+//! (1 s, 2 s, 4 s ... 30 s). A run that lasted at least `reset_after` clears the count.
+//! A service whose readiness check fails or times out is stopped and counts as a failure.
+//! Timers are events of the one loop, so a crash-looping service never delays others.
+//!
+//! # Dependencies
+//!
+//! A service starts when every service it depends on is ready; it is stopped before
+//! any of them at shutdown (reverse dependency order): [`Supervisor::shutdown`] stops
+//! the services no running service depends on, and each exit lets the next ones go.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rustix::process::{Pid, Signal, WaitOptions, WaitStatus};
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncReadExt;
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::bootlog::{MAX_LINE, RingBuffer, SERVICE_LOG_BYTES};
+use crate::console::Log;
+use crate::events::{Event, TimerEvent};
+
+/// Index of a service in the supervisor's table.
+pub type ServiceId = usize;
+
+/// How a service tells that it is ready.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Readiness {
+    /// Ready as soon as it is running.
+    Started,
+    /// Ready when its Unix socket accepts a connection.
+    UnixSocket(PathBuf),
+    /// Ready when an HTTP/2 (gRPC) server answers on its Unix socket: the client preface
+    /// and a SETTINGS frame are sent and the server's SETTINGS frame must come back.
+    Http2Socket(PathBuf),
+}
+
+/// What to run and how.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceSpec {
+    /// Its name (`containerd`).
+    pub name: String,
+    /// The program, an absolute path.
+    pub program: PathBuf,
+    /// Arguments after the program name.
+    pub args: Vec<String>,
+    /// The whole environment it gets.
+    pub env: Vec<(String, String)>,
+    /// Services that must be ready before it starts.
+    pub depends_on: Vec<String>,
+    /// How readiness is checked.
+    pub readiness: Readiness,
+    /// Readiness must come within this time of the start.
+    pub ready_timeout: Duration,
+    /// Started at boot; otherwise only on request (control socket).
+    pub autostart: bool,
+    /// Time between `SIGTERM` and `SIGKILL` when it is stopped.
+    pub stop_timeout: Duration,
+}
+
+/// The restart delays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backoff {
+    /// Delay after the first failure.
+    pub base: Duration,
+    /// Longest delay.
+    pub cap: Duration,
+    /// A run at least this long clears the failure count.
+    pub reset_after: Duration,
+}
+
+impl Backoff {
+    /// PID 1's policy: 1 s doubling to 30 s; a minute of running resets it.
+    pub const DEFAULT: Backoff = Backoff {
+        base: Duration::from_secs(1),
+        cap: Duration::from_secs(30),
+        reset_after: Duration::from_secs(60),
+    };
+
+    /// The delay before the restart that follows `failures` consecutive failures (>= 1).
+    pub fn delay(&self, failures: u32) -> Duration {
+        let doublings = failures.saturating_sub(1).min(31);
+        self.base
+            .checked_mul(1u32 << doublings)
+            .map_or(self.cap, |d| d.min(self.cap))
+    }
+}
+
+/// Where a service is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    /// Not running and not wanted.
+    Stopped,
+    /// Wanted, waiting for its dependencies to be ready.
+    Waiting,
+    /// Running, readiness pending.
+    Starting,
+    /// Running and ready.
+    Ready,
+    /// Exited unexpectedly; a restart is scheduled.
+    Backoff,
+    /// Asked to stop (`SIGTERM` sent, `SIGKILL` at the deadline).
+    Stopping,
+}
+
+impl fmt::Display for State {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            State::Stopped => "stopped",
+            State::Waiting => "waiting",
+            State::Starting => "starting",
+            State::Ready => "ready",
+            State::Backoff => "backoff",
+            State::Stopping => "stopping",
+        })
+    }
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitInfo {
+    /// Exit code, when it exited.
+    pub code: Option<i32>,
+    /// Signal number, when a signal killed it.
+    pub signal: Option<i32>,
+}
+
+impl ExitInfo {
+    /// From `waitpid`'s status.
+    pub fn from_wait(status: WaitStatus) -> ExitInfo {
+        ExitInfo {
+            code: status.exit_status(),
+            signal: status.terminating_signal(),
+        }
+    }
+
+    /// Exit status 0.
+    pub fn success(&self) -> bool {
+        self.code == Some(0)
+    }
+}
+
+impl fmt::Display for ExitInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.code, self.signal) {
+            (Some(code), _) => write!(f, "exited with status {code}"),
+            (None, Some(sig)) => write!(f, "killed by signal {sig} ({})", signal_name(sig)),
+            (None, None) => f.write_str("ended"),
+        }
+    }
+}
+
+/// The name of a signal number.
+pub fn signal_name(sig: i32) -> &'static str {
+    match sig {
+        1 => "SIGHUP",
+        2 => "SIGINT",
+        3 => "SIGQUIT",
+        4 => "SIGILL",
+        6 => "SIGABRT",
+        7 => "SIGBUS",
+        8 => "SIGFPE",
+        9 => "SIGKILL",
+        11 => "SIGSEGV",
+        13 => "SIGPIPE",
+        15 => "SIGTERM",
+        _ => "?",
+    }
+}
+
+/// Which signal an action sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopSignal {
+    /// `SIGTERM`: please stop.
+    Term,
+    /// `SIGKILL`: stop now.
+    Kill,
+}
+
+/// A service timer's purpose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimerKind {
+    /// Restart after a backoff delay.
+    Restart,
+    /// `SIGKILL` if the service has not stopped yet.
+    Kill,
+}
+
+/// What the supervisor asks its runner to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Spawn the service now; report with [`Supervisor::spawned`] or
+    /// [`Supervisor::spawn_failed`].
+    Spawn(ServiceId),
+    /// Send a signal to the service's process group.
+    Signal {
+        /// The service.
+        service: ServiceId,
+        /// Its process (and process group) id.
+        pid: u32,
+        /// Which signal.
+        signal: StopSignal,
+    },
+    /// Check readiness until it passes or `timeout` passes; report with
+    /// [`Supervisor::readiness`].
+    CheckReady {
+        /// The service.
+        service: ServiceId,
+        /// The run it is for.
+        generation: u64,
+        /// The check.
+        readiness: Readiness,
+        /// Give up after this long.
+        timeout: Duration,
+    },
+    /// Report [`Supervisor::timer`] after `after`.
+    Timer {
+        /// The service.
+        service: ServiceId,
+        /// The run it is for (stale timers are ignored).
+        generation: u64,
+        /// When.
+        after: Duration,
+        /// Why.
+        kind: TimerKind,
+    },
+}
+
+/// What happens when a stopping service has exited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AfterStop {
+    /// Stay stopped.
+    Nothing,
+    /// Start again (a restart request).
+    Start,
+    /// Count a failure and back off (readiness failed).
+    Backoff,
+}
+
+/// One service and its run-time state.
+#[derive(Debug)]
+struct Service {
+    spec: ServiceSpec,
+    state: State,
+    pid: Option<u32>,
+    generation: u64,
+    started_at: Option<Instant>,
+    failures: u32,
+    restarts: u32,
+    last_exit: Option<ExitInfo>,
+    after_stop: AfterStop,
+    output: RingBuffer,
+}
+
+/// A service's status, as the control socket reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceStatus {
+    /// Name.
+    pub name: String,
+    /// State.
+    pub state: State,
+    /// Process id while running.
+    pub pid: Option<u32>,
+    /// Restarts after unexpected exits.
+    pub restarts: u32,
+    /// How the last run ended.
+    pub last_exit: Option<ExitInfo>,
+    /// Dependencies.
+    pub depends_on: Vec<String>,
+    /// Started at boot.
+    pub autostart: bool,
+}
+
+/// Errors of requests naming services, and of spawning them.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Error {
+    /// No service has that name.
+    #[error("no service named {name:?} (known: {known})")]
+    Unknown {
+        /// The name asked for.
+        name: String,
+        /// The names there are.
+        known: String,
+    },
+    /// The machine is shutting down.
+    #[error("the node is shutting down: services are not started any more")]
+    ShuttingDown,
+    /// The program to spawn is not there.
+    #[error("{program} does not exist")]
+    Missing {
+        /// The program.
+        program: String,
+    },
+    /// The output pipe could not be made.
+    #[error("cannot create its output pipe: {0}")]
+    Pipe(String),
+    /// `fork`/`exec` failed.
+    #[error("cannot run {program}: {reason}")]
+    Exec {
+        /// The program.
+        program: String,
+        /// The kernel's answer.
+        reason: String,
+    },
+}
+
+/// The state machine over every service.
+#[derive(Debug)]
+pub struct Supervisor {
+    services: Vec<Service>,
+    backoff: Backoff,
+    shutting_down: bool,
+}
+
+impl Supervisor {
+    /// A supervisor over `specs` (dependencies on unknown names are ignored, with the
+    /// rest of the spec kept), none started yet.
+    pub fn new(specs: Vec<ServiceSpec>, backoff: Backoff) -> Supervisor {
+        Supervisor {
+            services: specs
+                .into_iter()
+                .map(|spec| Service {
+                    spec,
+                    state: State::Stopped,
+                    pid: None,
+                    generation: 0,
+                    started_at: None,
+                    failures: 0,
+                    restarts: 0,
+                    last_exit: None,
+                    after_stop: AfterStop::Nothing,
+                    output: RingBuffer::new(SERVICE_LOG_BYTES),
+                })
+                .collect(),
+            backoff,
+            shutting_down: false,
+        }
+    }
+
+    /// The id of the service named `name`.
+    pub fn id(&self, name: &str) -> Result<ServiceId, Error> {
+        self.services
+            .iter()
+            .position(|s| s.spec.name == name)
+            .ok_or_else(|| Error::Unknown {
+                name: name.to_string(),
+                known: self
+                    .services
+                    .iter()
+                    .map(|s| s.spec.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
+    }
+
+    /// The spec of a service.
+    pub fn spec(&self, id: ServiceId) -> &ServiceSpec {
+        &self.services[id].spec
+    }
+
+    /// The name of a service.
+    pub fn name(&self, id: ServiceId) -> &str {
+        &self.services[id].spec.name
+    }
+
+    /// The state of a service.
+    pub fn state(&self, id: ServiceId) -> State {
+        self.services[id].state
+    }
+
+    /// Every service's status, in table order.
+    pub fn statuses(&self) -> Vec<ServiceStatus> {
+        self.services
+            .iter()
+            .map(|s| ServiceStatus {
+                name: s.spec.name.clone(),
+                state: s.state,
+                pid: s.pid,
+                restarts: s.restarts,
+                last_exit: s.last_exit,
+                depends_on: s.spec.depends_on.clone(),
+                autostart: s.spec.autostart,
+            })
+            .collect()
+    }
+
+    /// The last `n` lines a service printed.
+    pub fn output_tail(&self, id: ServiceId, n: usize) -> Vec<String> {
+        self.services[id].output.tail(n)
+    }
+
+    /// Keep a line the service printed.
+    pub fn record_output(&mut self, id: ServiceId, line: &str) {
+        if let Some(s) = self.services.get_mut(id) {
+            s.output.push(line);
+        }
+    }
+
+    /// The service running as `pid`.
+    pub fn by_pid(&self, pid: u32) -> Option<ServiceId> {
+        self.services.iter().position(|s| s.pid == Some(pid))
+    }
+
+    /// Whether the shutdown has begun and every service is down.
+    pub fn all_stopped(&self) -> bool {
+        self.services.iter().all(|s| s.pid.is_none())
+    }
+
+    /// Whether a shutdown has begun.
+    pub fn shutting_down(&self) -> bool {
+        self.shutting_down
+    }
+
+    fn deps_ready(&self, id: ServiceId) -> bool {
+        self.services[id].spec.depends_on.iter().all(|dep| {
+            match self.services.iter().find(|s| &s.spec.name == dep) {
+                Some(s) => s.state == State::Ready,
+                // Unknown dependency (a service not registered on this node): no wait.
+                None => true,
+            }
+        })
+    }
+
+    /// Start every autostart service (those whose dependencies are not ready wait).
+    pub fn start_autostart(&mut self, log: &dyn Log) -> Vec<Action> {
+        let mut actions = Vec::new();
+        for id in 0..self.services.len() {
+            if self.services[id].spec.autostart {
+                actions.extend(self.want(id, log));
+            }
+        }
+        actions
+    }
+
+    /// An operator's start request.
+    pub fn start(&mut self, name: &str, log: &dyn Log) -> Result<Vec<Action>, Error> {
+        if self.shutting_down {
+            return Err(Error::ShuttingDown);
+        }
+        let id = self.id(name)?;
+        Ok(self.want(id, log))
+    }
+
+    /// An operator's stop request.
+    pub fn stop(&mut self, name: &str, log: &dyn Log) -> Result<Vec<Action>, Error> {
+        let id = self.id(name)?;
+        Ok(self.stop_id(id, AfterStop::Nothing, log))
+    }
+
+    /// An operator's restart request: stop (if running), then start.
+    pub fn restart(&mut self, name: &str, log: &dyn Log) -> Result<Vec<Action>, Error> {
+        if self.shutting_down {
+            return Err(Error::ShuttingDown);
+        }
+        let id = self.id(name)?;
+        if self.services[id].pid.is_some() {
+            Ok(self.stop_id(id, AfterStop::Start, log))
+        } else {
+            self.services[id].failures = 0;
+            Ok(self.want(id, log))
+        }
+    }
+
+    /// Make a service wanted: start it now if its dependencies are ready, else wait.
+    fn want(&mut self, id: ServiceId, log: &dyn Log) -> Vec<Action> {
+        match self.services[id].state {
+            State::Stopped | State::Backoff => {}
+            // Running, starting, stopping or already waiting: nothing to add.
+            _ => return Vec::new(),
+        }
+        // A pending restart timer of the old run must not fire into the new one.
+        self.services[id].generation += 1;
+        if self.deps_ready(id) {
+            vec![Action::Spawn(id)]
+        } else {
+            let waiting_for: Vec<&str> = self.services[id]
+                .spec
+                .depends_on
+                .iter()
+                .map(String::as_str)
+                .filter(|d| {
+                    self.services
+                        .iter()
+                        .any(|s| s.spec.name == *d && s.state != State::Ready)
+                })
+                .collect();
+            log.line(&format!(
+                "service {} waiting for {}",
+                self.services[id].spec.name,
+                waiting_for.join(", ")
+            ));
+            self.services[id].state = State::Waiting;
+            Vec::new()
+        }
+    }
+
+    fn stop_id(&mut self, id: ServiceId, after: AfterStop, log: &dyn Log) -> Vec<Action> {
+        let service = &mut self.services[id];
+        match (service.state, service.pid) {
+            (State::Stopping, _) => {
+                if after != AfterStop::Nothing || service.after_stop == AfterStop::Start {
+                    service.after_stop = after;
+                }
+                Vec::new()
+            }
+            (_, Some(pid)) => {
+                service.state = State::Stopping;
+                service.after_stop = after;
+                log.line(&format!("service {} stopping (SIGTERM)", service.spec.name));
+                vec![
+                    Action::Signal {
+                        service: id,
+                        pid,
+                        signal: StopSignal::Term,
+                    },
+                    Action::Timer {
+                        service: id,
+                        generation: service.generation,
+                        after: service.spec.stop_timeout,
+                        kind: TimerKind::Kill,
+                    },
+                ]
+            }
+            (State::Stopped, None) => Vec::new(),
+            (_, None) => {
+                // Waiting or backing off: nothing runs; forget the pending start.
+                service.generation += 1;
+                service.state = State::Stopped;
+                log.line(&format!("service {} stopped", service.spec.name));
+                Vec::new()
+            }
+        }
+    }
+
+    /// The runner spawned the service as `pid`.
+    pub fn spawned(&mut self, id: ServiceId, pid: u32, now: Instant, log: &dyn Log) -> Vec<Action> {
+        let service = &mut self.services[id];
+        service.generation += 1;
+        service.pid = Some(pid);
+        service.started_at = Some(now);
+        service.state = State::Starting;
+        log.line(&format!(
+            "service {} started (pid {pid})",
+            service.spec.name
+        ));
+        match &service.spec.readiness {
+            Readiness::Started => self.became_ready(id, log),
+            readiness => vec![Action::CheckReady {
+                service: id,
+                generation: service.generation,
+                readiness: readiness.clone(),
+                timeout: service.spec.ready_timeout,
+            }],
+        }
+    }
+
+    /// The runner could not spawn the service: a failure like an exit.
+    pub fn spawn_failed(&mut self, id: ServiceId, why: &str, log: &dyn Log) -> Vec<Action> {
+        log.line(&format!(
+            "service {} failed to start: {why}",
+            self.services[id].spec.name
+        ));
+        self.failed(id, log)
+    }
+
+    fn became_ready(&mut self, id: ServiceId, log: &dyn Log) -> Vec<Action> {
+        self.services[id].state = State::Ready;
+        log.line(&format!("service {} ready", self.services[id].spec.name));
+        // Dependents that were waiting may go now.
+        let mut actions = Vec::new();
+        for other in 0..self.services.len() {
+            if self.services[other].state == State::Waiting && self.deps_ready(other) {
+                self.services[other].state = State::Stopped;
+                actions.extend(self.want(other, log));
+            }
+        }
+        actions
+    }
+
+    /// A readiness check finished for run `generation`.
+    pub fn readiness(
+        &mut self,
+        id: ServiceId,
+        generation: u64,
+        result: Result<(), String>,
+        log: &dyn Log,
+    ) -> Vec<Action> {
+        let service = &self.services[id];
+        if service.generation != generation || service.state != State::Starting {
+            return Vec::new();
+        }
+        match result {
+            Ok(()) => self.became_ready(id, log),
+            Err(why) => {
+                log.line(&format!(
+                    "service {} not ready: {why}; stopping it to restart",
+                    service.spec.name
+                ));
+                self.stop_id(id, AfterStop::Backoff, log)
+            }
+        }
+    }
+
+    /// A timer fired.
+    pub fn timer(
+        &mut self,
+        id: ServiceId,
+        generation: u64,
+        kind: TimerKind,
+        log: &dyn Log,
+    ) -> Vec<Action> {
+        let service = &self.services[id];
+        if service.generation != generation {
+            return Vec::new();
+        }
+        match (kind, service.state, service.pid) {
+            (TimerKind::Restart, State::Backoff, None) if !self.shutting_down => {
+                let service = &mut self.services[id];
+                service.restarts += 1;
+                service.state = State::Stopped;
+                log.line(&format!(
+                    "service {} restarting (restart {})",
+                    service.spec.name, service.restarts
+                ));
+                self.want(id, log)
+            }
+            (TimerKind::Kill, State::Stopping, Some(pid)) => {
+                log.line(&format!(
+                    "service {} did not stop within {} s: SIGKILL",
+                    service.spec.name,
+                    service.spec.stop_timeout.as_secs_f64()
+                ));
+                vec![Action::Signal {
+                    service: id,
+                    pid,
+                    signal: StopSignal::Kill,
+                }]
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// A child was reaped. Returns `None` when `pid` is no service's (an orphan).
+    pub fn exited(
+        &mut self,
+        pid: u32,
+        exit: ExitInfo,
+        now: Instant,
+        log: &dyn Log,
+    ) -> Option<Vec<Action>> {
+        let id = self.by_pid(pid)?;
+        let service = &mut self.services[id];
+        service.pid = None;
+        service.last_exit = Some(exit);
+        let ran = service
+            .started_at
+            .map(|t| now.saturating_duration_since(t))
+            .unwrap_or_default();
+        let was = service.state;
+        let after = std::mem::replace(&mut service.after_stop, AfterStop::Nothing);
+        if was == State::Stopping || self.shutting_down {
+            service.state = State::Stopped;
+            log.line(&format!("service {} stopped ({exit})", service.spec.name));
+            let mut actions = match after {
+                AfterStop::Start if !self.shutting_down => {
+                    self.services[id].failures = 0;
+                    self.want(id, log)
+                }
+                AfterStop::Backoff if !self.shutting_down => self.failed(id, log),
+                _ => Vec::new(),
+            };
+            if self.shutting_down {
+                actions.extend(self.advance_shutdown(log));
+            }
+            return Some(actions);
+        }
+        if ran >= self.backoff.reset_after {
+            service.failures = 0;
+        }
+        log.line(&format!(
+            "service {} {exit} after {:.1} s",
+            service.spec.name,
+            ran.as_secs_f64()
+        ));
+        Some(self.failed(id, log))
+    }
+
+    /// Count a failure and schedule the restart.
+    fn failed(&mut self, id: ServiceId, log: &dyn Log) -> Vec<Action> {
+        let service = &mut self.services[id];
+        service.failures = service.failures.saturating_add(1);
+        service.state = State::Backoff;
+        service.generation += 1;
+        let delay = self.backoff.delay(service.failures);
+        log.line(&format!(
+            "service {} restarts in {:.1} s (failure {})",
+            service.spec.name,
+            delay.as_secs_f64(),
+            service.failures
+        ));
+        vec![Action::Timer {
+            service: id,
+            generation: service.generation,
+            after: delay,
+            kind: TimerKind::Restart,
+        }]
+    }
+
+    /// Begin the shutdown: nothing starts any more, and services stop in reverse
+    /// dependency order. Call [`Supervisor::all_stopped`] to know when it is done.
+    pub fn shutdown(&mut self, log: &dyn Log) -> Vec<Action> {
+        self.shutting_down = true;
+        for id in 0..self.services.len() {
+            let s = &mut self.services[id];
+            if s.pid.is_none() && s.state != State::Stopped {
+                s.generation += 1;
+                s.state = State::Stopped;
+            }
+        }
+        self.advance_shutdown(log)
+    }
+
+    /// Stop the running services that no running service depends on.
+    fn advance_shutdown(&mut self, log: &dyn Log) -> Vec<Action> {
+        let mut actions = Vec::new();
+        for id in 0..self.services.len() {
+            let s = &self.services[id];
+            if s.pid.is_none() || s.state == State::Stopping {
+                continue;
+            }
+            let name = &s.spec.name;
+            let has_running_dependent = self
+                .services
+                .iter()
+                .any(|d| d.pid.is_some() && d.spec.depends_on.contains(name));
+            if !has_running_dependent {
+                actions.extend(self.stop_id(id, AfterStop::Nothing, log));
+            }
+        }
+        actions
+    }
+}
+
+/// Which children [`reap`] waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReapScope {
+    /// Every child (`waitpid(-1)`): PID 1, which inherits orphans.
+    Any,
+    /// Only the services' own pids: host tests sharing a process with other tests.
+    Own,
+}
+
+/// Reap exited children without blocking until none is left: `(pid, how it ended)`.
+pub fn reap(scope: ReapScope, own: &[u32]) -> Vec<(u32, ExitInfo)> {
+    match scope {
+        ReapScope::Any => reap_any().0,
+        ReapScope::Own => own
+            .iter()
+            .filter_map(|&pid| {
+                let p = Pid::from_raw(pid as i32)?;
+                match rustix::process::waitpid(Some(p), WaitOptions::NOHANG) {
+                    Ok(Some((_, status))) => Some((pid, ExitInfo::from_wait(status))),
+                    _ => None,
+                }
+            })
+            .collect(),
+    }
+}
+
+/// Reap every exited child (`waitpid(-1, WNOHANG)` until nothing is left) and say
+/// whether any child is still alive (false once the kernel answers ECHILD).
+pub fn reap_any() -> (Vec<(u32, ExitInfo)>, bool) {
+    let mut out = Vec::new();
+    loop {
+        match rustix::process::wait(WaitOptions::NOHANG) {
+            Ok(Some((pid, status))) => {
+                out.push((
+                    pid.as_raw_nonzero().get() as u32,
+                    ExitInfo::from_wait(status),
+                ));
+            }
+            Ok(None) => return (out, true),
+            Err(_) => return (out, false),
+        }
+    }
+}
+
+/// Carries the supervisor's actions out: processes, pipes, timers and readiness tasks.
+/// Must run inside a tokio runtime (it spawns tasks that report back through `events`).
+#[derive(Debug)]
+pub struct Runner {
+    /// The state machine.
+    pub supervisor: Supervisor,
+    events: UnboundedSender<Event>,
+    scope: ReapScope,
+}
+
+impl Runner {
+    /// A runner reporting to `events`.
+    pub fn new(supervisor: Supervisor, events: UnboundedSender<Event>, scope: ReapScope) -> Runner {
+        Runner {
+            supervisor,
+            events,
+            scope,
+        }
+    }
+
+    /// Carry out `actions` (and those they lead to).
+    pub fn apply(&mut self, actions: Vec<Action>, log: &dyn Log) {
+        let mut queue = std::collections::VecDeque::from(actions);
+        while let Some(action) = queue.pop_front() {
+            match action {
+                Action::Spawn(id) => {
+                    let more = match spawn(self.supervisor.spec(id)) {
+                        Ok((pid, output)) => {
+                            self.read_output(id, output);
+                            self.supervisor.spawned(id, pid, Instant::now(), log)
+                        }
+                        Err(e) => self.supervisor.spawn_failed(id, &e.to_string(), log),
+                    };
+                    queue.extend(more);
+                }
+                Action::Signal { pid, signal, .. } => {
+                    let sig = match signal {
+                        StopSignal::Term => Signal::TERM,
+                        StopSignal::Kill => Signal::KILL,
+                    };
+                    if let Some(p) = Pid::from_raw(pid as i32) {
+                        // The service's whole process group; its leader if the group is gone.
+                        if rustix::process::kill_process_group(p, sig).is_err() {
+                            let _ = rustix::process::kill_process(p, sig);
+                        }
+                    }
+                }
+                Action::CheckReady {
+                    service,
+                    generation,
+                    readiness,
+                    timeout,
+                } => {
+                    let events = self.events.clone();
+                    tokio::spawn(async move {
+                        let result = crate::services::wait_ready(&readiness, timeout).await;
+                        let _ = events.send(Event::Ready {
+                            service,
+                            generation,
+                            result,
+                        });
+                    });
+                }
+                Action::Timer {
+                    service,
+                    generation,
+                    after,
+                    kind,
+                } => {
+                    let events = self.events.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(after).await;
+                        let _ = events.send(Event::Timer(TimerEvent::Service {
+                            service,
+                            generation,
+                            kind,
+                        }));
+                    });
+                }
+            }
+        }
+    }
+
+    /// Reap children and tell the supervisor; returns the orphans reaped (not services).
+    pub fn reap(&mut self, log: &dyn Log) -> Vec<(u32, ExitInfo)> {
+        let own: Vec<u32> = self
+            .supervisor
+            .statuses()
+            .iter()
+            .filter_map(|s| s.pid)
+            .collect();
+        let mut orphans = Vec::new();
+        for (pid, exit) in reap(self.scope, &own) {
+            match self.supervisor.exited(pid, exit, Instant::now(), log) {
+                Some(actions) => self.apply(actions, log),
+                None => orphans.push((pid, exit)),
+            }
+        }
+        orphans
+    }
+
+    /// Route a supervision event; other events are returned untouched.
+    pub fn handle(&mut self, event: Event, log: &dyn Log) -> Option<Event> {
+        match event {
+            Event::Output { service, line } => {
+                self.supervisor.record_output(service, &line);
+                None
+            }
+            Event::Ready {
+                service,
+                generation,
+                result,
+            } => {
+                let actions = self.supervisor.readiness(service, generation, result, log);
+                self.apply(actions, log);
+                None
+            }
+            Event::Timer(TimerEvent::Service {
+                service,
+                generation,
+                kind,
+            }) => {
+                let actions = self.supervisor.timer(service, generation, kind, log);
+                self.apply(actions, log);
+                None
+            }
+            other => Some(other),
+        }
+    }
+
+    /// Read a service's output pipe into events, one per line.
+    fn read_output(&self, service: ServiceId, fd: OwnedFd) {
+        let events = self.events.clone();
+        let Ok(mut pipe) = tokio::net::unix::pipe::Receiver::from_owned_fd(fd) else {
+            return;
+        };
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 8192];
+            let mut line: Vec<u8> = Vec::new();
+            let send = |line: &mut Vec<u8>| {
+                let text = String::from_utf8_lossy(line)
+                    .trim_end_matches('\r')
+                    .to_string();
+                line.clear();
+                events.send(Event::Output {
+                    service,
+                    line: text,
+                })
+            };
+            loop {
+                let n = match pipe.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                for &b in &buf[..n] {
+                    if b == b'\n' {
+                        if send(&mut line).is_err() {
+                            return;
+                        }
+                    } else {
+                        line.push(b);
+                        if line.len() >= MAX_LINE && send(&mut line).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+            if !line.is_empty() {
+                let _ = send(&mut line);
+            }
+        });
+    }
+}
+
+/// Spawn a service: its own process group, stdin `/dev/null`, stdout and stderr into one
+/// pipe whose read end is returned. The `Child` handle is dropped: [`reap`] collects it.
+pub fn spawn(spec: &ServiceSpec) -> Result<(u32, OwnedFd), Error> {
+    let program = spec.program.display().to_string();
+    // Checked first so that `Command::spawn` never reaches its failed-exec wait.
+    if !spec.program.is_file() {
+        return Err(Error::Missing { program });
+    }
+    let (read, write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+        .map_err(|e| Error::Pipe(e.to_string()))?;
+    let write2 = write.try_clone().map_err(|e| Error::Pipe(e.to_string()))?;
+    let env: BTreeMap<&str, &str> = spec
+        .env
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let mut cmd = Command::new(&spec.program);
+    cmd.args(&spec.args)
+        .env_clear()
+        .envs(env)
+        .current_dir("/")
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(write))
+        .stderr(Stdio::from(write2));
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    let child = cmd.spawn().map_err(|e| Error::Exec {
+        program,
+        reason: e.to_string(),
+    })?;
+    // `cmd` holds the pipe's write ends until it is dropped: drop it so that the reader
+    // sees end-of-file when the service's last process closes its copy.
+    drop(cmd);
+    Ok((child.id(), read))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::console::memory::MemoryLog;
+
+    fn spec(name: &str, deps: &[&str], readiness: Readiness) -> ServiceSpec {
+        ServiceSpec {
+            name: name.into(),
+            program: format!("/usr/bin/{name}").into(),
+            args: Vec::new(),
+            env: Vec::new(),
+            depends_on: deps.iter().map(|d| d.to_string()).collect(),
+            readiness,
+            ready_timeout: Duration::from_secs(60),
+            autostart: true,
+            stop_timeout: Duration::from_secs(10),
+        }
+    }
+
+    fn sock(path: &str) -> Readiness {
+        Readiness::Http2Socket(path.into())
+    }
+
+    /// containerd <- kubelet; machined on its own; etcd registered, not started.
+    fn node() -> Supervisor {
+        let mut etcd = spec("etcd", &[], Readiness::Started);
+        etcd.autostart = false;
+        Supervisor::new(
+            vec![
+                spec("containerd", &[], sock("/run/containerd/containerd.sock")),
+                etcd,
+                spec("kubelet", &["containerd"], Readiness::Started),
+                spec("machined", &[], Readiness::Started),
+            ],
+            Backoff::DEFAULT,
+        )
+    }
+
+    #[test]
+    fn the_backoff_doubles_to_its_cap() {
+        let b = Backoff::DEFAULT;
+        let delays: Vec<u64> = (1..=8).map(|n| b.delay(n).as_secs()).collect();
+        assert_eq!(delays, [1, 2, 4, 8, 16, 30, 30, 30]);
+        // No overflow, however many failures.
+        assert_eq!(b.delay(u32::MAX), b.cap);
+    }
+
+    #[test]
+    fn dependents_start_when_their_dependency_is_ready() {
+        let log = MemoryLog::default();
+        let mut sup = node();
+        let t0 = Instant::now();
+        let actions = sup.start_autostart(&log);
+        // containerd and machined now; kubelet waits; etcd is not autostarted.
+        assert_eq!(actions, [Action::Spawn(0), Action::Spawn(3)]);
+        assert_eq!(sup.state(2), State::Waiting);
+        assert_eq!(sup.state(1), State::Stopped);
+        let check = sup.spawned(0, 100, t0, &log);
+        assert!(matches!(
+            check.as_slice(),
+            [Action::CheckReady {
+                service: 0,
+                generation: 2,
+                ..
+            }]
+        ));
+        assert_eq!(sup.spawned(3, 101, t0, &log), []);
+        assert_eq!(sup.state(3), State::Ready);
+        // A stale readiness answer (an older run) changes nothing.
+        assert_eq!(sup.readiness(0, 1, Ok(()), &log), []);
+        assert_eq!(sup.state(2), State::Waiting);
+        assert_eq!(sup.readiness(0, 2, Ok(()), &log), [Action::Spawn(2)]);
+        assert_eq!(
+            log.lines(),
+            [
+                "keelson-init: service kubelet waiting for containerd",
+                "keelson-init: service containerd started (pid 100)",
+                "keelson-init: service machined started (pid 101)",
+                "keelson-init: service machined ready",
+                "keelson-init: service containerd ready",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_crashing_service_backs_off_to_the_cap_and_a_long_run_resets_it() {
+        let log = MemoryLog::default();
+        let mut sup = node();
+        let mut now = Instant::now();
+        let mut delays = Vec::new();
+        sup.start_autostart(&log);
+        let mut pid = 200;
+        sup.spawned(3, pid, now, &log);
+        for _ in 0..7 {
+            now += Duration::from_millis(10);
+            let actions = sup.exited(
+                pid,
+                ExitInfo {
+                    code: Some(1),
+                    signal: None,
+                },
+                now,
+                &log,
+            );
+            let Some(
+                [
+                    Action::Timer {
+                        generation,
+                        after,
+                        kind: TimerKind::Restart,
+                        ..
+                    },
+                ],
+            ) = actions.as_deref()
+            else {
+                panic!("expected a restart timer, got {actions:?}");
+            };
+            delays.push(after.as_secs());
+            assert_eq!(sup.state(3), State::Backoff);
+            assert_eq!(
+                sup.timer(3, *generation, TimerKind::Restart, &log),
+                [Action::Spawn(3)]
+            );
+            pid += 1;
+            sup.spawned(3, pid, now, &log);
+        }
+        assert_eq!(delays, [1, 2, 4, 8, 16, 30, 30]);
+        assert_eq!(sup.statuses()[3].restarts, 7);
+        // A run longer than reset_after starts the count again.
+        now += Duration::from_secs(61);
+        let actions = sup.exited(
+            pid,
+            ExitInfo {
+                code: None,
+                signal: Some(9),
+            },
+            now,
+            &log,
+        );
+        assert!(matches!(
+            actions.as_deref(),
+            Some([Action::Timer { after, .. }]) if *after == Duration::from_secs(1)
+        ));
+        assert!(log.lines().contains(
+            &"keelson-init: service machined killed by signal 9 (SIGKILL) after 61.0 s".into()
+        ));
+        // An unknown pid is an orphan.
+        assert_eq!(
+            sup.exited(
+                4242,
+                ExitInfo {
+                    code: Some(0),
+                    signal: None
+                },
+                now,
+                &log
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn a_failed_readiness_check_stops_and_backs_off() {
+        let log = MemoryLog::default();
+        let mut sup = node();
+        let now = Instant::now();
+        sup.start_autostart(&log);
+        sup.spawned(0, 300, now, &log);
+        let actions = sup.readiness(0, 2, Err("no answer after 60 s".into()), &log);
+        assert_eq!(
+            actions[0],
+            Action::Signal {
+                service: 0,
+                pid: 300,
+                signal: StopSignal::Term
+            }
+        );
+        let actions = sup.exited(
+            300,
+            ExitInfo {
+                code: None,
+                signal: Some(15),
+            },
+            now,
+            &log,
+        );
+        assert!(matches!(
+            actions.as_deref(),
+            Some([Action::Timer {
+                kind: TimerKind::Restart,
+                ..
+            }])
+        ));
+        assert_eq!(sup.state(0), State::Backoff);
+    }
+
+    #[test]
+    fn stop_term_then_kill_and_restart_requests() {
+        let log = MemoryLog::default();
+        let mut sup = node();
+        let now = Instant::now();
+        sup.start_autostart(&log);
+        sup.spawned(3, 400, now, &log);
+        let actions = sup.stop("machined", &log).unwrap_or_default();
+        let [
+            Action::Signal {
+                signal: StopSignal::Term,
+                pid: 400,
+                ..
+            },
+            Action::Timer {
+                generation,
+                kind: TimerKind::Kill,
+                after,
+                ..
+            },
+        ] = actions.as_slice()
+        else {
+            panic!("expected SIGTERM and a kill timer, got {actions:?}");
+        };
+        assert_eq!(*after, Duration::from_secs(10));
+        assert_eq!(
+            sup.timer(3, *generation, TimerKind::Kill, &log),
+            [Action::Signal {
+                service: 3,
+                pid: 400,
+                signal: StopSignal::Kill
+            }]
+        );
+        assert_eq!(
+            sup.exited(
+                400,
+                ExitInfo {
+                    code: None,
+                    signal: Some(9)
+                },
+                now,
+                &log
+            ),
+            Some(vec![])
+        );
+        assert_eq!(sup.state(3), State::Stopped);
+        // Restart of a stopped service starts it; of a running one, stops then starts.
+        assert_eq!(sup.restart("machined", &log), Ok(vec![Action::Spawn(3)]));
+        sup.spawned(3, 401, now, &log);
+        assert_eq!(sup.restart("machined", &log).map(|a| a.len()), Ok(2));
+        assert_eq!(
+            sup.exited(
+                401,
+                ExitInfo {
+                    code: Some(0),
+                    signal: None
+                },
+                now,
+                &log
+            ),
+            Some(vec![Action::Spawn(3)])
+        );
+        assert_eq!(
+            sup.start("nope", &log),
+            Err(Error::Unknown {
+                name: "nope".into(),
+                known: "containerd, etcd, kubelet, machined".into()
+            })
+        );
+    }
+
+    #[test]
+    fn shutdown_stops_dependents_first() {
+        let log = MemoryLog::default();
+        let mut sup = node();
+        let now = Instant::now();
+        sup.start_autostart(&log);
+        sup.spawned(0, 500, now, &log);
+        sup.spawned(3, 503, now, &log);
+        sup.readiness(0, 2, Ok(()), &log);
+        sup.spawned(2, 502, now, &log);
+        let signalled = |actions: &[Action]| -> Vec<u32> {
+            actions
+                .iter()
+                .filter_map(|a| match a {
+                    Action::Signal {
+                        pid,
+                        signal: StopSignal::Term,
+                        ..
+                    } => Some(*pid),
+                    _ => None,
+                })
+                .collect()
+        };
+        // kubelet and machined first; containerd waits for the kubelet.
+        let first = sup.shutdown(&log);
+        assert_eq!(signalled(&first), [502, 503]);
+        assert!(!sup.all_stopped());
+        let after_machined = sup.exited(
+            503,
+            ExitInfo {
+                code: Some(0),
+                signal: None,
+            },
+            now,
+            &log,
+        );
+        assert_eq!(after_machined.map(|a| signalled(&a)), Some(vec![]));
+        let after_kubelet = sup.exited(
+            502,
+            ExitInfo {
+                code: Some(0),
+                signal: None,
+            },
+            now,
+            &log,
+        );
+        assert_eq!(after_kubelet.map(|a| signalled(&a)), Some(vec![500]));
+        // Nothing restarts during a shutdown, and nothing may be started.
+        assert_eq!(sup.start("machined", &log), Err(Error::ShuttingDown));
+        sup.exited(
+            500,
+            ExitInfo {
+                code: Some(0),
+                signal: None,
+            },
+            now,
+            &log,
+        );
+        assert!(sup.all_stopped());
+    }
+}
+
+/// The supervisor on the host with real child processes (`/bin/sleep`, `/bin/false`,
+/// `/bin/echo`), through the real [`Runner`]: spawning, process groups, pipes, signals,
+/// timers. Each test reaps only its own children ([`ReapScope::Own`]).
+#[cfg(test)]
+mod real_processes {
+    use super::*;
+    use crate::console::memory::MemoryLog;
+    use crate::events::{SignalKind, forward_signals};
+    use std::io;
+    use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
+
+    const FAST: Backoff = Backoff {
+        base: Duration::from_millis(100),
+        cap: Duration::from_millis(400),
+        reset_after: Duration::from_secs(60),
+    };
+
+    fn program(name: &str, args: &[&str]) -> ServiceSpec {
+        let path = ["/bin", "/usr/bin"]
+            .iter()
+            .map(|d| PathBuf::from(d).join(name.split('-').next().unwrap_or(name)))
+            .find(|p| p.is_file())
+            .unwrap_or_default();
+        ServiceSpec {
+            name: name.into(),
+            program: path,
+            args: args.iter().map(|a| a.to_string()).collect(),
+            env: vec![("PATH".into(), "/usr/bin:/bin".into())],
+            depends_on: Vec::new(),
+            readiness: Readiness::Started,
+            ready_timeout: Duration::from_secs(5),
+            autostart: true,
+            stop_timeout: Duration::from_secs(2),
+        }
+    }
+
+    /// Drive the runner until `done` holds or `limit` passes; reaps on SIGCHLD and on a
+    /// 50 ms tick (signal delivery is per process, shared with other tests).
+    async fn drive(
+        runner: &mut Runner,
+        rx: &mut UnboundedReceiver<Event>,
+        log: &MemoryLog,
+        limit: Duration,
+        done: impl Fn(&Runner) -> bool,
+    ) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if done(runner) {
+                return true;
+            }
+            let tick = tokio::time::Instant::now() + Duration::from_millis(50);
+            match tokio::time::timeout_at(tick.min(deadline), rx.recv()).await {
+                Ok(Some(Event::Signal(SignalKind::Child))) | Err(_) => {
+                    runner.reap(log);
+                }
+                Ok(Some(event)) => {
+                    runner.handle(event, log);
+                }
+                Ok(None) => return done(runner),
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return done(runner);
+            }
+        }
+    }
+
+    fn setup(specs: Vec<ServiceSpec>) -> (Runner, UnboundedReceiver<Event>) {
+        let (tx, rx) = unbounded_channel();
+        forward_signals(&tx, &[SignalKind::Child]);
+        (
+            Runner::new(Supervisor::new(specs, FAST), tx, ReapScope::Own),
+            rx,
+        )
+    }
+
+    fn runtime() -> io::Result<tokio::runtime::Runtime> {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    }
+
+    fn status(runner: &Runner, name: &str) -> ServiceStatus {
+        let statuses = runner.supervisor.statuses();
+        statuses
+            .into_iter()
+            .find(|s| s.name == name)
+            .unwrap_or_else(|| panic!("no service {name}"))
+    }
+
+    #[test]
+    fn a_killed_service_is_restarted_after_its_backoff() -> io::Result<()> {
+        runtime()?.block_on(async {
+            let log = MemoryLog::default();
+            let (mut runner, mut rx) = setup(vec![program("sleep", &["30"])]);
+            let actions = runner.supervisor.start_autostart(&log);
+            runner.apply(actions, &log);
+            let first = status(&runner, "sleep").pid.unwrap_or_default();
+            assert!(first > 0 && status(&runner, "sleep").state == State::Ready);
+            let killed_at = Instant::now();
+            rustix::process::kill_process(
+                Pid::from_raw(first as i32).unwrap_or(Pid::INIT),
+                Signal::KILL,
+            )?;
+            let restarted = drive(&mut runner, &mut rx, &log, Duration::from_secs(5), |r| {
+                status(r, "sleep").pid.is_some_and(|p| p != first)
+            })
+            .await;
+            assert!(restarted, "{:?}", log.lines());
+            let after = killed_at.elapsed();
+            // The first backoff is 100 ms: not sooner, and not much later.
+            assert!(after >= Duration::from_millis(100), "{after:?}");
+            assert!(after < Duration::from_secs(2), "{after:?}");
+            let s = status(&runner, "sleep");
+            assert_eq!((s.state, s.restarts), (State::Ready, 1));
+            assert_eq!(
+                s.last_exit,
+                Some(ExitInfo {
+                    code: None,
+                    signal: Some(9)
+                })
+            );
+            let lines = log.lines();
+            assert!(
+                lines
+                    .iter()
+                    .any(|l| l.contains("service sleep killed by signal 9 (SIGKILL)")),
+                "{lines:?}"
+            );
+            assert!(
+                lines
+                    .iter()
+                    .any(|l| l.ends_with("service sleep restarts in 0.1 s (failure 1)"))
+            );
+            // Stop: SIGTERM ends `sleep` at once; the state machine sees the exit.
+            let actions = runner.supervisor.stop("sleep", &log).unwrap_or_default();
+            runner.apply(actions, &log);
+            let stopped = drive(&mut runner, &mut rx, &log, Duration::from_secs(5), |r| {
+                status(r, "sleep").state == State::Stopped
+            })
+            .await;
+            assert!(stopped, "{:?}", log.lines());
+            assert_eq!(
+                status(&runner, "sleep").last_exit,
+                Some(ExitInfo {
+                    code: None,
+                    signal: Some(15)
+                })
+            );
+            Ok(())
+        })
+    }
+
+    #[test]
+    fn a_crash_loop_backs_off_to_the_cap_without_starving_others() -> io::Result<()> {
+        runtime()?.block_on(async {
+            let log = MemoryLog::default();
+            let mut late = program("sleep-late", &["30"]);
+            late.autostart = false;
+            let (mut runner, mut rx) =
+                setup(vec![program("false", &[]), program("sleep", &["30"]), late]);
+            let actions = runner.supervisor.start_autostart(&log);
+            runner.apply(actions, &log);
+            let steady = status(&runner, "sleep").pid;
+            // Five failures: 0.1 + 0.2 + 0.4 + 0.4 s of backoff.
+            let looped = drive(&mut runner, &mut rx, &log, Duration::from_secs(10), |r| {
+                status(r, "false").restarts >= 4
+            })
+            .await;
+            assert!(looped, "{:?}", log.lines());
+            // Meanwhile another service starts at once on request.
+            let asked = Instant::now();
+            let actions = runner
+                .supervisor
+                .start("sleep-late", &log)
+                .unwrap_or_default();
+            runner.apply(actions, &log);
+            assert!(status(&runner, "sleep-late").state == State::Ready);
+            assert!(asked.elapsed() < Duration::from_millis(500));
+            let capped = drive(&mut runner, &mut rx, &log, Duration::from_secs(10), |r| {
+                status(r, "false").restarts >= 6
+            })
+            .await;
+            assert!(capped, "{:?}", log.lines());
+            let delays: Vec<String> = log
+                .lines()
+                .iter()
+                .filter_map(|l| l.strip_prefix("keelson-init: service false restarts in "))
+                .map(|l| l.split(' ').next().unwrap_or_default().to_string())
+                .collect();
+            assert_eq!(delays[..6], ["0.1", "0.2", "0.4", "0.4", "0.4", "0.4"]);
+            // The steady service was never disturbed.
+            let s = status(&runner, "sleep");
+            assert_eq!((s.pid, s.restarts, s.state), (steady, 0, State::Ready));
+            assert_eq!(
+                status(&runner, "false").last_exit,
+                Some(ExitInfo {
+                    code: Some(1),
+                    signal: None
+                })
+            );
+            // Shut down: everything stops, nothing restarts.
+            let actions = runner.supervisor.shutdown(&log);
+            runner.apply(actions, &log);
+            let down = drive(&mut runner, &mut rx, &log, Duration::from_secs(5), |r| {
+                r.supervisor.all_stopped()
+            })
+            .await;
+            assert!(down, "{:?}", log.lines());
+            Ok(())
+        })
+    }
+
+    #[test]
+    fn output_lands_in_the_ring_buffer_line_by_line() -> io::Result<()> {
+        runtime()?.block_on(async {
+            let log = MemoryLog::default();
+            let mut echo = program("echo", &["first line\nsecond line"]);
+            echo.env.clear();
+            let (mut runner, mut rx) = setup(vec![echo]);
+            let actions = runner.supervisor.start_autostart(&log);
+            runner.apply(actions, &log);
+            let got = drive(&mut runner, &mut rx, &log, Duration::from_secs(5), |r| {
+                r.supervisor.output_tail(0, 10).len() >= 2
+            })
+            .await;
+            assert!(got, "{:?}", log.lines());
+            assert_eq!(
+                runner.supervisor.output_tail(0, 10),
+                ["first line", "second line"]
+            );
+            Ok(())
+        })
+    }
+
+    #[test]
+    fn a_missing_program_is_a_failure_not_a_crash() {
+        let log = MemoryLog::default();
+        let mut spec = program("sleep", &[]);
+        spec.program = "/nonexistent/keelson-test".into();
+        assert!(matches!(spawn(&spec), Err(Error::Missing { .. })));
+        let mut sup = Supervisor::new(vec![spec], FAST);
+        let actions = sup.spawn_failed(0, "gone", &log);
+        assert!(matches!(
+            actions.as_slice(),
+            [Action::Timer {
+                kind: TimerKind::Restart,
+                ..
+            }]
+        ));
+        assert_eq!(
+            log.lines(),
+            [
+                "keelson-init: service sleep failed to start: gone",
+                "keelson-init: service sleep restarts in 0.1 s (failure 1)"
+            ]
+        );
+    }
+}

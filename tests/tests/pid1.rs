@@ -1,0 +1,385 @@
+//! PID 1 (issue 4), end to end under QEMU: a node configures itself from a machine
+//! config given through fw_cfg (modules, sysctls, swap off although its disk carries a
+//! swap partition, the static address, containerd ready), keeps the config in STATE,
+//! stops its services in order and unmounts cleanly on reboot (Ctrl-Alt-Del) and power
+//! off (the ACPI power button), so that the next boot mounts clean filesystems; and a
+//! config with an error is refused whole while the node keeps waiting.
+//!
+//! The image is `KEELSON_TEST_IMAGE_AMD64` when set, else the suite's built image.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use keelson_configs::layout::{FW_CFG_CONFIG, PART_EPHEMERAL, PART_STATE};
+use keelson_configs::{Mode, check_str};
+use keelson_imager::gpt;
+use keelson_imager::inspect::read_ext4_file;
+use keelson_tests::{Arch, Guest, Running, built_image};
+
+/// One boot to "containerd ready" under software emulation, with room to spare.
+const BOOT: Duration = Duration::from_secs(420);
+const MAC: &str = "52:54:00:4b:45:01";
+/// QEMU's user-mode network is 10.0.2.0/24 with its gateway at .2.
+const ADDRESS: &str = "10.0.2.15/24";
+
+fn image() -> PathBuf {
+    match std::env::var_os("KEELSON_TEST_IMAGE_AMD64") {
+        Some(path) => PathBuf::from(path),
+        None => built_image(Arch::Amd64).unwrap(),
+    }
+}
+
+/// The control-plane fixture of the config tests, made to fit this VM: one NIC named
+/// eth0 with the static address, a route through QEMU's gateway.
+fn node_config() -> String {
+    let fixture = include_str!("../../configs/tests/data/controlplane.toml");
+    let network_start = fixture.find("[machine.network]").unwrap();
+    let network_end = fixture.find("[machine.kubelet]").unwrap();
+    let network = format!(
+        "[machine.network]\nnameservers = [\"10.0.2.3\"]\n\n[[machine.network.interfaces]]\n\
+         name = \"eth0\"\naddresses = [\"{ADDRESS}\"]\nmtu = 1500\n\n\
+         [[machine.network.interfaces.routes]]\nto = \"0.0.0.0/0\"\nvia = \"10.0.2.2\"\n\n"
+    );
+    let text = format!(
+        "{}{network}{}",
+        &fixture[..network_start],
+        &fixture[network_end..]
+    )
+    .replace("hostname = \"cp-1\"", "hostname = \"pid1-test\"")
+    .replace(
+        "node_ip_subnets = [\"10.5.0.0/24\"]",
+        "node_ip_subnets = [\"10.0.2.0/24\"]",
+    )
+    .replace(
+        "advertised_subnets = [\"10.5.0.0/24\"]",
+        "advertised_subnets = [\"10.0.2.0/24\"]",
+    );
+    let checked = check_str(&text, "pid1-node.toml", Mode::Metal);
+    assert!(checked.is_valid(), "{:#?}", checked.diagnostics);
+    text
+}
+
+/// Copy a raw image without writing its zero blocks (the copy stays sparse).
+fn sparse_copy(from: &Path, to: &Path) {
+    let mut src = std::fs::File::open(from).unwrap();
+    let mut dst = std::fs::File::create(to).unwrap();
+    let len = src.metadata().unwrap().len();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos = 0;
+    while pos < len {
+        let n = src.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        if buf[..n].iter().any(|&b| b != 0) {
+            dst.seek(SeekFrom::Start(pos)).unwrap();
+            dst.write_all(&buf[..n]).unwrap();
+        }
+        pos += n as u64;
+    }
+    dst.set_len(len).unwrap();
+}
+
+fn sgdisk(args: &[&str]) {
+    let out = Command::new("sgdisk")
+        .args(args)
+        .output()
+        .expect("sgdisk (gdisk) is installed by cargo xtask deps");
+    assert!(
+        out.status.success(),
+        "sgdisk {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn partition(disk: &Path, name: &str) -> gpt::GptPartition {
+    let mut f = std::fs::File::open(disk).unwrap();
+    gpt::read_gpt(&mut f)
+        .unwrap()
+        .partition(name)
+        .unwrap()
+        .clone()
+}
+
+/// A copy of the image with a 64 MiB swap partition (GPT type Linux swap, with the
+/// signature mkswap writes) after EPHEMERAL.
+fn disk_with_swap(dir: &Path) -> PathBuf {
+    let disk = dir.join("node.raw");
+    sparse_copy(&image(), &disk);
+    let f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+    f.set_len(f.metadata().unwrap().len() + (64 << 20)).unwrap();
+    drop(f);
+    let path = disk.to_str().unwrap();
+    sgdisk(&["-e", path]);
+    sgdisk(&["-n", "0:0:0", "-t", "0:8200", "-c", "0:swap", path]);
+    let swap = partition(&disk, "swap");
+    // Swap header v1: version, last page, no bad pages, then SWAPSPACE2 at the end of
+    // the first 4 KiB page.
+    let mut header = vec![0u8; 4096];
+    header[1024..1028].copy_from_slice(&1u32.to_le_bytes());
+    let last_page = (swap.size() / 4096 - 1) as u32;
+    header[1028..1032].copy_from_slice(&last_page.to_le_bytes());
+    header[1036..1052].copy_from_slice(b"keelson-swaptest");
+    header[4086..4096].copy_from_slice(b"SWAPSPACE2");
+    let mut f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+    f.seek(SeekFrom::Start(swap.start())).unwrap();
+    f.write_all(&header).unwrap();
+    disk
+}
+
+/// (cleanly unmounted, needs journal recovery) from an ext4 superblock in `partition`.
+fn ext4_state(disk: &Path, name: &str) -> (bool, bool) {
+    let part = partition(disk, name);
+    let mut f = std::fs::File::open(disk).unwrap();
+    let mut sb = [0u8; 1024];
+    f.seek(SeekFrom::Start(part.start() + 1024)).unwrap();
+    f.read_exact(&mut sb).unwrap();
+    assert_eq!(
+        &sb[0x38..0x3a],
+        &[0x53, 0xef],
+        "{name} holds no ext4 superblock"
+    );
+    let state = u16::from_le_bytes([sb[0x3a], sb[0x3b]]);
+    let incompat = u32::from_le_bytes([sb[0x60], sb[0x61], sb[0x62], sb[0x63]]);
+    (state & 1 == 1, incompat & 0x4 != 0)
+}
+
+fn assert_clean(disk: &Path) {
+    for name in [PART_STATE, PART_EPHEMERAL] {
+        assert_eq!(
+            ext4_state(disk, name),
+            (true, false),
+            "{name} was not unmounted cleanly (valid flag, needs_recovery)"
+        );
+    }
+}
+
+fn wait_all(vm: &mut Running, needles: &[&str]) {
+    for needle in needles {
+        vm.wait_for(needle, BOOT).unwrap();
+    }
+}
+
+/// Lines of the console that contain `needle`, in order.
+fn lines_with(console: &str, needle: &str) -> Vec<String> {
+    console
+        .lines()
+        .filter(|l| l.contains(needle))
+        .map(|l| l.trim_end().to_string())
+        .collect()
+}
+
+/// The index of the first console line containing `needle` (for order checks).
+fn position(console: &str, needle: &str) -> usize {
+    console
+        .lines()
+        .position(|l| l.contains(needle))
+        .unwrap_or_else(|| panic!("the console never showed {needle:?}"))
+}
+
+/// The stop sequence every shutdown must show, in this order.
+fn assert_ordered_stop(console: &str, requested: &str, end: &str) {
+    let steps = [
+        requested,
+        "keelson-init: service containerd stopping (SIGTERM)",
+        "keelson-init: service containerd stopped",
+        "keelson-init: services stopped; stopping every other process",
+        "keelson-init: unmounted /var",
+        "keelson-init: unmounted /system/state",
+        end,
+    ];
+    let at: Vec<usize> = steps.iter().map(|s| position(console, s)).collect();
+    assert!(
+        at.windows(2).all(|w| w[0] < w[1]),
+        "the shutdown is out of order: {:?}",
+        steps.iter().zip(&at).collect::<Vec<_>>()
+    );
+    let stuck: Vec<String> = ["/var busy", "/system/state busy", "still mounted"]
+        .iter()
+        .flat_map(|n| lines_with(console, n))
+        .collect();
+    assert!(stuck.is_empty(), "a disk stayed mounted: {stuck:#?}");
+}
+
+#[test]
+fn a_node_configures_itself_from_fw_cfg_and_stops_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = disk_with_swap(dir.path());
+    let config = dir.path().join("node.toml");
+    let config_text = node_config();
+    std::fs::write(&config, &config_text).unwrap();
+
+    // First boot: the config comes from fw_cfg.
+    let mut vm = Guest::new(Arch::Amd64)
+        .image(&disk)
+        .raw_disk()
+        .nic(MAC)
+        .fw_cfg(FW_CFG_CONFIG, &config)
+        .boot()
+        .unwrap();
+    wait_all(
+        &mut vm,
+        &[
+            "KEELSON STAGE2 READY",
+            "keelson-init: config from fw_cfg opt/keelson/config is valid",
+            "keelson-init: config from fw_cfg opt/keelson/config written to STATE",
+            "keelson-init: module br_netfilter loaded",
+            "keelson-init: module overlay loaded",
+            "keelson-init: module ip_vs loaded",
+            "keelson-init: sysctl net.bridge.bridge-nf-call-iptables=1 applied",
+            "keelson-init: sysctl net.bridge.bridge-nf-call-ip6tables=1 applied",
+            "keelson-init: sysctl net.ipv4.ip_forward=1 applied",
+            "keelson-init: sysctl vm.overcommit_memory=1 applied",
+            "keelson-init: sysctl kernel.panic=10 applied",
+            "keelson-init: swap: none active",
+            "keelson-init: hostname pid1-test",
+            &format!("keelson-init: address {ADDRESS} added to eth0 (static)"),
+            "keelson-init: service containerd started",
+            "keelson-init: service containerd ready",
+            "keelson-init: preflight swap: pass",
+            "keelson-init: boot complete:",
+            "keelson-init: pid 1 idle: VmRSS",
+        ],
+    );
+    let console = vm.console();
+    assert!(
+        lines_with(
+            &console,
+            "keelson-init: kubelet: binary not present, not started"
+        )
+        .len()
+            == 1
+    );
+    assert!(lines_with(&console, "refused").is_empty());
+    for line in lines_with(&console, "pid 1 idle:") {
+        eprintln!("pid1: {line}");
+    }
+    eprintln!(
+        "pid1: containerd ready after {:.1}s ({})",
+        vm.elapsed().as_secs_f64(),
+        vm.accel().name()
+    );
+
+    // Ctrl-Alt-Del: the kernel tells PID 1 (SIGINT), which reboots in order.
+    vm.monitor("sendkey ctrl-alt-delete").unwrap();
+    vm.wait_exit(Duration::from_secs(180)).unwrap();
+    let console = vm.console();
+    assert_ordered_stop(
+        &console,
+        "keelson-init: reboot requested (SIGINT)",
+        "keelson-init: reboot: now",
+    );
+    drop(vm);
+    assert_clean(&disk);
+    assert_eq!(
+        String::from_utf8(read_ext4_file(&disk, PART_STATE, "/config.toml").unwrap()).unwrap(),
+        config_text
+    );
+
+    // Second boot: no fw_cfg; the config comes from STATE, the filesystems are clean.
+    let mut vm = Guest::new(Arch::Amd64)
+        .image(&disk)
+        .raw_disk()
+        .nic(MAC)
+        .boot()
+        .unwrap();
+    wait_all(
+        &mut vm,
+        &[
+            "keelson-init: config from STATE (/system/state/config.toml) is valid",
+            "keelson-init: service containerd ready",
+        ],
+    );
+    let console = vm.console();
+    let ext4 = lines_with(&console, "keelson-init: kernel: EXT4-fs (");
+    assert!(
+        ext4.iter()
+            .filter(|l| l.contains("mounted filesystem"))
+            .count()
+            >= 2,
+        "{ext4:#?}"
+    );
+    assert!(
+        ext4.iter()
+            .all(|l| !l.contains("recovery") && !l.contains("errors")),
+        "{ext4:#?}"
+    );
+    assert!(lines_with(&console, "written to STATE").is_empty());
+
+    // The power button: a clean power off.
+    vm.monitor("system_powerdown").unwrap();
+    vm.wait_exit(Duration::from_secs(180)).unwrap();
+    let console = vm.console();
+    assert_ordered_stop(
+        &console,
+        "keelson-init: power off requested (power button",
+        "keelson-init: power off: now",
+    );
+    drop(vm);
+    assert_clean(&disk);
+    // The config's file went to EPHEMERAL (/var).
+    assert_eq!(
+        read_ext4_file(&disk, PART_EPHEMERAL, "/etc/motd").unwrap(),
+        b"hello\n"
+    );
+}
+
+#[test]
+fn a_config_with_errors_is_refused_and_the_node_keeps_waiting() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("broken.toml");
+    let broken = node_config().replace("mtu = 1500", "mtu = 99999");
+    std::fs::write(&config, broken).unwrap();
+    let mut vm = Guest::new(Arch::Amd64)
+        .image(image())
+        .nic(MAC)
+        .fw_cfg(FW_CFG_CONFIG, &config)
+        .boot()
+        .unwrap();
+    wait_all(
+        &mut vm,
+        &[
+            "keelson-init: config from fw_cfg opt/keelson/config refused: 1 error; nothing of it is applied",
+            "keelson-init: config error: fw_cfg opt/keelson/config:",
+            "keelson-init: waiting for a machine config; give one by any of:",
+            "keelson-init:   QEMU fw_cfg: -fw_cfg name=opt/keelson/config,file=node.toml",
+        ],
+    );
+    // Thirty seconds later it looks again, refuses again, and still waits.
+    let deadline = std::time::Instant::now() + BOOT;
+    while lines_with(&vm.console(), "waiting for a machine config").len() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no second reminder:\n{}",
+            vm.console()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let console = vm.console();
+    let errors = lines_with(&console, "config error:");
+    assert!(
+        errors[0].contains("machine.network.interfaces[0].mtu"),
+        "{errors:#?}"
+    );
+    for never in [
+        "applying the config",
+        "module br_netfilter loaded",
+        "sysctl net.ipv4.ip_forward",
+        "service containerd",
+        "written to STATE",
+    ] {
+        assert!(
+            lines_with(&console, never).is_empty(),
+            "a refused config was applied in part: {never:?}\n{console}"
+        );
+    }
+    // A node without a config still powers off cleanly.
+    vm.monitor("system_powerdown").unwrap();
+    vm.wait_exit(Duration::from_secs(120)).unwrap();
+    assert!(vm.console().contains("keelson-init: power off: now"));
+}
