@@ -217,6 +217,15 @@ impl DriveFs {
             DriveFs::Iso9660 => "iso9660",
         }
     }
+
+    /// Mount options: FAT names as UTF-8 (`nls_utf8`), not the kernel's default `ascii`
+    /// charset, whose module the image does not carry.
+    pub fn options(self) -> &'static str {
+        match self {
+            DriveFs::Vfat => "iocharset=utf8",
+            DriveFs::Iso9660 => "",
+        }
+    }
 }
 
 /// Bytes of a device read to find its label (the ISO 9660 primary volume descriptor
@@ -308,7 +317,7 @@ pub fn read_config_drives(
         }
         let flags =
             MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC;
-        if let Err(e) = sys.mount(&dev.path(), mount, fs.fstype(), flags, "") {
+        if let Err(e) = sys.mount(&dev.path(), mount, fs.fstype(), flags, fs.options()) {
             log.line(&format!(
                 "{source}: cannot mount {} read-only: {}",
                 fs.fstype(),

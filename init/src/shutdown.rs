@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use crate::console::Log;
 use crate::events::ShutdownKind;
+use crate::swap::unescape;
 use crate::syscalls::{RebootHow, Syscalls, errno_name};
 
 /// How long processes get between `SIGTERM` and `SIGKILL` after the services stopped.
@@ -35,26 +36,6 @@ pub struct MountEntry {
     pub fstype: String,
     /// The mount source.
     pub source: String,
-}
-
-/// Undo mountinfo's octal escapes (`\040` is a space).
-fn unescape(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\' && i + 4 <= bytes.len() {
-            let oct = &field[i + 1..i + 4];
-            if let Ok(v) = u8::from_str_radix(oct, 8) {
-                out.push(v);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Parse `/proc/self/mountinfo`, in mount order.

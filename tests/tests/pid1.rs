@@ -383,3 +383,56 @@ fn a_config_with_errors_is_refused_and_the_node_keeps_waiting() {
     vm.wait_exit(Duration::from_secs(120)).unwrap();
     assert!(vm.console().contains("keelson-init: power off: now"));
 }
+
+#[test]
+fn a_nocloud_drive_gives_the_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("user-data");
+    std::fs::write(&config, node_config()).unwrap();
+    // A NoCloud drive: a FAT filesystem labelled CIDATA holding `user-data`.
+    let drive = dir.path().join("cidata.img");
+    std::fs::File::create(&drive)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
+    for (program, args) in [
+        ("mkfs.vfat", vec!["-n", "CIDATA", drive.to_str().unwrap()]),
+        (
+            "mcopy",
+            vec![
+                "-i",
+                drive.to_str().unwrap(),
+                config.to_str().unwrap(),
+                "::user-data",
+            ],
+        ),
+    ] {
+        let out = Command::new(program)
+            .args(&args)
+            .output()
+            .unwrap_or_else(|e| panic!("{program}: {e} (cargo xtask deps installs it)"));
+        assert!(out.status.success(), "{program}: {out:?}");
+    }
+    let mut vm = Guest::new(Arch::Amd64)
+        .image(image())
+        .qemu_args([
+            "-drive".to_string(),
+            format!(
+                "if=none,id=cidata,format=raw,readonly=on,file={}",
+                drive.display()
+            ),
+            "-device".to_string(),
+            "virtio-blk-pci,drive=cidata".to_string(),
+        ])
+        .boot()
+        .unwrap();
+    wait_all(
+        &mut vm,
+        &[
+            "keelson-init: config from config drive /dev/vdb (CIDATA) is valid",
+            "keelson-init: config from config drive /dev/vdb (CIDATA) written to STATE",
+            "keelson-init: module br_netfilter loaded",
+        ],
+    );
+    assert!(lines_with(&vm.console(), "waiting for a machine config").is_empty());
+}
