@@ -602,8 +602,13 @@ impl<L: Log> Node<'_, L> {
                     .read_file(Path::new("/proc/self/status"))
                     .ok()
                     .and_then(|b| control::vm_rss_kib(&String::from_utf8_lossy(&b)));
+                // `pid1 rss_kb=N` is what `cargo xtask bench boot` reads.
+                let services = self
+                    .runner
+                    .as_ref()
+                    .map_or(0, |r| r.supervisor.statuses().len());
                 log.line(&format!(
-                    "pid 1 idle: VmRSS {} kB, uptime {:.1} s",
+                    "idle pid1 rss_kb={} services={services} uptime {:.1} s",
                     rss.map_or("?".into(), |r| r.to_string()),
                     self.started.elapsed().as_secs_f64()
                 ));

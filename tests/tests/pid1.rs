@@ -243,7 +243,7 @@ fn a_node_configures_itself_from_fw_cfg_and_stops_cleanly() {
             "keelson-init: service containerd ready",
             "keelson-init: preflight swap: pass",
             "keelson-init: boot complete:",
-            "keelson-init: pid 1 idle: VmRSS",
+            "keelson-init: idle pid1 rss_kb=",
         ],
     );
     let console = vm.console();
@@ -256,7 +256,7 @@ fn a_node_configures_itself_from_fw_cfg_and_stops_cleanly() {
             == 1
     );
     assert!(lines_with(&console, "refused").is_empty());
-    for line in lines_with(&console, "pid 1 idle:") {
+    for line in lines_with(&console, "idle pid1 rss_kb=") {
         eprintln!("pid1: {line}");
     }
     eprintln!(
