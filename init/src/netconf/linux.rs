@@ -286,13 +286,14 @@ fn dhcp_sender(name: &str) -> io::Result<std::net::UdpSocket> {
 /// `ETH_P_IP`.
 const ETH_P_IP: u16 = 0x0800;
 
-/// Classic BPF: accept unfragmented IPv4 UDP datagrams to port 68, drop the rest (the
-/// program `tcpdump -d 'udp dst port 68'` gives, without the Ethernet header).
+/// Classic BPF: accept unfragmented IPv4 UDP datagrams to port 68, drop the rest (as
+/// `tcpdump -d 'udp dst port 68'` would, on packets without an Ethernet header, except
+/// that first fragments are dropped too: [`super::dhcp::udp_payload`] refuses them).
 const DHCP_CLIENT_FILTER: [(u16, u8, u8, u32); 9] = [
     (0x30, 0, 0, 9),      // ldb [9]            (IP protocol)
     (0x15, 0, 6, 17),     // jeq #17 (UDP)      else drop
     (0x28, 0, 0, 6),      // ldh [6]            (flags, fragment offset)
-    (0x45, 4, 0, 0x1fff), // jset #0x1fff       a fragment: drop
+    (0x45, 4, 0, 0x3fff), // jset #0x3fff       a fragment (MF or offset): drop
     (0xb1, 0, 0, 0),      // ldxb 4*([0]&0xf)   (IP header length)
     (0x48, 0, 0, 2),      // ldh [x + 2]        (UDP destination port)
     (0x15, 0, 1, 68),     // jeq #68            else drop
@@ -523,5 +524,200 @@ impl NetSys for Linux {
             Some((index, packet)) = self.dhcp_rx.recv() => Input::Dhcp { index, packet },
             () = sleep => Input::Deadline,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use netlink_packet_route::AddressFamily;
+
+    use super::*;
+
+    #[test]
+    fn links_read_from_netlink_messages() {
+        let mut msg = LinkMessage::default();
+        msg.header.index = 2;
+        msg.header.flags = LinkFlags::Up | LinkFlags::LowerUp | LinkFlags::Broadcast;
+        msg.attributes = vec![
+            LinkAttribute::IfName("eth0".into()),
+            LinkAttribute::Address(vec![0x52, 0x54, 0, 1, 2, 3]),
+            LinkAttribute::PermAddress(vec![0x52, 0x54, 0, 9, 9, 9]),
+            LinkAttribute::Mtu(1450),
+        ];
+        let link = link_info(&msg);
+        assert_eq!(
+            link,
+            LinkInfo {
+                index: 2,
+                name: "eth0".into(),
+                mac: Some([0x52, 0x54, 0, 1, 2, 3]),
+                perm_mac: Some([0x52, 0x54, 0, 9, 9, 9]),
+                mtu: 1450,
+                up: true,
+                lower_up: true,
+                loopback: false,
+            }
+        );
+        assert!(link.running());
+        // No Ethernet address (a tunnel): no MAC.
+        msg.attributes = vec![LinkAttribute::Address(vec![10, 0, 0, 1])];
+        assert_eq!(link_info(&msg).mac, None);
+    }
+
+    fn route(
+        dst: Option<(IpAddr, u8)>,
+        gateway: Option<IpAddr>,
+        oif: u32,
+        table: u8,
+    ) -> RouteMessage {
+        let mut msg = RouteMessage::default();
+        msg.header.kind = RouteType::Unicast;
+        msg.header.table = table;
+        if let Some((ip, len)) = dst {
+            msg.header.destination_prefix_length = len;
+            msg.attributes.push(RouteAttribute::Destination(ip.into()));
+        }
+        if let Some(gw) = gateway {
+            msg.attributes.push(RouteAttribute::Gateway(gw.into()));
+        }
+        msg.attributes.push(RouteAttribute::Oif(oif));
+        msg.attributes.push(RouteAttribute::Priority(1024));
+        msg
+    }
+
+    #[test]
+    fn routes_read_from_netlink_messages() {
+        let main = RouteHeader::RT_TABLE_MAIN;
+        let gw: IpAddr = "10.99.0.1".parse().unwrap();
+        let default = route_of(&route(None, Some(gw), 2, main), 2, false).unwrap();
+        assert_eq!(default.to_string(), "default via 10.99.0.1 metric 1024");
+        let net = route(Some(("10.6.1.0".parse().unwrap(), 16)), None, 2, main);
+        assert_eq!(
+            route_of(&net, 2, false).unwrap().to_string(),
+            "10.6.0.0/16 metric 1024"
+        );
+        // Another link, another table, a local route: not ours to compare.
+        assert_eq!(route_of(&route(None, Some(gw), 3, main), 2, false), None);
+        assert_eq!(route_of(&route(None, Some(gw), 2, 255), 2, false), None);
+        let mut local = route(None, Some(gw), 2, main);
+        local.header.kind = RouteType::Local;
+        assert_eq!(route_of(&local, 2, false), None);
+        // IPv6 default route.
+        let v6gw: IpAddr = "fe80::1".parse().unwrap();
+        let v6 = route_of(&route(None, Some(v6gw), 2, main), 2, true).unwrap();
+        assert_eq!(v6.to_string(), "default via fe80::1 metric 1024");
+        assert!(v6.to.addr().is_ipv6());
+    }
+
+    #[test]
+    fn route_requests_carry_scope_protocol_and_metric() {
+        let spec = RouteSpec::new("10.6.0.0/16".parse().unwrap(), None, Some(5));
+        let msg = route_message(2, &spec, RouteProtocol::Static).unwrap();
+        assert_eq!(msg.header.scope, RouteScope::Link, "on-link IPv4 route");
+        assert_eq!(msg.header.protocol, RouteProtocol::Static);
+        assert_eq!(msg.header.address_family, AddressFamily::Inet);
+        assert!(msg.attributes.contains(&RouteAttribute::Oif(2)));
+        assert!(msg.attributes.contains(&RouteAttribute::Priority(5)));
+        let via = RouteSpec::new(
+            "0.0.0.0/0".parse().unwrap(),
+            Some("10.5.0.1".parse().unwrap()),
+            None,
+        );
+        let msg = route_message(2, &via, RouteProtocol::Dhcp).unwrap();
+        assert_eq!(msg.header.scope, RouteScope::Universe);
+        assert_eq!(route_of(&msg, 2, false), Some(via));
+    }
+
+    #[test]
+    fn notifications_become_inputs() {
+        let mut addr = AddressMessage::default();
+        addr.header.index = 4;
+        addr.header.prefix_len = 24;
+        addr.attributes = vec![
+            AddressAttribute::Address("10.5.0.2".parse().unwrap()),
+            AddressAttribute::Local("10.5.0.2".parse().unwrap()),
+        ];
+        let msg = NetlinkMessage::from(RouteNetlinkMessage::DelAddress(addr.clone()));
+        assert_eq!(
+            notification(msg),
+            Input::AddressGone {
+                index: 4,
+                addr: "10.5.0.2/24".parse().unwrap()
+            }
+        );
+        let msg = NetlinkMessage::from(RouteNetlinkMessage::NewAddress(addr));
+        assert_eq!(notification(msg), Input::Other);
+        let mut link = LinkMessage::default();
+        link.header.index = 7;
+        let msg = NetlinkMessage::from(RouteNetlinkMessage::DelLink(link));
+        assert_eq!(notification(msg), Input::LinkGone(7));
+    }
+
+    /// Run a classic BPF program over a packet (only the instructions the filter uses);
+    /// the number of bytes it accepts.
+    fn run_filter(program: &[(u16, u8, u8, u32)], packet: &[u8]) -> u32 {
+        let (mut a, mut x, mut pc) = (0u32, 0u32, 0usize);
+        let byte = |at: usize| packet.get(at).map(|&b| u32::from(b));
+        let half = |at: usize| Some(byte(at)? << 8 | byte(at + 1)?);
+        loop {
+            let (code, jt, jf, k) = program[pc];
+            pc += 1;
+            let loaded = match code {
+                0x30 => byte(k as usize),
+                0x28 => half(k as usize),
+                0x48 => half((x + k) as usize),
+                0xb1 => {
+                    x = (byte(k as usize).unwrap_or(0) & 0x0f) * 4;
+                    continue;
+                }
+                0x15 => {
+                    pc += usize::from(if a == k { jt } else { jf });
+                    continue;
+                }
+                0x45 => {
+                    pc += usize::from(if a & k != 0 { jt } else { jf });
+                    continue;
+                }
+                0x06 => return k,
+                other => panic!("instruction {other:#x} not emulated"),
+            };
+            match loaded {
+                Some(value) => a = value,
+                // Reading past the end rejects the packet.
+                None => return 0,
+            }
+        }
+    }
+
+    /// An IPv4 header (20 bytes) + UDP header to `port`.
+    fn packet(protocol: u8, flags: u16, port: u16) -> Vec<u8> {
+        let mut p = vec![0x45, 0, 0, 36, 0, 1];
+        p.extend_from_slice(&flags.to_be_bytes());
+        p.extend_from_slice(&[64, protocol, 0, 0, 10, 99, 0, 1, 255, 255, 255, 255]);
+        p.extend_from_slice(&67u16.to_be_bytes());
+        p.extend_from_slice(&port.to_be_bytes());
+        p.extend_from_slice(&[0, 16, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8]);
+        p
+    }
+
+    #[test]
+    fn the_filter_passes_only_dhcp_replies() {
+        let run = |p: &[u8]| run_filter(&DHCP_CLIENT_FILTER, p);
+        assert_eq!(
+            run(&packet(17, 0x4000, 68)),
+            65535,
+            "UDP to 68, don't-fragment"
+        );
+        assert_eq!(run(&packet(17, 0, 68)), 65535);
+        assert_eq!(run(&packet(17, 0, 67)), 0, "to the server port");
+        assert_eq!(run(&packet(6, 0, 68)), 0, "TCP");
+        assert_eq!(run(&packet(17, 0x2000, 68)), 0, "first fragment");
+        assert_eq!(run(&packet(17, 0x0010, 68)), 0, "later fragment");
+        // IP options move the UDP header: the filter follows the header length.
+        let mut options = packet(17, 0, 68);
+        options[0] = 0x46;
+        options.splice(20..20, [1, 1, 1, 0]);
+        assert_eq!(run(&options), 65535);
+        assert_eq!(run(&packet(17, 0, 68)[..21]), 0, "truncated");
     }
 }
