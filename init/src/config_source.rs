@@ -57,12 +57,14 @@ pub enum Source {
     },
     /// A URL from the kernel command line.
     Url(String),
+    /// The node API: machined applied it live (and wrote STATE itself).
+    Api,
 }
 
 impl Source {
     /// Whether a config from here is written to STATE once it validates.
     pub fn persist(&self) -> bool {
-        !matches!(self, Source::State)
+        !matches!(self, Source::State | Source::Api)
     }
 
     /// A short name for logs and `info`.
@@ -72,6 +74,7 @@ impl Source {
             Source::FwCfg => "fw_cfg",
             Source::ConfigDrive { .. } => "config-drive",
             Source::Url(_) => "url",
+            Source::Api => "api",
         }
     }
 }
@@ -90,6 +93,7 @@ impl fmt::Display for Source {
                 write!(f, "config drive {device} ({label})")
             }
             Source::Url(url) => write!(f, "URL {url}"),
+            Source::Api => f.write_str("the node API (machined)"),
         }
     }
 }

@@ -15,16 +15,21 @@
 //! | `{"op":"logs","service":"containerd","lines":100}` | `{"ok":true,"lines":["...", ...]}` (the last lines of its ring buffer; default 100) |
 //! | `{"op":"bootlog","lines":200}` | `{"ok":true,"lines":[...]}` (the boot log; default: all of it) |
 //! | `{"op":"info"}` | `{"ok":true,"info":{"uptime_s":..,"rss_kib":..,"config":"fw_cfg"}}` |
-//! | `{"op":"reboot"}`, `{"op":"poweroff"}` | `{"ok":true}`, then services stop in order and the machine goes down |
+//! | `{"op":"kill","service":"containerd","signal":"KILL"}` | `{"ok":true,"message":".."}` (the signal is sent to the service's process; the supervisor restarts it after its backoff; `signal` defaults to `KILL`) |
+//! | `{"op":"apply","parts":["sysctls",..],"config":"<TOML>"}` | `{"ok":true,"messages":[..]}` once the parts are in effect (see `live`) |
+//! | `{"op":"config-installed"}` | `{"ok":true,"message":".."}`: the first config is in STATE; a node waiting for one continues its boot with it |
+//! | `{"op":"reboot"}`, `{"op":"poweroff"}` | `{"ok":true,"message":".."}`, then services stop in order and the machine goes down |
+//! | `{"op":"reset"}` | `{"ok":true,"message":".."}`, then services stop in order, STATE and EPHEMERAL get new empty filesystems, and the machine reboots to wait for a config |
 //!
 //! Errors: `{"ok":false,"error":"no service named \"x\" (known: containerd, ...)"}`;
 //! a line that is not a request gets an error answer and the connection stays open.
-//!
-//! Reserved for the next step (machined's live config apply): `{"op":"apply","config":
-//! "<TOML>"}`, which will validate the config and apply its live parts (sysctls, modules,
-//! files, hostname) without a reboot.
+//! `apply` is refused whole (`ok: false`, nothing changed) when the config is invalid
+//! or a change cannot be made; its `error` then lists every reason, one per line.
+//! Reboot, power-off and reset begin [`SHUTDOWN_DELAY`] after their answer, so that the
+//! answer reaches the caller (machined) before it is stopped.
 
 use std::path::Path;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -32,15 +37,23 @@ use tokio::net::UnixListener;
 use tokio::sync::oneshot;
 
 use crate::events::{Event, EventTx};
+use crate::live::Part;
 use crate::supervisor::ServiceStatus;
 
 /// Where the control socket lives.
 pub const SOCKET: &str = "/run/keelson/init.sock";
-/// The longest request line accepted.
-pub const MAX_REQUEST: usize = 64 * 1024;
+/// The longest request line accepted (an `apply` carries a whole config, up to
+/// `config_source::MAX_CONFIG`, escaped as JSON).
+pub const MAX_REQUEST: usize = 4 * 1024 * 1024;
+/// How long after answering a reboot, power-off or reset PID 1 begins it.
+pub const SHUTDOWN_DELAY: Duration = Duration::from_secs(1);
 
 fn default_lines() -> usize {
     100
+}
+
+fn default_signal() -> String {
+    "KILL".into()
 }
 
 /// A request.
@@ -80,10 +93,62 @@ pub enum Request {
     },
     /// PID 1's own figures.
     Info,
+    /// Send a signal to a service's process.
+    Kill {
+        /// Its name.
+        service: String,
+        /// The signal's name (`KILL`, `TERM`, `SIGHUP`, ...).
+        #[serde(default = "default_signal")]
+        signal: String,
+    },
+    /// Apply parts of a new config to the running node.
+    Apply {
+        /// The parts that changed.
+        parts: Vec<Part>,
+        /// The whole new config (TOML).
+        config: String,
+    },
+    /// The first config is now in STATE: continue the boot.
+    #[serde(rename = "config-installed")]
+    ConfigInstalled,
     /// Reboot the machine.
     Reboot,
     /// Power it off.
     Poweroff,
+    /// Wipe STATE and EPHEMERAL, then reboot to wait for a config.
+    Reset,
+}
+
+/// The signals `kill` may send: `(name, number)`.
+pub const SIGNALS: &[(&str, i32)] = &[
+    ("HUP", 1),
+    ("INT", 2),
+    ("QUIT", 3),
+    ("ABRT", 6),
+    ("KILL", 9),
+    ("USR1", 10),
+    ("USR2", 12),
+    ("TERM", 15),
+];
+
+/// A signal by name (`KILL`, `sigkill`, `SIGTERM`) or number (`9`): `(SIGNAME, number)`.
+pub fn parse_signal(text: &str) -> Result<(String, i32), String> {
+    let upper = text.trim().to_ascii_uppercase();
+    let bare = upper.strip_prefix("SIG").unwrap_or(&upper);
+    SIGNALS
+        .iter()
+        .find(|(name, number)| *name == bare || bare.parse::<i32>().ok() == Some(*number))
+        .map(|(name, number)| (format!("SIG{name}"), *number))
+        .ok_or_else(|| {
+            format!(
+                "unknown signal {text:?}: use one of {}",
+                SIGNALS
+                    .iter()
+                    .map(|(n, _)| *n)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })
 }
 
 /// PID 1's own figures.
@@ -114,6 +179,12 @@ pub struct Response {
     /// PID 1's figures (`info`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub info: Option<Info>,
+    /// What was done (`kill`, `config-installed`, `reboot`, `poweroff`, `reset`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// What was done, one line each (`apply`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub messages: Option<Vec<String>>,
 }
 
 impl Response {
@@ -138,6 +209,22 @@ impl Response {
     pub fn lines(lines: Vec<String>) -> Response {
         Response {
             lines: Some(lines),
+            ..Response::ok()
+        }
+    }
+
+    /// Success, saying what was done.
+    pub fn message(message: impl Into<String>) -> Response {
+        Response {
+            message: Some(message.into()),
+            ..Response::ok()
+        }
+    }
+
+    /// Success, saying what was done in lines.
+    pub fn messages(messages: Vec<String>) -> Response {
+        Response {
+            messages: Some(messages),
             ..Response::ok()
         }
     }
@@ -243,6 +330,26 @@ mod tests {
                 Ok(Request::Bootlog { lines: Some(5) }),
             ),
             (r#"{"op":"poweroff"}"#, Ok(Request::Poweroff)),
+            (r#"{"op":"reset"}"#, Ok(Request::Reset)),
+            (r#"{"op":"config-installed"}"#, Ok(Request::ConfigInstalled)),
+            (
+                r#"{"op":"kill","service":"containerd"}"#,
+                Ok(Request::Kill {
+                    service: "containerd".into(),
+                    signal: "KILL".into(),
+                }),
+            ),
+            (
+                r#"{"op":"apply","parts":["sysctls","kernel_modules"],"config":"version = 1"}"#,
+                Ok(Request::Apply {
+                    parts: vec![Part::Sysctls, Part::KernelModules],
+                    config: "version = 1".into(),
+                }),
+            ),
+            (
+                r#"{"op":"apply","parts":["cluster"],"config":""}"#,
+                Err("not a request: unknown variant `cluster`"),
+            ),
             (
                 r#"{"op":"format-disk"}"#,
                 Err("not a request: unknown variant `format-disk`"),
@@ -287,6 +394,22 @@ mod tests {
         );
         assert_eq!(serde_json::from_str::<Response>(&text)?, answer);
         Ok(())
+    }
+
+    #[test]
+    fn signals_by_name_or_number() {
+        assert_eq!(parse_signal("KILL"), Ok(("SIGKILL".into(), 9)));
+        assert_eq!(parse_signal("sigterm"), Ok(("SIGTERM".into(), 15)));
+        assert_eq!(parse_signal("1"), Ok(("SIGHUP".into(), 1)));
+        assert_eq!(
+            parse_signal("STOP"),
+            Err(
+                "unknown signal \"STOP\": use one of HUP, INT, QUIT, ABRT, KILL, USR1, USR2, TERM"
+                    .into()
+            )
+        );
+        assert!(parse_signal("SIG").is_err());
+        assert!(parse_signal("99").is_err());
     }
 
     #[test]

@@ -124,6 +124,8 @@ pub enum TimerEvent {
     IdleReport,
     /// The shutdown's last deadline: kill whatever is left and go down.
     ShutdownDeadline,
+    /// A shutdown asked for through the control socket, begun once its answer is out.
+    Shutdown(ShutdownKind),
 }
 
 /// Everything the main loop reacts to.

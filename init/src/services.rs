@@ -100,21 +100,27 @@ pub fn catalog(
         None => note("kubelet: binary not present, not started".into()),
     }
     if exists(Path::new(MACHINED)) {
-        out.push(ServiceSpec {
-            name: "machined".into(),
-            program: MACHINED.into(),
-            args: Vec::new(),
-            env: service_env(),
-            depends_on: Vec::new(),
-            readiness: Readiness::Started,
-            ready_timeout: Duration::from_secs(30),
-            autostart: true,
-            stop_timeout: Duration::from_secs(10),
-        });
+        out.push(machined());
     } else {
         note(format!("machined: {MACHINED} not present, not started"));
     }
     out
+}
+
+/// machined, the node API: the same with or without a config (without one, it serves
+/// maintenance mode; stage 2 starts it alone then).
+pub fn machined() -> ServiceSpec {
+    ServiceSpec {
+        name: "machined".into(),
+        program: MACHINED.into(),
+        args: Vec::new(),
+        env: service_env(),
+        depends_on: Vec::new(),
+        readiness: Readiness::Started,
+        ready_timeout: Duration::from_secs(30),
+        autostart: true,
+        stop_timeout: Duration::from_secs(10),
+    }
 }
 
 /// The HTTP/2 client connection preface (RFC 9113 §3.4).

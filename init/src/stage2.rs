@@ -12,23 +12,35 @@
 //!    STATE mounted at `/system/state`, EPHEMERAL at `/var`.
 //! 4. **`/etc`**: a tmpfs with the image's files and the generated ones (`etc_files`);
 //!    the machine id comes from STATE, or is made and kept there.
-//! 5. **Config** (`config_source`): STATE, fw_cfg, config drive, then a URL. Without a
-//!    valid one the node waits and says so every 30 s.
+//! 5. **Config** (`config_source`): a config staged in STATE for this boot is promoted
+//!    first (`state::promote_staged`); then STATE, fw_cfg, config drive, a URL. Without
+//!    a valid one the node waits, says so every 30 s, and serves maintenance mode:
+//!    machined alone (it serves `version` and `apply-config --insecure`) and DHCP on every
+//!    link; machined's `config-installed` ends the wait with the config it wrote to STATE.
 //! 6. **Configure** (once a valid config is there): the config's modules (br_netfilter,
 //!    overlay, ...), sysctls (defaults + config), swap off, hostname, files, `/etc`,
 //!    network (`netconf`), then the services (`services`, `supervisor`); preflight runs
 //!    once containerd is ready.
 //! 7. **Main loop**: one [`Event`] at a time until a shutdown request (signal or control
 //!    socket) has stopped every service; then the rest of the processes are stopped, the
-//!    filesystems unmounted, and the machine restarted or powered off (`shutdown`).
+//!    filesystems unmounted, and the machine restarted or powered off (`shutdown`). A
+//!    reset (control socket) formats STATE and EPHEMERAL anew once they are unmounted,
+//!    so the next boot waits for a config.
+//!
+//! Control requests that change the running node: `apply` (`live`: validated, planned
+//! against the node, applied or refused whole; the network engine restarted here),
+//! `kill` (a signal to a service's process; the supervisor restarts it), and the
+//! shutdowns, begun [`control::SHUTDOWN_DELAY`] after their answer.
 
 use std::convert::Infallible;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use keelson_configs::MachineConfig;
-use keelson_configs::layout::{self, CMDLINE_VERITY_ROOTHASH, cmdline_value, parse_cmdline};
+use keelson_configs::layout::{
+    self, CMDLINE_VERITY_ROOTHASH, PART_EPHEMERAL, PART_STATE, cmdline_value, parse_cmdline,
+};
+use keelson_configs::{MachineConfig, Mode};
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 use tokio::sync::oneshot;
 
@@ -41,6 +53,7 @@ use crate::disks;
 use crate::etc_files::{self, EtcInput};
 use crate::events::{self, Event, EventTx, ShutdownKind, SignalKind, TimerEvent};
 use crate::kmods;
+use crate::live;
 use crate::mounts::{self, EARLY_MOUNTS, MountSpec};
 use crate::netconf::{NetEvent, resolv};
 use crate::network;
@@ -350,6 +363,99 @@ fn mount_etc(sys: &dyn Syscalls, log: &dyn Log) -> bool {
     true
 }
 
+/// A partition a reset wipes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Wipe {
+    /// `STATE` or `EPHEMERAL`.
+    pub name: &'static str,
+    /// Its device.
+    pub device: String,
+    /// Where it was mounted.
+    pub target: String,
+}
+
+/// The partitions a reset wipes: those `disks::prepare` mounted.
+pub fn wipes(report: &disks::Report) -> Vec<Wipe> {
+    [
+        (PART_STATE, &report.state),
+        (PART_EPHEMERAL, &report.ephemeral),
+    ]
+    .into_iter()
+    .filter_map(|(name, outcome)| {
+        outcome.as_ref().ok().map(|m| Wipe {
+            name,
+            device: m.device.clone(),
+            target: m.target.clone(),
+        })
+    })
+    .collect()
+}
+
+/// A reset's last step, once everything is unmounted: a new empty ext4 filesystem on
+/// each partition (`mke2fs`, as the first boot makes them). A partition still mounted
+/// (busy, remounted read-only) is left alone and said so.
+pub fn wipe_partitions(sys: &dyn Syscalls, log: &dyn Log, wipes: &[Wipe]) {
+    for w in wipes {
+        if sys.is_mount_point(Path::new(&w.target)).unwrap_or(false) {
+            log.line(&format!(
+                "reset: {} ({}) is still mounted at {}: not wiped; reset again, or wipe the partition from another system",
+                w.name, w.device, w.target
+            ));
+            continue;
+        }
+        match disks::format(sys, w.name, &w.device) {
+            Ok(()) => log.line(&format!(
+                "reset: {} ({}) wiped: a new empty ext4 filesystem",
+                w.name, w.device
+            )),
+            Err(e) => log.line(&format!(
+                "reset: {} not wiped: {}",
+                w.name,
+                crate::error_chain(&e)
+            )),
+        }
+    }
+}
+
+/// Promote a config staged in STATE for this boot, before anything reads the config.
+pub fn promote_staged(log: &dyn Log, dir: &Path) {
+    let staged = dir.join(layout::STATE_CONFIG_STAGED).display().to_string();
+    let judge = |bytes: &[u8]| {
+        let checked = keelson_configs::check_bytes(bytes, &staged, Mode::Metal);
+        if checked.is_valid() {
+            Ok(())
+        } else {
+            Err(checked
+                .diagnostics
+                .iter()
+                .filter(|d| d.is_error())
+                .map(ToString::to_string)
+                .collect())
+        }
+    };
+    match state::promote_staged(dir, judge) {
+        Ok(state::Promotion::Nothing) => {}
+        Ok(state::Promotion::Promoted) => log.line(&format!(
+            "staged config {staged} promoted to {}: this boot runs it",
+            layout::STATE_CONFIG
+        )),
+        Ok(state::Promotion::Refused(errors)) => {
+            log.line(&format!(
+                "staged config {staged} refused: {} error(s); kept as {} and the config in effect stays",
+                errors.len(),
+                state::STAGED_REFUSED
+            ));
+            for e in errors {
+                log.line(&format!("config error: {e}"));
+            }
+        }
+        Err(e) => log.line(&format!(
+            "staged config {staged} not promoted: {}",
+            crate::error_chain(&e)
+        )),
+    }
+}
+
 /// The whole of stage 2; returns only with an error that needs a deliberate reboot.
 pub fn run<L: Log>(sys: &dyn Syscalls, console: &L) -> Result<Infallible, Error> {
     let log = BootLog::new(console);
@@ -365,11 +471,11 @@ pub fn run<L: Log>(sys: &dyn Syscalls, console: &L) -> Result<Infallible, Error>
         slot_partname: cmdline::slot(&cmdline).map(|s| s.partition_name().to_string()),
         ..disks::Options::default()
     };
-    let state_dir = match disks::prepare(sys, &log, index.as_ref(), &disk_options) {
-        Ok(report) => report.state.is_ok().then(state::state_dir),
+    let (state_dir, wipe) = match disks::prepare(sys, &log, index.as_ref(), &disk_options) {
+        Ok(report) => (report.state.is_ok().then(state::state_dir), wipes(&report)),
         Err(e) => {
             log.line(&format!("disks: {}", crate::error_chain(&e)));
-            None
+            (None, Vec::new())
         }
     };
     // The kernel's word on the filesystems it mounted (clean, or recovered from the
@@ -384,6 +490,7 @@ pub fn run<L: Log>(sys: &dyn Syscalls, console: &L) -> Result<Infallible, Error>
                 stale.display()
             ));
         }
+        promote_staged(&log, dir);
     }
     let etc_ok = mount_etc(sys, &log);
     let machine_id = machine_id(sys, &log, state_dir.as_deref());
@@ -412,6 +519,10 @@ pub fn run<L: Log>(sys: &dyn Syscalls, console: &L) -> Result<Infallible, Error>
         fetching: false,
         network: None,
         control_socket: None,
+        wipe,
+        maintenance: Maintenance::Off,
+        shutdown_pending: None,
+        reset: false,
     };
     // A LocalSet: netconf's tasks run on this one thread next to the main loop.
     let local = tokio::task::LocalSet::new();
@@ -446,6 +557,25 @@ struct Node<'a, L: Log> {
     network: Option<oneshot::Sender<()>>,
     /// Closes the control socket.
     control_socket: Option<tokio::task::AbortHandle>,
+    /// What a reset wipes.
+    wipe: Vec<Wipe>,
+    /// Whether machined serves maintenance mode.
+    maintenance: Maintenance,
+    /// A shutdown answered through the control socket, begun shortly after.
+    shutdown_pending: Option<ShutdownKind>,
+    /// The shutdown under way is a reset: wipe STATE and EPHEMERAL at its end.
+    reset: bool,
+}
+
+/// Maintenance mode (no config yet: machined alone, for `apply-config --insecure`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Maintenance {
+    /// Not tried yet (or the node is configured).
+    Off,
+    /// machined serves it.
+    Serving,
+    /// Not possible on this boot (said once).
+    Unavailable,
 }
 
 impl<L: Log> Node<'_, L> {
@@ -527,11 +657,45 @@ impl<L: Log> Node<'_, L> {
             self.log.line(&line);
         }
         self.after(config_source::REMINDER, TimerEvent::ConfigReminder);
-        if self.url().is_some() && self.network.is_none() {
-            // The URL needs an address: DHCP on every link until a config says more.
+        self.start_maintenance();
+        if (self.url().is_some() || self.maintenance == Maintenance::Serving)
+            && self.network.is_none()
+        {
+            // The URL and the API need an address: DHCP on every link until a config
+            // says more.
             let net = network::dhcp_everywhere(Path::new("/sys"));
             self.network = Some(network::start(&net, None, self.events.clone()));
         }
+    }
+
+    /// Start machined alone, once: with no config in STATE it serves maintenance mode.
+    fn start_maintenance(&mut self) {
+        if self.maintenance != Maintenance::Off || self.shutdown.is_some() {
+            return;
+        }
+        let log = self.log;
+        if self.state_dir.is_none() {
+            log.line("maintenance mode unavailable: STATE is not mounted, so a config pushed over the API could not be kept");
+            self.maintenance = Maintenance::Unavailable;
+            return;
+        }
+        if !Path::new(services::MACHINED).is_file() {
+            log.line(&format!(
+                "maintenance mode unavailable: {} is not in this image",
+                services::MACHINED
+            ));
+            self.maintenance = Maintenance::Unavailable;
+            return;
+        }
+        log.line(&format!(
+            "maintenance mode: machined serves version and apply-config on port {} (machinectl --insecure)",
+            layout::API_PORT
+        ));
+        self.maintenance = Maintenance::Serving;
+        let runner = self.runner();
+        runner.supervisor.add(vec![services::machined()]);
+        let actions = runner.supervisor.start_autostart(log);
+        runner.apply(actions, log);
     }
 
     fn runner(&mut self) -> &mut Runner {
@@ -587,6 +751,15 @@ impl<L: Log> Node<'_, L> {
                         None => self.wait_for_config(),
                     }
                 }
+            }
+            Event::Timer(TimerEvent::Shutdown(kind)) => {
+                self.shutdown_pending = None;
+                let why = if self.reset {
+                    "reset through the control socket"
+                } else {
+                    "control socket"
+                };
+                self.begin_shutdown(kind, why);
             }
             Event::Timer(TimerEvent::ShutdownDeadline) => {
                 log.line(&format!(
@@ -793,14 +966,12 @@ impl<L: Log> Node<'_, L> {
                     ..Response::ok()
                 };
             }
-            Request::Reboot => {
-                self.begin_shutdown(ShutdownKind::Reboot, "control socket");
-                return Response::ok();
-            }
-            Request::Poweroff => {
-                self.begin_shutdown(ShutdownKind::PowerOff, "control socket");
-                return Response::ok();
-            }
+            Request::Reboot => return self.shutdown_later(ShutdownKind::Reboot, false),
+            Request::Poweroff => return self.shutdown_later(ShutdownKind::PowerOff, false),
+            Request::Reset => return self.shutdown_later(ShutdownKind::Reboot, true),
+            Request::Kill { service, signal } => return self.kill(&service, &signal),
+            Request::Apply { parts, config } => return self.apply_live(&parts, config),
+            Request::ConfigInstalled => return self.config_installed(),
         };
         match result {
             Ok(actions) => {
@@ -809,6 +980,226 @@ impl<L: Log> Node<'_, L> {
                 Response::ok()
             }
             Err(e) => Response::error(e.to_string()),
+        }
+    }
+
+    /// Answer a reboot, power-off or reset now and begin it shortly after, so that the
+    /// answer reaches machined before the shutdown stops it.
+    fn shutdown_later(&mut self, kind: ShutdownKind, reset: bool) -> Response {
+        if let Some(current) = self.shutdown.or(self.shutdown_pending) {
+            return Response::error(format!("a {} is already under way", current.describe()));
+        }
+        if reset {
+            if self.wipe.is_empty() {
+                return Response::error(
+                    "reset refused: neither STATE nor EPHEMERAL was prepared at this boot (see the boot log), so there is nothing to wipe; reboot the node instead",
+                );
+            }
+            self.reset = true;
+        }
+        self.shutdown_pending = Some(kind);
+        self.after(control::SHUTDOWN_DELAY, TimerEvent::Shutdown(kind));
+        let what = if reset {
+            let names: Vec<&str> = self.wipe.iter().map(|w| w.name).collect();
+            format!(
+                "reset: stopping services, wiping {}, then rebooting to wait for a config",
+                names.join(" and ")
+            )
+        } else {
+            format!("{}: stopping services", kind.describe())
+        };
+        self.log.line(&format!(
+            "{} asked through the control socket: it begins in {} s",
+            if reset { "reset" } else { kind.describe() },
+            control::SHUTDOWN_DELAY.as_secs()
+        ));
+        Response::message(what)
+    }
+
+    /// Send a signal to a service's process; the supervisor restarts it if it exits.
+    fn kill(&mut self, service: &str, signal: &str) -> Response {
+        let (name, number) = match control::parse_signal(signal) {
+            Ok(s) => s,
+            Err(e) => return Response::error(e),
+        };
+        let log = self.log;
+        let sup = &self.runner().supervisor;
+        let id = match sup.id(service) {
+            Ok(id) => id,
+            Err(e) => return Response::error(e.to_string()),
+        };
+        let Some(status) = sup.statuses().into_iter().nth(id) else {
+            return Response::error(format!("no service named {service:?}"));
+        };
+        let Some(pid) = status.pid else {
+            return Response::error(format!(
+                "service {service} is not running ({}): there is no process to signal; start it first",
+                status.state
+            ));
+        };
+        let sent = match (pid_of(pid), signal_of(number)) {
+            (Some(p), Some(sig)) => rustix::process::kill_process(p, sig).map_err(io::Error::from),
+            _ => Err(io::Error::from_raw_os_error(22)),
+        };
+        match sent {
+            Ok(()) => {
+                let what = format!(
+                    "{name} sent to service {service} (pid {pid}); if it exits, the supervisor restarts it after its backoff"
+                );
+                log.line(&format!("{what} (control socket)"));
+                Response::message(what)
+            }
+            Err(e) => Response::error(format!(
+                "cannot send {name} to service {service} (pid {pid}): {}",
+                errno_name(&e)
+            )),
+        }
+    }
+
+    /// `apply`: judge, plan against the node, apply, restart the network; refused whole
+    /// at the first two steps.
+    fn apply_live(&mut self, parts: &[live::Part], text: String) -> Response {
+        let log = self.log;
+        if self.shutdown.is_some() || self.shutdown_pending.is_some() {
+            return Response::error("the node is going down: nothing was applied");
+        }
+        let Some(current) = self.config.as_ref() else {
+            return Response::error(
+                "this node has no config yet: the first config is installed through maintenance mode (apply-config --insecure), not applied live",
+            );
+        };
+        let names: Vec<&str> = parts.iter().map(|p| p.key()).collect();
+        let config = match live::judge(text.as_bytes()) {
+            Ok(c) => c,
+            Err(errors) => {
+                log.line(&format!(
+                    "live apply of {} refused: the config is invalid; nothing was changed",
+                    names.join(", ")
+                ));
+                for e in &errors {
+                    log.line(&format!("config error: {e}"));
+                }
+                return Response::error(format!(
+                    "the config is invalid; nothing was changed:\n{}",
+                    errors.join("\n")
+                ));
+            }
+        };
+        log.line(&format!(
+            "applying {} live (node API)",
+            if names.is_empty() {
+                "nothing".to_string()
+            } else {
+                names.join(", ")
+            }
+        ));
+        let paths = live::Paths::node(self.etc_ok);
+        let env = live::Env {
+            sys: self.sys,
+            log,
+            modules: self.modules.as_ref(),
+            paths: &paths,
+            current: Some(&current.config),
+            machine_id: &self.machine_id,
+        };
+        let plan = match live::plan(&env, parts, &config) {
+            Ok(plan) => plan,
+            Err(errors) => {
+                log.line("live apply refused: nothing was changed");
+                for e in &errors {
+                    log.line(&e.to_string());
+                }
+                return Response::error(format!(
+                    "the config cannot be applied live; nothing was changed:\n{}",
+                    errors.join("\n")
+                ));
+            }
+        };
+        let mut messages = match live::apply(&env, &plan) {
+            Ok(m) => m,
+            Err(e) => return Response::error(e),
+        };
+        if plan.network {
+            let machine = &config.machine;
+            if let Some(stop) = self.network.take() {
+                let _ = stop.send(());
+            }
+            self.network = Some(network::start(
+                &machine.network,
+                machine.hostname.as_deref(),
+                self.events.clone(),
+            ));
+            let line = format!(
+                "network restarted with machine.network ({} interface(s)); addresses and routes the new config drops stay until the next boot",
+                machine.network.interfaces.len()
+            );
+            log.line(&line);
+            messages.push(line);
+            if self.etc_ok && !machine.network.nameservers.is_empty() {
+                let entry = etc_files::Entry::file(
+                    "resolv.conf",
+                    resolv::render(&machine.network.nameservers, &[]),
+                );
+                if let Err(e) = etc_files::write(Path::new("/etc"), &[entry]) {
+                    messages.push(format!("/etc/resolv.conf not written: {e}"));
+                }
+            }
+        }
+        if messages.is_empty() {
+            messages.push("nothing to change: the node already runs these values".into());
+        }
+        self.config = Some(Accepted {
+            source: Source::Api,
+            bytes: text.into_bytes(),
+            config,
+        });
+        Response::messages(messages)
+    }
+
+    /// `config-installed`: machined wrote the first config to STATE; continue the boot.
+    fn config_installed(&mut self) -> Response {
+        let log = self.log;
+        if let Some(running) = &self.config {
+            return Response::message(format!(
+                "the node already runs a config (from {}); nothing to do",
+                running.source
+            ));
+        }
+        let Some(dir) = self.state_dir.clone() else {
+            return Response::error(
+                "STATE is not mounted, so there is no installed config to read; see the boot log for the disk error",
+            );
+        };
+        let bytes = match state::read(&dir, layout::STATE_CONFIG) {
+            Ok(Some(bytes)) => bytes,
+            Ok(None) => {
+                return Response::error(format!(
+                    "no config in {}: write it before saying it is installed",
+                    dir.join(layout::STATE_CONFIG).display()
+                ));
+            }
+            Err(e) => return Response::error(crate::error_chain(&e)),
+        };
+        match config_source::judge(&Source::State, &bytes, log) {
+            Ok(config) => {
+                log.line(&format!(
+                    "config installed through the node API in {}: continuing the boot",
+                    Source::State
+                ));
+                self.configure(Accepted {
+                    source: Source::State,
+                    bytes,
+                    config,
+                });
+                Response::message("init continues the boot with the config from STATE")
+            }
+            Err(errors) => {
+                config_source::report_refusal(&Source::State, &errors, log);
+                Response::error(format!(
+                    "the config in STATE is invalid, so the node keeps waiting for one:\n{}",
+                    errors.join("\n")
+                ))
+            }
         }
     }
 
@@ -892,8 +1283,13 @@ impl<L: Log> Node<'_, L> {
         for note in notes {
             log.line(&note);
         }
+        if self.maintenance == Maintenance::Serving {
+            log.line("maintenance mode ends: machined goes on with mutual TLS");
+            self.maintenance = Maintenance::Off;
+        }
         let runner = self.runner();
-        runner.supervisor = Supervisor::new(specs, Backoff::DEFAULT);
+        // Added, not replaced: machined may already run (maintenance mode).
+        runner.supervisor.add(specs);
         let actions = runner.supervisor.start_autostart(log);
         runner.apply(actions, log);
         self.config = Some(accepted);
@@ -938,8 +1334,33 @@ impl<L: Log> Node<'_, L> {
         if !stuck.is_empty() {
             log.line(&format!("still mounted: {}", stuck.join(" ")));
         }
+        if self.reset {
+            wipe_partitions(sys, log, &self.wipe);
+        }
         shutdown::finish(sys, log, kind)
     }
+}
+
+fn pid_of(pid: u32) -> Option<rustix::process::Pid> {
+    i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+}
+
+/// The signals of [`control::SIGNALS`] as rustix's.
+fn signal_of(number: i32) -> Option<rustix::process::Signal> {
+    use rustix::process::Signal;
+    Some(match number {
+        1 => Signal::HUP,
+        2 => Signal::INT,
+        3 => Signal::QUIT,
+        6 => Signal::ABORT,
+        9 => Signal::KILL,
+        10 => Signal::USR1,
+        12 => Signal::USR2,
+        15 => Signal::TERM,
+        _ => return None,
+    })
 }
 
 /// Write the config's `[[machine.files]]`, creating parent directories.
@@ -1048,6 +1469,88 @@ mod tests {
             err.as_deref(),
             Some("early mounts failed: cannot mount cgroup2 at /sys/fs/cgroup: ENODEV (19)")
         );
+    }
+
+    #[test]
+    fn a_reset_formats_what_is_unmounted_and_leaves_what_is_busy() {
+        let fake = Fake::new();
+        fake.mount_points.borrow_mut().insert(PathBuf::from("/var"));
+        let log = MemoryLog::default();
+        let wipes = [
+            Wipe {
+                name: PART_STATE,
+                device: "/dev/vda4".into(),
+                target: "/system/state".into(),
+            },
+            Wipe {
+                name: PART_EPHEMERAL,
+                device: "/dev/vda5".into(),
+                target: "/var".into(),
+            },
+        ];
+        wipe_partitions(&fake, &log, &wipes);
+        assert_eq!(
+            fake.calls()
+                .into_iter()
+                .filter(|c| matches!(c, Call::RunTool(..)))
+                .collect::<Vec<_>>(),
+            [Call::RunTool(
+                disks::MKE2FS.into(),
+                ["-t", "ext4", "-L", "STATE", "-F", "/dev/vda4"]
+                    .map(String::from)
+                    .to_vec()
+            )]
+        );
+        assert_eq!(
+            log.lines(),
+            [
+                "keelson-init: reset: STATE (/dev/vda4) wiped: a new empty ext4 filesystem",
+                "keelson-init: reset: EPHEMERAL (/dev/vda5) is still mounted at /var: not wiped; reset again, or wipe the partition from another system",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_staged_config_is_promoted_and_said_so() -> io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let log = MemoryLog::default();
+        promote_staged(&log, dir.path());
+        assert!(log.lines().is_empty(), "nothing staged, nothing said");
+        let good = include_str!("../../configs/tests/data/controlplane.toml");
+        std::fs::write(dir.path().join(layout::STATE_CONFIG_STAGED), good)?;
+        promote_staged(&log, dir.path());
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join(layout::STATE_CONFIG))?,
+            good
+        );
+        std::fs::write(
+            dir.path().join(layout::STATE_CONFIG_STAGED),
+            "version = 7\n",
+        )?;
+        promote_staged(&log, dir.path());
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join(layout::STATE_CONFIG))?,
+            good,
+            "an invalid staged config is not promoted"
+        );
+        let lines = log.lines();
+        let staged = dir.path().join(layout::STATE_CONFIG_STAGED);
+        assert_eq!(
+            lines[0],
+            format!(
+                "keelson-init: staged config {} promoted to config.toml: this boot runs it",
+                staged.display()
+            )
+        );
+        assert!(
+            lines[1].ends_with("kept as config.staged.refused.toml and the config in effect stays"),
+            "{lines:?}"
+        );
+        assert!(
+            lines[2].starts_with("keelson-init: config error: "),
+            "{lines:?}"
+        );
+        Ok(())
     }
 
     #[test]

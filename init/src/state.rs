@@ -6,6 +6,14 @@
 //! any point leaves the old file or the new one, never a torn one; a leftover temporary
 //! file is ignored by readers and removed by [`remove_stale`]. Files are created mode
 //! 0600: the machine config carries the cluster's join secrets.
+//!
+//! A config staged for the next boot (`apply-config --mode staged`: machined writes
+//! `config.staged.toml`) becomes the config at boot, before the config is read
+//! ([`promote_staged`]): one `rename(2)` over `config.toml`, then the directory fsynced,
+//! so a power cut leaves either the staged file waiting or the new config in place.
+//! A staged config that fails validation is not promoted: it is renamed
+//! [`STAGED_REFUSED`] (kept for the operator to read, never retried) and the config in
+//! effect stays.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -13,7 +21,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use keelson_configs::layout::{STATE_CONFIG, STATE_MOUNT};
+use keelson_configs::layout::{STATE_CONFIG, STATE_CONFIG_STAGED, STATE_MOUNT};
 
 use crate::syscalls::errno_name;
 
@@ -156,6 +164,55 @@ pub fn write_config(dir: &Path, text: &str) -> Result<(), Error> {
     write_atomic(dir, STATE_CONFIG, text.as_bytes())
 }
 
+/// Where a staged config that failed validation at boot is kept, inside STATE.
+pub const STAGED_REFUSED: &str = "config.staged.refused.toml";
+
+/// What [`promote_staged`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Promotion {
+    /// No config was staged.
+    Nothing,
+    /// The staged config is now the config.
+    Promoted,
+    /// The staged config is invalid: kept as [`STAGED_REFUSED`]; these are its errors.
+    Refused(Vec<String>),
+}
+
+/// Rename `from` over `to` inside `dir`, then fsync the directory.
+fn rename_durable(dir: &Path, from: &str, to: &str) -> Result<(), Error> {
+    let target = dir.join(to);
+    let fail = |step: &'static str| {
+        let path = target.display().to_string();
+        move |source| Error::Write { path, step, source }
+    };
+    fs::rename(dir.join(from), &target).map_err(fail("rename"))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(fail("fsync dir"))
+}
+
+/// Make a staged config (`config.staged.toml`) the config (`config.toml`), atomically,
+/// if `judge` accepts it (it returns the validator's errors otherwise).
+pub fn promote_staged(
+    dir: &Path,
+    judge: impl FnOnce(&[u8]) -> Result<(), Vec<String>>,
+) -> Result<Promotion, Error> {
+    let Some(staged) = read(dir, STATE_CONFIG_STAGED)? else {
+        return Ok(Promotion::Nothing);
+    };
+    // The data was fsynced when machined wrote it; the rename alone makes it the config.
+    match judge(&staged) {
+        Ok(()) => {
+            rename_durable(dir, STATE_CONFIG_STAGED, STATE_CONFIG)?;
+            Ok(Promotion::Promoted)
+        }
+        Err(errors) => {
+            rename_durable(dir, STATE_CONFIG_STAGED, STAGED_REFUSED)?;
+            Ok(Promotion::Refused(errors))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -263,6 +320,32 @@ mod tests {
         }
         let seen = reader.join().map_err(|_| "reader panicked")??;
         assert_eq!(seen, 400);
+        Ok(())
+    }
+
+    #[test]
+    fn a_staged_config_is_promoted_at_boot_unless_it_is_invalid()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let dir = Dir::new("staged")?;
+        let ok = |_: &[u8]| Ok(());
+        assert_eq!(promote_staged(&dir.0, ok)?, Promotion::Nothing);
+        write_config(&dir.0, "old\n")?;
+        write_atomic(&dir.0, STATE_CONFIG_STAGED, b"staged\n")?;
+        assert_eq!(promote_staged(&dir.0, ok)?, Promotion::Promoted);
+        assert_eq!(read_config(&dir.0)?.as_deref(), Some("staged\n"));
+        assert_eq!(read(&dir.0, STATE_CONFIG_STAGED)?, None);
+        // Nothing left to promote at the next boot.
+        assert_eq!(promote_staged(&dir.0, ok)?, Promotion::Nothing);
+
+        write_atomic(&dir.0, STATE_CONFIG_STAGED, b"broken\n")?;
+        let refuse = |bytes: &[u8]| Err(vec![format!("{} bytes of nonsense", bytes.len())]);
+        assert_eq!(
+            promote_staged(&dir.0, refuse)?,
+            Promotion::Refused(vec!["7 bytes of nonsense".into()])
+        );
+        assert_eq!(read_config(&dir.0)?.as_deref(), Some("staged\n"));
+        assert_eq!(read(&dir.0, STAGED_REFUSED)?, Some(b"broken\n".to_vec()));
+        assert_eq!(read(&dir.0, STATE_CONFIG_STAGED)?, None);
         Ok(())
     }
 

@@ -352,24 +352,35 @@ impl Supervisor {
     /// A supervisor over `specs` (dependencies on unknown names are ignored, with the
     /// rest of the spec kept), none started yet.
     pub fn new(specs: Vec<ServiceSpec>, backoff: Backoff) -> Supervisor {
-        Supervisor {
-            services: specs
-                .into_iter()
-                .map(|spec| Service {
-                    spec,
-                    state: State::Stopped,
-                    pid: None,
-                    generation: 0,
-                    started_at: None,
-                    failures: 0,
-                    restarts: 0,
-                    last_exit: None,
-                    after_stop: AfterStop::Nothing,
-                    output: RingBuffer::new(SERVICE_LOG_BYTES),
-                })
-                .collect(),
+        let mut supervisor = Supervisor {
+            services: Vec::new(),
             backoff,
             shutting_down: false,
+        };
+        supervisor.add(specs);
+        supervisor
+    }
+
+    /// Register more services, not started yet. A name already registered keeps its
+    /// spec and its run (machined, started alone in maintenance mode, keeps running when
+    /// the config brings the other services); ids never change.
+    pub fn add(&mut self, specs: Vec<ServiceSpec>) {
+        for spec in specs {
+            if self.services.iter().any(|s| s.spec.name == spec.name) {
+                continue;
+            }
+            self.services.push(Service {
+                spec,
+                state: State::Stopped,
+                pid: None,
+                generation: 0,
+                started_at: None,
+                failures: 0,
+                restarts: 0,
+                last_exit: None,
+                after_stop: AfterStop::Nothing,
+                output: RingBuffer::new(SERVICE_LOG_BYTES),
+            });
         }
     }
 
@@ -1066,6 +1077,28 @@ mod tests {
             ],
             Backoff::DEFAULT,
         )
+    }
+
+    #[test]
+    fn services_added_later_join_and_a_running_one_keeps_its_run() {
+        let log = MemoryLog::default();
+        // Maintenance mode: machined alone.
+        let mut sup = Supervisor::new(
+            vec![spec("machined", &[], Readiness::Started)],
+            Backoff::DEFAULT,
+        );
+        assert_eq!(sup.start_autostart(&log), [Action::Spawn(0)]);
+        assert_eq!(sup.spawned(0, 50, Instant::now(), &log), []);
+        // The config brings the rest; machined is in the catalog again.
+        sup.add(vec![
+            spec("containerd", &[], Readiness::Started),
+            spec("machined", &[], Readiness::Started),
+        ]);
+        let names: Vec<String> = sup.statuses().into_iter().map(|s| s.name).collect();
+        assert_eq!(names, ["machined", "containerd"]);
+        assert_eq!(sup.start_autostart(&log), [Action::Spawn(1)]);
+        assert_eq!(sup.statuses()[0].pid, Some(50));
+        assert_eq!(sup.state(0), State::Ready);
     }
 
     #[test]
