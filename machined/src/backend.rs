@@ -15,6 +15,7 @@
 //! |---|---|
 //! | `{"op":"list"}` | `"services": [{"name","state","pid","restarts","last_exit","depends_on","autostart"}]` |
 //! | `{"op":"start"\|"stop"\|"restart","service":N}` | (the change is under way) |
+//! | `{"op":"kill","service":N,"signal":"KILL"\|"TERM"\|..}` | `"message"`: the signal was sent; the supervisor restarts the service after its backoff |
 //! | `{"op":"logs","service":N,"lines":L}` | `"lines": [..]`: the last L lines of its ring buffer |
 //! | `{"op":"bootlog","lines":L}` | `"lines": [..]`: PID 1's boot log |
 //! | `{"op":"apply","parts":[..],"config":TOML}` | `"messages": [..]`, once the parts are in effect |
@@ -22,10 +23,8 @@
 //! | `{"op":"reboot"}`, `{"op":"poweroff"}`, `{"op":"reset"}` | acknowledged, then done |
 //!
 //! `apply` names the [`LivePart`]s that changed and carries the whole new config; init
-//! applies those parts (sysctls, kernel modules, files, hostname, kubelet, network).
-//! `apply`, `config-installed` and `reset` are what machined needs from init beyond the
-//! requests init serves today; until init serves them, these calls fail with init's
-//! own "not a request" answer, which machined passes on.
+//! validates it, checks every change against the node, and applies those parts
+//! (sysctls, kernel modules, files, hostname, network) or refuses the request whole.
 
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::os::unix::net::UnixStream;
@@ -187,6 +186,9 @@ pub trait NodeBackend: Send + Sync + 'static {
     fn services(&self) -> Result<Vec<ServiceStatus>, BackendError>;
     /// Starts, stops or restarts a service; the answer says what happened.
     fn service_action(&self, name: &str, op: ServiceOp) -> Result<String, BackendError>;
+    /// Sends a signal (`KILL`, `TERM`, ...) to a service's process; the supervisor
+    /// restarts it after its backoff.
+    fn kill(&self, name: &str, signal: &str) -> Result<String, BackendError>;
     /// The last `lines` lines of a service's log ring buffer (`init`: PID 1's boot log);
     /// `None`: all of it.
     fn logs(&self, service: &str, lines: Option<u32>) -> Result<Vec<String>, BackendError>;
@@ -343,6 +345,10 @@ impl NodeBackend for InitSocket {
         })
     }
 
+    fn kill(&self, name: &str, signal: &str) -> Result<String, BackendError> {
+        self.message(serde_json::json!({"op": "kill", "service": name, "signal": signal}))
+    }
+
     fn logs(&self, service: &str, lines: Option<u32>) -> Result<Vec<String>, BackendError> {
         let lines = lines.unwrap_or(ALL_LINES);
         let request = if service == "init" {
@@ -381,6 +387,8 @@ impl NodeBackend for InitSocket {
 pub enum Call {
     /// `service_action`.
     ServiceAction(String, ServiceOp),
+    /// `kill`: the service and the signal.
+    Kill(String, String),
     /// `apply_live`: the parts and the config.
     ApplyLive(Vec<LivePart>, String),
     /// `config_installed`.
@@ -479,6 +487,22 @@ impl NodeBackend for RecordingBackend {
         }
         self.record(Call::ServiceAction(name.to_owned(), op));
         Ok(format!("service {name}: {op} requested"))
+    }
+
+    fn kill(&self, name: &str, signal: &str) -> Result<String, BackendError> {
+        let found = self
+            .services
+            .lock()
+            .map(|s| s.iter().any(|s| s.name == name))
+            .unwrap_or(false);
+        if !found {
+            return Err(BackendError::UnknownService {
+                name: name.to_owned(),
+                known: self.known(),
+            });
+        }
+        self.record(Call::Kill(name.to_owned(), signal.to_owned()));
+        Ok(format!("{signal} sent to service {name}"))
     }
 
     fn logs(&self, service: &str, lines: Option<u32>) -> Result<Vec<String>, BackendError> {

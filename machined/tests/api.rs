@@ -206,6 +206,43 @@ fn operator_and_admin_actions_reach_the_backend() {
     );
 }
 
+#[test]
+fn an_operator_sends_a_signal_to_a_service() {
+    let cluster = Cluster::new();
+    let node = Node::start(Some(&cluster.controlplane));
+    let config = cluster.client_config(node.address, Role::Operator);
+    let out = machinectl(&config, &["service", "containerd", "kill"]);
+    assert_ok(&out);
+    assert!(
+        stdout(&out).contains("KILL sent to service containerd"),
+        "{}",
+        text(&out)
+    );
+    assert_ok(&machinectl(
+        &config,
+        &["service", "kubelet", "kill", "--signal", "TERM"],
+    ));
+    let out = machinectl(&config, &["service", "machined", "kill"]);
+    assert_fails(&out, &["would cut this very call off"]);
+    let out = machinectl(&config, &["service", "nope", "kill"]);
+    assert_fails(&out, &["no service named \"nope\""]);
+    let out = machinectl(
+        &config,
+        &["--context", "reader", "service", "containerd", "kill"],
+    );
+    assert_fails(
+        &out,
+        &["needs role operator", "your certificate has reader"],
+    );
+    assert_eq!(
+        node.backend.calls(),
+        [
+            Call::Kill("containerd".into(), "KILL".into()),
+            Call::Kill("kubelet".into(), "TERM".into()),
+        ]
+    );
+}
+
 /// An admin certificate signed by the cluster's CA, but expired (valid 2020-2021).
 fn expired_admin(cluster: &Cluster) -> keelson_configs::pki::CertAndKey {
     let ca_key = rcgen::KeyPair::from_pem(&cluster.ca.key).unwrap();

@@ -2,8 +2,9 @@
 //! config through fw_cfg, PID 1 starts machined, and `machinectl` with the generated
 //! admin client config reaches it through a QEMU user-network port forward
 //! (127.0.0.1:PORT on the host to the guest's 50000): `version`, `services`,
-//! `logs containerd`, `dmesg`, `get sysctls`, and the security matrix's refusals from
-//! the real node.
+//! `logs containerd`, `dmesg`, `get sysctls`, the security matrix's refusals from
+//! the real node, and `image import` of an OCI archive the test writes itself (one
+//! static binary, this image's own PID 1) that containerd then lists.
 //!
 //! The image is `KEELSON_TEST_IMAGE_AMD64` when set, else the suite's built image.
 
@@ -14,7 +15,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use keelson_configs::generate::{GenerateOptions, generate};
-use keelson_configs::layout::FW_CFG_CONFIG;
+use keelson_configs::layout::{FW_CFG_CONFIG, ROOT_INIT, Slot};
 use keelson_configs::pki::{self, Role};
 use keelson_configs::secrets::ClusterSecrets;
 use keelson_configs::{Mode, check_str};
@@ -85,6 +86,81 @@ via = "10.0.2.2"
     (text, secrets.node_api_ca)
 }
 
+fn sha256(data: &[u8]) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(data))
+}
+
+/// Append a regular file to a tar archive.
+fn add<W: std::io::Write>(tar: &mut tar::Builder<W>, name: &str, mode: u32, data: &[u8]) {
+    let mut header = tar::Header::new_gnu();
+    header.set_size(data.len() as u64);
+    header.set_mode(mode);
+    header.set_mtime(0);
+    header.set_cksum();
+    tar.append_data(&mut header, name, data).unwrap();
+}
+
+/// An OCI image archive (an OCI image layout in a tar) named `name`: one uncompressed
+/// layer holding `binary` as `/bin/hello`, its entry point.
+fn oci_archive(path: &Path, name: &str, binary: &[u8]) {
+    let mut layer = tar::Builder::new(Vec::new());
+    add(&mut layer, "bin/hello", 0o755, binary);
+    let layer = layer.into_inner().unwrap();
+    let layer_digest = sha256(&layer);
+    let config = serde_json::json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {"Entrypoint": ["/bin/hello"]},
+        "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{layer_digest}")]},
+    })
+    .to_string();
+    let config_digest = sha256(config.as_bytes());
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": format!("sha256:{config_digest}"),
+            "size": config.len(),
+        },
+        "layers": [{
+            "mediaType": "application/vnd.oci.image.layer.v1.tar",
+            "digest": format!("sha256:{layer_digest}"),
+            "size": layer.len(),
+        }],
+    })
+    .to_string();
+    let manifest_digest = sha256(manifest.as_bytes());
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": format!("sha256:{manifest_digest}"),
+            "size": manifest.len(),
+            "annotations": {"org.opencontainers.image.ref.name": name},
+        }],
+    })
+    .to_string();
+    let mut archive = tar::Builder::new(std::fs::File::create(path).unwrap());
+    add(
+        &mut archive,
+        "oci-layout",
+        0o644,
+        br#"{"imageLayoutVersion":"1.0.0"}"#,
+    );
+    add(&mut archive, "index.json", 0o644, index.as_bytes());
+    for (digest, data) in [
+        (&layer_digest, layer.as_slice()),
+        (&config_digest, config.as_bytes()),
+        (&manifest_digest, manifest.as_bytes()),
+    ] {
+        add(&mut archive, &format!("blobs/sha256/{digest}"), 0o644, data);
+    }
+    archive.finish().unwrap();
+}
+
 fn run(bin: &Path, config: &Path, args: &[&str]) -> Output {
     Command::new("timeout")
         .arg("60")
@@ -150,6 +226,8 @@ fn machinectl_operates_a_booted_node() {
         .boot()
         .unwrap();
     vm.wait_for("service machined ready", BOOT).unwrap();
+    // containerd has printed its start-up by the time it is ready (`logs` below).
+    vm.wait_for("service containerd ready", BOOT).unwrap();
 
     // machined is up; the API answers once its listener is bound.
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -185,8 +263,9 @@ fn machinectl_operates_a_booted_node() {
     assert!(out.status.success(), "{}", show(&out));
     assert!(
         !out.stdout.is_empty(),
-        "containerd logged nothing: {}",
-        show(&out)
+        "containerd logged nothing: {}\n--- console ---\n{}",
+        show(&out),
+        vm.console()
     );
 
     let out = run(&bin, &admin, &["dmesg", "--tail", "50"]);
@@ -245,5 +324,43 @@ fn machinectl_operates_a_booted_node() {
     );
     // A reader reads logs.
     let out = run(&bin, &admin, &["--context", "reader", "logs", "machined"]);
+    assert!(out.status.success(), "{}", show(&out));
+
+    // An image the test builds: this image's own static PID 1 as the one binary.
+    let binary = keelson_imager::inspect::read_root_file(&image(), Slot::A, ROOT_INIT).unwrap();
+    assert_eq!(&binary[..4], b"\x7fELF");
+    let archive = dir.path().join("hello.tar");
+    let name = "keelson.test/hello:1";
+    oci_archive(&archive, name, &binary);
+    let out = run(
+        &bin,
+        &admin,
+        &[
+            "--context",
+            "operator",
+            "image",
+            "import",
+            archive.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}", show(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(name),
+        "{}",
+        show(&out)
+    );
+    let out = run(&bin, &admin, &["image", "list", "-o", "json"]);
+    assert!(out.status.success(), "{}", show(&out));
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i.to_string().contains(name)),
+        "{}",
+        show(&out)
+    );
+    let out = run(&bin, &admin, &["containers"]);
     assert!(out.status.success(), "{}", show(&out));
 }

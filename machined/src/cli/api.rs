@@ -54,6 +54,9 @@ pub struct ServiceArgs {
     /// What to do; without it, show the service's status.
     #[arg(value_enum)]
     pub action: Option<ServiceActionArg>,
+    /// The signal `kill` sends (KILL, TERM, HUP, INT, QUIT, ABRT, USR1, USR2).
+    #[arg(long, value_name = "SIGNAL", default_value = "KILL")]
+    pub signal: String,
     /// Output format.
     #[command(flatten)]
     pub output: OutputArgs,
@@ -68,6 +71,8 @@ pub enum ServiceActionArg {
     Stop,
     /// Restart it.
     Restart,
+    /// Send it a signal (--signal, KILL by default); PID 1 restarts it after its backoff.
+    Kill,
 }
 
 /// `machinectl logs SERVICE`.
@@ -539,7 +544,7 @@ pub fn services(target: &Target) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// `machinectl service NAME [start|stop|restart]`.
+/// `machinectl service NAME [start|stop|restart|kill [--signal S]]`.
 pub fn service(target: &Target, args: &ServiceArgs) -> anyhow::Result<ExitCode> {
     let session = target.session()?;
     let name = args.name.clone();
@@ -573,15 +578,23 @@ pub fn service(target: &Target, args: &ServiceArgs) -> anyhow::Result<ExitCode> 
                     ServiceActionArg::Start => proto::ServiceAction::Start,
                     ServiceActionArg::Stop => proto::ServiceAction::Stop,
                     ServiceActionArg::Restart => proto::ServiceAction::Restart,
+                    ServiceActionArg::Kill => proto::ServiceAction::Kill,
+                };
+                let signal = if action == ServiceActionArg::Kill {
+                    args.signal.clone()
+                } else {
+                    String::new()
                 };
                 Ok(session
                     .each(&["message"], |mut c, _| {
                         let name = name.clone();
+                        let signal = signal.clone();
                         async move {
                             let r = c
                                 .service_action(proto::ServiceActionRequest {
                                     name,
                                     action: kind.into(),
+                                    signal,
                                 })
                                 .await?
                                 .into_inner();

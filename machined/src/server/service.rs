@@ -216,19 +216,36 @@ impl Machine for NodeService {
         req: Request<proto::ServiceActionRequest>,
     ) -> Result<Response<proto::ServiceActionResponse>, Status> {
         let req = req.into_inner();
+        if req.name.is_empty() {
+            return Err(Status::invalid_argument("no service name given"));
+        }
         let op = match req.action() {
             proto::ServiceAction::Start => ServiceOp::Start,
             proto::ServiceAction::Stop => ServiceOp::Stop,
             proto::ServiceAction::Restart => ServiceOp::Restart,
+            proto::ServiceAction::Kill => {
+                if req.name == "machined" {
+                    return Err(Status::failed_precondition(
+                        "killing machined would cut this very call off; use `service machined restart`",
+                    ));
+                }
+                let signal = if req.signal.is_empty() {
+                    "KILL".to_owned()
+                } else {
+                    req.signal.clone()
+                };
+                let backend = self.backend.clone();
+                let message = blocking(move || backend.kill(&req.name, &signal))
+                    .await?
+                    .map_err(backend_status)?;
+                return Ok(Response::new(proto::ServiceActionResponse { message }));
+            }
             proto::ServiceAction::Unspecified => {
                 return Err(Status::invalid_argument(
-                    "no action: use start, stop or restart",
+                    "no action: use start, stop, restart or kill",
                 ));
             }
         };
-        if req.name.is_empty() {
-            return Err(Status::invalid_argument("no service name given"));
-        }
         if req.name == "machined" && op == ServiceOp::Stop {
             return Err(Status::failed_precondition(
                 "stopping machined would cut the node off from the API; restart it instead",

@@ -1,0 +1,496 @@
+//! A node's life through the node API, end to end under QEMU, on one boot chain (every
+//! TCG boot costs minutes): a node without a config serves maintenance mode (`version`
+//! with `--insecure`, everything else refused), takes its first config with
+//! `apply-config --insecure`, comes up configured and refuses unauthenticated calls;
+//! then `apply-config` in its modes against the real PID 1: `no-reboot` (the new sysctl
+//! visible right after the call), a config with an error (refused with the validator's
+//! messages, nothing changed), `--dry-run` (the diff, nothing changed), `try` (reverts
+//! by itself after its timeout), `staged` (promoted at the next boot), a reboot (the node
+//! runs the last applied config, read from STATE), `service NAME kill` (the supervisor
+//! restarts it), and `reset` (STATE and EPHEMERAL wiped, back to maintenance mode).
+//!
+//! `machinectl` reaches the guest's port 50000 through a QEMU user-network port forward
+//! (restricted: the guest reaches nothing else). The image is `KEELSON_TEST_IMAGE_AMD64`
+//! when set, else the suite's built image.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use keelson_configs::generate::{GenerateOptions, generate};
+use keelson_configs::pki::{self, Role};
+use keelson_configs::secrets::ClusterSecrets;
+use keelson_configs::{Mode, check_str};
+use keelson_machined::clientconfig::{ClientConfig, Context};
+use keelson_tests::{Arch, Guest, Running, built_image};
+
+/// One boot to "service machined ready" under software emulation, with room to spare.
+const BOOT: Duration = Duration::from_secs(420);
+const MAC: &str = "52:54:00:4b:45:06";
+
+fn image() -> PathBuf {
+    match std::env::var_os("KEELSON_TEST_IMAGE_AMD64") {
+        Some(path) => PathBuf::from(path),
+        None => built_image(Arch::Amd64).unwrap(),
+    }
+}
+
+/// The built `machinectl` next to this test's binary, built first if needed.
+fn machinectl_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().and_then(Path::parent).unwrap().to_path_buf();
+    let bin = profile_dir.join("machinectl");
+    if !bin.is_file() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "-p", "keelson-machined", "--bin", "machinectl"])
+            .status()
+            .unwrap();
+        assert!(status.success(), "building machinectl failed");
+    }
+    assert!(bin.is_file(), "no machinectl at {}", bin.display());
+    bin
+}
+
+/// A control-plane config for QEMU's user network (eth0 = 10.0.2.15/24), as a table to
+/// edit, and the node API CA it carries.
+fn cluster() -> (toml::Table, pki::CertAndKey) {
+    let secrets = ClusterSecrets::generate().unwrap();
+    let generated = generate(
+        &GenerateOptions {
+            cluster_name: "applytest".into(),
+            endpoint: "https://10.0.2.15:6443".into(),
+            ..GenerateOptions::default()
+        },
+        &secrets,
+    )
+    .unwrap();
+    let mut config: toml::Table = toml::from_str(&generated.control_plane.text).unwrap();
+    let network: toml::Table = toml::from_str(
+        r#"
+nameservers = ["10.0.2.3"]
+[[interfaces]]
+name = "eth0"
+addresses = ["10.0.2.15/24"]
+[[interfaces.routes]]
+to = "0.0.0.0/0"
+via = "10.0.2.2"
+"#,
+    )
+    .unwrap();
+    let machine = config["machine"].as_table_mut().unwrap();
+    machine.insert("network".into(), toml::Value::Table(network));
+    machine.insert("hostname".into(), "apply-test".into());
+    (config, secrets.node_api_ca)
+}
+
+/// The config with these `machine.sysctls`, checked valid, written to `dir/name`.
+fn variant(base: &toml::Table, sysctls: &[(&str, &str)], dir: &Path, name: &str) -> PathBuf {
+    let mut config = base.clone();
+    let table: toml::Table = sysctls
+        .iter()
+        .map(|(k, v)| (k.to_string(), toml::Value::String(v.to_string())))
+        .collect();
+    config["machine"]
+        .as_table_mut()
+        .unwrap()
+        .insert("sysctls".into(), toml::Value::Table(table));
+    let text = toml::to_string(&config).unwrap();
+    let checked = check_str(&text, name, Mode::Metal);
+    assert!(checked.is_valid(), "{:#?}", checked.diagnostics);
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn run(bin: &Path, config: &Path, args: &[&str]) -> Output {
+    Command::new("timeout")
+        .arg("120")
+        .arg(bin)
+        .arg("--machineconfig")
+        .arg(config)
+        .args(args)
+        .env_remove("MACHINECONFIG")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap()
+}
+
+fn show(out: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Run until the command succeeds (the API comes up, or back after a change of mode).
+fn until_ok(vm: &Running, timeout: Duration, what: &str, f: impl Fn() -> Output) -> Output {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let out = f();
+        if out.status.success() {
+            return out;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} never succeeded: {}\n--- console ---\n{}",
+            show(&out),
+            tail(&vm.console(), 60)
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    }
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Wait until the console shows `needle` at least `count` times (a later boot of the
+/// same VM prints the same lines again).
+fn wait_count(vm: &mut Running, needle: &str, count: usize, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if vm.console().matches(needle).count() >= count {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {:.0} s waiting for {needle:?} to show {count} times\n--- console ---\n{}",
+            vm.elapsed().as_secs_f64(),
+            tail(&vm.console(), 60)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A sysctl's value on the node, through `get sysctls` with `context`.
+fn sysctl(bin: &Path, clients: &Path, name: &str) -> String {
+    let out = run(bin, clients, &["get", "sysctls", name, "-o", "json"]);
+    assert!(out.status.success(), "{}", show(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v[0]["value"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no value for {name}: {}", show(&out)))
+        .to_string()
+}
+
+#[test]
+fn a_node_from_maintenance_mode_through_apply_config_reboot_and_reset() {
+    let bin = machinectl_binary();
+    let (base, ca) = cluster();
+    let dir = tempfile::tempdir().unwrap();
+    let first = variant(&base, &[], dir.path(), "first.toml");
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let endpoint = format!("127.0.0.1:{port}");
+    let mut clients = ClientConfig::default();
+    for role in Role::ALL {
+        let cert = pki::issue_api_client(&ca, &format!("{role}-user"), role).unwrap();
+        clients.contexts.insert(
+            role.name().into(),
+            Context {
+                endpoints: vec![endpoint.clone()],
+                nodes: Vec::new(),
+                ca: ca.cert.clone(),
+                cert: cert.cert,
+                key: cert.key,
+            },
+        );
+    }
+    clients.context = Some("admin".into());
+    let admin = dir.path().join("machinectl.toml");
+    clients.save(&admin).unwrap();
+    let insecure = |args: &[&str]| {
+        let mut all = vec!["--insecure", "--nodes", endpoint.as_str()];
+        all.extend_from_slice(args);
+        run(&bin, &admin, &all)
+    };
+
+    // No config anywhere: maintenance mode.
+    let mut vm = Guest::new(Arch::Amd64)
+        .image(image())
+        .memory(2048)
+        .allow_reboot()
+        .qemu_args([
+            "-netdev".to_string(),
+            format!("user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{port}-:50000"),
+            "-device".to_string(),
+            format!("virtio-net-pci,netdev=n0,mac={MAC}"),
+        ])
+        .boot()
+        .unwrap();
+    vm.wait_for("keelson-init: maintenance mode: machined serves", BOOT)
+        .unwrap();
+    vm.wait_for("service machined ready", BOOT).unwrap();
+    let out = until_ok(&vm, Duration::from_secs(120), "version --insecure", || {
+        insecure(&["version", "-o", "json"])
+    });
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v[0]["maintenance"], true, "{}", show(&out));
+    let out = insecure(&["services"]);
+    assert!(
+        stderr(&out).contains("maintenance mode") && !out.status.success(),
+        "{}",
+        show(&out)
+    );
+    // The admin context's client certificate is refused too: the node has no CA yet.
+    let out = run(&bin, &admin, &["version"]);
+    assert!(!out.status.success(), "{}", show(&out));
+
+    // The first config, pushed over the network.
+    let out = insecure(&["apply-config", "--file", first.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", show(&out));
+    vm.wait_for(
+        "keelson-init: config installed through the node API",
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    vm.wait_for("service containerd ready", BOOT).unwrap();
+    let out = until_ok(
+        &vm,
+        Duration::from_secs(120),
+        "version (mutual TLS)",
+        || run(&bin, &admin, &["version", "-o", "json"]),
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v[0]["maintenance"], false, "{}", show(&out));
+    assert_eq!(v[0]["hostname"], "apply-test", "{}", show(&out));
+    let out = insecure(&["version"]);
+    assert!(
+        stderr(&out).contains("requires a client certificate"),
+        "{}",
+        show(&out)
+    );
+    let swappiness_at_boot = sysctl(&bin, &admin, "vm.swappiness");
+    assert_ne!(swappiness_at_boot, "10");
+
+    // no-reboot: in effect when the call returns.
+    let ten = variant(&base, &[("vm.swappiness", "10")], dir.path(), "ten.toml");
+    let out = run(
+        &bin,
+        &admin,
+        &[
+            "apply-config",
+            "--file",
+            ten.to_str().unwrap(),
+            "--mode",
+            "no-reboot",
+        ],
+    );
+    assert!(out.status.success(), "{}", show(&out));
+    assert!(
+        stdout(&out).contains(&format!(
+            "sysctl vm.swappiness=10 applied (was {swappiness_at_boot})"
+        )),
+        "{}",
+        show(&out)
+    );
+    assert_eq!(sysctl(&bin, &admin, "vm.swappiness"), "10");
+    let in_state = run(&bin, &admin, &["read", "/system/state/config.toml"]);
+    assert!(in_state.status.success(), "{}", show(&in_state));
+    assert_eq!(stdout(&in_state), std::fs::read_to_string(&ten).unwrap());
+
+    // A config with an error: the validator's messages, nothing changed.
+    let broken = dir.path().join("broken.toml");
+    std::fs::write(
+        &broken,
+        std::fs::read_to_string(&ten)
+            .unwrap()
+            .replace("type = \"controlplane\"", "type = \"mainframe\""),
+    )
+    .unwrap();
+    let out = run(
+        &bin,
+        &admin,
+        &[
+            "apply-config",
+            "--file",
+            broken.to_str().unwrap(),
+            "--mode",
+            "no-reboot",
+        ],
+    );
+    assert!(!out.status.success(), "{}", show(&out));
+    assert!(
+        stderr(&out).contains("machine.type") && stderr(&out).contains("nothing was changed"),
+        "{}",
+        show(&out)
+    );
+    assert_eq!(sysctl(&bin, &admin, "vm.swappiness"), "10");
+    let again = run(&bin, &admin, &["read", "/system/state/config.toml"]);
+    assert_eq!(stdout(&again), stdout(&in_state), "STATE unchanged");
+
+    // --dry-run: the diff, nothing changed.
+    let thirty = variant(&base, &[("vm.swappiness", "30")], dir.path(), "thirty.toml");
+    let out = run(
+        &bin,
+        &admin,
+        &[
+            "apply-config",
+            "--file",
+            thirty.to_str().unwrap(),
+            "--dry-run",
+        ],
+    );
+    assert!(out.status.success(), "{}", show(&out));
+    let diff = stdout(&out);
+    let changed = |sign: char, value: &str| {
+        diff.lines()
+            .any(|l| l.starts_with(sign) && l.contains("vm.swappiness") && l.contains(value))
+    };
+    assert!(changed('-', "10") && changed('+', "30"), "{}", show(&out));
+    assert_eq!(sysctl(&bin, &admin, "vm.swappiness"), "10");
+
+    // try: in effect at once, reverted by itself after the timeout.
+    let forty = variant(&base, &[("vm.swappiness", "40")], dir.path(), "forty.toml");
+    let out = run(
+        &bin,
+        &admin,
+        &[
+            "apply-config",
+            "--file",
+            forty.to_str().unwrap(),
+            "--mode",
+            "try",
+            "--timeout",
+            "20s",
+        ],
+    );
+    assert!(out.status.success(), "{}", show(&out));
+    assert_eq!(sysctl(&bin, &admin, "vm.swappiness"), "40");
+    let tried = Instant::now();
+    let deadline = tried + Duration::from_secs(120);
+    loop {
+        let now = sysctl(&bin, &admin, "vm.swappiness");
+        if now == "10" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the try config never reverted (vm.swappiness={now})\n{}",
+            tail(&vm.console(), 40)
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    assert!(
+        tried.elapsed() >= Duration::from_secs(15),
+        "reverted before its timeout ({:?})",
+        tried.elapsed()
+    );
+
+    // staged: nothing now, promoted at the next boot; the reboot reads STATE.
+    let staged = variant(
+        &base,
+        &[("vm.swappiness", "10"), ("vm.overcommit_memory", "1")],
+        dir.path(),
+        "staged.toml",
+    );
+    let overcommit_now = sysctl(&bin, &admin, "vm.overcommit_memory");
+    assert_ne!(overcommit_now, "1");
+    let out = run(
+        &bin,
+        &admin,
+        &[
+            "apply-config",
+            "--file",
+            staged.to_str().unwrap(),
+            "--mode",
+            "staged",
+        ],
+    );
+    assert!(out.status.success(), "{}", show(&out));
+    assert_eq!(sysctl(&bin, &admin, "vm.overcommit_memory"), overcommit_now);
+
+    // kill: the supervisor restarts containerd after its backoff.
+    let out = run(
+        &bin,
+        &admin,
+        &[
+            "--context",
+            "operator",
+            "service",
+            "containerd",
+            "kill",
+            "--signal",
+            "KILL",
+        ],
+    );
+    assert!(out.status.success(), "{}", show(&out));
+    assert!(
+        stdout(&out).contains("SIGKILL sent to service containerd"),
+        "{}",
+        show(&out)
+    );
+    vm.wait_for(
+        "keelson-init: service containerd killed by signal 9 (SIGKILL)",
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    wait_count(&mut vm, "service containerd ready", 2, BOOT);
+
+    let out = run(&bin, &admin, &["--context", "operator", "reboot"]);
+    assert!(out.status.success(), "{}", show(&out));
+    wait_count(&mut vm, "KEELSON STAGE2 READY", 2, BOOT);
+    vm.wait_for("promoted to config.toml: this boot runs it", BOOT)
+        .unwrap();
+    wait_count(&mut vm, "service machined ready", 2, BOOT);
+    until_ok(
+        &vm,
+        Duration::from_secs(120),
+        "version after reboot",
+        || run(&bin, &admin, &["version"]),
+    );
+    assert_eq!(sysctl(&bin, &admin, "vm.swappiness"), "10");
+    assert_eq!(sysctl(&bin, &admin, "vm.overcommit_memory"), "1");
+    let console = vm.console();
+    let second_boot = &console[console.rfind("KEELSON STAGE2 READY").unwrap()..];
+    assert!(
+        second_boot
+            .contains("keelson-init: config from STATE (/system/state/config.toml) is valid"),
+        "{}",
+        tail(second_boot, 80)
+    );
+
+    // reset: STATE and EPHEMERAL wiped, back to maintenance mode.
+    let out = run(&bin, &admin, &["reset", "--yes"]);
+    assert!(out.status.success(), "{}", show(&out));
+    vm.wait_for("keelson-init: reset: STATE (", BOOT).unwrap();
+    vm.wait_for("keelson-init: reset: EPHEMERAL (", BOOT)
+        .unwrap();
+    wait_count(&mut vm, "KEELSON STAGE2 READY", 3, BOOT);
+    wait_count(
+        &mut vm,
+        "keelson-init: maintenance mode: machined serves",
+        2,
+        BOOT,
+    );
+    let out = until_ok(&vm, Duration::from_secs(180), "version after reset", || {
+        insecure(&["version", "-o", "json"])
+    });
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v[0]["maintenance"], true, "{}", show(&out));
+    // STATE came back empty: no config, a new machine id.
+    let console = vm.console();
+    let third_boot = &console[console.rfind("KEELSON STAGE2 READY").unwrap()..];
+    assert!(
+        third_boot.contains("created and kept in STATE")
+            && !third_boot.contains("config from STATE"),
+        "STATE was not empty after the reset:\n{}",
+        tail(third_boot, 80)
+    );
+}
