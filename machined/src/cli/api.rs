@@ -111,6 +111,9 @@ pub enum Resource {
     Links,
     /// IPv4 and IPv6 routes.
     Routes,
+    /// The IPv4 neighbour (ARP) table: the peers this node has reached.
+    #[value(alias = "neighbors")]
+    Neighbours,
     /// Mounted filesystems.
     Mounts,
     /// Kernel parameters (/proc/sys).
@@ -131,6 +134,7 @@ impl Resource {
             Resource::Addresses => "addresses",
             Resource::Links => "links",
             Resource::Routes => "routes",
+            Resource::Neighbours => "neighbours",
             Resource::Mounts => "mounts",
             Resource::Sysctls => "sysctls",
             Resource::Modules => "modules",

@@ -1,13 +1,20 @@
 //! `machinectl health`: what is and is not healthy on the node, and why.
 //!
-//! The checks: every supervised service is ready (as PID 1 reports it), and the kubelet's
+//! The checks: every supervised service that is wanted is ready (as PID 1 reports it;
+//! a stopped service is not wanted, like etcd before the bootstrap), and the kubelet's
 //! prerequisites hold (kubeadm's preflight): the config's kernel modules are loaded, its
 //! sysctls have their values, swap is off when the config says so, and containerd's
-//! socket exists.
+//! socket exists. Last, the node opens a TCP connection to the node API on the cluster
+//! endpoint's host: a worker that cannot reach its control plane is not healthy, and the
+//! connection leaves the peer in both nodes' neighbour tables (`machinectl get
+//! neighbours`).
 
+use std::net::{TcpStream, ToSocketAddrs as _};
 use std::path::Path;
+use std::time::Duration;
 
 use keelson_configs::MachineConfig;
+use keelson_configs::layout::API_PORT;
 use keelson_configs::schema::Swap;
 
 use super::NodePaths;
@@ -47,6 +54,16 @@ pub fn checks(
     match services {
         Ok(services) => {
             for s in services {
+                // Stopped means not wanted (etcd before the cluster bootstrap, a service
+                // an operator stopped): nothing is failing.
+                if !s.ready && s.state == "stopped" {
+                    out.push(check(
+                        format!("service {}", s.name),
+                        true,
+                        "stopped, not wanted (started on request)",
+                    ));
+                    continue;
+                }
                 let reason = if s.ready {
                     format!("{}, ready", s.state)
                 } else if s.message.is_empty() {
@@ -121,6 +138,7 @@ pub fn checks(
             )
         });
     }
+    out.push(control_plane_reachable(&config.cluster.endpoint.host));
     let sock = &paths.containerd_socket;
     out.push(if sock.exists() {
         check(
@@ -136,6 +154,39 @@ pub fn checks(
         )
     });
     out
+}
+
+/// How long the control-plane probe waits for a TCP connection.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Connects to the node API on the endpoint's host (a control plane, or the load
+/// balancer in front of them).
+fn control_plane_reachable(host: &str) -> Check {
+    let name = format!("control plane {host}:{API_PORT}");
+    let addrs = match (host, API_PORT).to_socket_addrs() {
+        Ok(a) => a.collect::<Vec<_>>(),
+        Err(e) => {
+            return check(
+                name,
+                false,
+                format!("cannot resolve {host}: {e} (check cluster.endpoint and the nameservers)"),
+            );
+        }
+    };
+    let mut last = String::from("no address");
+    for addr in addrs {
+        match TcpStream::connect_timeout(&addr, PROBE_TIMEOUT) {
+            Ok(_) => return check(name, true, format!("{addr} accepts connections")),
+            Err(e) => last = format!("{addr}: {e}"),
+        }
+    }
+    check(
+        name,
+        false,
+        format!(
+            "unreachable ({last}); is the control plane up, and does this node's network reach it?"
+        ),
+    )
 }
 
 #[cfg(test)]
@@ -166,7 +217,29 @@ mod tests {
                 message: "exited with status 1".into(),
             },
         ];
+        let mut services = services;
+        services.push(ServiceStatus {
+            name: "etcd".into(),
+            state: "stopped".into(),
+            ready: false,
+            pid: 0,
+            restarts: 0,
+            since_seconds: 1,
+            message: String::new(),
+        });
         let out = checks(&paths, None, Ok(services));
+        assert_eq!(
+            out[2],
+            check(
+                "service etcd",
+                true,
+                "stopped, not wanted (started on request)"
+            )
+        );
+        let out: Vec<Check> = out
+            .into_iter()
+            .filter(|c| c.name != "service etcd")
+            .collect();
         assert_eq!(out[0], check("service containerd", true, "running, ready"));
         assert_eq!(
             out[1],
@@ -184,5 +257,23 @@ mod tests {
             Err(BackendError::Refused("init is busy".into())),
         );
         assert_eq!(out[0], check("services", false, "init is busy"));
+    }
+
+    #[test]
+    fn control_plane_probe() {
+        // Port 50000 on loopback: ours while bound (reachable), refused once dropped;
+        // when another program holds it, it answers.
+        match std::net::TcpListener::bind(("127.0.0.1", API_PORT)) {
+            Ok(listener) => {
+                let c = control_plane_reachable("127.0.0.1");
+                assert!(c.ok, "{c:?}");
+                assert_eq!(c.name, "control plane 127.0.0.1:50000");
+                drop(listener);
+                let c = control_plane_reachable("127.0.0.1");
+                assert!(!c.ok, "{c:?}");
+                assert!(c.reason.contains("is the control plane up"), "{c:?}");
+            }
+            Err(_) => assert!(control_plane_reachable("127.0.0.1").ok),
+        }
     }
 }

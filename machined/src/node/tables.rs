@@ -12,10 +12,11 @@ use std::path::Path;
 use super::NodePaths;
 
 /// The resources `get` knows, in the order `machinectl get --help` lists them.
-pub const RESOURCES: [&str; 9] = [
+pub const RESOURCES: [&str; 10] = [
     "addresses",
     "links",
     "routes",
+    "neighbours",
     "mounts",
     "sysctls",
     "modules",
@@ -80,6 +81,7 @@ pub fn get(paths: &NodePaths, resource: &str, filter: &str) -> Result<Table, Tab
         "addresses" => addresses()?,
         "links" => links(&paths.sys)?,
         "routes" => routes(&paths.proc)?,
+        "neighbours" => neighbours(&paths.proc)?,
         "mounts" => mounts(&paths.proc)?,
         "sysctls" => sysctls(&paths.proc, filter)?,
         "modules" => modules(&paths.proc)?,
@@ -257,6 +259,35 @@ fn routes(proc: &Path) -> Result<Table, TableError> {
                 "inet6".into(),
             ]);
         }
+    }
+    Ok(table)
+}
+
+/// The IPv4 neighbour (ARP) table, `/proc/net/arp`: which peers on each link this node
+/// has resolved, so an operator can see that the nodes reach each other.
+fn neighbours(proc: &Path) -> Result<Table, TableError> {
+    let mut table = Table::new(&["ADDRESS", "MAC", "INTERFACE", "STATE"]);
+    let text = read(&proc.join("net/arp"))?;
+    for line in text.lines().skip(1) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let [address, _hw_type, flags, mac, _mask, device] = f.as_slice() else {
+            continue;
+        };
+        let flags = u32::from_str_radix(flags.trim_start_matches("0x"), 16).unwrap_or(0);
+        // ATF_COM (0x2): resolved; ATF_PERM (0x4): static.
+        let state = if flags & 0x4 != 0 {
+            "permanent"
+        } else if flags & 0x2 != 0 {
+            "reachable"
+        } else {
+            "incomplete"
+        };
+        table.push(vec![
+            (*address).to_owned(),
+            (*mac).to_owned(),
+            (*device).to_owned(),
+            state.to_owned(),
+        ]);
     }
     Ok(table)
 }
@@ -504,6 +535,12 @@ mod tests {
             &proc.join("self/mounts"),
             "/dev/vda4 /system/state ext4 rw,relatime 0 0\nnone /a\\040b tmpfs rw 0 0\n",
         );
+        write(
+            &proc.join("net/arp"),
+            "IP address       HW type     Flags       HW address            Mask     Device\n\
+             10.5.0.2         0x1         0x2         52:54:00:4b:00:01     *        eth0\n\
+             10.5.0.9         0x1         0x0         00:00:00:00:00:00     *        eth0\n",
+        );
         write(&proc.join("sys/net/ipv4/ip_forward"), "1\n");
         write(&proc.join("sys/vm/overcommit_memory"), "0\n");
         write(
@@ -555,6 +592,14 @@ mod tests {
 
     #[test]
     fn tables_from_proc_and_sys() {
+        check(
+            "neighbours",
+            "",
+            &[
+                &["10.5.0.2", "52:54:00:4b:00:01", "eth0", "reachable"],
+                &["10.5.0.9", "00:00:00:00:00:00", "eth0", "incomplete"],
+            ],
+        );
         check(
             "routes",
             "",
