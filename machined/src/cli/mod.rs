@@ -5,6 +5,8 @@
 //! 2 bad usage (clap's own exit code).
 
 pub mod api;
+#[cfg(not(target_env = "musl"))]
+pub mod cluster;
 mod gen_config;
 pub mod output;
 mod validate;
@@ -99,6 +101,10 @@ pub enum Command {
     /// containerd images: import an OCI archive (operator), list.
     #[command(subcommand)]
     Image(api::ImageCommand),
+    /// Local clusters under QEMU: create, destroy, list, show.
+    #[cfg(not(target_env = "musl"))]
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCommand),
     /// Print a shell completion script: `machinectl completion bash > /etc/bash_completion.d/machinectl`.
     Completion {
         /// The shell.
@@ -172,6 +178,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             api::image(&target(&o), &command)
         }
+        #[cfg(not(target_env = "musl"))]
+        Command::Cluster(command) => cluster::run(command, cli.machineconfig.as_deref()),
         Command::Completion { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut cmd, "machinectl", &mut std::io::stdout());

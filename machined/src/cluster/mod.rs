@@ -1,0 +1,167 @@
+//! Local clusters: several Keelson nodes under QEMU on this machine, like `minikube
+//! start` or `talosctl cluster create`, with or without KVM and with or without root.
+//!
+//! | module | what it is |
+//! |---|---|
+//! | [`plan`] | names, roles, static addresses, MACs and each node's config patch |
+//! | [`record`] | the state directory and `cluster.toml`, written before any VM starts |
+//! | [`netns`] | as root: the namespace, its bridge and taps |
+//! | [`helper`] | the detached helper: API forwarder (root) or Ethernet switch (rootless) |
+//! | [`create`] | generating configs, disks, networking, starting the VMs, waiting for health |
+//! | [`manage`] | `destroy`, `list`, `show` |
+//!
+//! Networking. As root the nodes share a bridge inside the network namespace
+//! `keelson-NAME` (QEMU runs inside it, one tap per VM); the helper forwards one loopback
+//! port per node into the namespace. Without root the nodes share an Ethernet switch of
+//! ours over unix datagram sockets, and QEMU's restricted user-mode network forwards one
+//! loopback port per node to the node's API. Either way machinectl reaches node N at
+//! `127.0.0.1:PORT_N` and nothing leaves the host.
+
+pub mod create;
+pub mod helper;
+pub mod manage;
+pub mod netns;
+pub mod plan;
+pub mod record;
+
+use std::path::{Path, PathBuf};
+
+use keelson_imager::qemu::QemuError;
+
+pub use create::{CreateOptions, create};
+pub use manage::{destroy, list, show};
+
+/// How many console lines a report of a stopped node shows.
+pub const CONSOLE_TAIL_LINES: usize = 20;
+
+/// Errors of local clusters; each says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// A bad argument.
+    #[error("{0}")]
+    Usage(String),
+    /// The name is taken.
+    #[error(
+        "a cluster named {name:?} already exists (state in {dir}); remove it with `machinectl cluster destroy --name {name}` or choose another --name"
+    )]
+    Exists {
+        /// Cluster name.
+        name: String,
+        /// Its state directory.
+        dir: PathBuf,
+    },
+    /// No such cluster.
+    #[error(
+        "there is no cluster named {name:?} (no state directory {dir}); `machinectl cluster list` shows the clusters there are"
+    )]
+    NotFound {
+        /// Cluster name.
+        name: String,
+        /// Where it would be.
+        dir: PathBuf,
+    },
+    /// A filesystem or process operation failed.
+    #[error("cannot {what} {path}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The file, directory or address involved.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The record cannot be read or written.
+    #[error(
+        "the cluster record {path} is unreadable ({message}); `machinectl cluster destroy` still removes the cluster's processes and files"
+    )]
+    BadRecord {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// An atomic write failed.
+    #[error("cannot write cluster state")]
+    Write(#[source] crate::atomic::WriteError),
+    /// An external tool failed.
+    #[error("{tool} failed: {detail}")]
+    Tool {
+        /// The command.
+        tool: String,
+        /// What it said.
+        detail: String,
+    },
+    /// QEMU set-up failed.
+    #[error(transparent)]
+    Qemu(#[from] QemuError),
+    /// Generating the configs failed.
+    #[error("cannot generate the cluster's configs: {0}")]
+    Generate(String),
+    /// The client config could not be updated.
+    #[error("cannot update the machinectl client config")]
+    ClientConfig(#[source] crate::clientconfig::ClientConfigError),
+    /// A VM stopped while the cluster was being created.
+    #[error(
+        "node {node}'s VM stopped ({status}) before it was healthy; its console ends with:\n{tail}\n(the cluster is left for inspection: `machinectl cluster show --name {cluster}`; remove it with `machinectl cluster destroy --name {cluster}`)"
+    )]
+    NodeDied {
+        /// Cluster name.
+        cluster: String,
+        /// Node name.
+        node: String,
+        /// QEMU's exit status.
+        status: String,
+        /// The console's last lines (and QEMU's stderr).
+        tail: String,
+    },
+    /// Not every node became healthy in time.
+    #[error(
+        "not every node was healthy after {seconds} s:\n{report}\n(the cluster is left running: `machinectl cluster show --name {cluster}` shows each node's console log; remove it with `machinectl cluster destroy --name {cluster}`, or wait longer with --wait)"
+    )]
+    Timeout {
+        /// Cluster name.
+        cluster: String,
+        /// How long we waited.
+        seconds: u64,
+        /// Each unhealthy node and why, with its console tail.
+        report: String,
+    },
+}
+
+/// An [`ClusterError::Io`] maker for `map_err`.
+pub fn io_error(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> ClusterError {
+    let path = path.to_path_buf();
+    move |source| ClusterError::Io { what, path, source }
+}
+
+/// Whether we run as root (a namespace cluster) or not (a rootless one).
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// The string that every process of the cluster in `dir` has on its command line: the
+/// directory with a trailing `/`, so that cluster `demo` never matches `demo2`.
+pub fn process_marker(dir: &Path) -> PathBuf {
+    dir.join("")
+}
+
+/// The last lines of a node's console, and QEMU's own complaints if any.
+pub fn node_tail(node_dir: &Path, lines: usize) -> String {
+    let mut out = keelson_imager::qemu::console_tail(&node_dir.join("console.log"), lines);
+    let stderr = std::fs::read_to_string(node_dir.join("qemu.stderr")).unwrap_or_default();
+    if !stderr.trim().is_empty() {
+        out.push_str("\n--- qemu stderr ---\n");
+        out.push_str(stderr.trim());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_marker_ends_with_a_separator() {
+        let m = super::process_marker(std::path::Path::new("/state/clusters/demo"));
+        assert_eq!(m.to_str(), Some("/state/clusters/demo/"));
+    }
+}

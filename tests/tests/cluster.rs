@@ -1,0 +1,463 @@
+//! Local clusters (issue 6) end to end: `machinectl cluster create` boots real nodes under
+//! QEMU, `machinectl` talks to each through the cluster's context, the nodes reach each
+//! other, and `machinectl cluster destroy` leaves nothing behind.
+//!
+//! - three nodes (1 control plane, 2 workers; a network namespace as root): every node
+//!   answers `version` and `health`; each worker has the control plane in its neighbour
+//!   table and the control plane has every worker (the health check's probe of the
+//!   control plane's API port made those connections); `cluster show` reports a VM we
+//!   kill as down, with its console's tail; destroy removes the processes, namespace
+//!   (bridge and taps inside it), state directory and client context;
+//! - one arm64 node under software emulation;
+//! - rootless: one node created and destroyed by an unprivileged user (as root the test
+//!   makes the system user `keelson-e2e` if missing and runs machinectl through
+//!   `runuser`; without root it runs as the current user).
+//!
+//! VM tests take one lock so that at most one cluster boots at a time on a small host.
+//! Images: `KEELSON_TEST_IMAGE_AMD64` / `KEELSON_TEST_IMAGE_ARM64` when set, else the
+//! suite's built images.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use keelson_machined::cluster::record::processes_mentioning;
+use keelson_tests::{Arch, built_image};
+
+/// One cluster at a time.
+static VM_LOCK: Mutex<()> = Mutex::new(());
+/// The unprivileged user of the rootless test (made when missing, as root).
+const ROOTLESS_USER: &str = "keelson-e2e";
+
+fn image(arch: Arch) -> PathBuf {
+    let var = match arch {
+        Arch::Amd64 => "KEELSON_TEST_IMAGE_AMD64",
+        Arch::Arm64 => "KEELSON_TEST_IMAGE_ARM64",
+    };
+    match std::env::var_os(var) {
+        Some(path) => PathBuf::from(path),
+        None => built_image(arch).unwrap(),
+    }
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(2))
+        == Some("0")
+}
+
+/// The built `machinectl` next to this test's binary, built first if missing.
+fn machinectl_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().and_then(Path::parent).unwrap().to_path_buf();
+    let bin = profile_dir.join("machinectl");
+    if !bin.is_file() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "-p", "keelson-machined", "--bin", "machinectl"])
+            .status()
+            .unwrap();
+        assert!(status.success(), "building machinectl failed");
+    }
+    assert!(bin.is_file(), "no machinectl at {}", bin.display());
+    bin
+}
+
+fn show(out: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Where one test's clusters and client config live, and as whom machinectl runs.
+struct Env {
+    bin: PathBuf,
+    dir: tempfile::TempDir,
+    user: Option<String>,
+}
+
+impl Env {
+    fn new(user: Option<&str>) -> Env {
+        let dir = tempfile::Builder::new()
+            .prefix("keelson-cluster-e2e-")
+            .tempdir()
+            .unwrap();
+        if let Some(user) = user {
+            let status = Command::new("chown")
+                .arg(format!("{user}:"))
+                .arg(dir.path())
+                .status()
+                .unwrap();
+            assert!(status.success());
+        }
+        Env {
+            bin: machinectl_binary(),
+            dir,
+            user: user.map(str::to_owned),
+        }
+    }
+
+    fn state(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    fn client_config(&self) -> PathBuf {
+        self.dir.path().join("machinectl.toml")
+    }
+
+    fn cluster_dir(&self, name: &str) -> PathBuf {
+        self.state().join("keelson/clusters").join(name)
+    }
+
+    /// Runs machinectl (bounded by `timeout`), as the test's user.
+    fn run(&self, args: &[&str], timeout: Duration) -> Output {
+        let mut cmd = Command::new("timeout");
+        cmd.arg(timeout.as_secs().to_string());
+        if let Some(user) = &self.user {
+            cmd.args(["runuser", "-u", user, "--"]);
+        }
+        cmd.arg("env")
+            .arg(format!("XDG_STATE_HOME={}", self.state().display()))
+            .arg(format!("HOME={}", self.dir.path().display()))
+            .arg("KEELSON_ACCEL=")
+            .arg(&self.bin)
+            .arg("--machineconfig")
+            .arg(self.client_config())
+            .args(args)
+            .env_remove("MACHINECONFIG")
+            .current_dir(self.dir.path())
+            .stdin(std::process::Stdio::null());
+        cmd.output().unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> Output {
+        let out = self.run(args, Duration::from_secs(120));
+        assert!(out.status.success(), "machinectl {args:?}: {}", show(&out));
+        out
+    }
+
+    fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = args.to_vec();
+        all.extend(["-o", "json"]);
+        serde_json::from_slice(&self.ok(&all).stdout).unwrap()
+    }
+
+    /// `cluster create`; on failure the cluster is destroyed before the test fails.
+    fn create(&self, name: &str, args: &[&str]) -> String {
+        let mut all = vec!["cluster", "create", "--name", name, "--wait", "25m"];
+        all.extend_from_slice(args);
+        let started = Instant::now();
+        let out = self.run(&all, Duration::from_secs(30 * 60));
+        eprintln!(
+            "cluster {name}: create took {:.0} s",
+            started.elapsed().as_secs_f64()
+        );
+        if !out.status.success() {
+            let _ = self.run(
+                &["cluster", "destroy", "--name", name],
+                Duration::from_secs(120),
+            );
+            panic!("cluster create failed: {}", show(&out));
+        }
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `cluster destroy`, then nothing may be left: no process naming the state
+    /// directory, no namespace, no state directory, no context.
+    fn destroy_and_check(&self, name: &str) {
+        let dir = self.cluster_dir(name);
+        let out = self.ok(&["cluster", "destroy", "--name", name]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            text.contains(&format!("cluster {name} destroyed")),
+            "{text}"
+        );
+        let left = processes_mentioning(&dir.join(""));
+        assert!(left.is_empty(), "processes left: {left:?}");
+        assert!(!dir.exists(), "{} left", dir.display());
+        let ns = format!("keelson-{name}");
+        assert!(
+            !Path::new("/run/netns").join(&ns).exists(),
+            "namespace {ns} left"
+        );
+        let netns = Command::new("ip").args(["netns", "list"]).output().unwrap();
+        assert!(
+            !String::from_utf8_lossy(&netns.stdout).contains(&ns),
+            "{}",
+            show(&netns)
+        );
+        let config = std::fs::read_to_string(self.client_config()).unwrap_or_default();
+        assert!(
+            !config.contains(&format!("[contexts.{name}]")),
+            "context left in the client config:\n{config}"
+        );
+        let out = self.run(
+            &["cluster", "show", "--name", name],
+            Duration::from_secs(30),
+        );
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("there is no cluster named"),
+            "{}",
+            show(&out)
+        );
+    }
+}
+
+/// Every node of the context answers `version`; returns hostname by API address.
+fn versions(env: &Env, want_arch: &str, count: usize) -> BTreeMap<String, String> {
+    let v = env.json(&["version"]);
+    let rows = v.as_array().unwrap();
+    assert_eq!(rows.len(), count, "{v:#}");
+    rows.iter()
+        .map(|r| {
+            assert_eq!(r["arch"], want_arch, "{v:#}");
+            assert_eq!(r["maintenance"], false, "{v:#}");
+            (
+                r["node"].as_str().unwrap().to_owned(),
+                r["hostname"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+fn healthy(env: &Env) {
+    let out = env.run(&["health", "-o", "json"], Duration::from_secs(120));
+    assert!(out.status.success(), "health: {}", show(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let checks = v.as_array().unwrap();
+    assert!(
+        checks
+            .iter()
+            .any(|c| c["check"].as_str().unwrap().starts_with("control plane ")),
+        "{v:#}"
+    );
+    assert!(checks.iter().all(|c| c["ok"] == true), "{v:#}");
+}
+
+#[test]
+fn three_nodes_reach_each_other_and_leave_nothing_behind() {
+    let _lock = VM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let env = Env::new(None);
+    let name = format!("e2e3n{}", std::process::id());
+    let out = env.create(
+        &name,
+        &[
+            "--controlplanes",
+            "1",
+            "--workers",
+            "2",
+            "--cpus",
+            "1",
+            "--memory",
+            "1024",
+            "--image",
+            image(Arch::Amd64).to_str().unwrap(),
+        ],
+    );
+    assert!(out.contains(&format!("cluster {name} is healthy")), "{out}");
+    assert!(out.contains("1 control plane(s), 2 worker(s)"), "{out}");
+    if is_root() {
+        assert!(
+            out.contains(&format!("network namespace keelson-{name}")),
+            "{out}"
+        );
+        assert!(
+            Path::new("/run/netns")
+                .join(format!("keelson-{name}"))
+                .exists()
+        );
+    }
+
+    let shown = env.json(&["cluster", "show", "--name", &name]);
+    let nodes = shown.as_array().unwrap();
+    assert_eq!(nodes.len(), 3, "{shown:#}");
+    assert!(nodes.iter().all(|n| n["state"] == "up"), "{shown:#}");
+    let listed = env.json(&["cluster", "list"]);
+    assert_eq!(listed[0]["name"], name.as_str(), "{listed:#}");
+    assert_eq!(listed[0]["up"], 3, "{listed:#}");
+
+    // version and health from every node.
+    let hosts = versions(&env, "x86_64", 3);
+    for n in nodes {
+        assert_eq!(
+            hosts[n["api"].as_str().unwrap()],
+            n["node"].as_str().unwrap()
+        );
+    }
+    healthy(&env);
+
+    // The nodes reach each other: neighbour tables.
+    let address = |n: &serde_json::Value| n["address"].as_str().unwrap().to_owned();
+    let cp = nodes.iter().find(|n| n["role"] == "controlplane").unwrap();
+    let workers: Vec<&serde_json::Value> = nodes.iter().filter(|n| n["role"] == "worker").collect();
+    let neighbours = env.json(&["get", "neighbours"]);
+    let has = |api: &str, peer: &str| {
+        neighbours
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["node"] == api && r["address"] == peer && r["state"] == "reachable")
+    };
+    for w in &workers {
+        assert!(
+            has(w["api"].as_str().unwrap(), &address(cp)),
+            "{} does not list the control plane {}:\n{neighbours:#}",
+            w["node"],
+            address(cp)
+        );
+        assert!(
+            has(cp["api"].as_str().unwrap(), &address(w)),
+            "the control plane does not list {} {}:\n{neighbours:#}",
+            w["node"],
+            address(w)
+        );
+    }
+
+    // A VM that dies is reported down, with its console's tail.
+    let victim = workers[1];
+    let pid = victim["pid"].as_u64().unwrap().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-KILL", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let down = loop {
+        let shown = env.json(&["cluster", "show", "--name", &name]);
+        let n = shown
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["node"] == victim["node"])
+            .unwrap()
+            .clone();
+        if n["state"] == "down" {
+            break n;
+        }
+        assert!(Instant::now() < deadline, "still up after SIGKILL: {n:#}");
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let tail = down["tail"].as_str().unwrap();
+    let console = std::fs::read_to_string(down["console"].as_str().unwrap()).unwrap();
+    let last = console
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap();
+    assert!(
+        tail.contains(last),
+        "console tail:\n{tail}\nconsole ends: {last}"
+    );
+    let text =
+        String::from_utf8_lossy(&env.ok(&["cluster", "show", "--name", &name]).stdout).into_owned();
+    assert!(
+        text.contains(&format!(
+            "{} is down; its console",
+            victim["node"].as_str().unwrap()
+        )),
+        "{text}"
+    );
+
+    env.destroy_and_check(&name);
+}
+
+#[test]
+fn one_arm64_node_under_software_emulation() {
+    let _lock = VM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let env = Env::new(None);
+    let name = format!("e2earm{}", std::process::id());
+    let out = env.create(
+        &name,
+        &[
+            "--arch",
+            "arm64",
+            "--workers",
+            "0",
+            "--cpus",
+            "2",
+            "--memory",
+            "1024",
+            "--image",
+            image(Arch::Arm64).to_str().unwrap(),
+        ],
+    );
+    assert!(out.contains("(arm64 under TCG"), "{out}");
+    versions(&env, "aarch64", 1);
+    healthy(&env);
+    env.destroy_and_check(&name);
+}
+
+/// As root: the unprivileged system user the rootless test runs as, made when missing.
+fn rootless_user() -> Option<&'static str> {
+    if !is_root() {
+        return None;
+    }
+    let exists = Command::new("id")
+        .arg(ROOTLESS_USER)
+        .output()
+        .unwrap()
+        .status
+        .success();
+    if !exists {
+        let out = Command::new("useradd")
+            .args([
+                "--system",
+                "--no-create-home",
+                "--shell",
+                "/usr/sbin/nologin",
+            ])
+            .arg(ROOTLESS_USER)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "useradd: {}", show(&out));
+    }
+    Some(ROOTLESS_USER)
+}
+
+#[test]
+fn rootless_create_and_destroy() {
+    let _lock = VM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let user = rootless_user();
+    let env = Env::new(user);
+    let name = format!("e2eusr{}", std::process::id());
+    let out = env.create(
+        &name,
+        &[
+            "--workers",
+            "0",
+            "--cpus",
+            "1",
+            "--memory",
+            "1024",
+            "--image",
+            image(Arch::Amd64).to_str().unwrap(),
+        ],
+    );
+    assert!(out.contains("user-mode network"), "{out}");
+    // The VM runs as the unprivileged user.
+    let shown = env.json(&["cluster", "show", "--name", &name]);
+    let pid = shown[0]["pid"].as_u64().unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let uid = status
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap()
+        .to_owned();
+    assert_ne!(uid, "0", "the rootless VM runs as root");
+    versions(&env, "x86_64", 1);
+    healthy(&env);
+    env.destroy_and_check(&name);
+}
