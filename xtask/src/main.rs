@@ -2,6 +2,7 @@
 //! (never through a shell string) and installs what it needs on the host first.
 
 mod bench;
+mod cluster;
 mod host;
 mod image;
 
@@ -63,6 +64,10 @@ enum Cmd {
         #[arg(long, default_value_t = 600)]
         timeout: u64,
     },
+    /// Local clusters under QEMU: `create` builds what is missing and boots 1 control
+    /// plane + 1 worker; `destroy` removes one.
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCmd),
     /// Measure build times, sizes, boot time and memory, each beside a reference
     /// measured in the same run (see BENCHMARKS.md); results in target/bench/.
     Bench(bench::BenchArgs),
@@ -112,6 +117,7 @@ fn run(cli: Cli) -> Result<()> {
             host::ensure()?;
             image::run(image::parse_arch(&arch)?, Duration::from_secs(timeout))
         }
+        Cmd::Cluster(cmd) => cluster::run(cmd),
         Cmd::Bench(args) => {
             host::ensure()?;
             bench::run(args)

@@ -9,13 +9,14 @@
 //! - `boot`: QEMU start to the ready marker against the floor (same firmware, boot
 //!   loader and kernel, a trivial init: [`floor`]) and the Debian + systemd peer built
 //!   with debootstrap ([`peer`]); memory at idle against the peer's ([`boot`]);
-//! - `api` and `cluster`: refused with what they need until machined and local
-//!   clusters exist.
+//! - `cluster`: time to a healthy 1-node and 3-node local cluster ([`cluster`]);
+//! - `api`: refused with what it needs until machined's API is served at boot.
 //!
 //! Results go to the terminal (a table) and to `target/bench/<what>-<date>.json` and
 //! `target/bench/latest.json`.
 
 mod boot;
+mod cluster;
 mod floor;
 mod image;
 mod peer;
@@ -398,18 +399,18 @@ pub fn run(args: BenchArgs) -> Result<()> {
         What::Image => image::bench(&mut ctx)?,
         What::Boot => boot::bench(&mut ctx)?,
         What::Api => bail!(api_unavailable()),
-        What::Cluster => bail!(cluster_unavailable()),
+        What::Cluster => cluster::bench(&mut ctx)?,
         What::All => {
             for (name, result) in [
                 ("image", image::bench(&mut ctx)),
                 ("boot", boot::bench(&mut ctx)),
+                ("cluster", cluster::bench(&mut ctx)),
             ] {
                 if let Err(e) = result {
                     ctx.skip(name, format!("failed: {e:#}"));
                 }
             }
             ctx.skip("api", api_unavailable());
-            ctx.skip("cluster", cluster_unavailable());
         }
     }
     let report = Report {
@@ -448,13 +449,6 @@ fn api_unavailable() -> String {
          latency of those calls against a VM"
             .into()
     }
-}
-
-/// Why `bench cluster` cannot run yet.
-fn cluster_unavailable() -> String {
-    "not available yet: needs `cargo xtask cluster create` (local QEMU clusters); \
-     `bench cluster` will measure the time to a cluster whose nodes are Ready"
-        .into()
 }
 
 /// The results as a text table.
