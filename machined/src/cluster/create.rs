@@ -403,7 +403,7 @@ fn node_config(
             generate_options.worker_patches.push(own);
             generate_options
                 .worker_patches
-                .push(worker_identity(node, secrets)?);
+                .push(worker_identity(node, secrets, patches)?);
         }
     }
     let generated = match generate(&generate_options, secrets) {
@@ -430,7 +430,11 @@ fn node_config(
 /// has no join flow to give it a certificate; the cluster tool holds the CA (it made the
 /// secrets), so it issues each worker's certificate itself, for the names machinectl
 /// connects through (loopback, the cluster address, the hostname).
-fn worker_identity(node: &plan::NodePlan, secrets: &ClusterSecrets) -> Result<Patch, ClusterError> {
+fn worker_identity(
+    node: &plan::NodePlan,
+    secrets: &ClusterSecrets,
+    patches: &[Patch],
+) -> Result<Patch, ClusterError> {
     let cert = pki::issue(
         &secrets.node_api_ca,
         &pki::LeafRequest {
@@ -461,14 +465,14 @@ fn worker_identity(node: &plan::NodePlan, secrets: &ClusterSecrets) -> Result<Pa
         t.insert("mode".into(), "0600".into());
         toml::Value::Table(t)
     };
+    // A merge patch replaces arrays whole: keep the files the user's patches asked for.
+    let mut files = user_files(patches);
+    files.extend([
+        file("server.crt", &cert.cert),
+        file("server.key", &cert.key),
+    ]);
     let mut machine = toml::Table::new();
-    machine.insert(
-        "files".into(),
-        toml::Value::Array(vec![
-            file("server.crt", &cert.cert),
-            file("server.key", &cert.key),
-        ]),
-    );
+    machine.insert("files".into(), toml::Value::Array(files));
     let mut doc = toml::Table::new();
     doc.insert("machine".into(), toml::Value::Table(machine));
     Patch::from_toml_str(
@@ -476,6 +480,25 @@ fn worker_identity(node: &plan::NodePlan, secrets: &ClusterSecrets) -> Result<Pa
         &format!("{} (node API certificate)", node.name),
     )
     .map_err(|e| ClusterError::Generate(e.to_string()))
+}
+
+/// `machine.files` as the user's patches leave it (each patch replaces the array, or
+/// deletes it with a `$patch` directive).
+fn user_files(patches: &[Patch]) -> Vec<toml::Value> {
+    let mut files = Vec::new();
+    for patch in patches {
+        let value = patch
+            .table()
+            .get("machine")
+            .and_then(toml::Value::as_table)
+            .and_then(|m| m.get("files"));
+        match value {
+            Some(toml::Value::Array(a)) => files = a.clone(),
+            Some(_) => files.clear(),
+            None => {}
+        }
+    }
+    files
 }
 
 /// Starts `machinectl cluster helper DIR/` in its own session and waits until it serves.
@@ -757,5 +780,39 @@ fn short(text: &str) -> String {
     match line.char_indices().nth(100) {
         Some((i, _)) => format!("{}...", &line[..i]),
         None => line.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_worker_keeps_the_users_files_beside_its_certificate() {
+        let p = plan::plan("demo", 1, 1, "10.5.0.0/24".parse().unwrap()).unwrap();
+        let secrets = ClusterSecrets::generate().unwrap();
+        let user = Patch::from_toml_str(
+            "[[machine.files]]\npath = \"/var/lib/demo.txt\"\ncontent = \"hello\"\n",
+            "user.toml",
+        )
+        .unwrap();
+        let patch = worker_identity(&p.nodes[1], &secrets, &[user]).unwrap();
+        let files = patch.table()["machine"]["files"].as_array().unwrap();
+        let paths: Vec<&str> = files.iter().map(|f| f["path"].as_str().unwrap()).collect();
+        assert_eq!(
+            paths,
+            [
+                "/var/lib/demo.txt",
+                "/system/state/node-api/server.crt",
+                "/system/state/node-api/server.key"
+            ]
+        );
+        assert!(
+            files[1]["content"]
+                .as_str()
+                .unwrap()
+                .starts_with("-----BEGIN CERTIFICATE-----")
+        );
     }
 }
