@@ -1,7 +1,8 @@
 //! `cargo xtask cluster create | destroy`: the README's main command. On a fresh machine
 //! it installs (as root) or names (otherwise) the host's QEMU and firmware, builds the
-//! image when there is none, builds `machinectl`, and runs `machinectl cluster create`
-//! for one control plane and one worker.
+//! image (as `cargo xtask run` does, so the nodes run the code of this checkout; the
+//! dependencies and binaries are cached), builds `machinectl`, and runs `machinectl
+//! cluster create` for one control plane and one worker.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -22,7 +23,7 @@ pub enum ClusterCmd {
     /// Remove a local cluster and every trace of it.
     Destroy {
         /// Cluster name.
-        #[arg(long, default_value = "keelson")]
+        #[arg(long, default_value = "local")]
         name: String,
     },
 }
@@ -31,14 +32,14 @@ pub enum ClusterCmd {
 #[derive(Debug, Args)]
 pub struct CreateArgs {
     /// Cluster name.
-    #[arg(long, default_value = "keelson")]
+    #[arg(long, default_value = "local")]
     pub name: String,
     /// Guest architecture: amd64 or arm64.
     #[arg(long, default_value = "amd64")]
     pub arch: String,
-    /// Build the image again even if one exists.
+    /// Boot the image built earlier instead of building it first.
     #[arg(long)]
-    pub rebuild: bool,
+    pub no_build: bool,
     /// More `machinectl cluster create` options (after `--`), e.g. `-- --workers 2`.
     #[arg(last = true)]
     pub rest: Vec<String>,
@@ -60,10 +61,10 @@ pub fn machinectl() -> Result<PathBuf> {
     Ok(target_dir.join("debug/machinectl"))
 }
 
-/// The built raw image for `arch`, built now if missing (or if `rebuild`).
-pub fn ensure_image(arch: Arch, rebuild: bool) -> Result<PathBuf> {
+/// The raw image for `arch`: built now, unless `no_build` and one exists.
+pub fn ensure_image(arch: Arch, no_build: bool) -> Result<PathBuf> {
     let path = image::image_dir(arch).join("keelson.raw");
-    if rebuild || !path.is_file() {
+    if !no_build || !path.is_file() {
         eprintln!("xtask: building the {arch} image ({})", path.display());
         image::image(&image::ImageArgs {
             arches: vec![arch],
@@ -81,7 +82,7 @@ pub fn run(cmd: ClusterCmd) -> Result<()> {
         ClusterCmd::Create(args) => {
             host::ensure()?;
             let arch = image::parse_arch(&args.arch)?;
-            let raw = ensure_image(arch, args.rebuild)?;
+            let raw = ensure_image(arch, args.no_build)?;
             let bin = machinectl()?;
             let has = |flag: &str| args.rest.iter().any(|a| a == flag);
             let mut create = Command::new(&bin);

@@ -74,7 +74,7 @@ pub enum NetworkArg {
 pub struct CreateArgs {
     /// Cluster name (an RFC 1123 label); names the nodes, the state directory and the
     /// client context.
-    #[arg(long, default_value = "keelson")]
+    #[arg(long, default_value = "local")]
     pub name: String,
     /// Number of control-plane nodes.
     #[arg(long, default_value_t = 1)]
@@ -117,7 +117,7 @@ pub struct CreateArgs {
 #[derive(Debug, Args)]
 pub struct NameArgs {
     /// Cluster name.
-    #[arg(long, default_value = "keelson")]
+    #[arg(long, default_value = "local")]
     pub name: String,
 }
 
@@ -125,7 +125,7 @@ pub struct NameArgs {
 #[derive(Debug, Args)]
 pub struct ShowArgs {
     /// Cluster name.
-    #[arg(long, default_value = "keelson")]
+    #[arg(long, default_value = "local")]
     pub name: String,
     /// Output format.
     #[command(flatten)]
