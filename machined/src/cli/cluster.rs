@@ -224,9 +224,9 @@ impl Display {
                         let _ = write!(err, "\x1b[{}A", self.drawn);
                     }
                     for (name, state) in &nodes {
-                        let mut line = format!("[{:>6}] {name}: {state}", human(elapsed));
-                        line.truncate(160);
-                        let _ = writeln!(err, "\x1b[2K{line}");
+                        let line = format!("[{:>6}] {name}: {state}", human(elapsed));
+                        // One terminal line per node, so that the redraw stays in place.
+                        let _ = writeln!(err, "\x1b[2K{}", fit(&line, 150));
                     }
                     self.drawn = nodes.len();
                 } else {
@@ -244,6 +244,14 @@ impl Display {
                 self.last = nodes;
             }
         }
+    }
+}
+
+/// `line` cut to at most `max` characters (never inside one).
+fn fit(line: &str, max: usize) -> String {
+    match line.char_indices().nth(max) {
+        Some((i, _)) => format!("{}…", &line[..i]),
+        None => line.to_owned(),
     }
 }
 
@@ -454,5 +462,11 @@ mod tests {
                 .unwrap_err()
                 .contains("unknown unit")
         );
+    }
+
+    #[test]
+    fn progress_lines_are_cut_between_characters() {
+        assert_eq!(super::fit("ab — cd", 4), "ab —…");
+        assert_eq!(super::fit("short", 10), "short");
     }
 }
