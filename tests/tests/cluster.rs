@@ -9,6 +9,8 @@
 //!   kill as down, with its console's tail; destroy removes the processes, namespace
 //!   (bridge and taps inside it), state directory and client context;
 //! - one arm64 node under software emulation;
+//! - a `create` killed halfway (VMs started, not yet healthy): the name is refused for a
+//!   new cluster, and `destroy` removes everything it had made;
 //! - rootless: one node created and destroyed by an unprivileged user (as root the test
 //!   makes the system user `keelson-e2e` if missing and runs machinectl through
 //!   `runuser`; without root it runs as the current user).
@@ -213,6 +215,19 @@ impl Env {
     }
 }
 
+/// Destroys the cluster when dropped, so that a failed assertion leaves no VM behind
+/// (after `destroy_and_check` it finds nothing, which is fine).
+struct Cleanup<'a>(&'a Env, String);
+
+impl Drop for Cleanup<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.run(
+            &["cluster", "destroy", "--name", &self.1],
+            Duration::from_secs(120),
+        );
+    }
+}
+
 /// Every node of the context answers `version`; returns hostname by API address.
 fn versions(env: &Env, want_arch: &str, count: usize) -> BTreeMap<String, String> {
     let v = env.json(&["version"]);
@@ -249,6 +264,7 @@ fn three_nodes_reach_each_other_and_leave_nothing_behind() {
     let _lock = VM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let env = Env::new(None);
     let name = format!("e2e3n{}", std::process::id());
+    let _cleanup = Cleanup(&env, name.clone());
     let out = env.create(
         &name,
         &[
@@ -378,6 +394,7 @@ fn one_arm64_node_under_software_emulation() {
     let _lock = VM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let env = Env::new(None);
     let name = format!("e2earm{}", std::process::id());
+    let _cleanup = Cleanup(&env, name.clone());
     let out = env.create(
         &name,
         &[
@@ -432,6 +449,7 @@ fn rootless_create_and_destroy() {
     let user = rootless_user();
     let env = Env::new(user);
     let name = format!("e2eusr{}", std::process::id());
+    let _cleanup = Cleanup(&env, name.clone());
     let out = env.create(
         &name,
         &[
@@ -459,5 +477,71 @@ fn rootless_create_and_destroy() {
     assert_ne!(uid, "0", "the rootless VM runs as root");
     versions(&env, "x86_64", 1);
     healthy(&env);
+    env.destroy_and_check(&name);
+}
+
+#[test]
+fn a_create_killed_halfway_is_refused_again_and_destroyed_clean() {
+    use std::io::{BufRead as _, BufReader};
+    let _lock = VM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let env = Env::new(None);
+    let name = format!("e2ekill{}", std::process::id());
+    let _cleanup = Cleanup(&env, name.clone());
+    let mut child = Command::new(&env.bin)
+        .arg("--machineconfig")
+        .arg(env.client_config())
+        .args(["cluster", "create", "--name", &name, "--workers", "1"])
+        .args(["--cpus", "1", "--memory", "1024", "--image"])
+        .arg(image(Arch::Amd64))
+        .env("XDG_STATE_HOME", env.state())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Kill it once both VMs are started, while it waits for them.
+    let mut seen = Vec::new();
+    for line in BufReader::new(child.stderr.take().unwrap()).lines() {
+        let line = line.unwrap();
+        seen.push(line.clone());
+        if line.contains(&format!("started {name}-worker-1")) {
+            break;
+        }
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        seen.iter().any(|l| l.contains("started")),
+        "create never started a VM:\n{}",
+        seen.join("\n")
+    );
+    let dir = env.cluster_dir(&name);
+    assert!(
+        !processes_mentioning(&dir.join("")).is_empty(),
+        "the VMs should outlive a killed create"
+    );
+
+    let out = env.run(
+        &[
+            "cluster",
+            "create",
+            "--name",
+            &name,
+            "--image",
+            "/nonexistent",
+        ],
+        Duration::from_secs(60),
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("a cluster named \"{name}\" already exists"))
+            && err.contains("machinectl cluster destroy --name"),
+        "{}",
+        show(&out)
+    );
+    let listed = env.json(&["cluster", "list"]);
+    assert_eq!(listed[0]["name"], name.as_str(), "{listed:#}");
+
     env.destroy_and_check(&name);
 }

@@ -141,10 +141,20 @@ pub fn create(
         options.workers,
         options.cidr,
     )?;
+    let root = clusters_dir()?;
+    let dir = root.join(&options.name);
+    let namespace =
+        (options.network == NetworkKind::Namespace).then(|| netns::namespace_name(&options.name));
+    if dir.symlink_metadata().is_ok() || namespace.as_deref().is_some_and(netns::exists) {
+        return Err(ClusterError::Exists {
+            name: options.name.clone(),
+            dir,
+        });
+    }
     let image_size = std::fs::metadata(&options.image)
-        .map_err(|source| ClusterError::Io {
-            what: "read the image (build it with `cargo xtask image`, or pass --image PATH)",
+        .map_err(|source| ClusterError::NoImage {
             path: options.image.clone(),
+            arch: options.arch.debian(),
             source,
         })?
         .len();
@@ -169,16 +179,6 @@ pub fn create(
     }
 
     // Claim the name: the directory is created, not reused.
-    let root = clusters_dir()?;
-    let dir = root.join(&options.name);
-    let namespace =
-        (options.network == NetworkKind::Namespace).then(|| netns::namespace_name(&options.name));
-    if dir.symlink_metadata().is_ok() || namespace.as_deref().is_some_and(netns::exists) {
-        return Err(ClusterError::Exists {
-            name: options.name.clone(),
-            dir,
-        });
-    }
     std::fs::create_dir_all(&root).map_err(io_error("create", &root))?;
     std::fs::DirBuilder::new()
         .mode_private()

@@ -71,6 +71,19 @@ pub enum ClusterError {
         #[source]
         source: std::io::Error,
     },
+    /// The image to boot is not there.
+    #[error(
+        "cannot read the image {path}: build it with `cargo xtask image --arch {arch}`, or pass --image PATH"
+    )]
+    NoImage {
+        /// The image path.
+        path: PathBuf,
+        /// The guest architecture.
+        arch: &'static str,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
     /// The record cannot be read or written.
     #[error(
         "the cluster record {path} is unreadable ({message}); `machinectl cluster destroy` still removes the cluster's processes and files"
