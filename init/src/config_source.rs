@@ -422,6 +422,26 @@ pub fn parse_http_url(url: &str) -> Result<HttpUrl, String> {
     })
 }
 
+/// Whether `raw` holds a whole response: the header and, by `Content-Length` or the
+/// chunked terminator, the whole body. Without either, only the end of the connection
+/// says (`None`: keep reading until it closes).
+pub fn response_complete(raw: &[u8]) -> Option<bool> {
+    let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return Some(false);
+    };
+    let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
+    let body = raw.len() - (end + 4);
+    for line in head.lines() {
+        if let Some(v) = line.strip_prefix("content-length:") {
+            return v.trim().parse::<usize>().ok().map(|len| body >= len);
+        }
+        if line.starts_with("transfer-encoding:") && line.contains("chunked") {
+            return Some(raw.ends_with(b"0\r\n\r\n"));
+        }
+    }
+    None
+}
+
 /// Split an HTTP/1.x response into status and body; chunked bodies are decoded.
 pub fn parse_http_response(raw: &[u8]) -> Result<Vec<u8>, String> {
     let end = raw
@@ -487,12 +507,23 @@ pub async fn http_get(url: &str, timeout: Duration) -> Result<Vec<u8>, String> {
             .write_all(request.as_bytes())
             .await
             .map_err(|e| format!("cannot send the request: {e}"))?;
+        // Read until the response is whole (a proxy may keep the connection open), the
+        // server closes, or the size limit.
         let mut raw = Vec::new();
-        (&mut stream)
-            .take((MAX_CONFIG + 64 * 1024) as u64)
-            .read_to_end(&mut raw)
-            .await
-            .map_err(|e| format!("reading the answer: {e}"))?;
+        let mut buf = vec![0u8; 16 * 1024];
+        while raw.len() <= MAX_CONFIG + 64 * 1024 {
+            let n = stream
+                .read(&mut buf)
+                .await
+                .map_err(|e| format!("reading the answer: {e}"))?;
+            if n == 0 {
+                break;
+            }
+            raw.extend_from_slice(&buf[..n]);
+            if response_complete(&raw) == Some(true) {
+                break;
+            }
+        }
         parse_http_response(&raw)
     };
     tokio::time::timeout(timeout, fetch)
@@ -640,6 +671,22 @@ mod tests {
         );
         assert!(parse_http_response(b"garbage").is_err());
         assert_eq!(
+            response_complete(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nab"),
+            Some(false)
+        );
+        assert_eq!(
+            response_complete(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc"),
+            Some(true)
+        );
+        assert_eq!(
+            response_complete(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n0\r\n\r\n"
+            ),
+            Some(true)
+        );
+        assert_eq!(response_complete(b"HTTP/1.1 200 OK\r\n\r\nabc"), None);
+        assert_eq!(response_complete(b"HTTP/1.1 200"), Some(false));
+        assert_eq!(
             cmdline_url("console=ttyS0 keelson.config=http://h/c.toml"),
             Some("http://h/c.toml".into())
         );
@@ -666,6 +713,8 @@ mod tests {
                         b"HTTP/1.1 400 Bad Request\r\n\r\n"
                     };
                     let _ = conn.write_all(answer).await;
+                    // Keep the connection open: the client must stop at Content-Length.
+                    tokio::time::sleep(Duration::from_secs(30)).await;
                 }
             });
             let got = http_get(
@@ -674,7 +723,7 @@ mod tests {
             )
             .await;
             assert_eq!(got, Ok(b"hello".to_vec()));
-            let _ = server.await;
+            server.abort();
             Ok(())
         })
     }

@@ -436,3 +436,109 @@ fn a_nocloud_drive_gives_the_config() {
     );
     assert!(lines_with(&vm.console(), "waiting for a machine config").is_empty());
 }
+
+/// Serve `body` over HTTP on a loopback port until the returned flag is set; each
+/// request path is recorded. QEMU's `guestfwd` connects the guest to it.
+fn http_server(body: String) -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    std::thread::spawn(move || {
+        // Bounded: a handful of fetches is all a boot makes.
+        for conn in listener.incoming().take(16) {
+            let Ok(mut conn) = conn else { continue };
+            let mut buf = [0u8; 2048];
+            let n = conn.read(&mut buf).unwrap_or(0);
+            let request = String::from_utf8_lossy(&buf[..n]).into_owned();
+            log.lock()
+                .unwrap()
+                .push(request.lines().next().unwrap_or_default().to_string());
+            let _ = write!(
+                conn,
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    (port, seen)
+}
+
+#[test]
+fn a_url_on_the_kernel_command_line_gives_the_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("node.raw");
+    sparse_copy(&image(), &disk);
+    // Add keelson.config= to the slot's boot entry on the ESP.
+    let esp = format!(
+        "{}@@{}",
+        disk.display(),
+        partition(&disk, keelson_configs::layout::PART_EFI).start()
+    );
+    let listing = Command::new("mdir")
+        .args(["-b", "-i", &esp, "::loader/entries"])
+        .output()
+        .expect("mdir (mtools) is installed by cargo xtask deps");
+    let listing = String::from_utf8_lossy(&listing.stdout).into_owned();
+    let entry = listing
+        .lines()
+        .find(|l| l.ends_with(".conf"))
+        .unwrap_or_else(|| panic!("no boot entry in {listing:?}"))
+        .trim_start_matches("::/")
+        .trim_start_matches("::")
+        .to_string();
+    let local = dir.path().join("entry.conf");
+    let out = Command::new("mcopy")
+        .args(["-n", "-i", &esp, &format!("::{entry}")])
+        .arg(&local)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let url = "http://10.0.2.100/node.toml";
+    let text: String = std::fs::read_to_string(&local)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            if l.starts_with("options") {
+                format!("{l} keelson.config={url}\n")
+            } else {
+                format!("{l}\n")
+            }
+        })
+        .collect();
+    assert!(text.contains("keelson.config="), "{text}");
+    std::fs::write(&local, text).unwrap();
+    let out = Command::new("mcopy")
+        .args(["-o", "-i", &esp])
+        .arg(&local)
+        .arg(format!("::{entry}"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+
+    let (port, seen) = http_server(node_config());
+    let mut vm = Guest::new(Arch::Amd64)
+        .image(&disk)
+        .raw_disk()
+        .qemu_args([
+            "-netdev".to_string(),
+            format!("user,id=net0,restrict=on,guestfwd=tcp:10.0.2.100:80-tcp:127.0.0.1:{port}"),
+            "-device".to_string(),
+            format!("virtio-net-pci,netdev=net0,mac={MAC}"),
+        ])
+        .boot()
+        .unwrap();
+    wait_all(
+        &mut vm,
+        &[
+            "keelson-init:   (this boot's keelson.config=http://10.0.2.100/node.toml gave no valid config yet)",
+            "keelson-init: config from URL http://10.0.2.100/node.toml is valid",
+            "keelson-init: config from URL http://10.0.2.100/node.toml written to STATE",
+            "keelson-init: module br_netfilter loaded",
+        ],
+    );
+    assert_eq!(
+        seen.lock().unwrap().first().map(String::as_str),
+        Some("GET /node.toml HTTP/1.1")
+    );
+}
