@@ -29,6 +29,7 @@ const TOOLS: &[(&str, &str)] = &[
     ("zstd", "zstd"),
     ("dnsmasq", "dnsmasq-base"),
     ("aarch64-linux-gnu-gcc", "gcc-aarch64-linux-gnu"),
+    ("musl-gcc", "musl-tools"),
     ("qemu-io", "qemu-utils"),
     ("debootstrap", "debootstrap"),
 ];

@@ -69,8 +69,10 @@ pub fn build_binaries(def: &Definition, arch: Arch) -> Result<BTreeMap<String, P
     let target = arch.rust_target();
     let mut out = BTreeMap::new();
     for bin in &def.binaries {
-        // ring (in machined) compiles C: for aarch64 with Debian's cross compiler.
+        // ring (in machined) compiles C: for x86_64 with musl-tools' musl-gcc, for
+        // aarch64 with Debian's cross compiler.
         let cc_env = [
+            ("CC_x86_64_unknown_linux_musl", "musl-gcc"),
             ("CC_aarch64_unknown_linux_musl", "aarch64-linux-gnu-gcc"),
             ("AR_aarch64_unknown_linux_musl", "aarch64-linux-gnu-ar"),
         ];
