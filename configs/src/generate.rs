@@ -343,6 +343,7 @@ fn base_config(
                 cert_sans: cert_sans(&inputs.endpoint, &inputs.sans, kind),
             },
             files: Vec::new(),
+            services: Vec::new(),
         },
         cluster,
     })

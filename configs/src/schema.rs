@@ -43,6 +43,12 @@
 //! content = "hello\n"
 //! mode = "0644"
 //!
+//! [[machine.services]]             # extension services, supervised like the built-in ones
+//! name = "node-agent"              # lower-case letters, digits and '-'; not a built-in's name
+//! command = ["/usr/bin/agent", "--port=9100"]   # absolute program path and its arguments, run directly (no shell)
+//! depends_on = ["containerd"]      # optional: started once these are ready (built-in or extension services)
+//! environment = { LOG_LEVEL = "info" }          # optional: added to PATH and HOME
+//!
 //! [cluster]
 //! name = "demo"
 //! endpoint = "https://10.5.0.2:6443"
@@ -115,6 +121,10 @@ pub const DEFAULT_SYSCTLS: [(&str, &str); 3] = [
     ("net.bridge.bridge-nf-call-ip6tables", "1"),
     ("net.ipv4.ip_forward", "1"),
 ];
+
+/// The services PID 1 defines itself; an extension service may depend on them but not
+/// take their names.
+pub const BUILTIN_SERVICES: [&str; 4] = ["containerd", "etcd", "kubelet", "machined"];
 
 /// The only config format version this code reads and writes.
 pub const CONFIG_VERSION: &str = "v1";
@@ -222,6 +232,9 @@ pub struct Machine {
     /// Files written at boot.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub files: Vec<File>,
+    /// Extension services, started after the built-in ones.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<ExtensionService>,
 }
 
 impl Machine {
@@ -371,6 +384,25 @@ pub struct File {
     /// Permission bits (default `0644`).
     #[serde(default = "default_file_mode")]
     pub mode: FileMode,
+}
+
+/// An extension service: a program of the image (or of a file the config writes) that
+/// PID 1 starts at boot after the built-in services and supervises like them (restart
+/// with backoff, output kept for `machinectl logs`), ready as soon as it runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExtensionService {
+    /// Its name: lower-case letters, digits and '-', not one of [`BUILTIN_SERVICES`].
+    pub name: String,
+    /// The absolute program path, then its arguments; run directly, never through a shell.
+    pub command: Vec<String>,
+    /// Services (built-in or extension) that must be ready before it starts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub depends_on: Vec<String>,
+    /// Variables added to the environment every service gets (`PATH`, `HOME`), which
+    /// they may override.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub environment: BTreeMap<String, String>,
 }
 
 fn default_file_mode() -> FileMode {

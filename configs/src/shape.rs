@@ -278,6 +278,7 @@ const MACHINE: &[Field] = &[
     opt("kubelet", Shape::Table(KUBELET)),
     opt("api", Shape::Table(API)),
     opt("files", Shape::Array(&Shape::Table(FILE))),
+    opt("services", Shape::Array(&Shape::Table(SERVICE))),
 ];
 
 const NETWORK: &[Field] = &[
@@ -319,6 +320,19 @@ const FILE: &[Field] = &[
     ),
     req("content", "content = \"...\"", STR),
     opt("mode", Shape::Str(Leaf::FileMode)),
+];
+
+/// Names, paths and variables of extension services are checked in `validate`, which
+/// relates them to each other and to the built-in services.
+const SERVICE: &[Field] = &[
+    req("name", "name = \"node-agent\"", STR),
+    req(
+        "command",
+        "command = [\"/usr/bin/agent\", \"--flag\"]",
+        Shape::Array(&STR),
+    ),
+    opt("depends_on", Shape::Array(&STR)),
+    opt("environment", Shape::Map(Leaf::Any, &STR)),
 ];
 
 const CLUSTER: &[Field] = &[

@@ -8,8 +8,9 @@
 //!    suggestion, wrong types, missing keys, values that break their rule;
 //! 4. the cleaned document is deserialized into [`MachineConfig`], and the checks that
 //!    relate several values run on it: overlapping networks, duplicate interfaces, the
-//!    secrets each node type must and must not carry, the rules of the [`Mode`], and
-//!    warnings when a kubelet prerequisite is turned off.
+//!    secrets each node type must and must not carry, the rules of the [`Mode`],
+//!    warnings when a kubelet prerequisite is turned off, and extension services (names,
+//!    commands, environments, dependencies on known services without cycles).
 //!
 //! A config is valid when no diagnostic is an error; warnings do not block it.
 
@@ -22,7 +23,9 @@ use ipnet::IpNet;
 use toml::de::DeTable;
 
 use crate::diagnostics::{Diagnostic, Location, Report, Severity};
-use crate::schema::{DEFAULT_KERNEL_MODULES, DEFAULT_SYSCTLS, MachineConfig, MachineType, Swap};
+use crate::schema::{
+    BUILTIN_SERVICES, DEFAULT_KERNEL_MODULES, DEFAULT_SYSCTLS, MachineConfig, MachineType, Swap,
+};
 use crate::shape::{Sink, key_path};
 
 /// How many TOML syntax errors are reported before the rest are left out.
@@ -203,6 +206,7 @@ fn semantic(config: &MachineConfig, mode: Mode, sink: &mut Sink<'_>) {
     prerequisites(config, sink);
     kubelet_and_etcd(config, sink);
     files(config, sink);
+    services(config, sink);
 }
 
 fn interfaces(config: &MachineConfig, sink: &mut Sink<'_>) {
@@ -694,5 +698,247 @@ fn files(config: &MachineConfig, sink: &mut Sink<'_>) {
         } else {
             seen.insert(&file.path, p);
         }
+    }
+}
+
+/// Whether `name` may name an extension service: an RFC 1123 label (lower-case letters,
+/// digits and '-', up to 63, not starting or ending with '-').
+fn is_service_name(name: &str) -> bool {
+    (1..=63).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+}
+
+/// Whether `name` may name an environment variable: letters, digits and '_', not
+/// starting with a digit (POSIX's portable names).
+fn is_env_name(name: &str) -> bool {
+    name.bytes()
+        .next()
+        .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+fn services(config: &MachineConfig, sink: &mut Sink<'_>) {
+    let list = &config.machine.services;
+    let builtins = BUILTIN_SERVICES.join(", ");
+    let mut seen: HashMap<&str, String> = HashMap::new();
+    for (i, service) in list.iter().enumerate() {
+        let p = format!("machine.services[{i}]");
+        let name_p = format!("{p}.name");
+        let name = service.name.as_str();
+        if !is_service_name(name) {
+            sink.report(
+                Severity::Error,
+                &name_p,
+                &[],
+                format!("{} is not a valid service name", crate::values::quote(name)),
+                Some("use up to 63 lower-case letters, digits and '-', not starting or ending with '-', like node-agent".into()),
+            );
+        } else if BUILTIN_SERVICES.contains(&name) {
+            sink.report(
+                Severity::Error,
+                &name_p,
+                &[],
+                format!("{name} is a built-in service"),
+                Some(format!(
+                    "choose another name; the built-in services are {builtins}"
+                )),
+            );
+        } else if let Some(first) = seen.get(name).cloned() {
+            sink.report(
+                Severity::Error,
+                &name_p,
+                &[&first],
+                format!("service {name} is already defined at {first}"),
+                Some("rename one of them, or merge the two entries".into()),
+            );
+        } else {
+            seen.insert(name, name_p.clone());
+        }
+
+        let command_p = format!("{p}.command");
+        match service.command.first() {
+            None => sink.report(
+                Severity::Error,
+                &command_p,
+                &[],
+                "the command is empty".into(),
+                Some("give the absolute program path first, like command = [\"/usr/bin/agent\", \"--flag\"]".into()),
+            ),
+            Some(program) => {
+                if let Err(err) = crate::values::check_file_path(program) {
+                    sink.report(
+                        Severity::Error,
+                        &format!("{command_p}[0]"),
+                        &[],
+                        format!("the program {}", err.message),
+                        Some(
+                            "name the program by its absolute path, like /usr/bin/agent: it is run directly, not through a shell"
+                                .into(),
+                        ),
+                    );
+                }
+            }
+        }
+        for (j, arg) in service.command.iter().enumerate().skip(1) {
+            if arg.contains('\0') {
+                sink.report(
+                    Severity::Error,
+                    &format!("{command_p}[{j}]"),
+                    &[],
+                    "the argument contains a NUL character".into(),
+                    Some("remove it: a program's arguments cannot carry NUL".into()),
+                );
+            }
+        }
+
+        for (key, value) in &service.environment {
+            let env_p = key_path(&format!("{p}.environment"), key);
+            if !is_env_name(key) {
+                sink.report(
+                    Severity::Error,
+                    &env_p,
+                    &[],
+                    format!(
+                        "{} is not a valid environment variable name",
+                        crate::values::quote(key)
+                    ),
+                    Some(
+                        "use letters, digits and '_', not starting with a digit, like LOG_LEVEL"
+                            .into(),
+                    ),
+                );
+            }
+            if value.contains('\0') {
+                sink.report(
+                    Severity::Error,
+                    &env_p,
+                    &[],
+                    format!("the value of {key} contains a NUL character"),
+                    Some("remove it: the environment cannot carry NUL".into()),
+                );
+            }
+        }
+
+        for (j, dep) in service.depends_on.iter().enumerate() {
+            let dep_p = format!("{p}.depends_on[{j}]");
+            let extension = list.iter().any(|s| &s.name == dep);
+            if dep == "etcd" && config.machine.kind == MachineType::Worker {
+                sink.report(
+                    Severity::Error,
+                    &dep_p,
+                    &["machine.type"],
+                    "etcd runs on control planes only, so this worker service would never start"
+                        .into(),
+                    Some("remove the dependency, or run the service on control planes".into()),
+                );
+            } else if !extension && !BUILTIN_SERVICES.contains(&dep.as_str()) {
+                let extensions: Vec<&str> = list.iter().map(|s| s.name.as_str()).collect();
+                let hint = match crate::shape::suggest(
+                    dep,
+                    BUILTIN_SERVICES.iter().copied().chain(extensions),
+                ) {
+                    Some(best) => format!("did you mean {best:?}?"),
+                    None => format!(
+                        "name a built-in service ({builtins}) or one defined in machine.services"
+                    ),
+                };
+                sink.report(
+                    Severity::Error,
+                    &dep_p,
+                    &[],
+                    format!(
+                        "{} is not a service of this node",
+                        crate::values::quote(dep)
+                    ),
+                    Some(hint),
+                );
+            }
+        }
+    }
+    service_cycles(config, sink);
+}
+
+/// Reports each dependency cycle among extension services once, at the dependency of
+/// its first-declared member that leads into it. Built-in services depend on no
+/// extension service, so every cycle lies among extension services.
+fn service_cycles(config: &MachineConfig, sink: &mut Sink<'_>) {
+    let list = &config.machine.services;
+    // Edges by index: (to, index of the depends_on entry). The first definition of a
+    // duplicated name is the one depended on.
+    let index = |name: &str| list.iter().position(|s| s.name == name);
+    let edges: Vec<Vec<(usize, usize)>> = list
+        .iter()
+        .map(|s| {
+            s.depends_on
+                .iter()
+                .enumerate()
+                .filter_map(|(j, d)| index(d).map(|to| (to, j)))
+                .collect()
+        })
+        .collect();
+    for start in 0..list.len() {
+        // Breadth-first from `start` through services declared no earlier, back to
+        // `start`: the shortest cycle whose first-declared member is `start`.
+        let mut came_from: Vec<Option<(usize, usize)>> = vec![None; list.len()];
+        let mut queue = std::collections::VecDeque::from([start]);
+        let mut closing: Option<(usize, usize)> = None;
+        'search: while let Some(at) = queue.pop_front() {
+            for &(to, j) in edges.get(at).into_iter().flatten() {
+                if to == start {
+                    closing = Some((at, j));
+                    break 'search;
+                }
+                if to > start && came_from.get(to).is_some_and(Option::is_none) {
+                    if let Some(slot) = came_from.get_mut(to) {
+                        *slot = Some((at, j));
+                    }
+                    queue.push_back(to);
+                }
+            }
+        }
+        let Some((last, _)) = closing else {
+            continue;
+        };
+        // Walk back from the service that closes the cycle to `start`.
+        let mut members = vec![last];
+        let mut first_edge = None;
+        let mut at = last;
+        while at != start {
+            match came_from.get(at).copied().flatten() {
+                Some((from, j)) => {
+                    if from == start {
+                        first_edge = Some(j);
+                    }
+                    members.push(from);
+                    at = from;
+                }
+                None => break,
+            }
+        }
+        members.reverse();
+        let j = match first_edge {
+            Some(j) => j,
+            // A service depending on itself.
+            None => closing.map_or(0, |(_, j)| j),
+        };
+        members.push(start);
+        let names: Vec<&str> = members
+            .iter()
+            .filter_map(|&m| list.get(m).map(|s| s.name.as_str()))
+            .collect();
+        sink.report(
+            Severity::Error,
+            &format!("machine.services[{start}].depends_on[{j}]"),
+            &[],
+            format!(
+                "the services depend on each other in a cycle: {}",
+                names.join(" -> ")
+            ),
+            Some("remove one of these dependencies: a service in a cycle never starts".into()),
+        );
     }
 }

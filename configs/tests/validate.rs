@@ -87,7 +87,7 @@ cp.toml:6:1: error: machine.hostnme: unknown key `hostnme` (did you mean `hostna
             ),
             Mode::Metal,
             r##"
-cp.toml:9:1: error: machine.colour: unknown key `colour` (expected one of `type`, `hostname`, `install_disk`, `swap`, `kernel_modules`, `disabled_kernel_modules`, `sysctls`, `time_servers`, `network`, `kubelet`, `api`, `files`)
+cp.toml:9:1: error: machine.colour: unknown key `colour` (expected one of `type`, `hostname`, `install_disk`, `swap`, `kernel_modules`, `disabled_kernel_modules`, `sysctls`, `time_servers`, `network`, `kubelet`, `api`, `files`, `services`)
 "##,
         ),
         (
@@ -995,6 +995,149 @@ cp.toml:6:1: error: machine.hostnme: unknown key `hostnme` (did you mean `hostna
 cp.toml:22:7: error: machine.network.interfaces[0].mtu: 1 is out of range (expected 576 to 9216)
 cp.toml:48:12: error: cluster.endpoint: "https://10.5.0.2" has no port (add the API server port, like https://10.5.0.2:6443)
 cp.toml:49:22: error: cluster.kubernetes_version: Kubernetes 2.0.0 is not supported (supported versions are 1.31.x to 1.34.x)
+"##,
+        ),
+        // Extension services, appended after the base config (its line 118): the first
+        // appended line is line 120.
+        (
+            "extension services that are valid",
+            format!(
+                "{CP}\n{}",
+                r#"[[machine.services]]
+name = "node-agent"
+command = ["/usr/bin/agent", "--port=9100"]
+depends_on = ["containerd", "helper"]
+environment = { LOG_LEVEL = "info", _X2 = "" }
+[[machine.services]]
+name = "helper"
+command = ["/usr/bin/helper"]
+depends_on = ["etcd"]
+"#
+            ),
+            Mode::Metal,
+            "",
+        ),
+        (
+            "extension service with an invalid name",
+            format!(
+                "{CP}\n{}",
+                "[[machine.services]]\nname = \"Node_Agent\"\ncommand = [\"/usr/bin/agent\"]\n"
+            ),
+            Mode::Metal,
+            r##"
+cp.toml:121:8: error: machine.services[0].name: "Node_Agent" is not a valid service name (use up to 63 lower-case letters, digits and '-', not starting or ending with '-', like node-agent)
+"##,
+        ),
+        (
+            "extension service named like a built-in one",
+            format!(
+                "{CP}\n{}",
+                "[[machine.services]]\nname = \"kubelet\"\ncommand = [\"/usr/bin/agent\"]\n"
+            ),
+            Mode::Metal,
+            r##"
+cp.toml:121:8: error: machine.services[0].name: kubelet is a built-in service (choose another name; the built-in services are containerd, etcd, kubelet, machined)
+"##,
+        ),
+        (
+            "extension service defined twice",
+            format!(
+                "{CP}\n{}",
+                "[[machine.services]]\nname = \"agent\"\ncommand = [\"/usr/bin/agent\"]\n\
+                 [[machine.services]]\nname = \"agent\"\ncommand = [\"/usr/bin/other\"]\n"
+            ),
+            Mode::Metal,
+            r##"
+cp.toml:124:8: error: machine.services[1].name: service agent is already defined at machine.services[0].name (rename one of them, or merge the two entries)
+"##,
+        ),
+        (
+            "extension service with an empty command",
+            format!(
+                "{CP}\n{}",
+                "[[machine.services]]\nname = \"agent\"\ncommand = []\n"
+            ),
+            Mode::Metal,
+            r##"
+cp.toml:122:11: error: machine.services[0].command: the command is empty (give the absolute program path first, like command = ["/usr/bin/agent", "--flag"])
+"##,
+        ),
+        (
+            "extension service without a command",
+            format!("{CP}\n{}", "[[machine.services]]\nname = \"agent\"\n"),
+            Mode::Metal,
+            r##"
+cp.toml:120:1: error: machine.services[0].command: missing required key `command` (add it, like command = ["/usr/bin/agent", "--flag"])
+"##,
+        ),
+        (
+            "extension service whose program is not an absolute path",
+            format!(
+                "{CP}\n{}",
+                "[[machine.services]]\nname = \"agent\"\ncommand = [\"agent\", \"--flag\"]\n"
+            ),
+            Mode::Metal,
+            r##"
+cp.toml:122:12: error: machine.services[0].command[0]: the program "agent" is not an absolute path (name the program by its absolute path, like /usr/bin/agent: it is run directly, not through a shell)
+"##,
+        ),
+        (
+            "extension service depending on an unknown service",
+            format!(
+                "{CP}\n{}",
+                "[[machine.services]]\nname = \"agent\"\ncommand = [\"/usr/bin/agent\"]\ndepends_on = [\"containrd\", \"nothing-here\"]\n"
+            ),
+            Mode::Metal,
+            r##"
+cp.toml:123:15: error: machine.services[0].depends_on[0]: "containrd" is not a service of this node (did you mean "containerd"?)
+cp.toml:123:28: error: machine.services[0].depends_on[1]: "nothing-here" is not a service of this node (name a built-in service (containerd, etcd, kubelet, machined) or one defined in machine.services)
+"##,
+        ),
+        (
+            "extension service on a worker depending on etcd",
+            format!(
+                "{WORKER}\n{}",
+                "[[machine.services]]\nname = \"agent\"\ncommand = [\"/usr/bin/agent\"]\ndepends_on = [\"etcd\"]\n"
+            ),
+            Mode::Metal,
+            r##"
+cp.toml:38:15: error: machine.services[0].depends_on[0]: etcd runs on control planes only, so this worker service would never start (remove the dependency, or run the service on control planes)
+"##,
+        ),
+        (
+            "extension services depending on each other in cycles",
+            format!(
+                "{CP}\n{}",
+                r#"[[machine.services]]
+name = "a"
+command = ["/usr/bin/a"]
+depends_on = ["containerd", "b"]
+[[machine.services]]
+name = "b"
+command = ["/usr/bin/b"]
+depends_on = ["a"]
+[[machine.services]]
+name = "c"
+command = ["/usr/bin/c"]
+depends_on = ["c"]
+"#
+            ),
+            Mode::Metal,
+            r##"
+cp.toml:123:29: error: machine.services[0].depends_on[1]: the services depend on each other in a cycle: a -> b -> a (remove one of these dependencies: a service in a cycle never starts)
+cp.toml:131:15: error: machine.services[2].depends_on[0]: the services depend on each other in a cycle: c -> c (remove one of these dependencies: a service in a cycle never starts)
+"##,
+        ),
+        (
+            "extension service with a bad environment variable name",
+            format!(
+                "{CP}\n{}",
+                "[[machine.services]]\nname = \"agent\"\ncommand = [\"/usr/bin/agent\"]\nenvironment = { \"1X\" = \"y\", \"A=B\" = \"z\" }\n"
+            ),
+            Mode::Metal,
+            r##"
+cp.toml:123:24: error: machine.services[0].environment.1X: "1X" is not a valid environment variable name (use letters, digits and '_', not starting with a digit, like LOG_LEVEL)
+cp.toml:123:37: error: machine.services[0].environment."A=B": "A=B" is not a valid environment variable name (use letters, digits and '_', not starting with a digit, like LOG_LEVEL)
 "##,
         ),
     ];

@@ -6,6 +6,14 @@
 //! | `etcd` | `/usr/bin/etcd` | | running | only on request: cluster bootstrap starts it through the control socket |
 //! | `kubelet` | `/var/lib/keelson/bin/kubelet`, else `/usr/bin/kubelet` | `containerd` | running | at boot when its binary exists |
 //! | `machined` | `/usr/sbin/machined` | | running | at boot when its binary exists |
+//! | extension services (`[[machine.services]]`) | their `command` | their `depends_on` | running | at boot, after the built-in ones |
+//!
+//! Extension services are the config's own programs (as Talos extension services or
+//! Flatcar units give them): registered after the built-in services, run directly with
+//! the common environment plus their own, their output kept like every service's, and
+//! restarted with the same backoff. The validator has already checked their names,
+//! commands and dependencies; a program that is missing at boot is a spawn failure the
+//! supervisor retries, so a program written later (a file, an upgrade) is picked up.
 //!
 //! etcd is registered on control planes only, and not started at boot: the machine
 //! config has no bootstrap request yet (`machinectl bootstrap` will ask for it), and an
@@ -16,7 +24,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use keelson_configs::schema::{MachineConfig, MachineType};
+use keelson_configs::schema::{ExtensionService, MachineConfig, MachineType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
@@ -104,7 +112,35 @@ pub fn catalog(
     } else {
         note(format!("machined: {MACHINED} not present, not started"));
     }
+    out.extend(config.machine.services.iter().map(extension));
     out
+}
+
+/// How long an extension service gets between `SIGTERM` and `SIGKILL`.
+const EXTENSION_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// An extension service of the config: ready once running, started at boot.
+pub fn extension(service: &ExtensionService) -> ServiceSpec {
+    let mut command = service.command.iter();
+    let program = command.next().map(PathBuf::from).unwrap_or_default();
+    let mut env = service_env();
+    for (key, value) in &service.environment {
+        match env.iter_mut().find(|(k, _)| k == key) {
+            Some(slot) => slot.1 = value.clone(),
+            None => env.push((key.clone(), value.clone())),
+        }
+    }
+    ServiceSpec {
+        name: service.name.clone(),
+        program,
+        args: command.cloned().collect(),
+        env,
+        depends_on: service.depends_on.clone(),
+        readiness: Readiness::Started,
+        ready_timeout: Duration::from_secs(30),
+        autostart: true,
+        stop_timeout: EXTENSION_STOP_TIMEOUT,
+    }
 }
 
 /// machined, the node API: the same with or without a config (without one, it serves
@@ -249,6 +285,59 @@ mod tests {
                 .iter()
                 .all(|s| s.name != "etcd")
         );
+    }
+
+    #[test]
+    fn extension_services_follow_the_built_in_ones() {
+        let text = format!(
+            "{}\n{}",
+            include_str!("../../configs/tests/data/controlplane.toml"),
+            r#"
+[[machine.services]]
+name = "agent"
+command = ["/usr/bin/agent", "--port=9100", "two words"]
+depends_on = ["containerd"]
+environment = { LOG_LEVEL = "debug", PATH = "/opt/bin" }
+
+[[machine.services]]
+name = "helper"
+command = ["/usr/bin/helper"]
+"#
+        );
+        let cfg = config(&text);
+        let all = catalog(&cfg, &|_| true, &mut |_| {});
+        let names: Vec<&str> = all.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "containerd",
+                "etcd",
+                "kubelet",
+                "machined",
+                "agent",
+                "helper"
+            ]
+        );
+        let agent = &all[4];
+        assert_eq!(agent.program, PathBuf::from("/usr/bin/agent"));
+        assert_eq!(agent.args, ["--port=9100", "two words"]);
+        assert_eq!(agent.depends_on, ["containerd"]);
+        assert_eq!(agent.readiness, Readiness::Started);
+        assert!(agent.autostart);
+        let env: Vec<(&str, &str)> = agent
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        assert_eq!(
+            env,
+            [
+                ("PATH", "/opt/bin"),
+                ("HOME", "/root"),
+                ("LOG_LEVEL", "debug")
+            ]
+        );
+        assert!(all[5].args.is_empty() && all[5].depends_on.is_empty());
     }
 
     fn runtime() -> std::io::Result<tokio::runtime::Runtime> {

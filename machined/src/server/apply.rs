@@ -90,6 +90,12 @@ pub fn classify(key: &str) -> Where {
         ),
         ("machine.swap", Where::Reboot("swap is set up at boot")),
         (
+            "machine.services",
+            Where::Reboot(
+                "extension services are registered with PID 1's supervisor at boot, after the built-in ones",
+            ),
+        ),
+        (
             "cluster.secrets",
             Where::Reboot(
                 "the cluster secrets (CAs, keys, tokens) are read at boot by every service that uses them",
@@ -758,6 +764,9 @@ mod tests {
             matches!(classify("cluster.secrets.node_api_ca.key"), Where::Reboot(w) if w.contains("secrets"))
         );
         assert!(matches!(classify("cluster.name"), Where::Reboot(_)));
+        assert!(
+            matches!(classify("machine.services[0]"), Where::Reboot(w) if w.contains("extension services"))
+        );
         assert!(matches!(classify("machine.hostnames"), Where::Reboot(_)));
     }
 
