@@ -6,7 +6,7 @@
 //! once for the whole suite) under `target/images/<arch>/`; tests never build their own.
 
 use std::path::{Path, PathBuf};
-use std::process::Child;
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -37,6 +37,76 @@ pub fn built_image(arch: Arch) -> Result<PathBuf> {
         );
     }
     Ok(path)
+}
+
+/// The image an end-to-end test boots: `KEELSON_TEST_IMAGE_AMD64` or
+/// `KEELSON_TEST_IMAGE_ARM64` when set (an image built elsewhere), else the suite's
+/// built image.
+pub fn test_image(arch: Arch) -> Result<PathBuf> {
+    let var = match arch {
+        Arch::Amd64 => "KEELSON_TEST_IMAGE_AMD64",
+        Arch::Arm64 => "KEELSON_TEST_IMAGE_ARM64",
+    };
+    match std::env::var_os(var) {
+        Some(path) => Ok(PathBuf::from(path)),
+        None => built_image(arch),
+    }
+}
+
+/// The workspace's `machinectl` next to the running test binary
+/// (`target/<profile>/machinectl`), built first if the workspace build has not made it.
+pub fn machinectl_binary() -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("finding the test binary")?;
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .with_context(|| format!("{} has no target/<profile> directory", exe.display()))?;
+    let bin = profile_dir.join("machinectl");
+    if !bin.is_file() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "-p", "keelson-machined", "--bin", "machinectl"])
+            .status()
+            .context("starting cargo to build machinectl")?;
+        if !status.success() {
+            bail!("building machinectl failed ({status})");
+        }
+    }
+    if !bin.is_file() {
+        bail!("no machinectl at {} after building it", bin.display());
+    }
+    Ok(bin)
+}
+
+/// Run `machinectl --machineconfig CONFIG ARGS` under `timeout` (ignoring the caller's
+/// `MACHINECONFIG`, with no stdin), and return what it did.
+pub fn machinectl(bin: &Path, config: &Path, timeout: Duration, args: &[&str]) -> Result<Output> {
+    Command::new("timeout")
+        .arg(timeout.as_secs().to_string())
+        .arg(bin)
+        .arg("--machineconfig")
+        .arg(config)
+        .args(args)
+        .env_remove("MACHINECONFIG")
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {} {}", bin.display(), args.join(" ")))
+}
+
+/// A finished command for an assertion message: its status, stdout and stderr.
+pub fn show(out: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// The last `n` lines of `text`.
+pub fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// A VM to boot: architecture, disk, firmware inputs.
@@ -153,7 +223,7 @@ impl Guest {
         ]);
         let mut cmd = machine.command()?;
         if let Some(ns) = &self.netns {
-            let mut inside = std::process::Command::new("ip");
+            let mut inside = Command::new("ip");
             inside.args(["netns", "exec", ns]).arg(cmd.get_program());
             inside.args(cmd.get_args());
             for (key, value) in cmd.get_envs() {
@@ -167,7 +237,7 @@ impl Guest {
             }
             cmd = inside;
         }
-        cmd.stdout(std::process::Stdio::null());
+        cmd.stdout(Stdio::null());
         cmd.stderr(std::fs::File::create(dir.path().join("qemu.stderr"))?);
         let child = cmd
             .spawn()

@@ -10,8 +10,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::Output;
 use std::time::{Duration, Instant};
 
 use keelson_configs::generate::{GenerateOptions, generate};
@@ -20,36 +20,11 @@ use keelson_configs::pki::{self, Role};
 use keelson_configs::secrets::ClusterSecrets;
 use keelson_configs::{Mode, check_str};
 use keelson_machined::clientconfig::{ClientConfig, Context};
-use keelson_tests::{Arch, Guest, built_image};
+use keelson_tests::{Arch, Guest, machinectl, machinectl_binary, show, test_image};
 
 /// One boot to "service machined ready" under software emulation, with room to spare.
 const BOOT: Duration = Duration::from_secs(420);
 const MAC: &str = "52:54:00:4b:45:05";
-
-fn image() -> PathBuf {
-    match std::env::var_os("KEELSON_TEST_IMAGE_AMD64") {
-        Some(path) => PathBuf::from(path),
-        None => built_image(Arch::Amd64).unwrap(),
-    }
-}
-
-/// The built `machinectl` next to this test's binary (target/<profile>/machinectl), built
-/// first if the workspace build has not made it yet.
-fn machinectl_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().and_then(Path::parent).unwrap().to_path_buf();
-    let bin = profile_dir.join("machinectl");
-    if !bin.is_file() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "-p", "keelson-machined", "--bin", "machinectl"])
-            .status()
-            .unwrap();
-        assert!(status.success(), "building machinectl failed");
-    }
-    assert!(bin.is_file(), "no machinectl at {}", bin.display());
-    bin
-}
 
 /// A control-plane config for QEMU's user network (eth0 = 10.0.2.15/24) and the node
 /// API CA it carries.
@@ -162,30 +137,12 @@ fn oci_archive(path: &Path, name: &str, binary: &[u8]) {
 }
 
 fn run(bin: &Path, config: &Path, args: &[&str]) -> Output {
-    Command::new("timeout")
-        .arg("60")
-        .arg(bin)
-        .arg("--machineconfig")
-        .arg(config)
-        .args(args)
-        .env_remove("MACHINECONFIG")
-        .stdin(std::process::Stdio::null())
-        .output()
-        .unwrap()
-}
-
-fn show(out: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
+    machinectl(bin, config, Duration::from_secs(60), args).unwrap()
 }
 
 #[test]
 fn machinectl_operates_a_booted_node() {
-    let bin = machinectl_binary();
+    let bin = machinectl_binary().unwrap();
     let (config, ca) = cluster();
     let dir = tempfile::tempdir().unwrap();
     let config_file = dir.path().join("controlplane.toml");
@@ -214,7 +171,7 @@ fn machinectl_operates_a_booted_node() {
     clients.save(&admin).unwrap();
 
     let mut vm = Guest::new(Arch::Amd64)
-        .image(image())
+        .image(test_image(Arch::Amd64).unwrap())
         .memory(2048)
         .fw_cfg(FW_CFG_CONFIG, &config_file)
         .qemu_args([
@@ -327,7 +284,12 @@ fn machinectl_operates_a_booted_node() {
     assert!(out.status.success(), "{}", show(&out));
 
     // An image the test builds: this image's own static PID 1 as the one binary.
-    let binary = keelson_imager::inspect::read_root_file(&image(), Slot::A, ROOT_INIT).unwrap();
+    let binary = keelson_imager::inspect::read_root_file(
+        &test_image(Arch::Amd64).unwrap(),
+        Slot::A,
+        ROOT_INIT,
+    )
+    .unwrap();
     assert_eq!(&binary[..4], b"\x7fELF");
     let archive = dir.path().join("hello.tar");
     let name = "keelson.test/hello:1";

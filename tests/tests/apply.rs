@@ -16,7 +16,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
 use keelson_configs::generate::{GenerateOptions, generate};
@@ -24,35 +24,11 @@ use keelson_configs::pki::{self, Role};
 use keelson_configs::secrets::ClusterSecrets;
 use keelson_configs::{Mode, check_str};
 use keelson_machined::clientconfig::{ClientConfig, Context};
-use keelson_tests::{Arch, Guest, Running, built_image};
+use keelson_tests::{Arch, Guest, Running, machinectl, machinectl_binary, show, tail, test_image};
 
 /// One boot to "service machined ready" under software emulation, with room to spare.
 const BOOT: Duration = Duration::from_secs(420);
 const MAC: &str = "52:54:00:4b:45:06";
-
-fn image() -> PathBuf {
-    match std::env::var_os("KEELSON_TEST_IMAGE_AMD64") {
-        Some(path) => PathBuf::from(path),
-        None => built_image(Arch::Amd64).unwrap(),
-    }
-}
-
-/// The built `machinectl` next to this test's binary, built first if needed.
-fn machinectl_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().and_then(Path::parent).unwrap().to_path_buf();
-    let bin = profile_dir.join("machinectl");
-    if !bin.is_file() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "-p", "keelson-machined", "--bin", "machinectl"])
-            .status()
-            .unwrap();
-        assert!(status.success(), "building machinectl failed");
-    }
-    assert!(bin.is_file(), "no machinectl at {}", bin.display());
-    bin
-}
 
 /// A control-plane config for QEMU's user network (eth0 = 10.0.2.15/24), as a table to
 /// edit, and the node API CA it carries.
@@ -106,25 +82,7 @@ fn variant(base: &toml::Table, sysctls: &[(&str, &str)], dir: &Path, name: &str)
 }
 
 fn run(bin: &Path, config: &Path, args: &[&str]) -> Output {
-    Command::new("timeout")
-        .arg("120")
-        .arg(bin)
-        .arg("--machineconfig")
-        .arg(config)
-        .args(args)
-        .env_remove("MACHINECONFIG")
-        .stdin(std::process::Stdio::null())
-        .output()
-        .unwrap()
-}
-
-fn show(out: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
+    machinectl(bin, config, Duration::from_secs(120), args).unwrap()
 }
 
 fn stdout(out: &Output) -> String {
@@ -151,11 +109,6 @@ fn until_ok(vm: &Running, timeout: Duration, what: &str, f: impl Fn() -> Output)
         );
         std::thread::sleep(Duration::from_secs(2));
     }
-}
-
-fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 /// Wait until the console shows `needle` at least `count` times (a later boot of the
@@ -189,7 +142,7 @@ fn sysctl(bin: &Path, clients: &Path, name: &str) -> String {
 
 #[test]
 fn a_node_from_maintenance_mode_through_apply_config_reboot_and_reset() {
-    let bin = machinectl_binary();
+    let bin = machinectl_binary().unwrap();
     let (base, ca) = cluster();
     let dir = tempfile::tempdir().unwrap();
     let first = variant(&base, &[], dir.path(), "first.toml");
@@ -223,7 +176,7 @@ fn a_node_from_maintenance_mode_through_apply_config_reboot_and_reset() {
 
     // No config anywhere: maintenance mode.
     let mut vm = Guest::new(Arch::Amd64)
-        .image(image())
+        .image(test_image(Arch::Amd64).unwrap())
         .memory(2048)
         .allow_reboot()
         .qemu_args([

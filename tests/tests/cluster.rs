@@ -28,23 +28,12 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use keelson_machined::cluster::record::processes_mentioning;
-use keelson_tests::{Arch, built_image};
+use keelson_tests::{Arch, machinectl_binary, show, test_image};
 
 /// One cluster at a time.
 static VM_LOCK: Mutex<()> = Mutex::new(());
 /// The unprivileged user of the rootless test (made when missing, as root).
 const ROOTLESS_USER: &str = "keelson-e2e";
-
-fn image(arch: Arch) -> PathBuf {
-    let var = match arch {
-        Arch::Amd64 => "KEELSON_TEST_IMAGE_AMD64",
-        Arch::Arm64 => "KEELSON_TEST_IMAGE_ARM64",
-    };
-    match std::env::var_os(var) {
-        Some(path) => PathBuf::from(path),
-        None => built_image(arch).unwrap(),
-    }
-}
 
 fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
@@ -53,32 +42,6 @@ fn is_root() -> bool {
         .find(|l| l.starts_with("Uid:"))
         .and_then(|l| l.split_whitespace().nth(2))
         == Some("0")
-}
-
-/// The built `machinectl` next to this test's binary, built first if missing.
-fn machinectl_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().and_then(Path::parent).unwrap().to_path_buf();
-    let bin = profile_dir.join("machinectl");
-    if !bin.is_file() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "-p", "keelson-machined", "--bin", "machinectl"])
-            .status()
-            .unwrap();
-        assert!(status.success(), "building machinectl failed");
-    }
-    assert!(bin.is_file(), "no machinectl at {}", bin.display());
-    bin
-}
-
-fn show(out: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 /// Where one test's clusters and client config live, and as whom machinectl runs.
@@ -103,7 +66,7 @@ impl Env {
             assert!(status.success());
         }
         Env {
-            bin: machinectl_binary(),
+            bin: machinectl_binary().unwrap(),
             dir,
             user: user.map(str::to_owned),
         }
@@ -277,7 +240,7 @@ fn three_nodes_reach_each_other_and_leave_nothing_behind() {
             "--memory",
             "1024",
             "--image",
-            image(Arch::Amd64).to_str().unwrap(),
+            test_image(Arch::Amd64).unwrap().to_str().unwrap(),
         ],
     );
     assert!(out.contains(&format!("cluster {name} is healthy")), "{out}");
@@ -407,7 +370,7 @@ fn one_arm64_node_under_software_emulation() {
             "--memory",
             "1024",
             "--image",
-            image(Arch::Arm64).to_str().unwrap(),
+            test_image(Arch::Arm64).unwrap().to_str().unwrap(),
         ],
     );
     assert!(out.contains("(arm64 under TCG"), "{out}");
@@ -460,7 +423,7 @@ fn rootless_create_and_destroy() {
             "--memory",
             "1024",
             "--image",
-            image(Arch::Amd64).to_str().unwrap(),
+            test_image(Arch::Amd64).unwrap().to_str().unwrap(),
         ],
     );
     assert!(out.contains("user-mode network"), "{out}");
@@ -492,7 +455,7 @@ fn a_create_killed_halfway_is_refused_again_and_destroyed_clean() {
         .arg(env.client_config())
         .args(["cluster", "create", "--name", &name, "--workers", "1"])
         .args(["--cpus", "1", "--memory", "1024", "--image"])
-        .arg(image(Arch::Amd64))
+        .arg(test_image(Arch::Amd64).unwrap())
         .env("XDG_STATE_HOME", env.state())
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())

@@ -15,19 +15,12 @@ use std::time::{Duration, Instant};
 
 use keelson_configs::layout::FW_CFG_CONFIG;
 use keelson_configs::{Mode, check_str};
-use keelson_tests::{Arch, Guest, built_image};
+use keelson_tests::{Arch, Guest, test_image};
 
 /// Boot to the network under software emulation, with room to spare.
 const BOOT: Duration = Duration::from_secs(420);
 const MAC: &str = "52:54:00:4b:45:d1";
 const SERVER: &str = "10.5.98.1";
-
-fn image() -> PathBuf {
-    match std::env::var_os("KEELSON_TEST_IMAGE_AMD64") {
-        Some(path) => PathBuf::from(path),
-        None => built_image(Arch::Amd64).unwrap(),
-    }
-}
 
 fn run(program: &str, args: &[&str]) -> String {
     let out = Command::new(program)
@@ -178,7 +171,7 @@ fn a_node_configured_for_dhcp_gets_its_address_from_dnsmasq() {
     std::fs::write(&config, dhcp_config()).unwrap();
 
     let mut vm = Guest::new(Arch::Amd64)
-        .image(image())
+        .image(test_image(Arch::Amd64).unwrap())
         .netns(&lan.name)
         .qemu_args([
             "-netdev".to_string(),

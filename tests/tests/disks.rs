@@ -8,24 +8,17 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use keelson_configs::layout::{FW_CFG_CONFIG, PART_EPHEMERAL, PART_STATE};
 use keelson_imager::gpt;
 use keelson_imager::inspect::read_ext4_file;
-use keelson_tests::{Arch, Guest, Running, built_image};
+use keelson_tests::{Arch, Guest, Running, test_image};
 
 /// One boot to "containerd ready" under software emulation, with room to spare.
 const BOOT: Duration = Duration::from_secs(420);
 const MIB: u64 = 1 << 20;
-
-fn image() -> PathBuf {
-    match std::env::var_os("KEELSON_TEST_IMAGE_AMD64") {
-        Some(path) => PathBuf::from(path),
-        None => built_image(Arch::Amd64).unwrap(),
-    }
-}
 
 /// The control-plane fixture of the config tests (its network does not matter here: the
 /// disks only need a config to arrive and be kept, and its file written to /var).
@@ -108,7 +101,7 @@ fn power_off(mut vm: Running) {
 fn first_boot_fills_the_disk_and_later_boots_keep_and_grow_it() {
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("node.raw");
-    sparse_copy(&image(), &disk, 3 << 30);
+    sparse_copy(&test_image(Arch::Amd64).unwrap(), &disk, 3 << 30);
     let config = dir.path().join("node.toml");
     std::fs::write(&config, node_config()).unwrap();
     let before = table(&disk);

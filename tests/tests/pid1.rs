@@ -18,20 +18,13 @@ use keelson_configs::layout::{FW_CFG_CONFIG, PART_EPHEMERAL, PART_STATE};
 use keelson_configs::{Mode, check_str};
 use keelson_imager::gpt;
 use keelson_imager::inspect::read_ext4_file;
-use keelson_tests::{Arch, Guest, Running, built_image};
+use keelson_tests::{Arch, Guest, Running, test_image};
 
 /// One boot to "containerd ready" under software emulation, with room to spare.
 const BOOT: Duration = Duration::from_secs(420);
 const MAC: &str = "52:54:00:4b:45:01";
 /// QEMU's user-mode network is 10.0.2.0/24 with its gateway at .2.
 const ADDRESS: &str = "10.0.2.15/24";
-
-fn image() -> PathBuf {
-    match std::env::var_os("KEELSON_TEST_IMAGE_AMD64") {
-        Some(path) => PathBuf::from(path),
-        None => built_image(Arch::Amd64).unwrap(),
-    }
-}
 
 /// The control-plane fixture of the config tests, made to fit this VM: one NIC named
 /// eth0 with the static address, a route through QEMU's gateway.
@@ -110,7 +103,7 @@ fn partition(disk: &Path, name: &str) -> gpt::GptPartition {
 /// signature mkswap writes) after EPHEMERAL.
 fn disk_with_swap(dir: &Path) -> PathBuf {
     let disk = dir.join("node.raw");
-    sparse_copy(&image(), &disk);
+    sparse_copy(&test_image(Arch::Amd64).unwrap(), &disk);
     let f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
     f.set_len(f.metadata().unwrap().len() + (64 << 20)).unwrap();
     drop(f);
@@ -336,7 +329,7 @@ fn a_config_with_errors_is_refused_and_the_node_keeps_waiting() {
     let broken = node_config().replace("mtu = 1500", "mtu = 99999");
     std::fs::write(&config, broken).unwrap();
     let mut vm = Guest::new(Arch::Amd64)
-        .image(image())
+        .image(test_image(Arch::Amd64).unwrap())
         .nic(MAC)
         .fw_cfg(FW_CFG_CONFIG, &config)
         .boot()
@@ -414,7 +407,7 @@ fn a_nocloud_drive_gives_the_config() {
         assert!(out.status.success(), "{program}: {out:?}");
     }
     let mut vm = Guest::new(Arch::Amd64)
-        .image(image())
+        .image(test_image(Arch::Amd64).unwrap())
         .qemu_args([
             "-drive".to_string(),
             format!(
@@ -468,7 +461,7 @@ fn http_server(body: String) -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String
 fn a_url_on_the_kernel_command_line_gives_the_config() {
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("node.raw");
-    sparse_copy(&image(), &disk);
+    sparse_copy(&test_image(Arch::Amd64).unwrap(), &disk);
     // Add keelson.config= to the slot's boot entry on the ESP.
     let esp = format!(
         "{}@@{}",
