@@ -10,15 +10,19 @@
 //!   loader and kernel, a trivial init: [`floor`]) and the Debian + systemd peer built
 //!   with debootstrap ([`peer`]); memory at idle against the peer's ([`boot`]);
 //! - `cluster`: time to a healthy 1-node and 3-node local cluster ([`cluster`]);
-//! - `api`: refused with what it needs until machined's API is served at boot.
+//! - `api`: machined's memory at idle and the latency of `version` and `apply-config
+//!   --mode no-reboot` against one node ([`api`]).
 //!
-//! Results go to the terminal (a table) and to `target/bench/<what>-<date>.json` and
-//! `target/bench/latest.json`.
+//! Results go to the terminal (a table) and to `<target>/bench/<what>-<date>.json` and
+//! `<target>/bench/latest.json`, where `<target>` is `CARGO_TARGET_DIR` when set, else
+//! the workspace's `target/`.
 
+mod api;
 mod boot;
 mod cluster;
 mod floor;
 mod image;
+mod node;
 mod peer;
 
 use std::fmt::Write as _;
@@ -84,6 +88,14 @@ pub struct BenchArgs {
     /// Rebuild the peer (debootstrap) even if a cached one matches the mirror.
     #[arg(long)]
     pub rebuild_peer: bool,
+    /// Where built peers are cached (default: `<target>/bench/peer`); another
+    /// checkout's cache can be shared this way. A peer is still built when none there
+    /// matches the mirror snapshot, kernel and recipe.
+    #[arg(long, value_name = "DIR")]
+    pub peer_cache: Option<PathBuf>,
+    /// `bench api`: calls of `version` (and of `apply-config --mode no-reboot`) per run.
+    #[arg(long, default_value_t = 50)]
+    pub calls: usize,
 }
 
 /// Units a figure is measured in.
@@ -370,7 +382,12 @@ impl Ctx {
             return Ok(p.clone());
         }
         let image = self.built_image(Arch::Amd64)?;
-        let p = peer::ensure(&self.dir, &image, self.args.rebuild_peer)?;
+        let cache = self
+            .args
+            .peer_cache
+            .clone()
+            .unwrap_or_else(|| self.dir.join("peer"));
+        let p = peer::ensure(&cache, &image, self.args.rebuild_peer)?;
         self.peer = Some(p.clone());
         Ok(p)
     }
@@ -384,7 +401,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let what = args.what.unwrap_or(What::All);
     let date = utc_now();
     let load_start = load_average();
-    let dir = workspace_root().join("target/bench");
+    let dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
+        .join("bench");
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let runs = args.runs;
     let mut ctx = Ctx {
@@ -398,19 +418,19 @@ pub fn run(args: BenchArgs) -> Result<()> {
     match what {
         What::Image => image::bench(&mut ctx)?,
         What::Boot => boot::bench(&mut ctx)?,
-        What::Api => bail!(api_unavailable()),
+        What::Api => api::bench(&mut ctx)?,
         What::Cluster => cluster::bench(&mut ctx)?,
         What::All => {
             for (name, result) in [
                 ("image", image::bench(&mut ctx)),
                 ("boot", boot::bench(&mut ctx)),
+                ("api", api::bench(&mut ctx)),
                 ("cluster", cluster::bench(&mut ctx)),
             ] {
                 if let Err(e) = result {
                     ctx.skip(name, format!("failed: {e:#}"));
                 }
             }
-            ctx.skip("api", api_unavailable());
         }
     }
     let report = Report {
@@ -431,24 +451,6 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     eprintln!("xtask: bench: results in {}", file.display());
     Ok(())
-}
-
-/// Why `bench api` cannot run yet.
-fn api_unavailable() -> String {
-    let in_image = std::fs::read_to_string(crate::image::definition_path())
-        .is_ok_and(|t| t.contains("package = \"keelson-machined\""));
-    if in_image {
-        "not available yet: machined is in the image, but its API (`version`, \
-         `apply-config --mode no-reboot`) is not served at boot yet; `bench api` measures \
-         machined's RSS at idle and the p50/p99 latency of those calls against a VM"
-            .into()
-    } else {
-        "not available yet: needs machined in the image (a [[binary]] for \
-         keelson-machined in images/keelson.toml, supervised by init) serving `version` \
-         and `apply-config`; `bench api` will measure its RSS at idle and the p50/p99 \
-         latency of those calls against a VM"
-            .into()
-    }
 }
 
 /// The results as a text table.

@@ -122,8 +122,9 @@ pub struct Peer {
 
 /// The peer for amd64: the cached one for the mirror's current snapshot, else built
 /// now (a few minutes: debootstrap, the kernel's initramfs, mkfs, compression).
-/// `image` is our built amd64 image, whose ESP gives the systemd-boot binary.
-pub fn ensure(bench_dir: &Path, image: &Path, rebuild: bool) -> Result<Peer> {
+/// `image` is our built amd64 image, whose ESP gives the systemd-boot binary; `peers`
+/// is the cache directory (one subdirectory per snapshot, kernel and recipe).
+pub fn ensure(peers: &Path, image: &Path, rebuild: bool) -> Result<Peer> {
     let arch = Arch::Amd64;
     let def = Definition::load(&crate::image::definition_path())?;
     let lock = Lock::load(&def.lock_path(arch))?;
@@ -143,7 +144,6 @@ pub fn ensure(bench_dir: &Path, image: &Path, rebuild: bool) -> Result<Peer> {
             kernel_deb.display()
         );
     }
-    let peers = bench_dir.join("peer");
     let mirror = debian::mirror_from_apt_sources().ok();
     let release_date = mirror
         .as_ref()
@@ -155,7 +155,7 @@ pub fn ensure(bench_dir: &Path, image: &Path, rebuild: bool) -> Result<Peer> {
             sanitize(date),
             sanitize(&kernel_pkg.version)
         )),
-        None => match newest_cached(&peers) {
+        None => match newest_cached(peers) {
             Some(dir) => {
                 eprintln!(
                     "xtask: bench: the mirror's Release file is unreachable; using the cached \
@@ -564,6 +564,22 @@ pub fn parse_rss(console: &str) -> Option<(u64, u64)> {
     ))
 }
 
+/// The RSS of the peer's init and system daemons without containerd (which our node
+/// runs too, and which our figure leaves out alike): the `name=kb` fields of the
+/// memory line whose name does not start with `containerd`.
+pub fn parse_rss_without_containerd(console: &str) -> Option<u64> {
+    let line = console.lines().find(|l| l.contains(RSS_MARKER))?;
+    let kb: u64 = line
+        .split_whitespace()
+        .filter_map(|w| w.split_once('='))
+        .filter(|(name, _)| {
+            !matches!(*name, "total_kb" | "pss_kb") && !name.starts_with("containerd")
+        })
+        .filter_map(|(_, v)| v.parse::<u64>().ok())
+        .sum();
+    Some(kb * 1024)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -573,6 +589,7 @@ mod tests {
         let console = "boot...\r\nPEER-READY\r\nPEER-RSS total_kb=52000 pss_kb=22000 systemd=12000 containerd=40000\r\n";
         assert_eq!(parse_rss(console), Some((52000 * 1024, 22000 * 1024)));
         assert_eq!(parse_rss("PEER-READY\n"), None);
+        assert_eq!(parse_rss_without_containerd(console), Some(12000 * 1024));
     }
 
     #[test]
