@@ -118,6 +118,7 @@ pub struct Guest {
     no_reboot: bool,
     fw_cfg: Vec<(String, PathBuf)>,
     raw_disk: bool,
+    disk_size: Option<u64>,
     extra: Vec<String>,
     netns: Option<String>,
 }
@@ -132,6 +133,7 @@ impl Guest {
             no_reboot: true,
             fw_cfg: Vec::new(),
             raw_disk: false,
+            disk_size: None,
             extra: Vec::new(),
             netns: None,
         }
@@ -147,6 +149,14 @@ impl Guest {
     /// test can read the disk back after the VM stops.
     pub fn raw_disk(mut self) -> Guest {
         self.raw_disk = true;
+        self
+    }
+
+    /// Make the overlay disk this many bytes (the image's own size by default, where
+    /// EPHEMERAL, and so `/var`, stays at its 64 MiB placeholder): the node grows
+    /// EPHEMERAL into the rest at first boot.
+    pub fn disk_size(mut self, bytes: u64) -> Guest {
+        self.disk_size = Some(bytes);
         self
     }
 
@@ -207,7 +217,7 @@ impl Guest {
             image
         } else {
             let overlay = dir.path().join("disk.qcow2");
-            qemu::create_overlay(&image, &overlay, None)?;
+            qemu::create_overlay(&image, &overlay, self.disk_size)?;
             overlay
         };
         let accel = qemu::probe_accel(self.arch, dir.path());
@@ -377,5 +387,18 @@ impl Drop for Running {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // A failing test's console outlives the scratch directory, for the post-mortem.
+        if std::thread::panicking() {
+            let name = self
+                .dir
+                .path()
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let kept = std::env::temp_dir().join(format!("{name}-console.log"));
+            if std::fs::copy(&self.console, &kept).is_ok() {
+                eprintln!("guest: console kept at {}", kept.display());
+            }
+        }
     }
 }

@@ -185,6 +185,8 @@ fn crash_loops_back_off_to_the_cap_and_starve_nobody() {
     let mut vm = Guest::new(Arch::Amd64)
         .image(test_image(Arch::Amd64).unwrap())
         .memory(2048)
+        // Room on /var for keeper's data (etcd preallocates a 64 MB WAL segment).
+        .disk_size(4 << 30)
         .fw_cfg(FW_CFG_CONFIG, &config_file)
         .qemu_args([
             "-netdev".to_string(),
