@@ -15,8 +15,9 @@
 //! aliases (`fs-squashfs`, `crypto-sha256`, ...) trigger one full scan, the first time a
 //! requested name or a soft dependency is not a module name, whose alias map the index
 //! keeps (without it, every `softdep` on an alias such as `crc32c` rescanned and
-//! decompressed all the kernel's modules: 17 s of a 53 s image build). Things built into the kernel (`modules.builtin`,
-//! `modules.builtin.modinfo`, or `=y` in `/boot/config-*`) are reported, not looked for.
+//! decompressed all the kernel's modules: 17 s of a 53 s image build). Things built
+//! into the kernel (`modules.builtin`, `modules.builtin.modinfo`, or `=y` in
+//! `/boot/config-*`) are reported, not looked for.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Read;
@@ -445,7 +446,8 @@ impl ModuleIndex {
         Ok(parse_modinfo(data, &file.name))
     }
 
-    /// Find the module that has `alias` among its aliases (full scan of the tree).
+    /// Find the module that has `alias` among its aliases (the first lookup scans the
+    /// whole tree and keeps the alias map for the next ones).
     fn find_by_alias(&self, alias: &str) -> Result<Option<String>, KmodError> {
         if let Some(map) = self.aliases.get() {
             return Ok(map.get(alias).cloned());
