@@ -10,7 +10,10 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use keelson_configs::generate::{GenerateOptions, generate};
 pub use keelson_configs::layout::Arch;
+use keelson_configs::pki::{self, CertAndKey, Role};
+use keelson_configs::secrets::ClusterSecrets;
 use keelson_imager::qemu::{self, Accel, Machine};
 
 /// The workspace root.
@@ -91,6 +94,83 @@ pub fn machinectl(bin: &Path, config: &Path, timeout: Duration, args: &[&str]) -
         .stdin(Stdio::null())
         .output()
         .with_context(|| format!("running {} {}", bin.display(), args.join(" ")))
+}
+
+/// A free TCP port on 127.0.0.1 (bound, read, released), for a QEMU port forward.
+pub fn free_loopback_port() -> Result<u16> {
+    let listener =
+        std::net::TcpListener::bind("127.0.0.1:0").context("binding a port on 127.0.0.1")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// A control-plane config (as `machinectl gen config` makes it, with fresh secrets) for
+/// QEMU's user network: eth0 = 10.0.2.15/24 through 10.0.2.2, nameserver 10.0.2.3.
+/// `machine_extra` is TOML whose top-level keys are set in `[machine]` (a hostname,
+/// services...). Returns the config as a table to edit and the node API CA it carries.
+pub fn user_net_control_plane(
+    cluster_name: &str,
+    machine_extra: &str,
+) -> Result<(toml::Table, CertAndKey)> {
+    let secrets = ClusterSecrets::generate().context("generating cluster secrets")?;
+    let generated = generate(
+        &GenerateOptions {
+            cluster_name: cluster_name.into(),
+            endpoint: "https://10.0.2.15:6443".into(),
+            ..GenerateOptions::default()
+        },
+        &secrets,
+    )
+    .context("generating the configs")?;
+    let mut config: toml::Table = toml::from_str(&generated.control_plane.text)?;
+    let network: toml::Table = toml::from_str(
+        r#"
+nameservers = ["10.0.2.3"]
+[[interfaces]]
+name = "eth0"
+addresses = ["10.0.2.15/24"]
+[[interfaces.routes]]
+to = "0.0.0.0/0"
+via = "10.0.2.2"
+"#,
+    )?;
+    let extra: toml::Table = toml::from_str(machine_extra).context("parsing machine_extra")?;
+    let machine = config
+        .get_mut("machine")
+        .and_then(toml::Value::as_table_mut)
+        .context("the generated config has no [machine] table")?;
+    machine.insert("network".into(), toml::Value::Table(network));
+    machine.extend(extra);
+    Ok((config, secrets.node_api_ca))
+}
+
+/// Write a `machinectl` client config to `path` with one context per role (named for the
+/// role, `admin` current), each with a client certificate issued by `ca` and the node
+/// API at `endpoint`.
+pub fn api_client_config(
+    ca: &CertAndKey,
+    endpoint: &str,
+    roles: &[Role],
+    path: &Path,
+) -> Result<()> {
+    use keelson_machined::clientconfig::{ClientConfig, Context};
+    let mut clients = ClientConfig::default();
+    for &role in roles {
+        let cert = pki::issue_api_client(ca, &format!("{role}-user"), role)
+            .with_context(|| format!("issuing a {role} client certificate"))?;
+        let context = Context {
+            endpoints: vec![endpoint.to_string()],
+            nodes: Vec::new(),
+            ca: ca.cert.clone(),
+            cert: cert.cert,
+            key: cert.key,
+        };
+        clients.contexts.insert(role.name().into(), context);
+    }
+    clients.context = Some("admin".into());
+    clients
+        .save(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
 }
 
 /// A finished command for an assertion message: its status, stdout and stderr.
@@ -186,6 +266,18 @@ impl Guest {
             "user,id=net0,restrict=on".to_string(),
             "-device".to_string(),
             format!("virtio-net-pci,netdev=net0,mac={mac}"),
+        ]);
+        self
+    }
+
+    /// A virtio network card with this MAC on QEMU's restricted user-mode network, as
+    /// [`Guest::nic`], with the node API (port 50000) forwarded from `127.0.0.1:port`.
+    pub fn api_forward(mut self, port: u16, mac: &str) -> Guest {
+        self.extra.extend([
+            "-netdev".to_string(),
+            format!("user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{port}-:50000"),
+            "-device".to_string(),
+            format!("virtio-net-pci,netdev=n0,mac={mac}"),
         ]);
         self
     }

@@ -14,51 +14,26 @@ use std::path::Path;
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use keelson_configs::generate::{GenerateOptions, generate};
 use keelson_configs::layout::{FW_CFG_CONFIG, ROOT_INIT, Slot};
 use keelson_configs::pki::{self, Role};
-use keelson_configs::secrets::ClusterSecrets;
 use keelson_configs::{Mode, check_str};
-use keelson_machined::clientconfig::{ClientConfig, Context};
-use keelson_tests::{Arch, Guest, machinectl, machinectl_binary, show, test_image};
+use keelson_tests::{
+    Arch, Guest, api_client_config, free_loopback_port, machinectl, machinectl_binary, show,
+    test_image, user_net_control_plane,
+};
 
 /// One boot to "service machined ready" under software emulation, with room to spare.
 const BOOT: Duration = Duration::from_secs(420);
 const MAC: &str = "52:54:00:4b:45:05";
 
-/// A control-plane config for QEMU's user network (eth0 = 10.0.2.15/24) and the node
-/// API CA it carries.
+/// A control-plane config for QEMU's user network (eth0 = 10.0.2.15/24), checked valid,
+/// and the node API CA it carries.
 fn cluster() -> (String, pki::CertAndKey) {
-    let secrets = ClusterSecrets::generate().unwrap();
-    let generated = generate(
-        &GenerateOptions {
-            cluster_name: "apitest".into(),
-            endpoint: "https://10.0.2.15:6443".into(),
-            ..GenerateOptions::default()
-        },
-        &secrets,
-    )
-    .unwrap();
-    let mut config: toml::Table = toml::from_str(&generated.control_plane.text).unwrap();
-    let network: toml::Table = toml::from_str(
-        r#"
-nameservers = ["10.0.2.3"]
-[[interfaces]]
-name = "eth0"
-addresses = ["10.0.2.15/24"]
-[[interfaces.routes]]
-to = "0.0.0.0/0"
-via = "10.0.2.2"
-"#,
-    )
-    .unwrap();
-    let machine = config["machine"].as_table_mut().unwrap();
-    machine.insert("network".into(), toml::Value::Table(network));
-    machine.insert("hostname".into(), "api-test".into());
+    let (config, ca) = user_net_control_plane("apitest", r#"hostname = "api-test""#).unwrap();
     let text = toml::to_string(&config).unwrap();
     let checked = check_str(&text, "api-node.toml", Mode::Metal);
     assert!(checked.is_valid(), "{:#?}", checked.diagnostics);
-    (text, secrets.node_api_ca)
+    (text, ca)
 }
 
 fn sha256(data: &[u8]) -> String {
@@ -147,39 +122,16 @@ fn machinectl_operates_a_booted_node() {
     let dir = tempfile::tempdir().unwrap();
     let config_file = dir.path().join("controlplane.toml");
     std::fs::write(&config_file, &config).unwrap();
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let port = free_loopback_port().unwrap();
     let endpoint = format!("127.0.0.1:{port}");
-    let context = |role: Role| {
-        let cert = pki::issue_api_client(&ca, &format!("{role}-user"), role).unwrap();
-        Context {
-            endpoints: vec![endpoint.clone()],
-            nodes: Vec::new(),
-            ca: ca.cert.clone(),
-            cert: cert.cert,
-            key: cert.key,
-        }
-    };
-    let mut clients = ClientConfig::default();
-    for role in Role::ALL {
-        clients.contexts.insert(role.name().into(), context(role));
-    }
-    clients.context = Some("admin".into());
     let admin = dir.path().join("machinectl.toml");
-    clients.save(&admin).unwrap();
+    api_client_config(&ca, &endpoint, &Role::ALL, &admin).unwrap();
 
     let mut vm = Guest::new(Arch::Amd64)
         .image(test_image(Arch::Amd64).unwrap())
         .memory(2048)
         .fw_cfg(FW_CFG_CONFIG, &config_file)
-        .qemu_args([
-            "-netdev".to_string(),
-            format!("user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{port}-:50000"),
-            "-device".to_string(),
-            format!("virtio-net-pci,netdev=n0,mac={MAC}"),
-        ])
+        .api_forward(port, MAC)
         .boot()
         .unwrap();
     vm.wait_for("service machined ready", BOOT).unwrap();

@@ -19,12 +19,12 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use keelson_configs::generate::{GenerateOptions, generate};
 use keelson_configs::pki::{self, Role};
-use keelson_configs::secrets::ClusterSecrets;
 use keelson_configs::{Mode, check_str};
-use keelson_machined::clientconfig::{ClientConfig, Context};
-use keelson_tests::{Arch, Guest, Running, machinectl, machinectl_binary, show, tail, test_image};
+use keelson_tests::{
+    Arch, Guest, Running, api_client_config, free_loopback_port, machinectl, machinectl_binary,
+    show, tail, test_image, user_net_control_plane,
+};
 
 /// One boot to "service machined ready" under software emulation, with room to spare.
 const BOOT: Duration = Duration::from_secs(420);
@@ -33,33 +33,7 @@ const MAC: &str = "52:54:00:4b:45:06";
 /// A control-plane config for QEMU's user network (eth0 = 10.0.2.15/24), as a table to
 /// edit, and the node API CA it carries.
 fn cluster() -> (toml::Table, pki::CertAndKey) {
-    let secrets = ClusterSecrets::generate().unwrap();
-    let generated = generate(
-        &GenerateOptions {
-            cluster_name: "applytest".into(),
-            endpoint: "https://10.0.2.15:6443".into(),
-            ..GenerateOptions::default()
-        },
-        &secrets,
-    )
-    .unwrap();
-    let mut config: toml::Table = toml::from_str(&generated.control_plane.text).unwrap();
-    let network: toml::Table = toml::from_str(
-        r#"
-nameservers = ["10.0.2.3"]
-[[interfaces]]
-name = "eth0"
-addresses = ["10.0.2.15/24"]
-[[interfaces.routes]]
-to = "0.0.0.0/0"
-via = "10.0.2.2"
-"#,
-    )
-    .unwrap();
-    let machine = config["machine"].as_table_mut().unwrap();
-    machine.insert("network".into(), toml::Value::Table(network));
-    machine.insert("hostname".into(), "apply-test".into());
-    (config, secrets.node_api_ca)
+    user_net_control_plane("applytest", r#"hostname = "apply-test""#).unwrap()
 }
 
 /// The config with these `machine.sysctls`, checked valid, written to `dir/name`.
@@ -146,28 +120,10 @@ fn a_node_from_maintenance_mode_through_apply_config_reboot_and_reset() {
     let (base, ca) = cluster();
     let dir = tempfile::tempdir().unwrap();
     let first = variant(&base, &[], dir.path(), "first.toml");
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let port = free_loopback_port().unwrap();
     let endpoint = format!("127.0.0.1:{port}");
-    let mut clients = ClientConfig::default();
-    for role in Role::ALL {
-        let cert = pki::issue_api_client(&ca, &format!("{role}-user"), role).unwrap();
-        clients.contexts.insert(
-            role.name().into(),
-            Context {
-                endpoints: vec![endpoint.clone()],
-                nodes: Vec::new(),
-                ca: ca.cert.clone(),
-                cert: cert.cert,
-                key: cert.key,
-            },
-        );
-    }
-    clients.context = Some("admin".into());
     let admin = dir.path().join("machinectl.toml");
-    clients.save(&admin).unwrap();
+    api_client_config(&ca, &endpoint, &Role::ALL, &admin).unwrap();
     let insecure = |args: &[&str]| {
         let mut all = vec!["--insecure", "--nodes", endpoint.as_str()];
         all.extend_from_slice(args);
@@ -179,12 +135,7 @@ fn a_node_from_maintenance_mode_through_apply_config_reboot_and_reset() {
         .image(test_image(Arch::Amd64).unwrap())
         .memory(2048)
         .allow_reboot()
-        .qemu_args([
-            "-netdev".to_string(),
-            format!("user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{port}-:50000"),
-            "-device".to_string(),
-            format!("virtio-net-pci,netdev=n0,mac={MAC}"),
-        ])
+        .api_forward(port, MAC)
         .boot()
         .unwrap();
     vm.wait_for("keelson-init: maintenance mode: machined serves", BOOT)

@@ -24,13 +24,13 @@ use std::process::Output;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use keelson_configs::generate::{GenerateOptions, generate};
 use keelson_configs::layout::FW_CFG_CONFIG;
 use keelson_configs::pki::{self, Role};
-use keelson_configs::secrets::ClusterSecrets;
 use keelson_configs::{Mode, check_str};
-use keelson_machined::clientconfig::{ClientConfig, Context};
-use keelson_tests::{Arch, Guest, Running, machinectl, machinectl_binary, show, tail, test_image};
+use keelson_tests::{
+    Arch, Guest, Running, api_client_config, free_loopback_port, machinectl, machinectl_binary,
+    show, tail, test_image, user_net_control_plane,
+};
 
 /// One boot to "service machined ready" under software emulation, with room to spare.
 const BOOT: Duration = Duration::from_secs(420);
@@ -41,29 +41,10 @@ const DELAYS: [u64; 7] = [1, 2, 4, 8, 16, 30, 30];
 /// A control-plane config for QEMU's user network with the two extension services, and
 /// the node API CA it carries.
 fn cluster() -> (String, pki::CertAndKey) {
-    let secrets = ClusterSecrets::generate().unwrap();
-    let generated = generate(
-        &GenerateOptions {
-            cluster_name: "supervision".into(),
-            endpoint: "https://10.0.2.15:6443".into(),
-            ..GenerateOptions::default()
-        },
-        &secrets,
-    )
-    .unwrap();
-    let mut config: toml::Table = toml::from_str(&generated.control_plane.text).unwrap();
-    let extra: toml::Table = toml::from_str(
+    let (config, ca) = user_net_control_plane(
+        "supervision",
         r#"
 hostname = "supervision-test"
-
-[network]
-nameservers = ["10.0.2.3"]
-[[network.interfaces]]
-name = "eth0"
-addresses = ["10.0.2.15/24"]
-[[network.interfaces.routes]]
-to = "0.0.0.0/0"
-via = "10.0.2.2"
 
 [[services]]
 name = "crasher"
@@ -86,14 +67,10 @@ environment = { ETCD_LOG_LEVEL = "warn" }
 "#,
     )
     .unwrap();
-    let machine = config["machine"].as_table_mut().unwrap();
-    for (key, value) in extra {
-        machine.insert(key, value);
-    }
     let text = toml::to_string(&config).unwrap();
     let checked = check_str(&text, "supervision-node.toml", Mode::Metal);
     assert!(checked.is_valid(), "{:#?}", checked.diagnostics);
-    (text, secrets.node_api_ca)
+    (text, ca)
 }
 
 fn run(bin: &Path, config: &Path, args: &[&str]) -> Output {
@@ -161,26 +138,10 @@ fn crash_loops_back_off_to_the_cap_and_starve_nobody() {
     let dir = tempfile::tempdir().unwrap();
     let config_file = dir.path().join("controlplane.toml");
     std::fs::write(&config_file, &config).unwrap();
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let port = free_loopback_port().unwrap();
     let endpoint = format!("127.0.0.1:{port}");
-    let mut clients = ClientConfig::default();
-    for role in [Role::Admin, Role::Operator] {
-        let cert = pki::issue_api_client(&ca, &format!("{role}-user"), role).unwrap();
-        let context = Context {
-            endpoints: vec![endpoint.clone()],
-            nodes: Vec::new(),
-            ca: ca.cert.clone(),
-            cert: cert.cert,
-            key: cert.key,
-        };
-        clients.contexts.insert(role.name().into(), context);
-    }
-    clients.context = Some("admin".into());
     let admin = dir.path().join("machinectl.toml");
-    clients.save(&admin).unwrap();
+    api_client_config(&ca, &endpoint, &[Role::Admin, Role::Operator], &admin).unwrap();
 
     let mut vm = Guest::new(Arch::Amd64)
         .image(test_image(Arch::Amd64).unwrap())
@@ -188,12 +149,7 @@ fn crash_loops_back_off_to_the_cap_and_starve_nobody() {
         // Room on /var for keeper's data (etcd preallocates a 64 MB WAL segment).
         .disk_size(4 << 30)
         .fw_cfg(FW_CFG_CONFIG, &config_file)
-        .qemu_args([
-            "-netdev".to_string(),
-            format!("user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{port}-:50000"),
-            "-device".to_string(),
-            format!("virtio-net-pci,netdev=n0,mac={MAC}"),
-        ])
+        .api_forward(port, MAC)
         .boot()
         .unwrap();
     vm.wait_for("service containerd ready", BOOT).unwrap();
