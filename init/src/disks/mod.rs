@@ -20,7 +20,7 @@
 pub mod ext4;
 pub mod table;
 
-use std::io;
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
 use keelson_configs::layout::{
@@ -527,11 +527,26 @@ fn prepare_partition(
     })
 }
 
-/// Format `device` as ext4 labelled `name`: `mke2fs -t ext4 -L NAME -F DEVICE`, run
-/// directly, with mke2fs's default feature set (which `ext4-view` reads).
+/// Format `device` as ext4 labelled `name`: `mke2fs -t ext4 -L NAME -U UUID -F -E
+/// nodiscard,hash_seed=SEED DEVICE`, run directly, with mke2fs's default feature set (which
+/// `ext4-view` reads).
+///
+/// The filesystem UUID and directory hash seed are ours, from `/dev/urandom`: left to
+/// itself, mke2fs asks the kernel for them with `getrandom(GRND_NONBLOCK)` and, while the
+/// kernel's random pool is not yet initialised (early boot on a VM without a hardware RNG),
+/// sleeps and retries for a second per value, 4 s per filesystem. Neither value needs to
+/// be secret, only unique. No discard: a partition made from a fresh image is already
+/// zeroes, and discarding a whole disk can take minutes on real hardware.
 pub fn format(sys: &dyn Syscalls, name: &'static str, device: &str) -> Result<(), Error> {
+    let uuid = fresh_uuid(sys);
+    let extended = format!("nodiscard,hash_seed={}", fresh_uuid(sys));
     let out = sys
-        .run_tool(MKE2FS, &["-t", "ext4", "-L", name, "-F", device])
+        .run_tool(
+            MKE2FS,
+            &[
+                "-t", "ext4", "-L", name, "-U", &uuid, "-F", "-E", &extended, device,
+            ],
+        )
         .map_err(|source| Error::RunFormat {
             name,
             device: device.to_string(),
@@ -549,6 +564,26 @@ pub fn format(sys: &dyn Syscalls, name: &'static str, device: &str) -> Result<()
         },
         output: out.tail(3),
     })
+}
+
+/// A random (version 4) UUID from `/dev/urandom`, which never blocks; from the clock if
+/// even that cannot be read (unique enough for a filesystem's UUID).
+fn fresh_uuid(sys: &dyn Syscalls) -> String {
+    let mut raw = [0u8; 16];
+    let read = sys
+        .open_read(Path::new("/dev/urandom"))
+        .and_then(|mut r| r.read_exact(&mut raw));
+    if read.is_err() {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        raw = (nanos ^ u128::from(std::process::id())).to_le_bytes();
+    }
+    uuid::Builder::from_random_bytes(raw)
+        .into_uuid()
+        .hyphenated()
+        .to_string()
 }
 
 #[cfg(test)]

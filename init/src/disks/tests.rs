@@ -147,13 +147,28 @@ fn mount(source: String, target: &str, flags: MountFlags) -> Call {
     }
 }
 
+/// The UUID made of the bytes [`FAKE_URANDOM`] (version and variant bits set).
+const FAKE_UUID: &str = "42424242-4242-4242-8242-424242424242";
+const FAKE_URANDOM: [u8; 16] = [0x42; 16];
+
 fn mke2fs(name: &str, device: &str) -> Call {
     Call::RunTool(
         MKE2FS.into(),
-        ["-t", "ext4", "-L", name, "-F", device]
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
+        [
+            "-t",
+            "ext4",
+            "-L",
+            name,
+            "-U",
+            FAKE_UUID,
+            "-F",
+            "-E",
+            &format!("nodiscard,hash_seed={FAKE_UUID}"),
+            device,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect(),
     )
 }
 
@@ -165,7 +180,9 @@ const VAR_FLAGS: MountFlags = MountFlags::NOSUID.union(MountFlags::NODEV);
 #[test]
 fn first_boot_grows_ephemeral_formats_and_mounts_both() -> Result<(), Box<dyn std::error::Error>> {
     let fx = Fixture::new("first", 1024)?;
-    let fake = Fake::new();
+    let mut fake = Fake::new();
+    fake.read_data
+        .insert("/dev/urandom".into(), FAKE_URANDOM.to_vec());
     let log = MemoryLog::default();
     let report = prepare(&fake, &log, Some(&index()), &fx.options())?;
     let (vda, vda4, vda5) = (fx.dev("vda"), fx.dev("vda4"), fx.dev("vda5"));
@@ -199,11 +216,15 @@ fn first_boot_grows_ephemeral_formats_and_mounts_both() -> Result<(), Box<dyn st
             Call::FinitModule(format!("{dir}/jbd2.ko"), false),
             Call::FinitModule(format!("{dir}/ext4.ko"), false),
             Call::OpenRead(vda4.clone()),
+            Call::OpenRead("/dev/urandom".into()),
+            Call::OpenRead("/dev/urandom".into()),
             mke2fs("STATE", &vda4),
             Call::Mkdir("/system".into()),
             Call::Mkdir("/system/state".into()),
             mount(vda4.clone(), "/system/state", STATE_FLAGS),
             Call::OpenRead(vda5.clone()),
+            Call::OpenRead("/dev/urandom".into()),
+            Call::OpenRead("/dev/urandom".into()),
             mke2fs("EPHEMERAL", &vda5),
             Call::Mkdir("/var".into()),
             mount(vda5.clone(), "/var", VAR_FLAGS),
