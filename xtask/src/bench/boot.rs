@@ -21,7 +21,7 @@ use anyhow::{Context, Result};
 use keelson_configs::layout::{self, Arch};
 use keelson_imager::qemu::{self, Accel, Machine};
 
-use super::{Ctx, Figure, Reference, Stats, Unit, floor, node, peer};
+use super::{BootReference, Ctx, Figure, Reference, Stats, Unit, floor, node, peer};
 
 /// Guest memory for every machine of the comparison.
 pub const MEMORY_MIB: u32 = 2048;
@@ -48,6 +48,9 @@ pub struct BootRun {
     pub exited: bool,
     /// Whether the run hit its timeout.
     pub timed_out: bool,
+    /// Each complete console line with the time it was first seen (to the poll's 20 ms),
+    /// for finding where a boot's time goes.
+    pub timed_lines: Vec<(Duration, String)>,
 }
 
 impl BootRun {
@@ -147,6 +150,17 @@ impl Vm {
             let elapsed = self.start.elapsed();
             let exited = matches!(self.child.try_wait(), Ok(Some(_)));
             run.console = self.console();
+            let complete = run.console.matches('\n').count();
+            if complete > run.timed_lines.len() {
+                let new: Vec<(Duration, String)> = run
+                    .console
+                    .split('\n')
+                    .skip(run.timed_lines.len())
+                    .take(complete - run.timed_lines.len())
+                    .map(|line| (elapsed, line.trim_end_matches('\r').to_string()))
+                    .collect();
+                run.timed_lines.extend(new);
+            }
             for marker in spec.markers {
                 if run.at(marker).is_none() && run.console.contains(marker) {
                     run.seen.push((marker.to_string(), elapsed));
@@ -164,6 +178,15 @@ impl Vm {
                 break;
             }
             std::thread::sleep(Duration::from_millis(20));
+        }
+        let timed: String = run
+            .timed_lines
+            .iter()
+            .map(|(t, line)| format!("{:8.2} {line}\n", t.as_secs_f64()))
+            .collect();
+        let path = self.console.with_extension("timed");
+        if let Err(e) = std::fs::write(&path, timed) {
+            eprintln!("xtask: bench: cannot write {}: {e}", path.display());
         }
         run
     }
@@ -227,7 +250,11 @@ fn bench_arch(ctx: &mut Ctx, arch: Arch) -> Result<()> {
     std::fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
     let accel = qemu::probe_accel(arch, &scratch);
     let floor_disk = floor::disk(arch, &image, &ctx.dir.join("floor").join(arch.debian()))?;
-    let peer = if arch == Arch::Amd64 {
+    let without = |r| ctx.args.without.contains(&r);
+    let (skip_floor, skip_peer) = (without(BootReference::Floor), without(BootReference::Peer));
+    let peer = if skip_peer {
+        None
+    } else if arch == Arch::Amd64 {
         match ctx.peer() {
             Ok(p) => Some(p),
             Err(e) => {
@@ -275,21 +302,23 @@ fn bench_arch(ctx: &mut Ctx, arch: Arch) -> Result<()> {
         eprintln!("xtask: bench: {group}: run {n}/{runs} ({})", accel.name());
 
         let dir = scratch.join("floor");
-        let run = boot(&BootSpec {
-            arch,
-            accel,
-            disk: &floor_disk,
-            dir: dir.clone(),
-            fw_cfg: Vec::new(),
-            extra: Vec::new(),
-            markers: &[floor::MARKER],
-            done: &|r, _| r.at(floor::MARKER).is_some(),
-            timeout: Duration::from_secs(180),
-        })?;
-        floor_t.push(
-            run.at(floor::MARKER)
-                .ok_or_else(|| missed("the floor", floor::MARKER, &run, &dir))?,
-        );
+        if !skip_floor {
+            let run = boot(&BootSpec {
+                arch,
+                accel,
+                disk: &floor_disk,
+                dir: dir.clone(),
+                fw_cfg: Vec::new(),
+                extra: Vec::new(),
+                markers: &[floor::MARKER],
+                done: &|r, _| r.at(floor::MARKER).is_some(),
+                timeout: Duration::from_secs(180),
+            })?;
+            floor_t.push(
+                run.at(floor::MARKER)
+                    .ok_or_else(|| missed("the floor", floor::MARKER, &run, &dir))?,
+            );
+        }
 
         let dir = scratch.join("ours");
         let only_fallback = primary_works == Some(false);

@@ -93,9 +93,22 @@ pub struct BenchArgs {
     /// matches the mirror snapshot, kernel and recipe.
     #[arg(long, value_name = "DIR")]
     pub peer_cache: Option<PathBuf>,
+    /// `bench boot`: leave out the references (`--without floor --without peer`) for a
+    /// quick look at our own boot; ratios against a left-out reference are not reported.
+    #[arg(long, value_enum)]
+    pub without: Vec<BootReference>,
     /// `bench api`: calls of `version` (and of `apply-config --mode no-reboot`) per run.
     #[arg(long, default_value_t = 50)]
     pub calls: usize,
+}
+
+/// A reference system of `bench boot`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BootReference {
+    /// The same firmware and kernel with a trivial init.
+    Floor,
+    /// Debian + systemd.
+    Peer,
 }
 
 /// Units a figure is measured in.
