@@ -20,6 +20,7 @@ use crate::debian::fetch::Cache;
 use crate::debian::lock::Lock;
 use crate::debian::{Mirror, Progress};
 use crate::definition::Definition;
+use crate::derived::DerivedCache;
 use crate::esp::{BootEntry, Esp, LoaderConf};
 use crate::gpt::{Content, DiskSpec, Guid, PartitionSpec};
 use crate::kmod::ModuleIndex;
@@ -213,6 +214,10 @@ pub struct BuildOptions {
     pub cache: Cache,
     /// The OS version written into the image.
     pub version: String,
+    /// Reuse what earlier builds derived from the same bytes (compressed squashfs blocks,
+    /// in the package cache's `derived/`): the image is the same either way, only the
+    /// time differs. Off for "clean" builds (the reproducibility test).
+    pub reuse_derived: bool,
 }
 
 /// The inputs of a build as recorded next to its output (`build-inputs.toml`), so
@@ -249,6 +254,7 @@ impl BuildOptions {
             mirror: None,
             cache: Cache::new(inputs.cache),
             version: inputs.version,
+            reuse_derived: false,
         })
     }
 
@@ -687,6 +693,32 @@ pub fn build(opts: &BuildOptions, progress: Progress) -> Result<BuildReport, Bui
 
     progress(&format!("{arch}: reading kernel {}", lock.kernel));
     let kernel = read_kernel(&kernel_deb, &lock.kernel, arch)?;
+    let derived_dir = opts.cache.root().join("derived");
+    if opts.reuse_derived {
+        // Finding modules by alias (softdeps such as crc32c) needs every module's
+        // `.modinfo`: decompressing the whole tree, seconds a build. The map is a function
+        // of the kernel package, whose SHA-256 the lock pins.
+        let mut aliases = DerivedCache::open(
+            &derived_dir.join(format!("kmod-aliases-{}.cache", arch.debian())),
+            "kernel module aliases v1".into(),
+        );
+        let key = lock
+            .packages
+            .iter()
+            .find(|p| p.name == lock.kernel)
+            .and_then(|p| hex::decode(&p.sha256).ok())
+            .and_then(|k| <[u8; 32]>::try_from(k).ok());
+        if let Some(key) = key {
+            let bytes = aliases.get_or_derive(key, || kernel.modules.alias_map_bytes());
+            let kept = bytes.is_ok_and(|b| kernel.modules.preset_alias_map(&b));
+            if kept
+                && aliases.misses > 0
+                && let Err(e) = aliases.save()
+            {
+                progress(&format!("{arch}: the module alias map was not kept ({e})"));
+            }
+        }
+    }
 
     let boot_path = systemd_boot_path(arch);
     let bootloader = deb::read_filtered(&boot_deb, &mut |p: &str| usrmerge(p) == boot_path)?
@@ -709,8 +741,33 @@ pub fn build(opts: &BuildOptions, progress: Progress) -> Result<BuildReport, Bui
         tree.len(),
         tree.file_bytes() >> 20
     ));
-    let mut root = squashfs::to_vec(&tree, squashfs::SquashfsOptions::default())?;
+    let squashfs_options = squashfs::SquashfsOptions::default();
+    let mut blocks = if opts.reuse_derived {
+        DerivedCache::open(
+            &derived_dir.join(format!("squashfs-{}.blocks", arch.debian())),
+            squashfs::cache_header(squashfs_options),
+        )
+    } else {
+        DerivedCache::disabled()
+    };
+    if let Some(note) = &blocks.note {
+        progress(&format!("{arch}: squashfs block cache {note}"));
+    }
+    let mut root = squashfs::to_vec_cached(&tree, squashfs_options, &mut blocks)?;
     drop(tree);
+    if opts.reuse_derived {
+        progress(&format!(
+            "{arch}: squashfs blocks: {} from the cache, {} compressed",
+            blocks.hits, blocks.misses
+        ));
+        if let Err(e) = blocks.save() {
+            progress(&format!(
+                "{arch}: the squashfs block cache was not saved ({e}); the next build \
+                 compresses every block again"
+            ));
+        }
+    }
+    drop(blocks);
     artefacts.push(("squashfs", root.len() as u64));
     let salt = verity::derive_salt(&root);
     let uuid = verity::derive_uuid(&root);

@@ -449,8 +449,13 @@ impl ModuleIndex {
     /// Find the module that has `alias` among its aliases (the first lookup scans the
     /// whole tree and keeps the alias map for the next ones).
     fn find_by_alias(&self, alias: &str) -> Result<Option<String>, KmodError> {
+        Ok(self.alias_map()?.get(alias).cloned())
+    }
+
+    /// Alias → module for the whole tree (scanned the first time it is asked for).
+    pub fn alias_map(&self) -> Result<&BTreeMap<String, String>, KmodError> {
         if let Some(map) = self.aliases.get() {
-            return Ok(map.get(alias).cloned());
+            return Ok(map);
         }
         let mut map = BTreeMap::new();
         for file in self.files.values() {
@@ -458,10 +463,45 @@ impl ModuleIndex {
                 map.entry(a).or_insert_with(|| file.name.clone());
             }
         }
-        let found = map.get(alias).cloned();
         // Another thread may have set it meanwhile; both maps are the same.
-        let _ = self.aliases.set(map);
-        Ok(found)
+        Ok(self.aliases.get_or_init(|| map))
+    }
+
+    /// The alias map as bytes, to keep between builds: `alias NUL module LF` per alias.
+    pub fn alias_map_bytes(&self) -> Result<Vec<u8>, KmodError> {
+        let mut out = Vec::new();
+        for (alias, module) in self.alias_map()? {
+            out.extend_from_slice(alias.as_bytes());
+            out.push(0);
+            out.extend_from_slice(module.as_bytes());
+            out.push(b'\n');
+        }
+        Ok(out)
+    }
+
+    /// Use an alias map kept from an earlier scan of the same module tree (bytes from
+    /// [`ModuleIndex::alias_map_bytes`]) instead of scanning again; `false` (and nothing
+    /// set) when the bytes are not such a map. An index that has its map already keeps it.
+    pub fn preset_alias_map(&self, bytes: &[u8]) -> bool {
+        if self.aliases.get().is_some() {
+            return true;
+        }
+        let mut map = BTreeMap::new();
+        for line in bytes.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+            let mut parts = line.splitn(2, |&b| b == 0);
+            let (Some(alias), Some(module)) = (parts.next(), parts.next()) else {
+                return false;
+            };
+            let (Ok(alias), Ok(module)) = (std::str::from_utf8(alias), std::str::from_utf8(module))
+            else {
+                return false;
+            };
+            if !self.files.contains_key(module) {
+                return false;
+            }
+            map.insert(alias.to_string(), module.to_string());
+        }
+        self.aliases.set(map).is_ok()
     }
 
     fn suggestions(&self, name: &str) -> Vec<String> {
@@ -613,6 +653,47 @@ impl ModuleIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_alias_map_round_trips_through_bytes() {
+        let elf = |aliases: &[&str]| -> Vec<u8> {
+            let mut modinfo = Vec::new();
+            for a in aliases {
+                modinfo.extend_from_slice(format!("alias={a}").as_bytes());
+                modinfo.push(0);
+            }
+            let mut obj = object::write::Object::new(
+                object::BinaryFormat::Elf,
+                object::Architecture::X86_64,
+                object::Endianness::Little,
+            );
+            let section =
+                obj.add_section(Vec::new(), b".modinfo".to_vec(), object::SectionKind::Data);
+            obj.append_section_data(section, &modinfo, 1);
+            obj.write().unwrap()
+        };
+        let files = || {
+            [
+                ("kernel/fs/squashfs.ko".to_string(), elf(&["fs-squashfs"])),
+                (
+                    "kernel/crypto/crc32c.ko".to_string(),
+                    elf(&["crypto-crc32c", "crc32c"]),
+                ),
+            ]
+        };
+        let scanned = ModuleIndex::from_files(files());
+        let bytes = scanned.alias_map_bytes().unwrap();
+        let preset = ModuleIndex::from_files(files());
+        assert!(preset.preset_alias_map(&bytes));
+        assert_eq!(preset.alias_map().unwrap(), scanned.alias_map().unwrap());
+        assert_eq!(
+            preset.find_by_alias("fs-squashfs").unwrap().as_deref(),
+            Some("squashfs")
+        );
+        // A map naming a module this tree lacks is refused.
+        let other = ModuleIndex::from_files([files()[0].clone()]);
+        assert!(!other.preset_alias_map(&bytes));
+    }
 
     #[test]
     fn parses_modinfo_strings() {

@@ -5,6 +5,7 @@ pub mod compress;
 pub mod cpio;
 pub mod debian;
 pub mod definition;
+pub mod derived;
 pub mod esp;
 pub mod gpt;
 pub mod inspect;

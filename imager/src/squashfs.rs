@@ -12,13 +12,79 @@ use std::collections::HashMap;
 use std::io::{Cursor, Read, Seek, Write};
 use std::path::{Component, Path, PathBuf};
 
-use backhand::compression::{CompressionOptions, Compressor, Zstd};
+use std::sync::Mutex;
+
+use backhand::compression::{
+    CompressionAction, CompressionOptions, Compressor, DefaultCompressor, Zstd,
+};
+use backhand::kind::Kind;
 use backhand::{
-    BufReadSeek, FilesystemCompressor, FilesystemReader, FilesystemWriter, InnerNode, NodeHeader,
-    SquashfsFileReader,
+    BackhandError, BufReadSeek, FilesystemCompressor, FilesystemReader, FilesystemWriter,
+    InnerNode, NodeHeader, SquashfsFileReader, SuperBlock,
 };
 
+use crate::derived::DerivedCache;
 use crate::rootfs::{Node, Tree};
+
+/// The block cache of the squashfs being written. backhand takes its compressor as a
+/// `&'static`, so the cache of the write under way lives here, and [`WRITING`] lets one
+/// write at a time use it.
+static SESSION: Mutex<Option<DerivedCache>> = Mutex::new(None);
+/// Held for the whole of a [`write`].
+static WRITING: Mutex<()> = Mutex::new(());
+
+/// backhand's own compressor, answering from the block cache of [`SESSION`] when it can.
+struct CachingCompressor;
+
+static CACHING: CachingCompressor = CachingCompressor;
+
+impl CompressionAction for CachingCompressor {
+    type Error = BackhandError;
+    type Compressor = Compressor;
+    type FilesystemCompressor = FilesystemCompressor;
+    type SuperBlock = SuperBlock;
+
+    fn decompress(
+        &self,
+        bytes: &[u8],
+        out: &mut Vec<u8>,
+        compressor: Compressor,
+    ) -> Result<(), BackhandError> {
+        DefaultCompressor.decompress(bytes, out, compressor)
+    }
+
+    fn compress(
+        &self,
+        bytes: &[u8],
+        fc: FilesystemCompressor,
+        block_size: u32,
+    ) -> Result<Vec<u8>, BackhandError> {
+        let fresh = |b: &[u8]| DefaultCompressor.compress(b, fc, block_size);
+        let mut session = SESSION.lock().unwrap_or_else(|e| e.into_inner());
+        match session.as_mut() {
+            Some(cache) => cache.get_or_compress(bytes, fresh),
+            None => fresh(bytes),
+        }
+    }
+
+    fn compression_options(
+        &self,
+        superblock: &mut SuperBlock,
+        kind: &Kind,
+        fs_compressor: FilesystemCompressor,
+    ) -> Result<Option<Vec<u8>>, BackhandError> {
+        DefaultCompressor.compression_options(superblock, kind, fs_compressor)
+    }
+}
+
+/// What identifies how blocks are compressed, for the block cache's header.
+pub fn cache_header(options: SquashfsOptions) -> String {
+    format!(
+        "zstd {} level {} block {BLOCK_SIZE}",
+        zstd::zstd_safe::version_string(),
+        options.zstd_level
+    )
+}
 
 /// squashfs data block size: the kernel's and mksquashfs's default, 128 KiB.
 pub const BLOCK_SIZE: u32 = 128 * 1024;
@@ -28,7 +94,7 @@ pub const BLOCK_SIZE: u32 = 128 * 1024;
 pub enum SquashfsError {
     /// `backhand` refused the tree or failed to write it.
     #[error("cannot write the squashfs image")]
-    Write(#[source] backhand::BackhandError),
+    Write(#[source] BackhandError),
     /// A path of the tree could not be added.
     #[error("cannot add {path:?} to the squashfs image")]
     Add {
@@ -36,14 +102,14 @@ pub enum SquashfsError {
         path: String,
         /// Why.
         #[source]
-        source: backhand::BackhandError,
+        source: BackhandError,
     },
     /// The compression level is out of zstd's range.
     #[error("zstd level {0} is out of range: use 1..=22")]
     Level(i32),
     /// The image could not be parsed.
     #[error("cannot read the squashfs image: is this partition a squashfs filesystem?")]
-    Open(#[source] backhand::BackhandError),
+    Open(#[source] BackhandError),
     /// A file's data could not be read.
     #[error("cannot read {path:?} from the squashfs image")]
     Read {
@@ -93,12 +159,38 @@ pub fn write<W: Write + Seek>(
     options: SquashfsOptions,
     out: W,
 ) -> Result<u64, SquashfsError> {
+    write_cached(tree, options, out, &mut DerivedCache::disabled())
+}
+
+/// [`write`], taking compressed blocks from `cache` where it has them (and keeping the
+/// ones compressed now in it). The bytes written are the same either way.
+pub fn write_cached<W: Write + Seek>(
+    tree: &Tree,
+    options: SquashfsOptions,
+    out: W,
+    cache: &mut DerivedCache,
+) -> Result<u64, SquashfsError> {
+    let _writing = WRITING.lock().unwrap_or_else(|e| e.into_inner());
+    *SESSION.lock().unwrap_or_else(|e| e.into_inner()) = Some(std::mem::take(cache));
+    let result = write_locked(tree, options, out);
+    if let Some(used) = SESSION.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        *cache = used;
+    }
+    result
+}
+
+fn write_locked<W: Write + Seek>(
+    tree: &Tree,
+    options: SquashfsOptions,
+    out: W,
+) -> Result<u64, SquashfsError> {
     let level = u32::try_from(options.zstd_level)
         .ok()
         .filter(|l| (1..=22).contains(l))
         .ok_or(SquashfsError::Level(options.zstd_level))?;
     let mtime = tree.mtime();
     let mut fs = FilesystemWriter::default();
+    fs.set_kind(Kind::new_v4(&CACHING));
     fs.set_block_size(BLOCK_SIZE);
     fs.set_time(mtime);
     fs.set_root_mode(0o755);
@@ -133,8 +225,17 @@ pub fn write<W: Write + Seek>(
 
 /// Write `tree` as a squashfs image in memory.
 pub fn to_vec(tree: &Tree, options: SquashfsOptions) -> Result<Vec<u8>, SquashfsError> {
+    to_vec_cached(tree, options, &mut DerivedCache::disabled())
+}
+
+/// [`to_vec`] with a block cache (see [`write_cached`]).
+pub fn to_vec_cached(
+    tree: &Tree,
+    options: SquashfsOptions,
+    cache: &mut DerivedCache,
+) -> Result<Vec<u8>, SquashfsError> {
     let mut out = Cursor::new(Vec::new());
-    write(tree, options, &mut out)?;
+    write_cached(tree, options, &mut out, cache)?;
     Ok(out.into_inner())
 }
 

@@ -135,8 +135,14 @@ pub fn image(args: &ImageArgs) -> Result<Vec<(Arch, BuildReport)>> {
             mirror: mirror.clone(),
             cache: cache.clone(),
             version: env!("CARGO_PKG_VERSION").to_string(),
+            reuse_derived: true,
         };
-        let report = keelson_imager::build::build(&opts, &debian::stderr_progress)?;
+        // Each step with the time since the build started, to see where a build goes.
+        let imager_started = Instant::now();
+        let progress = |line: &str| {
+            eprintln!("[{:5.1} s] {line}", imager_started.elapsed().as_secs_f64());
+        };
+        let report = keelson_imager::build::build(&opts, &progress)?;
         eprintln!(
             "xtask: {arch} image built in {:.1}s (kernel {}, root hash {})",
             started.elapsed().as_secs_f64(),
