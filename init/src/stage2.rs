@@ -1473,7 +1473,8 @@ mod tests {
 
     #[test]
     fn a_reset_formats_what_is_unmounted_and_leaves_what_is_busy() {
-        let fake = Fake::new();
+        let mut fake = Fake::new();
+        fake.read_data.insert("/dev/urandom".into(), vec![0x42; 16]);
         fake.mount_points.borrow_mut().insert(PathBuf::from("/var"));
         let log = MemoryLog::default();
         let wipes = [
@@ -1496,9 +1497,20 @@ mod tests {
                 .collect::<Vec<_>>(),
             [Call::RunTool(
                 disks::MKE2FS.into(),
-                ["-t", "ext4", "-L", "STATE", "-F", "/dev/vda4"]
-                    .map(String::from)
-                    .to_vec()
+                [
+                    "-t",
+                    "ext4",
+                    "-L",
+                    "STATE",
+                    "-U",
+                    "42424242-4242-4242-8242-424242424242",
+                    "-F",
+                    "-E",
+                    "nodiscard,hash_seed=42424242-4242-4242-8242-424242424242",
+                    "/dev/vda4"
+                ]
+                .map(String::from)
+                .to_vec()
             )]
         );
         assert_eq!(
