@@ -104,33 +104,37 @@ fn build(dir: &Path, name: &str) -> Built {
     esp.write_file(&esp_file, 40 * MIB, u64::from(EPOCH))
         .unwrap();
 
-    // STATE: ext4 from mkfs.ext4 -d (stands in for what the node writes).
-    let state_dir = dir.join(format!("{name}-state"));
-    std::fs::create_dir_all(&state_dir).unwrap();
-    std::fs::write(
-        state_dir.join("config.toml"),
-        "[machine]\ntype = \"worker\"\n",
-    )
-    .unwrap();
-    let state = dir.join(format!("{name}-state.img"));
-    run_ok(
-        "mkfs.ext4",
-        "e2fsprogs",
-        &[
-            "-q",
-            "-F",
-            "-L",
-            "STATE",
-            "-U",
-            "6b1c6c2e-8f1b-4a4e-9c57-3f0b1b2a9d10",
-            "-E",
-            "hash_seed=6b1c6c2e-8f1b-4a4e-9c57-3f0b1b2a9d10",
-            "-d",
-            s(&state_dir),
-            s(&state),
-            "8M",
-        ],
-    );
+    // STATE: ext4 from mkfs.ext4 -d (stands in for what the node writes). Made once and
+    // shared by both builds: mkfs copies the files' ctime, which no one can set, so two
+    // STATE images made a second apart differ, and this test is about our writers.
+    let state_dir = dir.join("state");
+    let state = dir.join("state.img");
+    if !state.exists() {
+        std::fs::create_dir_all(&state_dir).unwrap();
+        std::fs::write(
+            state_dir.join("config.toml"),
+            "[machine]\ntype = \"worker\"\n",
+        )
+        .unwrap();
+        run_ok(
+            "mkfs.ext4",
+            "e2fsprogs",
+            &[
+                "-q",
+                "-F",
+                "-L",
+                "STATE",
+                "-U",
+                "6b1c6c2e-8f1b-4a4e-9c57-3f0b1b2a9d10",
+                "-E",
+                "hash_seed=6b1c6c2e-8f1b-4a4e-9c57-3f0b1b2a9d10",
+                "-d",
+                s(&state_dir),
+                s(&state),
+                "8M",
+            ],
+        );
+    }
 
     let part = |name: &str, type_guid: &str, size: u64, content: Content| PartitionSpec {
         name: name.to_string(),
