@@ -61,8 +61,8 @@ impl DerivedCache {
     }
 
     /// The cache at `path` for entries derived the way `header` says (for squashfs
-    /// blocks: library version, level, block size). A missing file is an empty cache; an unusable one too, with
-    /// [`DerivedCache::note`] saying why.
+    /// blocks: library version, level, block size). A missing file is an empty cache; an
+    /// unusable one too, with [`DerivedCache::note`] saying why.
     pub fn open(path: &Path, header: String) -> DerivedCache {
         let mut cache = DerivedCache {
             path: Some(path.to_path_buf()),
@@ -133,10 +133,9 @@ impl DerivedCache {
         out.extend_from_slice(self.header.as_bytes());
         out.extend_from_slice(&(self.used.len() as u64).to_le_bytes());
         // In key order, so that the same build writes the same file.
-        let mut keys: Vec<&Key> = self.used.keys().collect();
-        keys.sort();
-        for key in keys {
-            let data = self.used.get(key).map(Vec::as_slice).unwrap_or_default();
+        let mut entries: Vec<(&Key, &Vec<u8>)> = self.used.iter().collect();
+        entries.sort_by_key(|(key, _)| *key);
+        for (key, data) in entries {
             out.extend_from_slice(key);
             out.extend_from_slice(&(data.len() as u32).to_le_bytes());
             out.extend_from_slice(data);
