@@ -419,15 +419,29 @@ fn a_nocloud_drive_gives_the_config() {
         ])
         .boot()
         .unwrap();
+    // Stage 1 probes the virtio disks asynchronously, so the drive may be vda or vdb:
+    // the line is matched on the label and the device is checked after.
     wait_all(
         &mut vm,
         &[
-            "keelson-init: config from config drive /dev/vdb (CIDATA) is valid",
-            "keelson-init: config from config drive /dev/vdb (CIDATA) written to STATE",
+            "(CIDATA) is valid",
+            "(CIDATA) written to STATE",
             "keelson-init: module br_netfilter loaded",
         ],
     );
-    assert!(lines_with(&vm.console(), "waiting for a machine config").is_empty());
+    let console = vm.console();
+    let drive = lines_with(&console, "(CIDATA) is valid");
+    assert!(
+        drive.iter().all(|l| {
+            ["/dev/vda", "/dev/vdb"].iter().any(|dev| {
+                l.ends_with(&format!(
+                    "keelson-init: config from config drive {dev} (CIDATA) is valid"
+                ))
+            })
+        }),
+        "the config drive line names no virtio disk: {drive:?}"
+    );
+    assert!(lines_with(&console, "waiting for a machine config").is_empty());
 }
 
 /// Serve `body` over HTTP on a loopback port until the returned flag is set; each
