@@ -33,7 +33,7 @@
 //! shutdowns, begun [`control::SHUTDOWN_DELAY`] after their answer.
 
 use std::convert::Infallible;
-use std::io::{self, Read};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -313,20 +313,12 @@ pub fn machine_id(sys: &dyn Syscalls, log: &dyn Log, state_dir: Option<&Path>) -
     {
         return id;
     }
-    let mut raw = [0u8; 16];
-    let read = sys
-        .open_read(Path::new("/dev/urandom"))
-        .and_then(|mut r| r.read_exact(&mut raw));
-    if let Err(e) = read {
+    let (raw, unread) = crate::syscalls::random_bytes(sys);
+    if let Some(e) = unread {
         log.line(&format!(
             "no randomness for the machine id ({}): using the clock",
             errno_name(&e)
         ));
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos();
-        raw = nanos.to_le_bytes();
     }
     let id = etc_files::machine_id_from(&raw);
     match state_dir {

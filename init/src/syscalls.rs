@@ -525,6 +525,29 @@ unsafe impl rustix::ioctl::Ioctl for DmRequest<'_> {
     }
 }
 
+/// Sixteen random bytes from `/dev/urandom`, which never blocks. When it cannot be read,
+/// bytes made from the clock and the process id instead, with the error, so the caller
+/// can say what it fell back to.
+pub fn random_bytes(sys: &dyn Syscalls) -> ([u8; 16], Option<io::Error>) {
+    let mut raw = [0u8; 16];
+    match sys
+        .open_read(Path::new("/dev/urandom"))
+        .and_then(|mut r| r.read_exact(&mut raw))
+    {
+        Ok(()) => (raw, None),
+        Err(e) => {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos();
+            (
+                (nanos ^ u128::from(std::process::id())).to_le_bytes(),
+                Some(e),
+            )
+        }
+    }
+}
+
 /// The errno name of an I/O error (`ENOENT`), or its text when it carries no errno.
 pub fn errno_name(err: &io::Error) -> String {
     let Some(code) = err.raw_os_error() else {

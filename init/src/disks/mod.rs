@@ -20,7 +20,7 @@
 pub mod ext4;
 pub mod table;
 
-use std::io::{self, Read};
+use std::io;
 use std::path::{Path, PathBuf};
 
 use keelson_configs::layout::{
@@ -569,17 +569,7 @@ pub fn format(sys: &dyn Syscalls, name: &'static str, device: &str) -> Result<()
 /// A random (version 4) UUID from `/dev/urandom`, which never blocks; from the clock if
 /// even that cannot be read (unique enough for a filesystem's UUID).
 fn fresh_uuid(sys: &dyn Syscalls) -> String {
-    let mut raw = [0u8; 16];
-    let read = sys
-        .open_read(Path::new("/dev/urandom"))
-        .and_then(|mut r| r.read_exact(&mut raw));
-    if read.is_err() {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos();
-        raw = (nanos ^ u128::from(std::process::id())).to_le_bytes();
-    }
+    let (raw, _) = crate::syscalls::random_bytes(sys);
     uuid::Builder::from_random_bytes(raw)
         .into_uuid()
         .hyphenated()
