@@ -1,8 +1,9 @@
 //! A whole (small) disk image from the writers: squashfs root + dm-verity in ROOT-A, a
 //! FAT32 ESP with systemd-boot's layout and a BLS entry, an ext4 STATE, zero ROOT-B and
 //! EPHEMERAL. Checked with `sgdisk -v`/`-p`, `fsck.vfat -n`, `mdir`, `veritysetup verify`
-//! on the partition, and read back with `inspect`. A missing tool fails the test with the
-//! Debian package to install.
+//! on the partition, and read back with `inspect`. A write that fills its filesystem (a
+//! small tmpfs, mounted as root) is refused and leaves nothing behind. A missing tool
+//! fails the test with the Debian package to install.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -351,6 +352,73 @@ fn content_larger_than_its_partition_is_refused_and_leaves_nothing() {
     assert!(err.to_string().contains("ROOT-A"), "{err}");
     assert!(!out.exists());
     assert!(!dir.path().join("bad.raw.partial").exists());
+}
+
+/// A tmpfs of a few MiB mounted over a temporary directory (root, as the suite runs),
+/// unmounted when dropped.
+struct SmallFs {
+    dir: tempfile::TempDir,
+}
+
+impl SmallFs {
+    fn mount(size_mib: u64) -> SmallFs {
+        let dir = tempfile::tempdir().unwrap();
+        run_ok(
+            "mount",
+            "mount",
+            &[
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size_mib}m"),
+                "keelson-test-full",
+                s(dir.path()),
+            ],
+        );
+        SmallFs { dir }
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.dir.path()).status();
+    }
+}
+
+#[test]
+fn a_full_disk_stops_the_write_and_leaves_nothing() {
+    let fs = SmallFs::mount(4);
+    let out = fs.dir.path().join("keelson.raw");
+    let err = gpt::write_disk(
+        &out,
+        &DiskSpec {
+            seed: b"x".to_vec(),
+            partitions: vec![PartitionSpec {
+                name: "ROOT-A".into(),
+                type_guid: Guid::parse(Arch::Amd64.root_type_guid()).unwrap(),
+                size: 16 * MIB,
+                attributes: 0,
+                // Not zeros, which the writer leaves as holes: 8 MiB of real data.
+                content: Content::Bytes(vec![0x5a; (8 * MIB) as usize]),
+            }],
+            disk_size: None,
+        },
+    )
+    .unwrap_err();
+    let source = std::error::Error::source(&err).unwrap().to_string();
+    assert!(
+        err.to_string().starts_with("cannot write disk image ")
+            && err
+                .to_string()
+                .ends_with("check free space and permissions")
+            && source.contains("No space left on device"),
+        "{err}: {source}"
+    );
+    let left: Vec<_> = std::fs::read_dir(fs.dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "a full disk left {left:?} behind");
 }
 
 #[test]
