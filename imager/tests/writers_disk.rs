@@ -330,25 +330,26 @@ fn disk_image_is_valid_reproducible_and_inspectable() {
     assert!(err.to_string().contains("ROOT-B"), "{err}");
 }
 
+/// A disk with one partition, ROOT-A, of `size` bytes holding `content`.
+fn root_a_only(size: u64, content: Vec<u8>) -> DiskSpec {
+    DiskSpec {
+        seed: b"x".to_vec(),
+        partitions: vec![PartitionSpec {
+            name: "ROOT-A".into(),
+            type_guid: Guid::parse(Arch::Arm64.root_type_guid()).unwrap(),
+            size,
+            attributes: 0,
+            content: Content::Bytes(content),
+        }],
+        disk_size: None,
+    }
+}
+
 #[test]
 fn content_larger_than_its_partition_is_refused_and_leaves_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("bad.raw");
-    let err = gpt::write_disk(
-        &out,
-        &DiskSpec {
-            seed: b"x".to_vec(),
-            partitions: vec![PartitionSpec {
-                name: "ROOT-A".into(),
-                type_guid: Guid::parse(Arch::Arm64.root_type_guid()).unwrap(),
-                size: MIB,
-                attributes: 0,
-                content: Content::Bytes(vec![1; (MIB + 1) as usize]),
-            }],
-            disk_size: None,
-        },
-    )
-    .unwrap_err();
+    let err = gpt::write_disk(&out, &root_a_only(MIB, vec![1; (MIB + 1) as usize])).unwrap_err();
     assert!(err.to_string().contains("ROOT-A"), "{err}");
     assert!(!out.exists());
     assert!(!dir.path().join("bad.raw.partial").exists());
@@ -389,22 +390,9 @@ impl Drop for SmallFs {
 fn a_full_disk_stops_the_write_and_leaves_nothing() {
     let fs = SmallFs::mount(4);
     let out = fs.dir.path().join("keelson.raw");
-    let err = gpt::write_disk(
-        &out,
-        &DiskSpec {
-            seed: b"x".to_vec(),
-            partitions: vec![PartitionSpec {
-                name: "ROOT-A".into(),
-                type_guid: Guid::parse(Arch::Amd64.root_type_guid()).unwrap(),
-                size: 16 * MIB,
-                attributes: 0,
-                // Not zeros, which the writer leaves as holes: 8 MiB of real data.
-                content: Content::Bytes(vec![0x5a; (8 * MIB) as usize]),
-            }],
-            disk_size: None,
-        },
-    )
-    .unwrap_err();
+    // Not zeros, which the writer leaves as holes: 8 MiB of real data.
+    let err =
+        gpt::write_disk(&out, &root_a_only(16 * MIB, vec![0x5a; (8 * MIB) as usize])).unwrap_err();
     let source = std::error::Error::source(&err).unwrap().to_string();
     assert!(
         err.to_string().starts_with("cannot write disk image ")
