@@ -293,6 +293,7 @@ fn bench_arch(ctx: &mut Ctx, arch: Arch) -> Result<()> {
     let mut peer_pss = Vec::new();
     let mut pid1_rss = Vec::new();
     let mut both_rss = Vec::new();
+    let mut containerd_rss = Vec::new();
     let mut peer_daemons = Vec::new();
     let mut machined_error = None;
     // Whether our image printed the primary marker; None until the first run says.
@@ -359,10 +360,14 @@ fn bench_arch(ctx: &mut Ctx, arch: Arch) -> Result<()> {
         ours_t.push(t);
         if let Some(kb) = pid1_rss_kb(&run.console) {
             pid1_rss.push(kb as f64 * 1024.0);
-            let machined = node::wait_api(&bin, &files, Duration::from_secs(60))
-                .and_then(|()| node::machined_rss_kb(&bin, &files));
-            match machined {
-                Ok(m) => both_rss.push((kb + m) as f64 * 1024.0),
+            let rss = node::wait_api(&bin, &files, Duration::from_secs(60))
+                .and_then(|()| node::processes_rss_kb(&bin, &files, &["machined", "containerd"]));
+            match rss.as_deref() {
+                Ok([machined, containerd]) => {
+                    both_rss.push((kb + machined) as f64 * 1024.0);
+                    containerd_rss.push(*containerd as f64 * 1024.0);
+                }
+                Ok(_) => {}
                 Err(e) => machined_error = Some(format!("{e:#}")),
             }
         }
@@ -522,6 +527,21 @@ fn bench_arch(ctx: &mut Ctx, arch: Arch) -> Result<()> {
             format!("{group}: RSS of PID 1 + machined (target <= 20 MiB, <= 0.3x the peer)"),
             machined_error.unwrap_or_else(|| "no idle report from PID 1".into()),
         ),
+    }
+    if let Some(stats) = Stats::of(&containerd_rss) {
+        ctx.figures.push(
+            Figure::new(
+                &group,
+                "ours: containerd RSS at idle",
+                Unit::Bytes,
+                stats,
+                None,
+            )
+            .note(
+                "through `machinectl get processes`, with machined's; for the record: \
+                 Debian's containerd, Go's default GC",
+            ),
+        );
     }
     Ok(())
 }

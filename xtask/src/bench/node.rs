@@ -214,16 +214,29 @@ pub fn wait_api(bin: &Path, files: &NodeFiles, within: Duration) -> Result<()> {
 
 /// machined's RSS in KiB, from `machinectl get processes` (its own row).
 pub fn machined_rss_kb(bin: &Path, files: &NodeFiles) -> Result<u64> {
-    let out = machinectl_ok(bin, files, &["get", "processes", "-o", "json"])?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    parse_machined_rss(&text).with_context(|| {
-        format!("no machined row with an RSS in `machinectl get processes -o json`:\n{text}")
-    })
+    Ok(processes_rss_kb(bin, files, &["machined"])?[0])
 }
 
-/// machined's `RSS_KB` from `get processes -o json` (rows of objects, keyed by the
+/// The RSS in KiB of each program in `programs` (by command name), from one
+/// `machinectl get processes`.
+pub fn processes_rss_kb(bin: &Path, files: &NodeFiles, programs: &[&str]) -> Result<Vec<u64>> {
+    let out = machinectl_ok(bin, files, &["get", "processes", "-o", "json"])?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    programs
+        .iter()
+        .map(|program| {
+            parse_rss(&text, program).with_context(|| {
+                format!(
+                    "no {program} row with an RSS in `machinectl get processes -o json`:\n{text}"
+                )
+            })
+        })
+        .collect()
+}
+
+/// `program`'s `RSS_KB` from `get processes -o json` (rows of objects, keyed by the
 /// table's column names, possibly lower-cased; one list per node).
-fn parse_machined_rss(json: &str) -> Option<u64> {
+fn parse_rss(json: &str, program: &str) -> Option<u64> {
     let value: serde_json::Value = serde_json::from_str(json).ok()?;
     let mut rows = Vec::new();
     collect_rows(&value, &mut rows);
@@ -236,7 +249,7 @@ fn parse_machined_rss(json: &str) -> Option<u64> {
         let command = field("command")?;
         let command = command.as_str()?;
         let first = command.split_whitespace().next()?;
-        if !(first == "machined" || first.ends_with("/machined")) {
+        if !(first == program || first.ends_with(&format!("/{program}"))) {
             return None;
         }
         let rss = field("rss_kb")?;
@@ -271,11 +284,12 @@ mod tests {
         let json = r#"[{"node":"n","rows":[
             {"pid":"1","command":"/sbin/init","rss_kb":"3000"},
             {"pid":"301","command":"/usr/bin/machined --x","rss_kb":"9100"}]}]"#;
-        assert_eq!(parse_machined_rss(json), Some(9100));
+        assert_eq!(parse_rss(json, "machined"), Some(9100));
+        assert_eq!(parse_rss(json, "init"), Some(3000));
         let json = r#"[{"PID":301,"COMMAND":"machined","RSS_KB":9000}]"#;
-        assert_eq!(parse_machined_rss(json), Some(9000));
+        assert_eq!(parse_rss(json, "machined"), Some(9000));
         assert_eq!(
-            parse_machined_rss(r#"[{"command":"init","rss_kb":"1"}]"#),
+            parse_rss(r#"[{"command":"init","rss_kb":"1"}]"#, "machined"),
             None
         );
     }
