@@ -360,17 +360,17 @@ fn bench_arch(ctx: &mut Ctx, arch: Arch) -> Result<()> {
         ours_t.push(t);
         if let Some(kb) = pid1_rss_kb(&run.console) {
             pid1_rss.push(kb as f64 * 1024.0);
-            let machined = node::wait_api(&bin, &files, Duration::from_secs(60))
-                .and_then(|()| node::machined_rss_kb(&bin, &files));
-            match machined {
-                Ok(m) => both_rss.push((kb + m) as f64 * 1024.0),
+            let processes = node::wait_api(&bin, &files, Duration::from_secs(60))
+                .and_then(|()| node::processes_json(&bin, &files));
+            match processes.and_then(|json| Ok((node::rss_kb(&json, "machined")?, json))) {
+                Ok((machined, json)) => {
+                    both_rss.push((kb + machined) as f64 * 1024.0);
+                    // For the record only: without containerd's row the rest still counts.
+                    if let Ok(containerd) = node::rss_kb(&json, "containerd") {
+                        containerd_rss.push(containerd as f64 * 1024.0);
+                    }
+                }
                 Err(e) => machined_error = Some(format!("{e:#}")),
-            }
-            // For the record only: a node without containerd's row still gives the rest.
-            if let Ok([containerd]) =
-                node::processes_rss_kb(&bin, &files, &["containerd"]).as_deref()
-            {
-                containerd_rss.push(*containerd as f64 * 1024.0);
             }
         }
         drop(vm);
@@ -540,7 +540,7 @@ fn bench_arch(ctx: &mut Ctx, arch: Arch) -> Result<()> {
                 None,
             )
             .note(
-                "through `machinectl get processes`, right after machined's; for the record: \
+                "from the `machinectl get processes` answer machined's comes from; for the record: \
                  Debian's containerd, Go's default GC",
             ),
         );

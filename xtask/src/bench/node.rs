@@ -214,24 +214,21 @@ pub fn wait_api(bin: &Path, files: &NodeFiles, within: Duration) -> Result<()> {
 
 /// machined's RSS in KiB, from `machinectl get processes` (its own row).
 pub fn machined_rss_kb(bin: &Path, files: &NodeFiles) -> Result<u64> {
-    Ok(processes_rss_kb(bin, files, &["machined"])?[0])
+    rss_kb(&processes_json(bin, files)?, "machined")
 }
 
-/// The RSS in KiB of each program in `programs` (by command name), from one
-/// `machinectl get processes`.
-pub fn processes_rss_kb(bin: &Path, files: &NodeFiles, programs: &[&str]) -> Result<Vec<u64>> {
+/// `machinectl get processes -o json`: one answer that [`rss_kb`] reads each program's
+/// row from.
+pub fn processes_json(bin: &Path, files: &NodeFiles) -> Result<String> {
     let out = machinectl_ok(bin, files, &["get", "processes", "-o", "json"])?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    programs
-        .iter()
-        .map(|program| {
-            parse_rss(&text, program).with_context(|| {
-                format!(
-                    "no {program} row with an RSS in `machinectl get processes -o json`:\n{text}"
-                )
-            })
-        })
-        .collect()
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `program`'s RSS in KiB (by command name) from a [`processes_json`] answer.
+pub fn rss_kb(json: &str, program: &str) -> Result<u64> {
+    parse_rss(json, program).with_context(|| {
+        format!("no {program} row with an RSS in `machinectl get processes -o json`:\n{json}")
+    })
 }
 
 /// `program`'s `RSS_KB` from `get processes -o json` (rows of objects, keyed by the
