@@ -29,6 +29,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::blockdev::BlockDev;
 use crate::console::Log;
+use crate::kmods::{self, ModuleIndex};
 use crate::mounts::ensure_dir;
 use crate::syscalls::{MountFlags, Syscalls, errno_name};
 
@@ -149,7 +150,14 @@ pub struct Accepted {
 
 /// Look at STATE, fw_cfg and config drives in that order; the first valid config wins.
 /// Invalid ones are reported and skipped.
-pub fn find_local(sys: &dyn Syscalls, log: &dyn Log, sysfs: &Path) -> Option<Accepted> {
+/// `modules` is where a config drive's filesystem modules come from (`None`: the kernel
+/// must already have them).
+pub fn find_local(
+    sys: &dyn Syscalls,
+    log: &dyn Log,
+    sysfs: &Path,
+    modules: Option<&ModuleIndex>,
+) -> Option<Accepted> {
     let mut candidates: Vec<(Source, Vec<u8>)> = Vec::new();
     if let Ok(bytes) = sys.read_file(&state_config_path()) {
         candidates.push((Source::State, bytes));
@@ -163,7 +171,7 @@ pub fn find_local(sys: &dyn Syscalls, log: &dyn Log, sysfs: &Path) -> Option<Acc
         }
     }
     // Config drives are mounted to be read: only when nothing before them was valid.
-    for (source, bytes) in read_config_drives(sys, log, sysfs) {
+    for (source, bytes) in read_config_drives(sys, log, sysfs, modules) {
         if let Some(accepted) = accept(source, bytes, log) {
             return Some(accepted);
         }
@@ -219,6 +227,16 @@ impl DriveFs {
         match self {
             DriveFs::Vfat => "vfat",
             DriveFs::Iso9660 => "iso9660",
+        }
+    }
+
+    /// The modules its mount needs (the filesystem and its character sets), loaded only
+    /// when a config drive of this type is found: a node configured from STATE or
+    /// fw_cfg never pays for them.
+    pub fn modules(self) -> &'static [&'static str] {
+        match self {
+            DriveFs::Vfat => &["vfat", "nls_cp437", "nls_utf8"],
+            DriveFs::Iso9660 => &["isofs"],
         }
     }
 
@@ -288,6 +306,7 @@ pub fn read_config_drives(
     sys: &dyn Syscalls,
     log: &dyn Log,
     sysfs: &Path,
+    modules: Option<&ModuleIndex>,
 ) -> Vec<(Source, Vec<u8>)> {
     let Ok(devs) = crate::blockdev::scan(sysfs) else {
         return Vec::new();
@@ -314,6 +333,9 @@ pub fn read_config_drives(
             device: dev.path(),
             label: label.clone(),
         };
+        if let Some(index) = modules {
+            kmods::load(sys, log, index, fs.modules());
+        }
         let mount = Path::new(DRIVE_MOUNT);
         if let Err(e) = ensure_dir(sys, mount, 0o700) {
             log.line(&format!("cannot create {DRIVE_MOUNT}: {}", errno_name(&e)));
@@ -561,7 +583,7 @@ mod tests {
             }
             let log = MemoryLog::default();
             // The fake sysfs has no block devices: no config drive.
-            let found = find_local(&fake, &log, Path::new("/nonexistent-sysfs"));
+            let found = find_local(&fake, &log, Path::new("/nonexistent-sysfs"), None);
             assert_eq!(
                 found.as_ref().map(|a| &a.source),
                 expected.as_ref(),

@@ -2,7 +2,7 @@
 //!
 //! Everything that can happen to PID 1 after boot is a variant of [`Event`]: a signal, a
 //! service's output line, a readiness result, a timer, a network change, a control
-//! request, a fetched config. Helper tasks (signal listeners, pipe readers, timers,
+//! request, a fetched config, a program read ahead. Helper tasks (signal listeners, pipe readers, timers,
 //! readiness checks, control connections) only turn what they see into events; the main
 //! loop in `stage2` owns all state and handles each event in one `match`.
 //!
@@ -157,6 +157,8 @@ pub enum Event {
     Network(NetEvent),
     /// A control-socket request and where its answer goes.
     Control(Request, oneshot::Sender<Response>),
+    /// A program read ahead into the page cache (one boot-log line).
+    Prefetched(crate::prefetch::Outcome),
     /// A config fetched from a URL: its bytes, or why it could not be fetched.
     ConfigFetched {
         /// The URL.

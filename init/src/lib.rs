@@ -26,6 +26,7 @@ pub mod mounts;
 pub mod netconf;
 pub mod network;
 pub mod power_button;
+pub mod prefetch;
 pub mod preflight;
 pub mod services;
 pub mod shutdown;

@@ -58,6 +58,7 @@ use crate::mounts::{self, EARLY_MOUNTS, MountSpec};
 use crate::netconf::{NetEvent, resolv};
 use crate::network;
 use crate::power_button;
+use crate::prefetch;
 use crate::preflight;
 use crate::services;
 use crate::shutdown;
@@ -162,24 +163,18 @@ pub const ETC_MOUNT: MountSpec = MountSpec {
     data: "mode=0755,size=16m",
 };
 
-/// Modules loaded before the disks and the config are read: filesystems, config sources,
-/// the power button, network drivers. Missing ones are logged (a kernel that has them
-/// built in, or a platform without fw_cfg, is fine). There is no udev: drivers for the
-/// hardware of other platforms join this list (or a modalias coldplug replaces it).
-pub const EARLY_MODULES: &[&str] = &[
-    "efivarfs",
-    "ext4",
-    "qemu_fw_cfg",
-    "vfat",
-    "nls_cp437",
-    "nls_utf8",
-    "isofs",
-    "button",
-    "gpio_keys",
-    "evdev",
-    // Network drivers: there is no udev to load them by modalias.
-    "virtio_net",
-];
+/// Modules loaded before the disks and the config are read: the filesystems of STATE,
+/// EPHEMERAL and efivars, and fw_cfg. Missing ones are logged (a kernel that has them
+/// built in, or a platform without fw_cfg, is fine). A config drive's filesystem is
+/// loaded when one is found ([`config_source::DriveFs::modules`]).
+pub const EARLY_MODULES: &[&str] = &["efivarfs", "ext4", "qemu_fw_cfg"];
+
+/// Modules loaded once the config's services are started (or the node waits for a
+/// config): the power button and the network drivers, which nothing before them needs.
+/// Loading them here runs them beside containerd's start instead of before it; netconf
+/// configures a link whenever it appears. There is no udev: drivers for the hardware of
+/// other platforms join this list (or a modalias coldplug replaces it).
+pub const LATE_MODULES: &[&str] = &["button", "gpio_keys", "evdev", "virtio_net"];
 
 /// The banner of the boot.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -451,6 +446,18 @@ pub fn promote_staged(log: &dyn Log, dir: &Path) {
 /// The whole of stage 2; returns only with an error that needs a deliberate reboot.
 pub fn run<L: Log>(sys: &dyn Syscalls, console: &L) -> Result<Infallible, Error> {
     let log = BootLog::new(console);
+    let (tx, rx) = unbounded_channel();
+    // First, so that the reads overlap everything below (see `prefetch`).
+    let programs = prefetch::PROGRAMS.iter().map(PathBuf::from).collect();
+    let prefetched = tx.clone();
+    if let Err(e) = prefetch::spawn(programs, move |outcome| {
+        let _ = prefetched.send(Event::Prefetched(outcome));
+    }) {
+        log.line(&format!(
+            "prefetch not started ({}): programs load on demand",
+            errno_name(&e)
+        ));
+    }
     let index = early_mounts(sys, &log)?;
     log.raw(READY_MARKER);
     let cmdline = sys
@@ -491,7 +498,6 @@ pub fn run<L: Log>(sys: &dyn Syscalls, console: &L) -> Result<Infallible, Error>
         .enable_all()
         .build()
         .map_err(Error::Runtime)?;
-    let (tx, rx) = unbounded_channel();
     let mut node = Node {
         sys,
         log: &log,
@@ -599,18 +605,6 @@ impl<L: Log> Node<'_, L> {
             self.log
                 .line(&format!("cannot handle {}: {e}", signal.name()));
         }
-        for (device, result) in power_button::watch_all(&self.events) {
-            match result {
-                Ok(()) => self.log.line(&format!(
-                    "power button {}: a press powers off",
-                    device.display()
-                )),
-                Err(e) => self.log.line(&format!(
-                    "power button {} not watched: {e}",
-                    device.display()
-                )),
-            }
-        }
         match control::serve(Path::new(control::SOCKET), self.events.clone()) {
             Ok(handle) => self.control_socket = Some(handle),
             Err(e) => self.log.line(&format!(
@@ -623,9 +617,29 @@ impl<L: Log> Node<'_, L> {
             self.events.clone(),
             ReapScope::Any,
         ));
-        match config_source::find_local(self.sys, self.log, Path::new("/sys")) {
+        match config_source::find_local(
+            self.sys,
+            self.log,
+            Path::new("/sys"),
+            self.modules.as_ref(),
+        ) {
             Some(accepted) => self.configure(accepted),
             None => self.wait_for_config(),
+        }
+        if let Some(index) = &self.modules {
+            kmods::load(self.sys, self.log, index, LATE_MODULES);
+        }
+        for (device, result) in power_button::watch_all(&self.events) {
+            match result {
+                Ok(()) => self.log.line(&format!(
+                    "power button {}: a press powers off",
+                    device.display()
+                )),
+                Err(e) => self.log.line(&format!(
+                    "power button {} not watched: {e}",
+                    device.display()
+                )),
+            }
         }
         loop {
             let Some(event) = rx.recv().await else {
@@ -738,7 +752,12 @@ impl<L: Log> Node<'_, L> {
             }
             Event::Timer(TimerEvent::ConfigReminder) => {
                 if self.config.is_none() && self.shutdown.is_none() {
-                    match config_source::find_local(self.sys, log, Path::new("/sys")) {
+                    match config_source::find_local(
+                        self.sys,
+                        log,
+                        Path::new("/sys"),
+                        self.modules.as_ref(),
+                    ) {
                         Some(accepted) => self.configure(accepted),
                         None => self.wait_for_config(),
                     }
@@ -783,6 +802,7 @@ impl<L: Log> Node<'_, L> {
             }
             Event::Network(event) => self.network_event(event),
             Event::ConfigFetched { url, result } => self.config_fetched(url, result),
+            Event::Prefetched(outcome) => log.line(&outcome.to_string()),
             Event::Control(request, reply) => {
                 let answer = self.control(request);
                 let _ = reply.send(answer);
