@@ -171,6 +171,10 @@ pub const INITRAMFS_MODULES_DIR: &str = "modules";
 /// Text file in the initramfs: one module file name per line, in load order
 /// (dependencies first). Stage 1 loads them in this order and skips ones already loaded.
 pub const INITRAMFS_MODULES_ORDER: &str = "modules/order";
+/// Text file in the initramfs, in the order file's format: the modules stage 2 needs
+/// first (its filesystems, fw_cfg), which stage 1 loads while it reads the root through
+/// dm-verity, so that stage 2 finds them loaded. Their files sit beside the others.
+pub const INITRAMFS_MODULES_PRELOAD: &str = "modules/preload";
 /// Where stage 2 lives in the root filesystem.
 pub const ROOT_INIT: &str = "sbin/init";
 /// The argument stage 1 passes when it execs stage 2 after switch_root.

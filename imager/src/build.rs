@@ -401,6 +401,10 @@ fn tree_err(what: &'static str) -> impl FnOnce(rootfs::RootfsError) -> BuildErro
     move |source| BuildError::Tree { what, source }
 }
 
+fn modules_err(what: &'static str) -> impl FnOnce(crate::kmod::KmodError) -> BuildError {
+    move |source| BuildError::Modules { what, source }
+}
+
 /// The kernel's parts, taken from its package.
 struct Kernel {
     release: String,
@@ -537,30 +541,21 @@ fn root_tree(
     let resolution = kernel
         .modules
         .resolve(&root_names)
-        .map_err(|source| BuildError::Modules {
-            what: "root filesystem",
-            source,
-        })?;
+        .map_err(modules_err("root filesystem"))?;
     let moddir = format!("usr/lib/modules/{}", kernel.release);
     let mut dep = String::new();
     for module in &resolution.modules {
         let data = kernel
             .modules
             .module_bytes(&module.file)
-            .map_err(|source| BuildError::Modules {
-                what: "root filesystem",
-                source,
-            })?;
+            .map_err(modules_err("root filesystem"))?;
         let rel = format!("kernel/{}.ko", module.info.name);
         tree.add_file(&format!("{moddir}/{rel}"), 0o644, data)
             .map_err(tree_err("root filesystem"))?;
         let closure = kernel
             .modules
             .resolve(&[module.info.name.as_str()])
-            .map_err(|source| BuildError::Modules {
-                what: "root filesystem",
-                source,
-            })?;
+            .map_err(modules_err("root filesystem"))?;
         let deps: Vec<String> = closure
             .modules
             .iter()
@@ -612,7 +607,8 @@ fn read_binary(opts: &BuildOptions, name: &str) -> Result<Vec<u8>, BuildError> {
     })
 }
 
-/// Build the initramfs: stage 1 and the modules that reach and verify the root disk.
+/// Build the initramfs: stage 1, the modules that reach and verify the root disk, and
+/// stage 2's first modules, which stage 1 loads during the verity read.
 fn initramfs(
     def: &Definition,
     opts: &BuildOptions,
@@ -629,21 +625,20 @@ fn initramfs(
         tree.add_file(dest, 0o755, data)
             .map_err(tree_err("initramfs"))?;
     }
-    let names: Vec<&str> = def.modules.initramfs.iter().map(String::as_str).collect();
-    let resolution = kernel
-        .modules
-        .resolve(&names)
-        .map_err(|source| BuildError::Modules {
-            what: "initramfs",
-            source,
-        })?;
+    let resolve = |names: &[String], what| {
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        kernel.modules.resolve(&names).map_err(modules_err(what))
+    };
+    let resolution = resolve(&def.modules.initramfs, "initramfs")?;
     kernel
         .modules
         .add_to_initramfs(&resolution, &mut tree)
-        .map_err(|source| BuildError::Modules {
-            what: "initramfs",
-            source,
-        })?;
+        .map_err(modules_err("initramfs"))?;
+    let preload = resolve(&def.modules.preload, "initramfs preload")?;
+    kernel
+        .modules
+        .add_preload_to_initramfs(&resolution, &preload, &mut tree)
+        .map_err(modules_err("initramfs preload"))?;
     let mut writer = cpio::CpioWriter::new(Vec::new(), epoch as u32);
     writer.tree(&tree)?;
     // The console device must exist before the kernel starts /init (Rust's runtime

@@ -165,6 +165,10 @@ pub struct ExcludeSpec {
 pub struct Modules {
     /// Loaded by stage 1 to reach and verify the root disk.
     pub initramfs: Vec<String>,
+    /// Stage 2's first modules, carried in the initramfs too and loaded by stage 1
+    /// while it reads the root through dm-verity (on the CPU that read leaves idle).
+    #[serde(default)]
+    pub preload: Vec<String>,
     /// Shipped in the root filesystem for stage 2 and the workloads.
     pub root: Vec<String>,
 }

@@ -24,7 +24,9 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
-use keelson_configs::layout::{INITRAMFS_MODULES_DIR, INITRAMFS_MODULES_ORDER};
+use keelson_configs::layout::{
+    INITRAMFS_MODULES_DIR, INITRAMFS_MODULES_ORDER, INITRAMFS_MODULES_PRELOAD,
+};
 use object::{Object, ObjectSection};
 
 use crate::rootfs::{RootfsError, Tree};
@@ -633,9 +635,37 @@ impl ModuleIndex {
         resolution: &Resolution,
         tree: &mut Tree,
     ) -> Result<u64, KmodError> {
+        self.add_listed(resolution.modules.iter(), INITRAMFS_MODULES_ORDER, tree)
+    }
+
+    /// Add the modules of `preload` that `stage1` does not already carry, and
+    /// `modules/preload` listing them in load order. Returns the bytes of files added.
+    pub fn add_preload_to_initramfs(
+        &self,
+        stage1: &Resolution,
+        preload: &Resolution,
+        tree: &mut Tree,
+    ) -> Result<u64, KmodError> {
+        let extra = preload.modules.iter().filter(|module| {
+            !stage1
+                .modules
+                .iter()
+                .any(|m| m.info.name == module.info.name)
+        });
+        self.add_listed(extra, INITRAMFS_MODULES_PRELOAD, tree)
+    }
+
+    /// Add `modules/<name>.ko` for each of `modules` and the list file `list` naming
+    /// them in order.
+    fn add_listed<'m>(
+        &self,
+        modules: impl Iterator<Item = &'m Module>,
+        list: &str,
+        tree: &mut Tree,
+    ) -> Result<u64, KmodError> {
         let mut order = String::new();
         let mut total = 0u64;
-        for module in &resolution.modules {
+        for module in modules {
             let file_name = format!("{}.ko", module.info.name);
             let data = self.module_bytes(&module.file)?;
             total += data.len() as u64;
@@ -644,8 +674,7 @@ impl ModuleIndex {
             order.push_str(&file_name);
             order.push('\n');
         }
-        tree.add_file(INITRAMFS_MODULES_ORDER, 0o644, order)
-            .map_err(KmodError::Tree)?;
+        tree.add_file(list, 0o644, order).map_err(KmodError::Tree)?;
         Ok(total)
     }
 }

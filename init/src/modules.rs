@@ -97,12 +97,14 @@ pub fn parse_order(text: &str) -> Vec<&str> {
         .collect()
 }
 
-/// Load every module listed in `order_file` from `dir`, in order.
+/// Load every module listed in `order_file` from `dir`, in order, each with `params`
+/// ([`ASYNC_PROBE`] for the drivers that reach the root disk).
 pub fn load_all(
     sys: &dyn Syscalls,
     log: &dyn Log,
     dir: &Path,
     order_file: &Path,
+    params: &str,
 ) -> Result<Report, Error> {
     let mut report = Report::default();
     let text = match sys.read_file(order_file) {
@@ -124,7 +126,7 @@ pub fn load_all(
     for file in parse_order(&text) {
         let name = module_name(file);
         let path: PathBuf = dir.join(file);
-        match sys.finit_module(&path, ASYNC_PROBE, is_compressed(file)) {
+        match sys.finit_module(&path, params, is_compressed(file)) {
             Ok(()) => {
                 log.line(&format!("module {name} loaded"));
                 report.loaded.push(name);
@@ -184,6 +186,7 @@ mod tests {
             &log,
             Path::new("/modules"),
             Path::new("/modules/order"),
+            ASYNC_PROBE,
         )?;
         let order: Vec<Call> = [
             "virtio_pci.ko",
@@ -227,6 +230,7 @@ mod tests {
             &log,
             Path::new("/modules"),
             Path::new("/modules/order"),
+            ASYNC_PROBE,
         )?;
         assert!(report.loaded.is_empty() && fake.calls().is_empty());
         assert_eq!(log.lines().len(), 1);

@@ -165,8 +165,10 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const H2_EMPTY_SETTINGS: [u8; 9] = [0, 0, 0, 4, 0, 0, 0, 0, 0];
 /// How long one check may take.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(3);
-/// Pause between two checks.
-const CHECK_INTERVAL: Duration = Duration::from_millis(200);
+/// Pause between two checks: short, because the wait after the socket appears is boot
+/// time (half the interval on average), and a check before it exists is one failed
+/// `connect(2)`.
+const CHECK_INTERVAL: Duration = Duration::from_millis(50);
 
 /// One readiness check.
 pub async fn check(readiness: &Readiness) -> Result<(), String> {

@@ -5,7 +5,8 @@
 //! initramfs's modules; wait for the slot's root partition (`ROOT-A`/`ROOT-B`) to show up
 //! in sysfs; set up dm-verity over it with device-mapper ioctls; with
 //! `keelson.verity.check=full` (the default) read the whole device once, so that a root
-//! whose content does not match its hash never runs; mount it read-only at `/sysroot`;
+//! whose content does not match its hash never runs, and meanwhile load stage 2's first
+//! modules (`modules/preload`) on the other CPU; mount it read-only at `/sysroot`;
 //! move `/dev`, `/proc` and `/sys` into it; switch_root; exec `/sbin/init --stage2`.
 //!
 //! Every step returns an [`Error`] that names what failed and what it means; the caller
@@ -55,6 +56,8 @@ pub struct Paths {
     pub modules_dir: PathBuf,
     /// The module load order (`/modules/order`).
     pub modules_order: PathBuf,
+    /// Stage 2's first modules (`/modules/preload`), loaded during the verity read.
+    pub modules_preload: PathBuf,
     /// The device-mapper control node.
     pub dm_control: PathBuf,
     /// Where the root is mounted (`/sysroot`).
@@ -69,6 +72,7 @@ impl Default for Paths {
             cmdline: PathBuf::from("/proc/cmdline"),
             modules_dir: root.join(layout::INITRAMFS_MODULES_DIR),
             modules_order: root.join(layout::INITRAMFS_MODULES_ORDER),
+            modules_preload: root.join(layout::INITRAMFS_MODULES_PRELOAD),
             dm_control: PathBuf::from("/dev/mapper/control"),
             sysroot: PathBuf::from(layout::SYSROOT),
         }
@@ -251,7 +255,13 @@ pub fn run(sys: &dyn Syscalls, log: &dyn Log, paths: &Paths) -> Result<Infallibl
         params.verity.root_hash
     ));
 
-    let report = modules::load_all(sys, log, &paths.modules_dir, &paths.modules_order)?;
+    let report = modules::load_all(
+        sys,
+        log,
+        &paths.modules_dir,
+        &paths.modules_order,
+        modules::ASYNC_PROBE,
+    )?;
     log.line(&format!(
         "modules: {} loaded, {} already loaded, {} failed",
         report.loaded.len(),
@@ -261,10 +271,12 @@ pub fn run(sys: &dyn Syscalls, log: &dyn Log, paths: &Paths) -> Result<Infallibl
 
     let part = wait_for_partition(sys, log, paths, &params, &report)?;
     let dm_node = setup_verity(sys, log, paths, &params, &part)?;
+    let preload = || preload_modules(sys, log, paths);
     if params.check == VerityCheck::Full {
-        verify_full(sys, log, &dm_node, &params)?;
+        verify_full(sys, log, &dm_node, &params, preload)?;
     } else {
         log.line("verity check lazy: blocks are verified as they are read");
+        preload();
     }
     mount_root(sys, log, &dm_node, &paths.sysroot)?;
     switch_root(sys, log, &paths.sysroot)?;
@@ -413,13 +425,40 @@ fn setup_verity(
     Ok(node)
 }
 
+/// Load stage 2's first modules from the initramfs (`modules/preload`), if it has them.
+/// Nothing here is fatal: stage 2 loads what is missing from the root.
+fn preload_modules(sys: &dyn Syscalls, log: &dyn Log, paths: &Paths) {
+    if !sys.exists(&paths.modules_preload) {
+        return;
+    }
+    match modules::load_all(sys, log, &paths.modules_dir, &paths.modules_preload, "") {
+        Ok(report) => log.line(&format!(
+            "modules for stage 2: {} loaded, {} already loaded, {} failed",
+            report.loaded.len(),
+            report.already.len(),
+            report.failed.len()
+        )),
+        Err(e) => log.line(&format!(
+            "modules for stage 2 left to stage 2: {}",
+            crate::error_chain(&e)
+        )),
+    }
+}
+
 /// Read the whole verity device once: dm-verity answers EIO for any block whose hash
 /// does not match, so a clean pass proves the whole root matches its root hash.
+///
+/// The read runs on a thread of its own while `meanwhile` runs on this one: the kernel
+/// hashes the blocks as they arrive, and under TCG that keeps one CPU busy for about a
+/// second, which module loading on the other CPU can use. The thread only reads (no
+/// log, no other syscall); if it cannot be started, the read runs here after
+/// `meanwhile`.
 fn verify_full(
     sys: &dyn Syscalls,
     log: &dyn Log,
     device: &str,
     params: &BootParams,
+    meanwhile: impl FnOnce(),
 ) -> Result<(), Error> {
     let started = Instant::now();
     let expected = params.verity.data_blocks * layout::VERITY_BLOCK_SIZE;
@@ -428,25 +467,34 @@ fn verify_full(
         offset,
         source,
     };
-    let mut reader = sys
-        .open_read(Path::new(device))
-        .map_err(|e| read_error(0, e))?;
-    let mut buf = vec![0u8; CHECK_READ_SIZE];
-    let mut offset: u64 = 0;
-    loop {
-        match reader.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => offset += n as u64,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) if e.raw_os_error() == Some(5) => {
-                return Err(Error::Corrupt {
-                    partname: params.slot.partition_name(),
-                    root_hash: params.verity.root_hash.clone(),
-                    block: offset / layout::VERITY_BLOCK_SIZE,
-                });
-            }
-            Err(e) => return Err(read_error(offset, e)),
+    let open = || {
+        sys.open_read(Path::new(device))
+            .map_err(|e| read_error(0, e))
+    };
+    let reader = open()?;
+    let (offset, failure) = std::thread::scope(|scope| {
+        let thread = std::thread::Builder::new()
+            .name("verity-check".into())
+            .spawn_scoped(scope, move || read_to_end(reader));
+        meanwhile();
+        match thread {
+            Ok(handle) => Ok(handle
+                .join()
+                .unwrap_or_else(|_| (0, Some(io::Error::other("the verity check thread failed"))))),
+            // The reader went with the closure that could not run: open it again.
+            Err(_) => open().map(read_to_end),
         }
+    })?;
+    match failure {
+        None => {}
+        Some(e) if e.raw_os_error() == Some(5) => {
+            return Err(Error::Corrupt {
+                partname: params.slot.partition_name(),
+                root_hash: params.verity.root_hash.clone(),
+                block: offset / layout::VERITY_BLOCK_SIZE,
+            });
+        }
+        Some(e) => return Err(read_error(offset, e)),
     }
     if offset != expected {
         return Err(Error::ShortRoot {
@@ -464,6 +512,20 @@ fn verify_full(
         started.elapsed().as_millis()
     ));
     Ok(())
+}
+
+/// Read `reader` to its end: the bytes read, and the error that stopped it early.
+fn read_to_end(mut reader: Box<dyn io::Read + Send>) -> (u64, Option<io::Error>) {
+    let mut buf = vec![0u8; CHECK_READ_SIZE];
+    let mut offset: u64 = 0;
+    loop {
+        match reader.read(&mut buf) {
+            Ok(0) => return (offset, None),
+            Ok(n) => offset += n as u64,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return (offset, Some(e)),
+        }
+    }
 }
 
 /// Mount the verified root read-only, as squashfs or else erofs.
@@ -692,6 +754,53 @@ mod tests {
             )
         );
         assert!(!fake.calls().iter().any(|c| matches!(c, Call::Chroot(_))));
+        Ok(())
+    }
+
+    #[test]
+    fn stage_two_modules_load_during_the_full_read_and_a_corrupt_root_still_stops() -> io::Result<()>
+    {
+        let scratch = Scratch::new("preload")?;
+        scratch.add_partition("vda2", 2, "ROOT-A")?;
+        for corrupt in [None, Some(3 * 4096)] {
+            let mut fake = fake(&cmdline()).with_file("/modules/preload", "jbd2.ko\next4.ko\n");
+            fake.device = Some((8 * 4096, corrupt));
+            let log = MemoryLog::default();
+            let err = error_text(run(&fake, &log, &paths(&scratch)));
+            // Between opening the verity device and mounting it: the read's window.
+            let window: Vec<Call> = fake
+                .calls()
+                .into_iter()
+                .skip_while(|c| !matches!(c, Call::OpenRead(_)))
+                .skip(1)
+                .take_while(|c| !matches!(c, Call::Mkdir(_)))
+                .filter(|c| matches!(c, Call::FinitModule(..)))
+                .collect();
+            assert_eq!(
+                window,
+                [
+                    Call::FinitModule("/modules/jbd2.ko".into(), false),
+                    Call::FinitModule("/modules/ext4.ko".into(), false),
+                ]
+            );
+            assert!(
+                log.lines().contains(
+                    &"keelson-init: modules for stage 2: 2 loaded, 0 already loaded, 0 failed"
+                        .to_string()
+                ),
+                "{:?}",
+                log.lines()
+            );
+            if corrupt.is_some() {
+                assert!(
+                    err.contains("(block 3): refusing to boot this slot"),
+                    "{err}"
+                );
+                assert!(!fake.calls().iter().any(|c| matches!(c, Call::Chroot(_))));
+            } else {
+                assert!(err.starts_with("cannot exec /sbin/init"), "{err}");
+            }
+        }
         Ok(())
     }
 

@@ -113,7 +113,7 @@ pub trait Syscalls {
     /// Write `data` to an existing file (such as `/dev/kmsg` or a sysfs attribute).
     fn write_file(&self, path: &Path, data: &[u8]) -> io::Result<()>;
     /// Open a file or block device for sequential reading.
-    fn open_read(&self, path: &Path) -> io::Result<Box<dyn Read>>;
+    fn open_read(&self, path: &Path) -> io::Result<Box<dyn Read + Send>>;
     /// `finit_module(2)` of the module file at `path`, with `params`; `compressed` asks the
     /// kernel to decompress the file itself (`MODULE_INIT_COMPRESSED_FILE`, Linux 5.17+
     /// with `CONFIG_MODULE_DECOMPRESS`, which Debian's kernels have).
@@ -248,7 +248,7 @@ impl Syscalls for Linux {
         file.write_all(data)
     }
 
-    fn open_read(&self, path: &Path) -> io::Result<Box<dyn Read>> {
+    fn open_read(&self, path: &Path) -> io::Result<Box<dyn Read + Send>> {
         Ok(Box::new(File::open(path)?))
     }
 
@@ -814,7 +814,7 @@ pub mod fake {
             Ok(())
         }
 
-        fn open_read(&self, path: &Path) -> io::Result<Box<dyn Read>> {
+        fn open_read(&self, path: &Path) -> io::Result<Box<dyn Read + Send>> {
             self.record(Call::OpenRead(s(path)));
             if let Some(data) = self.read_data.get(path) {
                 return Ok(Box::new(io::Cursor::new(data.clone())));
