@@ -169,8 +169,9 @@ pub const ETC_MOUNT: MountSpec = MountSpec {
 /// loaded when one is found ([`config_source::DriveFs::modules`]).
 pub const EARLY_MODULES: &[&str] = &["efivarfs", "ext4", "qemu_fw_cfg"];
 
-/// Modules loaded once the config's services are started (or the node waits for a
-/// config): the power button and the network drivers, which nothing before them needs.
+/// Modules loaded once the config's services are started (or before the node waits for
+/// a config, whose URL and maintenance mode need the network): the power button and the
+/// network drivers, which nothing before them needs.
 /// Loading them here runs them beside containerd's start instead of before it; netconf
 /// configures a link whenever it appears. There is no udev: drivers for the hardware of
 /// other platforms join this list (or a modalias coldplug replaces it).
@@ -623,11 +624,15 @@ impl<L: Log> Node<'_, L> {
             Path::new("/sys"),
             self.modules.as_ref(),
         ) {
-            Some(accepted) => self.configure(accepted),
-            None => self.wait_for_config(),
-        }
-        if let Some(index) = &self.modules {
-            kmods::load(self.sys, self.log, index, LATE_MODULES);
+            Some(accepted) => {
+                self.configure(accepted);
+                self.load_late_modules();
+            }
+            None => {
+                // Waiting for a config takes DHCP on the links present when it starts.
+                self.load_late_modules();
+                self.wait_for_config();
+            }
         }
         for (device, result) in power_button::watch_all(&self.events) {
             match result {
@@ -655,6 +660,12 @@ impl<L: Log> Node<'_, L> {
             {
                 return kind;
             }
+        }
+    }
+
+    fn load_late_modules(&self) {
+        if let Some(index) = &self.modules {
+            kmods::load(self.sys, self.log, index, LATE_MODULES);
         }
     }
 
