@@ -611,6 +611,7 @@ fn read_binary(opts: &BuildOptions, name: &str) -> Result<Vec<u8>, BuildError> {
 /// stage 2's first modules, which stage 1 loads during the verity read.
 fn initramfs(
     def: &Definition,
+    arch: Arch,
     opts: &BuildOptions,
     epoch: u64,
     kernel: &Kernel,
@@ -629,7 +630,7 @@ fn initramfs(
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
         kernel.modules.resolve(&names).map_err(modules_err(what))
     };
-    let resolution = resolve(&def.modules.initramfs, "initramfs")?;
+    let resolution = resolve(&def.initramfs_modules(arch)?, "initramfs")?;
     kernel
         .modules
         .add_to_initramfs(&resolution, &mut tree)
@@ -782,7 +783,7 @@ pub fn build(opts: &BuildOptions, progress: Progress) -> Result<BuildReport, Bui
     }
 
     progress(&format!("{arch}: writing the initramfs"));
-    let initrd = initramfs(&def, opts, epoch, &kernel)?;
+    let initrd = initramfs(&def, arch, opts, epoch, &kernel)?;
     artefacts.push(("initramfs (zstd)", initrd.len() as u64));
     artefacts.push(("kernel", kernel.image.len() as u64));
 

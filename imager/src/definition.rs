@@ -115,6 +115,10 @@ pub struct ArchSpec {
     /// Command-line arguments added for this architecture (the console).
     #[serde(default)]
     pub cmdline: Vec<String>,
+    /// Modules stage 1 loads first on this architecture, before the shared
+    /// `[modules] initramfs` (the SHA-256 accelerators dm-verity then picks).
+    #[serde(default)]
+    pub initramfs_modules: Vec<String>,
 }
 
 /// The kernel package of an architecture.
@@ -334,6 +338,17 @@ impl Definition {
             .cloned()
             .collect::<Vec<_>>()
             .join(" "))
+    }
+
+    /// The modules of the initramfs for `arch`: the architecture's own, then the shared.
+    pub fn initramfs_modules(&self, arch: Arch) -> Result<Vec<String>, DefinitionError> {
+        let spec = self.arch(arch)?;
+        Ok(spec
+            .initramfs_modules
+            .iter()
+            .chain(&self.modules.initramfs)
+            .cloned()
+            .collect())
     }
 
     /// Where the lock file for `arch` lives: next to the definition, named
