@@ -175,6 +175,9 @@ pub const INITRAMFS_MODULES_ORDER: &str = "modules/order";
 /// first (its filesystems, fw_cfg), which stage 1 loads while it reads the root through
 /// dm-verity, so that stage 2 finds them loaded. Their files sit beside the others.
 pub const INITRAMFS_MODULES_PRELOAD: &str = "modules/preload";
+/// Text file in the root filesystem: the files stage 2 reads into the page cache first
+/// (absolute paths, one a line: each early program after the shared objects it loads).
+pub const PREFETCH_LIST: &str = "usr/lib/keelson/prefetch";
 /// Where stage 2 lives in the root filesystem.
 pub const ROOT_INIT: &str = "sbin/init";
 /// The argument stage 1 passes when it execs stage 2 after switch_root.

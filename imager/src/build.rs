@@ -88,6 +88,9 @@ pub enum BuildError {
         #[source]
         source: crate::kmod::KmodError,
     },
+    /// The prefetch list could not be made.
+    #[error(transparent)]
+    Prefetch(#[from] crate::prefetch::PrefetchError),
     /// The file tree could not be assembled.
     #[error("assembling the {what}")]
     Tree {
@@ -587,6 +590,13 @@ fn root_tree(
     tree.add_symlink("etc/os-release", "../usr/lib/os-release")
         .map_err(tree_err("root filesystem"))?;
     tree.strip_docs();
+    let prefetch = crate::prefetch::list(&tree, &def.prefetch.programs)?;
+    if !prefetch.is_empty() {
+        let mut text = prefetch.join("\n");
+        text.push('\n');
+        tree.add_file(crate::prefetch::LIST_PATH, 0o644, text)
+            .map_err(tree_err("root filesystem"))?;
+    }
     let findings = rootfs::audit(&tree);
     if !findings.is_empty() {
         let list: Vec<String> = findings.iter().map(|f| f.to_string()).collect();

@@ -85,6 +85,9 @@ pub struct Definition {
     /// Files of the pinned packages left out of the root filesystem.
     #[serde(rename = "drop", default)]
     pub drops: Vec<DropSpec>,
+    /// What stage 2 reads into the page cache first.
+    #[serde(default)]
+    pub prefetch: Prefetch,
     /// The file this was loaded from.
     #[serde(skip)]
     pub path: PathBuf,
@@ -175,6 +178,16 @@ pub struct Modules {
     pub preload: Vec<String>,
     /// Shipped in the root filesystem for stage 2 and the workloads.
     pub root: Vec<String>,
+}
+
+/// The programs stage 2 starts early, read with their shared objects into the page
+/// cache on a thread of their own (see `crate::prefetch`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Prefetch {
+    /// Root paths of the programs, in the order stage 2 starts them.
+    #[serde(default)]
+    pub programs: Vec<String>,
 }
 
 /// Files of the packages that the image leaves out (a path, or a directory prefix

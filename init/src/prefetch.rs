@@ -11,6 +11,9 @@
 //! can start containerd, so a background thread reads the file meanwhile, and containerd
 //! then starts from memory.
 //!
+//! The imager lists the files (each early program after the shared objects it loads:
+//! mke2fs on a first boot took 0.65 s cold and 0.2 s with its libraries read ahead).
+//!
 //! Plain `read(2)` into one reused buffer, not `readahead(2)` or `POSIX_FADV_WILLNEED`:
 //! those may return before the pages are in, so the line that reports the read would
 //! not say when the work was done. A file that cannot be read is reported and skipped;
@@ -21,8 +24,19 @@ use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-/// The programs read ahead, in order: the ones every configured node starts at boot.
-pub const PROGRAMS: &[&str] = &["/usr/bin/containerd", crate::services::MACHINED];
+/// The list of files to read, written by the imager (see `keelson_imager::prefetch`).
+pub fn list_path() -> PathBuf {
+    Path::new("/").join(keelson_configs::layout::PREFETCH_LIST)
+}
+
+/// The files of a prefetch list: absolute paths, one a line; anything else is skipped.
+pub fn parse_list(text: &str) -> Vec<PathBuf> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with('/'))
+        .map(PathBuf::from)
+        .collect()
+}
 
 /// The read size: large enough that the syscalls cost nothing next to the decompression.
 const CHUNK: usize = 1 << 20;
@@ -79,15 +93,28 @@ pub fn read_through(path: &Path, buf: &mut [u8]) -> Outcome {
     }
 }
 
-/// Read each of `paths` in turn on a new thread, handing each outcome to `report` as it
-/// comes. Returns the thread, or why it could not be started (the boot goes on without).
-pub fn spawn<F>(paths: Vec<PathBuf>, report: F) -> io::Result<std::thread::JoinHandle<()>>
+/// On a new thread: read the list at `list`, then each file it names in turn, handing
+/// each outcome to `report` as it comes (a list that cannot be read is one outcome).
+/// Returns the thread, or why it could not be started (the boot goes on without).
+pub fn spawn<F>(list: PathBuf, report: F) -> io::Result<std::thread::JoinHandle<()>>
 where
     F: Fn(Outcome) + Send + 'static,
 {
     std::thread::Builder::new()
         .name("prefetch".into())
         .spawn(move || {
+            let started = Instant::now();
+            let paths = match std::fs::read_to_string(&list) {
+                Ok(text) => parse_list(&text),
+                Err(e) => {
+                    report(Outcome {
+                        path: list,
+                        result: Err(e),
+                        took: started.elapsed(),
+                    });
+                    return;
+                }
+            };
             let mut buf = vec![0u8; CHUNK];
             for path in paths {
                 report(read_through(&path, &mut buf));
@@ -105,8 +132,13 @@ mod tests {
         let big = dir.path().join("big");
         std::fs::write(&big, vec![7u8; 3 * CHUNK + 5])?;
         let missing = dir.path().join("missing");
+        let list = dir.path().join("prefetch");
+        std::fs::write(
+            &list,
+            format!("{}\n\nnot/absolute\n{}\n", big.display(), missing.display()),
+        )?;
         let (tx, rx) = std::sync::mpsc::channel();
-        let thread = spawn(vec![big.clone(), missing.clone()], move |o| {
+        let thread = spawn(list, move |o| {
             let _ = tx.send(o);
         })?;
         let _ = thread.join();
@@ -130,6 +162,20 @@ mod tests {
                 missing.display()
             )
         );
+        Ok(())
+    }
+
+    #[test]
+    fn a_missing_list_is_one_outcome() -> io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread = spawn(dir.path().join("none"), move |o| {
+            let _ = tx.send(o);
+        })?;
+        let _ = thread.join();
+        let outcomes: Vec<Outcome> = rx.iter().collect();
+        assert_eq!(outcomes.len(), 1);
+        assert!(outcomes[0].to_string().contains("not read (ENOENT"));
         Ok(())
     }
 }

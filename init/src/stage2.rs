@@ -449,9 +449,8 @@ pub fn run<L: Log>(sys: &dyn Syscalls, console: &L) -> Result<Infallible, Error>
     let log = BootLog::new(console);
     let (tx, rx) = unbounded_channel();
     // First, so that the reads overlap everything below (see `prefetch`).
-    let programs = prefetch::PROGRAMS.iter().map(PathBuf::from).collect();
     let prefetched = tx.clone();
-    if let Err(e) = prefetch::spawn(programs, move |outcome| {
+    if let Err(e) = prefetch::spawn(prefetch::list_path(), move |outcome| {
         let _ = prefetched.send(Event::Prefetched(outcome));
     }) {
         log.line(&format!(
