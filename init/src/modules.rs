@@ -97,6 +97,45 @@ pub fn parse_order(text: &str) -> Vec<&str> {
         .collect()
 }
 
+/// The modules that read and verify the root: once they and a disk driver are loaded,
+/// the root can be found and its verity read started.
+pub const ROOT_CHAIN: [&str; 3] = ["dm_verity", "squashfs", "erofs"];
+
+/// How many of `files` (in load order) it takes to have every [`ROOT_CHAIN`] module
+/// among them that the list has; 0 when it has none.
+pub fn root_chain_end<S: AsRef<str>>(files: &[S]) -> usize {
+    files
+        .iter()
+        .rposition(|f| ROOT_CHAIN.contains(&module_name(f.as_ref()).as_str()))
+        .map_or(0, |i| i + 1)
+}
+
+/// The module files listed in `order_file`, in order; an absent file is an empty list
+/// (said on the log: the kernel must have the drivers built in).
+pub fn read_order(
+    sys: &dyn Syscalls,
+    log: &dyn Log,
+    order_file: &Path,
+) -> Result<Vec<String>, Error> {
+    match sys.read_file(order_file) {
+        Ok(bytes) => Ok(parse_order(&String::from_utf8_lossy(&bytes))
+            .into_iter()
+            .map(str::to_string)
+            .collect()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            log.line(&format!(
+                "no module list at {}: relying on built-in drivers",
+                order_file.display()
+            ));
+            Ok(Vec::new())
+        }
+        Err(source) => Err(Error::Order {
+            path: order_file.display().to_string(),
+            source,
+        }),
+    }
+}
+
 /// Load every module listed in `order_file` from `dir`, in order, each with `params`
 /// ([`ASYNC_PROBE`] for the drivers that reach the root disk).
 pub fn load_all(
@@ -107,23 +146,22 @@ pub fn load_all(
     params: &str,
 ) -> Result<Report, Error> {
     let mut report = Report::default();
-    let text = match sys.read_file(order_file) {
-        Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            log.line(&format!(
-                "no module list at {}: relying on built-in drivers",
-                order_file.display()
-            ));
-            return Ok(report);
-        }
-        Err(source) => {
-            return Err(Error::Order {
-                path: order_file.display().to_string(),
-                source,
-            });
-        }
-    };
-    for file in parse_order(&text) {
+    let files = read_order(sys, log, order_file)?;
+    load_files(sys, log, dir, &files, params, &mut report);
+    Ok(report)
+}
+
+/// Load `files` from `dir`, in order, each with `params`, adding to `report`.
+pub fn load_files<S: AsRef<str>>(
+    sys: &dyn Syscalls,
+    log: &dyn Log,
+    dir: &Path,
+    files: &[S],
+    params: &str,
+    report: &mut Report,
+) {
+    for file in files {
+        let file = file.as_ref();
         let name = module_name(file);
         let path: PathBuf = dir.join(file);
         match sys.finit_module(&path, params, is_compressed(file)) {
@@ -150,7 +188,6 @@ pub fn load_all(
             }
         }
     }
-    Ok(report)
 }
 
 #[cfg(test)]
@@ -158,6 +195,20 @@ mod tests {
     use super::*;
     use crate::console::memory::MemoryLog;
     use crate::syscalls::fake::{Call, Fake};
+
+    #[test]
+    fn the_root_chain_ends_after_its_last_module() {
+        let files = [
+            "virtio_blk.ko",
+            "dm-mod.ko",
+            "dm-verity.ko",
+            "squashfs.ko",
+            "nvme.ko",
+        ];
+        assert_eq!(root_chain_end(&files), 4);
+        assert_eq!(root_chain_end(&["nvme.ko", "ahci.ko"]), 0);
+        assert_eq!(root_chain_end::<&str>(&[]), 0);
+    }
 
     #[test]
     fn names_follow_the_kernel() {

@@ -255,28 +255,57 @@ pub fn run(sys: &dyn Syscalls, log: &dyn Log, paths: &Paths) -> Result<Infallibl
         params.verity.root_hash
     ));
 
-    let report = modules::load_all(
+    // The disk drivers and the modules that read and verify the root come first; if the
+    // root is there once they are loaded, its verity read starts at once and the other
+    // drivers load beside it (see `verify_full`).
+    let files = modules::read_order(sys, log, &paths.modules_order)?;
+    let split = modules::root_chain_end(&files);
+    let mut report = modules::Report::default();
+    let dir = &paths.modules_dir;
+    modules::load_files(
         sys,
         log,
-        &paths.modules_dir,
-        &paths.modules_order,
+        dir,
+        &files[..split],
         modules::ASYNC_PROBE,
-    )?;
-    log.line(&format!(
-        "modules: {} loaded, {} already loaded, {} failed",
-        report.loaded.len(),
-        report.already.len(),
-        report.failed.len()
-    ));
-
-    let part = wait_for_partition(sys, log, paths, &params, &report)?;
+        &mut report,
+    );
+    let early = if split > 0 && split < files.len() {
+        find_partition(sys, log, paths, &params, Instant::now())?
+    } else {
+        None
+    };
+    let rest = |report: &mut modules::Report| {
+        modules::load_files(sys, log, dir, &files[split..], modules::ASYNC_PROBE, report);
+        log.line(&format!(
+            "modules: {} loaded, {} already loaded, {} failed",
+            report.loaded.len(),
+            report.already.len(),
+            report.failed.len()
+        ));
+    };
+    let (part, rest_left) = match early {
+        Some(part) => (part, true),
+        None => {
+            rest(&mut report);
+            (
+                wait_for_partition(sys, log, paths, &params, &report)?,
+                false,
+            )
+        }
+    };
     let dm_node = setup_verity(sys, log, paths, &params, &part)?;
-    let preload = || preload_modules(sys, log, paths);
+    let mut meanwhile = || {
+        if rest_left {
+            rest(&mut report);
+        }
+        preload_modules(sys, log, paths);
+    };
     if params.check == VerityCheck::Full {
-        verify_full(sys, log, &dm_node, &params, preload)?;
+        verify_full(sys, log, &dm_node, &params, meanwhile)?;
     } else {
         log.line("verity check lazy: blocks are verified as they are read");
-        preload();
+        meanwhile();
     }
     mount_root(sys, log, &dm_node, &paths.sysroot)?;
     switch_root(sys, log, &paths.sysroot)?;
@@ -299,38 +328,20 @@ fn wait_for_partition(
     let partname = params.slot.partition_name();
     let started = Instant::now();
     let mut waited = Duration::ZERO;
-    let devs = loop {
-        let devs = blockdev::scan(&paths.sysfs)?;
-        let found = blockdev::find_by_partname(&devs, partname);
-        if let Some(first) = found.first() {
-            if found.len() > 1 {
-                let all: Vec<String> = found.iter().map(|d| d.path()).collect();
-                log.line(&format!(
-                    "warning: {} partitions are named {partname} ({}); using {}",
-                    found.len(),
-                    all.join(", "),
-                    first.path()
-                ));
-            }
-            let dev = (*first).clone();
-            log.line(&format!(
-                "found {partname} at {} ({}) after {} ms",
-                dev.path(),
-                dev.dev(),
-                started.elapsed().as_millis()
-            ));
-            ensure_node(sys, &dev.path(), NodeKind::Block, dev.major, dev.minor)?;
+    loop {
+        if let Some(dev) = find_partition(sys, log, paths, params, started)? {
             return Ok(dev);
         }
         if waited >= PARTITION_TIMEOUT {
-            break devs;
+            break;
         }
         if waited.is_zero() {
             log.line(&format!("waiting for partition {partname}"));
         }
         sys.sleep(PARTITION_POLL);
         waited += PARTITION_POLL;
-    };
+    }
+    let devs = blockdev::scan(&paths.sysfs)?;
     Err(Error::NoPartition {
         partname,
         slot: params.slot.letter(),
@@ -338,6 +349,41 @@ fn wait_for_partition(
         seen: blockdev::describe(&devs),
         failed_modules: report.failures(),
     })
+}
+
+/// The slot's partition if sysfs shows it now (its node made if devtmpfs has not);
+/// `started` is when the search began, for the log line.
+fn find_partition(
+    sys: &dyn Syscalls,
+    log: &dyn Log,
+    paths: &Paths,
+    params: &BootParams,
+    started: Instant,
+) -> Result<Option<BlockDev>, Error> {
+    let partname = params.slot.partition_name();
+    let devs = blockdev::scan(&paths.sysfs)?;
+    let found = blockdev::find_by_partname(&devs, partname);
+    let Some(first) = found.first() else {
+        return Ok(None);
+    };
+    if found.len() > 1 {
+        let all: Vec<String> = found.iter().map(|d| d.path()).collect();
+        log.line(&format!(
+            "warning: {} partitions are named {partname} ({}); using {}",
+            found.len(),
+            all.join(", "),
+            first.path()
+        ));
+    }
+    let dev = (*first).clone();
+    log.line(&format!(
+        "found {partname} at {} ({}) after {} ms",
+        dev.path(),
+        dev.dev(),
+        started.elapsed().as_millis()
+    ));
+    ensure_node(sys, &dev.path(), NodeKind::Block, dev.major, dev.minor)?;
+    Ok(Some(dev))
 }
 
 /// Create a device node unless devtmpfs already did.
@@ -801,6 +847,40 @@ mod tests {
                 assert!(err.starts_with("cannot exec /sbin/init"), "{err}");
             }
         }
+        Ok(())
+    }
+
+    #[test]
+    fn the_verity_read_starts_once_the_root_chain_finds_the_root() -> io::Result<()> {
+        let scratch = Scratch::new("early")?;
+        scratch.add_partition("vda2", 2, "ROOT-A")?;
+        let fake = fake(&cmdline()).with_file(
+            "/modules/order",
+            "virtio_blk.ko\ndm-mod.ko\ndm-verity.ko\nsquashfs.ko\nnvme.ko\nahci.ko\n",
+        );
+        let log = MemoryLog::default();
+        let err = error_text(run(&fake, &log, &paths(&scratch)));
+        assert!(err.starts_with("cannot exec /sbin/init"), "{err}");
+        let calls = fake.calls();
+        let read = calls
+            .iter()
+            .position(|c| matches!(c, Call::OpenRead(_)))
+            .unwrap_or(usize::MAX);
+        let at = |file: &str| {
+            calls
+                .iter()
+                .position(|c| matches!(c, Call::FinitModule(p, _) if p == file))
+                .unwrap_or(usize::MAX)
+        };
+        assert!(at("/modules/squashfs.ko") < read, "{calls:?}");
+        assert!(read < at("/modules/nvme.ko"), "{calls:?}");
+        assert!(at("/modules/nvme.ko") < at("/modules/ahci.ko"), "{calls:?}");
+        assert!(
+            log.lines()
+                .contains(&"keelson-init: modules: 6 loaded, 0 already loaded, 0 failed".into()),
+            "{:?}",
+            log.lines()
+        );
         Ok(())
     }
 
