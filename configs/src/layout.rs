@@ -172,7 +172,7 @@ pub const INITRAMFS_MODULES_DIR: &str = "modules";
 /// (dependencies first). Stage 1 loads them in this order and skips ones already loaded.
 pub const INITRAMFS_MODULES_ORDER: &str = "modules/order";
 /// Text file in the initramfs, in the order file's format: the modules stage 2 needs
-/// first (its filesystems, fw_cfg), which stage 1 loads while it reads the root through
+/// first (its filesystems), which stage 1 loads while it reads the root through
 /// dm-verity, so that stage 2 finds them loaded. Their files sit beside the others.
 pub const INITRAMFS_MODULES_PRELOAD: &str = "modules/preload";
 /// Text file in the root filesystem: the files stage 2 reads into the page cache first
