@@ -122,6 +122,8 @@ pub enum TimerEvent {
     ConfigReminder,
     /// Time to report PID 1's memory once the node is up and quiet.
     IdleReport,
+    /// Time to load the network drivers even though containerd is not ready yet.
+    NetworkModules,
     /// The shutdown's last deadline: kill whatever is left and go down.
     ShutdownDeadline,
     /// A shutdown asked for through the control socket, begun once its answer is out.
