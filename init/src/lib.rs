@@ -69,6 +69,20 @@ pub fn stage_from_args<I: IntoIterator<Item = String>>(args: I) -> Stage {
     }
 }
 
+/// Read `reader` to its end into `buf`, discarding the bytes (stage 1's verity check and
+/// stage 2's prefetch): how many were read, and the error that stopped it early.
+pub fn drain(reader: &mut dyn std::io::Read, buf: &mut [u8]) -> (u64, Option<std::io::Error>) {
+    let mut total: u64 = 0;
+    loop {
+        match reader.read(buf) {
+            Ok(0) => return (total, None),
+            Ok(n) => total += n as u64,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return (total, Some(e)),
+        }
+    }
+}
+
 /// An error and its sources as one line: `what failed: why: ...`. I/O errors are left out
 /// of the chain because every message that wraps one already names its errno.
 pub fn error_chain(err: &dyn StdError) -> String {

@@ -20,7 +20,7 @@
 //! the program's own start then pays for it as before.
 
 use std::fs::File;
-use std::io::{self, Read};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -75,16 +75,9 @@ impl std::fmt::Display for Outcome {
 /// Read `path` to its end, discarding the bytes, with `buf` as scratch.
 pub fn read_through(path: &Path, buf: &mut [u8]) -> Outcome {
     let start = Instant::now();
-    let result = File::open(path).and_then(|mut file| {
-        let mut total = 0u64;
-        loop {
-            match file.read(buf) {
-                Ok(0) => return Ok(total),
-                Ok(n) => total += n as u64,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
+    let result = File::open(path).and_then(|mut file| match crate::drain(&mut file, buf) {
+        (total, None) => Ok(total),
+        (_, Some(e)) => Err(e),
     });
     Outcome {
         path: path.to_path_buf(),

@@ -567,16 +567,7 @@ fn verify_full(
 
 /// Read `reader` to its end: the bytes read, and the error that stopped it early.
 fn read_to_end(mut reader: Box<dyn io::Read + Send>) -> (u64, Option<io::Error>) {
-    let mut buf = vec![0u8; CHECK_READ_SIZE];
-    let mut offset: u64 = 0;
-    loop {
-        match reader.read(&mut buf) {
-            Ok(0) => return (offset, None),
-            Ok(n) => offset += n as u64,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return (offset, Some(e)),
-        }
-    }
+    crate::drain(&mut *reader, &mut vec![0u8; CHECK_READ_SIZE])
 }
 
 /// Mount the verified root read-only, as squashfs or else erofs.
