@@ -308,6 +308,11 @@ pub fn read_config_drives(
     sysfs: &Path,
     modules: Option<&ModuleIndex>,
 ) -> Vec<(Source, Vec<u8>)> {
+    // A drive may sit behind a disk driver that stage 1 left to stage 2: those load first,
+    // probing inside the load, so that the scan below lists what they found.
+    if let Some(index) = modules {
+        kmods::load(sys, log, index, crate::stage2::DISK_MODULES);
+    }
     let Ok(devs) = crate::blockdev::scan(sysfs) else {
         return Vec::new();
     };

@@ -122,8 +122,9 @@ pub enum TimerEvent {
     ConfigReminder,
     /// Time to report PID 1's memory once the node is up and quiet.
     IdleReport,
-    /// Time to load the network drivers even though containerd is not ready yet.
-    NetworkModules,
+    /// Time to load the network drivers (and the disk drivers stage 1 left) even though
+    /// containerd is not ready yet.
+    LateDrivers,
     /// The shutdown's last deadline: kill whatever is left and go down.
     ShutdownDeadline,
     /// A shutdown asked for through the control socket, begun once its answer is out.

@@ -224,6 +224,17 @@ pub fn load<S: AsRef<str>>(
     index: &ModuleIndex,
     names: &[S],
 ) -> Report {
+    load_with(sys, log, index, names, "")
+}
+
+/// [`load`], each module loaded with `params` (such as `modules::ASYNC_PROBE`).
+pub fn load_with<S: AsRef<str>>(
+    sys: &dyn Syscalls,
+    log: &dyn Log,
+    index: &ModuleIndex,
+    names: &[S],
+    params: &str,
+) -> Report {
     let mut report = Report::default();
     let mut live = sys
         .read_file(Path::new("/proc/modules"))
@@ -282,7 +293,7 @@ pub fn load<S: AsRef<str>>(
                 continue;
             }
             let path = index.dir.join(file);
-            match sys.finit_module(&path, "", is_compressed(file)) {
+            match sys.finit_module(&path, params, is_compressed(file)) {
                 Ok(()) => {
                     log.line(&format!("module {module} loaded"));
                     live.insert(module.clone());

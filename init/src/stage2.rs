@@ -54,6 +54,7 @@ use crate::etc_files::{self, EtcInput};
 use crate::events::{self, Event, EventTx, ShutdownKind, SignalKind, TimerEvent};
 use crate::kmods;
 use crate::live;
+use crate::modules;
 use crate::mounts::{self, EARLY_MOUNTS, MountSpec};
 use crate::netconf::{NetEvent, resolv};
 use crate::network;
@@ -184,6 +185,14 @@ pub const POWER_BUTTON_MODULES: &[&str] = &["button", "gpio_keys", "evdev"];
 /// link whenever it appears. There is no udev: drivers for the hardware of other
 /// platforms join this list (or a modalias coldplug replaces it).
 pub const NETWORK_MODULES: &[&str] = &["virtio_net"];
+
+/// The disk drivers past the root chain (`[modules] initramfs` in the image definition):
+/// stage 1 leaves them to stage 2 when the root chain alone found the root (virtio), and
+/// stage 2 loads them from the root with the network drivers, probing in the background
+/// ([`modules::ASYNC_PROBE`]), or before it looks for config drives, which may sit
+/// behind them. The boot disk (STATE, EPHEMERAL) is the root's, so nothing before the
+/// services needs them.
+pub const DISK_MODULES: &[&str] = &["ahci", "nvme", "virtio_scsi", "sd_mod"];
 
 /// The banner of the boot.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -529,7 +538,7 @@ pub fn run<L: Log>(sys: &dyn Syscalls, console: &L) -> Result<Infallible, Error>
         maintenance: Maintenance::Off,
         shutdown_pending: None,
         reset: false,
-        network_modules_loaded: false,
+        late_drivers_loaded: false,
     };
     // A LocalSet: netconf's tasks run on this one thread next to the main loop.
     let local = tokio::task::LocalSet::new();
@@ -573,7 +582,7 @@ struct Node<'a, L: Log> {
     /// The shutdown under way is a reset: wipe STATE and EPHEMERAL at its end.
     reset: bool,
     /// The network drivers were loaded.
-    network_modules_loaded: bool,
+    late_drivers_loaded: bool,
 }
 
 /// Maintenance mode (no config yet: machined alone, for `apply-config --insecure`).
@@ -637,12 +646,12 @@ impl<L: Log> Node<'_, L> {
             Some(accepted) => {
                 self.configure(accepted);
                 self.load_power_button();
-                self.after(NETWORK_MODULES_AFTER, TimerEvent::NetworkModules);
+                self.after(NETWORK_MODULES_AFTER, TimerEvent::LateDrivers);
             }
             None => {
                 // Waiting for a config takes DHCP on the links present when it starts.
                 self.load_power_button();
-                self.load_network_modules();
+                self.load_late_drivers();
                 self.wait_for_config();
             }
         }
@@ -682,14 +691,21 @@ impl<L: Log> Node<'_, L> {
         }
     }
 
-    /// The network drivers, once.
-    fn load_network_modules(&mut self) {
-        if self.network_modules_loaded {
+    /// The network drivers and the disk drivers stage 1 left, once.
+    fn load_late_drivers(&mut self) {
+        if self.late_drivers_loaded {
             return;
         }
-        self.network_modules_loaded = true;
+        self.late_drivers_loaded = true;
         if let Some(index) = &self.modules {
             kmods::load(self.sys, self.log, index, NETWORK_MODULES);
+            kmods::load_with(
+                self.sys,
+                self.log,
+                index,
+                DISK_MODULES,
+                modules::ASYNC_PROBE,
+            );
         }
     }
 
@@ -815,7 +831,7 @@ impl<L: Log> Node<'_, L> {
                 // Forget them: the kill of every process follows.
                 self.runner = None;
             }
-            Event::Timer(TimerEvent::NetworkModules) => self.load_network_modules(),
+            Event::Timer(TimerEvent::LateDrivers) => self.load_late_drivers(),
             Event::Timer(TimerEvent::IdleReport) => {
                 let rss = self
                     .sys
@@ -926,7 +942,7 @@ impl<L: Log> Node<'_, L> {
                 .any(|s| s.name == name && s.state == State::Ready)
         };
         if ready("containerd") {
-            self.load_network_modules();
+            self.load_late_drivers();
         }
         if !self.preflight_done && ready("containerd") {
             self.preflight_done = true;

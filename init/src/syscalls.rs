@@ -8,7 +8,7 @@
 
 use std::ffi::CString;
 use std::fs::File;
-use std::io::{self, Read};
+use std::io::{self, Read, Seek};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
@@ -113,7 +113,18 @@ pub trait Syscalls {
     /// Write `data` to an existing file (such as `/dev/kmsg` or a sysfs attribute).
     fn write_file(&self, path: &Path, data: &[u8]) -> io::Result<()>;
     /// Open a file or block device for sequential reading.
-    fn open_read(&self, path: &Path) -> io::Result<Box<dyn Read + Send>>;
+    fn open_read(&self, path: &Path) -> io::Result<Box<dyn Read + Send>> {
+        self.open_read_at(path, 0, false)
+    }
+    /// Open a file or block device for sequential reading from byte `offset`; `direct`
+    /// bypasses the page cache (`O_DIRECT`: the offset, each read's length and the
+    /// buffer's address must then be multiples of the device's logical block size).
+    fn open_read_at(
+        &self,
+        path: &Path,
+        offset: u64,
+        direct: bool,
+    ) -> io::Result<Box<dyn Read + Send>>;
     /// `finit_module(2)` of the module file at `path`, with `params`; `compressed` asks the
     /// kernel to decompress the file itself (`MODULE_INIT_COMPRESSED_FILE`, Linux 5.17+
     /// with `CONFIG_MODULE_DECOMPRESS`, which Debian's kernels have).
@@ -248,8 +259,21 @@ impl Syscalls for Linux {
         file.write_all(data)
     }
 
-    fn open_read(&self, path: &Path) -> io::Result<Box<dyn Read + Send>> {
-        Ok(Box::new(File::open(path)?))
+    fn open_read_at(
+        &self,
+        path: &Path,
+        offset: u64,
+        direct: bool,
+    ) -> io::Result<Box<dyn Read + Send>> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(if direct { libc::O_DIRECT } else { 0 })
+            .open(path)?;
+        if offset > 0 {
+            file.seek(io::SeekFrom::Start(offset))?;
+        }
+        Ok(Box::new(file))
     }
 
     fn finit_module(&self, path: &Path, params: &str, compressed: bool) -> io::Result<()> {
@@ -814,13 +838,24 @@ pub mod fake {
             Ok(())
         }
 
-        fn open_read(&self, path: &Path) -> io::Result<Box<dyn Read + Send>> {
+        fn open_read_at(
+            &self,
+            path: &Path,
+            offset: u64,
+            _direct: bool,
+        ) -> io::Result<Box<dyn Read + Send>> {
             self.record(Call::OpenRead(s(path)));
             if let Some(data) = self.read_data.get(path) {
-                return Ok(Box::new(io::Cursor::new(data.clone())));
+                let mut cursor = io::Cursor::new(data.clone());
+                cursor.set_position(offset);
+                return Ok(Box::new(cursor));
             }
             let (size, bad) = self.device.unwrap_or((0, None));
-            Ok(Box::new(FakeDevice { pos: 0, size, bad }))
+            Ok(Box::new(FakeDevice {
+                pos: offset.min(size),
+                size,
+                bad,
+            }))
         }
 
         fn finit_module(&self, path: &Path, _params: &str, compressed: bool) -> io::Result<()> {
