@@ -352,36 +352,45 @@ impl VerityParams {
     }
 
     /// The `verity` target's parameter string for a data device that also holds the tree
-    /// (`major:minor`): version 1, 4 KiB blocks, sha256. No optional arguments: a corrupt
-    /// block reads as EIO, which stage 1 reports before it reboots.
-    pub fn table(&self, device: &str) -> String {
+    /// (`major:minor`): version 1, 4 KiB blocks, sha256. A corrupt block reads as EIO,
+    /// which stage 1 reports before it reboots. `at_most_once` adds `check_at_most_once`:
+    /// a block is hashed the first time it is read and served without hashing after
+    /// that, for stage 1's full check, which reads (and so verifies) every block before
+    /// anything runs from the root.
+    pub fn table(&self, device: &str, at_most_once: bool) -> String {
         let block = keelson_configs::layout::VERITY_BLOCK_SIZE;
         let salt = if self.salt.is_empty() {
             "-"
         } else {
             &self.salt
         };
+        let optional = if at_most_once {
+            " 1 check_at_most_once"
+        } else {
+            ""
+        };
         format!(
-            "1 {device} {device} {block} {block} {} {} sha256 {} {salt}",
+            "1 {device} {device} {block} {block} {} {} sha256 {} {salt}{optional}",
             self.data_blocks,
             self.hash_start_block(),
             self.root_hash,
         )
     }
 
-    /// The `verity` target covering all data blocks.
-    pub fn target(&self, device: &str) -> Target {
+    /// The `verity` target covering all data blocks (see [`VerityParams::table`]).
+    pub fn target(&self, device: &str, at_most_once: bool) -> Target {
         Target {
             sector_start: 0,
             length: self.data_blocks * (keelson_configs::layout::VERITY_BLOCK_SIZE / 512),
             target_type: "verity".to_string(),
-            params: self.table(device),
+            params: self.table(device, at_most_once),
         }
     }
 }
 
 /// Create the read-only verity device `name` over `device` (`major:minor`) and make it
-/// live. Returns the dm device's (major, minor).
+/// live (`at_most_once`: see [`VerityParams::table`]). Returns the dm device's (major,
+/// minor).
 pub fn create_verity(
     sys: &dyn Syscalls,
     control: &Path,
@@ -389,6 +398,7 @@ pub fn create_verity(
     uuid: &str,
     device: &str,
     params: &VerityParams,
+    at_most_once: bool,
 ) -> Result<(u32, u32), Error> {
     let call = |ioctl: &'static str, cmd: u8, mut buf: Vec<u8>| -> Result<Answer, Error> {
         sys.dm_ioctl(control, cmd, &mut buf)
@@ -419,7 +429,7 @@ pub fn create_verity(
         CMD_TABLE_LOAD,
         encode(
             &DmIoctl::new(name, "", DM_READONLY_FLAG)?,
-            &[params.target(device)],
+            &[params.target(device, at_most_once)],
         )?,
     )?;
     let resumed = call(
@@ -486,24 +496,28 @@ mod tests {
         let p = params();
         assert_eq!(p.hash_start_block(), 1001);
         assert_eq!(
-            p.table("254:3"),
+            p.table("254:3", false),
             format!(
                 "1 254:3 254:3 4096 4096 1000 1001 sha256 {} {}",
                 "ab".repeat(32),
                 "cd".repeat(32)
             )
         );
+        assert_eq!(
+            p.table("254:3", true),
+            format!("{} 1 check_at_most_once", p.table("254:3", false))
+        );
         let unsalted = VerityParams {
             salt: String::new(),
             ..params()
         };
-        assert!(unsalted.table("8:1").ends_with(" -"));
-        assert_eq!(p.target("8:1").length, 8000);
+        assert!(unsalted.table("8:1", false).ends_with(" -"));
+        assert_eq!(p.target("8:1", false).length, 8000);
     }
 
     #[test]
     fn table_load_buffer_layout() -> Result<(), Error> {
-        let target = params().target("254:3");
+        let target = params().target("254:3", false);
         let header = DmIoctl::new("keelson-root", "", DM_READONLY_FLAG)?;
         let buf = encode(&header, std::slice::from_ref(&target))?;
         let spec_size = align8(40 + target.params.len() + 1);
@@ -562,6 +576,7 @@ mod tests {
             "KEELSON-VERITY-ROOT-A",
             "254:3",
             &params(),
+            true,
         )?;
         assert_eq!(dev, (252, 0));
         let cmds: Vec<u8> = fake
@@ -594,6 +609,7 @@ mod tests {
             "",
             "254:3",
             &params(),
+            false,
         )
         .err()
         .map(|e| e.to_string())
@@ -613,7 +629,7 @@ mod tests {
             CMD_VERSION,
             (0, [3u32, 0, 0].map(u32::to_ne_bytes).concat()),
         );
-        let r = create_verity(&fake, Path::new("/c"), "n", "", "1:1", &params());
+        let r = create_verity(&fake, Path::new("/c"), "n", "", "1:1", &params(), false);
         assert!(matches!(r, Err(Error::Version(3, 0, 0))));
     }
 }
