@@ -309,9 +309,17 @@ pub fn read_config_drives(
     modules: Option<&ModuleIndex>,
 ) -> Vec<(Source, Vec<u8>)> {
     // A drive may sit behind a disk driver that stage 1 left to stage 2: those load first,
-    // probing inside the load, so that the scan below lists what they found.
+    // probing inside the load, so that the scan below lists what they found. Drivers
+    // already in the kernel are skipped quietly: this runs at every reminder.
     if let Some(index) = modules {
-        kmods::load(sys, log, index, crate::stage2::DISK_MODULES);
+        let missing: Vec<&str> = crate::stage2::DISK_MODULES
+            .iter()
+            .copied()
+            .filter(|m| !sys.exists(&Path::new("/sys/module").join(m)))
+            .collect();
+        if !missing.is_empty() {
+            kmods::load(sys, log, index, &missing);
+        }
     }
     let Ok(devs) = crate::blockdev::scan(sysfs) else {
         return Vec::new();
@@ -562,9 +570,48 @@ pub async fn http_get(url: &str, timeout: Duration) -> Result<Vec<u8>, String> {
 mod tests {
     use super::*;
     use crate::console::memory::MemoryLog;
-    use crate::syscalls::fake::Fake;
+    use crate::syscalls::fake::{Call, Fake};
 
     const VALID: &str = include_str!("../../configs/tests/data/controlplane.toml");
+
+    #[test]
+    fn the_disk_drivers_stage_1_left_load_before_config_drives_are_looked_for() {
+        let index = ModuleIndex {
+            dir: PathBuf::from("/usr/lib/modules/test"),
+            modules: kmods::parse_dep(
+                "kernel/ahci.ko: kernel/libahci.ko\nkernel/libahci.ko:\nkernel/nvme.ko:\n\
+                 kernel/virtio_scsi.ko:\nkernel/sd_mod.ko:\n",
+            ),
+            builtin: Default::default(),
+        };
+        // nvme is in the kernel already (stage 1 loaded it): it is skipped quietly.
+        let fake = Fake::new().with_file("/sys/module/nvme", "");
+        let log = MemoryLog::default();
+        let found = read_config_drives(&fake, &log, Path::new("/nonexistent-sysfs"), Some(&index));
+        assert!(found.is_empty());
+        let loads: Vec<String> = fake
+            .calls()
+            .into_iter()
+            .filter_map(|c| match c {
+                Call::FinitModule(path, _) => Some(path),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            loads,
+            [
+                "/usr/lib/modules/test/kernel/libahci.ko",
+                "/usr/lib/modules/test/kernel/ahci.ko",
+                "/usr/lib/modules/test/kernel/virtio_scsi.ko",
+                "/usr/lib/modules/test/kernel/sd_mod.ko",
+            ]
+        );
+        assert!(
+            !log.lines().iter().any(|l| l.contains("nvme")),
+            "{:?}",
+            log.lines()
+        );
+    }
 
     #[test]
     fn sources_are_tried_in_order_and_invalid_ones_refused() {
