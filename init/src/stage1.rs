@@ -560,9 +560,8 @@ fn verify_full(
                 let (read, failure) = handle.join().unwrap_or_else(|_| {
                     (0, Some(io::Error::other("the verity check thread failed")))
                 });
-                (start, len, read, failure)
+                (start, read.min(len), failure)
             })
-            .map(|(start, len, read, failure)| (start, read.min(len), failure))
             .collect();
         for (start, len) in left {
             let (read, failure) = match sys.open_read_at(Path::new(device), start, true) {
@@ -952,15 +951,16 @@ mod tests {
         Ok(())
     }
 
+    /// The root chain, then two drivers for other disk controllers.
+    const ORDER_WITH_OTHER_DRIVERS: &str =
+        "virtio_blk.ko\ndm-mod.ko\ndm-verity.ko\nsquashfs.ko\nnvme.ko\nahci.ko\n";
+
     #[test]
     fn once_the_root_chain_finds_the_root_the_other_disk_drivers_are_left_to_stage_2()
     -> io::Result<()> {
         let scratch = Scratch::new("early")?;
         scratch.add_partition("vda2", 2, "ROOT-A")?;
-        let fake = fake(&cmdline()).with_file(
-            "/modules/order",
-            "virtio_blk.ko\ndm-mod.ko\ndm-verity.ko\nsquashfs.ko\nnvme.ko\nahci.ko\n",
-        );
+        let fake = fake(&cmdline()).with_file("/modules/order", ORDER_WITH_OTHER_DRIVERS);
         let log = MemoryLog::default();
         let err = error_text(run(&fake, &log, &paths(&scratch)));
         assert!(err.starts_with("cannot exec /sbin/init"), "{err}");
@@ -992,10 +992,7 @@ mod tests {
     fn without_the_root_after_the_root_chain_every_disk_driver_loads_before_the_wait()
     -> io::Result<()> {
         let scratch = Scratch::new("late")?;
-        let fake = fake(&cmdline()).with_file(
-            "/modules/order",
-            "virtio_blk.ko\ndm-mod.ko\ndm-verity.ko\nsquashfs.ko\nnvme.ko\nahci.ko\n",
-        );
+        let fake = fake(&cmdline()).with_file("/modules/order", ORDER_WITH_OTHER_DRIVERS);
         let log = MemoryLog::default();
         let err = error_text(run(&fake, &log, &paths(&scratch)));
         assert!(err.contains("ROOT-A"), "{err}");
