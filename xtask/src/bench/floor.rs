@@ -4,12 +4,16 @@
 //!
 //! The trivial init is a hand-assembled static ELF executable (~200 bytes), written
 //! here for x86_64 and aarch64 rather than compiled: no C cross compiler, libc or
-//! cargo target is involved, so it builds the same on every host. It makes two
+//! cargo target is involved, so it builds the same on every host. It makes three
 //! system calls and nothing else:
 //!
 //! 1. `write(1, "KEELSON FLOOR READY\n", 20)`: the kernel opened `/dev/console` (a
 //!    node in the floor's initramfs) as standard output before starting `/init`;
-//! 2. `reboot(LINUX_REBOOT_MAGIC1, LINUX_REBOOT_MAGIC2, LINUX_REBOOT_CMD_POWER_OFF)`,
+//! 2. `ioctl(1, TCSBRK, 1)` (`tcdrain`): wait until the serial port has sent the line.
+//!    Without it the power-off can overtake the UART's transmit buffer and the line is
+//!    lost (seen once in a batch of runs); the harness times the line's arrival, so the
+//!    wait does not count;
+//! 3. `reboot(LINUX_REBOOT_MAGIC1, LINUX_REBOOT_MAGIC2, LINUX_REBOOT_CMD_POWER_OFF)`,
 //!    which as PID 1 powers off at once (QEMU then exits); should it fail, the
 //!    program spins and the harness's timeout stops the VM.
 //!
@@ -39,6 +43,8 @@ const CODE_OFFSET: u64 = 64 + 56;
 const REBOOT_MAGIC1: u32 = 0xfee1_dead;
 const REBOOT_MAGIC2: u32 = 0x2812_1969;
 const REBOOT_CMD_POWER_OFF: u32 = 0x4321_fedc;
+/// `ioctl` request: with a non-zero argument, wait until the output is sent (`tcdrain`).
+const TCSBRK: u32 = 0x5409;
 
 /// The trivial init for `arch`: a static ELF executable that prints `message` on
 /// standard output and powers off.
@@ -85,7 +91,8 @@ pub fn trivial_init(arch: Arch, message: &[u8]) -> Vec<u8> {
     elf
 }
 
-/// x86_64: `write(1, msg, len)` (syscall 1), `reboot(...)` (syscall 169), spin.
+/// x86_64: `write(1, msg, len)` (syscall 1), `ioctl(1, TCSBRK, 1)` (syscall 16),
+/// `reboot(...)` (syscall 169), spin.
 fn x86_64_code(msg_addr: u32, len: u32) -> Vec<u8> {
     // b8+r: mov r32, imm32 (zero-extends into the 64-bit register).
     const EAX: u8 = 0xb8;
@@ -96,6 +103,11 @@ fn x86_64_code(msg_addr: u32, len: u32) -> Vec<u8> {
     const JMP_SELF: [u8; 2] = [0xeb, 0xfe];
     let mut c = Vec::new();
     for (reg, imm) in [(EDI, 1), (ESI, msg_addr), (EDX, len), (EAX, 1)] {
+        c.push(reg);
+        c.extend_from_slice(&imm.to_le_bytes());
+    }
+    c.extend_from_slice(&SYSCALL);
+    for (reg, imm) in [(EDI, 1), (ESI, TCSBRK), (EDX, 1), (EAX, 16)] {
         c.push(reg);
         c.extend_from_slice(&imm.to_le_bytes());
     }
@@ -114,7 +126,8 @@ fn x86_64_code(msg_addr: u32, len: u32) -> Vec<u8> {
     c
 }
 
-/// aarch64: `write(1, msg, len)` (syscall 64), `reboot(...)` (syscall 142), spin.
+/// aarch64: `write(1, msg, len)` (syscall 64), `ioctl(1, TCSBRK, 1)` (syscall 29),
+/// `reboot(...)` (syscall 142), spin.
 fn aarch64_code(msg_addr: u32, len: u32) -> Vec<u8> {
     // movz/movk Xd, #imm16, lsl #(16 * hw)
     let movz = |rd: u32, imm: u32, hw: u32| 0xd280_0000 | (hw << 21) | ((imm & 0xffff) << 5) | rd;
@@ -126,6 +139,11 @@ fn aarch64_code(msg_addr: u32, len: u32) -> Vec<u8> {
     words.extend(mov32(1, msg_addr));
     words.push(movz(2, len, 0));
     words.push(movz(8, 64, 0));
+    words.push(SVC0);
+    words.push(movz(0, 1, 0));
+    words.push(movz(1, TCSBRK, 0));
+    words.push(movz(2, 1, 0));
+    words.push(movz(8, 29, 0));
     words.push(SVC0);
     words.extend(mov32(0, REBOOT_MAGIC1));
     words.extend(mov32(1, REBOOT_MAGIC2));
