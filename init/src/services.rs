@@ -5,8 +5,14 @@
 //! | `containerd` | `/usr/bin/containerd --config /etc/containerd/config.toml` | | its gRPC server answers an HTTP/2 preface on `/run/containerd/containerd.sock` | at boot |
 //! | `etcd` | `/usr/bin/etcd` | | running | only on request: cluster bootstrap starts it through the control socket |
 //! | `kubelet` | `/var/lib/keelson/bin/kubelet`, else `/usr/bin/kubelet` | `containerd` | running | at boot when its binary exists |
-//! | `machined` | `/usr/sbin/machined` | | running | at boot when its binary exists |
+//! | `machined` | `/usr/sbin/machined` | | running | at boot when its binary exists, after containerd (ordering only, see below) |
 //! | extension services (`[[machine.services]]`) | their `command` | their `depends_on` | running | at boot, after the built-in ones |
+//!
+//! machined's first start waits for containerd (`start_after`): until containerd is
+//! ready, or has failed, or for at most [`crate::supervisor::START_AFTER_LIMIT`]. Under
+//! TCG both CPUs are busy until containerd answers, and machined's own start took CPU
+//! containerd's needed; the API is not needed for anything containerd does. A failing
+//! containerd never keeps the API away for long, and machined's restarts never wait.
 //!
 //! Extension services are the config's own programs (as Talos extension services or
 //! Flatcar units give them): registered after the built-in services, run directly with
@@ -62,6 +68,7 @@ pub fn catalog(
         args: vec!["--config".into(), CONTAINERD_CONFIG.into()],
         env: service_env(),
         depends_on: Vec::new(),
+        start_after: Vec::new(),
         readiness: Readiness::Http2Socket(CONTAINERD_SOCKET.into()),
         ready_timeout: Duration::from_secs(120),
         autostart: true,
@@ -80,6 +87,7 @@ pub fn catalog(
             ],
             env: service_env(),
             depends_on: Vec::new(),
+            start_after: Vec::new(),
             readiness: Readiness::Started,
             ready_timeout: Duration::from_secs(60),
             autostart: false,
@@ -100,6 +108,7 @@ pub fn catalog(
             ],
             env: service_env(),
             depends_on: vec!["containerd".into()],
+            start_after: Vec::new(),
             readiness: Readiness::Started,
             ready_timeout: Duration::from_secs(60),
             autostart: true,
@@ -136,6 +145,7 @@ pub fn extension(service: &ExtensionService) -> ServiceSpec {
         args: command.cloned().collect(),
         env,
         depends_on: service.depends_on.clone(),
+        start_after: Vec::new(),
         readiness: Readiness::Started,
         ready_timeout: Duration::from_secs(30),
         autostart: true,
@@ -152,6 +162,7 @@ pub fn machined() -> ServiceSpec {
         args: Vec::new(),
         env: service_env(),
         depends_on: Vec::new(),
+        start_after: vec!["containerd".into()],
         readiness: Readiness::Started,
         ready_timeout: Duration::from_secs(30),
         autostart: true,

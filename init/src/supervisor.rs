@@ -83,6 +83,12 @@ pub struct ServiceSpec {
     pub env: Vec<(String, String)>,
     /// Services that must be ready before it starts.
     pub depends_on: Vec<String>,
+    /// Ordering only, for its first start: it starts once each of these is ready, or is
+    /// not on its way to ready (stopped, backing off after a failure, not registered),
+    /// or [`START_AFTER_LIMIT`] after it was wanted, whichever comes first. Unlike
+    /// `depends_on`, a failing service never holds it back for long, and its restarts
+    /// do not wait.
+    pub start_after: Vec<String>,
     /// How readiness is checked.
     pub readiness: Readiness,
     /// Readiness must come within this time of the start.
@@ -92,6 +98,9 @@ pub struct ServiceSpec {
     /// Time between `SIGTERM` and `SIGKILL` when it is stopped.
     pub stop_timeout: Duration,
 }
+
+/// The longest a service waits for its `start_after` services.
+pub const START_AFTER_LIMIT: Duration = Duration::from_secs(10);
 
 /// The restart delays.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,9 +136,9 @@ impl Backoff {
 pub enum State {
     /// Not running and not wanted.
     Stopped,
-    /// Wanted, waiting for its dependencies to be ready.
+    /// Wanted, waiting for its dependencies to be ready (or its `start_after` ordering).
     Waiting,
-    /// Running, readiness pending.
+    /// Being spawned, or running with readiness pending.
     Starting,
     /// Running and ready.
     Ready,
@@ -220,6 +229,8 @@ pub enum TimerKind {
     Restart,
     /// `SIGKILL` if the service has not stopped yet.
     Kill,
+    /// [`START_AFTER_LIMIT`] has passed: stop waiting for the `start_after` services.
+    StartAfterLimit,
 }
 
 /// What the supervisor asks its runner to do.
@@ -285,6 +296,9 @@ struct Service {
     restarts: u32,
     last_exit: Option<ExitInfo>,
     after_stop: AfterStop,
+    /// Its `start_after` ordering is done with (it has started once, or the limit
+    /// passed).
+    ordered: bool,
     output: RingBuffer,
 }
 
@@ -369,6 +383,7 @@ impl Supervisor {
             if self.services.iter().any(|s| s.spec.name == spec.name) {
                 continue;
             }
+            let ordered = spec.start_after.is_empty();
             self.services.push(Service {
                 spec,
                 state: State::Stopped,
@@ -379,6 +394,7 @@ impl Supervisor {
                 restarts: 0,
                 last_exit: None,
                 after_stop: AfterStop::Nothing,
+                ordered,
                 output: RingBuffer::new(SERVICE_LOG_BYTES),
             });
         }
@@ -468,6 +484,41 @@ impl Supervisor {
         })
     }
 
+    /// The `start_after` services it still waits for: those starting, or waiting to.
+    fn order_pending(&self, id: ServiceId) -> Vec<&str> {
+        let service = &self.services[id];
+        if service.ordered {
+            return Vec::new();
+        }
+        service
+            .spec
+            .start_after
+            .iter()
+            .map(String::as_str)
+            .filter(|name| {
+                self.services.iter().any(|s| {
+                    s.spec.name == *name && matches!(s.state, State::Waiting | State::Starting)
+                })
+            })
+            .collect()
+    }
+
+    fn can_start(&self, id: ServiceId) -> bool {
+        self.deps_ready(id) && self.order_pending(id).is_empty()
+    }
+
+    /// Start the waiting services that may start now.
+    fn release_waiting(&mut self, log: &dyn Log) -> Vec<Action> {
+        let mut actions = Vec::new();
+        for other in 0..self.services.len() {
+            if self.services[other].state == State::Waiting && self.can_start(other) {
+                self.services[other].state = State::Stopped;
+                actions.extend(self.want(other, log));
+            }
+        }
+        actions
+    }
+
     /// Start every autostart service (those whose dependencies are not ready wait).
     pub fn start_autostart(&mut self, log: &dyn Log) -> Vec<Action> {
         let mut actions = Vec::new();
@@ -517,28 +568,45 @@ impl Supervisor {
         }
         // A pending restart timer of the old run must not fire into the new one.
         self.services[id].generation += 1;
-        if self.deps_ready(id) {
-            vec![Action::Spawn(id)]
-        } else {
-            let waiting_for: Vec<&str> = self.services[id]
-                .spec
-                .depends_on
-                .iter()
-                .map(String::as_str)
-                .filter(|d| {
-                    self.services
-                        .iter()
-                        .any(|s| s.spec.name == *d && s.state != State::Ready)
-                })
-                .collect();
-            log.line(&format!(
-                "service {} waiting for {}",
-                self.services[id].spec.name,
-                waiting_for.join(", ")
-            ));
-            self.services[id].state = State::Waiting;
-            Vec::new()
+        if self.can_start(id) {
+            // Starting from now on (the runner spawns it before it handles anything else),
+            // so that services ordered after it wait.
+            self.services[id].state = State::Starting;
+            return vec![Action::Spawn(id)];
         }
+        let mut waiting_for: Vec<&str> = self.services[id]
+            .spec
+            .depends_on
+            .iter()
+            .map(String::as_str)
+            .filter(|d| {
+                self.services
+                    .iter()
+                    .any(|s| s.spec.name == *d && s.state != State::Ready)
+            })
+            .collect();
+        let ordering = self.order_pending(id);
+        let mut actions = Vec::new();
+        if !ordering.is_empty() {
+            for name in &ordering {
+                if !waiting_for.contains(name) {
+                    waiting_for.push(name);
+                }
+            }
+            actions.push(Action::Timer {
+                service: id,
+                generation: self.services[id].generation,
+                after: START_AFTER_LIMIT,
+                kind: TimerKind::StartAfterLimit,
+            });
+        }
+        log.line(&format!(
+            "service {} waiting for {}",
+            self.services[id].spec.name,
+            waiting_for.join(", ")
+        ));
+        self.services[id].state = State::Waiting;
+        actions
     }
 
     fn stop_id(&mut self, id: ServiceId, after: AfterStop, log: &dyn Log) -> Vec<Action> {
@@ -583,6 +651,7 @@ impl Supervisor {
     pub fn spawned(&mut self, id: ServiceId, pid: u32, now: Instant, log: &dyn Log) -> Vec<Action> {
         let service = &mut self.services[id];
         service.generation += 1;
+        service.ordered = true;
         service.pid = Some(pid);
         service.started_at = Some(now);
         service.state = State::Starting;
@@ -614,14 +683,7 @@ impl Supervisor {
         self.services[id].state = State::Ready;
         log.line(&format!("service {} ready", self.services[id].spec.name));
         // Dependents that were waiting may go now.
-        let mut actions = Vec::new();
-        for other in 0..self.services.len() {
-            if self.services[other].state == State::Waiting && self.deps_ready(other) {
-                self.services[other].state = State::Stopped;
-                actions.extend(self.want(other, log));
-            }
-        }
-        actions
+        self.release_waiting(log)
     }
 
     /// A readiness check finished for run `generation`.
@@ -670,6 +732,19 @@ impl Supervisor {
                     service.spec.name, service.restarts
                 ));
                 self.want(id, log)
+            }
+            (TimerKind::StartAfterLimit, State::Waiting, None) if !self.shutting_down => {
+                let pending = self.order_pending(id).join(", ");
+                let service = &mut self.services[id];
+                service.ordered = true;
+                if !pending.is_empty() {
+                    log.line(&format!(
+                        "service {}: {pending} not ready after {} s; not waiting any longer",
+                        service.spec.name,
+                        START_AFTER_LIMIT.as_secs()
+                    ));
+                }
+                self.release_waiting(log)
             }
             (TimerKind::Kill, State::Stopping, Some(pid)) => {
                 log.line(&format!(
@@ -745,12 +820,15 @@ impl Supervisor {
             delay.as_secs_f64(),
             service.failures
         ));
-        vec![Action::Timer {
+        let mut actions = vec![Action::Timer {
             service: id,
             generation: service.generation,
             after: delay,
             kind: TimerKind::Restart,
-        }]
+        }];
+        // Services ordered after this one need not wait for it any longer.
+        actions.extend(self.release_waiting(log));
+        actions
     }
 
     /// Begin the shutdown: nothing starts any more, and services stop in reverse
@@ -1053,6 +1131,7 @@ mod tests {
             args: Vec::new(),
             env: Vec::new(),
             depends_on: deps.iter().map(|d| d.to_string()).collect(),
+            start_after: Vec::new(),
             readiness,
             ready_timeout: Duration::from_secs(60),
             autostart: true,
@@ -1145,6 +1224,126 @@ mod tests {
                 "keelson-init: service containerd ready",
             ]
         );
+    }
+
+    /// containerd, then machined ordered after it (as the catalog has them).
+    fn ordered() -> Supervisor {
+        let mut machined = spec("machined", &[], Readiness::Started);
+        machined.start_after = vec!["containerd".into()];
+        Supervisor::new(
+            vec![
+                spec("containerd", &[], sock("/run/containerd/containerd.sock")),
+                machined,
+            ],
+            Backoff::DEFAULT,
+        )
+    }
+
+    fn limit_timer(actions: &[Action]) -> u64 {
+        match actions {
+            [
+                Action::Timer {
+                    service: 1,
+                    generation,
+                    after,
+                    kind: TimerKind::StartAfterLimit,
+                },
+            ] if *after == START_AFTER_LIMIT => *generation,
+            other => panic!("expected the start-after limit timer, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_service_ordered_after_another_starts_once_that_one_is_ready() {
+        let log = MemoryLog::default();
+        let mut sup = ordered();
+        let t0 = Instant::now();
+        let actions = sup.start_autostart(&log);
+        assert_eq!(actions[0], Action::Spawn(0));
+        let limit = limit_timer(&actions[1..]);
+        assert_eq!(sup.state(1), State::Waiting);
+        assert_eq!(sup.spawned(0, 100, t0, &log).len(), 1);
+        assert_eq!(sup.state(1), State::Waiting);
+        assert_eq!(sup.readiness(0, 2, Ok(()), &log), [Action::Spawn(1)]);
+        assert_eq!(sup.spawned(1, 101, t0, &log), []);
+        // The limit timer of that wait is stale now.
+        assert_eq!(sup.timer(1, limit, TimerKind::StartAfterLimit, &log), []);
+        assert_eq!(
+            log.lines(),
+            [
+                "keelson-init: service machined waiting for containerd",
+                "keelson-init: service containerd started (pid 100)",
+                "keelson-init: service containerd ready",
+                "keelson-init: service machined started (pid 101)",
+                "keelson-init: service machined ready",
+            ]
+        );
+        // Once it has run, its restarts do not wait, even while containerd restarts.
+        let crash = ExitInfo {
+            code: Some(1),
+            signal: None,
+        };
+        let restart_gen = |actions: Option<Vec<Action>>| match actions.as_deref() {
+            Some([Action::Timer { generation, .. }]) => *generation,
+            other => panic!("expected a restart timer, got {other:?}"),
+        };
+        let c = restart_gen(sup.exited(100, crash, t0, &log));
+        let m = restart_gen(sup.exited(101, crash, t0, &log));
+        assert_eq!(
+            sup.timer(0, c, TimerKind::Restart, &log),
+            [Action::Spawn(0)]
+        );
+        assert_eq!(sup.state(0), State::Starting);
+        assert_eq!(
+            sup.timer(1, m, TimerKind::Restart, &log),
+            [Action::Spawn(1)]
+        );
+    }
+
+    #[test]
+    fn a_service_ordered_after_a_failing_one_does_not_wait_for_it() {
+        let log = MemoryLog::default();
+        let mut sup = ordered();
+        let actions = sup.start_autostart(&log);
+        limit_timer(&actions[1..]);
+        // containerd cannot even be spawned: it backs off, and machined goes.
+        let actions = sup.spawn_failed(0, "/usr/bin/containerd does not exist", &log);
+        assert!(matches!(
+            actions.as_slice(),
+            [
+                Action::Timer {
+                    service: 0,
+                    kind: TimerKind::Restart,
+                    ..
+                },
+                Action::Spawn(1)
+            ]
+        ));
+    }
+
+    #[test]
+    fn a_service_ordered_after_a_slow_one_waits_no_longer_than_the_limit() {
+        let log = MemoryLog::default();
+        let mut sup = ordered();
+        let t0 = Instant::now();
+        let actions = sup.start_autostart(&log);
+        let limit = limit_timer(&actions[1..]);
+        sup.spawned(0, 100, t0, &log);
+        assert_eq!(
+            sup.timer(1, limit, TimerKind::StartAfterLimit, &log),
+            [Action::Spawn(1)]
+        );
+        assert_eq!(
+            log.lines().last().map(String::as_str),
+            Some(
+                "keelson-init: service machined: containerd not ready after 10 s; not waiting any longer"
+            )
+        );
+        // Without containerd registered (maintenance mode), it starts at once.
+        let mut alone = spec("machined", &[], Readiness::Started);
+        alone.start_after = vec!["containerd".into()];
+        let mut sup = Supervisor::new(vec![alone], Backoff::DEFAULT);
+        assert_eq!(sup.start_autostart(&log), [Action::Spawn(0)]);
     }
 
     #[test]
@@ -1421,6 +1620,7 @@ mod real_processes {
             args: args.iter().map(|a| a.to_string()).collect(),
             env: vec![("PATH".into(), "/usr/bin:/bin".into())],
             depends_on: Vec::new(),
+            start_after: Vec::new(),
             readiness: Readiness::Started,
             ready_timeout: Duration::from_secs(5),
             autostart: true,

@@ -42,6 +42,10 @@ pub fn built_image(arch: Arch) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// What init prints once the power button is watched (`power button <device>: a press
+/// powers off`): a press before it is lost, so tests wait for it before pressing.
+pub const POWER_BUTTON_WATCHED: &str = ": a press powers off";
+
 /// The image an end-to-end test boots: `KEELSON_TEST_IMAGE_AMD64` or
 /// `KEELSON_TEST_IMAGE_ARM64` when set (an image built elsewhere), else the suite's
 /// built image.

@@ -14,7 +14,7 @@ use std::time::Duration;
 use keelson_configs::layout::{FW_CFG_CONFIG, PART_EPHEMERAL, PART_STATE};
 use keelson_imager::gpt;
 use keelson_imager::inspect::read_ext4_file;
-use keelson_tests::{Arch, Guest, Running, test_image};
+use keelson_tests::{Arch, Guest, POWER_BUTTON_WATCHED, Running, test_image};
 
 /// One boot to "containerd ready" under software emulation, with room to spare.
 const BOOT: Duration = Duration::from_secs(420);
@@ -93,6 +93,9 @@ fn power_off(mut vm: Running) {
     }) {
         eprintln!("console: {}", line.trim_end());
     }
+    // A press before the button is watched (stage 2 loads its modules once containerd
+    // is ready) is lost.
+    vm.wait_for(POWER_BUTTON_WATCHED, BOOT).unwrap();
     vm.monitor("system_powerdown").unwrap();
     vm.wait_exit(Duration::from_secs(180)).unwrap();
 }

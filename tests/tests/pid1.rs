@@ -18,7 +18,7 @@ use keelson_configs::layout::{FW_CFG_CONFIG, PART_EPHEMERAL, PART_STATE};
 use keelson_configs::{Mode, check_str};
 use keelson_imager::gpt;
 use keelson_imager::inspect::read_ext4_file;
-use keelson_tests::{Arch, Guest, Running, test_image};
+use keelson_tests::{Arch, Guest, POWER_BUTTON_WATCHED, Running, test_image};
 
 /// One boot to "containerd ready" under software emulation, with room to spare.
 const BOOT: Duration = Duration::from_secs(420);
@@ -304,7 +304,8 @@ fn a_node_configures_itself_from_fw_cfg_and_stops_cleanly() {
     );
     assert!(lines_with(&console, "written to STATE").is_empty());
 
-    // The power button: a clean power off.
+    // The power button: a clean power off (a press before the button is watched is lost).
+    vm.wait_for(POWER_BUTTON_WATCHED, BOOT).unwrap();
     vm.monitor("system_powerdown").unwrap();
     vm.wait_exit(Duration::from_secs(180)).unwrap();
     let console = vm.console();
@@ -372,6 +373,7 @@ fn a_config_with_errors_is_refused_and_the_node_keeps_waiting() {
         );
     }
     // A node without a config still powers off cleanly.
+    vm.wait_for(POWER_BUTTON_WATCHED, BOOT).unwrap();
     vm.monitor("system_powerdown").unwrap();
     vm.wait_exit(Duration::from_secs(120)).unwrap();
     assert!(vm.console().contains("keelson-init: power off: now"));
