@@ -36,6 +36,12 @@ use tokio::net::UnixStream;
 
 use crate::supervisor::{Readiness, ServiceSpec};
 
+/// containerd's service name.
+pub const CONTAINERD: &str = "containerd";
+/// The config's modules containerd's start needs: its default snapshotter is overlayfs,
+/// whose plugin checks at start that overlay mounts work. Stage 2 loads these before
+/// it spawns containerd and the config's other modules while containerd starts.
+pub const CONTAINERD_MODULES: &[&str] = &["overlay"];
 /// containerd's API socket.
 pub const CONTAINERD_SOCKET: &str = "/run/containerd/containerd.sock";
 /// containerd's config file (rendered into the tmpfs `/etc`).
@@ -63,7 +69,7 @@ pub fn catalog(
     note: &mut dyn FnMut(String),
 ) -> Vec<ServiceSpec> {
     let mut out = vec![ServiceSpec {
-        name: "containerd".into(),
+        name: CONTAINERD.into(),
         program: "/usr/bin/containerd".into(),
         args: vec!["--config".into(), CONTAINERD_CONFIG.into()],
         env: service_env(),

@@ -29,6 +29,8 @@ pub const MEMORY_MIB: u32 = 2048;
 pub const STAGE2_MARKER: &str = "KEELSON STAGE2 READY";
 /// The ready line once init supervises containerd.
 pub const CONTAINERD_MARKER: &str = "service containerd ready";
+/// init's first line: where the firmware's and the kernel's part of our boot ends.
+pub const STAGE1_MARKER: &str = "keelson-init: stage 1 started";
 /// The console line the bench reads PID 1's memory from, once stage 2 prints it:
 /// `pid1 rss_kb=<N>`.
 pub const PID1_RSS_KEY: &str = "pid1 rss_kb=";
@@ -288,6 +290,7 @@ fn bench_arch(ctx: &mut Ctx, arch: Arch) -> Result<()> {
 
     let mut floor_t = Vec::new();
     let mut ours_t = Vec::new();
+    let mut ours_own_t = Vec::new();
     let mut peer_t = Vec::new();
     let mut peer_rss = Vec::new();
     let mut peer_pss = Vec::new();
@@ -340,7 +343,7 @@ fn bench_arch(ctx: &mut Ctx, arch: Arch) -> Result<()> {
             dir: dir.clone(),
             fw_cfg: fw_cfg.clone(),
             extra: files.qemu_net(),
-            markers: &[primary_ref, STAGE2_MARKER],
+            markers: &[primary_ref, STAGE2_MARKER, STAGE1_MARKER],
             done: &done,
             timeout: Duration::from_secs(420),
         };
@@ -358,6 +361,9 @@ fn bench_arch(ctx: &mut Ctx, arch: Arch) -> Result<()> {
             _ => return Err(missed("our image", primary_ref, &run, &dir)),
         };
         ours_t.push(t);
+        if let Some(s1) = run.at(STAGE1_MARKER) {
+            ours_own_t.push(t.saturating_sub(s1));
+        }
         if let Some(kb) = pid1_rss_kb(&run.console) {
             pid1_rss.push(kb as f64 * 1024.0);
             let processes = node::wait_api(&bin, &files, Duration::from_secs(60))
@@ -446,6 +452,21 @@ fn bench_arch(ctx: &mut Ctx, arch: Arch) -> Result<()> {
             }
             ctx.figures.push(f);
         }
+    }
+    if let Some(stats) = Stats::durations(&ours_own_t) {
+        ctx.figures.push(
+            Figure::new(
+                &group,
+                &format!("ours: init's part, stage 1 start to `{marker_used}`"),
+                Unit::Seconds,
+                stats,
+                None,
+            )
+            .note(
+                "for the record: the part of our boot that is init's own, without the \
+                 firmware's and the kernel's (whose time varies most from run to run)",
+            ),
+        );
     }
     if let Some(stats) = Stats::durations(&peer_t) {
         ctx.figures.push(Figure::new(
