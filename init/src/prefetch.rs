@@ -6,8 +6,8 @@
 //! that starts cold pays that one page fault at a time, on its own critical path.
 //! containerd (Debian's 51 MiB Go binary) is the case that matters: under TCG, exec to
 //! its first log line took 3.4 s cold and 1.1 s with the binary already in the page
-//! cache; reading the file whole took 1.6 s (BENCHMARKS.md, "Where the boot's time
-//! goes"). Stage 2 spends its first seconds on one CPU (modules, disks, config) before it
+//! cache; reading the file whole took 1.6 s (BENCHMARKS.md, the morning of
+//! 2026-12-04). Stage 2 spends its first seconds on one CPU (modules, disks, config) before it
 //! can start containerd, so a background thread reads the file meanwhile, and containerd
 //! then starts from memory.
 //!
