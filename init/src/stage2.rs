@@ -21,9 +21,9 @@
 //!    (overlay, hostname, files, `/etc`), containerd spawned, then while it starts the
 //!    config kept in STATE, the config's other modules (br_netfilter, ...), sysctls
 //!    (defaults + config), swap off, network (`netconf`), and the other services
-//!    (`services`, `supervisor`: machined once containerd is ready). Once containerd is ready (or
-//!    [`NETWORK_MODULES_AFTER`] has passed) the power button's modules and watch, the
-//!    network drivers and the disk drivers stage 1 left; preflight runs then too.
+//!    (`services`, `supervisor`: machined once containerd is ready). Once containerd
+//!    is ready (or [`NETWORK_MODULES_AFTER`] has passed): the power button's modules and
+//!    watch, the network drivers and the disk drivers stage 1 left; preflight then too.
 //! 7. **Main loop**: one [`Event`] at a time until a shutdown request (signal or control
 //!    socket) has stopped every service; then the rest of the processes are stopped, the
 //!    filesystems unmounted, and the machine restarted or powered off (`shutdown`). A
