@@ -949,10 +949,10 @@ impl<L: Log> Node<'_, L> {
                 .iter()
                 .any(|s| s.name == name && s.state == State::Ready)
         };
-        if ready("containerd") {
+        if ready(services::CONTAINERD) {
             self.load_late_drivers();
         }
-        if !self.preflight_done && ready("containerd") {
+        if !self.preflight_done && ready(services::CONTAINERD) {
             self.preflight_done = true;
             if let Some(config) = &self.config {
                 let report = preflight::run(
