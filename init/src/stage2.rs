@@ -11,15 +11,16 @@
 //! 3. **Disks** (`disks`): STATE and EPHEMERAL created on first boot, EPHEMERAL grown,
 //!    STATE mounted at `/system/state`, EPHEMERAL at `/var`.
 //! 4. **`/etc`**: a tmpfs with the image's files and the generated ones (`etc_files`);
-//!    the machine id comes from STATE, or is made and kept there.
+//!    the machine id comes from STATE, or is made (and kept there in step 6, or before
+//!    the wait for a config).
 //! 5. **Config** (`config_source`): a config staged in STATE for this boot is promoted
 //!    first (`state::promote_staged`); then STATE, fw_cfg, config drive, a URL. Without
 //!    a valid one the node waits, says so every 30 s, and serves maintenance mode:
 //!    machined alone (it serves `version` and `apply-config --insecure`) and DHCP on every
 //!    link; machined's `config-installed` ends the wait with the config it wrote to STATE.
 //! 6. **Configure** (once a valid config is there): what containerd's start needs
-//!    (overlay, hostname, files, `/etc`), containerd spawned, then while it starts the
-//!    config kept in STATE, the config's other modules (br_netfilter, ...), sysctls
+//!    (overlay, hostname, files, `/etc`), containerd spawned, then while it starts a
+//!    new machine id and the config kept in STATE, the config's other modules (br_netfilter, ...), sysctls
 //!    (defaults + config), swap off, network (`netconf`), and the other services
 //!    (`services`, `supervisor`: machined once containerd is ready). Once containerd
 //!    is ready (or [`NETWORK_MODULES_AFTER`] has passed): the power button's modules and
@@ -326,14 +327,18 @@ fn enable_cgroup_controllers(sys: &dyn Syscalls, log: &dyn Log) {
     }
 }
 
-/// The machine id: STATE's, or a new random one kept in STATE (when it is mounted).
-pub fn machine_id(sys: &dyn Syscalls, log: &dyn Log, state_dir: Option<&Path>) -> String {
-    const NAME: &str = "machine-id";
+/// The machine id's file in STATE.
+const MACHINE_ID_FILE: &str = "machine-id";
+
+/// The machine id: STATE's, or a new random one. The second value says whether it still
+/// has to be kept in STATE ([`keep_machine_id`]): stage 2 does that once containerd is
+/// spawned, since the write's fsyncs cost 40-50 ms of the boot under TCG.
+pub fn machine_id(sys: &dyn Syscalls, log: &dyn Log, state_dir: Option<&Path>) -> (String, bool) {
     if let Some(dir) = state_dir
-        && let Ok(Some(bytes)) = state::read(dir, NAME)
+        && let Ok(Some(bytes)) = state::read(dir, MACHINE_ID_FILE)
         && let Some(id) = etc_files::parse_machine_id(&String::from_utf8_lossy(&bytes))
     {
-        return id;
+        return (id, false);
     }
     let (raw, unread) = crate::syscalls::random_bytes(sys);
     if let Some(e) = unread {
@@ -343,19 +348,24 @@ pub fn machine_id(sys: &dyn Syscalls, log: &dyn Log, state_dir: Option<&Path>) -
         ));
     }
     let id = etc_files::machine_id_from(&raw);
-    match state_dir {
-        Some(dir) => match state::write_atomic(dir, NAME, format!("{id}\n").as_bytes()) {
-            Ok(()) => log.line(&format!("machine id {id} created and kept in STATE")),
-            Err(e) => log.line(&format!(
-                "machine id {id} not kept: {}",
-                crate::error_chain(&e)
-            )),
-        },
-        None => log.line(&format!(
+    if state_dir.is_none() {
+        log.line(&format!(
             "machine id {id} (STATE unavailable: a new one next boot)"
+        ));
+    }
+    let keep = state_dir.is_some();
+    (id, keep)
+}
+
+/// Keep a new machine id in STATE, so that later boots have the same one.
+pub fn keep_machine_id(log: &dyn Log, state_dir: &Path, id: &str) {
+    match state::write_atomic(state_dir, MACHINE_ID_FILE, format!("{id}\n").as_bytes()) {
+        Ok(()) => log.line(&format!("machine id {id} created and kept in STATE")),
+        Err(e) => log.line(&format!(
+            "machine id {id} not kept: {}",
+            crate::error_chain(&e)
         )),
     }
-    id
 }
 
 /// Mount the tmpfs `/etc` and fill it with the image's files.
@@ -518,7 +528,7 @@ pub fn run<L: Log>(sys: &dyn Syscalls, console: &L) -> Result<Infallible, Error>
         promote_staged(&log, dir);
     }
     let etc_ok = mount_etc(sys, &log);
-    let machine_id = machine_id(sys, &log, state_dir.as_deref());
+    let (machine_id, machine_id_unkept) = machine_id(sys, &log, state_dir.as_deref());
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -532,6 +542,7 @@ pub fn run<L: Log>(sys: &dyn Syscalls, console: &L) -> Result<Infallible, Error>
         modules: index,
         config: None,
         machine_id,
+        machine_id_unkept,
         cmdline,
         state_dir,
         etc_ok,
@@ -568,6 +579,8 @@ struct Node<'a, L: Log> {
     modules: Option<kmods::ModuleIndex>,
     config: Option<Accepted>,
     machine_id: String,
+    /// The machine id is new and not yet in STATE ([`Node::keep_machine_id`]).
+    machine_id_unkept: bool,
     cmdline: String,
     state_dir: Option<PathBuf>,
     etc_ok: bool,
@@ -657,6 +670,7 @@ impl<L: Log> Node<'_, L> {
                 self.after(NETWORK_MODULES_AFTER, TimerEvent::LateDrivers);
             }
             None => {
+                self.keep_machine_id();
                 // Waiting for a config takes DHCP on the links present when it starts.
                 self.load_late_drivers();
                 self.wait_for_config();
@@ -676,6 +690,16 @@ impl<L: Log> Node<'_, L> {
             {
                 return kind;
             }
+        }
+    }
+
+    /// Keep a new machine id in STATE, once.
+    fn keep_machine_id(&mut self) {
+        if !std::mem::take(&mut self.machine_id_unkept) {
+            return;
+        }
+        if let Some(dir) = &self.state_dir {
+            keep_machine_id(self.log, dir, &self.machine_id);
         }
     }
 
@@ -1335,6 +1359,7 @@ impl<L: Log> Node<'_, L> {
             .partition(|s| s.name == services::CONTAINERD);
         self.start_services(first);
 
+        self.keep_machine_id();
         if accepted.source.persist() {
             match &self.state_dir {
                 Some(dir) => {
@@ -1687,13 +1712,16 @@ mod tests {
         )?;
         assert_eq!(
             machine_id(&fake, &log, Some(dir.path())),
-            "0123456789abcdef0123456789abcdef"
+            ("0123456789abcdef0123456789abcdef".to_string(), false)
         );
         assert!(log.lines().is_empty());
-        // None in STATE: a new one is made and written there.
+        // None in STATE: a new one is made, to be written there.
         let empty = tempfile::tempdir()?;
-        let id = machine_id(&fake, &log, Some(empty.path()));
+        let (id, unkept) = machine_id(&fake, &log, Some(empty.path()));
         assert_eq!(id.len(), 32);
+        assert!(unkept);
+        assert!(!empty.path().join("machine-id").exists());
+        keep_machine_id(&log, empty.path(), &id);
         assert_eq!(
             std::fs::read_to_string(empty.path().join("machine-id"))?,
             format!("{id}\n")
