@@ -9,7 +9,9 @@
 //! 2. **Early modules**: what reading disks and configs needs (efivarfs, ext4, fw_cfg,
 //!    vfat/iso9660), from the root's module tree (`kmods`).
 //! 3. **Disks** (`disks`): STATE and EPHEMERAL created on first boot, EPHEMERAL grown,
-//!    STATE mounted at `/system/state`, EPHEMERAL at `/var`.
+//!    STATE mounted at `/system/state`, EPHEMERAL at `/var`. A STATE without a
+//!    filesystem (a first boot) holds nothing to read: it is formatted and mounted in
+//!    step 6, once containerd is spawned, or before the node waits for a config.
 //! 4. **`/etc`**: a tmpfs with the image's files and the generated ones (`etc_files`);
 //!    the machine id comes from STATE, or is made (and kept there in step 6, or before
 //!    the wait for a config).
@@ -19,8 +21,8 @@
 //!    machined alone (it serves `version` and `apply-config --insecure`) and DHCP on every
 //!    link; machined's `config-installed` ends the wait with the config it wrote to STATE.
 //! 6. **Configure** (once a valid config is there): what containerd's start needs
-//!    (overlay, hostname, files, `/etc`), containerd spawned, then while it starts a
-//!    new machine id and the config kept in STATE, the config's other modules (br_netfilter, ...), sysctls
+//!    (overlay, hostname, files, `/etc`), containerd spawned, then while it starts a new
+//!    STATE formatted, a new machine id and the config kept in STATE, the config's other modules (br_netfilter, ...), sysctls
 //!    (defaults + config), swap off, network (`netconf`), and the other services
 //!    (`services`, `supervisor`: machined once containerd is ready). Once containerd
 //!    is ready (or [`NETWORK_MODULES_AFTER`] has passed): the power button's modules and
@@ -340,14 +342,7 @@ pub fn machine_id(sys: &dyn Syscalls, log: &dyn Log, state_dir: Option<&Path>) -
     {
         return (id, false);
     }
-    let (raw, unread) = crate::syscalls::random_bytes(sys);
-    if let Some(e) = unread {
-        log.line(&format!(
-            "no randomness for the machine id ({}): using the clock",
-            errno_name(&e)
-        ));
-    }
-    let id = etc_files::machine_id_from(&raw);
+    let id = new_machine_id(sys, log);
     if state_dir.is_none() {
         log.line(&format!(
             "machine id {id} (STATE unavailable: a new one next boot)"
@@ -355,6 +350,18 @@ pub fn machine_id(sys: &dyn Syscalls, log: &dyn Log, state_dir: Option<&Path>) -
     }
     let keep = state_dir.is_some();
     (id, keep)
+}
+
+/// A new random machine id.
+fn new_machine_id(sys: &dyn Syscalls, log: &dyn Log) -> String {
+    let (raw, unread) = crate::syscalls::random_bytes(sys);
+    if let Some(e) = unread {
+        log.line(&format!(
+            "no randomness for the machine id ({}): using the clock",
+            errno_name(&e)
+        ));
+    }
+    etc_files::machine_id_from(&raw)
 }
 
 /// Keep a new machine id in STATE, so that later boots have the same one.
@@ -504,15 +511,29 @@ pub fn run<L: Log>(sys: &dyn Syscalls, console: &L) -> Result<Infallible, Error>
 
     let disk_options = disks::Options {
         slot_partname: cmdline::slot(&cmdline).map(|s| s.partition_name().to_string()),
+        defer_new_state: true,
         ..disks::Options::default()
     };
-    let (state_dir, wipe) = match disks::prepare(sys, &log, index.as_ref(), &disk_options) {
-        Ok(report) => (report.state.is_ok().then(state::state_dir), wipes(&report)),
-        Err(e) => {
-            log.line(&format!("disks: {}", crate::error_chain(&e)));
-            (None, Vec::new())
-        }
-    };
+    let (state_dir, wipe, state_pending) =
+        match disks::prepare(sys, &log, index.as_ref(), &disk_options) {
+            Ok(report) => {
+                let pending = match &report.state {
+                    Err(disks::Error::Deferred { device, size, .. }) => {
+                        Some((device.clone(), *size))
+                    }
+                    _ => None,
+                };
+                (
+                    report.state.is_ok().then(state::state_dir),
+                    wipes(&report),
+                    pending,
+                )
+            }
+            Err(e) => {
+                log.line(&format!("disks: {}", crate::error_chain(&e)));
+                (None, Vec::new(), None)
+            }
+        };
     // The kernel's word on the filesystems it mounted (clean, or recovered from the
     // journal after a crash), which the console's log level hides.
     for message in crate::bootlog::kernel_messages(&["EXT4-fs ("]) {
@@ -528,7 +549,12 @@ pub fn run<L: Log>(sys: &dyn Syscalls, console: &L) -> Result<Infallible, Error>
         promote_staged(&log, dir);
     }
     let etc_ok = mount_etc(sys, &log);
-    let (machine_id, machine_id_unkept) = machine_id(sys, &log, state_dir.as_deref());
+    // A new STATE (formatted later, see `finish_state`) has no machine id yet: a new one,
+    // kept once STATE is there.
+    let (machine_id, machine_id_unkept) = match &state_pending {
+        Some(_) => (new_machine_id(sys, &log), true),
+        None => machine_id(sys, &log, state_dir.as_deref()),
+    };
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -545,6 +571,8 @@ pub fn run<L: Log>(sys: &dyn Syscalls, console: &L) -> Result<Infallible, Error>
         machine_id_unkept,
         cmdline,
         state_dir,
+        state_pending,
+        disk_options,
         etc_ok,
         started: Instant::now(),
         shutdown: None,
@@ -583,6 +611,9 @@ struct Node<'a, L: Log> {
     machine_id_unkept: bool,
     cmdline: String,
     state_dir: Option<PathBuf>,
+    /// A new STATE not formatted yet (device, size): see [`Node::finish_state`].
+    state_pending: Option<(String, u64)>,
+    disk_options: disks::Options,
     etc_ok: bool,
     started: Instant,
     shutdown: Option<ShutdownKind>,
@@ -670,7 +701,6 @@ impl<L: Log> Node<'_, L> {
                 self.after(NETWORK_MODULES_AFTER, TimerEvent::LateDrivers);
             }
             None => {
-                self.keep_machine_id();
                 // Waiting for a config takes DHCP on the links present when it starts.
                 self.load_late_drivers();
                 self.wait_for_config();
@@ -742,6 +772,9 @@ impl<L: Log> Node<'_, L> {
     }
 
     fn wait_for_config(&mut self) {
+        // Maintenance mode keeps the config it is given in STATE.
+        self.finish_state();
+        self.keep_machine_id();
         for line in config_source::waiting_message(self.url().as_deref()) {
             self.log.line(&line);
         }
@@ -1359,6 +1392,7 @@ impl<L: Log> Node<'_, L> {
             .partition(|s| s.name == services::CONTAINERD);
         self.start_services(first);
 
+        self.finish_state();
         self.keep_machine_id();
         if accepted.source.persist() {
             match &self.state_dir {
@@ -1399,6 +1433,29 @@ impl<L: Log> Node<'_, L> {
         // Added, not replaced: machined may already run (maintenance mode).
         self.start_services(rest);
         self.config = Some(accepted);
+    }
+
+    /// Format and mount a new STATE that the disks step left (a first boot), then keep
+    /// the machine id in it. Done once containerd is spawned, or before the node waits
+    /// for a config: a new STATE holds nothing to read, and containerd needs only
+    /// EPHEMERAL.
+    fn finish_state(&mut self) {
+        let Some((device, size)) = self.state_pending.take() else {
+            return;
+        };
+        let log = self.log;
+        match disks::finish_deferred(self.sys, log, &self.disk_options, &device, size) {
+            Ok(mounted) => {
+                let dir = state::state_dir();
+                self.wipe.push(Wipe {
+                    name: PART_STATE,
+                    device: mounted.device,
+                    target: mounted.target,
+                });
+                self.state_dir = Some(dir);
+            }
+            Err(e) => log.line(&crate::error_chain(&e)),
+        }
     }
 
     /// Load some of the config's modules.

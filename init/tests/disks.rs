@@ -347,6 +347,7 @@ fn prepare_on_a_real_loop_device_first_and_later_boots() -> Result {
         slot_partname: None,
         state_mount: scratch.0.join("state"),
         ephemeral_mount: scratch.0.join("var"),
+        defer_new_state: false,
     };
     let log = Lines::default();
 

@@ -175,15 +175,22 @@ fn position(console: &str, needle: &str) -> usize {
         .unwrap_or_else(|| panic!("the console never showed {needle:?}"))
 }
 
-/// The stop sequence every shutdown must show, in this order.
+/// The stop sequence every shutdown must show, in this order; STATE and EPHEMERAL are
+/// unmounted in the reverse of the order they were mounted in (a first boot mounts STATE
+/// last: it is formatted once containerd is spawned).
 fn assert_ordered_stop(console: &str, requested: &str, end: &str) {
+    let mut disks = ["/var", "/system/state"];
+    disks.sort_by_key(|target| {
+        std::cmp::Reverse(position(console, &format!("mounted at {target}")))
+    });
+    let unmounted = disks.map(|target| format!("keelson-init: unmounted {target}"));
     let steps = [
         requested,
         "keelson-init: service containerd stopping (SIGTERM)",
         "keelson-init: service containerd stopped",
         "keelson-init: services stopped; stopping every other process",
-        "keelson-init: unmounted /var",
-        "keelson-init: unmounted /system/state",
+        &unmounted[0],
+        &unmounted[1],
         end,
     ];
     let at: Vec<usize> = steps.iter().map(|s| position(console, s)).collect();

@@ -16,6 +16,12 @@
 //!
 //! A partition that cannot be prepared is reported with its device, filesystem, errno
 //! and what to do; the other one is still prepared.
+//!
+//! With [`Options::defer_new_state`] a STATE that has no filesystem yet (a first boot) is
+//! left unformatted: [`prepare`] reports it as [`Error::Deferred`], and stage 2 formats
+//! and mounts it with [`finish_deferred`] once containerd is spawned (containerd needs
+//! only EPHEMERAL; a new STATE holds nothing to read, and its `mke2fs` then runs on the
+//! CPU containerd's start leaves idle).
 
 pub mod ext4;
 pub mod table;
@@ -40,6 +46,16 @@ pub const RESIZE2FS: &str = "/usr/sbin/resize2fs";
 /// Errors of preparing the disks.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// STATE has no filesystem yet and is left to [`finish_deferred`] (not a failure).
+    #[error("{name} ({device}) has no filesystem yet: it is formatted later in the boot")]
+    Deferred {
+        /// The partition's name.
+        name: &'static str,
+        /// Its device.
+        device: String,
+        /// Its size in bytes.
+        size: u64,
+    },
     /// The boot disk cannot be found.
     #[error("cannot find the boot disk: {why}")]
     NoBootDisk {
@@ -145,6 +161,8 @@ pub struct Options {
     pub state_mount: PathBuf,
     /// Where EPHEMERAL is mounted ([`EPHEMERAL_MOUNT`]).
     pub ephemeral_mount: PathBuf,
+    /// Leave a STATE without a filesystem to [`finish_deferred`].
+    pub defer_new_state: bool,
 }
 
 impl Default for Options {
@@ -156,6 +174,7 @@ impl Default for Options {
             slot_partname: None,
             state_mount: PathBuf::from(STATE_MOUNT),
             ephemeral_mount: PathBuf::from(EPHEMERAL_MOUNT),
+            defer_new_state: false,
         }
     }
 }
@@ -372,13 +391,24 @@ pub fn prepare(
     }
     let data = MountFlags::NOSUID | MountFlags::NODEV;
     let outcome = |name: &'static str, target: &Path, flags: MountFlags| {
-        let result = prepare_partition(sys, log, opts, &boot.disk, &layout, name, target, flags);
-        if let Err(e) = &result {
+        let defer = name == PART_STATE && opts.defer_new_state;
+        let result = prepare_partition(
+            sys,
+            log,
+            opts,
+            &boot.disk,
+            &layout,
+            (name, target, flags),
+            defer,
+        );
+        if let Err(e) = &result
+            && !matches!(e, Error::Deferred { .. })
+        {
             log.line(&crate::error_chain(e));
         }
         result
     };
-    let state = outcome(PART_STATE, &opts.state_mount, data | MountFlags::NOEXEC);
+    let state = outcome(PART_STATE, &opts.state_mount, STATE_FLAGS);
     let ephemeral = outcome(PART_EPHEMERAL, &opts.ephemeral_mount, data);
     Ok(Report {
         boot,
@@ -432,16 +462,66 @@ fn mkdir_all(sys: &dyn Syscalls, target: &Path) -> Result<(), Error> {
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
+/// STATE's mount flags.
+const STATE_FLAGS: MountFlags = MountFlags::NOSUID
+    .union(MountFlags::NODEV)
+    .union(MountFlags::NOEXEC);
+
+/// Format and mount the STATE that [`prepare`] left as [`Error::Deferred`].
+pub fn finish_deferred(
+    sys: &dyn Syscalls,
+    log: &dyn Log,
+    opts: &Options,
+    device: &str,
+    size: u64,
+) -> Result<Mounted, Error> {
+    let target = &opts.state_mount;
+    let shown = target.display().to_string();
+    log.line(&format!(
+        "formatting {PART_STATE} ({device}, {} MiB) as ext4",
+        mib(size)
+    ));
+    format(sys, PART_STATE, device)?;
+    mount_partition(sys, log, PART_STATE, device, target, STATE_FLAGS)?;
+    Ok(Mounted {
+        device: device.to_string(),
+        target: shown,
+        formatted: true,
+        resized: false,
+        size,
+    })
+}
+
+fn mount_partition(
+    sys: &dyn Syscalls,
+    log: &dyn Log,
+    name: &'static str,
+    device: &str,
+    target: &Path,
+    flags: MountFlags,
+) -> Result<(), Error> {
+    let shown = target.display().to_string();
+    mkdir_all(sys, target)?;
+    sys.mount(device, target, "ext4", flags, "")
+        .map_err(|source| Error::Mount {
+            name,
+            device: device.to_string(),
+            target: shown.clone(),
+            hint: mount_hint(&source),
+            source,
+        })?;
+    log.line(&format!("{name} ({device}) mounted at {shown}"));
+    Ok(())
+}
+
 fn prepare_partition(
     sys: &dyn Syscalls,
     log: &dyn Log,
     opts: &Options,
     disk: &str,
     layout: &table::Layout,
-    name: &'static str,
-    target: &Path,
-    flags: MountFlags,
+    (name, target, flags): (&'static str, &Path, MountFlags),
+    defer_if_new: bool,
 ) -> Result<Mounted, Error> {
     let shown = target.display().to_string();
     let disk_path = opts.dev.join(disk).display().to_string();
@@ -476,6 +556,9 @@ fn prepare_partition(
         source,
     })?;
     let formatted = superblock.is_none();
+    if formatted && defer_if_new {
+        return Err(Error::Deferred { name, device, size });
+    }
     if formatted {
         log.line(&format!(
             "formatting {name} ({device}, {} MiB) as ext4",
@@ -483,16 +566,7 @@ fn prepare_partition(
         ));
         format(sys, name, &device)?;
     }
-    mkdir_all(sys, target)?;
-    sys.mount(&device, target, "ext4", flags, "")
-        .map_err(|source| Error::Mount {
-            name,
-            device: device.clone(),
-            target: shown.clone(),
-            hint: mount_hint(&source),
-            source,
-        })?;
-    log.line(&format!("{name} ({device}) mounted at {shown}"));
+    mount_partition(sys, log, name, &device, target, flags)?;
     let mut resized = false;
     if let Some(sb) = superblock
         && size >= sb.size() + PARTITION_ALIGN

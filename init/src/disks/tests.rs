@@ -97,6 +97,7 @@ impl Fixture {
             slot_partname: Some("ROOT-A".into()),
             state_mount: PathBuf::from(STATE_MOUNT),
             ephemeral_mount: PathBuf::from(EPHEMERAL_MOUNT),
+            defer_new_state: false,
         }
     }
 
@@ -147,6 +148,18 @@ fn mount(source: String, target: &str, flags: MountFlags) -> Call {
     }
 }
 
+/// The calls that format and mount a new STATE at `device`.
+fn new_state_calls(device: &str) -> Vec<Call> {
+    vec![
+        Call::OpenRead("/dev/urandom".into()),
+        Call::OpenRead("/dev/urandom".into()),
+        mke2fs("STATE", device),
+        Call::Mkdir("/system".into()),
+        Call::Mkdir("/system/state".into()),
+        mount(device.to_string(), "/system/state", STATE_FLAGS),
+    ]
+}
+
 /// The UUID made of the bytes [`FAKE_URANDOM`] (version and variant bits set).
 const FAKE_UUID: &str = "42424242-4242-4242-8242-424242424242";
 const FAKE_URANDOM: [u8; 16] = [0x42; 16];
@@ -178,6 +191,50 @@ const STATE_FLAGS: MountFlags = MountFlags::NOSUID
 const VAR_FLAGS: MountFlags = MountFlags::NOSUID.union(MountFlags::NODEV);
 
 #[test]
+fn a_new_state_can_be_left_for_later_and_is_formatted_then()
+-> Result<(), Box<dyn std::error::Error>> {
+    let fx = Fixture::new("deferred", 1024)?;
+    let mut fake = Fake::new();
+    fake.read_data
+        .insert("/dev/urandom".into(), FAKE_URANDOM.to_vec());
+    let log = MemoryLog::default();
+    let opts = Options {
+        defer_new_state: true,
+        ..fx.options()
+    };
+    let report = prepare(&fake, &log, None, &opts)?;
+    let (vda4, vda5) = (fx.dev("vda4"), fx.dev("vda5"));
+    // EPHEMERAL is made and mounted now; STATE is neither formatted nor mounted.
+    let Err(Error::Deferred { name, device, size }) = report.state else {
+        panic!("STATE should be deferred: {:?}", report.state);
+    };
+    assert_eq!(
+        (name, device.as_str(), size),
+        ("STATE", vda4.as_str(), 100 * MIB)
+    );
+    assert!(report.ephemeral?.formatted);
+    assert!(!fake.calls().contains(&mke2fs("STATE", &vda4)));
+    assert!(
+        lines(&log).iter().all(|l| !l.contains("STATE")),
+        "{:?}",
+        lines(&log)
+    );
+    let before = fake.calls().len();
+    let state = finish_deferred(&fake, &log, &opts, &device, size)?;
+    assert!(state.formatted && state.size == 100 * MIB);
+    assert_eq!(fake.calls()[before..], new_state_calls(&vda4));
+    assert_eq!(
+        lines(&log)[lines(&log).len() - 2..],
+        [
+            format!("formatting STATE ({vda4}, 100 MiB) as ext4"),
+            format!("STATE ({vda4}) mounted at /system/state"),
+        ]
+    );
+    assert!(fake.calls().contains(&mke2fs("EPHEMERAL", &vda5)));
+    Ok(())
+}
+
+#[test]
 fn first_boot_grows_ephemeral_formats_and_mounts_both() -> Result<(), Box<dyn std::error::Error>> {
     let fx = Fixture::new("first", 1024)?;
     let mut fake = Fake::new();
@@ -202,34 +259,29 @@ fn first_boot_grows_ephemeral_formats_and_mounts_both() -> Result<(), Box<dyn st
         ]
     );
     let dir = "/usr/lib/modules/6.12.0-test/kernel";
-    assert_eq!(
-        fake.calls(),
-        [
-            Call::Blkpg {
-                disk: vda.clone(),
-                op: BlkpgOp::Resize,
-                number: 5,
-                start: 106 * MIB,
-                length: 917 * MIB,
-            },
-            Call::FinitModule(format!("{dir}/mbcache.ko"), false),
-            Call::FinitModule(format!("{dir}/jbd2.ko"), false),
-            Call::FinitModule(format!("{dir}/ext4.ko"), false),
-            Call::OpenRead(vda4.clone()),
-            Call::OpenRead("/dev/urandom".into()),
-            Call::OpenRead("/dev/urandom".into()),
-            mke2fs("STATE", &vda4),
-            Call::Mkdir("/system".into()),
-            Call::Mkdir("/system/state".into()),
-            mount(vda4.clone(), "/system/state", STATE_FLAGS),
-            Call::OpenRead(vda5.clone()),
-            Call::OpenRead("/dev/urandom".into()),
-            Call::OpenRead("/dev/urandom".into()),
-            mke2fs("EPHEMERAL", &vda5),
-            Call::Mkdir("/var".into()),
-            mount(vda5.clone(), "/var", VAR_FLAGS),
-        ]
-    );
+    let mut expected = vec![
+        Call::Blkpg {
+            disk: vda.clone(),
+            op: BlkpgOp::Resize,
+            number: 5,
+            start: 106 * MIB,
+            length: 917 * MIB,
+        },
+        Call::FinitModule(format!("{dir}/mbcache.ko"), false),
+        Call::FinitModule(format!("{dir}/jbd2.ko"), false),
+        Call::FinitModule(format!("{dir}/ext4.ko"), false),
+        Call::OpenRead(vda4.clone()),
+    ];
+    expected.extend(new_state_calls(&vda4));
+    expected.extend([
+        Call::OpenRead(vda5.clone()),
+        Call::OpenRead("/dev/urandom".into()),
+        Call::OpenRead("/dev/urandom".into()),
+        mke2fs("EPHEMERAL", &vda5),
+        Call::Mkdir("/var".into()),
+        mount(vda5.clone(), "/var", VAR_FLAGS),
+    ]);
+    assert_eq!(fake.calls(), expected);
     let state = report.state?;
     assert!(state.formatted && !state.resized && state.size == 100 * MIB);
     let eph = report.ephemeral?;
