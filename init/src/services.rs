@@ -185,7 +185,7 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(3);
 /// Pause between two checks: short, because the wait after the socket appears is boot
 /// time (half the interval on average), and a check before it exists is one failed
 /// `connect(2)`.
-const CHECK_INTERVAL: Duration = Duration::from_millis(50);
+const CHECK_INTERVAL: Duration = Duration::from_millis(20);
 
 /// One readiness check.
 pub async fn check(readiness: &Readiness) -> Result<(), String> {
