@@ -21,12 +21,13 @@
 //!    machined alone (it serves `version` and `apply-config --insecure`) and DHCP on every
 //!    link; machined's `config-installed` ends the wait with the config it wrote to STATE.
 //! 6. **Configure** (once a valid config is there): what containerd's start needs
-//!    (overlay, hostname, files, `/etc`), containerd spawned, then while it starts a new
-//!    STATE formatted, a new machine id and the config kept in STATE, the config's other modules (br_netfilter, ...), sysctls
-//!    (defaults + config), swap off, network (`netconf`), and the other services
-//!    (`services`, `supervisor`: machined once containerd is ready). Once containerd
-//!    is ready (or [`NETWORK_MODULES_AFTER`] has passed): the power button's modules and
-//!    watch, the network drivers and the disk drivers stage 1 left; preflight then too.
+//!    (overlay, hostname, files, `/etc`), containerd spawned, then while it starts: a
+//!    new STATE formatted and mounted, a new machine id and the config kept in STATE, the
+//!    config's other modules (br_netfilter, ...), sysctls (defaults + config), swap off,
+//!    network (`netconf`), and the other services (`services`, `supervisor`: machined
+//!    once containerd is ready). Once containerd is ready (or [`NETWORK_MODULES_AFTER`]
+//!    has passed): the power button's modules and watch, the network drivers and the
+//!    disk drivers stage 1 left; preflight then too.
 //! 7. **Main loop**: one [`Event`] at a time until a shutdown request (signal or control
 //!    socket) has stopped every service; then the rest of the processes are stopped, the
 //!    filesystems unmounted, and the machine restarted or powered off (`shutdown`). A
@@ -1435,10 +1436,10 @@ impl<L: Log> Node<'_, L> {
         self.config = Some(accepted);
     }
 
-    /// Format and mount a new STATE that the disks step left (a first boot), then keep
-    /// the machine id in it. Done once containerd is spawned, or before the node waits
-    /// for a config: a new STATE holds nothing to read, and containerd needs only
-    /// EPHEMERAL.
+    /// Format and mount a new STATE that the disks step left (a first boot), and add it
+    /// to what a reset wipes. Done once containerd is spawned, or before the node waits
+    /// for a config (then [`Node::keep_machine_id`]): a new STATE holds nothing to read,
+    /// and containerd needs only EPHEMERAL.
     fn finish_state(&mut self) {
         let Some((device, size)) = self.state_pending.take() else {
             return;
