@@ -22,7 +22,8 @@
 //!    link; machined's `config-installed` ends the wait with the config it wrote to STATE.
 //! 6. **Configure** (once a valid config is there): what containerd's start needs
 //!    (overlay, hostname, files, `/etc`), containerd spawned, then while it starts: a
-//!    new STATE formatted and mounted, a new machine id and the config kept in STATE, the
+//!    new STATE formatted and mounted, the config's files in STATE (a worker's node API
+//!    certificate) written, a new machine id and the config kept in STATE, the
 //!    config's other modules (br_netfilter, ...), sysctls (defaults + config), swap off,
 //!    network (`netconf`), and the other services (`services`, `supervisor`: machined
 //!    once containerd is ready). Once containerd is ready (or [`NETWORK_MODULES_AFTER`]
@@ -1364,7 +1365,13 @@ impl<L: Log> Node<'_, L> {
         } else {
             log.line(&format!("hostname {hostname}"));
         }
-        write_files(log, &machine.files);
+        // Files in STATE (a worker's node API certificate) wait until a new STATE is
+        // formatted and mounted, after containerd's spawn (`finish_state`).
+        let (state_files, files): (Vec<_>, Vec<_>) = machine
+            .files
+            .iter()
+            .partition(|f| Path::new(&f.path).starts_with(&self.disk_options.state_mount));
+        write_files(log, files);
         if self.etc_ok {
             let input = EtcInput {
                 hostname: hostname.clone(),
@@ -1395,6 +1402,7 @@ impl<L: Log> Node<'_, L> {
 
         self.finish_state();
         self.keep_machine_id();
+        write_files(log, state_files);
         if accepted.source.persist() {
             match &self.state_dir {
                 Some(dir) => {
@@ -1555,7 +1563,10 @@ fn signal_of(number: i32) -> Option<rustix::process::Signal> {
 }
 
 /// Write the config's `[[machine.files]]`, creating parent directories.
-fn write_files(log: &dyn Log, files: &[keelson_configs::schema::File]) {
+fn write_files<'f>(
+    log: &dyn Log,
+    files: impl IntoIterator<Item = &'f keelson_configs::schema::File>,
+) {
     use std::os::unix::fs::PermissionsExt;
     for file in files {
         let path = Path::new(&file.path);
