@@ -477,11 +477,7 @@ pub fn finish_deferred(
 ) -> Result<Mounted, Error> {
     let target = &opts.state_mount;
     let shown = target.display().to_string();
-    log.line(&format!(
-        "formatting {PART_STATE} ({device}, {} MiB) as ext4",
-        mib(size)
-    ));
-    format(sys, PART_STATE, device)?;
+    format_new(sys, log, PART_STATE, device, size)?;
     mount_partition(sys, log, PART_STATE, device, target, STATE_FLAGS)?;
     Ok(Mounted {
         device: device.to_string(),
@@ -490,6 +486,21 @@ pub fn finish_deferred(
         resized: false,
         size,
     })
+}
+
+/// Say that a partition of `size` bytes without a filesystem is formatted, and format it.
+fn format_new(
+    sys: &dyn Syscalls,
+    log: &dyn Log,
+    name: &'static str,
+    device: &str,
+    size: u64,
+) -> Result<(), Error> {
+    log.line(&format!(
+        "formatting {name} ({device}, {} MiB) as ext4",
+        mib(size)
+    ));
+    format(sys, name, device)
 }
 
 fn mount_partition(
@@ -560,11 +571,7 @@ fn prepare_partition(
         return Err(Error::Deferred { name, device, size });
     }
     if formatted {
-        log.line(&format!(
-            "formatting {name} ({device}, {} MiB) as ext4",
-            mib(size)
-        ));
-        format(sys, name, &device)?;
+        format_new(sys, log, name, &device, size)?;
     }
     mount_partition(sys, log, name, &device, target, flags)?;
     let mut resized = false;
