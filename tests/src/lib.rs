@@ -107,14 +107,9 @@ pub fn free_loopback_port() -> Result<u16> {
     Ok(listener.local_addr()?.port())
 }
 
-/// A control-plane config (as `machinectl gen config` makes it, with fresh secrets) for
-/// QEMU's user network: eth0 = 10.0.2.15/24 through 10.0.2.2, nameserver 10.0.2.3.
-/// `machine_extra` is TOML whose top-level keys are set in `[machine]` (a hostname,
-/// services...). Returns the config as a table to edit and the node API CA it carries.
-pub fn user_net_control_plane(
-    cluster_name: &str,
-    machine_extra: &str,
-) -> Result<(toml::Table, CertAndKey)> {
+/// The control-plane config `machinectl gen config` makes for `cluster_name` (endpoint
+/// 10.0.2.15, QEMU's user network) with fresh secrets, as a table, and those secrets.
+fn generated_control_plane(cluster_name: &str) -> Result<(toml::Table, ClusterSecrets)> {
     let secrets = ClusterSecrets::generate().context("generating cluster secrets")?;
     let generated = generate(
         &GenerateOptions {
@@ -125,7 +120,19 @@ pub fn user_net_control_plane(
         &secrets,
     )
     .context("generating the configs")?;
-    let mut config: toml::Table = toml::from_str(&generated.control_plane.text)?;
+    let config = toml::from_str(&generated.control_plane.text)?;
+    Ok((config, secrets))
+}
+
+/// A control-plane config (as `machinectl gen config` makes it, with fresh secrets) for
+/// QEMU's user network: eth0 = 10.0.2.15/24 through 10.0.2.2, nameserver 10.0.2.3.
+/// `machine_extra` is TOML whose top-level keys are set in `[machine]` (a hostname,
+/// services...). Returns the config as a table to edit and the node API CA it carries.
+pub fn user_net_control_plane(
+    cluster_name: &str,
+    machine_extra: &str,
+) -> Result<(toml::Table, CertAndKey)> {
+    let (mut config, secrets) = generated_control_plane(cluster_name)?;
     let network: toml::Table = toml::from_str(
         r#"
 nameservers = ["10.0.2.3"]
@@ -145,6 +152,26 @@ via = "10.0.2.2"
     machine.insert("network".into(), toml::Value::Table(network));
     machine.extend(extra);
     Ok((config, secrets.node_api_ca))
+}
+
+/// `config` (a machine config's text, such as the config tests' fixture) with its
+/// `[cluster.secrets]` replaced by fresh ones, as `machinectl gen config` makes them: the
+/// fixture's certificates are placeholders that parse as PEM but not as X.509, and a node
+/// booted with them would have machined fail on its CA and restart over and over.
+pub fn with_fresh_secrets(config: &str) -> Result<String> {
+    let (fresh, _) = generated_control_plane("fresh")?;
+    let fresh = fresh
+        .get("cluster")
+        .and_then(|c| c.get("secrets"))
+        .context("the generated config has no [cluster.secrets]")?
+        .clone();
+    let mut table: toml::Table = toml::from_str(config).context("parsing the config")?;
+    let cluster = table
+        .get_mut("cluster")
+        .and_then(toml::Value::as_table_mut)
+        .context("the config has no [cluster] table")?;
+    cluster.insert("secrets".into(), fresh);
+    Ok(toml::to_string(&table)?)
 }
 
 /// Write a `machinectl` client config to `path` with one context per role (named for the

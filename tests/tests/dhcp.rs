@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use keelson_configs::layout::FW_CFG_CONFIG;
 use keelson_configs::{Mode, check_str};
-use keelson_tests::{Arch, Guest, test_image};
+use keelson_tests::{Arch, Guest, test_image, with_fresh_secrets};
 
 /// Boot to the network under software emulation, with room to spare.
 const BOOT: Duration = Duration::from_secs(420);
@@ -135,7 +135,7 @@ impl Drop for Dnsmasq {
 }
 
 /// The control-plane fixture of the config tests with one NIC, selected by MAC, asking
-/// DHCP for everything, and no host name of its own.
+/// DHCP for everything, no host name of its own, and fresh secrets.
 fn dhcp_config() -> String {
     let fixture = include_str!("../../configs/tests/data/controlplane.toml");
     let network_start = fixture.find("[machine.network]").unwrap();
@@ -157,6 +157,7 @@ fn dhcp_config() -> String {
         "advertised_subnets = [\"10.5.0.0/24\"]",
         "advertised_subnets = [\"10.5.98.0/24\"]",
     );
+    let text = with_fresh_secrets(&text).unwrap();
     let checked = check_str(&text, "dhcp-node.toml", Mode::Metal);
     assert!(checked.is_valid(), "{:#?}", checked.diagnostics);
     text

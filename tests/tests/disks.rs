@@ -14,17 +14,19 @@ use std::time::Duration;
 use keelson_configs::layout::{FW_CFG_CONFIG, PART_EPHEMERAL, PART_STATE};
 use keelson_imager::gpt;
 use keelson_imager::inspect::read_ext4_file;
-use keelson_tests::{Arch, Guest, POWER_BUTTON_WATCHED, Running, test_image};
+use keelson_tests::{Arch, Guest, POWER_BUTTON_WATCHED, Running, test_image, with_fresh_secrets};
 
 /// One boot to "containerd ready" under software emulation, with room to spare.
 const BOOT: Duration = Duration::from_secs(420);
 const MIB: u64 = 1 << 20;
 
-/// The control-plane fixture of the config tests (its network does not matter here: the
-/// disks only need a config to arrive and be kept, and its file written to /var).
+/// The control-plane fixture of the config tests with fresh secrets (its network does not
+/// matter here: the disks only need a config to arrive and be kept, and its file written
+/// to /var).
 fn node_config() -> String {
     let text = include_str!("../../configs/tests/data/controlplane.toml")
         .replace("hostname = \"cp-1\"", "hostname = \"disks-test\"");
+    let text = with_fresh_secrets(&text).unwrap();
     let checked =
         keelson_configs::check_str(&text, "disks-node.toml", keelson_configs::Mode::Metal);
     assert!(checked.is_valid(), "{:#?}", checked.diagnostics);

@@ -18,7 +18,7 @@ use keelson_configs::layout::{FW_CFG_CONFIG, PART_EPHEMERAL, PART_STATE};
 use keelson_configs::{Mode, check_str};
 use keelson_imager::gpt;
 use keelson_imager::inspect::read_ext4_file;
-use keelson_tests::{Arch, Guest, POWER_BUTTON_WATCHED, Running, test_image};
+use keelson_tests::{Arch, Guest, POWER_BUTTON_WATCHED, Running, test_image, with_fresh_secrets};
 
 /// One boot to "containerd ready" under software emulation, with room to spare.
 const BOOT: Duration = Duration::from_secs(420);
@@ -27,7 +27,8 @@ const MAC: &str = "52:54:00:4b:45:01";
 const ADDRESS: &str = "10.0.2.15/24";
 
 /// The control-plane fixture of the config tests, made to fit this VM: one NIC named
-/// eth0 with the static address, a route through QEMU's gateway.
+/// eth0 with the static address, a route through QEMU's gateway, and fresh secrets (so
+/// that machined can serve with them).
 fn node_config() -> String {
     let fixture = include_str!("../../configs/tests/data/controlplane.toml");
     let network_start = fixture.find("[machine.network]").unwrap();
@@ -51,6 +52,7 @@ fn node_config() -> String {
         "advertised_subnets = [\"10.5.0.0/24\"]",
         "advertised_subnets = [\"10.0.2.0/24\"]",
     );
+    let text = with_fresh_secrets(&text).unwrap();
     let checked = check_str(&text, "pid1-node.toml", Mode::Metal);
     assert!(checked.is_valid(), "{:#?}", checked.diagnostics);
     text
@@ -199,6 +201,14 @@ fn assert_ordered_stop(console: &str, requested: &str, end: &str) {
         "the shutdown is out of order: {:?}",
         steps.iter().zip(&at).collect::<Vec<_>>()
     );
+    // machined depends on nothing (it is only started after containerd), so it stops
+    // alongside containerd, but before the sweep of every other process.
+    let machined = position(console, "keelson-init: service machined stopped");
+    assert!(
+        at[0] < machined && machined < at[3],
+        "machined stopped at line {machined}, outside the services' stop: {:?}",
+        steps.iter().zip(&at).collect::<Vec<_>>()
+    );
     let stuck: Vec<String> = ["/var busy", "/system/state busy", "still mounted"]
         .iter()
         .flat_map(|n| lines_with(console, n))
@@ -241,6 +251,7 @@ fn a_node_configures_itself_from_fw_cfg_and_stops_cleanly() {
             &format!("keelson-init: address {ADDRESS} added to eth0 (static)"),
             "keelson-init: service containerd started",
             "keelson-init: service containerd ready",
+            "keelson-init: service machined ready",
             "keelson-init: preflight swap: pass",
             "keelson-init: boot complete:",
             "keelson-init: idle pid1 rss_kb=",
@@ -256,6 +267,8 @@ fn a_node_configures_itself_from_fw_cfg_and_stops_cleanly() {
             == 1
     );
     assert!(lines_with(&console, "refused").is_empty());
+    let restarts = lines_with(&console, "service machined restarts in");
+    assert!(restarts.is_empty(), "machined failed: {restarts:#?}");
     for line in lines_with(&console, "idle pid1 rss_kb=") {
         eprintln!("pid1: {line}");
     }
@@ -293,6 +306,7 @@ fn a_node_configures_itself_from_fw_cfg_and_stops_cleanly() {
         &[
             "keelson-init: config from STATE (/system/state/config.toml) is valid",
             "keelson-init: service containerd ready",
+            "keelson-init: service machined ready",
         ],
     );
     let console = vm.console();
