@@ -386,6 +386,11 @@ const ROOT_DIRS: &[&str] = &[
     // cannot create it at boot.
     "system",
     "system/state",
+    // Mount point of the CNI plugins' overlay (init's `stage2::CNI_BIN_DIR`), where pod
+    // networks install their plugins.
+    "opt",
+    "opt/cni",
+    "opt/cni/bin",
     "usr",
     "usr/bin",
     "usr/sbin",

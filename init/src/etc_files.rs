@@ -107,7 +107,8 @@ oom_score = -999
           # No systemd on a Keelson node: cgroupfs driver; the kubelet uses cgroupfs too.
           SystemdCgroup = false
     [plugins."io.containerd.grpc.v1.cri".cni]
-      bin_dir = "/usr/lib/cni"
+      # An overlay over the image's /usr/lib/cni that pod networks add to (stage2::CNI_BIN_DIR).
+      bin_dir = "/opt/cni/bin"
       conf_dir = "/etc/cni/net.d"
   [plugins."io.containerd.internal.v1.opt"]
     path = "/var/lib/containerd/opt"

@@ -21,7 +21,8 @@
 //!    machined alone (it serves `version` and `apply-config --insecure`) and DHCP on every
 //!    link; machined's `config-installed` ends the wait with the config it wrote to STATE.
 //! 6. **Configure** (once a valid config is there): what containerd's start needs
-//!    (overlay, hostname, files, `/etc`), containerd spawned, then while it starts: a
+//!    (overlay, the CNI plugins' overlay at [`CNI_BIN_DIR`], hostname, files, `/etc`),
+//!    containerd spawned, then while it starts: a
 //!    new STATE formatted and mounted, the config's files in STATE (a worker's node API
 //!    certificate) written, a new machine id and the config kept in STATE, the
 //!    config's other modules (br_netfilter, ...), sysctls (defaults + config), swap off,
@@ -173,6 +174,71 @@ pub const ETC_MOUNT: MountSpec = MountSpec {
     flags: NOSUID_NODEV,
     data: "mode=0755,size=16m",
 };
+
+/// Where containerd's CRI looks for CNI plugins (`bin_dir` in its config), as on Talos:
+/// the image's plugins ([`CNI_IMAGE_DIR`]) under a writable overlay whose changes live on
+/// EPHEMERAL ([`CNI_OVERLAY_DIRS`]), so that a pod network's installer (flannel's or
+/// Calico's init container, through a hostPath of `/opt/cni/bin`) can add its own
+/// plugins, and they stay until EPHEMERAL is wiped. The image carries the empty
+/// directory as the mount point.
+pub const CNI_BIN_DIR: &str = "/opt/cni/bin";
+/// The image's CNI plugins (Debian's containernetworking-plugins).
+pub const CNI_IMAGE_DIR: &str = "/usr/lib/cni";
+/// The overlay's directories on EPHEMERAL, parents first: its upper and work dirs last.
+pub const CNI_OVERLAY_DIRS: [&str; 5] = [
+    "/var/lib",
+    "/var/lib/keelson",
+    "/var/lib/keelson/cni-bin",
+    "/var/lib/keelson/cni-bin/upper",
+    "/var/lib/keelson/cni-bin/work",
+];
+/// The overlay over [`CNI_BIN_DIR`] (module `overlay`, loaded for containerd first).
+pub const CNI_BIN_OVERLAY: MountSpec = MountSpec {
+    source: "overlay",
+    target: CNI_BIN_DIR,
+    fstype: "overlay",
+    flags: NOSUID_NODEV,
+    data: "lowerdir=/usr/lib/cni,upperdir=/var/lib/keelson/cni-bin/upper,workdir=/var/lib/keelson/cni-bin/work",
+};
+/// Without the overlay (no EPHEMERAL, no `overlay` module): the image's plugins alone,
+/// read-only, so that pod networks built on them still work.
+pub const CNI_BIN_FALLBACK: MountSpec = MountSpec {
+    source: CNI_IMAGE_DIR,
+    target: CNI_BIN_DIR,
+    fstype: "",
+    flags: MountFlags::BIND,
+    data: "",
+};
+
+/// Mount [`CNI_BIN_OVERLAY`], or else [`CNI_BIN_FALLBACK`], and say which.
+pub fn mount_cni_bin(sys: &dyn Syscalls, log: &dyn Log) {
+    let overlay = CNI_OVERLAY_DIRS
+        .iter()
+        .try_for_each(|dir| mounts::ensure_dir(sys, Path::new(dir), 0o755))
+        .map_err(|e| format!("cannot create its directories on /var: {}", errno_name(&e)))
+        .and_then(|()| mounts::apply(sys, &[CNI_BIN_OVERLAY]).map_err(|e| e.to_string()));
+    let why = match overlay {
+        Ok(_) => {
+            log.line(&format!(
+                "CNI plugins: {CNI_BIN_DIR} holds the image's ({CNI_IMAGE_DIR}) and takes more; \
+                 what is added is kept in /var/lib/keelson/cni-bin"
+            ));
+            return;
+        }
+        Err(why) => why,
+    };
+    match mounts::apply(sys, &[CNI_BIN_FALLBACK]) {
+        Ok(_) => log.line(&format!(
+            "CNI plugins: {CNI_BIN_DIR} is not writable ({why}): it holds the image's \
+             ({CNI_IMAGE_DIR}) alone, and a pod network that installs its own plugins \
+             will fail; check that EPHEMERAL is mounted at /var"
+        )),
+        Err(e) => log.line(&format!(
+            "CNI plugins: {CNI_BIN_DIR} is empty ({why}; {e}): pods get no network; \
+             the image must provide {CNI_BIN_DIR}"
+        )),
+    }
+}
 
 /// Modules loaded before the disks and the config are read: the filesystems of STATE,
 /// EPHEMERAL and efivars, and fw_cfg. Missing ones are logged (a kernel that has them
@@ -1356,6 +1422,8 @@ impl<L: Log> Node<'_, L> {
             .into_iter()
             .partition(|m| services::CONTAINERD_MODULES.contains(&m.as_str()));
         self.load_config_modules(&for_containerd);
+        // Before the config's files, which may add plugins there.
+        mount_cni_bin(sys, log);
         let hostname = machine
             .hostname
             .clone()
@@ -1658,6 +1726,53 @@ mod tests {
             &"keelson-init: optional mount skipped: cannot mount efivarfs at /sys/firmware/efi/efivars: ENODEV (19)".to_string()
         ));
         assert!(lines.contains(&"keelson-init: mounted /sys/kernel/security".to_string()));
+    }
+
+    #[test]
+    fn the_cni_plugins_dir_is_an_overlay_kept_on_ephemeral() {
+        let fake = Fake::new();
+        let log = MemoryLog::default();
+        mount_cni_bin(&fake, &log);
+        let mut expected: Vec<Call> = CNI_OVERLAY_DIRS
+            .iter()
+            .map(|d| Call::Mkdir((*d).into()))
+            .collect();
+        expected.push(Call::Mkdir(CNI_BIN_DIR.into()));
+        expected.push(mount(&CNI_BIN_OVERLAY));
+        assert_eq!(fake.calls(), expected);
+        // The overlay's options name the image's plugins and the dirs made for it.
+        let [.., upper, work] = CNI_OVERLAY_DIRS;
+        assert_eq!(
+            CNI_BIN_OVERLAY.data,
+            format!("lowerdir={CNI_IMAGE_DIR},upperdir={upper},workdir={work}")
+        );
+        assert!(etc_files::containerd_config().contains(&format!("bin_dir = \"{CNI_BIN_DIR}\"")));
+        assert_eq!(
+            log.lines(),
+            [
+                "keelson-init: CNI plugins: /opt/cni/bin holds the image's (/usr/lib/cni) and takes more; what is added is kept in /var/lib/keelson/cni-bin"
+            ]
+        );
+    }
+
+    #[test]
+    fn without_the_overlay_the_image_plugins_are_bound_read_only() {
+        let mut fake = Fake::new();
+        fake.mount_errors.insert("overlay".into(), 19);
+        let log = MemoryLog::default();
+        mount_cni_bin(&fake, &log);
+        let mounts: Vec<Call> = fake
+            .calls()
+            .into_iter()
+            .filter(|c| matches!(c, Call::Mount { .. }))
+            .collect();
+        assert_eq!(mounts, [mount(&CNI_BIN_OVERLAY), mount(&CNI_BIN_FALLBACK)]);
+        assert_eq!(
+            log.lines(),
+            [
+                "keelson-init: CNI plugins: /opt/cni/bin is not writable (cannot mount overlay at /opt/cni/bin: ENODEV (19)): it holds the image's (/usr/lib/cni) alone, and a pod network that installs its own plugins will fail; check that EPHEMERAL is mounted at /var"
+            ]
+        );
     }
 
     #[test]

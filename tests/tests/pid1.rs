@@ -26,9 +26,12 @@ const MAC: &str = "52:54:00:4b:45:01";
 /// QEMU's user-mode network is 10.0.2.0/24 with its gateway at .2.
 const ADDRESS: &str = "10.0.2.15/24";
 
+/// A file the config puts among the CNI plugins, as a pod network's installer would.
+const CNI_PLUGIN: &str = "keelson-test-plugin";
+
 /// The control-plane fixture of the config tests, made to fit this VM: one NIC named
-/// eth0 with the static address, a route through QEMU's gateway, and fresh secrets (so
-/// that machined can serve with them).
+/// eth0 with the static address, a route through QEMU's gateway, a file among the CNI
+/// plugins, and fresh secrets (so that machined can serve with them).
 fn node_config() -> String {
     let fixture = include_str!("../../configs/tests/data/controlplane.toml");
     let network_start = fixture.find("[machine.network]").unwrap();
@@ -47,6 +50,13 @@ fn node_config() -> String {
     .replace(
         "node_ip_subnets = [\"10.5.0.0/24\"]",
         "node_ip_subnets = [\"10.0.2.0/24\"]",
+    )
+    .replace(
+        "[[machine.files]]\n",
+        &format!(
+            "[[machine.files]]\npath = \"/opt/cni/bin/{CNI_PLUGIN}\"\n\
+             content = \"#!/bin/false\\n\"\nmode = \"0755\"\n\n[[machine.files]]\n"
+        ),
     )
     .replace(
         "advertised_subnets = [\"10.5.0.0/24\"]",
@@ -249,6 +259,8 @@ fn a_node_configures_itself_from_fw_cfg_and_stops_cleanly() {
             "keelson-init: swap: none active",
             "keelson-init: hostname pid1-test",
             &format!("keelson-init: address {ADDRESS} added to eth0 (static)"),
+            "keelson-init: CNI plugins: /opt/cni/bin holds the image's (/usr/lib/cni) and takes more",
+            &format!("keelson-init: file /opt/cni/bin/{CNI_PLUGIN} written (755)"),
             "keelson-init: service containerd started",
             "keelson-init: service containerd ready",
             "keelson-init: service machined ready",
@@ -337,10 +349,20 @@ fn a_node_configures_itself_from_fw_cfg_and_stops_cleanly() {
     );
     drop(vm);
     assert_clean(&disk);
-    // The config's file went to EPHEMERAL (/var).
+    // The config's file went to EPHEMERAL (/var), and so did the one among the CNI
+    // plugins, in the overlay's upper layer.
     assert_eq!(
         read_ext4_file(&disk, PART_EPHEMERAL, "/etc/motd").unwrap(),
         b"hello\n"
+    );
+    assert_eq!(
+        read_ext4_file(
+            &disk,
+            PART_EPHEMERAL,
+            &format!("/lib/keelson/cni-bin/upper/{CNI_PLUGIN}")
+        )
+        .unwrap(),
+        b"#!/bin/false\n"
     );
 }
 
