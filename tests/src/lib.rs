@@ -174,6 +174,13 @@ pub fn with_fresh_secrets(config: &str) -> Result<String> {
     Ok(toml::to_string(&table)?)
 }
 
+/// Whether the first occurrence of `needle` in `console` is on a complete line.
+fn shows_line(console: &str, needle: &str) -> bool {
+    console
+        .find(needle)
+        .is_some_and(|at| console[at + needle.len()..].contains('\n'))
+}
+
 /// Write a `machinectl` client config to `path` with one context per role (named for the
 /// role, `admin` current), each with a client certificate issued by `ca` and the node
 /// API at `endpoint`.
@@ -436,12 +443,14 @@ impl Running {
         )
     }
 
-    /// Wait until the console shows `needle`; on timeout or early exit, say what was
-    /// awaited and show the console's tail.
+    /// Wait until the console shows `needle` in a complete line (its first occurrence is
+    /// followed by a newline: QEMU writes the serial console as the characters arrive, and
+    /// a caller that reads the line right after must not get half of it); on timeout or
+    /// early exit, say what was awaited and show the console's tail.
     pub fn wait_for(&mut self, needle: &str, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
-            if self.console().contains(needle) {
+            if shows_line(&self.console(), needle) {
                 return Ok(());
             }
             if let Some(status) = self.child.try_wait()? {
@@ -523,5 +532,24 @@ impl Drop for Running {
                 eprintln!("guest: console kept at {}", kept.display());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shows_line;
+
+    #[test]
+    fn a_line_counts_once_it_is_complete() {
+        let needle = "dhcp lease 10.5.98.";
+        assert!(!shows_line(
+            "boot\nkeelson-init: dhcp lease 10.5.98.50/24, d",
+            needle
+        ));
+        assert!(shows_line(
+            "keelson-init: dhcp lease 10.5.98.50/24, dns x\nmore",
+            needle
+        ));
+        assert!(!shows_line("nothing here\n", needle));
     }
 }
