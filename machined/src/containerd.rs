@@ -19,9 +19,6 @@ use tonic::Status;
 #[cfg(not(feature = "containerd"))]
 use crate::api::proto;
 
-/// The namespace images are imported into by default: the one the kubelet (CRI) uses.
-pub const DEFAULT_NAMESPACE: &str = "k8s.io";
-
 #[cfg(not(feature = "containerd"))]
 fn unimplemented() -> Status {
     Status::unimplemented(

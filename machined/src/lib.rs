@@ -14,30 +14,12 @@
 //! | [`cluster`] | local clusters under QEMU (`machinectl cluster`; not in the node's musl build) |
 //! | [`atomic`] | atomic file writes |
 
-pub mod api;
-pub mod atomic;
 pub mod backend;
 pub mod cli;
-pub mod client;
-pub mod clientconfig;
 #[cfg(not(target_env = "musl"))]
 pub mod cluster;
 pub mod containerd;
 pub mod node;
 pub mod server;
-pub mod tls;
 
-/// An error and its sources, joined with `: ` (the chain printed once, at the top).
-pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = s.source();
-    }
-    out
-}
+pub use keelson_api::{api, atomic, client, clientconfig, error_chain, tls};

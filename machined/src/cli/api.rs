@@ -245,7 +245,7 @@ pub enum ImageCommand {
         /// The archive.
         file: PathBuf,
         /// The containerd namespace to import into.
-        #[arg(long, default_value = crate::containerd::DEFAULT_NAMESPACE)]
+        #[arg(long, default_value = crate::api::DEFAULT_NAMESPACE)]
         namespace: String,
         /// Output format.
         #[command(flatten)]
@@ -770,7 +770,7 @@ pub fn read(target: &Target, args: &ReadArgs) -> anyhow::Result<ExitCode> {
                             if chunk.truncated {
                                 eprintln!(
                                     "machinectl: {path} is longer than {} MiB: the rest was left out",
-                                    crate::node::files::MAX_READ >> 20
+                                    crate::api::MAX_READ >> 20
                                 );
                             }
                             chunk.data
@@ -830,7 +830,7 @@ pub fn apply_config(target: &Target, args: &ApplyArgs) -> anyhow::Result<ExitCod
             .await;
             match result {
                 Ok(r) => {
-                    let mode = crate::server::apply::mode_name(r.mode());
+                    let mode = crate::api::apply_mode_name(r.mode());
                     if format == Format::Table {
                         if args.dry_run || r.diff.is_empty() {
                             print!("{}", r.diff);

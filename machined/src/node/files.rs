@@ -5,7 +5,8 @@
 //! refused). Files that hold secrets need the admin role: STATE (the machine config with
 //! the cluster CAs' keys), the firmware's config channel (`/sys/firmware`), and processes'
 //! environments and memory. Files that block on read (`/proc/kmsg`, trace pipes) are
-//! refused with a pointer to what to use instead. At most [`MAX_READ`] bytes are sent.
+//! refused with a pointer to what to use instead. At most
+//! [`MAX_READ`](crate::api::MAX_READ) bytes are sent.
 
 use std::fs::{File, OpenOptions};
 use std::io::Read as _;
@@ -16,8 +17,6 @@ use keelson_configs::pki::Role;
 
 use crate::api;
 
-/// The most bytes one `read` returns (4 MiB); a longer file is cut and marked truncated.
-pub const MAX_READ: u64 = 4 * 1024 * 1024;
 /// The size of each streamed chunk.
 pub const CHUNK: usize = 64 * 1024;
 

@@ -218,17 +218,6 @@ pub fn diff(old: Option<&MachineConfig>, new: &MachineConfig) -> String {
         .to_string()
 }
 
-/// The mode as the command line spells it.
-pub fn mode_name(mode: ApplyMode) -> &'static str {
-    match mode {
-        ApplyMode::Unspecified | ApplyMode::Auto => "auto",
-        ApplyMode::NoReboot => "no-reboot",
-        ApplyMode::Reboot => "reboot",
-        ApplyMode::Staged => "staged",
-        ApplyMode::Try => "try",
-    }
-}
-
 /// The outcome of an apply.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Applied {
@@ -467,7 +456,9 @@ impl Applier {
             msg
         };
         if matches!(mode, ApplyMode::NoReboot | ApplyMode::Try) && !need_reboot.is_empty() {
-            return Err(ApplyError::Precondition(refusal(mode_name(mode))));
+            return Err(ApplyError::Precondition(refusal(
+                crate::api::apply_mode_name(mode),
+            )));
         }
         let try_timeout = req.try_timeout.unwrap_or(DEFAULT_TRY_TIMEOUT);
         if mode == ApplyMode::Try && (try_timeout.is_zero() || try_timeout > MAX_TRY_TIMEOUT) {
@@ -480,7 +471,7 @@ impl Applier {
         if req.dry_run {
             messages.push(format!(
                 "dry run (--mode {}): nothing was changed",
-                mode_name(mode)
+                crate::api::apply_mode_name(mode)
             ));
             if keys.is_empty() {
                 messages.push("no changes: the node already runs this config".into());

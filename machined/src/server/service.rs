@@ -450,7 +450,7 @@ impl Machine for NodeService {
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(async move {
             let mut file = file;
-            let mut left = files::MAX_READ;
+            let mut left = crate::api::MAX_READ;
             loop {
                 let p = path.clone();
                 let result = tokio::task::spawn_blocking(move || {
@@ -537,7 +537,7 @@ impl Machine for NodeService {
         };
         eprintln!(
             "machined: apply-config by {user:?} (mode {}{}): {}",
-            crate::server::apply::mode_name(applied.mode),
+            crate::api::apply_mode_name(applied.mode),
             if req.dry_run { ", dry run" } else { "" },
             applied.messages.join("; ")
         );
@@ -646,7 +646,7 @@ impl Machine for NodeService {
             return Err(Status::invalid_argument("the image archive is empty"));
         }
         if namespace.is_empty() {
-            namespace = crate::containerd::DEFAULT_NAMESPACE.into();
+            namespace = crate::api::DEFAULT_NAMESPACE.into();
         }
         let images =
             crate::containerd::import(&self.paths.containerd_socket, &namespace, spool.path())

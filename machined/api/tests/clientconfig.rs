@@ -8,8 +8,8 @@ use std::ffi::OsString;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 
-use keelson_machined::atomic;
-use keelson_machined::clientconfig::{
+use keelson_api::atomic;
+use keelson_api::clientconfig::{
     ClientConfig, ClientConfigError, Context, Merged, host_of, resolve_path, with_default_port,
 };
 

@@ -1,6 +1,6 @@
 //! The node API's wire types and the role every method needs.
 //!
-//! [`proto`] is generated from `machined/proto/machine.proto` by `build.rs` (protox, no
+//! [`proto`] is generated from `machined/api/proto/machine.proto` by `build.rs` (protox, no
 //! system `protoc`); daemon and client share it. [`ACCESS`] is the access table:
 //! each method of the service declares the least role allowed to call it, and a method
 //! missing from the table is refused for everyone (a unit test checks that the table
@@ -27,6 +27,25 @@ pub const SERVICE: &str = "keelson.machine.v1.Machine";
 
 /// The largest message the node decodes (8 MiB); a larger one gets RESOURCE_EXHAUSTED.
 pub const MAX_MESSAGE_SIZE: usize = 8 * 1024 * 1024;
+
+/// The most bytes one `Read` returns (4 MiB); a longer file is cut and marked truncated.
+pub const MAX_READ: u64 = 4 * 1024 * 1024;
+
+/// The containerd namespace that `Containers`, `Images` and `ImageImport` use when the
+/// request names none: the one the kubelet (CRI) uses.
+pub const DEFAULT_NAMESPACE: &str = "k8s.io";
+
+/// An apply mode as the command line spells it (`Unspecified` is `auto`).
+pub fn apply_mode_name(mode: proto::ApplyMode) -> &'static str {
+    use proto::ApplyMode;
+    match mode {
+        ApplyMode::Unspecified | ApplyMode::Auto => "auto",
+        ApplyMode::NoReboot => "no-reboot",
+        ApplyMode::Reboot => "reboot",
+        ApplyMode::Staged => "staged",
+        ApplyMode::Try => "try",
+    }
+}
 
 /// How the roles rank: admin can do everything an operator can, who can do everything a
 /// reader can.
