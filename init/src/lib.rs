@@ -20,6 +20,7 @@ pub mod dm;
 pub mod etc_files;
 pub mod events;
 pub mod kmods;
+pub mod lifecycle;
 pub mod live;
 pub mod modules;
 pub mod mounts;
