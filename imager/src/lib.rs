@@ -11,7 +11,6 @@ pub mod gpt;
 pub mod inspect;
 pub mod kmod;
 pub mod prefetch;
-pub mod qemu;
 pub mod rootfs;
 pub mod squashfs;
 pub mod verity;

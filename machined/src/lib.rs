@@ -11,13 +11,10 @@
 //! | [`client`] | connecting `machinectl` to a node and naming what went wrong |
 //! | [`cli`] | `machinectl`'s commands |
 //! | [`clientconfig`] | the client config (contexts) |
-//! | [`cluster`] | local clusters under QEMU (`machinectl cluster`; not in the node's musl build) |
 //! | [`atomic`] | atomic file writes |
 
 pub mod backend;
 pub mod cli;
-#[cfg(not(target_env = "musl"))]
-pub mod cluster;
 pub mod containerd;
 pub mod node;
 pub mod server;

@@ -10,11 +10,11 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use keelson_cluster::qemu::{self, Accel, Machine};
 use keelson_configs::generate::{GenerateOptions, generate};
 pub use keelson_configs::layout::Arch;
 use keelson_configs::pki::{self, CertAndKey, Role};
 use keelson_configs::secrets::ClusterSecrets;
-use keelson_imager::qemu::{self, Accel, Machine};
 
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {

@@ -27,7 +27,7 @@ use std::process::{Command, Output};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use keelson_machined::cluster::record::processes_mentioning;
+use keelson_cluster::record::processes_mentioning;
 use keelson_tests::{Arch, machinectl_binary, show, test_image};
 
 /// One cluster at a time.

@@ -124,7 +124,7 @@ fn a_flipped_byte_in_root_a_is_refused_and_counted() {
         b[0]
     };
     let overlay = dir.path().join("corrupt.qcow2");
-    keelson_imager::qemu::create_overlay(&image, &overlay, None).unwrap();
+    keelson_cluster::qemu::create_overlay(&image, &overlay, None).unwrap();
     let (ok, out) = run(Command::new("qemu-io").args([
         "-f",
         "qcow2",

@@ -6,12 +6,12 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use keelson_cluster::qemu::{self, Machine};
 use keelson_configs::layout::Arch;
 use keelson_imager::build::{BuildOptions, BuildReport, Format};
 use keelson_imager::debian::fetch::Cache;
 use keelson_imager::debian::{self, Mirror};
 use keelson_imager::definition::Definition;
-use keelson_imager::qemu::{self, Machine};
 
 use crate::{cargo, run_cmd, workspace_root};
 

@@ -1,5 +1,5 @@
 //! `machinectl cluster create | destroy | list | show`: local clusters under QEMU (see
-//! [`crate::cluster`]), with a progress display while the nodes boot.
+//! [`keelson_cluster`]), with a progress display while the nodes boot.
 
 use std::io::{IsTerminal as _, Write as _};
 use std::path::{Path, PathBuf};
@@ -15,9 +15,9 @@ use keelson_configs::layout::Arch;
 use super::api::{OutputArgs, parse_duration};
 use super::output::{Format, Records, render};
 use crate::clientconfig;
-use crate::cluster::create::{NodeState, Progress};
-use crate::cluster::plan::NetworkKind;
-use crate::cluster::{self, CreateOptions};
+use keelson_cluster::create::{NodeState, Progress};
+use keelson_cluster::plan::NetworkKind;
+use keelson_cluster::{self as cluster, CreateOptions};
 
 /// `machinectl cluster ...`.
 #[derive(Debug, Subcommand)]

@@ -18,8 +18,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use keelson_cluster::qemu;
 use keelson_configs::layout::{self, Arch};
-use keelson_imager::qemu;
 
 use super::boot::{self, BootRun, BootSpec, CONTAINERD_MARKER, PID1_RSS_KEY, Vm};
 use super::node::{self, NodeFiles};

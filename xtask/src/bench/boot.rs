@@ -18,8 +18,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use keelson_cluster::qemu::{self, Accel, Machine};
 use keelson_configs::layout::{self, Arch};
-use keelson_imager::qemu::{self, Accel, Machine};
 
 use super::{BootReference, Ctx, Figure, Reference, Stats, Unit, floor, node, peer};
 

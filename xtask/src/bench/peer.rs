@@ -508,7 +508,7 @@ fn run_logged(cmd: &mut Command, log: &Path) -> Result<()> {
         bail!(
             "{shown} failed with {status}; the end of {}:\n{}",
             log.display(),
-            keelson_imager::qemu::console_tail(log, 15)
+            keelson_cluster::qemu::console_tail(log, 15)
         );
     }
     Ok(())

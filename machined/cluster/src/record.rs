@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use super::ClusterError;
 use super::plan::NetworkKind;
-use crate::atomic;
+use keelson_api::atomic;
 
 /// The record's file name in the state directory.
 pub const RECORD_FILE: &str = "cluster.toml";

@@ -17,6 +17,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::qemu::{self, Accel, Machine};
 use ipnet::Ipv4Net;
 use keelson_configs::generate::{GenerateError, GenerateOptions, generate};
 use keelson_configs::layout::{Arch, FW_CFG_CONFIG, STATE_MOUNT};
@@ -24,17 +25,16 @@ use keelson_configs::patch::Patch;
 use keelson_configs::pki::{self, Role};
 use keelson_configs::schema::MachineType;
 use keelson_configs::secrets::ClusterSecrets;
-use keelson_imager::qemu::{self, Accel, Machine};
 
 use super::helper::{self, READY_FILE};
 use super::netns;
 use super::plan::{self, NetworkKind, Plan};
 use super::record::{NodeRecord, Record, clusters_dir, node_dir, socket_dir};
 use super::{ClusterError, io_error, node_tail, process_marker};
-use crate::api::proto;
-use crate::atomic;
-use crate::client::Connector;
-use crate::clientconfig::{ClientConfig, Context};
+use keelson_api::api::proto;
+use keelson_api::atomic;
+use keelson_api::client::Connector;
+use keelson_api::clientconfig::{ClientConfig, Context};
 
 /// What `create` was asked for.
 #[derive(Debug, Clone)]
@@ -417,7 +417,7 @@ fn node_config(
                 problems.join("\n")
             )));
         }
-        Err(e) => return Err(ClusterError::Generate(crate::error_chain(&e))),
+        Err(e) => return Err(ClusterError::Generate(keelson_api::error_chain(&e))),
     };
     Ok(match node.role {
         MachineType::ControlPlane => generated.control_plane.text,
@@ -454,7 +454,7 @@ fn worker_identity(
             usage: pki::Usage::Server,
         },
     )
-    .map_err(|e| ClusterError::Generate(crate::error_chain(&e)))?;
+    .map_err(|e| ClusterError::Generate(keelson_api::error_chain(&e)))?;
     let file = |name: &str, content: &str| {
         let mut t = toml::Table::new();
         t.insert(
@@ -650,7 +650,7 @@ fn wait_healthy(
 ) -> Result<(), ClusterError> {
     let connector = Arc::new(
         Connector::for_context(cluster, context)
-            .map_err(|e| ClusterError::Generate(crate::error_chain(&e)))?,
+            .map_err(|e| ClusterError::Generate(keelson_api::error_chain(&e)))?,
     );
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -739,18 +739,20 @@ async fn poll_node(connector: &Connector, api: &str) -> NodeState {
         let mut client = connector
             .connect(api)
             .await
-            .map_err(|e| NodeState::Booting(short(&crate::error_chain(&e))))?;
+            .map_err(|e| NodeState::Booting(short(&keelson_api::error_chain(&e))))?;
         client
             .version(proto::VersionRequest {})
             .await
             .map_err(|s| {
-                NodeState::Booting(short(&crate::error_chain(&connector.status_error(api, &s))))
+                NodeState::Booting(short(&keelson_api::error_chain(
+                    &connector.status_error(api, &s),
+                )))
             })?;
         let health = client
             .health(proto::HealthRequest {})
             .await
             .map_err(|s| {
-                NodeState::Unhealthy(vec![short(&crate::error_chain(
+                NodeState::Unhealthy(vec![short(&keelson_api::error_chain(
                     &connector.status_error(api, &s),
                 ))])
             })?

@@ -12,7 +12,7 @@ use nix::unistd::Pid;
 
 use super::record::{Record, clusters_dir, node_dir, process_runs, processes_mentioning};
 use super::{ClusterError, io_error, netns, node_tail, process_marker};
-use crate::clientconfig::ClientConfig;
+use keelson_api::clientconfig::ClientConfig;
 
 /// What `destroy` removed.
 #[derive(Debug, Clone, Default)]

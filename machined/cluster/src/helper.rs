@@ -22,7 +22,7 @@ use super::netns;
 use super::plan::NetworkKind;
 use super::record::{Record, socket_dir};
 use super::{ClusterError, io_error};
-use crate::clientconfig::DEFAULT_API_PORT;
+use keelson_api::clientconfig::DEFAULT_API_PORT;
 
 /// The file the helper creates once it serves.
 pub const READY_FILE: &str = "helper.ready";

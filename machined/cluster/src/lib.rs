@@ -1,8 +1,12 @@
-//! Local clusters: several Keelson nodes under QEMU on this machine, like `minikube
-//! start` or `talosctl cluster create`, with or without KVM and with or without root.
+//! QEMU machines and local clusters: the one home of the QEMU machine definitions that
+//! `machinectl cluster`, the end-to-end tests (`tests/`) and `cargo xtask` (run, cluster,
+//! bench) all start their VMs through, and of local clusters: several Keelson nodes under
+//! QEMU on this machine, like `minikube start` or `talosctl cluster create`, with or
+//! without KVM and with or without root.
 //!
 //! | module | what it is |
 //! |---|---|
+//! | [`qemu`] | UEFI firmware, the accelerator probe and the QEMU command line for one machine |
 //! | [`plan`] | names, roles, static addresses, MACs and each node's config patch |
 //! | [`record`] | the state directory and `cluster.toml`, written before any VM starts |
 //! | [`netns`] | as root: the namespace, its bridge and taps |
@@ -22,11 +26,12 @@ pub mod helper;
 pub mod manage;
 pub mod netns;
 pub mod plan;
+pub mod qemu;
 pub mod record;
 
 use std::path::{Path, PathBuf};
 
-use keelson_imager::qemu::QemuError;
+use qemu::QemuError;
 
 pub use create::{CreateOptions, create};
 pub use manage::{destroy, list, show};
@@ -96,7 +101,7 @@ pub enum ClusterError {
     },
     /// An atomic write failed.
     #[error("cannot write cluster state")]
-    Write(#[source] crate::atomic::WriteError),
+    Write(#[source] keelson_api::atomic::WriteError),
     /// An external tool failed.
     #[error("{tool} failed: {detail}")]
     Tool {
@@ -113,7 +118,7 @@ pub enum ClusterError {
     Generate(String),
     /// The client config could not be updated.
     #[error("cannot update the machinectl client config")]
-    ClientConfig(#[source] crate::clientconfig::ClientConfigError),
+    ClientConfig(#[source] keelson_api::clientconfig::ClientConfigError),
     /// A VM stopped while the cluster was being created.
     #[error(
         "node {node}'s VM stopped ({status}) before it was healthy; its console ends with:\n{tail}\n(the cluster is left for inspection: `machinectl cluster show --name {cluster}`; remove it with `machinectl cluster destroy --name {cluster}`)"
@@ -161,7 +166,7 @@ pub fn process_marker(dir: &Path) -> PathBuf {
 
 /// The last lines of a node's console, and QEMU's own complaints if any.
 pub fn node_tail(node_dir: &Path, lines: usize) -> String {
-    let mut out = keelson_imager::qemu::console_tail(&node_dir.join("console.log"), lines);
+    let mut out = qemu::console_tail(&node_dir.join("console.log"), lines);
     let stderr = std::fs::read_to_string(node_dir.join("qemu.stderr")).unwrap_or_default();
     if !stderr.trim().is_empty() {
         out.push_str("\n--- qemu stderr ---\n");
