@@ -9,7 +9,8 @@
 //!    drive: `openstack/latest/user_data`). Labels are read from the superblocks (no
 //!    blkid, no udev); the filesystem is mounted read-only for the read, then unmounted.
 //! 4. **A URL** on the kernel command line, `keelson.config=http://host/node.toml`,
-//!    fetched once the network is up (plain HTTP/1.1, see [`http_get`]).
+//!    fetched once the network is up (plain HTTP/1.1, see [`http_get`]) in a task that
+//!    sends the answer to the main loop as a [`Fetched`] ([`fetch_later`]).
 //!
 //! The first source that holds a valid config wins. Every config is checked with
 //! `keelson_configs::check_bytes` in metal mode: one that fails is refused whole, each
@@ -31,6 +32,7 @@ use crate::blockdev::BlockDev;
 use crate::console::Log;
 use crate::kmods::{self, ModuleIndex};
 use crate::mounts::ensure_dir;
+use crate::sender::Sender;
 use crate::syscalls::{MountFlags, Syscalls, errno_name};
 
 /// Where the kernel publishes fw_cfg entries by name.
@@ -312,7 +314,7 @@ pub fn read_config_drives(
     // probing inside the load, so that the scan below lists what they found. Drivers
     // already in the kernel are skipped quietly: this runs at every reminder.
     if let Some(index) = modules {
-        let missing: Vec<&str> = crate::stage2::DISK_MODULES
+        let missing: Vec<&str> = crate::drivers::DISK_MODULES
             .iter()
             .copied()
             .filter(|m| !sys.exists(&Path::new("/sys/module").join(m)))
@@ -524,6 +526,29 @@ pub fn parse_http_response(raw: &[u8]) -> Result<Vec<u8>, String> {
         out.extend_from_slice(&rest[..size]);
         rest = &rest[size + 2..];
     }
+}
+
+/// A config fetched from a URL, for the main loop: its bytes, or why it could not be
+/// fetched.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fetched {
+    /// The URL.
+    pub url: String,
+    /// The body, or the error.
+    pub result: Result<Vec<u8>, String>,
+}
+
+/// How long one fetch of the config URL may take.
+pub const FETCH_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// After `delay`, fetch `url` ([`http_get`], within [`FETCH_TIMEOUT`]) in a task and
+/// send what came back on `to`.
+pub fn fetch_later(url: String, delay: Duration, to: Sender<Fetched>) {
+    tokio::spawn(async move {
+        tokio::time::sleep(delay).await;
+        let result = http_get(&url, FETCH_TIMEOUT).await;
+        let _ = to.send(Fetched { url, result });
+    });
 }
 
 /// Fetch `url` with one HTTP/1.1 GET (no TLS, no redirects), within `timeout`.

@@ -36,8 +36,8 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixListener;
 use tokio::sync::oneshot;
 
-use crate::events::{Event, EventTx};
 use crate::live::Part;
+use crate::sender::Sender;
 use crate::supervisor::ServiceStatus;
 
 /// Where the control socket lives.
@@ -252,10 +252,19 @@ pub fn parse(line: &str) -> Result<Request, String> {
     serde_json::from_str(line).map_err(|e| format!("not a request: {e}"))
 }
 
+/// A request read from the socket, for the main loop, and where its answer goes.
+#[derive(Debug)]
+pub struct Call {
+    /// The request.
+    pub request: Request,
+    /// The answer, written back to the connection that asked.
+    pub reply: oneshot::Sender<Response>,
+}
+
 /// Bind the socket at `path` (replacing a stale one, mode 0600) and serve it: each
-/// request becomes an [`Event::Control`] whose answer is written back. Aborting the
+/// request is sent on `events` as a [`Call`] whose answer is written back. Aborting the
 /// returned handle closes the socket (its mount, `/run`, is then no longer busy).
-pub fn serve(path: &Path, events: EventTx) -> std::io::Result<tokio::task::AbortHandle> {
+pub fn serve(path: &Path, events: Sender<Call>) -> std::io::Result<tokio::task::AbortHandle> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
@@ -282,8 +291,8 @@ pub fn serve(path: &Path, events: EventTx) -> std::io::Result<tokio::task::Abort
                     }
                     let answer = match parse(line.trim()) {
                         Ok(request) => {
-                            let (tx, rx) = oneshot::channel();
-                            if events.send(Event::Control(request, tx)).is_err() {
+                            let (reply, rx) = oneshot::channel();
+                            if events.send(Call { request, reply }).is_err() {
                                 break;
                             }
                             rx.await
@@ -427,12 +436,12 @@ mod tests {
             .enable_all()
             .build()?;
         rt.block_on(async {
-            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-            serve(&path, tx)?;
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Call>();
+            serve(&path, Sender::new(tx))?;
             // The main loop's part: answer list with nothing, anything else with an error.
             tokio::spawn(async move {
-                while let Some(Event::Control(req, reply)) = rx.recv().await {
-                    let _ = reply.send(match req {
+                while let Some(Call { request, reply }) = rx.recv().await {
+                    let _ = reply.send(match request {
                         Request::List => Response::services(&[]),
                         other => Response::error(format!("refused {other:?}")),
                     });

@@ -19,7 +19,7 @@ use std::net::IpAddr;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
 
-use crate::netconf::resolv;
+use keelson_netconf::resolv;
 
 /// One entry of an `/etc` tree, its path relative to `/etc`.
 #[derive(Debug, Clone, PartialEq, Eq)]

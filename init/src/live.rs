@@ -26,13 +26,13 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use keelson_configs::{MachineConfig, Mode, check_bytes};
+use keelson_netconf::resolv;
 use serde::{Deserialize, Serialize};
 
 use crate::config_source::MAX_CONFIG;
 use crate::console::Log;
 use crate::etc_files::{self, Entry};
 use crate::kmods::{self, ModuleIndex};
-use crate::netconf::resolv;
 use crate::syscalls::{Syscalls, errno_name};
 use crate::sysctl;
 

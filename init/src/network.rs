@@ -1,6 +1,6 @@
 //! Glue between `netconf` (the network engine) and stage 2's event loop: start it on
-//! the config's `[machine.network]`, turn each of its events into an
-//! [`Event::Network`], and stop it (leases given back) at shutdown.
+//! the config's `[machine.network]`, send each of its events (netconf's `NetEvent`) to
+//! the main loop, and stop it (leases given back) at shutdown.
 //!
 //! Before a config exists, a node whose kernel command line names a config URL needs an
 //! address to fetch it: [`dhcp_everywhere`] asks DHCP on every Ethernet link, as Talos's
@@ -9,29 +9,33 @@
 use std::path::Path;
 
 use keelson_configs::schema::{Interface, Network};
+use keelson_netconf::{NetConf, NetEvent};
 use tokio::sync::mpsc::unbounded_channel;
 use tokio::sync::oneshot;
 
-use crate::events::{Event, EventTx};
-use crate::netconf::{NetConf, NetEvent};
+use crate::sender::Sender;
 
 /// Start the network engine for `network` as local tasks of the current `LocalSet`;
 /// returns the switch that stops it.
-pub fn start(network: &Network, hostname: Option<&str>, events: EventTx) -> oneshot::Sender<()> {
+pub fn start(
+    network: &Network,
+    hostname: Option<&str>,
+    events: Sender<NetEvent>,
+) -> oneshot::Sender<()> {
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let mut engine = NetConf::new(network, hostname);
     tokio::task::spawn_local(async move {
         match engine.apply().await {
             Ok(done) => {
                 for event in done {
-                    let _ = events.send(Event::Network(event));
+                    let _ = events.send(event);
                 }
             }
             Err(e) => {
-                let _ = events.send(Event::Network(NetEvent::Error {
+                let _ = events.send(NetEvent::Error {
                     iface: "*".into(),
                     message: format!("the network cannot be configured: {e}"),
-                }));
+                });
                 return;
             }
         }
@@ -39,7 +43,7 @@ pub fn start(network: &Network, hostname: Option<&str>, events: EventTx) -> ones
         let forward = events.clone();
         tokio::task::spawn_local(async move {
             while let Some(event) = rx.recv().await {
-                if forward.send(Event::Network(event)).is_err() {
+                if forward.send(event).is_err() {
                     break;
                 }
             }
@@ -117,13 +121,13 @@ mod tests {
         let lo = NetEvent::AddressAdded {
             iface: "lo".into(),
             cidr: "127.0.0.1/8".parse().unwrap_or_default(),
-            source: crate::netconf::Source::Static,
+            source: keelson_netconf::Source::Static,
         };
         assert!(!brings_reachability(&lo));
         let eth = NetEvent::AddressAdded {
             iface: "eth0".into(),
             cidr: "10.5.0.2/24".parse().unwrap_or_default(),
-            source: crate::netconf::Source::Static,
+            source: keelson_netconf::Source::Static,
         };
         assert!(brings_reachability(&eth));
         assert!(!brings_reachability(&NetEvent::LinkUp {

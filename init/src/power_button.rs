@@ -5,7 +5,7 @@
 //! kernel turns it into a `KEY_POWER` input event and nothing more (Debian's kernel has
 //! no `tiny-power-button` driver that would signal PID 1), so PID 1 reads the evdev
 //! devices (`/dev/input/eventN`, module `evdev`) whose key capabilities include
-//! `KEY_POWER`, and sends [`Event::PowerButton`] to the main loop on a press.
+//! `KEY_POWER`, and sends a [`Pressed`] to the main loop on a press.
 
 use std::fs::File;
 use std::io::{self, Read};
@@ -14,7 +14,11 @@ use std::path::{Path, PathBuf};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
-use crate::events::{Event, EventTx};
+use crate::sender::Sender;
+
+/// A press of the power button, on the device named.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pressed(pub String);
 
 /// `EV_KEY` from linux/input-event-codes.h.
 const EV_KEY: u16 = 1;
@@ -64,8 +68,8 @@ pub fn is_power_press(record: &[u8]) -> bool {
     kind == EV_KEY && u32::from(code) == KEY_POWER && value == 1
 }
 
-/// Watch `device`; each power press becomes an [`Event::PowerButton`].
-pub fn watch(device: &Path, events: EventTx) -> io::Result<()> {
+/// Watch `device`; each power press is sent on `events`.
+pub fn watch(device: &Path, events: Sender<Pressed>) -> io::Result<()> {
     let file = File::open(device)?;
     rustix::fs::fcntl_setfl(&file, rustix::fs::OFlags::NONBLOCK)?;
     // SAFETY: `file` is an open descriptor that the `AsyncFd` owns until it is dropped,
@@ -83,7 +87,7 @@ pub fn watch(device: &Path, events: EventTx) -> io::Result<()> {
                 Ok(Ok(0)) | Ok(Err(_)) => return,
                 Ok(Ok(n)) => {
                     if buf[..n].chunks_exact(EVENT_SIZE).any(is_power_press)
-                        && events.send(Event::PowerButton(name.clone())).is_err()
+                        && events.send(Pressed(name.clone())).is_err()
                     {
                         return;
                     }
@@ -96,7 +100,7 @@ pub fn watch(device: &Path, events: EventTx) -> io::Result<()> {
 }
 
 /// Watch every power button there is; returns the devices watched.
-pub fn watch_all(events: &EventTx) -> Vec<(PathBuf, io::Result<()>)> {
+pub fn watch_all(events: &Sender<Pressed>) -> Vec<(PathBuf, io::Result<()>)> {
     find(Path::new("/sys"), Path::new("/dev"))
         .into_iter()
         .map(|device| {

@@ -18,9 +18,28 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::console::Log;
-use crate::events::ShutdownKind;
 use crate::swap::unescape;
 use crate::syscalls::{RebootHow, Syscalls, errno_name};
+
+/// How the machine goes down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ShutdownKind {
+    /// Restart the machine.
+    Reboot,
+    /// Power it off.
+    PowerOff,
+}
+
+impl ShutdownKind {
+    /// `reboot` or `power off`.
+    pub fn describe(self) -> &'static str {
+        match self {
+            ShutdownKind::Reboot => "reboot",
+            ShutdownKind::PowerOff => "power off",
+        }
+    }
+}
 
 /// How long processes get between `SIGTERM` and `SIGKILL` after the services stopped.
 pub const GRACE: Duration = Duration::from_secs(5);

@@ -262,7 +262,7 @@ pub fn run(sys: &dyn Syscalls, log: &dyn Log, paths: &Paths) -> Result<Infallibl
     // The disk drivers and the modules that read and verify the root come first. If the
     // root is there once they are loaded, its verity read starts at once and the other
     // disk drivers are left to stage 2, which loads them from the root once its services
-    // are up (`stage2::DISK_MODULES`): under TCG they took 0.4 s of CPU that the check
+    // are up (`drivers::DISK_MODULES`): under TCG they took 0.4 s of CPU that the check
     // and stage 2 needed. Otherwise they load now and the search goes on.
     let files = modules::read_order(sys, log, &paths.modules_order)?;
     let split = modules::root_chain_end(&files);

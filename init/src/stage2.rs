@@ -50,6 +50,7 @@ use keelson_configs::layout::{
     self, CMDLINE_VERITY_ROOTHASH, PART_EPHEMERAL, PART_STATE, cmdline_value, parse_cmdline,
 };
 use keelson_configs::{MachineConfig, Mode};
+use keelson_netconf::{NetEvent, resolv};
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 use tokio::sync::oneshot;
 
@@ -57,23 +58,28 @@ use crate::bootlog::BootLog;
 use crate::cmdline;
 use crate::config_source::{self, Accepted, Source};
 use crate::console::Log;
-use crate::control::{self, Info, Request, Response};
+use crate::control::{self, Call, Info, Request, Response};
 use crate::disks;
+use crate::drivers::{DISK_MODULES, EARLY_MODULES, NETWORK_MODULES, POWER_BUTTON_MODULES};
 use crate::etc_files::{self, EtcInput};
-use crate::events::{self, Event, EventTx, ShutdownKind, SignalKind, TimerEvent};
+use crate::events::{Event, EventTx, TimerEvent};
 use crate::kmods;
 use crate::live;
 use crate::modules;
 use crate::mounts::{self, EARLY_MOUNTS, MountSpec};
-use crate::netconf::{NetEvent, resolv};
 use crate::network;
 use crate::power_button;
 use crate::prefetch;
 use crate::preflight;
+use crate::sender::Sender;
 use crate::services;
 use crate::shutdown;
+use crate::shutdown::ShutdownKind;
+use crate::signals::{self, SignalKind};
 use crate::state;
-use crate::supervisor::{self, Backoff, ReapScope, Runner, ServiceSpec, State, Supervisor};
+use crate::supervisor::reaper::{self, ReapScope};
+use crate::supervisor::runner::{Runner, ServiceEvent};
+use crate::supervisor::{Backoff, ServiceSpec, State, Supervisor};
 use crate::swap;
 use crate::syscalls::{MountFlags, Syscalls, errno_name};
 use crate::sysctl;
@@ -239,40 +245,6 @@ pub fn mount_cni_bin(sys: &dyn Syscalls, log: &dyn Log) {
         )),
     }
 }
-
-/// Modules loaded before the disks and the config are read: the filesystems of STATE,
-/// EPHEMERAL and efivars, and fw_cfg. Missing ones are logged (a kernel that has them
-/// built in, or a platform without fw_cfg, is fine). A config drive's filesystem is
-/// loaded when one is found ([`config_source::DriveFs::modules`]).
-pub const EARLY_MODULES: &[&str] = &["efivarfs", "ext4", "qemu_fw_cfg"];
-
-/// The power button's modules, loaded with the network drivers once containerd is ready
-/// (or before the node waits for a config), first, then watched: under TCG they took
-/// 0.25 s of the CPU containerd's start needed. A press before they are loaded is lost.
-/// The ACPI button (`button`) on amd64; on arm64 QEMU's `virt` wires it as a GPIO key
-/// (`gpio_keys`).
-#[cfg(not(target_arch = "aarch64"))]
-pub const POWER_BUTTON_MODULES: &[&str] = &["button", "evdev"];
-/// See the amd64 list.
-#[cfg(target_arch = "aarch64")]
-pub const POWER_BUTTON_MODULES: &[&str] = &["button", "gpio_keys", "evdev"];
-
-/// The network drivers: loaded once containerd is ready (or [`NETWORK_MODULES_AFTER`]
-/// has passed), beside nothing else that the boot waits for, and at once when the node
-/// has no config (its URL and maintenance mode need the network). Under TCG they took
-/// 0.35 s of CPU that containerd's start needed; the kubelet, the first service that
-/// uses the network, starts only after containerd is ready, and netconf configures a
-/// link whenever it appears. There is no udev: drivers for the hardware of other
-/// platforms join this list (or a modalias coldplug replaces it).
-pub const NETWORK_MODULES: &[&str] = &["virtio_net"];
-
-/// The disk drivers past the root chain (`[modules] initramfs` in the image definition):
-/// stage 1 leaves them to stage 2 when the root chain alone found the root (virtio), and
-/// stage 2 loads them from the root with the network drivers, probing in the background
-/// ([`modules::ASYNC_PROBE`]), or before it looks for config drives, which may sit
-/// behind them. The boot disk (STATE, EPHEMERAL) is the root's, so nothing before the
-/// services needs them.
-pub const DISK_MODULES: &[&str] = &["ahci", "nvme", "virtio_scsi", "sd_mod"];
 
 /// The banner of the boot.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -562,7 +534,7 @@ pub fn run<L: Log>(sys: &dyn Syscalls, console: &L) -> Result<Infallible, Error>
     // First, so that the reads overlap everything below (see `prefetch`).
     let prefetched = tx.clone();
     if let Err(e) = prefetch::spawn(prefetch::list_path(), move |outcome| {
-        let _ = prefetched.send(Event::Prefetched(outcome));
+        let _ = prefetched.send(Event::from(outcome));
     }) {
         log.line(&format!(
             "prefetch not started ({}): programs load on demand",
@@ -732,21 +704,18 @@ impl<L: Log> Node<'_, L> {
 
     fn fetch_url(&self, delay: Duration) {
         let Some(url) = self.url() else { return };
-        let tx = self.events.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(delay).await;
-            let result = config_source::http_get(&url, Duration::from_secs(20)).await;
-            let _ = tx.send(Event::ConfigFetched { url, result });
-        });
+        config_source::fetch_later(url, delay, Sender::new(self.events.clone()));
     }
 
     /// The loop: events until a shutdown has stopped every service.
     async fn main_loop(&mut self, mut rx: UnboundedReceiver<Event>) -> ShutdownKind {
-        for (signal, e) in events::forward_signals(&self.events, &SignalKind::ALL) {
+        for (signal, e) in
+            signals::forward_signals(&Sender::new(self.events.clone()), &SignalKind::ALL)
+        {
             self.log
                 .line(&format!("cannot handle {}: {e}", signal.name()));
         }
-        match control::serve(Path::new(control::SOCKET), self.events.clone()) {
+        match control::serve(Path::new(control::SOCKET), Sender::new(self.events.clone())) {
             Ok(handle) => self.control_socket = Some(handle),
             Err(e) => self.log.line(&format!(
                 "control socket {} unavailable: {e}",
@@ -755,7 +724,7 @@ impl<L: Log> Node<'_, L> {
         }
         self.runner = Some(Runner::new(
             Supervisor::new(Vec::new(), Backoff::DEFAULT),
-            self.events.clone(),
+            Sender::new(self.events.clone()),
             ReapScope::Any,
         ));
         match config_source::find_local(
@@ -806,7 +775,7 @@ impl<L: Log> Node<'_, L> {
         if let Some(index) = &self.modules {
             kmods::load(self.sys, self.log, index, POWER_BUTTON_MODULES);
         }
-        for (device, result) in power_button::watch_all(&self.events) {
+        for (device, result) in power_button::watch_all(&Sender::new(self.events.clone())) {
             match result {
                 Ok(()) => self.log.line(&format!(
                     "power button {}: a press powers off",
@@ -854,7 +823,7 @@ impl<L: Log> Node<'_, L> {
             // The URL and the API need an address: DHCP on every link until a config
             // says more.
             let net = network::dhcp_everywhere(Path::new("/sys"));
-            self.network = Some(network::start(&net, None, self.events.clone()));
+            self.network = Some(network::start(&net, None, Sender::new(self.events.clone())));
         }
     }
 
@@ -893,7 +862,7 @@ impl<L: Log> Node<'_, L> {
         self.runner.get_or_insert_with(|| {
             Runner::new(
                 Supervisor::new(Vec::new(), Backoff::DEFAULT),
-                unbounded_channel().0,
+                Sender::new(unbounded_channel::<Event>().0),
                 ReapScope::Any,
             )
         })
@@ -925,12 +894,12 @@ impl<L: Log> Node<'_, L> {
                     self.begin_shutdown(kind, signal.name());
                 }
             }
-            Event::Output { service, line } => {
+            Event::Service(ServiceEvent::Output { service, line }) => {
                 let sup = &mut self.runner().supervisor;
                 log.console().raw(&format!("{}: {line}", sup.name(service)));
                 sup.record_output(service, &line);
             }
-            event @ (Event::Ready { .. } | Event::Timer(TimerEvent::Service { .. })) => {
+            Event::Service(event) => {
                 self.runner().handle(event, log);
                 self.after_service_change();
             }
@@ -982,13 +951,15 @@ impl<L: Log> Node<'_, L> {
                     self.started.elapsed().as_secs_f64()
                 ));
             }
-            Event::PowerButton(device) => {
+            Event::PowerButton(power_button::Pressed(device)) => {
                 self.begin_shutdown(ShutdownKind::PowerOff, &format!("power button {device}"));
             }
             Event::Network(event) => self.network_event(event),
-            Event::ConfigFetched { url, result } => self.config_fetched(url, result),
+            Event::ConfigFetched(config_source::Fetched { url, result }) => {
+                self.config_fetched(url, result)
+            }
             Event::Prefetched(outcome) => log.line(&outcome.to_string()),
-            Event::Control(request, reply) => {
+            Event::Control(Call { request, reply }) => {
                 let answer = self.control(request);
                 let _ = reply.send(answer);
             }
@@ -1327,7 +1298,7 @@ impl<L: Log> Node<'_, L> {
             self.network = Some(network::start(
                 &machine.network,
                 machine.hostname.as_deref(),
-                self.events.clone(),
+                Sender::new(self.events.clone()),
             ));
             let line = format!(
                 "network restarted with machine.network ({} interface(s)); addresses and routes the new config drops stay until the next boot",
@@ -1505,7 +1476,7 @@ impl<L: Log> Node<'_, L> {
         self.network = Some(network::start(
             &machine.network,
             machine.hostname.as_deref(),
-            self.events.clone(),
+            Sender::new(self.events.clone()),
         ));
         // Added, not replaced: machined may already run (maintenance mode).
         self.start_services(rest);
@@ -1579,7 +1550,7 @@ impl<L: Log> Node<'_, L> {
         let deadline = Instant::now() + shutdown::GRACE;
         let mut killed = false;
         loop {
-            let (_, left) = supervisor::reap_any();
+            let (_, left) = reaper::reap_any();
             if !left {
                 break;
             }

@@ -295,7 +295,7 @@ impl Syscalls for Linux {
             .read(true)
             .write(true)
             .open(control)?;
-        if buf.len() < crate::dm::DM_IOCTL_SIZE {
+        if buf.len() < crate::dm_abi::DM_IOCTL_SIZE {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "device-mapper buffer smaller than struct dm_ioctl",
@@ -534,7 +534,7 @@ unsafe impl rustix::ioctl::Ioctl for DmRequest<'_> {
     const IS_MUTATING: bool = true;
 
     fn opcode(&self) -> rustix::ioctl::Opcode {
-        crate::dm::opcode(self.cmd)
+        crate::dm_abi::opcode(self.cmd)
     }
 
     fn as_ptr(&mut self) -> *mut std::ffi::c_void {

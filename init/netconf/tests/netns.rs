@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use keelson_configs::schema::{Interface, Network, Route};
 use keelson_configs::values::MacAddr;
-use keelson_init::netconf::{NetConf, NetEvent, Source};
+use keelson_netconf::{NetConf, NetEvent, Source};
 use serde_json::Value;
 
 // ---------------------------------------------------------------------------------------

@@ -1,18 +1,19 @@
 //! Service supervision: declared dependencies, readiness, restart with exponential
 //! backoff, bounded output capture, ordered stop.
 //!
-//! Two layers:
+//! Layers, one module each:
 //!
-//! - [`Supervisor`] is the state machine, free of I/O: it is told what happened (a
-//!   process was spawned, exited, became ready, a timer fired, an operator asked for a
-//!   start or a stop) with the current time, and answers with [`Action`]s (spawn this
-//!   service, signal that process group, check readiness, wake me in 4 s). Its tests run
-//!   without processes or clocks.
-//! - [`Runner`] carries the actions out on the real system: it spawns with
+//! - [`Supervisor`] (this module) is the state machine, free of I/O: it is told what
+//!   happened (a process was spawned, exited, became ready, a timer fired, an operator
+//!   asked for a start or a stop) with the current time, and answers with [`Action`]s
+//!   (spawn this service, signal that process group, check readiness, wake me in 4 s).
+//!   Its tests run without processes or clocks. Services are named by [`ServiceId`]s,
+//!   whose lookups are checked: a stale id finds nothing, it never panics.
+//! - [`runner::Runner`] carries the actions out on the real system: it spawns with
 //!   `std::process::Command` (each service in its own process group, stdin from
 //!   `/dev/null`, stdout and stderr into one pipe), reads the pipe into the service's
-//!   [`RingBuffer`], runs readiness checks and timers as tasks that report back as
-//!   [`Event`]s, and reaps.
+//!   [`RingBuffer`], runs readiness checks ([`readiness`]) and timers as tasks that
+//!   report back as [`runner::ServiceEvent`]s, and reaps ([`reaper`]).
 //!
 //! # Reaping: one owner
 //!
@@ -22,7 +23,7 @@
 //! reaper would race ours), and `Child` handles from `std::process` are dropped at once,
 //! never waited on. The one place the standard library waits itself, a failed `exec`
 //! inside `Command::spawn`, runs synchronously on our only thread, where the reaper
-//! cannot run in between. [`ReapScope::Own`] (wait only for our own pids) exists for the
+//! cannot run in between. [`reaper::ReapScope::Own`] (wait only for our own pids) exists for the
 //! host tests, whose test harness shares the process with other tests' children.
 //!
 //! # Restart policy
@@ -39,21 +40,19 @@
 //! any of them at shutdown (reverse dependency order): [`Supervisor::shutdown`] stops
 //! the services no running service depends on, and each exit lets the next ones go.
 
-use std::collections::BTreeMap;
+pub mod readiness;
+pub mod reaper;
+pub mod runner;
+
 use std::fmt;
-use std::os::fd::OwnedFd;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use rustix::process::{Pid, Signal, WaitOptions, WaitStatus};
+use rustix::process::WaitStatus;
 use serde::{Deserialize, Serialize};
-use tokio::io::AsyncReadExt;
-use tokio::sync::mpsc::UnboundedSender;
 
-use crate::bootlog::{MAX_LINE, RingBuffer, SERVICE_LOG_BYTES};
+use crate::bootlog::{RingBuffer, SERVICE_LOG_BYTES};
 use crate::console::Log;
-use crate::events::{Event, TimerEvent};
 
 /// Index of a service in the supervisor's table.
 pub type ServiceId = usize;
@@ -321,7 +320,7 @@ pub struct ServiceStatus {
     pub autostart: bool,
 }
 
-/// Errors of requests naming services, and of spawning them.
+/// Errors of requests naming services.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum Error {
     /// No service has that name.
@@ -335,23 +334,6 @@ pub enum Error {
     /// The machine is shutting down.
     #[error("the node is shutting down: services are not started any more")]
     ShuttingDown,
-    /// The program to spawn is not there.
-    #[error("{program} does not exist")]
-    Missing {
-        /// The program.
-        program: String,
-    },
-    /// The output pipe could not be made.
-    #[error("cannot create its output pipe: {0}")]
-    Pipe(String),
-    /// `fork`/`exec` failed.
-    #[error("cannot run {program}: {reason}")]
-    Exec {
-        /// The program.
-        program: String,
-        /// The kernel's answer.
-        reason: String,
-    },
 }
 
 /// The state machine over every service.
@@ -866,259 +848,6 @@ impl Supervisor {
     }
 }
 
-/// Which children [`reap`] waits for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReapScope {
-    /// Every child (`waitpid(-1)`): PID 1, which inherits orphans.
-    Any,
-    /// Only the services' own pids: host tests sharing a process with other tests.
-    Own,
-}
-
-/// Reap exited children without blocking until none is left: `(pid, how it ended)`.
-pub fn reap(scope: ReapScope, own: &[u32]) -> Vec<(u32, ExitInfo)> {
-    match scope {
-        ReapScope::Any => reap_any().0,
-        ReapScope::Own => own
-            .iter()
-            .filter_map(|&pid| {
-                let p = Pid::from_raw(pid as i32)?;
-                match rustix::process::waitpid(Some(p), WaitOptions::NOHANG) {
-                    Ok(Some((_, status))) => Some((pid, ExitInfo::from_wait(status))),
-                    _ => None,
-                }
-            })
-            .collect(),
-    }
-}
-
-/// Reap every exited child (`waitpid(-1, WNOHANG)` until nothing is left) and say
-/// whether any child is still alive (false once the kernel answers ECHILD).
-pub fn reap_any() -> (Vec<(u32, ExitInfo)>, bool) {
-    let mut out = Vec::new();
-    loop {
-        match rustix::process::wait(WaitOptions::NOHANG) {
-            Ok(Some((pid, status))) => {
-                out.push((
-                    pid.as_raw_nonzero().get() as u32,
-                    ExitInfo::from_wait(status),
-                ));
-            }
-            Ok(None) => return (out, true),
-            Err(_) => return (out, false),
-        }
-    }
-}
-
-/// Carries the supervisor's actions out: processes, pipes, timers and readiness tasks.
-/// Must run inside a tokio runtime (it spawns tasks that report back through `events`).
-#[derive(Debug)]
-pub struct Runner {
-    /// The state machine.
-    pub supervisor: Supervisor,
-    events: UnboundedSender<Event>,
-    scope: ReapScope,
-}
-
-impl Runner {
-    /// A runner reporting to `events`.
-    pub fn new(supervisor: Supervisor, events: UnboundedSender<Event>, scope: ReapScope) -> Runner {
-        Runner {
-            supervisor,
-            events,
-            scope,
-        }
-    }
-
-    /// Carry out `actions` (and those they lead to).
-    pub fn apply(&mut self, actions: Vec<Action>, log: &dyn Log) {
-        let mut queue = std::collections::VecDeque::from(actions);
-        while let Some(action) = queue.pop_front() {
-            match action {
-                Action::Spawn(id) => {
-                    let more = match spawn(self.supervisor.spec(id)) {
-                        Ok((pid, output)) => {
-                            self.read_output(id, output);
-                            self.supervisor.spawned(id, pid, Instant::now(), log)
-                        }
-                        Err(e) => self.supervisor.spawn_failed(id, &e.to_string(), log),
-                    };
-                    queue.extend(more);
-                }
-                Action::Signal { pid, signal, .. } => {
-                    let sig = match signal {
-                        StopSignal::Term => Signal::TERM,
-                        StopSignal::Kill => Signal::KILL,
-                    };
-                    if let Some(p) = Pid::from_raw(pid as i32) {
-                        // The service's whole process group; its leader if the group is gone.
-                        if rustix::process::kill_process_group(p, sig).is_err() {
-                            let _ = rustix::process::kill_process(p, sig);
-                        }
-                    }
-                }
-                Action::CheckReady {
-                    service,
-                    generation,
-                    readiness,
-                    timeout,
-                } => {
-                    let events = self.events.clone();
-                    tokio::spawn(async move {
-                        let result = crate::services::wait_ready(&readiness, timeout).await;
-                        let _ = events.send(Event::Ready {
-                            service,
-                            generation,
-                            result,
-                        });
-                    });
-                }
-                Action::Timer {
-                    service,
-                    generation,
-                    after,
-                    kind,
-                } => {
-                    let events = self.events.clone();
-                    tokio::spawn(async move {
-                        tokio::time::sleep(after).await;
-                        let _ = events.send(Event::Timer(TimerEvent::Service {
-                            service,
-                            generation,
-                            kind,
-                        }));
-                    });
-                }
-            }
-        }
-    }
-
-    /// Reap children and tell the supervisor; returns the orphans reaped (not services).
-    pub fn reap(&mut self, log: &dyn Log) -> Vec<(u32, ExitInfo)> {
-        let own: Vec<u32> = self
-            .supervisor
-            .statuses()
-            .iter()
-            .filter_map(|s| s.pid)
-            .collect();
-        let mut orphans = Vec::new();
-        for (pid, exit) in reap(self.scope, &own) {
-            match self.supervisor.exited(pid, exit, Instant::now(), log) {
-                Some(actions) => self.apply(actions, log),
-                None => orphans.push((pid, exit)),
-            }
-        }
-        orphans
-    }
-
-    /// Route a supervision event; other events are returned untouched.
-    pub fn handle(&mut self, event: Event, log: &dyn Log) -> Option<Event> {
-        match event {
-            Event::Output { service, line } => {
-                self.supervisor.record_output(service, &line);
-                None
-            }
-            Event::Ready {
-                service,
-                generation,
-                result,
-            } => {
-                let actions = self.supervisor.readiness(service, generation, result, log);
-                self.apply(actions, log);
-                None
-            }
-            Event::Timer(TimerEvent::Service {
-                service,
-                generation,
-                kind,
-            }) => {
-                let actions = self.supervisor.timer(service, generation, kind, log);
-                self.apply(actions, log);
-                None
-            }
-            other => Some(other),
-        }
-    }
-
-    /// Read a service's output pipe into events, one per line.
-    fn read_output(&self, service: ServiceId, fd: OwnedFd) {
-        let events = self.events.clone();
-        let Ok(mut pipe) = tokio::net::unix::pipe::Receiver::from_owned_fd(fd) else {
-            return;
-        };
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; 8192];
-            let mut line: Vec<u8> = Vec::new();
-            let send = |line: &mut Vec<u8>| {
-                let text = String::from_utf8_lossy(line)
-                    .trim_end_matches('\r')
-                    .to_string();
-                line.clear();
-                events.send(Event::Output {
-                    service,
-                    line: text,
-                })
-            };
-            loop {
-                let n = match pipe.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => n,
-                };
-                for &b in &buf[..n] {
-                    if b == b'\n' {
-                        if send(&mut line).is_err() {
-                            return;
-                        }
-                    } else {
-                        line.push(b);
-                        if line.len() >= MAX_LINE && send(&mut line).is_err() {
-                            return;
-                        }
-                    }
-                }
-            }
-            if !line.is_empty() {
-                let _ = send(&mut line);
-            }
-        });
-    }
-}
-
-/// Spawn a service: its own process group, stdin `/dev/null`, stdout and stderr into one
-/// pipe whose read end is returned. The `Child` handle is dropped: [`reap`] collects it.
-pub fn spawn(spec: &ServiceSpec) -> Result<(u32, OwnedFd), Error> {
-    let program = spec.program.display().to_string();
-    // Checked first so that `Command::spawn` never reaches its failed-exec wait.
-    if !spec.program.is_file() {
-        return Err(Error::Missing { program });
-    }
-    let (read, write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
-        .map_err(|e| Error::Pipe(e.to_string()))?;
-    let write2 = write.try_clone().map_err(|e| Error::Pipe(e.to_string()))?;
-    let env: BTreeMap<&str, &str> = spec
-        .env
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
-    let mut cmd = Command::new(&spec.program);
-    cmd.args(&spec.args)
-        .env_clear()
-        .envs(env)
-        .current_dir("/")
-        .stdin(Stdio::null())
-        .stdout(Stdio::from(write))
-        .stderr(Stdio::from(write2));
-    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-    let child = cmd.spawn().map_err(|e| Error::Exec {
-        program,
-        reason: e.to_string(),
-    })?;
-    // `cmd` holds the pipe's write ends until it is dropped: drop it so that the reader
-    // sees end-of-file when the service's last process closes its copy.
-    drop(cmd);
-    Ok((child.id(), read))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1588,265 +1317,5 @@ mod tests {
             &log,
         );
         assert!(sup.all_stopped());
-    }
-}
-
-/// The supervisor on the host with real child processes (`/bin/sleep`, `/bin/false`,
-/// `/bin/echo`), through the real [`Runner`]: spawning, process groups, pipes, signals,
-/// timers. Each test reaps only its own children ([`ReapScope::Own`]).
-#[cfg(test)]
-mod real_processes {
-    use super::*;
-    use crate::console::memory::MemoryLog;
-    use crate::events::{SignalKind, forward_signals};
-    use std::io;
-    use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
-
-    const FAST: Backoff = Backoff {
-        base: Duration::from_millis(100),
-        cap: Duration::from_millis(400),
-        reset_after: Duration::from_secs(60),
-    };
-
-    fn program(name: &str, args: &[&str]) -> ServiceSpec {
-        let path = ["/bin", "/usr/bin"]
-            .iter()
-            .map(|d| PathBuf::from(d).join(name.split('-').next().unwrap_or(name)))
-            .find(|p| p.is_file())
-            .unwrap_or_default();
-        ServiceSpec {
-            name: name.into(),
-            program: path,
-            args: args.iter().map(|a| a.to_string()).collect(),
-            env: vec![("PATH".into(), "/usr/bin:/bin".into())],
-            depends_on: Vec::new(),
-            start_after: Vec::new(),
-            readiness: Readiness::Started,
-            ready_timeout: Duration::from_secs(5),
-            autostart: true,
-            stop_timeout: Duration::from_secs(2),
-        }
-    }
-
-    /// Drive the runner until `done` holds or `limit` passes; reaps on SIGCHLD and on a
-    /// 50 ms tick (signal delivery is per process, shared with other tests).
-    async fn drive(
-        runner: &mut Runner,
-        rx: &mut UnboundedReceiver<Event>,
-        log: &MemoryLog,
-        limit: Duration,
-        done: impl Fn(&Runner) -> bool,
-    ) -> bool {
-        let deadline = tokio::time::Instant::now() + limit;
-        loop {
-            if done(runner) {
-                return true;
-            }
-            let tick = tokio::time::Instant::now() + Duration::from_millis(50);
-            match tokio::time::timeout_at(tick.min(deadline), rx.recv()).await {
-                Ok(Some(Event::Signal(SignalKind::Child))) | Err(_) => {
-                    runner.reap(log);
-                }
-                Ok(Some(event)) => {
-                    runner.handle(event, log);
-                }
-                Ok(None) => return done(runner),
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return done(runner);
-            }
-        }
-    }
-
-    fn setup(specs: Vec<ServiceSpec>) -> (Runner, UnboundedReceiver<Event>) {
-        let (tx, rx) = unbounded_channel();
-        forward_signals(&tx, &[SignalKind::Child]);
-        (
-            Runner::new(Supervisor::new(specs, FAST), tx, ReapScope::Own),
-            rx,
-        )
-    }
-
-    fn runtime() -> io::Result<tokio::runtime::Runtime> {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-    }
-
-    fn status(runner: &Runner, name: &str) -> ServiceStatus {
-        let statuses = runner.supervisor.statuses();
-        statuses
-            .into_iter()
-            .find(|s| s.name == name)
-            .unwrap_or_else(|| panic!("no service {name}"))
-    }
-
-    #[test]
-    fn a_killed_service_is_restarted_after_its_backoff() -> io::Result<()> {
-        runtime()?.block_on(async {
-            let log = MemoryLog::default();
-            let (mut runner, mut rx) = setup(vec![program("sleep", &["30"])]);
-            let actions = runner.supervisor.start_autostart(&log);
-            runner.apply(actions, &log);
-            let first = status(&runner, "sleep").pid.unwrap_or_default();
-            assert!(first > 0 && status(&runner, "sleep").state == State::Ready);
-            let killed_at = Instant::now();
-            rustix::process::kill_process(
-                Pid::from_raw(first as i32).unwrap_or(Pid::INIT),
-                Signal::KILL,
-            )?;
-            let restarted = drive(&mut runner, &mut rx, &log, Duration::from_secs(5), |r| {
-                status(r, "sleep").pid.is_some_and(|p| p != first)
-            })
-            .await;
-            assert!(restarted, "{:?}", log.lines());
-            let after = killed_at.elapsed();
-            // The first backoff is 100 ms: not sooner, and not much later.
-            assert!(after >= Duration::from_millis(100), "{after:?}");
-            assert!(after < Duration::from_secs(2), "{after:?}");
-            let s = status(&runner, "sleep");
-            assert_eq!((s.state, s.restarts), (State::Ready, 1));
-            assert_eq!(
-                s.last_exit,
-                Some(ExitInfo {
-                    code: None,
-                    signal: Some(9)
-                })
-            );
-            let lines = log.lines();
-            assert!(
-                lines
-                    .iter()
-                    .any(|l| l.contains("service sleep killed by signal 9 (SIGKILL)")),
-                "{lines:?}"
-            );
-            assert!(
-                lines
-                    .iter()
-                    .any(|l| l.ends_with("service sleep restarts in 0.1 s (failure 1)"))
-            );
-            // Stop: SIGTERM ends `sleep` at once; the state machine sees the exit.
-            let actions = runner.supervisor.stop("sleep", &log).unwrap_or_default();
-            runner.apply(actions, &log);
-            let stopped = drive(&mut runner, &mut rx, &log, Duration::from_secs(5), |r| {
-                status(r, "sleep").state == State::Stopped
-            })
-            .await;
-            assert!(stopped, "{:?}", log.lines());
-            assert_eq!(
-                status(&runner, "sleep").last_exit,
-                Some(ExitInfo {
-                    code: None,
-                    signal: Some(15)
-                })
-            );
-            Ok(())
-        })
-    }
-
-    #[test]
-    fn a_crash_loop_backs_off_to_the_cap_without_starving_others() -> io::Result<()> {
-        runtime()?.block_on(async {
-            let log = MemoryLog::default();
-            let mut late = program("sleep-late", &["30"]);
-            late.autostart = false;
-            let (mut runner, mut rx) =
-                setup(vec![program("false", &[]), program("sleep", &["30"]), late]);
-            let actions = runner.supervisor.start_autostart(&log);
-            runner.apply(actions, &log);
-            let steady = status(&runner, "sleep").pid;
-            // Five failures: 0.1 + 0.2 + 0.4 + 0.4 s of backoff.
-            let looped = drive(&mut runner, &mut rx, &log, Duration::from_secs(10), |r| {
-                status(r, "false").restarts >= 4
-            })
-            .await;
-            assert!(looped, "{:?}", log.lines());
-            // Meanwhile another service starts at once on request.
-            let asked = Instant::now();
-            let actions = runner
-                .supervisor
-                .start("sleep-late", &log)
-                .unwrap_or_default();
-            runner.apply(actions, &log);
-            assert!(status(&runner, "sleep-late").state == State::Ready);
-            assert!(asked.elapsed() < Duration::from_millis(500));
-            let capped = drive(&mut runner, &mut rx, &log, Duration::from_secs(10), |r| {
-                status(r, "false").restarts >= 6
-            })
-            .await;
-            assert!(capped, "{:?}", log.lines());
-            let delays: Vec<String> = log
-                .lines()
-                .iter()
-                .filter_map(|l| l.strip_prefix("keelson-init: service false restarts in "))
-                .map(|l| l.split(' ').next().unwrap_or_default().to_string())
-                .collect();
-            assert_eq!(delays[..6], ["0.1", "0.2", "0.4", "0.4", "0.4", "0.4"]);
-            // The steady service was never disturbed.
-            let s = status(&runner, "sleep");
-            assert_eq!((s.pid, s.restarts, s.state), (steady, 0, State::Ready));
-            assert_eq!(
-                status(&runner, "false").last_exit,
-                Some(ExitInfo {
-                    code: Some(1),
-                    signal: None
-                })
-            );
-            // Shut down: everything stops, nothing restarts.
-            let actions = runner.supervisor.shutdown(&log);
-            runner.apply(actions, &log);
-            let down = drive(&mut runner, &mut rx, &log, Duration::from_secs(5), |r| {
-                r.supervisor.all_stopped()
-            })
-            .await;
-            assert!(down, "{:?}", log.lines());
-            Ok(())
-        })
-    }
-
-    #[test]
-    fn output_lands_in_the_ring_buffer_line_by_line() -> io::Result<()> {
-        runtime()?.block_on(async {
-            let log = MemoryLog::default();
-            let mut echo = program("echo", &["first line\nsecond line"]);
-            echo.env.clear();
-            let (mut runner, mut rx) = setup(vec![echo]);
-            let actions = runner.supervisor.start_autostart(&log);
-            runner.apply(actions, &log);
-            let got = drive(&mut runner, &mut rx, &log, Duration::from_secs(5), |r| {
-                r.supervisor.output_tail(0, 10).len() >= 2
-            })
-            .await;
-            assert!(got, "{:?}", log.lines());
-            assert_eq!(
-                runner.supervisor.output_tail(0, 10),
-                ["first line", "second line"]
-            );
-            Ok(())
-        })
-    }
-
-    #[test]
-    fn a_missing_program_is_a_failure_not_a_crash() {
-        let log = MemoryLog::default();
-        let mut spec = program("sleep", &[]);
-        spec.program = "/nonexistent/keelson-test".into();
-        assert!(matches!(spawn(&spec), Err(Error::Missing { .. })));
-        let mut sup = Supervisor::new(vec![spec], FAST);
-        let actions = sup.spawn_failed(0, "gone", &log);
-        assert!(matches!(
-            actions.as_slice(),
-            [Action::Timer {
-                kind: TimerKind::Restart,
-                ..
-            }]
-        ));
-        assert_eq!(
-            log.lines(),
-            [
-                "keelson-init: service sleep failed to start: gone",
-                "keelson-init: service sleep restarts in 0.1 s (failure 1)"
-            ]
-        );
     }
 }

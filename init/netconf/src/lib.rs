@@ -22,7 +22,7 @@
 //! state, calls those functions and carries out their answers through [`sys::NetSys`],
 //! which is netlink and UDP sockets in production ([`linux::Linux`]) and a recording
 //! fake with a virtual clock in tests. The real thing is tested as root inside network
-//! namespaces that the tests create (`init/tests/netconf_*.rs`, against Debian's
+//! namespaces that the tests create (`init/netconf/tests/netns.rs`, against Debian's
 //! `dnsmasq` for DHCP).
 //!
 //! Netconf removes only what it added (addresses and routes are tracked per link); it

@@ -1,0 +1,154 @@
+//! Tidy checks of init's source, kept as tests (as rust-analyzer keeps its own): init's
+//! modules import each other without a cycle, and the places allowed to call what
+//! clippy's `disallowed-methods` forbids PID 1 stay the few that are listed.
+//!
+//! The checker ([`checker`]) is tested on small fixture trees under
+//! `tests/tidy_fixtures/`: one without a cycle, one with a plain cycle, and one whose
+//! cycle only shows through a grouped `use crate::{...}`.
+
+mod checker;
+
+use std::path::{Path, PathBuf};
+
+fn crate_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn fixture(name: &str) -> PathBuf {
+    crate_dir()
+        .join("tests/tidy_fixtures")
+        .join(name)
+        .join("src")
+}
+
+/// The cycle the checker finds in `src`, as `a -> b -> a`, or `None`.
+fn cycle_in(src: &Path) -> Option<String> {
+    let graph = match checker::graph(src) {
+        Ok(graph) => graph,
+        Err(e) => panic!("cannot read {}: {e}", src.display()),
+    };
+    graph.cycle().map(|c| c.join(" -> "))
+}
+
+fn check_cycle(fixture_name: &str, expected: Option<&str>) {
+    assert_eq!(
+        cycle_in(&fixture(fixture_name)).as_deref(),
+        expected,
+        "fixture {fixture_name}"
+    );
+}
+
+#[test]
+fn the_checker_finds_no_cycle_where_there_is_none() {
+    check_cycle("acyclic", None);
+    let graph = checker::graph(&fixture("acyclic")).unwrap_or_default();
+    let edges: Vec<(String, Vec<String>)> = graph
+        .edges
+        .iter()
+        .map(|(from, to)| (from.clone(), to.iter().cloned().collect()))
+        .collect();
+    // Comments and strings that name modules are no edges; `super::super::log` is one.
+    assert_eq!(
+        edges,
+        [
+            ("api".into(), vec!["log".into(), "store".into()]),
+            ("log".into(), vec![]),
+            ("store".into(), vec!["log".into()]),
+        ]
+    );
+}
+
+#[test]
+fn the_checker_names_a_cycle() {
+    check_cycle("cycle", Some("a -> b -> c -> a"));
+}
+
+#[test]
+fn the_checker_sees_a_cycle_hidden_in_a_grouped_use() {
+    check_cycle("grouped", Some("events -> net -> events"));
+}
+
+#[test]
+fn the_checker_reads_groups_and_super_chains() {
+    let refs = |text: &str, module: &[&str]| -> Vec<String> {
+        let module: Vec<String> = module.iter().map(|m| m.to_string()).collect();
+        checker::references(text, &module).into_iter().collect()
+    };
+    assert_eq!(refs("use crate::{a, b::{c, d}, self};", &["x"]), ["a", "b"]);
+    assert_eq!(refs("fn f() { crate::e::g(); }", &["x"]), ["e"]);
+    assert_eq!(refs("use super::super::h;", &["x", "y"]), ["h"]);
+    assert!(refs("use super::h;", &["x", "y"]).is_empty());
+    assert!(refs("// use crate::a;\nlet s = \"crate::b\";", &["x"]).is_empty());
+    assert!(
+        refs(
+            "let c = '\"'; /* crate::q */ let r = r#\"crate::z\"#;",
+            &["x"]
+        )
+        .is_empty()
+    );
+}
+
+#[test]
+fn init_modules_import_each_other_without_a_cycle() {
+    let src = crate_dir().join("src");
+    let graph = match checker::graph(&src) {
+        Ok(graph) => graph,
+        Err(e) => panic!("cannot read {}: {e}", src.display()),
+    };
+    if let Some(cycle) = graph.cycle() {
+        panic!(
+            "init's modules import each other in a cycle: {}\n\
+             break it: the producer owns its message type and gets a typed sender \
+             (`sender::Sender`), or what both sides need moves into a leaf module",
+            cycle.join(" -> ")
+        );
+    }
+    println!(
+        "init: {} modules, {} edges, no cycle",
+        graph.edges.len(),
+        graph.edge_count()
+    );
+}
+
+/// The files whose non-test code may call what `init/clippy.toml`'s `disallowed-methods`
+/// forbids (under an `#[allow]` with its reason): the supervisor's runner starts the
+/// services, and the real `Syscalls` and STATE's atomic write are where PID 1 writes.
+const MAY_CALL_DISALLOWED: &[&str] = &["supervisor/runner.rs", "syscalls.rs", "state.rs"];
+
+#[test]
+fn only_the_listed_files_allow_disallowed_methods() {
+    let src = crate_dir().join("src");
+    let nodes = match checker::nodes(&src) {
+        Ok(nodes) => nodes,
+        Err(e) => panic!("cannot read {}: {e}", src.display()),
+    };
+    let mut roots = Vec::new();
+    for root in checker::ROOTS {
+        let path = src.join(root);
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            roots.push(checker::SourceFile {
+                path: PathBuf::from(root),
+                module: Vec::new(),
+                text,
+            });
+        }
+    }
+    let offenders: Vec<String> = nodes
+        .values()
+        .flatten()
+        .chain(&roots)
+        .filter(|file| {
+            checker::non_test_part(file).contains("allow(clippy::disallowed_methods)")
+                && !MAY_CALL_DISALLOWED.contains(&file.path.to_string_lossy().as_ref())
+        })
+        .map(|file| file.path.display().to_string())
+        .collect();
+    assert!(
+        offenders.is_empty(),
+        "init/src/{{{}}} allow clippy::disallowed_methods: PID 1 starts programs only in \
+         the supervisor's runner and writes files only through `Syscalls` (see \
+         init/clippy.toml); only {} may allow it",
+        offenders.join(", "),
+        MAY_CALL_DISALLOWED.join(", ")
+    );
+}

@@ -1,0 +1,4 @@
+//! Fixture root.
+pub mod api;
+pub mod log;
+pub mod store;

@@ -1,0 +1,6 @@
+//! Fixture: a -> b.
+use crate::b::f;
+
+pub fn g() {
+    f();
+}

@@ -1,0 +1,4 @@
+//! Fixture: b -> c.
+pub fn f() {
+    crate::c::h();
+}

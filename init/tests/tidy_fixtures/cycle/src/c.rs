@@ -1,0 +1,6 @@
+//! Fixture: c -> a, which closes the cycle.
+pub fn h() {}
+
+pub fn k() {
+    crate::a::g();
+}

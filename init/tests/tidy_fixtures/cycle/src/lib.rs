@@ -1,0 +1,4 @@
+//! Fixture root.
+pub mod a;
+pub mod b;
+pub mod c;

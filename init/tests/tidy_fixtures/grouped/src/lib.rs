@@ -1,0 +1,4 @@
+//! Fixture root.
+pub mod events;
+pub mod net;
+pub mod timers;

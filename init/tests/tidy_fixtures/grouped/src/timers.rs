@@ -1,0 +1,4 @@
+//! Fixture: a producer that does not.
+pub struct Timer;
+
+pub fn start() {}
