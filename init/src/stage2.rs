@@ -896,7 +896,8 @@ impl<L: Log> Node<'_, L> {
             }
             Event::Service(ServiceEvent::Output { service, line }) => {
                 let sup = &mut self.runner().supervisor;
-                log.console().raw(&format!("{}: {line}", sup.name(service)));
+                let name = sup.name(service).unwrap_or("service");
+                log.console().raw(&format!("{name}: {line}"));
                 sup.record_output(service, &line);
             }
             Event::Service(event) => {
@@ -1199,7 +1200,7 @@ impl<L: Log> Node<'_, L> {
             Ok(id) => id,
             Err(e) => return Response::error(e.to_string()),
         };
-        let Some(status) = sup.statuses().into_iter().nth(id) else {
+        let Some(status) = sup.status(id) else {
             return Response::error(format!("no service named {service:?}"));
         };
         let Some(pid) = status.pid else {

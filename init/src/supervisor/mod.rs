@@ -54,8 +54,11 @@ use serde::{Deserialize, Serialize};
 use crate::bootlog::{RingBuffer, SERVICE_LOG_BYTES};
 use crate::console::Log;
 
-/// Index of a service in the supervisor's table.
-pub type ServiceId = usize;
+/// A service of the supervisor's table. Only the supervisor hands them out
+/// ([`Supervisor::id`], [`Supervisor::by_pid`], the [`Action`]s it returns), and ids never
+/// change; a lookup with an id that names no service finds nothing, it never panics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceId(usize);
 
 /// How a service tells that it is ready.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -344,6 +347,20 @@ pub struct Supervisor {
     shutting_down: bool,
 }
 
+impl Service {
+    fn status(&self) -> ServiceStatus {
+        ServiceStatus {
+            name: self.spec.name.clone(),
+            state: self.state,
+            pid: self.pid,
+            restarts: self.restarts,
+            last_exit: self.last_exit,
+            depends_on: self.spec.depends_on.clone(),
+            autostart: self.spec.autostart,
+        }
+    }
+}
+
 impl Supervisor {
     /// A supervisor over `specs` (dependencies on unknown names are ignored, with the
     /// rest of the spec kept), none started yet.
@@ -382,11 +399,25 @@ impl Supervisor {
         }
     }
 
+    fn get(&self, id: ServiceId) -> Option<&Service> {
+        self.services.get(id.0)
+    }
+
+    fn get_mut(&mut self, id: ServiceId) -> Option<&mut Service> {
+        self.services.get_mut(id.0)
+    }
+
+    /// Every id, in table order.
+    fn ids(&self) -> Vec<ServiceId> {
+        (0..self.services.len()).map(ServiceId).collect()
+    }
+
     /// The id of the service named `name`.
     pub fn id(&self, name: &str) -> Result<ServiceId, Error> {
         self.services
             .iter()
             .position(|s| s.spec.name == name)
+            .map(ServiceId)
             .ok_or_else(|| Error::Unknown {
                 name: name.to_string(),
                 known: self
@@ -399,51 +430,48 @@ impl Supervisor {
     }
 
     /// The spec of a service.
-    pub fn spec(&self, id: ServiceId) -> &ServiceSpec {
-        &self.services[id].spec
+    pub fn spec(&self, id: ServiceId) -> Option<&ServiceSpec> {
+        self.get(id).map(|s| &s.spec)
     }
 
     /// The name of a service.
-    pub fn name(&self, id: ServiceId) -> &str {
-        &self.services[id].spec.name
+    pub fn name(&self, id: ServiceId) -> Option<&str> {
+        self.get(id).map(|s| s.spec.name.as_str())
     }
 
     /// The state of a service.
-    pub fn state(&self, id: ServiceId) -> State {
-        self.services[id].state
+    pub fn state(&self, id: ServiceId) -> Option<State> {
+        self.get(id).map(|s| s.state)
     }
 
     /// Every service's status, in table order.
     pub fn statuses(&self) -> Vec<ServiceStatus> {
-        self.services
-            .iter()
-            .map(|s| ServiceStatus {
-                name: s.spec.name.clone(),
-                state: s.state,
-                pid: s.pid,
-                restarts: s.restarts,
-                last_exit: s.last_exit,
-                depends_on: s.spec.depends_on.clone(),
-                autostart: s.spec.autostart,
-            })
-            .collect()
+        self.services.iter().map(Service::status).collect()
+    }
+
+    /// One service's status.
+    pub fn status(&self, id: ServiceId) -> Option<ServiceStatus> {
+        self.get(id).map(Service::status)
     }
 
     /// The last `n` lines a service printed.
     pub fn output_tail(&self, id: ServiceId, n: usize) -> Vec<String> {
-        self.services[id].output.tail(n)
+        self.get(id).map_or_else(Vec::new, |s| s.output.tail(n))
     }
 
     /// Keep a line the service printed.
     pub fn record_output(&mut self, id: ServiceId, line: &str) {
-        if let Some(s) = self.services.get_mut(id) {
+        if let Some(s) = self.get_mut(id) {
             s.output.push(line);
         }
     }
 
     /// The service running as `pid`.
     pub fn by_pid(&self, pid: u32) -> Option<ServiceId> {
-        self.services.iter().position(|s| s.pid == Some(pid))
+        self.services
+            .iter()
+            .position(|s| s.pid == Some(pid))
+            .map(ServiceId)
     }
 
     /// Whether the shutdown has begun and every service is down.
@@ -457,7 +485,10 @@ impl Supervisor {
     }
 
     fn deps_ready(&self, id: ServiceId) -> bool {
-        self.services[id].spec.depends_on.iter().all(|dep| {
+        let Some(service) = self.get(id) else {
+            return false;
+        };
+        service.spec.depends_on.iter().all(|dep| {
             match self.services.iter().find(|s| &s.spec.name == dep) {
                 Some(s) => s.state == State::Ready,
                 // Unknown dependency (a service not registered on this node): no wait.
@@ -468,7 +499,9 @@ impl Supervisor {
 
     /// The `start_after` services it still waits for: those starting, or waiting to.
     fn order_pending(&self, id: ServiceId) -> Vec<&str> {
-        let service = &self.services[id];
+        let Some(service) = self.get(id) else {
+            return Vec::new();
+        };
         if service.ordered {
             return Vec::new();
         }
@@ -492,9 +525,11 @@ impl Supervisor {
     /// Start the waiting services that may start now.
     fn release_waiting(&mut self, log: &dyn Log) -> Vec<Action> {
         let mut actions = Vec::new();
-        for other in 0..self.services.len() {
-            if self.services[other].state == State::Waiting && self.can_start(other) {
-                self.services[other].state = State::Stopped;
+        for other in self.ids() {
+            if self.state(other) == Some(State::Waiting) && self.can_start(other) {
+                if let Some(service) = self.get_mut(other) {
+                    service.state = State::Stopped;
+                }
                 actions.extend(self.want(other, log));
             }
         }
@@ -504,8 +539,8 @@ impl Supervisor {
     /// Start every autostart service (those whose dependencies are not ready wait).
     pub fn start_autostart(&mut self, log: &dyn Log) -> Vec<Action> {
         let mut actions = Vec::new();
-        for id in 0..self.services.len() {
-            if self.services[id].spec.autostart {
+        for id in self.ids() {
+            if self.get(id).is_some_and(|s| s.spec.autostart) {
                 actions.extend(self.want(id, log));
             }
         }
@@ -533,30 +568,41 @@ impl Supervisor {
             return Err(Error::ShuttingDown);
         }
         let id = self.id(name)?;
-        if self.services[id].pid.is_some() {
+        if self.get(id).is_some_and(|s| s.pid.is_some()) {
             Ok(self.stop_id(id, AfterStop::Start, log))
         } else {
-            self.services[id].failures = 0;
+            if let Some(service) = self.get_mut(id) {
+                service.failures = 0;
+            }
             Ok(self.want(id, log))
         }
     }
 
     /// Make a service wanted: start it now if its dependencies are ready, else wait.
     fn want(&mut self, id: ServiceId, log: &dyn Log) -> Vec<Action> {
-        match self.services[id].state {
+        let Some(service) = self.get_mut(id) else {
+            return Vec::new();
+        };
+        match service.state {
             State::Stopped | State::Backoff => {}
             // Running, starting, stopping or already waiting: nothing to add.
             _ => return Vec::new(),
         }
         // A pending restart timer of the old run must not fire into the new one.
-        self.services[id].generation += 1;
+        service.generation += 1;
+        let generation = service.generation;
         if self.can_start(id) {
             // Starting from now on (the runner spawns it before it handles anything else),
             // so that services ordered after it wait.
-            self.services[id].state = State::Starting;
+            if let Some(service) = self.get_mut(id) {
+                service.state = State::Starting;
+            }
             return vec![Action::Spawn(id)];
         }
-        let mut waiting_for: Vec<&str> = self.services[id]
+        let Some(service) = self.get(id) else {
+            return Vec::new();
+        };
+        let mut waiting_for: Vec<&str> = service
             .spec
             .depends_on
             .iter()
@@ -577,22 +623,26 @@ impl Supervisor {
             }
             actions.push(Action::Timer {
                 service: id,
-                generation: self.services[id].generation,
+                generation,
                 after: START_AFTER_LIMIT,
                 kind: TimerKind::StartAfterLimit,
             });
         }
         log.line(&format!(
             "service {} waiting for {}",
-            self.services[id].spec.name,
+            service.spec.name,
             waiting_for.join(", ")
         ));
-        self.services[id].state = State::Waiting;
+        if let Some(service) = self.get_mut(id) {
+            service.state = State::Waiting;
+        }
         actions
     }
 
     fn stop_id(&mut self, id: ServiceId, after: AfterStop, log: &dyn Log) -> Vec<Action> {
-        let service = &mut self.services[id];
+        let Some(service) = self.services.get_mut(id.0) else {
+            return Vec::new();
+        };
         match (service.state, service.pid) {
             (State::Stopping, _) => {
                 if after != AfterStop::Nothing || service.after_stop == AfterStop::Start {
@@ -631,7 +681,9 @@ impl Supervisor {
 
     /// The runner spawned the service as `pid`.
     pub fn spawned(&mut self, id: ServiceId, pid: u32, now: Instant, log: &dyn Log) -> Vec<Action> {
-        let service = &mut self.services[id];
+        let Some(service) = self.services.get_mut(id.0) else {
+            return Vec::new();
+        };
         service.generation += 1;
         service.ordered = true;
         service.pid = Some(pid);
@@ -654,16 +706,22 @@ impl Supervisor {
 
     /// The runner could not spawn the service: a failure like an exit.
     pub fn spawn_failed(&mut self, id: ServiceId, why: &str, log: &dyn Log) -> Vec<Action> {
+        let Some(service) = self.get(id) else {
+            return Vec::new();
+        };
         log.line(&format!(
             "service {} failed to start: {why}",
-            self.services[id].spec.name
+            service.spec.name
         ));
         self.failed(id, log)
     }
 
     fn became_ready(&mut self, id: ServiceId, log: &dyn Log) -> Vec<Action> {
-        self.services[id].state = State::Ready;
-        log.line(&format!("service {} ready", self.services[id].spec.name));
+        let Some(service) = self.get_mut(id) else {
+            return Vec::new();
+        };
+        service.state = State::Ready;
+        log.line(&format!("service {} ready", service.spec.name));
         // Dependents that were waiting may go now.
         self.release_waiting(log)
     }
@@ -676,7 +734,9 @@ impl Supervisor {
         result: Result<(), String>,
         log: &dyn Log,
     ) -> Vec<Action> {
-        let service = &self.services[id];
+        let Some(service) = self.get(id) else {
+            return Vec::new();
+        };
         if service.generation != generation || service.state != State::Starting {
             return Vec::new();
         }
@@ -700,13 +760,17 @@ impl Supervisor {
         kind: TimerKind,
         log: &dyn Log,
     ) -> Vec<Action> {
-        let service = &self.services[id];
+        let Some(service) = self.get(id) else {
+            return Vec::new();
+        };
         if service.generation != generation {
             return Vec::new();
         }
         match (kind, service.state, service.pid) {
             (TimerKind::Restart, State::Backoff, None) if !self.shutting_down => {
-                let service = &mut self.services[id];
+                let Some(service) = self.services.get_mut(id.0) else {
+                    return Vec::new();
+                };
                 service.restarts += 1;
                 service.state = State::Stopped;
                 log.line(&format!(
@@ -717,7 +781,9 @@ impl Supervisor {
             }
             (TimerKind::StartAfterLimit, State::Waiting, None) if !self.shutting_down => {
                 let pending = self.order_pending(id).join(", ");
-                let service = &mut self.services[id];
+                let Some(service) = self.services.get_mut(id.0) else {
+                    return Vec::new();
+                };
                 service.ordered = true;
                 if !pending.is_empty() {
                     log.line(&format!(
@@ -753,7 +819,7 @@ impl Supervisor {
         log: &dyn Log,
     ) -> Option<Vec<Action>> {
         let id = self.by_pid(pid)?;
-        let service = &mut self.services[id];
+        let service = self.services.get_mut(id.0)?;
         service.pid = None;
         service.last_exit = Some(exit);
         let ran = service
@@ -767,7 +833,9 @@ impl Supervisor {
             log.line(&format!("service {} stopped ({exit})", service.spec.name));
             let mut actions = match after {
                 AfterStop::Start if !self.shutting_down => {
-                    self.services[id].failures = 0;
+                    if let Some(service) = self.get_mut(id) {
+                        service.failures = 0;
+                    }
                     self.want(id, log)
                 }
                 AfterStop::Backoff if !self.shutting_down => self.failed(id, log),
@@ -791,7 +859,9 @@ impl Supervisor {
 
     /// Count a failure and schedule the restart.
     fn failed(&mut self, id: ServiceId, log: &dyn Log) -> Vec<Action> {
-        let service = &mut self.services[id];
+        let Some(service) = self.services.get_mut(id.0) else {
+            return Vec::new();
+        };
         service.failures = service.failures.saturating_add(1);
         service.state = State::Backoff;
         service.generation += 1;
@@ -817,8 +887,7 @@ impl Supervisor {
     /// dependency order. Call [`Supervisor::all_stopped`] to know when it is done.
     pub fn shutdown(&mut self, log: &dyn Log) -> Vec<Action> {
         self.shutting_down = true;
-        for id in 0..self.services.len() {
-            let s = &mut self.services[id];
+        for s in &mut self.services {
             if s.pid.is_none() && s.state != State::Stopped {
                 s.generation += 1;
                 s.state = State::Stopped;
@@ -830,8 +899,10 @@ impl Supervisor {
     /// Stop the running services that no running service depends on.
     fn advance_shutdown(&mut self, log: &dyn Log) -> Vec<Action> {
         let mut actions = Vec::new();
-        for id in 0..self.services.len() {
-            let s = &self.services[id];
+        for id in self.ids() {
+            let Some(s) = self.get(id) else {
+                continue;
+            };
             if s.pid.is_none() || s.state == State::Stopping {
                 continue;
             }
@@ -895,8 +966,8 @@ mod tests {
             vec![spec("machined", &[], Readiness::Started)],
             Backoff::DEFAULT,
         );
-        assert_eq!(sup.start_autostart(&log), [Action::Spawn(0)]);
-        assert_eq!(sup.spawned(0, 50, Instant::now(), &log), []);
+        assert_eq!(sup.start_autostart(&log), [Action::Spawn(ServiceId(0))]);
+        assert_eq!(sup.spawned(ServiceId(0), 50, Instant::now(), &log), []);
         // The config brings the rest; machined is in the catalog again.
         sup.add(vec![
             spec("containerd", &[], Readiness::Started),
@@ -904,9 +975,29 @@ mod tests {
         ]);
         let names: Vec<String> = sup.statuses().into_iter().map(|s| s.name).collect();
         assert_eq!(names, ["machined", "containerd"]);
-        assert_eq!(sup.start_autostart(&log), [Action::Spawn(1)]);
+        assert_eq!(sup.start_autostart(&log), [Action::Spawn(ServiceId(1))]);
         assert_eq!(sup.statuses()[0].pid, Some(50));
-        assert_eq!(sup.state(0), State::Ready);
+        assert_eq!(sup.state(ServiceId(0)), Some(State::Ready));
+    }
+
+    #[test]
+    fn an_id_that_names_no_service_finds_nothing() {
+        let log = MemoryLog::default();
+        let mut sup = node();
+        let stale = ServiceId(99);
+        assert_eq!(sup.spec(stale), None);
+        assert_eq!(sup.name(stale), None);
+        assert_eq!(sup.state(stale), None);
+        assert_eq!(sup.status(stale), None);
+        assert!(sup.output_tail(stale, 10).is_empty());
+        sup.record_output(stale, "lost");
+        assert_eq!(sup.spawned(stale, 7, Instant::now(), &log), []);
+        assert_eq!(sup.spawn_failed(stale, "gone", &log), []);
+        assert_eq!(sup.readiness(stale, 1, Ok(()), &log), []);
+        assert_eq!(sup.timer(stale, 1, TimerKind::Restart, &log), []);
+        assert!(log.lines().is_empty());
+        let known = sup.id("containerd").unwrap();
+        assert_eq!(sup.name(known), Some("containerd"));
     }
 
     #[test]
@@ -925,24 +1016,30 @@ mod tests {
         let t0 = Instant::now();
         let actions = sup.start_autostart(&log);
         // containerd and machined now; kubelet waits; etcd is not autostarted.
-        assert_eq!(actions, [Action::Spawn(0), Action::Spawn(3)]);
-        assert_eq!(sup.state(2), State::Waiting);
-        assert_eq!(sup.state(1), State::Stopped);
-        let check = sup.spawned(0, 100, t0, &log);
+        assert_eq!(
+            actions,
+            [Action::Spawn(ServiceId(0)), Action::Spawn(ServiceId(3))]
+        );
+        assert_eq!(sup.state(ServiceId(2)), Some(State::Waiting));
+        assert_eq!(sup.state(ServiceId(1)), Some(State::Stopped));
+        let check = sup.spawned(ServiceId(0), 100, t0, &log);
         assert!(matches!(
             check.as_slice(),
             [Action::CheckReady {
-                service: 0,
+                service: ServiceId(0),
                 generation: 2,
                 ..
             }]
         ));
-        assert_eq!(sup.spawned(3, 101, t0, &log), []);
-        assert_eq!(sup.state(3), State::Ready);
+        assert_eq!(sup.spawned(ServiceId(3), 101, t0, &log), []);
+        assert_eq!(sup.state(ServiceId(3)), Some(State::Ready));
         // A stale readiness answer (an older run) changes nothing.
-        assert_eq!(sup.readiness(0, 1, Ok(()), &log), []);
-        assert_eq!(sup.state(2), State::Waiting);
-        assert_eq!(sup.readiness(0, 2, Ok(()), &log), [Action::Spawn(2)]);
+        assert_eq!(sup.readiness(ServiceId(0), 1, Ok(()), &log), []);
+        assert_eq!(sup.state(ServiceId(2)), Some(State::Waiting));
+        assert_eq!(
+            sup.readiness(ServiceId(0), 2, Ok(()), &log),
+            [Action::Spawn(ServiceId(2))]
+        );
         assert_eq!(
             log.lines(),
             [
@@ -972,7 +1069,7 @@ mod tests {
         match actions {
             [
                 Action::Timer {
-                    service: 1,
+                    service: ServiceId(1),
                     generation,
                     after,
                     kind: TimerKind::StartAfterLimit,
@@ -988,15 +1085,21 @@ mod tests {
         let mut sup = ordered();
         let t0 = Instant::now();
         let actions = sup.start_autostart(&log);
-        assert_eq!(actions[0], Action::Spawn(0));
+        assert_eq!(actions[0], Action::Spawn(ServiceId(0)));
         let limit = limit_timer(&actions[1..]);
-        assert_eq!(sup.state(1), State::Waiting);
-        assert_eq!(sup.spawned(0, 100, t0, &log).len(), 1);
-        assert_eq!(sup.state(1), State::Waiting);
-        assert_eq!(sup.readiness(0, 2, Ok(()), &log), [Action::Spawn(1)]);
-        assert_eq!(sup.spawned(1, 101, t0, &log), []);
+        assert_eq!(sup.state(ServiceId(1)), Some(State::Waiting));
+        assert_eq!(sup.spawned(ServiceId(0), 100, t0, &log).len(), 1);
+        assert_eq!(sup.state(ServiceId(1)), Some(State::Waiting));
+        assert_eq!(
+            sup.readiness(ServiceId(0), 2, Ok(()), &log),
+            [Action::Spawn(ServiceId(1))]
+        );
+        assert_eq!(sup.spawned(ServiceId(1), 101, t0, &log), []);
         // The limit timer of that wait is stale now.
-        assert_eq!(sup.timer(1, limit, TimerKind::StartAfterLimit, &log), []);
+        assert_eq!(
+            sup.timer(ServiceId(1), limit, TimerKind::StartAfterLimit, &log),
+            []
+        );
         assert_eq!(
             log.lines(),
             [
@@ -1019,13 +1122,13 @@ mod tests {
         let c = restart_gen(sup.exited(100, crash, t0, &log));
         let m = restart_gen(sup.exited(101, crash, t0, &log));
         assert_eq!(
-            sup.timer(0, c, TimerKind::Restart, &log),
-            [Action::Spawn(0)]
+            sup.timer(ServiceId(0), c, TimerKind::Restart, &log),
+            [Action::Spawn(ServiceId(0))]
         );
-        assert_eq!(sup.state(0), State::Starting);
+        assert_eq!(sup.state(ServiceId(0)), Some(State::Starting));
         assert_eq!(
-            sup.timer(1, m, TimerKind::Restart, &log),
-            [Action::Spawn(1)]
+            sup.timer(ServiceId(1), m, TimerKind::Restart, &log),
+            [Action::Spawn(ServiceId(1))]
         );
     }
 
@@ -1036,16 +1139,16 @@ mod tests {
         let actions = sup.start_autostart(&log);
         limit_timer(&actions[1..]);
         // containerd cannot even be spawned: it backs off, and machined goes.
-        let actions = sup.spawn_failed(0, "/usr/bin/containerd does not exist", &log);
+        let actions = sup.spawn_failed(ServiceId(0), "/usr/bin/containerd does not exist", &log);
         assert!(matches!(
             actions.as_slice(),
             [
                 Action::Timer {
-                    service: 0,
+                    service: ServiceId(0),
                     kind: TimerKind::Restart,
                     ..
                 },
-                Action::Spawn(1)
+                Action::Spawn(ServiceId(1))
             ]
         ));
     }
@@ -1057,10 +1160,10 @@ mod tests {
         let t0 = Instant::now();
         let actions = sup.start_autostart(&log);
         let limit = limit_timer(&actions[1..]);
-        sup.spawned(0, 100, t0, &log);
+        sup.spawned(ServiceId(0), 100, t0, &log);
         assert_eq!(
-            sup.timer(1, limit, TimerKind::StartAfterLimit, &log),
-            [Action::Spawn(1)]
+            sup.timer(ServiceId(1), limit, TimerKind::StartAfterLimit, &log),
+            [Action::Spawn(ServiceId(1))]
         );
         assert_eq!(
             log.lines().last().map(String::as_str),
@@ -1072,7 +1175,7 @@ mod tests {
         let mut alone = spec("machined", &[], Readiness::Started);
         alone.start_after = vec!["containerd".into()];
         let mut sup = Supervisor::new(vec![alone], Backoff::DEFAULT);
-        assert_eq!(sup.start_autostart(&log), [Action::Spawn(0)]);
+        assert_eq!(sup.start_autostart(&log), [Action::Spawn(ServiceId(0))]);
     }
 
     #[test]
@@ -1083,7 +1186,7 @@ mod tests {
         let mut delays = Vec::new();
         sup.start_autostart(&log);
         let mut pid = 200;
-        sup.spawned(3, pid, now, &log);
+        sup.spawned(ServiceId(3), pid, now, &log);
         for _ in 0..7 {
             now += Duration::from_millis(10);
             let actions = sup.exited(
@@ -1109,13 +1212,13 @@ mod tests {
                 panic!("expected a restart timer, got {actions:?}");
             };
             delays.push(after.as_secs());
-            assert_eq!(sup.state(3), State::Backoff);
+            assert_eq!(sup.state(ServiceId(3)), Some(State::Backoff));
             assert_eq!(
-                sup.timer(3, *generation, TimerKind::Restart, &log),
-                [Action::Spawn(3)]
+                sup.timer(ServiceId(3), *generation, TimerKind::Restart, &log),
+                [Action::Spawn(ServiceId(3))]
             );
             pid += 1;
-            sup.spawned(3, pid, now, &log);
+            sup.spawned(ServiceId(3), pid, now, &log);
         }
         assert_eq!(delays, [1, 2, 4, 8, 16, 30, 30]);
         assert_eq!(sup.statuses()[3].restarts, 7);
@@ -1158,12 +1261,12 @@ mod tests {
         let mut sup = node();
         let now = Instant::now();
         sup.start_autostart(&log);
-        sup.spawned(0, 300, now, &log);
-        let actions = sup.readiness(0, 2, Err("no answer after 60 s".into()), &log);
+        sup.spawned(ServiceId(0), 300, now, &log);
+        let actions = sup.readiness(ServiceId(0), 2, Err("no answer after 60 s".into()), &log);
         assert_eq!(
             actions[0],
             Action::Signal {
-                service: 0,
+                service: ServiceId(0),
                 pid: 300,
                 signal: StopSignal::Term
             }
@@ -1184,7 +1287,7 @@ mod tests {
                 ..
             }])
         ));
-        assert_eq!(sup.state(0), State::Backoff);
+        assert_eq!(sup.state(ServiceId(0)), Some(State::Backoff));
     }
 
     #[test]
@@ -1193,7 +1296,7 @@ mod tests {
         let mut sup = node();
         let now = Instant::now();
         sup.start_autostart(&log);
-        sup.spawned(3, 400, now, &log);
+        sup.spawned(ServiceId(3), 400, now, &log);
         let actions = sup.stop("machined", &log).unwrap_or_default();
         let [
             Action::Signal {
@@ -1213,9 +1316,9 @@ mod tests {
         };
         assert_eq!(*after, Duration::from_secs(10));
         assert_eq!(
-            sup.timer(3, *generation, TimerKind::Kill, &log),
+            sup.timer(ServiceId(3), *generation, TimerKind::Kill, &log),
             [Action::Signal {
-                service: 3,
+                service: ServiceId(3),
                 pid: 400,
                 signal: StopSignal::Kill
             }]
@@ -1232,10 +1335,13 @@ mod tests {
             ),
             Some(vec![])
         );
-        assert_eq!(sup.state(3), State::Stopped);
+        assert_eq!(sup.state(ServiceId(3)), Some(State::Stopped));
         // Restart of a stopped service starts it; of a running one, stops then starts.
-        assert_eq!(sup.restart("machined", &log), Ok(vec![Action::Spawn(3)]));
-        sup.spawned(3, 401, now, &log);
+        assert_eq!(
+            sup.restart("machined", &log),
+            Ok(vec![Action::Spawn(ServiceId(3))])
+        );
+        sup.spawned(ServiceId(3), 401, now, &log);
         assert_eq!(sup.restart("machined", &log).map(|a| a.len()), Ok(2));
         assert_eq!(
             sup.exited(
@@ -1247,7 +1353,7 @@ mod tests {
                 now,
                 &log
             ),
-            Some(vec![Action::Spawn(3)])
+            Some(vec![Action::Spawn(ServiceId(3))])
         );
         assert_eq!(
             sup.start("nope", &log),
@@ -1264,10 +1370,10 @@ mod tests {
         let mut sup = node();
         let now = Instant::now();
         sup.start_autostart(&log);
-        sup.spawned(0, 500, now, &log);
-        sup.spawned(3, 503, now, &log);
-        sup.readiness(0, 2, Ok(()), &log);
-        sup.spawned(2, 502, now, &log);
+        sup.spawned(ServiceId(0), 500, now, &log);
+        sup.spawned(ServiceId(3), 503, now, &log);
+        sup.readiness(ServiceId(0), 2, Ok(()), &log);
+        sup.spawned(ServiceId(2), 502, now, &log);
         let signalled = |actions: &[Action]| -> Vec<u32> {
             actions
                 .iter()

@@ -101,7 +101,10 @@ impl Runner {
         while let Some(action) = queue.pop_front() {
             match action {
                 Action::Spawn(id) => {
-                    let more = match spawn(self.supervisor.spec(id)) {
+                    let Some(spec) = self.supervisor.spec(id) else {
+                        continue;
+                    };
+                    let more = match spawn(spec) {
                         Ok((pid, output)) => {
                             self.read_output(id, output);
                             self.supervisor.spawned(id, pid, Instant::now(), log)
@@ -531,12 +534,12 @@ mod tests {
             let actions = runner.supervisor.start_autostart(&log);
             runner.apply(actions, &log);
             let got = drive(&mut runner, &mut rx, &log, Duration::from_secs(5), |r| {
-                r.supervisor.output_tail(0, 10).len() >= 2
+                r.supervisor.output_tail(ServiceId(0), 10).len() >= 2
             })
             .await;
             assert!(got, "{:?}", log.lines());
             assert_eq!(
-                runner.supervisor.output_tail(0, 10),
+                runner.supervisor.output_tail(ServiceId(0), 10),
                 ["first line", "second line"]
             );
             Ok(())
@@ -550,7 +553,7 @@ mod tests {
         spec.program = "/nonexistent/keelson-test".into();
         assert!(matches!(spawn(&spec), Err(SpawnError::Missing { .. })));
         let mut sup = Supervisor::new(vec![spec], FAST);
-        let actions = sup.spawn_failed(0, "gone", &log);
+        let actions = sup.spawn_failed(ServiceId(0), "gone", &log);
         assert!(matches!(
             actions.as_slice(),
             [Action::Timer {
