@@ -72,7 +72,7 @@ pub fn machinectl_binary() -> Result<PathBuf> {
     if !bin.is_file() {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let status = Command::new(cargo)
-            .args(["build", "-p", "keelson-machined", "--bin", "machinectl"])
+            .args(["build", "-p", "keelson-machinectl", "--bin", "machinectl"])
             .status()
             .context("starting cargo to build machinectl")?;
         if !status.success() {
@@ -190,7 +190,7 @@ pub fn api_client_config(
     roles: &[Role],
     path: &Path,
 ) -> Result<()> {
-    use keelson_machined::clientconfig::{ClientConfig, Context};
+    use keelson_api::clientconfig::{ClientConfig, Context};
     let mut clients = ClientConfig::default();
     for &role in roles {
         let cert = pki::issue_api_client(ca, &format!("{role}-user"), role)

@@ -51,7 +51,7 @@ pub fn machinectl() -> Result<PathBuf> {
         "build",
         "--quiet",
         "--package",
-        "keelson-machined",
+        "keelson-machinectl",
         "--bin",
         "machinectl",
     ]))?;

@@ -8,9 +8,9 @@ use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
 use std::process::{Command, Output};
 
+use keelson_api::clientconfig::ClientConfig;
 use keelson_configs::MachineConfig;
 use keelson_configs::secrets::ClusterSecrets;
-use keelson_machined::clientconfig::ClientConfig;
 
 const ENDPOINT: &str = "https://10.5.0.2:6443";
 const FILES: [&str; 4] = [

@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::Parser as _;
-use keelson_machined::cli::{Cli, run};
+use keelson_machinectl::{Cli, run};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();

@@ -54,7 +54,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("machined: error: {}", keelson_machined::error_chain(&e));
+            eprintln!("machined: error: {}", keelson_api::error_chain(&e));
             ExitCode::FAILURE
         }
     }

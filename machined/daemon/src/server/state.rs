@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use keelson_configs::layout::{STATE_CONFIG, STATE_CONFIG_STAGED};
 
-use crate::atomic;
+use keelson_api::atomic;
 
 /// Errors from reading or writing STATE.
 #[derive(Debug, thiserror::Error)]

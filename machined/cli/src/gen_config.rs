@@ -14,8 +14,8 @@ use keelson_configs::pki::{self, Role};
 use keelson_configs::secrets::ClusterSecrets;
 
 use super::ModeArg;
-use crate::atomic;
-use crate::clientconfig::{ClientConfig, Context};
+use keelson_api::atomic;
+use keelson_api::clientconfig::{ClientConfig, Context};
 
 /// Arguments of `machinectl gen config`.
 #[derive(Debug, Args)]

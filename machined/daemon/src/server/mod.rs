@@ -33,12 +33,12 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 
-use crate::api::{MAX_MESSAGE_SIZE, proto::machine_server::MachineServer};
 use crate::backend::NodeBackend;
 use crate::node::NodePaths;
-use crate::tls;
 use apply::Applier;
 use auth::{Authorize, Peer};
+use keelson_api::api::{MAX_MESSAGE_SIZE, proto::machine_server::MachineServer};
+use keelson_api::tls;
 use service::NodeService;
 use state::StateStore;
 
@@ -239,7 +239,7 @@ impl Bound {
                     let hook: apply::ApiHook = Arc::new(move |config: &MachineConfig| {
                         let addresses = identity::interface_addresses();
                         let (tls, sans) = mtls_config(config, &hook_store, &addresses)
-                            .map_err(|e| crate::error_chain(&e))?;
+                            .map_err(|e| keelson_api::error_chain(&e))?;
                         if let Ok(mut slot) = hook_shared.write() {
                             *slot = tls;
                         }

@@ -19,9 +19,9 @@ use std::time::{Duration, Instant};
 use keelson_configs::{MachineConfig, Mode, Severity};
 use sha2_lite::short_digest;
 
-use crate::api::proto::ApplyMode;
 use crate::backend::{LivePart, NodeBackend, Power};
 use crate::server::state::StateStore;
+use keelson_api::api::proto::ApplyMode;
 
 /// How long `try` waits for a confirmation when the request gives no timeout.
 pub const DEFAULT_TRY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -373,7 +373,7 @@ impl Applier {
         let t = text.clone();
         blocking(move || store.write_config(&t))
             .await?
-            .map_err(|e| ApplyError::Failed(crate::error_chain(&e)))?;
+            .map_err(|e| ApplyError::Failed(keelson_api::error_chain(&e)))?;
         let mut messages = vec![
             format!("config written to {}", self.store.config_path().display()),
             "the node API now requires client certificates (mutual TLS); use the context from `machinectl gen config`".into(),
@@ -457,7 +457,7 @@ impl Applier {
         };
         if matches!(mode, ApplyMode::NoReboot | ApplyMode::Try) && !need_reboot.is_empty() {
             return Err(ApplyError::Precondition(refusal(
-                crate::api::apply_mode_name(mode),
+                keelson_api::api::apply_mode_name(mode),
             )));
         }
         let try_timeout = req.try_timeout.unwrap_or(DEFAULT_TRY_TIMEOUT);
@@ -471,7 +471,7 @@ impl Applier {
         if req.dry_run {
             messages.push(format!(
                 "dry run (--mode {}): nothing was changed",
-                crate::api::apply_mode_name(mode)
+                keelson_api::api::apply_mode_name(mode)
             ));
             if keys.is_empty() {
                 messages.push("no changes: the node already runs this config".into());
@@ -517,7 +517,7 @@ impl Applier {
                     .map_err(|e| {
                         ApplyError::Failed(format!(
                             "{}; nothing was changed",
-                            crate::error_chain(&e)
+                            keelson_api::error_chain(&e)
                         ))
                     })?;
                 messages.push("config written to STATE".into());
@@ -539,7 +539,7 @@ impl Applier {
                     .map_err(|e| {
                         ApplyError::Failed(format!(
                             "{}; nothing was changed",
-                            crate::error_chain(&e)
+                            keelson_api::error_chain(&e)
                         ))
                     })?;
                 messages.push(format!(
@@ -652,7 +652,7 @@ impl Applier {
                 let reverted = self.revert_live(parts, old).await;
                 Err(ApplyError::Failed(format!(
                     "the config was applied live but could not be written to STATE: {}; {reverted}",
-                    crate::error_chain(&e)
+                    keelson_api::error_chain(&e)
                 )))
             }
         }
@@ -702,7 +702,7 @@ impl Applier {
             .map_err(|e| {
                 ApplyError::Failed(format!(
                     "cannot write the config to STATE: {}; it still reverts at its timeout",
-                    crate::error_chain(&e)
+                    keelson_api::error_chain(&e)
                 ))
             })?;
         if let Ok(mut r) = self.running.lock()

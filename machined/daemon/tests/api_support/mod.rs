@@ -1,22 +1,23 @@
-//! Shared set-up of the node API tests: a generated cluster (configs, CA, client
-//! certificates for every role), the real machined server on 127.0.0.1 with a random port
-//! and a temporary STATE, and a recording backend in place of PID 1's control socket.
+//! Shared set-up of the node API tests (the daemon's, and machinectl's, which include this
+//! file): a generated cluster (configs, CA, client certificates for every role), the real
+//! machined server on 127.0.0.1 with a random port and a temporary STATE, and a recording
+//! backend in place of PID 1's control socket.
 
 // Test helpers panic on purpose when a fixture is broken.
 #![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::PathBuf;
+use std::process::Output;
 use std::sync::Arc;
 use std::time::Duration;
 
+use keelson_api::client::Connector;
+use keelson_api::clientconfig::{ClientConfig, Context};
 use keelson_configs::generate::{GenerateOptions, generate};
 use keelson_configs::pki::{self, CertAndKey, Role};
 use keelson_configs::secrets::ClusterSecrets;
 use keelson_machined::backend::{RecordingBackend, ServiceStatus};
-use keelson_machined::client::Connector;
-use keelson_machined::clientconfig::{ClientConfig, Context};
 use keelson_machined::node::NodePaths;
 use keelson_machined::server::{self, Options};
 
@@ -196,7 +197,7 @@ impl Node {
                         let _ = stop_rx.await;
                     })
                     .await
-                    .map_err(|e| keelson_machined::error_chain(&e))
+                    .map_err(|e| keelson_api::error_chain(&e))
             })
         });
         let address = addr_rx
@@ -248,18 +249,6 @@ impl Drop for Node {
     }
 }
 
-/// Runs the built machinectl.
-pub fn machinectl(config: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_machinectl"))
-        .arg("--machineconfig")
-        .arg(config)
-        .args(args)
-        .env_remove("MACHINECONFIG")
-        .stdin(std::process::Stdio::null())
-        .output()
-        .expect("run machinectl")
-}
-
 pub fn text(out: &Output) -> String {
     format!(
         "status {:?}\nstdout:\n{}\nstderr:\n{}",
@@ -295,6 +284,28 @@ pub fn rt() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .unwrap()
+}
+
+/// An admin certificate signed by the cluster's CA, but expired (valid 2020-2021).
+pub fn expired_admin(cluster: &Cluster) -> CertAndKey {
+    let ca_key = rcgen::KeyPair::from_pem(&cluster.ca.key).unwrap();
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&cluster.ca.cert, ca_key).unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::OrganizationName, "keelson:admin");
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "expired-admin");
+    params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    CertAndKey {
+        cert: cert.pem(),
+        key: key.serialize_pem(),
+    }
 }
 
 /// A small deterministic PRNG (xorshift64*) for fuzz loops with a fixed seed.

@@ -1,4 +1,4 @@
-//! Authorization: every request is checked against [`crate::api::ACCESS`] before its body
+//! Authorization: every request is checked against [`keelson_api::api::ACCESS`] before its body
 //! is decoded.
 //!
 //! The caller was established by the TLS handshake (a client certificate verified
@@ -15,8 +15,8 @@ use std::task::{Context, Poll};
 use keelson_configs::pki::Role;
 use tonic::Status;
 
-use crate::api::{self, access_for_path};
-use crate::tls::Caller;
+use keelson_api::api::{self, access_for_path};
+use keelson_api::tls::Caller;
 
 /// Who is on the other end of a connection.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -14,12 +14,12 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt as _};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::api::proto;
-use crate::api::proto::machine_server::Machine;
 use crate::backend::{BackendError, NodeBackend, Power, ServiceOp};
 use crate::node::{NodePaths, files, health, kmsg, tables, version};
 use crate::server::apply::{Applier, ApplyError, ApplyRequest};
 use crate::server::auth::Authorized;
+use keelson_api::api::proto;
+use keelson_api::api::proto::machine_server::Machine;
 
 /// How often `logs -f` and `dmesg -f` look for new lines.
 const FOLLOW_INTERVAL: Duration = Duration::from_millis(300);
@@ -94,7 +94,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 }
 
 fn backend_status(e: BackendError) -> Status {
-    let message = crate::error_chain(&e);
+    let message = keelson_api::error_chain(&e);
     match e {
         BackendError::UnknownService { .. } => Status::not_found(message),
         BackendError::Refused(_) => Status::failed_precondition(message),
@@ -351,7 +351,7 @@ impl Machine for NodeService {
             Ok::<_, kmsg::KmsgError>((log, records))
         })
         .await?
-        .map_err(|e| Status::unavailable(crate::error_chain(&e)))?;
+        .map_err(|e| Status::unavailable(keelson_api::error_chain(&e)))?;
         if req.tail > 0 {
             let keep = usize::try_from(req.tail).unwrap_or(usize::MAX);
             if first.len() > keep {
@@ -393,7 +393,7 @@ impl Machine for NodeService {
                     }
                     Ok((_, Err(e))) => {
                         let _ = tx
-                            .send(Err(Status::unavailable(crate::error_chain(&e))))
+                            .send(Err(Status::unavailable(keelson_api::error_chain(&e))))
                             .await;
                         return;
                     }
@@ -414,7 +414,7 @@ impl Machine for NodeService {
             .await?
             .map_err(|e| match e {
                 tables::TableError::Unknown { .. } => Status::invalid_argument(e.to_string()),
-                other => Status::unavailable(crate::error_chain(&other)),
+                other => Status::unavailable(keelson_api::error_chain(&other)),
             })?;
         Ok(Response::new(proto::Table {
             columns: table.columns,
@@ -444,13 +444,13 @@ impl Machine for NodeService {
         .map_err(|e| match e {
             files::ReadError::Role { .. } => Status::permission_denied(e.to_string()),
             files::ReadError::NotFound { .. } => Status::not_found(e.to_string()),
-            files::ReadError::Io { .. } => Status::unavailable(crate::error_chain(&e)),
+            files::ReadError::Io { .. } => Status::unavailable(keelson_api::error_chain(&e)),
             other => Status::invalid_argument(other.to_string()),
         })?;
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(async move {
             let mut file = file;
-            let mut left = crate::api::MAX_READ;
+            let mut left = keelson_api::api::MAX_READ;
             loop {
                 let p = path.clone();
                 let result = tokio::task::spawn_blocking(move || {
@@ -464,7 +464,7 @@ impl Machine for NodeService {
                     Ok((f, Ok(chunk))) => (f, chunk),
                     Ok((_, Err(e))) => {
                         let _ = tx
-                            .send(Err(Status::unavailable(crate::error_chain(&e))))
+                            .send(Err(Status::unavailable(keelson_api::error_chain(&e))))
                             .await;
                         return;
                     }
@@ -537,7 +537,7 @@ impl Machine for NodeService {
         };
         eprintln!(
             "machined: apply-config by {user:?} (mode {}{}): {}",
-            crate::api::apply_mode_name(applied.mode),
+            keelson_api::api::apply_mode_name(applied.mode),
             if req.dry_run { ", dry run" } else { "" },
             applied.messages.join("; ")
         );
@@ -613,8 +613,8 @@ impl Machine for NodeService {
         req: Request<Streaming<proto::ImageImportChunk>>,
     ) -> Result<Response<proto::ImageImportResponse>, Status> {
         let mut stream = req.into_inner();
-        crate::atomic::create_private_dir(&self.spool_dir)
-            .map_err(|e| internal(crate::error_chain(&e)))?;
+        keelson_api::atomic::create_private_dir(&self.spool_dir)
+            .map_err(|e| internal(keelson_api::error_chain(&e)))?;
         let spool = tempfile_in(&self.spool_dir)?;
         let mut file = tokio::fs::File::from_std(
             spool
@@ -646,7 +646,7 @@ impl Machine for NodeService {
             return Err(Status::invalid_argument("the image archive is empty"));
         }
         if namespace.is_empty() {
-            namespace = crate::api::DEFAULT_NAMESPACE.into();
+            namespace = keelson_api::api::DEFAULT_NAMESPACE.into();
         }
         let images =
             crate::containerd::import(&self.paths.containerd_socket, &namespace, spool.path())

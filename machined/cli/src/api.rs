@@ -17,9 +17,9 @@ use serde_json::{Value, json};
 use tokio_stream::StreamExt as _;
 
 use super::output::{Format, Records, render};
-use crate::api::proto;
-use crate::client::{ClientError, Connector, NodeClient};
-use crate::clientconfig::{self, ClientConfig, DEFAULT_API_PORT, with_default_port};
+use keelson_api::api::proto;
+use keelson_api::client::{ClientError, Connector, NodeClient};
+use keelson_api::clientconfig::{self, ClientConfig, DEFAULT_API_PORT, with_default_port};
 
 /// Where and how to connect: the global flags.
 #[derive(Debug, Clone, Default)]
@@ -245,7 +245,7 @@ pub enum ImageCommand {
         /// The archive.
         file: PathBuf,
         /// The containerd namespace to import into.
-        #[arg(long, default_value = crate::api::DEFAULT_NAMESPACE)]
+        #[arg(long, default_value = keelson_api::api::DEFAULT_NAMESPACE)]
         namespace: String,
         /// Output format.
         #[command(flatten)]
@@ -397,7 +397,7 @@ impl Session {
                 }
                 Err(e) => {
                     failed = true;
-                    eprintln!("machinectl: error: {}", crate::error_chain(&e));
+                    eprintln!("machinectl: error: {}", keelson_api::error_chain(&e));
                 }
             }
         }
@@ -442,7 +442,7 @@ impl Session {
             .await;
             if let Err(e) = result {
                 failed = true;
-                eprintln!("machinectl: error: {}", crate::error_chain(&e));
+                eprintln!("machinectl: error: {}", keelson_api::error_chain(&e));
             }
         }
         if failed {
@@ -737,7 +737,7 @@ pub fn get(target: &Target, args: &GetArgs) -> anyhow::Result<ExitCode> {
                 }
                 Err(e) => {
                     failed = true;
-                    eprintln!("machinectl: error: {}", crate::error_chain(&e));
+                    eprintln!("machinectl: error: {}", keelson_api::error_chain(&e));
                 }
             }
         }
@@ -770,7 +770,7 @@ pub fn read(target: &Target, args: &ReadArgs) -> anyhow::Result<ExitCode> {
                             if chunk.truncated {
                                 eprintln!(
                                     "machinectl: {path} is longer than {} MiB: the rest was left out",
-                                    crate::api::MAX_READ >> 20
+                                    keelson_api::api::MAX_READ >> 20
                                 );
                             }
                             chunk.data
@@ -830,7 +830,7 @@ pub fn apply_config(target: &Target, args: &ApplyArgs) -> anyhow::Result<ExitCod
             .await;
             match result {
                 Ok(r) => {
-                    let mode = crate::api::apply_mode_name(r.mode());
+                    let mode = keelson_api::api::apply_mode_name(r.mode());
                     if format == Format::Table {
                         if args.dry_run || r.diff.is_empty() {
                             print!("{}", r.diff);
@@ -852,7 +852,7 @@ pub fn apply_config(target: &Target, args: &ApplyArgs) -> anyhow::Result<ExitCod
                 }
                 Err(e) => {
                     failed = true;
-                    eprintln!("machinectl: error: {}", crate::error_chain(&e));
+                    eprintln!("machinectl: error: {}", keelson_api::error_chain(&e));
                 }
             }
         }

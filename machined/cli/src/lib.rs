@@ -1,11 +1,21 @@
-//! `machinectl`'s command line: argument definitions (clap derive) and dispatch.
+//! `machinectl`, the operator's CLI for Keelson nodes: command-line definitions (clap
+//! derive) and dispatch. It talks to nodes through `keelson-api` and runs local clusters
+//! through `keelson-cluster`; it links neither the node daemon, nor the image builder, nor
+//! containerd's client.
 //!
 //! The binary's `main` parses [`Cli`], calls [`run`], prints the error chain once and maps
 //! the outcome to an exit code: 0 success, 1 failure (including an invalid config),
 //! 2 bad usage (clap's own exit code).
+//!
+//! | module | what it is |
+//! |---|---|
+//! | [`api`] | the commands that call the node API, and how they reach the nodes |
+//! | [`cluster`] | `machinectl cluster`: local clusters under QEMU, with a progress display |
+//! | `gen_config` | `machinectl gen config`: machine configs, secrets and a client config |
+//! | `validate` | `machinectl validate`: a machine config's problems, with positions |
+//! | [`output`] | the output formats (table, json, yaml) |
 
 pub mod api;
-#[cfg(not(target_env = "musl"))]
 pub mod cluster;
 mod gen_config;
 pub mod output;
@@ -102,7 +112,6 @@ pub enum Command {
     #[command(subcommand)]
     Image(api::ImageCommand),
     /// Local clusters under QEMU: create, destroy, list, show.
-    #[cfg(not(target_env = "musl"))]
     #[command(subcommand)]
     Cluster(cluster::ClusterCommand),
     /// Print a shell completion script: `machinectl completion bash > /etc/bash_completion.d/machinectl`.
@@ -178,7 +187,6 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             api::image(&target(&o), &command)
         }
-        #[cfg(not(target_env = "musl"))]
         Command::Cluster(command) => cluster::run(command, cli.machineconfig.as_deref()),
         Command::Completion { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();

@@ -6,7 +6,7 @@
 //! the cluster CAs' keys), the firmware's config channel (`/sys/firmware`), and processes'
 //! environments and memory. Files that block on read (`/proc/kmsg`, trace pipes) are
 //! refused with a pointer to what to use instead. At most
-//! [`MAX_READ`](crate::api::MAX_READ) bytes are sent.
+//! [`MAX_READ`](keelson_api::api::MAX_READ) bytes are sent.
 
 use std::fs::{File, OpenOptions};
 use std::io::Read as _;
@@ -15,7 +15,7 @@ use std::path::{Component, Path, PathBuf};
 
 use keelson_configs::pki::Role;
 
-use crate::api;
+use keelson_api::api;
 
 /// The size of each streamed chunk.
 pub const CHUNK: usize = 64 * 1024;

@@ -14,7 +14,7 @@ use keelson_configs::layout::Arch;
 
 use super::api::{OutputArgs, parse_duration};
 use super::output::{Format, Records, render};
-use crate::clientconfig;
+use keelson_api::clientconfig;
 use keelson_cluster::create::{NodeState, Progress};
 use keelson_cluster::plan::NetworkKind;
 use keelson_cluster::{self as cluster, CreateOptions};
@@ -380,7 +380,7 @@ fn list(format: Format) -> anyhow::Result<ExitCode> {
             }
             Err(e) => {
                 failed = true;
-                eprintln!("machinectl: error: {}", crate::error_chain(&e));
+                eprintln!("machinectl: error: {}", keelson_api::error_chain(&e));
             }
         }
     }

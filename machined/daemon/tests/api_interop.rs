@@ -1,5 +1,5 @@
 //! Clients that are not ours get the same answers: `openssl s_client` (TLS only) and
-//! Python's grpcio with stubs generated from `api/proto/machine.proto` at test time.
+//! Python's grpcio with stubs generated from `machined/api/proto/machine.proto` at test time.
 //!
 //! grpcio and grpcio-tools are installed with pip into a cache directory when the Python
 //! on the machine lacks them.
@@ -207,7 +207,7 @@ fn python_grpc_gets_the_same_answers() {
     let dir = cluster.dir.path();
     let stubs = dir.join("stubs");
     std::fs::create_dir_all(&stubs).unwrap();
-    let proto_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("api/proto");
+    let proto_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../api/proto");
     let status = Command::new("python3")
         .args(["-m", "grpc_tools.protoc"])
         .arg(format!("-I{}", proto_dir.display()))

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use api_support::*;
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full};
+use keelson_api::api::{API_METHODS, MAX_MESSAGE_SIZE, SERVICE, proto};
 use keelson_configs::pki::Role;
-use keelson_machined::api::{API_METHODS, MAX_MESSAGE_SIZE, SERVICE, proto};
 use tonic::transport::Channel;
 use tower::ServiceExt as _;
 
@@ -246,7 +246,7 @@ fn garbage_on_and_under_the_tls_stream_closes_only_that_connection() {
     rt().block_on(async {
         use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
         let ctx = cluster.context(node.address, &cluster.client(Role::Admin));
-        let config = keelson_machined::tls::client_config(&ctx.ca, &ctx.cert, &ctx.key).unwrap();
+        let config = keelson_api::tls::client_config(&ctx.ca, &ctx.cert, &ctx.key).unwrap();
         let tcp = tokio::net::TcpStream::connect(node.address).await.unwrap();
         let mut tls = tokio_rustls::TlsConnector::from(config)
             .connect(
@@ -262,7 +262,7 @@ fn garbage_on_and_under_the_tls_stream_closes_only_that_connection() {
 
         // An HTTP/1.1 request inside TLS.
         let tcp = tokio::net::TcpStream::connect(node.address).await.unwrap();
-        let config = keelson_machined::tls::client_config(&ctx.ca, &ctx.cert, &ctx.key).unwrap();
+        let config = keelson_api::tls::client_config(&ctx.ca, &ctx.cert, &ctx.key).unwrap();
         let mut tls = tokio_rustls::TlsConnector::from(config)
             .connect(
                 rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap(),

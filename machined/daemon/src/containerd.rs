@@ -17,7 +17,7 @@ use std::path::Path;
 use tonic::Status;
 
 #[cfg(not(feature = "containerd"))]
-use crate::api::proto;
+use keelson_api::api::proto;
 
 #[cfg(not(feature = "containerd"))]
 fn unimplemented() -> Status {
@@ -331,7 +331,7 @@ mod imp {
     use tonic::{Code, Request, Status};
 
     use super::oci;
-    use crate::api::proto;
+    use keelson_api::api::proto;
 
     /// Bytes per content write message.
     const WRITE_CHUNK: usize = 1024 * 1024;
@@ -341,7 +341,7 @@ mod imp {
             Status::unavailable(format!(
                 "cannot reach containerd at {}: {} (is the containerd service running? see `machinectl services`)",
                 socket.display(),
-                crate::error_chain(&e)
+                keelson_api::error_chain(&e)
             ))
         })
     }
@@ -575,7 +575,7 @@ mod imp {
         let plan = tokio::task::spawn_blocking(move || oci::plan(&path))
             .await
             .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(|e| Status::invalid_argument(crate::error_chain(&e)))?;
+            .map_err(|e| Status::invalid_argument(keelson_api::error_chain(&e)))?;
         let channel = connect(socket).await?;
         let lease_id = format!("keelson-import-{}", std::process::id());
         let expire = time::OffsetDateTime::now_utc() + time::Duration::hours(1);

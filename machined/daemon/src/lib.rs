@@ -1,0 +1,15 @@
+//! `machined`, the node's API daemon: PID 1 supervises it, and it serves the node API
+//! (gRPC over mutual TLS 1.3, see `keelson-api`) on port 50000. The operator's CLI is
+//! `machinectl` (`keelson-machinectl`); what both sides share is in `keelson-api`.
+//!
+//! | module | what it is |
+//! |---|---|
+//! | [`server`] | modes, listener, authorization, handlers, apply-config |
+//! | [`backend`] | what machined asks of PID 1, over init's control socket |
+//! | [`node`] | node facts from `/proc`, `/sys`, `/dev/kmsg` |
+//! | [`containerd`] | containers, images and image import through containerd's API |
+
+pub mod backend;
+pub mod containerd;
+pub mod node;
+pub mod server;
