@@ -181,6 +181,10 @@ impl<T: Log + ?Sized> Log for &T {
         (**self).line(message);
     }
 
+    fn line_at(&self, level: u8, message: &str) {
+        (**self).line_at(level, message);
+    }
+
     fn raw(&self, text: &str) {
         (**self).raw(text);
     }

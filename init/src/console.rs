@@ -17,6 +17,12 @@ pub const PREFIX: &str = "keelson-init: ";
 pub trait Log {
     /// Report one event (`module dm_verity loaded`); the prefix is added here.
     fn line(&self, message: &str);
+    /// Report one event at a kernel log level (`3` error, `4` warning, `7` debug) where
+    /// the log keeps levels (`/dev/kmsg`); elsewhere the same as [`Log::line`].
+    fn line_at(&self, level: u8, message: &str) {
+        let _ = level;
+        self.line(message);
+    }
     /// Print `text` on the console as it is, without the prefix (stable test markers).
     fn raw(&self, text: &str);
     /// (Re)open the log's devices, after `/dev` was mounted.
@@ -51,10 +57,14 @@ impl Console {
 
 impl Log for Console {
     fn line(&self, message: &str) {
+        self.line_at(7, message);
+    }
+
+    fn line_at(&self, level: u8, message: &str) {
         self.to_console(&format!("{PREFIX}{message}\n"));
         if let Some(kmsg) = self.kmsg.borrow_mut().as_mut() {
             // One write() per record; a failure (rate limit) must not stop the boot.
-            let _ = kmsg.write_all(format!("<7>{PREFIX}{message}\n").as_bytes());
+            let _ = kmsg.write_all(format!("<{level}>{PREFIX}{message}\n").as_bytes());
         }
     }
 

@@ -24,6 +24,7 @@ pub mod events;
 pub mod kmods;
 pub mod lifecycle;
 pub mod live;
+pub mod logging;
 pub mod modules;
 pub mod mounts;
 pub mod network;

@@ -1,0 +1,13 @@
+//! The node protocol: what PID 1 (`keelson-init`) and the node API daemon
+//! (`keelson-machined`) say to each other, and what they keep in STATE. Both sides use
+//! this crate and nothing else for it, so the two cannot drift apart.
+//!
+//! | module | what it is |
+//! |---|---|
+//! | [`control`] | the control socket: its path, its framing and size limits, every request with its own typed answer, and the wire types they carry (service statuses, live config parts, PID 1's figures) |
+//! | [`state`] | the STATE layout (where the config, the staged config, the machine id and the node API certificate live) and the one atomic-write helper both sides write STATE with |
+//!
+//! It depends on serde alone, so PID 1's static build stays small.
+
+pub mod control;
+pub mod state;
