@@ -390,7 +390,7 @@ mod tests {
                 .find(|s| s.step == Step::LateDrivers)
                 .map(|s| s.gate),
             Some(Gate::ContainerdReady {
-                limit: Some(crate::stage2::NETWORK_MODULES_AFTER)
+                limit: Some(Duration::from_secs(10))
             })
         );
     }
