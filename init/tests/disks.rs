@@ -2,6 +2,9 @@
 //! `sgdisk`, what we format read back by `ext4-view`, and `prepare` end to end (BLKPG,
 //! mke2fs, mount, online resize2fs) against the host's kernel.
 
+// A test harness: it builds fixtures and runs the host's tools to check what init did.
+#![allow(clippy::disallowed_methods)]
+
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};

@@ -2,6 +2,9 @@
 //! `swapoff(2)` on a swap area the test creates on a loop device (root only), and sysctl
 //! writes that set a key to the value it already has.
 
+// A test harness: it builds fixtures and runs the host's tools to check what init did.
+#![allow(clippy::disallowed_methods)]
+
 use std::cell::RefCell;
 use std::fs;
 use std::path::{Path, PathBuf};

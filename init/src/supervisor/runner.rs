@@ -250,6 +250,8 @@ impl Runner {
 
 /// Spawn a service: its own process group, stdin `/dev/null`, stdout and stderr into one
 /// pipe whose read end is returned. The `Child` handle is dropped: [`reap`] collects it.
+// The runner is where services start: the one `Command` outside `Syscalls`.
+#[allow(clippy::disallowed_methods)]
 pub fn spawn(spec: &ServiceSpec) -> Result<(u32, OwnedFd), SpawnError> {
     let program = spec.program.display().to_string();
     // Checked first so that `Command::spawn` never reaches its failed-exec wait.

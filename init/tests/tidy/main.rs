@@ -152,3 +152,36 @@ fn only_the_listed_files_allow_disallowed_methods() {
         MAY_CALL_DISALLOWED.join(", ")
     );
 }
+
+/// What `init/clippy.toml` must forbid PID 1 to call directly.
+const DISALLOWED: &[&str] = &["std::process::Command::new"];
+
+#[test]
+fn clippy_forbids_what_pid1_must_not_call_directly() {
+    let path = crate_dir().join("clippy.toml");
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    let missing: Vec<&str> = DISALLOWED
+        .iter()
+        .copied()
+        .filter(|method| !text.contains(&format!("path = \"{method}\"")))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} does not list {} in disallowed-methods",
+        path.display(),
+        missing.join(", ")
+    );
+    // Clippy reads the nearest clippy.toml only: the root's settings must be repeated.
+    let root = std::fs::read_to_string(crate_dir().join("../clippy.toml")).unwrap_or_default();
+    for line in root
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+    {
+        assert!(
+            text.contains(line),
+            "{} lacks the root's {line:?}",
+            path.display()
+        );
+    }
+}
