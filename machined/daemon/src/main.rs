@@ -1,6 +1,10 @@
 //! `machined`: the node API daemon. PID 1 supervises it; it serves the node API on port
-//! 50000 until SIGTERM. Parses arguments, runs the server, prints the error chain once and
-//! maps it to an exit code.
+//! 50000 until SIGTERM. Parses arguments, sets up logging, runs the server, logs the error
+//! chain once and maps it to an exit code.
+//!
+//! Logging goes through `tracing`: one plain line per event on stderr (which PID 1 keeps
+//! as the service's output, for `machinectl logs machined`), with its level and fields;
+//! no ANSI colours, and no timestamps since PID 1's console has its own.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -30,13 +34,20 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .without_time()
+        .with_target(false)
+        .with_max_level(tracing::Level::INFO)
+        .init();
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("machined: error: cannot start the async runtime: {e}");
+            tracing::error!(error = %e, "cannot start the async runtime");
             return ExitCode::FAILURE;
         }
     };
@@ -54,7 +65,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("machined: error: {}", keelson_api::error_chain(&e));
+            tracing::error!(error = %keelson_api::error_chain(&e), "the node API server failed");
             ExitCode::FAILURE
         }
     }
@@ -75,5 +86,5 @@ async fn shutdown_signal() {
         _ = term.recv() => {}
         _ = int.recv() => {}
     }
-    eprintln!("machined: stopping");
+    tracing::info!("stopping");
 }

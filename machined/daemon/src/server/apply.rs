@@ -676,7 +676,10 @@ impl Applier {
         };
         let Some(p) = pending else { return };
         let outcome = self.revert_live(&p.parts, p.previous.as_ref()).await;
-        eprintln!("machined: apply-config --mode try was not confirmed in time: {outcome}");
+        tracing::warn!(
+            outcome = %outcome,
+            "apply-config --mode try was not confirmed in time"
+        );
     }
 
     /// Keeps a `try` config: writes it to STATE and cancels the revert.

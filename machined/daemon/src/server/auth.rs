@@ -124,11 +124,11 @@ where
         match decide(&self.peer, req.uri().path()) {
             Err(status) => {
                 if let Peer::Client(c) = &self.peer {
-                    eprintln!(
-                        "machined: refused {} for {:?}: {}",
-                        req.uri().path(),
-                        c.user,
-                        status.message()
+                    tracing::warn!(
+                        method = req.uri().path(),
+                        user = ?c.user,
+                        reason = status.message(),
+                        "request refused"
                     );
                 }
                 Box::pin(async move { Ok(status.into_http()) })

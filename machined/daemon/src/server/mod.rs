@@ -192,10 +192,10 @@ impl Bound {
             let addresses = identity::interface_addresses();
             match current {
                 None => {
-                    eprintln!(
-                        "machined: no config in {}: maintenance mode on {} (serves version and apply-config; clients use --insecure)",
-                        store.config_path().display(),
-                        shown
+                    tracing::info!(
+                        config = %store.config_path().display(),
+                        address = %shown,
+                        "no config: maintenance mode (serves version and apply-config; clients use --insecure)"
                     );
                     let cert = identity::maintenance_identity(&addresses)?;
                     let tls = tls::maintenance_server_config(&cert.cert, &cert.key)?;
@@ -224,14 +224,14 @@ impl Bound {
                     if done {
                         return Ok(());
                     }
-                    eprintln!("machined: the first config is installed: leaving maintenance mode");
+                    tracing::info!("the first config is installed: leaving maintenance mode");
                 }
                 Some((config, text)) => {
                     let (server_tls, sans) = mtls_config(&config, &store, &addresses)?;
-                    eprintln!(
-                        "machined: serving the node API with mutual TLS on {} (certificate for {})",
-                        shown,
-                        sans.join(", ")
+                    tracing::info!(
+                        address = %shown,
+                        certificate_for = %sans.join(", "),
+                        "serving the node API with mutual TLS"
                     );
                     let shared: SharedTls = Arc::new(RwLock::new(server_tls));
                     let hook_shared = shared.clone();
@@ -286,8 +286,8 @@ async fn watch_addresses(mut known: BTreeSet<IpAddr>, applier: Arc<Applier>, hoo
         }
         if let Some(config) = applier.current() {
             match hook(&config) {
-                Ok(m) => eprintln!("machined: addresses changed: {m}"),
-                Err(e) => eprintln!("machined: addresses changed, but {e}"),
+                Ok(m) => tracing::info!(outcome = %m, "addresses changed"),
+                Err(e) => tracing::warn!(error = %e, "addresses changed"),
             }
         }
         known = now;
@@ -315,14 +315,16 @@ async fn accept_loop(listener: &TcpListener, tls: SharedTls, svc: NodeService, m
         let (tcp, peer_addr) = match listener.accept().await {
             Ok(c) => c,
             Err(e) => {
-                eprintln!("machined: accept failed: {e}");
+                tracing::warn!(error = %e, "accept failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
         };
         let Ok(conn_permit) = connections.clone().try_acquire_owned() else {
-            eprintln!(
-                "machined: {MAX_CONNECTIONS} connections open: closing the one from {peer_addr}"
+            tracing::warn!(
+                peer = %peer_addr,
+                open = MAX_CONNECTIONS,
+                "too many connections open: closing the new one"
             );
             continue;
         };
@@ -343,11 +345,11 @@ async fn accept_loop(listener: &TcpListener, tls: SharedTls, svc: NodeService, m
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => stream,
                     Ok(Err(e)) => {
-                        eprintln!("machined: TLS handshake with {peer_addr} failed: {e}");
+                        tracing::warn!(peer = %peer_addr, error = %e, "TLS handshake failed");
                         return;
                     }
                     Err(_) => {
-                        eprintln!("machined: TLS handshake with {peer_addr} timed out");
+                        tracing::warn!(peer = %peer_addr, "TLS handshake timed out");
                         return;
                     }
                 }
@@ -377,7 +379,7 @@ async fn accept_loop(listener: &TcpListener, tls: SharedTls, svc: NodeService, m
             if let Err(e) = builder.serve_connection(TokioIo::new(stream), svc).await {
                 let text = e.to_string();
                 if !text.contains("connection closed") {
-                    eprintln!("machined: connection from {peer_addr}: {text}");
+                    tracing::warn!(peer = %peer_addr, error = %text, "connection failed");
                 }
             }
         });

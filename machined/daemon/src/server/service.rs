@@ -535,11 +535,12 @@ impl Machine for NodeService {
         } else {
             self.applier.apply(request).await.map_err(apply_status)?
         };
-        eprintln!(
-            "machined: apply-config by {user:?} (mode {}{}): {}",
-            keelson_api::api::apply_mode_name(applied.mode),
-            if req.dry_run { ", dry run" } else { "" },
-            applied.messages.join("; ")
+        tracing::info!(
+            user = ?user,
+            mode = keelson_api::api::apply_mode_name(applied.mode),
+            dry_run = req.dry_run,
+            outcome = %applied.messages.join("; "),
+            "apply-config"
         );
         Ok(Response::new(proto::ApplyConfigResponse {
             mode: applied.mode.into(),
