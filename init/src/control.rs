@@ -39,6 +39,7 @@ use tokio::sync::oneshot;
 use crate::live::Part;
 use crate::sender::Sender;
 use crate::supervisor::ServiceStatus;
+use crate::syscalls::Syscalls;
 
 /// Where the control socket lives.
 pub const SOCKET: &str = "/run/keelson/init.sock";
@@ -264,14 +265,17 @@ pub struct Call {
 /// Bind the socket at `path` (replacing a stale one, mode 0600) and serve it: each
 /// request is sent on `events` as a [`Call`] whose answer is written back. Aborting the
 /// returned handle closes the socket (its mount, `/run`, is then no longer busy).
-pub fn serve(path: &Path, events: Sender<Call>) -> std::io::Result<tokio::task::AbortHandle> {
+pub fn serve(
+    sys: &dyn Syscalls,
+    path: &Path,
+    events: Sender<Call>,
+) -> std::io::Result<tokio::task::AbortHandle> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+        sys.create_dir_all(dir)?;
     }
-    let _ = std::fs::remove_file(path);
+    let _ = sys.remove_file(path);
     let listener = UnixListener::bind(path)?;
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    sys.set_mode(path, 0o600)?;
     let task = tokio::spawn(async move {
         while let Ok((conn, _)) = listener.accept().await {
             let events = events.clone();
@@ -437,7 +441,7 @@ mod tests {
             .build()?;
         rt.block_on(async {
             let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Call>();
-            serve(&path, Sender::new(tx))?;
+            serve(&crate::syscalls::Linux, &path, Sender::new(tx))?;
             // The main loop's part: answer list with nothing, anything else with an error.
             tokio::spawn(async move {
                 while let Some(Call { request, reply }) = rx.recv().await {

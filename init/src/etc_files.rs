@@ -21,6 +21,8 @@ use std::path::{Path, PathBuf};
 
 use keelson_netconf::resolv;
 
+use crate::syscalls::Syscalls;
+
 /// One entry of an `/etc` tree, its path relative to `/etc`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Entry {
@@ -191,7 +193,7 @@ fn walk(root: &Path, rel: &Path, out: &mut Vec<Entry>) -> io::Result<()> {
 }
 
 /// Write `entries` under `root`, replacing what is there (files are written whole).
-pub fn write(root: &Path, entries: &[Entry]) -> io::Result<()> {
+pub fn write(sys: &dyn Syscalls, root: &Path, entries: &[Entry]) -> io::Result<()> {
     for entry in entries {
         let full = root.join(entry.path());
         match entry {
@@ -200,20 +202,19 @@ pub fn write(root: &Path, entries: &[Entry]) -> io::Result<()> {
                     Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
                     _ => {}
                 }
-                fs::set_permissions(&full, fs::Permissions::from_mode(*mode))?;
+                sys.set_mode(&full, *mode)?;
             }
             Entry::File { mode, content, .. } => {
                 // Replaced, not written through: a read-only file (machine-id) or a
                 // symlink from the image must not stand in the way.
                 if fs::symlink_metadata(&full).is_ok() {
-                    fs::remove_file(&full)?;
+                    sys.remove_file(&full)?;
                 }
-                fs::write(&full, content)?;
-                fs::set_permissions(&full, fs::Permissions::from_mode(*mode))?;
+                sys.install_file(&full, content, *mode)?;
             }
             Entry::Symlink { target, .. } => {
                 if fs::symlink_metadata(&full).is_ok() {
-                    fs::remove_file(&full)?;
+                    sys.remove_file(&full)?;
                 }
                 symlink(target, &full)?;
             }
@@ -247,6 +248,27 @@ pub fn default_hostname(machine_id: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn files_are_written_through_syscalls() {
+        use crate::syscalls::fake::{Call, Fake};
+        let fake = Fake::default();
+        let root = Path::new("/nonexistent-etc");
+        write(
+            &fake,
+            root,
+            &[Entry::file("hostname", "cp-1\n".to_string())],
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            fake.calls(),
+            [Call::InstallFile(
+                "/nonexistent-etc/hostname".into(),
+                b"cp-1\n".to_vec(),
+                0o644
+            )]
+        );
+    }
 
     fn input() -> EtcInput {
         EtcInput {
@@ -340,8 +362,8 @@ mod tests {
             ]
         );
         let tmpfs = tempfile::tempdir()?;
-        write(tmpfs.path(), &snap)?;
-        write(tmpfs.path(), &render(&input()))?;
+        write(&crate::syscalls::Linux, tmpfs.path(), &snap)?;
+        write(&crate::syscalls::Linux, tmpfs.path(), &render(&input()))?;
         assert_eq!(
             fs::read_to_string(tmpfs.path().join("services"))?,
             "ssh 22/tcp\n"
@@ -360,6 +382,7 @@ mod tests {
         assert_eq!(mode & 0o777, 0o444);
         // Writing again (a config change) replaces, including the read-only machine-id.
         write(
+            &crate::syscalls::Linux,
             tmpfs.path(),
             &render(&EtcInput {
                 hostname: "cp-2".into(),

@@ -536,7 +536,9 @@ pub fn apply(env: &Env<'_>, plan: &Plan) -> Result<Vec<String>, String> {
                 Entry::file("hostname", format!("{name}\n")),
                 Entry::file("hosts", resolv::hosts(name, &[])),
             ];
-            if let Err(e) = etc_files::write(etc, &entries) {
+            // The real files, as `write_file` writes them: live's plan reads what is there
+            // from the disk itself, so its writes go through `env.sys` once its reads do.
+            if let Err(e) = etc_files::write(&crate::syscalls::Linux, etc, &entries) {
                 say(format!("/etc/hostname not written: {e}"));
             }
         }

@@ -428,7 +428,7 @@ fn mount_etc(sys: &dyn Syscalls, log: &dyn Log) -> bool {
         log.line(&format!("/etc stays read-only: {e}"));
         return false;
     }
-    if let Err(e) = etc_files::write(Path::new("/etc"), &image_etc) {
+    if let Err(e) = etc_files::write(sys, Path::new("/etc"), &image_etc) {
         log.line(&format!("cannot copy the image's /etc: {e}"));
     }
     true
@@ -715,7 +715,11 @@ impl<L: Log> Node<'_, L> {
             self.log
                 .line(&format!("cannot handle {}: {e}", signal.name()));
         }
-        match control::serve(Path::new(control::SOCKET), Sender::new(self.events.clone())) {
+        match control::serve(
+            self.sys,
+            Path::new(control::SOCKET),
+            Sender::new(self.events.clone()),
+        ) {
             Ok(handle) => self.control_socket = Some(handle),
             Err(e) => self.log.line(&format!(
                 "control socket {} unavailable: {e}",
@@ -981,7 +985,7 @@ impl<L: Log> Node<'_, L> {
             } if self.etc_ok => {
                 let entry =
                     etc_files::Entry::file("resolv.conf", resolv::render(&nameservers, &search));
-                if let Err(e) = etc_files::write(Path::new("/etc"), &[entry]) {
+                if let Err(e) = etc_files::write(self.sys, Path::new("/etc"), &[entry]) {
                     log.line(&format!("/etc/resolv.conf not written: {e}"));
                 }
             }
@@ -1009,7 +1013,7 @@ impl<L: Log> Node<'_, L> {
                 etc_files::Entry::file("hostname", format!("{name}\n")),
                 etc_files::Entry::file("hosts", resolv::hosts(name, &[])),
             ];
-            if let Err(e) = etc_files::write(Path::new("/etc"), &entries) {
+            if let Err(e) = etc_files::write(self.sys, Path::new("/etc"), &entries) {
                 log.line(&format!("/etc/hostname not written: {e}"));
             }
         }
@@ -1312,7 +1316,7 @@ impl<L: Log> Node<'_, L> {
                     "resolv.conf",
                     resolv::render(&machine.network.nameservers, &[]),
                 );
-                if let Err(e) = etc_files::write(Path::new("/etc"), &[entry]) {
+                if let Err(e) = etc_files::write(self.sys, Path::new("/etc"), &[entry]) {
                     messages.push(format!("/etc/resolv.conf not written: {e}"));
                 }
             }
@@ -1411,14 +1415,14 @@ impl<L: Log> Node<'_, L> {
             .files
             .iter()
             .partition(|f| Path::new(&f.path).starts_with(&self.disk_options.state_mount));
-        write_files(log, files);
+        write_files(self.sys, log, files);
         if self.etc_ok {
             let input = EtcInput {
                 hostname: hostname.clone(),
                 nameservers: machine.network.nameservers.clone(),
                 machine_id: self.machine_id.clone(),
             };
-            match etc_files::write(Path::new("/etc"), &etc_files::render(&input)) {
+            match etc_files::write(self.sys, Path::new("/etc"), &etc_files::render(&input)) {
                 Ok(()) => log.line(
                     "/etc written: hostname hosts resolv.conf machine-id containerd/config.toml",
                 ),
@@ -1442,7 +1446,7 @@ impl<L: Log> Node<'_, L> {
 
         self.finish_state();
         self.keep_machine_id();
-        write_files(log, state_files);
+        write_files(self.sys, log, state_files);
         if accepted.source.persist() {
             match &self.state_dir {
                 Some(dir) => {
@@ -1604,19 +1608,16 @@ fn signal_of(number: i32) -> Option<rustix::process::Signal> {
 
 /// Write the config's `[[machine.files]]`, creating parent directories.
 fn write_files<'f>(
+    sys: &dyn Syscalls,
     log: &dyn Log,
     files: impl IntoIterator<Item = &'f keelson_configs::schema::File>,
 ) {
-    use std::os::unix::fs::PermissionsExt;
     for file in files {
         let path = Path::new(&file.path);
         let result = path
             .parent()
-            .map_or(Ok(()), std::fs::create_dir_all)
-            .and_then(|()| std::fs::write(path, &file.content))
-            .and_then(|()| {
-                std::fs::set_permissions(path, std::fs::Permissions::from_mode(file.mode.0))
-            });
+            .map_or(Ok(()), |parent| sys.create_dir_all(parent))
+            .and_then(|()| sys.install_file(path, file.content.as_bytes(), file.mode.0));
         match result {
             Ok(()) => log.line(&format!("file {} written ({:o})", file.path, file.mode.0)),
             Err(e) => log.line(&format!("file {} not written: {e}", file.path)),

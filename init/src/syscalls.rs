@@ -112,6 +112,15 @@ pub trait Syscalls {
     fn read_file(&self, path: &Path) -> io::Result<Vec<u8>>;
     /// Write `data` to an existing file (such as `/dev/kmsg` or a sysfs attribute).
     fn write_file(&self, path: &Path, data: &[u8]) -> io::Result<()>;
+    /// Write `data` to `path` whole (created or truncated) and give it the permission
+    /// bits `mode`: a file PID 1 installs (`/etc`, the config's files, a live change).
+    fn install_file(&self, path: &Path, data: &[u8], mode: u32) -> io::Result<()>;
+    /// Remove the file or symlink at `path`.
+    fn remove_file(&self, path: &Path) -> io::Result<()>;
+    /// Give `path` the permission bits `mode`.
+    fn set_mode(&self, path: &Path, mode: u32) -> io::Result<()>;
+    /// Make the directory `path` and its missing parents.
+    fn create_dir_all(&self, path: &Path) -> io::Result<()>;
     /// Open a file or block device for sequential reading.
     fn open_read(&self, path: &Path) -> io::Result<Box<dyn Read + Send>> {
         self.open_read_at(path, 0, false)
@@ -192,6 +201,9 @@ fn cstring(s: &str) -> io::Result<CString> {
     CString::new(s).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in string"))
 }
 
+// The real system: the one place, with the supervisor's runner and STATE's atomic write,
+// where PID 1 writes files and runs programs itself (see init/clippy.toml).
+#[allow(clippy::disallowed_methods)]
 impl Syscalls for Linux {
     fn mount(
         &self,
@@ -257,6 +269,25 @@ impl Syscalls for Linux {
         use std::io::Write;
         let mut file = std::fs::OpenOptions::new().write(true).open(path)?;
         file.write_all(data)
+    }
+
+    fn install_file(&self, path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::write(path, data)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+    }
+
+    fn remove_file(&self, path: &Path) -> io::Result<()> {
+        std::fs::remove_file(path)
+    }
+
+    fn set_mode(&self, path: &Path, mode: u32) -> io::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+    }
+
+    fn create_dir_all(&self, path: &Path) -> io::Result<()> {
+        std::fs::create_dir_all(path)
     }
 
     fn open_read_at(
@@ -346,8 +377,6 @@ impl Syscalls for Linux {
         }
     }
 
-    // The real system: stage 1's exec of stage 2 replaces this process (no child).
-    #[allow(clippy::disallowed_methods)]
     fn exec(&self, path: &str, args: &[&str]) -> io::Error {
         let mut command = std::process::Command::new(path);
         if let Some((arg0, rest)) = args.split_first() {
@@ -458,8 +487,6 @@ impl Syscalls for Linux {
         Ok(())
     }
 
-    // The real system: the one place PID 1 runs a tool (mkfs, ...) and waits for it.
-    #[allow(clippy::disallowed_methods)]
     fn run_tool(&self, program: &str, args: &[&str]) -> io::Result<ToolOutput> {
         let out = std::process::Command::new(program)
             .args(args)
@@ -655,6 +682,10 @@ pub mod fake {
         Mkdir(String),
         Mknod(String, NodeKind, u32, u32),
         WriteFile(String, Vec<u8>),
+        InstallFile(String, Vec<u8>, u32),
+        RemoveFile(String),
+        SetMode(String, u32),
+        CreateDirAll(String),
         OpenRead(String),
         FinitModule(String, bool),
         DmIoctl(u8, Vec<u8>),
@@ -839,6 +870,35 @@ pub mod fake {
                 };
                 *content = data.to_vec();
             }
+            Ok(())
+        }
+
+        fn install_file(&self, path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
+            self.record(Call::InstallFile(s(path), data.to_vec(), mode));
+            if let Some(errno) = self.write_errors.get(path) {
+                return Err(io::Error::from_raw_os_error(*errno));
+            }
+            self.files
+                .borrow_mut()
+                .insert(path.to_path_buf(), data.to_vec());
+            Ok(())
+        }
+
+        fn remove_file(&self, path: &Path) -> io::Result<()> {
+            self.record(Call::RemoveFile(s(path)));
+            match self.files.borrow_mut().remove(path) {
+                Some(_) => Ok(()),
+                None => Err(io::Error::from_raw_os_error(2)),
+            }
+        }
+
+        fn set_mode(&self, path: &Path, mode: u32) -> io::Result<()> {
+            self.record(Call::SetMode(s(path), mode));
+            Ok(())
+        }
+
+        fn create_dir_all(&self, path: &Path) -> io::Result<()> {
+            self.record(Call::CreateDirAll(s(path)));
             Ok(())
         }
 
