@@ -11,7 +11,7 @@
 //! | [`record`] | the state directory and `cluster.toml`, written before any VM starts |
 //! | [`netns`] | as root: the namespace, its bridge and taps |
 //! | [`helper`] | the detached helper: API forwarder (root) or Ethernet switch (rootless) |
-//! | [`create`] | generating configs, disks, networking, starting the VMs, waiting for health |
+//! | [`create`](mod@create) | generating configs, disks, networking, starting the VMs, waiting for health |
 //! | [`manage`] | `destroy`, `list`, `show` |
 //!
 //! Networking. As root the nodes share a bridge inside the network namespace
