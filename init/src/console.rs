@@ -7,8 +7,9 @@
 //! mounted, lines go to standard error, which the kernel opened on its console for us.
 
 use std::cell::RefCell;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::Write;
+use std::path::Path;
 
 /// The prefix of every line we print.
 pub const PREFIX: &str = "keelson-init: ";
@@ -74,7 +75,7 @@ impl Log for Console {
 
     /// Open `/dev/console` and `/dev/kmsg` (after `/dev` was mounted).
     fn reopen(&self) {
-        let open = |path| OpenOptions::new().write(true).open(path).ok();
+        let open = |path: &str| crate::syscalls::open_for_writing(Path::new(path)).ok();
         *self.console.borrow_mut() = open("/dev/console");
         *self.kmsg.borrow_mut() = open("/dev/kmsg");
     }
@@ -84,7 +85,7 @@ impl Log for Console {
 /// on the `Console` owned by the code that panicked).
 pub fn emergency(message: &str) {
     let text = format!("{PREFIX}{message}\n");
-    match OpenOptions::new().write(true).open("/dev/console") {
+    match crate::syscalls::open_for_writing(Path::new("/dev/console")) {
         Ok(mut console) => {
             let _ = console.write_all(text.as_bytes());
         }

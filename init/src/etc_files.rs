@@ -246,6 +246,8 @@ pub fn default_hostname(machine_id: &str) -> String {
 }
 
 #[cfg(test)]
+// Tests build their fixtures on disk.
+#[allow(clippy::disallowed_methods)]
 mod tests {
     use super::*;
 

@@ -33,7 +33,7 @@ use crate::config_source::MAX_CONFIG;
 use crate::console::Log;
 use crate::etc_files::{self, Entry};
 use crate::kmods::{self, ModuleIndex};
-use crate::syscalls::{Syscalls, errno_name};
+use crate::syscalls::{Linux, Syscalls, errno_name};
 use crate::sysctl;
 
 /// A part of the machine config that can change on a running node (machined's
@@ -399,14 +399,13 @@ pub fn plan(env: &Env<'_>, parts: &[Part], new: &MachineConfig) -> Result<Plan, 
     }
 }
 
-/// Write a file with its parents and mode.
+/// Write a file with its parents and mode, on the real system: live's plan reads what is
+/// there from the disk itself, so its writes go through `env.sys` once its reads do.
 fn write_file(target: &Path, content: &[u8], mode: u32) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
     if let Some(parent) = target.parent() {
-        std::fs::create_dir_all(parent)?;
+        Linux.create_dir_all(parent)?;
     }
-    std::fs::write(target, content)?;
-    std::fs::set_permissions(target, std::fs::Permissions::from_mode(mode))
+    Linux.install_file(target, content, mode)
 }
 
 /// A file's content and mode before a change (`None`: it did not exist).
@@ -433,7 +432,7 @@ impl Undo {
             let result = match previous {
                 Some((content, mode)) => write_file(target, content, *mode),
                 // Never written (the write failed before creating it) is fine too.
-                None => std::fs::remove_file(target).or_else(|e| {
+                None => Linux.remove_file(target).or_else(|e| {
                     if std::fs::symlink_metadata(target).is_err() {
                         Ok(())
                     } else {
@@ -536,9 +535,8 @@ pub fn apply(env: &Env<'_>, plan: &Plan) -> Result<Vec<String>, String> {
                 Entry::file("hostname", format!("{name}\n")),
                 Entry::file("hosts", resolv::hosts(name, &[])),
             ];
-            // The real files, as `write_file` writes them: live's plan reads what is there
-            // from the disk itself, so its writes go through `env.sys` once its reads do.
-            if let Err(e) = etc_files::write(&crate::syscalls::Linux, etc, &entries) {
+            // The real files, as `write_file` writes them.
+            if let Err(e) = etc_files::write(&Linux, etc, &entries) {
                 say(format!("/etc/hostname not written: {e}"));
             }
         }
@@ -559,6 +557,8 @@ impl Log for Silent {
 }
 
 #[cfg(test)]
+// Tests build their fixtures on disk.
+#[allow(clippy::disallowed_methods)]
 mod tests {
     use super::*;
     use crate::console::memory::MemoryLog;

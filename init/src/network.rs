@@ -92,6 +92,8 @@ pub fn brings_reachability(event: &NetEvent) -> bool {
 }
 
 #[cfg(test)]
+// Tests build their fixtures on disk.
+#[allow(clippy::disallowed_methods)]
 mod tests {
     use super::*;
 

@@ -111,6 +111,8 @@ pub fn watch_all(events: &Sender<Pressed>) -> Vec<(PathBuf, io::Result<()>)> {
 }
 
 #[cfg(test)]
+// Tests build their fixtures on disk.
+#[allow(clippy::disallowed_methods)]
 mod tests {
     use super::*;
 

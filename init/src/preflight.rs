@@ -516,6 +516,8 @@ pub fn run(root: &Path, options: &Options) -> Report {
 }
 
 #[cfg(test)]
+// Tests build their fixtures on disk.
+#[allow(clippy::disallowed_methods)]
 mod tests {
     use super::*;
     use std::path::PathBuf;

@@ -717,6 +717,8 @@ fn switch_root(sys: &dyn Syscalls, log: &dyn Log, sysroot: &Path) -> Result<(), 
 }
 
 #[cfg(test)]
+// Tests build their fixtures on disk.
+#[allow(clippy::disallowed_methods)]
 mod tests {
     use super::*;
     use crate::console::memory::MemoryLog;

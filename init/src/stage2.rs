@@ -1626,6 +1626,8 @@ fn write_files<'f>(
 }
 
 #[cfg(test)]
+// Tests build their fixtures on disk.
+#[allow(clippy::disallowed_methods)]
 mod tests {
     use super::*;
     use crate::console::memory::MemoryLog;

@@ -193,6 +193,25 @@ pub trait Syscalls {
     fn run_tool(&self, program: &str, args: &[&str]) -> io::Result<ToolOutput>;
 }
 
+/// Open an existing file or device for writing (`/dev/console`, `/dev/kmsg`): the real
+/// system only, outside the trait, because the console opens them before any `Syscalls`
+/// exists and from the panic hook.
+// The real system: a device opened for writing, as the trait's implementation does.
+#[allow(clippy::disallowed_methods)]
+pub fn open_for_writing(path: &Path) -> io::Result<File> {
+    std::fs::OpenOptions::new().write(true).open(path)
+}
+
+/// Open a disk (or disk image) for reading and writing: the GPT edit works on a `File`.
+// The real system: the boot disk opened for the partition table's edit.
+#[allow(clippy::disallowed_methods)]
+pub fn open_read_write(path: &Path) -> io::Result<File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+}
+
 /// The real system calls of the running Linux kernel.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Linux;
@@ -528,6 +547,8 @@ struct BlkpgPartition {
 /// Remove everything under `dir` that lives on device `dev`, without crossing into other
 /// mounts (their mount points are kept, as are directories that still hold one). Errors
 /// on single entries are skipped: freeing memory is best effort. Returns the bytes freed.
+// The real system: stage 1 frees the initramfs before it switches roots.
+#[allow(clippy::disallowed_methods)]
 pub fn remove_same_fs(dir: &Path, dev: u64) -> io::Result<u64> {
     let mut freed = 0;
     for entry in std::fs::read_dir(dir)?.flatten() {
@@ -638,6 +659,8 @@ pub fn errno_name(err: &io::Error) -> String {
 }
 
 #[cfg(test)]
+// Tests build their fixtures on disk.
+#[allow(clippy::disallowed_methods)]
 mod tests {
     use super::*;
 

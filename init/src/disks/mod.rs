@@ -658,4 +658,6 @@ fn fresh_uuid(sys: &dyn Syscalls) -> String {
 }
 
 #[cfg(test)]
+// Tests build their fixtures on disk.
+#[allow(clippy::disallowed_methods)]
 mod tests;

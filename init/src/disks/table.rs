@@ -9,7 +9,7 @@
 //! Partitions are 1 MiB aligned, as the imager lays them out.
 
 use std::collections::BTreeMap;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::Path;
 
@@ -415,11 +415,7 @@ pub fn edit(path: &Path, sector: u64) -> Result<Change, Error> {
         let disk = disk.clone();
         move |source| Error::Io { what, disk, source }
     };
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .map_err(io_err("open for writing"))?;
+    let file = crate::syscalls::open_read_write(path).map_err(io_err("open for writing"))?;
     let (mut table, layout) = open(file, path, sector)?;
     let plan = plan(&layout, &disk)?;
     if plan.is_empty() {

@@ -87,6 +87,8 @@ pub async fn wait_ready(readiness: &Readiness, timeout: Duration) -> Result<(), 
 }
 
 #[cfg(test)]
+// Tests build their fixtures on disk.
+#[allow(clippy::disallowed_methods)]
 mod tests {
     use super::*;
     use tokio::net::UnixListener;

@@ -154,7 +154,17 @@ fn only_the_listed_files_allow_disallowed_methods() {
 }
 
 /// What `init/clippy.toml` must forbid PID 1 to call directly.
-const DISALLOWED: &[&str] = &["std::process::Command::new"];
+const DISALLOWED: &[&str] = &[
+    "std::process::Command::new",
+    "std::fs::write",
+    "std::fs::File::create",
+    "std::fs::OpenOptions::open",
+    "std::fs::rename",
+    "std::fs::remove_file",
+    "std::fs::create_dir",
+    "std::fs::create_dir_all",
+    "std::fs::set_permissions",
+];
 
 #[test]
 fn clippy_forbids_what_pid1_must_not_call_directly() {
