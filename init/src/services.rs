@@ -1,4 +1,5 @@
-//! The services of a Keelson node and their readiness checks.
+//! The services of a Keelson node and how each one's readiness is checked (the checks
+//! themselves are the supervisor's, `supervisor::readiness`).
 //!
 //! | service | program | depends on | ready when | started |
 //! |---|---|---|---|---|

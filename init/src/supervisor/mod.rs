@@ -15,6 +15,10 @@
 //!   [`RingBuffer`], runs readiness checks ([`readiness`]) and timers as tasks that
 //!   report back as [`runner::ServiceEvent`]s, and reaps ([`reaper`]).
 //!
+//! The vocabulary they share, re-exported here: what to run (`spec.rs`: [`ServiceSpec`],
+//! [`Readiness`], [`Backoff`]) and where a service is (`status.rs`: [`State`],
+//! [`ExitInfo`], [`ServiceStatus`]).
+//!
 //! # Reaping: one owner
 //!
 //! PID 1 inherits every orphan, so it must reap with `waitpid(-1, WNOHANG)` until nothing
@@ -43,13 +47,13 @@
 pub mod readiness;
 pub mod reaper;
 pub mod runner;
+mod spec;
+mod status;
 
-use std::fmt;
-use std::path::PathBuf;
+pub use self::spec::{Backoff, Readiness, START_AFTER_LIMIT, ServiceSpec};
+pub use self::status::{ExitInfo, ServiceStatus, State, signal_name};
+
 use std::time::{Duration, Instant};
-
-use rustix::process::WaitStatus;
-use serde::{Deserialize, Serialize};
 
 use crate::bootlog::{RingBuffer, SERVICE_LOG_BYTES};
 use crate::console::Log;
@@ -59,161 +63,6 @@ use crate::console::Log;
 /// change; a lookup with an id that names no service finds nothing, it never panics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ServiceId(usize);
-
-/// How a service tells that it is ready.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Readiness {
-    /// Ready as soon as it is running.
-    Started,
-    /// Ready when its Unix socket accepts a connection.
-    UnixSocket(PathBuf),
-    /// Ready when an HTTP/2 (gRPC) server answers on its Unix socket: the client preface
-    /// and a SETTINGS frame are sent and the server's SETTINGS frame must come back.
-    Http2Socket(PathBuf),
-}
-
-/// What to run and how.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ServiceSpec {
-    /// Its name (`containerd`).
-    pub name: String,
-    /// The program, an absolute path.
-    pub program: PathBuf,
-    /// Arguments after the program name.
-    pub args: Vec<String>,
-    /// The whole environment it gets.
-    pub env: Vec<(String, String)>,
-    /// Services that must be ready before it starts.
-    pub depends_on: Vec<String>,
-    /// Ordering only, for its first start: it starts once each of these is ready, or is
-    /// not on its way to ready (stopped, backing off after a failure, not registered),
-    /// or [`START_AFTER_LIMIT`] after it was wanted, whichever comes first. Unlike
-    /// `depends_on`, a failing service never holds it back for long, and its restarts
-    /// do not wait.
-    pub start_after: Vec<String>,
-    /// How readiness is checked.
-    pub readiness: Readiness,
-    /// Readiness must come within this time of the start.
-    pub ready_timeout: Duration,
-    /// Started at boot; otherwise only on request (control socket).
-    pub autostart: bool,
-    /// Time between `SIGTERM` and `SIGKILL` when it is stopped.
-    pub stop_timeout: Duration,
-}
-
-/// The longest a service waits for its `start_after` services.
-pub const START_AFTER_LIMIT: Duration = Duration::from_secs(10);
-
-/// The restart delays.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Backoff {
-    /// Delay after the first failure.
-    pub base: Duration,
-    /// Longest delay.
-    pub cap: Duration,
-    /// A run at least this long clears the failure count.
-    pub reset_after: Duration,
-}
-
-impl Backoff {
-    /// PID 1's policy: 1 s doubling to 30 s; a minute of running resets it.
-    pub const DEFAULT: Backoff = Backoff {
-        base: Duration::from_secs(1),
-        cap: Duration::from_secs(30),
-        reset_after: Duration::from_secs(60),
-    };
-
-    /// The delay before the restart that follows `failures` consecutive failures (>= 1).
-    pub fn delay(&self, failures: u32) -> Duration {
-        let doublings = failures.saturating_sub(1).min(31);
-        self.base
-            .checked_mul(1u32 << doublings)
-            .map_or(self.cap, |d| d.min(self.cap))
-    }
-}
-
-/// Where a service is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum State {
-    /// Not running and not wanted.
-    Stopped,
-    /// Wanted, waiting for its dependencies to be ready (or its `start_after` ordering).
-    Waiting,
-    /// Being spawned, or running with readiness pending.
-    Starting,
-    /// Running and ready.
-    Ready,
-    /// Exited unexpectedly; a restart is scheduled.
-    Backoff,
-    /// Asked to stop (`SIGTERM` sent, `SIGKILL` at the deadline).
-    Stopping,
-}
-
-impl fmt::Display for State {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            State::Stopped => "stopped",
-            State::Waiting => "waiting",
-            State::Starting => "starting",
-            State::Ready => "ready",
-            State::Backoff => "backoff",
-            State::Stopping => "stopping",
-        })
-    }
-}
-
-/// How a process ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ExitInfo {
-    /// Exit code, when it exited.
-    pub code: Option<i32>,
-    /// Signal number, when a signal killed it.
-    pub signal: Option<i32>,
-}
-
-impl ExitInfo {
-    /// From `waitpid`'s status.
-    pub fn from_wait(status: WaitStatus) -> ExitInfo {
-        ExitInfo {
-            code: status.exit_status(),
-            signal: status.terminating_signal(),
-        }
-    }
-
-    /// Exit status 0.
-    pub fn success(&self) -> bool {
-        self.code == Some(0)
-    }
-}
-
-impl fmt::Display for ExitInfo {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match (self.code, self.signal) {
-            (Some(code), _) => write!(f, "exited with status {code}"),
-            (None, Some(sig)) => write!(f, "killed by signal {sig} ({})", signal_name(sig)),
-            (None, None) => f.write_str("ended"),
-        }
-    }
-}
-
-/// The name of a signal number.
-pub fn signal_name(sig: i32) -> &'static str {
-    match sig {
-        1 => "SIGHUP",
-        2 => "SIGINT",
-        3 => "SIGQUIT",
-        4 => "SIGILL",
-        6 => "SIGABRT",
-        7 => "SIGBUS",
-        8 => "SIGFPE",
-        9 => "SIGKILL",
-        11 => "SIGSEGV",
-        13 => "SIGPIPE",
-        15 => "SIGTERM",
-        _ => "?",
-    }
-}
 
 /// Which signal an action sends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -302,25 +151,6 @@ struct Service {
     /// passed).
     ordered: bool,
     output: RingBuffer,
-}
-
-/// A service's status, as the control socket reports it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ServiceStatus {
-    /// Name.
-    pub name: String,
-    /// State.
-    pub state: State,
-    /// Process id while running.
-    pub pid: Option<u32>,
-    /// Restarts after unexpected exits.
-    pub restarts: u32,
-    /// How the last run ended.
-    pub last_exit: Option<ExitInfo>,
-    /// Dependencies.
-    pub depends_on: Vec<String>,
-    /// Started at boot.
-    pub autostart: bool,
 }
 
 /// Errors of requests naming services.

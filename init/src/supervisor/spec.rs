@@ -1,0 +1,77 @@
+//! What the supervisor runs: each service's spec (program, dependencies, readiness) and
+//! the restart policy.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// How a service tells that it is ready.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Readiness {
+    /// Ready as soon as it is running.
+    Started,
+    /// Ready when its Unix socket accepts a connection.
+    UnixSocket(PathBuf),
+    /// Ready when an HTTP/2 (gRPC) server answers on its Unix socket: the client preface
+    /// and a SETTINGS frame are sent and the server's SETTINGS frame must come back.
+    Http2Socket(PathBuf),
+}
+
+/// What to run and how.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceSpec {
+    /// Its name (`containerd`).
+    pub name: String,
+    /// The program, an absolute path.
+    pub program: PathBuf,
+    /// Arguments after the program name.
+    pub args: Vec<String>,
+    /// The whole environment it gets.
+    pub env: Vec<(String, String)>,
+    /// Services that must be ready before it starts.
+    pub depends_on: Vec<String>,
+    /// Ordering only, for its first start: it starts once each of these is ready, or is
+    /// not on its way to ready (stopped, backing off after a failure, not registered),
+    /// or [`START_AFTER_LIMIT`] after it was wanted, whichever comes first. Unlike
+    /// `depends_on`, a failing service never holds it back for long, and its restarts
+    /// do not wait.
+    pub start_after: Vec<String>,
+    /// How readiness is checked.
+    pub readiness: Readiness,
+    /// Readiness must come within this time of the start.
+    pub ready_timeout: Duration,
+    /// Started at boot; otherwise only on request (control socket).
+    pub autostart: bool,
+    /// Time between `SIGTERM` and `SIGKILL` when it is stopped.
+    pub stop_timeout: Duration,
+}
+
+/// The longest a service waits for its `start_after` services.
+pub const START_AFTER_LIMIT: Duration = Duration::from_secs(10);
+
+/// The restart delays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backoff {
+    /// Delay after the first failure.
+    pub base: Duration,
+    /// Longest delay.
+    pub cap: Duration,
+    /// A run at least this long clears the failure count.
+    pub reset_after: Duration,
+}
+
+impl Backoff {
+    /// PID 1's policy: 1 s doubling to 30 s; a minute of running resets it.
+    pub const DEFAULT: Backoff = Backoff {
+        base: Duration::from_secs(1),
+        cap: Duration::from_secs(30),
+        reset_after: Duration::from_secs(60),
+    };
+
+    /// The delay before the restart that follows `failures` consecutive failures (>= 1).
+    pub fn delay(&self, failures: u32) -> Duration {
+        let doublings = failures.saturating_sub(1).min(31);
+        self.base
+            .checked_mul(1u32 << doublings)
+            .map_or(self.cap, |d| d.min(self.cap))
+    }
+}
