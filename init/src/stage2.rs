@@ -1213,10 +1213,7 @@ impl<L: Log> Node<'_, L> {
                 status.state
             ));
         };
-        let sent = match (pid_of(pid), signal_of(number)) {
-            (Some(p), Some(sig)) => rustix::process::kill_process(p, sig).map_err(io::Error::from),
-            _ => Err(io::Error::from_raw_os_error(22)),
-        };
+        let sent = self.sys.kill_process(pid, number);
         match sent {
             Ok(()) => {
                 let what = format!(
@@ -1582,28 +1579,6 @@ impl<L: Log> Node<'_, L> {
         }
         shutdown::finish(sys, log, kind)
     }
-}
-
-fn pid_of(pid: u32) -> Option<rustix::process::Pid> {
-    i32::try_from(pid)
-        .ok()
-        .and_then(rustix::process::Pid::from_raw)
-}
-
-/// The signals of [`control::SIGNALS`] as rustix's.
-fn signal_of(number: i32) -> Option<rustix::process::Signal> {
-    use rustix::process::Signal;
-    Some(match number {
-        1 => Signal::HUP,
-        2 => Signal::INT,
-        3 => Signal::QUIT,
-        6 => Signal::ABORT,
-        9 => Signal::KILL,
-        10 => Signal::USR1,
-        12 => Signal::USR2,
-        15 => Signal::TERM,
-        _ => return None,
-    })
 }
 
 /// Write the config's `[[machine.files]]`, creating parent directories.

@@ -121,6 +121,9 @@ pub trait Syscalls {
     fn set_mode(&self, path: &Path, mode: u32) -> io::Result<()>;
     /// Make the directory `path` and its missing parents.
     fn create_dir_all(&self, path: &Path) -> io::Result<()>;
+    /// Send signal `signal` (a number the control socket's `kill` accepts) to process
+    /// `pid`; EINVAL for a pid or signal that is not one.
+    fn kill_process(&self, pid: u32, signal: i32) -> io::Result<()>;
     /// Open a file or block device for sequential reading.
     fn open_read(&self, path: &Path) -> io::Result<Box<dyn Read + Send>> {
         self.open_read_at(path, 0, false)
@@ -210,6 +213,29 @@ pub fn open_read_write(path: &Path) -> io::Result<File> {
         .read(true)
         .write(true)
         .open(path)
+}
+
+/// A pid as rustix's (`None` for 0 and pids past `i32`).
+fn pid_of(pid: u32) -> Option<rustix::process::Pid> {
+    i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+}
+
+/// The signals the control socket's `kill` names (`control::SIGNALS`) as rustix's.
+fn signal_of(number: i32) -> Option<rustix::process::Signal> {
+    use rustix::process::Signal;
+    Some(match number {
+        1 => Signal::HUP,
+        2 => Signal::INT,
+        3 => Signal::QUIT,
+        6 => Signal::ABORT,
+        9 => Signal::KILL,
+        10 => Signal::USR1,
+        12 => Signal::USR2,
+        15 => Signal::TERM,
+        _ => return None,
+    })
 }
 
 /// The real system calls of the running Linux kernel.
@@ -307,6 +333,13 @@ impl Syscalls for Linux {
 
     fn create_dir_all(&self, path: &Path) -> io::Result<()> {
         std::fs::create_dir_all(path)
+    }
+
+    fn kill_process(&self, pid: u32, signal: i32) -> io::Result<()> {
+        match (pid_of(pid), signal_of(signal)) {
+            (Some(p), Some(sig)) => rustix::process::kill_process(p, sig).map_err(io::Error::from),
+            _ => Err(io::Error::from_raw_os_error(22)),
+        }
     }
 
     fn open_read_at(
@@ -665,6 +698,13 @@ mod tests {
     use super::*;
 
     #[test]
+    fn kill_refuses_what_is_no_pid_or_no_signal_it_knows() {
+        let einval = |r: io::Result<()>| r.err().and_then(|e| e.raw_os_error());
+        assert_eq!(einval(Linux.kill_process(0, 9)), Some(22));
+        assert_eq!(einval(Linux.kill_process(std::process::id(), 99)), Some(22));
+    }
+
+    #[test]
     fn removal_stays_on_one_filesystem() -> io::Result<()> {
         let dir = std::env::temp_dir().join(format!("keelson-init-rm-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -709,6 +749,7 @@ pub mod fake {
         RemoveFile(String),
         SetMode(String, u32),
         CreateDirAll(String),
+        KillProcess(u32, i32),
         OpenRead(String),
         FinitModule(String, bool),
         DmIoctl(u8, Vec<u8>),
@@ -922,6 +963,11 @@ pub mod fake {
 
         fn create_dir_all(&self, path: &Path) -> io::Result<()> {
             self.record(Call::CreateDirAll(s(path)));
+            Ok(())
+        }
+
+        fn kill_process(&self, pid: u32, signal: i32) -> io::Result<()> {
+            self.record(Call::KillProcess(pid, signal));
             Ok(())
         }
 
