@@ -14,6 +14,7 @@ use tokio::sync::mpsc::unbounded_channel;
 use tokio::sync::oneshot;
 
 use crate::sender::Sender;
+use crate::syscalls::Syscalls;
 
 /// Start the network engine for `network` as local tasks of the current `LocalSet`;
 /// returns the switch that stops it.
@@ -59,16 +60,11 @@ pub fn start(
 
 /// A network section asking DHCP on every link of `sysfs` but loopback (names from
 /// `class/net`, sorted).
-pub fn dhcp_everywhere(sysfs: &Path) -> Network {
-    let mut names: Vec<String> = std::fs::read_dir(sysfs.join("class/net"))
-        .map(|dir| {
-            dir.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n != "lo")
-                .collect()
-        })
+pub fn dhcp_everywhere(sys: &dyn Syscalls, sysfs: &Path) -> Network {
+    let mut names: Vec<String> = sys
+        .read_dir_names(&sysfs.join("class/net"))
         .unwrap_or_default();
-    names.sort();
+    names.retain(|n| n != "lo");
     Network {
         nameservers: Vec::new(),
         interfaces: names
@@ -92,18 +88,19 @@ pub fn brings_reachability(event: &NetEvent) -> bool {
 }
 
 #[cfg(test)]
-// Tests build their fixtures on disk.
-#[allow(clippy::disallowed_methods)]
 mod tests {
     use super::*;
 
     #[test]
     fn without_a_config_every_link_but_loopback_asks_dhcp() -> std::io::Result<()> {
-        let sysfs = tempfile::tempdir()?;
+        let sys = crate::syscalls::fake::Fake::default();
         for link in ["lo", "eth1", "eth0"] {
-            std::fs::create_dir_all(sysfs.path().join("class/net").join(link))?;
+            let address = Path::new("/sys/class/net").join(link).join("address");
+            sys.files
+                .borrow_mut()
+                .insert(address, b"52:54:00:00:00:01\n".to_vec());
         }
-        let net = dhcp_everywhere(sysfs.path());
+        let net = dhcp_everywhere(&sys, Path::new("/sys"));
         let names: Vec<(Option<&str>, bool)> = net
             .interfaces
             .iter()
@@ -111,7 +108,7 @@ mod tests {
             .collect();
         assert_eq!(names, [(Some("eth0"), true), (Some("eth1"), true)]);
         assert!(
-            dhcp_everywhere(Path::new("/nonexistent"))
+            dhcp_everywhere(&sys, Path::new("/nonexistent"))
                 .interfaces
                 .is_empty()
         );

@@ -15,6 +15,7 @@ use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
 use crate::sender::Sender;
+use crate::syscalls::Syscalls;
 
 /// A press of the power button, on the device named.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,18 +41,19 @@ pub fn has_key(bitmap: &str, key: u32) -> bool {
 }
 
 /// The evdev nodes under `dev` whose device can send `KEY_POWER`, from `sysfs`.
-pub fn find(sysfs: &Path, dev: &Path) -> Vec<PathBuf> {
-    let Ok(dir) = std::fs::read_dir(sysfs.join("class/input")) else {
+pub fn find(sys: &dyn Syscalls, sysfs: &Path, dev: &Path) -> Vec<PathBuf> {
+    let class = sysfs.join("class/input");
+    let Ok(names) = sys.read_dir_names(&class) else {
         return Vec::new();
     };
-    let mut out: Vec<PathBuf> = dir
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with("event"))
-        .filter(|e| {
-            std::fs::read_to_string(e.path().join("device/capabilities/key"))
-                .is_ok_and(|bits| has_key(&bits, KEY_POWER))
+    let mut out: Vec<PathBuf> = names
+        .into_iter()
+        .filter(|name| name.starts_with("event"))
+        .filter(|name| {
+            sys.read_file(&class.join(name).join("device/capabilities/key"))
+                .is_ok_and(|bits| has_key(&String::from_utf8_lossy(&bits), KEY_POWER))
         })
-        .map(|e| dev.join("input").join(e.file_name()))
+        .map(|name| dev.join("input").join(name))
         .collect();
     out.sort();
     out
@@ -100,8 +102,8 @@ pub fn watch(device: &Path, events: Sender<Pressed>) -> io::Result<()> {
 }
 
 /// Watch every power button there is; returns the devices watched.
-pub fn watch_all(events: &Sender<Pressed>) -> Vec<(PathBuf, io::Result<()>)> {
-    find(Path::new("/sys"), Path::new("/dev"))
+pub fn watch_all(sys: &dyn Syscalls, events: &Sender<Pressed>) -> Vec<(PathBuf, io::Result<()>)> {
+    find(sys, Path::new("/sys"), Path::new("/dev"))
         .into_iter()
         .map(|device| {
             let result = watch(&device, events.clone());
@@ -111,8 +113,6 @@ pub fn watch_all(events: &Sender<Pressed>) -> Vec<(PathBuf, io::Result<()>)> {
 }
 
 #[cfg(test)]
-// Tests build their fixtures on disk.
-#[allow(clippy::disallowed_methods)]
 mod tests {
     use super::*;
 
@@ -144,22 +144,21 @@ mod tests {
 
     #[test]
     fn devices_are_found_by_capability() -> io::Result<()> {
-        let sysfs = tempfile::tempdir()?;
+        let sys = crate::syscalls::fake::Fake::default();
         for (event, bits) in [
             ("event0", "10000000000000 0"),
             ("event1", "fffffffffffffffe"),
             ("mouse0", ""),
         ] {
-            let caps = sysfs
-                .path()
-                .join("class/input")
+            let key = Path::new("/sys/class/input")
                 .join(event)
-                .join("device/capabilities");
-            std::fs::create_dir_all(&caps)?;
-            std::fs::write(caps.join("key"), format!("{bits}\n"))?;
+                .join("device/capabilities/key");
+            sys.files
+                .borrow_mut()
+                .insert(key, format!("{bits}\n").into_bytes());
         }
         assert_eq!(
-            find(sysfs.path(), Path::new("/dev")),
+            find(&sys, Path::new("/sys"), Path::new("/dev")),
             [PathBuf::from("/dev/input/event0")]
         );
         Ok(())

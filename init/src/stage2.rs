@@ -779,7 +779,8 @@ impl<L: Log> Node<'_, L> {
         if let Some(index) = &self.modules {
             kmods::load(self.sys, self.log, index, POWER_BUTTON_MODULES);
         }
-        for (device, result) in power_button::watch_all(&Sender::new(self.events.clone())) {
+        for (device, result) in power_button::watch_all(self.sys, &Sender::new(self.events.clone()))
+        {
             match result {
                 Ok(()) => self.log.line(&format!(
                     "power button {}: a press powers off",
@@ -826,7 +827,7 @@ impl<L: Log> Node<'_, L> {
         {
             // The URL and the API need an address: DHCP on every link until a config
             // says more.
-            let net = network::dhcp_everywhere(Path::new("/sys"));
+            let net = network::dhcp_everywhere(self.sys, Path::new("/sys"));
             self.network = Some(network::start(&net, None, Sender::new(self.events.clone())));
         }
     }

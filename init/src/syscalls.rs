@@ -121,6 +121,8 @@ pub trait Syscalls {
     fn set_mode(&self, path: &Path, mode: u32) -> io::Result<()>;
     /// Make the directory `path` and its missing parents.
     fn create_dir_all(&self, path: &Path) -> io::Result<()>;
+    /// The names in directory `path`, sorted (a sysfs class, `/dev/input`).
+    fn read_dir_names(&self, path: &Path) -> io::Result<Vec<String>>;
     /// Send signal `signal` (a number the control socket's `kill` accepts) to process
     /// `pid`; EINVAL for a pid or signal that is not one.
     fn kill_process(&self, pid: u32, signal: i32) -> io::Result<()>;
@@ -333,6 +335,16 @@ impl Syscalls for Linux {
 
     fn create_dir_all(&self, path: &Path) -> io::Result<()> {
         std::fs::create_dir_all(path)
+    }
+
+    fn read_dir_names(&self, path: &Path) -> io::Result<Vec<String>> {
+        // An entry that cannot be read is skipped, as a directory walk skips it.
+        let mut names: Vec<String> = std::fs::read_dir(path)?
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        Ok(names)
     }
 
     fn kill_process(&self, pid: u32, signal: i32) -> io::Result<()> {
@@ -964,6 +976,22 @@ pub mod fake {
         fn create_dir_all(&self, path: &Path) -> io::Result<()> {
             self.record(Call::CreateDirAll(s(path)));
             Ok(())
+        }
+
+        /// The first components below `path` of the fake's files; ENOENT when none.
+        fn read_dir_names(&self, path: &Path) -> io::Result<Vec<String>> {
+            let names: BTreeSet<String> = self
+                .files
+                .borrow()
+                .keys()
+                .filter_map(|file| file.strip_prefix(path).ok())
+                .filter_map(|rest| rest.components().next())
+                .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                .collect();
+            if names.is_empty() {
+                return Err(io::Error::from_raw_os_error(2));
+            }
+            Ok(names.into_iter().collect())
         }
 
         fn kill_process(&self, pid: u32, signal: i32) -> io::Result<()> {
