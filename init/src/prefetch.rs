@@ -17,12 +17,15 @@
 //! Plain `read(2)` into one reused buffer, not `readahead(2)` or `POSIX_FADV_WILLNEED`:
 //! those may return before the pages are in, so the line that reports the read would
 //! not say when the work was done. A file that cannot be read is reported and skipped;
-//! the program's own start then pays for it as before.
+//! the program's own start then pays for it as before. Each outcome goes to the main
+//! loop through a typed [`Sender`] (one boot-log line each).
 
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+
+use crate::sender::Sender;
 
 /// The list of files to read, written by the imager (see `keelson_imager::prefetch`).
 pub fn list_path() -> PathBuf {
@@ -89,10 +92,7 @@ pub fn read_through(path: &Path, buf: &mut [u8]) -> Outcome {
 /// On a new thread: read the list at `list`, then each file it names in turn, handing
 /// each outcome to `report` as it comes (a list that cannot be read is one outcome).
 /// Returns the thread, or why it could not be started (the boot goes on without).
-pub fn spawn<F>(list: PathBuf, report: F) -> io::Result<std::thread::JoinHandle<()>>
-where
-    F: Fn(Outcome) + Send + 'static,
-{
+pub fn spawn(list: PathBuf, report: Sender<Outcome>) -> io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name("prefetch".into())
         .spawn(move || {
@@ -100,7 +100,7 @@ where
             let paths = match std::fs::read_to_string(&list) {
                 Ok(text) => parse_list(&text),
                 Err(e) => {
-                    report(Outcome {
+                    let _ = report.send(Outcome {
                         path: list,
                         result: Err(e),
                         took: started.elapsed(),
@@ -110,7 +110,7 @@ where
             };
             let mut buf = vec![0u8; CHUNK];
             for path in paths {
-                report(read_through(&path, &mut buf));
+                let _ = report.send(read_through(&path, &mut buf));
             }
         })
 }
@@ -120,6 +120,7 @@ where
 #[allow(clippy::disallowed_methods)]
 mod tests {
     use super::*;
+    use crate::sender::Closed;
 
     #[test]
     fn every_file_is_read_to_its_end_and_a_missing_one_is_reported() -> io::Result<()> {
@@ -133,9 +134,10 @@ mod tests {
             format!("{}\n\nnot/absolute\n{}\n", big.display(), missing.display()),
         )?;
         let (tx, rx) = std::sync::mpsc::channel();
-        let thread = spawn(list, move |o| {
-            let _ = tx.send(o);
-        })?;
+        let thread = spawn(
+            list,
+            Sender::from_fn(move |o| tx.send(o).map_err(|_| Closed)),
+        )?;
         let _ = thread.join();
         let outcomes: Vec<Outcome> = rx.iter().collect();
         assert_eq!(outcomes.len(), 2);
@@ -164,9 +166,8 @@ mod tests {
     fn a_missing_list_is_one_outcome() -> io::Result<()> {
         let dir = tempfile::tempdir()?;
         let (tx, rx) = std::sync::mpsc::channel();
-        let thread = spawn(dir.path().join("none"), move |o| {
-            let _ = tx.send(o);
-        })?;
+        let report = Sender::from_fn(move |o| tx.send(o).map_err(|_| Closed));
+        let thread = spawn(dir.path().join("none"), report)?;
         let _ = thread.join();
         let outcomes: Vec<Outcome> = rx.iter().collect();
         assert_eq!(outcomes.len(), 1);

@@ -532,10 +532,7 @@ pub fn run<L: Log>(sys: &dyn Syscalls, console: &L) -> Result<Infallible, Error>
     let log = BootLog::new(console);
     let (tx, rx) = unbounded_channel();
     // First, so that the reads overlap everything below (see `prefetch`).
-    let prefetched = tx.clone();
-    if let Err(e) = prefetch::spawn(prefetch::list_path(), move |outcome| {
-        let _ = prefetched.send(Event::from(outcome));
-    }) {
+    if let Err(e) = prefetch::spawn(prefetch::list_path(), Sender::new(tx.clone())) {
         log.line(&format!(
             "prefetch not started ({}): programs load on demand",
             errno_name(&e)
