@@ -128,25 +128,36 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), WriteErro
         _ => PathBuf::from("."),
     };
     create_private_dir(&dir)?;
-    let tmp = dir.join(tmp_name(name));
     let step = |step: &'static str| {
         let path = path.to_path_buf();
         move |source| WriteError::Step { path, step, source }
     };
+    // A temporary name left by a crashed process of the same pid is skipped, not reused.
+    let (tmp, mut file) = (|| {
+        let mut tries = 0;
+        loop {
+            let tmp = dir.join(tmp_name(name));
+            match OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(mode)
+                .open(&tmp)
+            {
+                Ok(file) => return Ok((tmp, file)),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists && tries < 8 => tries += 1,
+                Err(e) => return Err(e),
+            }
+        }
+    })()
+    .map_err(step("create"))?;
     let written = (|| {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&tmp)
-            .map_err(step("create"))?;
         file.set_permissions(fs::Permissions::from_mode(mode))
             .map_err(step("chmod"))?;
         file.write_all(data).map_err(step("write"))?;
         file.sync_all().map_err(step("fsync"))?;
-        drop(file);
         fs::rename(&tmp, path).map_err(step("rename"))
     })();
+    drop(file);
     if written.is_err() {
         let _ = fs::remove_file(&tmp);
         return written;

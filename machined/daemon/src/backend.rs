@@ -5,26 +5,14 @@
 //! The API server never touches services, power or live configuration itself: it asks
 //! PID 1, which owns them. Everything else it reads from `/proc`, `/sys` and STATE itself.
 //!
-//! # The control socket protocol (`/run/keelson/init.sock`, init's `control` module)
-//!
-//! Each request is one JSON object on one line, each answer one JSON object on one line;
-//! every answer has `"ok": true|false`, a refusal carries `"error"`. machined opens one
-//! connection per request.
-//!
-//! | request | answer (besides `ok`) |
-//! |---|---|
-//! | `{"op":"list"}` | `"services": [{"name","state","pid","restarts","last_exit","depends_on","autostart"}]` |
-//! | `{"op":"start"\|"stop"\|"restart","service":N}` | (the change is under way) |
-//! | `{"op":"kill","service":N,"signal":"KILL"\|"TERM"\|..}` | `"message"`: the signal was sent; the supervisor restarts the service after its backoff |
-//! | `{"op":"logs","service":N,"lines":L}` | `"lines": [..]`: the last L lines of its ring buffer |
-//! | `{"op":"bootlog","lines":L}` | `"lines": [..]`: PID 1's boot log |
-//! | `{"op":"apply","parts":[..],"config":TOML}` | `"messages": [..]`, once the parts are in effect |
-//! | `{"op":"config-installed"}` | the first config is now in STATE: continue the boot |
-//! | `{"op":"reboot"}`, `{"op":"poweroff"}`, `{"op":"reset"}` | acknowledged, then done |
-//!
-//! `apply` names the [`LivePart`]s that changed and carries the whole new config; init
-//! validates it, checks every change against the node, and applies those parts
-//! (sysctls, kernel modules, files, hostname, network) or refuses the request whole.
+//! The control socket's protocol (`/run/keelson/init.sock`: one JSON request per line,
+//! one answer per line, each request its own type naming its answer's type) is defined
+//! once, in [`keelson_node_protocol::control`], which PID 1 serves from; this module
+//! only sends those requests and turns their answers into what the API shows
+//! ([`ServiceView`]). `apply` names the [`LivePart`]s that changed and carries the whole
+//! new config; init validates it, checks every change against the node, and applies
+//! those parts (sysctls, kernel modules, files, hostname, network) or refuses the
+//! request whole.
 
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::os::unix::net::UnixStream;
@@ -32,16 +20,16 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use keelson_node_protocol::control::{self as wire, Call as WireCall, DecodeError, Request};
 use serde::{Deserialize, Serialize};
 
+pub use keelson_node_protocol::control::Part as LivePart;
+
 /// Where init listens.
-pub const INIT_SOCKET: &str = "/run/keelson/init.sock";
+pub const INIT_SOCKET: &str = wire::SOCKET;
 
 /// How long a call to init may take before machined gives up on it.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// The largest answer accepted from init (a log ring buffer is the biggest).
-const MAX_ANSWER: u64 = 16 * 1024 * 1024;
 
 /// How many lines `logs` asks init for when the caller wants "all of them".
 pub const ALL_LINES: u32 = 100_000;
@@ -67,7 +55,7 @@ pub enum BackendError {
         #[source]
         source: std::io::Error,
     },
-    /// Init answered something that is not the expected JSON.
+    /// Init answered something that is not the answer to the request.
     #[error("init answered {op:?} with something machined does not understand: {detail}")]
     Protocol {
         /// The request.
@@ -88,9 +76,10 @@ pub enum BackendError {
     },
 }
 
-/// A supervised service.
+/// A supervised service as the API shows it, made from the protocol's
+/// [`wire::ServiceStatus`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ServiceStatus {
+pub struct ServiceView {
     /// Its name (`containerd`, `kubelet`, `machined`, ...).
     pub name: String,
     /// `stopped`, `waiting`, `starting`, `ready`, `backoff`, `stopping`.
@@ -110,6 +99,23 @@ pub struct ServiceStatus {
     /// The last event.
     #[serde(default)]
     pub message: String,
+}
+
+impl From<wire::ServiceStatus> for ServiceView {
+    fn from(s: wire::ServiceStatus) -> ServiceView {
+        ServiceView {
+            ready: s.state == wire::ServiceState::Ready,
+            state: s.state.name().to_string(),
+            name: s.name,
+            pid: s.pid.unwrap_or(0),
+            restarts: s.restarts,
+            since_seconds: 0,
+            message: s
+                .last_exit
+                .map(|exit| format!("last exit: {exit}"))
+                .unwrap_or_default(),
+        }
+    }
 }
 
 /// Start, stop or restart.
@@ -134,41 +140,6 @@ impl std::fmt::Display for ServiceOp {
     }
 }
 
-/// A part of the machine config that init can apply on a running node.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LivePart {
-    /// `machine.sysctls`: written to /proc/sys.
-    Sysctls,
-    /// `machine.kernel_modules` / `disabled_kernel_modules`: missing modules loaded.
-    KernelModules,
-    /// `machine.files`: written.
-    Files,
-    /// `machine.hostname`: set.
-    Hostname,
-    /// `machine.kubelet`: its flags and configuration rewritten, the kubelet restarted.
-    Kubelet,
-    /// `machine.network`: interfaces, addresses, routes and resolvers reconfigured.
-    Network,
-    /// `machine.time_servers`: the time sync client restarted.
-    TimeServers,
-}
-
-impl LivePart {
-    /// The config key this part covers.
-    pub fn key(self) -> &'static str {
-        match self {
-            LivePart::Sysctls => "machine.sysctls",
-            LivePart::KernelModules => "machine.kernel_modules",
-            LivePart::Files => "machine.files",
-            LivePart::Hostname => "machine.hostname",
-            LivePart::Kubelet => "machine.kubelet",
-            LivePart::Network => "machine.network",
-            LivePart::TimeServers => "machine.time_servers",
-        }
-    }
-}
-
 /// Reboot or power off.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -183,7 +154,7 @@ pub enum Power {
 /// the server runs them on tokio's blocking pool.
 pub trait NodeBackend: Send + Sync + 'static {
     /// The supervised services.
-    fn services(&self) -> Result<Vec<ServiceStatus>, BackendError>;
+    fn services(&self) -> Result<Vec<ServiceView>, BackendError>;
     /// Starts, stops or restarts a service; the answer says what happened.
     fn service_action(&self, name: &str, op: ServiceOp) -> Result<String, BackendError>;
     /// Sends a signal (`KILL`, `TERM`, ...) to a service's process; the supervisor
@@ -212,65 +183,6 @@ pub struct InitSocket {
     path: PathBuf,
 }
 
-#[derive(Debug, Deserialize)]
-struct Answer {
-    ok: bool,
-    #[serde(default)]
-    error: Option<String>,
-    #[serde(default)]
-    message: Option<String>,
-    #[serde(default)]
-    messages: Vec<String>,
-    #[serde(default)]
-    services: Option<Vec<InitService>>,
-    #[serde(default)]
-    lines: Option<Vec<String>>,
-}
-
-/// A service as init's `list` reports it.
-#[derive(Debug, Deserialize)]
-struct InitService {
-    name: String,
-    state: String,
-    #[serde(default)]
-    pid: Option<u32>,
-    #[serde(default)]
-    restarts: u32,
-    #[serde(default)]
-    last_exit: Option<InitExit>,
-}
-
-#[derive(Debug, Deserialize)]
-struct InitExit {
-    #[serde(default)]
-    code: Option<i32>,
-    #[serde(default)]
-    signal: Option<i32>,
-}
-
-impl From<InitService> for ServiceStatus {
-    fn from(s: InitService) -> ServiceStatus {
-        let message = match s.last_exit {
-            Some(InitExit {
-                code: Some(code), ..
-            }) => format!("last exit: status {code}"),
-            Some(InitExit {
-                signal: Some(sig), ..
-            }) => format!("last exit: killed by signal {sig}"),
-            _ => String::new(),
-        };
-        ServiceStatus {
-            ready: s.state == "ready",
-            name: s.name,
-            state: s.state,
-            pid: s.pid.unwrap_or(0),
-            restarts: s.restarts,
-            since_seconds: 0,
-            message,
-        }
-    }
-}
-
 impl InitSocket {
     /// A client of the socket at `path`.
     pub fn new(path: impl Into<PathBuf>) -> InitSocket {
@@ -282,12 +194,10 @@ impl InitSocket {
         &self.path
     }
 
-    fn call(&self, request: &serde_json::Value) -> Result<Answer, BackendError> {
-        let op = request
-            .get("op")
-            .and_then(|v| v.as_str())
-            .unwrap_or_default()
-            .to_owned();
+    /// Send `call` on a new connection and read its own answer.
+    fn call<C: WireCall>(&self, call: C) -> Result<C::Answer, BackendError> {
+        let request: Request = call.into();
+        let op = request.op();
         let io = |source| BackendError::Io {
             path: self.path.clone(),
             source,
@@ -299,64 +209,61 @@ impl InitSocket {
             })?;
         stream.set_read_timeout(Some(CALL_TIMEOUT)).map_err(io)?;
         stream.set_write_timeout(Some(CALL_TIMEOUT)).map_err(io)?;
-        let mut line = request.to_string();
+        let mut line = request.to_line();
         line.push('\n');
         stream.write_all(line.as_bytes()).map_err(io)?;
         let mut answer = String::new();
-        BufReader::new(std::io::Read::take(&stream, MAX_ANSWER))
+        BufReader::new(std::io::Read::take(&stream, wire::MAX_ANSWER as u64))
             .read_line(&mut answer)
             .map_err(io)?;
-        let answer: Answer =
-            serde_json::from_str(answer.trim()).map_err(|e| BackendError::Protocol {
-                op: op.clone(),
-                detail: e.to_string(),
-            })?;
-        if !answer.ok {
-            return Err(BackendError::Refused(answer.error.unwrap_or_else(|| {
-                format!("init refused {op:?} without saying why")
-            })));
+        match wire::decode::<C>(&answer) {
+            Ok(Ok(answer)) => Ok(answer),
+            Ok(Err(refusal)) => Err(BackendError::Refused(refusal.0)),
+            Err(e @ (DecodeError::Envelope(_) | DecodeError::Body(_))) => {
+                Err(BackendError::Protocol {
+                    op: op.to_string(),
+                    detail: e.to_string(),
+                })
+            }
         }
-        Ok(answer)
-    }
-
-    fn message(&self, request: serde_json::Value) -> Result<String, BackendError> {
-        Ok(self.call(&request)?.message.unwrap_or_default())
     }
 }
 
 impl NodeBackend for InitSocket {
-    fn services(&self) -> Result<Vec<ServiceStatus>, BackendError> {
-        let services = self
-            .call(&serde_json::json!({"op": "list"}))?
-            .services
-            .ok_or_else(|| BackendError::Protocol {
-                op: "list".into(),
-                detail: "no \"services\" in the answer".into(),
-            })?;
-        Ok(services.into_iter().map(ServiceStatus::from).collect())
+    fn services(&self) -> Result<Vec<ServiceView>, BackendError> {
+        let answer = self.call(wire::List {})?;
+        Ok(answer.services.into_iter().map(ServiceView::from).collect())
     }
 
     fn service_action(&self, name: &str, op: ServiceOp) -> Result<String, BackendError> {
-        let message = self.message(serde_json::json!({"op": op, "service": name}))?;
-        Ok(if message.is_empty() {
-            format!("service {name}: {op} under way")
-        } else {
-            message
-        })
+        let service = name.to_string();
+        let wire::Done {} = match op {
+            ServiceOp::Start => self.call(wire::Start { service })?,
+            ServiceOp::Stop => self.call(wire::Stop { service })?,
+            ServiceOp::Restart => self.call(wire::Restart { service })?,
+        };
+        Ok(format!("service {name}: {op} under way"))
     }
 
     fn kill(&self, name: &str, signal: &str) -> Result<String, BackendError> {
-        self.message(serde_json::json!({"op": "kill", "service": name, "signal": signal}))
+        let kill = wire::Kill {
+            service: name.to_string(),
+            signal: signal.to_string(),
+        };
+        Ok(self.call(kill)?.message)
     }
 
     fn logs(&self, service: &str, lines: Option<u32>) -> Result<Vec<String>, BackendError> {
-        let lines = lines.unwrap_or(ALL_LINES);
-        let request = if service == "init" {
-            serde_json::json!({"op": "bootlog", "lines": lines})
+        let lines = lines.unwrap_or(ALL_LINES) as usize;
+        let answer = if service == "init" {
+            self.call(wire::Bootlog { lines: Some(lines) })?
         } else {
-            serde_json::json!({"op": "logs", "service": service, "lines": lines})
+            self.call(wire::Logs {
+                service: service.to_string(),
+                lines,
+            })?
         };
-        Ok(self.call(&request)?.lines.unwrap_or_default())
+        Ok(answer.lines)
     }
 
     fn apply_live(
@@ -364,21 +271,27 @@ impl NodeBackend for InitSocket {
         parts: &[LivePart],
         config_toml: &str,
     ) -> Result<Vec<String>, BackendError> {
-        Ok(self
-            .call(&serde_json::json!({"op": "apply", "parts": parts, "config": config_toml}))?
-            .messages)
+        let apply = wire::Apply {
+            parts: parts.to_vec(),
+            config: config_toml.to_string(),
+        };
+        Ok(self.call(apply)?.messages)
     }
 
     fn config_installed(&self) -> Result<String, BackendError> {
-        self.message(serde_json::json!({"op": "config-installed"}))
+        Ok(self.call(wire::ConfigInstalled {})?.message)
     }
 
     fn power(&self, action: Power) -> Result<String, BackendError> {
-        self.message(serde_json::json!({"op": action}))
+        let said = match action {
+            Power::Reboot => self.call(wire::Reboot {})?,
+            Power::Poweroff => self.call(wire::Poweroff {})?,
+        };
+        Ok(said.message)
     }
 
     fn reset(&self) -> Result<String, BackendError> {
-        self.message(serde_json::json!({"op": "reset"}))
+        Ok(self.call(wire::Reset {})?.message)
     }
 }
 
@@ -403,7 +316,7 @@ pub enum Call {
 /// would change the node. Reads (`services`, `logs`) are not recorded.
 #[derive(Debug, Default)]
 pub struct RecordingBackend {
-    services: Mutex<Vec<ServiceStatus>>,
+    services: Mutex<Vec<ServiceView>>,
     logs: Mutex<Vec<(String, Vec<String>)>>,
     calls: Mutex<Vec<Call>>,
     fail_apply: Mutex<Option<String>>,
@@ -412,7 +325,7 @@ pub struct RecordingBackend {
 
 impl RecordingBackend {
     /// A backend with these services, each with these log lines.
-    pub fn new(services: Vec<ServiceStatus>, logs: Vec<(String, Vec<String>)>) -> Self {
+    pub fn new(services: Vec<ServiceView>, logs: Vec<(String, Vec<String>)>) -> Self {
         RecordingBackend {
             services: Mutex::new(services),
             logs: Mutex::new(logs),
@@ -469,7 +382,7 @@ impl RecordingBackend {
 }
 
 impl NodeBackend for RecordingBackend {
-    fn services(&self) -> Result<Vec<ServiceStatus>, BackendError> {
+    fn services(&self) -> Result<Vec<ServiceView>, BackendError> {
         Ok(self.services.lock().map(|s| s.clone()).unwrap_or_default())
     }
 
@@ -556,5 +469,118 @@ impl NodeBackend for RecordingBackend {
     fn reset(&self) -> Result<String, BackendError> {
         self.record(Call::Reset);
         Ok("wiping STATE and EPHEMERAL, then rebooting into maintenance mode".into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keelson_node_protocol::control::{Answer, Refusal};
+    use std::os::unix::net::UnixListener;
+
+    /// Serve `answers` connections on a socket the way PID 1 does: parse the request with
+    /// the protocol crate and answer with its typed answer.
+    fn serve(path: &Path, answers: usize) -> std::io::Result<std::thread::JoinHandle<Vec<String>>> {
+        let listener = UnixListener::bind(path)?;
+        Ok(std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            for _ in 0..answers {
+                let Ok((conn, _)) = listener.accept() else {
+                    break;
+                };
+                let mut line = String::new();
+                if BufReader::new(&conn).read_line(&mut line).is_err() {
+                    break;
+                }
+                seen.push(line.trim().to_string());
+                let answer = match Request::parse(line.trim()) {
+                    Ok(Request::List(list)) => Answer::to(
+                        &list,
+                        Ok(wire::Services {
+                            services: vec![wire::ServiceStatus {
+                                name: "containerd".into(),
+                                state: wire::ServiceState::Backoff,
+                                pid: None,
+                                restarts: 2,
+                                last_exit: Some(wire::ExitInfo {
+                                    code: Some(1),
+                                    signal: None,
+                                }),
+                                depends_on: Vec::new(),
+                                autostart: true,
+                            }],
+                        }),
+                    ),
+                    Ok(Request::Bootlog(bootlog)) => Answer::to(
+                        &bootlog,
+                        Ok(wire::Lines {
+                            lines: vec!["keelson-init: stage 1 started".into()],
+                        }),
+                    ),
+                    Ok(Request::Reset(reset)) => {
+                        Answer::to(&reset, Err(Refusal("not while etcd runs".into())))
+                    }
+                    // An answer of another request's type: the client must say so.
+                    Ok(Request::Start(_)) => Answer::to(
+                        &wire::List {},
+                        Ok(wire::Services {
+                            services: Vec::new(),
+                        }),
+                    ),
+                    Ok(other) => Answer::refused(format!("unexpected {}", other.op())),
+                    Err(e) => Answer::refused(e),
+                };
+                let _ = (&conn).write_all(format!("{}\n", answer.line()).as_bytes());
+            }
+            seen
+        }))
+    }
+
+    #[test]
+    fn the_socket_client_speaks_the_node_protocol() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("init.sock");
+        let server = serve(&path, 4)?;
+        let init = InitSocket::new(&path);
+        let services = init.services()?;
+        assert_eq!(
+            services,
+            [ServiceView {
+                name: "containerd".into(),
+                state: "backoff".into(),
+                ready: false,
+                pid: 0,
+                restarts: 2,
+                since_seconds: 0,
+                message: "last exit: status 1".into(),
+            }]
+        );
+        assert_eq!(
+            init.logs("init", Some(5))?,
+            ["keelson-init: stage 1 started"]
+        );
+        let refused = init.reset().err().ok_or("reset was not refused")?;
+        assert_eq!(refused.to_string(), "not while etcd runs");
+        let confused = init
+            .service_action("etcd", ServiceOp::Start)
+            .err()
+            .ok_or("a list answer to start was accepted")?;
+        assert!(
+            confused
+                .to_string()
+                .starts_with("init answered \"start\" with something machined does not understand: not the answer to this request"),
+            "{confused}"
+        );
+        let seen = server.join().map_err(|_| "the server panicked")?;
+        assert_eq!(
+            seen,
+            [
+                r#"{"op":"list"}"#,
+                r#"{"op":"bootlog","lines":5}"#,
+                r#"{"op":"reset"}"#,
+                r#"{"op":"start","service":"etcd"}"#,
+            ]
+        );
+        Ok(())
     }
 }

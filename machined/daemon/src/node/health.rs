@@ -18,7 +18,7 @@ use keelson_configs::layout::API_PORT;
 use keelson_configs::schema::Swap;
 
 use super::NodePaths;
-use crate::backend::{BackendError, ServiceStatus};
+use crate::backend::{BackendError, ServiceView};
 
 /// One check.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,7 +48,7 @@ fn module_present(sys: &Path, name: &str) -> bool {
 pub fn checks(
     paths: &NodePaths,
     config: Option<&MachineConfig>,
-    services: Result<Vec<ServiceStatus>, BackendError>,
+    services: Result<Vec<ServiceView>, BackendError>,
 ) -> Vec<Check> {
     let mut out = Vec::new();
     match services {
@@ -198,7 +198,7 @@ mod tests {
     fn services_and_maintenance_mode() {
         let paths = NodePaths::default();
         let services = vec![
-            ServiceStatus {
+            ServiceView {
                 name: "containerd".into(),
                 state: "running".into(),
                 ready: true,
@@ -207,7 +207,7 @@ mod tests {
                 since_seconds: 5,
                 message: String::new(),
             },
-            ServiceStatus {
+            ServiceView {
                 name: "kubelet".into(),
                 state: "backoff".into(),
                 ready: false,
@@ -218,7 +218,7 @@ mod tests {
             },
         ];
         let mut services = services;
-        services.push(ServiceStatus {
+        services.push(ServiceView {
             name: "etcd".into(),
             state: "stopped".into(),
             ready: false,

@@ -1,14 +1,12 @@
 //! The node's persistent state that machined reads and writes, in STATE
-//! (`/system/state`): the machine config (`config.toml`), a config staged for the next
-//! boot (`config.staged.toml`), and a worker's node API certificate (`node-api/`).
-//! Every write is atomic and private (mode 0600): a power cut leaves the old file or the
-//! new one.
+//! (`/system/state`): the machine config, a config staged for the next boot, and a
+//! worker's node API certificate. Where each lives and how it is written (atomic and
+//! private, mode 0600: a power cut leaves the old file or the new one) is the node
+//! protocol's ([`keelson_node_protocol::state`]), shared with PID 1.
 
 use std::path::{Path, PathBuf};
 
-use keelson_configs::layout::{STATE_CONFIG, STATE_CONFIG_STAGED};
-
-use keelson_api::atomic;
+use keelson_node_protocol::state::{self as layout, PRIVATE_FILE_MODE, WriteError, write_atomic};
 
 /// Errors from reading or writing STATE.
 #[derive(Debug, thiserror::Error)]
@@ -24,7 +22,7 @@ pub enum StateError {
     },
     /// A file could not be written.
     #[error("cannot write to STATE")]
-    Write(#[source] atomic::WriteError),
+    Write(#[source] WriteError),
 }
 
 /// STATE, as a directory.
@@ -46,20 +44,20 @@ impl StateStore {
 
     /// Where the machine config lives.
     pub fn config_path(&self) -> PathBuf {
-        self.dir.join(STATE_CONFIG)
+        self.dir.join(layout::CONFIG)
     }
 
     /// Where a staged config lives.
     pub fn staged_path(&self) -> PathBuf {
-        self.dir.join(STATE_CONFIG_STAGED)
+        self.dir.join(layout::CONFIG_STAGED)
     }
 
     /// Where a worker keeps its node API certificate and key (issued through the join
     /// flow; a control plane issues its own at every start).
     pub fn node_api_cert_paths(&self) -> (PathBuf, PathBuf) {
         (
-            self.dir.join("node-api/server.crt"),
-            self.dir.join("node-api/server.key"),
+            self.dir.join(layout::NODE_API_CERT),
+            self.dir.join(layout::NODE_API_KEY),
         )
     }
 
@@ -80,21 +78,13 @@ impl StateStore {
 
     /// Writes the machine config atomically.
     pub fn write_config(&self, text: &str) -> Result<(), StateError> {
-        atomic::write(
-            &self.config_path(),
-            text.as_bytes(),
-            atomic::PRIVATE_FILE_MODE,
-        )
-        .map_err(StateError::Write)
+        write_atomic(&self.config_path(), text.as_bytes(), PRIVATE_FILE_MODE)
+            .map_err(StateError::Write)
     }
 
     /// Writes a config for the next boot atomically.
     pub fn write_staged(&self, text: &str) -> Result<(), StateError> {
-        atomic::write(
-            &self.staged_path(),
-            text.as_bytes(),
-            atomic::PRIVATE_FILE_MODE,
-        )
-        .map_err(StateError::Write)
+        write_atomic(&self.staged_path(), text.as_bytes(), PRIVATE_FILE_MODE)
+            .map_err(StateError::Write)
     }
 }

@@ -17,7 +17,7 @@ use keelson_api::clientconfig::{ClientConfig, Context};
 use keelson_configs::generate::{GenerateOptions, generate};
 use keelson_configs::pki::{self, CertAndKey, Role};
 use keelson_configs::secrets::ClusterSecrets;
-use keelson_machined::backend::{RecordingBackend, ServiceStatus};
+use keelson_machined::backend::{RecordingBackend, ServiceView};
 use keelson_machined::node::NodePaths;
 use keelson_machined::server::{self, Options};
 
@@ -117,11 +117,11 @@ pub struct Node {
     thread: Option<std::thread::JoinHandle<Result<(), String>>>,
 }
 
-pub fn services() -> Vec<ServiceStatus> {
+pub fn services() -> Vec<ServiceView> {
     ["containerd", "kubelet", "machined"]
         .into_iter()
         .enumerate()
-        .map(|(i, name)| ServiceStatus {
+        .map(|(i, name)| ServiceView {
             name: name.into(),
             state: if name == "kubelet" {
                 "backoff"
