@@ -3,7 +3,15 @@
 //! One binary serves both: the kernel runs it as `/init` in the initramfs (stage 1,
 //! [`stage1`]), and stage 1 execs it as `/sbin/init --stage2` in the verified root
 //! ([`stage2`]). Everything that touches the kernel goes through [`syscalls::Syscalls`]
-//! so that the boot logic is unit-tested without root.
+//! so that the boot logic is unit-tested without root; clippy's `disallowed-methods`
+//! (`init/clippy.toml`) keeps PID 1 from starting programs or writing files beside it
+//! (only the supervisor's runner and STATE's atomic write may).
+//!
+//! The modules import each other without a cycle (the tidy test, `tests/tidy`, fails
+//! naming one): the stage 2 loop's producers (signals, the supervisor's runner, the
+//! control socket, the network, the power button, the prefetch, the config fetch) own
+//! their message types and send them through a typed [`sender::Sender`]; [`events`]
+//! only gathers them. Networking is its own crate, `keelson-netconf` (`init/netconf`).
 //!
 //! PID 1 never panics and never returns: [`pid1_main`] installs a panic hook that logs,
 //! syncs and reboots, and turns any error into a console message followed by a deliberate
