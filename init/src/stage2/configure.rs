@@ -1,0 +1,293 @@
+//! Step 6: the boot plan's executor. The lifecycle asks to configure once a valid config
+//! is there; this runs the plan's configure steps ([`plan::configure_steps`]) in their
+//! order, all of them before the main loop handles containerd's readiness or starts any
+//! other service. The order and its reasons live in [`plan`], not here.
+
+use std::path::Path;
+
+use keelson_configs::MachineConfig;
+use keelson_configs::layout::{self, PART_STATE};
+
+use crate::config_source::Accepted;
+use crate::console::Log;
+use crate::disks;
+use crate::etc_files::{self, EtcInput};
+use crate::kmods;
+use crate::lifecycle::plan::{self, Step};
+use crate::network;
+use crate::sender::Sender;
+use crate::services;
+use crate::state;
+use crate::supervisor::ServiceSpec;
+use crate::swap;
+use crate::syscalls::{Syscalls, errno_name};
+use crate::sysctl;
+
+use super::mounts_table::mount_cni_bin;
+use super::node::Node;
+use super::reset::Wipe;
+
+/// What the configure steps hand on to each other.
+struct Configuring {
+    /// The config being applied.
+    accepted: Accepted,
+    /// The hostname: the config's, or one made from the machine id.
+    hostname: String,
+    /// machined served maintenance mode.
+    ends_maintenance: bool,
+    /// The services after containerd, registered by the last step.
+    other_services: Vec<ServiceSpec>,
+}
+
+impl<L: Log> Node<'_, L> {
+    /// Apply the config of the lifecycle's new phase and start the services, step by
+    /// step as the boot plan says.
+    pub(super) fn configure(&mut self, ends_maintenance: bool) {
+        let Some(accepted) = self.phase.config().cloned() else {
+            return;
+        };
+        self.log
+            .line(&format!("applying the config from {}", accepted.source));
+        let hostname = accepted
+            .config
+            .machine
+            .hostname
+            .clone()
+            .unwrap_or_else(|| etc_files::default_hostname(&self.boot.machine_id));
+        let mut run = Configuring {
+            accepted,
+            hostname,
+            ends_maintenance,
+            other_services: Vec::new(),
+        };
+        for step in plan::configure_steps() {
+            self.configure_step(step, &mut run);
+        }
+    }
+
+    /// One step of the boot plan.
+    fn configure_step(&mut self, step: Step, run: &mut Configuring) {
+        let log = self.log;
+        let sys = self.sys;
+        let config: &MachineConfig = &run.accepted.config;
+        let machine = &config.machine;
+        match step {
+            Step::ContainerdModules => self.load_config_modules(&config_modules(config, true)),
+            Step::CniOverlay => mount_cni_bin(sys, log),
+            Step::Hostname => match sys.sethostname(&run.hostname) {
+                Ok(()) => log.line(&format!("hostname {}", run.hostname)),
+                Err(e) => log.line(&format!(
+                    "hostname {} not set: {}",
+                    run.hostname,
+                    errno_name(&e)
+                )),
+            },
+            Step::Files => write_files(sys, log, self.config_files(config, false)),
+            Step::Etc => self.write_etc(config, &run.hostname),
+            Step::SpawnContainerd => {
+                run.other_services = self.spawn_containerd(config, run.ends_maintenance);
+            }
+            Step::FormatNewState => self.finish_state(),
+            Step::KeepMachineId => self.keep_machine_id(),
+            Step::StateFiles => write_files(sys, log, self.config_files(config, true)),
+            Step::KeepConfig => self.keep_config(&run.accepted),
+            Step::OtherModules => self.load_config_modules(&config_modules(config, false)),
+            Step::Sysctls => {
+                let sysctls = machine.effective_sysctls();
+                sysctl::apply(
+                    sys,
+                    log,
+                    Path::new(sysctl::PROC_SYS),
+                    sysctls.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+                );
+            }
+            Step::SwapOff => {
+                if let Err(e) = swap::enforce(sys, log, machine.swap) {
+                    log.line(&format!("swap: {}", crate::error_chain(&e)));
+                }
+            }
+            Step::Network => {
+                if let Some(stop) = self.network.take() {
+                    let _ = stop.send(());
+                }
+                self.network = Some(network::start(
+                    &machine.network,
+                    machine.hostname.as_deref(),
+                    Sender::new(self.events.clone()),
+                ));
+            }
+            // Added, not replaced: machined may already run (maintenance mode).
+            Step::OtherServices => self.start_services(std::mem::take(&mut run.other_services)),
+            // The lifecycle runs these once containerd is ready.
+            Step::LateDrivers | Step::Preflight => {}
+        }
+    }
+
+    /// The config's files in STATE (`in_state`), or the others. Those in STATE (a
+    /// worker's node API certificate) wait until a new STATE is formatted and mounted.
+    fn config_files<'c>(
+        &self,
+        config: &'c MachineConfig,
+        in_state: bool,
+    ) -> Vec<&'c keelson_configs::schema::File> {
+        let state_mount = &self.boot.disk_options.state_mount;
+        config
+            .machine
+            .files
+            .iter()
+            .filter(|f| Path::new(&f.path).starts_with(state_mount) == in_state)
+            .collect()
+    }
+
+    /// `/etc`'s generated files.
+    fn write_etc(&self, config: &MachineConfig, hostname: &str) {
+        if !self.boot.etc_ok {
+            return;
+        }
+        let input = EtcInput {
+            hostname: hostname.to_string(),
+            nameservers: config.machine.network.nameservers.clone(),
+            machine_id: self.boot.machine_id.clone(),
+        };
+        match etc_files::write(self.sys, Path::new("/etc"), &etc_files::render(&input)) {
+            Ok(()) => self
+                .log
+                .line("/etc written: hostname hosts resolv.conf machine-id containerd/config.toml"),
+            Err(e) => self.log.line(&format!("/etc not written: {e}")),
+        }
+    }
+
+    /// The service catalog (its notes said), maintenance mode's end, and containerd
+    /// spawned; the other services, for later.
+    fn spawn_containerd(
+        &mut self,
+        config: &MachineConfig,
+        ends_maintenance: bool,
+    ) -> Vec<ServiceSpec> {
+        let log = self.log;
+        let mut notes = Vec::new();
+        let specs = services::catalog(config, &|p: &Path| p.is_file(), &mut |n| notes.push(n));
+        for note in notes {
+            log.line(&note);
+        }
+        if ends_maintenance {
+            log.line("maintenance mode ends: machined goes on with mutual TLS");
+        }
+        let (first, rest): (Vec<ServiceSpec>, Vec<ServiceSpec>) = specs
+            .into_iter()
+            .partition(|s| s.name == services::CONTAINERD);
+        self.start_services(first);
+        rest
+    }
+
+    /// Keep a config from elsewhere in STATE, so that later boots use it.
+    fn keep_config(&self, accepted: &Accepted) {
+        if !accepted.source.persist() {
+            return;
+        }
+        let log = self.log;
+        match &self.boot.state_dir {
+            Some(dir) => match state::write_atomic(dir, layout::STATE_CONFIG, &accepted.bytes) {
+                Ok(()) => log.line(&format!(
+                    "config from {} written to STATE: later boots use it",
+                    accepted.source
+                )),
+                Err(e) => log.line(&format!(
+                    "config not kept in STATE: {}",
+                    crate::error_chain(&e)
+                )),
+            },
+            None => log.line("config not kept: STATE is not mounted"),
+        }
+    }
+
+    /// Keep a new machine id in STATE, once.
+    pub(super) fn keep_machine_id(&mut self) {
+        if !std::mem::take(&mut self.boot.machine_id_unkept) {
+            return;
+        }
+        if let Some(dir) = &self.boot.state_dir {
+            super::keep_machine_id(self.log, dir, &self.boot.machine_id);
+        }
+    }
+
+    /// Format and mount a new STATE that the disks step left (a first boot), and add it
+    /// to what a reset wipes. Done once containerd is spawned, or before the node waits
+    /// for a config (then [`Node::keep_machine_id`]): a new STATE holds nothing to read,
+    /// and containerd needs only EPHEMERAL.
+    pub(super) fn finish_state(&mut self) {
+        let Some((device, size)) = self.boot.state_pending.take() else {
+            return;
+        };
+        let log = self.log;
+        match disks::finish_deferred(self.sys, log, &self.boot.disk_options, &device, size) {
+            Ok(mounted) => {
+                let dir = state::state_dir();
+                self.boot.wipe.push(Wipe {
+                    name: PART_STATE,
+                    device: mounted.device,
+                    target: mounted.target,
+                });
+                self.boot.state_dir = Some(dir);
+            }
+            Err(e) => log.line(&crate::error_chain(&e)),
+        }
+    }
+
+    /// Load some of the config's modules.
+    fn load_config_modules(&self, names: &[String]) {
+        if names.is_empty() {
+            return;
+        }
+        let log = self.log;
+        match &self.boot.modules {
+            Some(index) => {
+                let report = kmods::load(self.sys, log, index, names);
+                if !report.ok() {
+                    log.line(&format!("{} module(s) failed to load", report.failed.len()));
+                }
+            }
+            None => log.line("kernel modules not loaded: no module index"),
+        }
+    }
+
+    /// Register services and start the autostart ones (a name already registered keeps
+    /// its run).
+    pub(super) fn start_services(&mut self, specs: Vec<ServiceSpec>) {
+        let log = self.log;
+        let runner = self.runner();
+        runner.supervisor.add(specs);
+        let actions = runner.supervisor.start_autostart(log);
+        runner.apply(actions, log);
+    }
+}
+
+/// The config's modules that containerd needs ([`services::CONTAINERD_MODULES`]), or
+/// the others.
+fn config_modules(config: &MachineConfig, for_containerd: bool) -> Vec<String> {
+    config
+        .machine
+        .effective_kernel_modules()
+        .into_iter()
+        .filter(|m| services::CONTAINERD_MODULES.contains(&m.as_str()) == for_containerd)
+        .collect()
+}
+
+/// Write the config's `[[machine.files]]`, creating parent directories.
+fn write_files<'f>(
+    sys: &dyn Syscalls,
+    log: &dyn Log,
+    files: impl IntoIterator<Item = &'f keelson_configs::schema::File>,
+) {
+    for file in files {
+        let path = Path::new(&file.path);
+        let result = path
+            .parent()
+            .map_or(Ok(()), |parent| sys.create_dir_all(parent))
+            .and_then(|()| sys.install_file(path, file.content.as_bytes(), file.mode.0));
+        match result {
+            Ok(()) => log.line(&format!("file {} written ({:o})", file.path, file.mode.0)),
+            Err(e) => log.line(&format!("file {} not written: {e}", file.path)),
+        }
+    }
+}

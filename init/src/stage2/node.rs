@@ -1,0 +1,611 @@
+//! Stage 2's main loop: each [`Event`] becomes an [`Input`] of the node's lifecycle
+//! ([`crate::lifecycle`]), and the [`Action`]s of each step are carried out here, in
+//! order. What is not the lifecycle's (a service's output, the reaper, the network's
+//! resolvers and hostname, the control socket's service requests) is handled here
+//! directly.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use keelson_configs::layout;
+use keelson_netconf::{NetEvent, resolv};
+use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
+use tokio::sync::oneshot;
+
+use crate::bootlog::BootLog;
+use crate::config_source::{self, Accepted, Source};
+use crate::console::Log;
+use crate::control::{self, Call};
+use crate::drivers::{DISK_MODULES, NETWORK_MODULES, POWER_BUTTON_MODULES};
+use crate::etc_files;
+use crate::events::{Event, EventTx, TimerEvent};
+use crate::kmods;
+use crate::lifecycle::{Action, By, Input, Phase};
+use crate::modules;
+use crate::network;
+use crate::power_button;
+use crate::preflight;
+use crate::sender::Sender;
+use crate::services;
+use crate::shutdown::{self, ShutdownKind};
+use crate::signals::{self, SignalKind};
+use crate::supervisor::reaper::ReapScope;
+use crate::supervisor::runner::{Runner, ServiceEvent};
+use crate::supervisor::{Backoff, State, Supervisor};
+use crate::syscalls::{Syscalls, errno_name};
+
+use super::IDLE_REPORT_AFTER;
+use super::boot::Boot;
+
+/// Stage 2's state, owned by the main loop.
+pub(super) struct Node<'a, L: Log> {
+    pub(super) sys: &'a dyn Syscalls,
+    pub(super) log: &'a BootLog<L>,
+    pub(super) events: EventTx,
+    /// The services; `None` once the shutdown's deadline has given up on them.
+    pub(super) runner: Option<Runner>,
+    /// What the boot found and made before the loop.
+    pub(super) boot: Boot,
+    /// Where the node is in its lifecycle: the config it runs, the wait for one, a
+    /// shutdown.
+    pub(super) phase: Phase<Accepted>,
+    /// When the loop's node was made (the boot-complete and idle lines count from it).
+    pub(super) started: Instant,
+    /// Stops the running network engine.
+    pub(super) network: Option<oneshot::Sender<()>>,
+    /// Closes the control socket.
+    pub(super) control_socket: Option<tokio::task::AbortHandle>,
+}
+
+impl<'a, L: Log> Node<'a, L> {
+    /// The node before its main loop.
+    pub(super) fn new(
+        sys: &'a dyn Syscalls,
+        log: &'a BootLog<L>,
+        events: EventTx,
+        boot: Boot,
+    ) -> Node<'a, L> {
+        Node {
+            sys,
+            log,
+            events,
+            runner: None,
+            boot,
+            phase: Phase::Booting,
+            started: Instant::now(),
+            network: None,
+            control_socket: None,
+        }
+    }
+
+    pub(super) fn after(&self, delay: Duration, timer: TimerEvent) {
+        let tx = self.events.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let _ = tx.send(Event::Timer(timer));
+        });
+    }
+
+    fn url(&self) -> Option<String> {
+        config_source::cmdline_url(&self.boot.cmdline)
+    }
+
+    fn fetch_url(&self, delay: Duration) {
+        let Some(url) = self.url() else { return };
+        config_source::fetch_later(url, delay, Sender::new(self.events.clone()));
+    }
+
+    /// The loop: events until a shutdown has stopped every service. How the machine
+    /// goes down, and whether it is a reset.
+    pub(super) async fn main_loop(
+        &mut self,
+        mut rx: UnboundedReceiver<Event>,
+    ) -> (ShutdownKind, bool) {
+        for (signal, e) in
+            signals::forward_signals(&Sender::new(self.events.clone()), &SignalKind::ALL)
+        {
+            self.log
+                .line(&format!("cannot handle {}: {e}", signal.name()));
+        }
+        match control::serve(
+            self.sys,
+            Path::new(control::SOCKET),
+            Sender::new(self.events.clone()),
+        ) {
+            Ok(handle) => self.control_socket = Some(handle),
+            Err(e) => self.log.line(&format!(
+                "control socket {} unavailable: {e}",
+                control::SOCKET
+            )),
+        }
+        self.runner = Some(Runner::new(
+            Supervisor::new(Vec::new(), Backoff::DEFAULT),
+            Sender::new(self.events.clone()),
+            ReapScope::Any,
+        ));
+        self.input(Input::Start);
+        loop {
+            let Some(event) = rx.recv().await else {
+                // Every sender is gone (cannot happen: we hold one); go down cleanly.
+                return (ShutdownKind::Reboot, false);
+            };
+            self.handle(event);
+            if let Some(down) = self.settle() {
+                return down;
+            }
+        }
+    }
+
+    /// After each event: tell the lifecycle once no service runs; how the machine goes
+    /// down (and whether it is a reset) once it is down.
+    fn settle(&mut self) -> Option<(ShutdownKind, bool)> {
+        if self
+            .runner
+            .as_ref()
+            .is_none_or(|r| r.supervisor.all_stopped())
+        {
+            self.input(Input::AllServicesStopped);
+        }
+        match self.phase {
+            Phase::Down { kind, reset } => Some((kind, reset)),
+            _ => None,
+        }
+    }
+
+    pub(super) fn runner(&mut self) -> &mut Runner {
+        // Created first thing in the main loop; `Option` only for construction order.
+        self.runner.get_or_insert_with(|| {
+            Runner::new(
+                Supervisor::new(Vec::new(), Backoff::DEFAULT),
+                Sender::new(unbounded_channel::<Event>().0),
+                ReapScope::Any,
+            )
+        })
+    }
+
+    /// The one match over every event.
+    fn handle(&mut self, event: Event) {
+        let log = self.log;
+        match event {
+            Event::Signal(SignalKind::Child) => {
+                for (pid, exit) in self.runner().reap(log) {
+                    log.line(&format!("reaped pid {pid} ({exit})"));
+                }
+                self.services_changed();
+            }
+            Event::Signal(SignalKind::User1) => {
+                for s in self.runner().supervisor.statuses() {
+                    log.line(&format!(
+                        "service {} {} pid={} restarts={}",
+                        s.name,
+                        s.state,
+                        s.pid.map_or("-".into(), |p| p.to_string()),
+                        s.restarts
+                    ));
+                }
+            }
+            Event::Signal(signal) => {
+                if let Some(kind) = signal.shutdown() {
+                    let by = By::Signal(signal.name());
+                    self.input(Input::ShutdownRequested { kind, by });
+                }
+            }
+            Event::Service(ServiceEvent::Output { service, line }) => {
+                let sup = &mut self.runner().supervisor;
+                let name = sup.name(service).unwrap_or("service");
+                log.console().raw(&format!("{name}: {line}"));
+                sup.record_output(service, &line);
+            }
+            Event::Service(event) => {
+                self.runner().handle(event, log);
+                self.services_changed();
+            }
+            Event::Timer(timer) => {
+                self.input(match timer {
+                    TimerEvent::ConfigReminder => Input::ReminderTimer,
+                    TimerEvent::Shutdown(_) => Input::ShutdownTimer,
+                    TimerEvent::ShutdownDeadline => Input::ShutdownDeadline,
+                    TimerEvent::LateDrivers => Input::LateDriversTimer,
+                    TimerEvent::IdleReport => Input::IdleReportTimer,
+                });
+            }
+            Event::PowerButton(power_button::Pressed(device)) => {
+                let by = By::PowerButton(device);
+                let kind = ShutdownKind::PowerOff;
+                self.input(Input::ShutdownRequested { kind, by });
+            }
+            Event::Network(event) => self.network_event(event),
+            Event::ConfigFetched(config_source::Fetched { url, result }) => {
+                self.input(match result {
+                    Ok(bytes) => Input::UrlFetched { url, bytes },
+                    Err(why) => Input::UrlFailed { url, why },
+                });
+            }
+            Event::Prefetched(outcome) => log.line(&outcome.to_string()),
+            Event::Control(Call { request, reply }) => {
+                let answer = self.control(request);
+                let _ = reply.send(answer);
+            }
+        }
+    }
+
+    /// Step the lifecycle and carry out its actions; the control-socket answer among
+    /// them, if any.
+    pub(super) fn input(&mut self, input: Input<Accepted>) -> Option<Result<String, String>> {
+        let phase = std::mem::replace(&mut self.phase, Phase::Booting);
+        let (next, actions) = phase.step(input);
+        self.phase = next;
+        let mut reply = None;
+        for action in actions {
+            match action {
+                Action::Reply(answer) => reply = Some(answer),
+                action => self.act(action),
+            }
+        }
+        reply
+    }
+
+    /// Carry out one action of the lifecycle.
+    fn act(&mut self, action: Action) {
+        let log = self.log;
+        match action {
+            Action::FindLocalConfig => {
+                let found = config_source::find_local(
+                    self.sys,
+                    log,
+                    Path::new("/sys"),
+                    self.boot.modules.as_ref(),
+                );
+                let url = self.url().is_some();
+                self.input(found.map_or(Input::NoLocalConfig { url }, Input::ConfigFound));
+            }
+            Action::Configure { ends_maintenance } => self.configure(ends_maintenance),
+            Action::ArmLateDrivers => {
+                self.after(super::NETWORK_MODULES_AFTER, TimerEvent::LateDrivers);
+            }
+            Action::LoadLateDrivers => self.load_late_drivers(),
+            Action::FormatNewState => self.finish_state(),
+            Action::KeepMachineId => self.keep_machine_id(),
+            Action::SayWaiting => {
+                for line in config_source::waiting_message(self.url().as_deref()) {
+                    log.line(&line);
+                }
+            }
+            Action::ArmReminder => self.after(config_source::REMINDER, TimerEvent::ConfigReminder),
+            Action::StartMaintenance => {
+                let serving = self.start_maintenance();
+                self.input(Input::MaintenanceStarted { serving });
+            }
+            Action::StartDhcp => {
+                // The URL and the API need an address: DHCP on every link until a config
+                // says more.
+                let net = network::dhcp_everywhere(self.sys, Path::new("/sys"));
+                let events = Sender::new(self.events.clone());
+                self.network = Some(network::start(&net, None, events));
+            }
+            Action::FetchUrl(delay) => self.fetch_url(delay),
+            Action::JudgeUrlConfig { url, bytes } => {
+                let accepted = config_source::accept(Source::Url(url), bytes, log);
+                self.input(accepted.map_or(Input::UrlConfigRefused, Input::ConfigFound));
+            }
+            Action::Preflight => self.preflight(),
+            Action::ReportBootComplete => self.report_boot_complete(),
+            Action::ArmIdleReport => self.after(IDLE_REPORT_AFTER, TimerEvent::IdleReport),
+            Action::ReportIdle => self.report_idle(),
+            Action::ArmShutdown => {
+                if let Some(kind) = self.phase.going_down() {
+                    self.after(control::SHUTDOWN_DELAY, TimerEvent::Shutdown(kind));
+                }
+            }
+            Action::StopServices => {
+                let runner = self.runner();
+                let actions = runner.supervisor.shutdown(log);
+                runner.apply(actions, log);
+            }
+            Action::ArmDeadline => {
+                self.after(shutdown::SERVICES_DEADLINE, TimerEvent::ShutdownDeadline);
+            }
+            // The kill of every process follows.
+            Action::ForgetServices => self.runner = None,
+            // The main loop ends once the phase is down.
+            Action::Finish { .. } => {}
+            Action::Say(line) => log.line(&line),
+            Action::Reply(_) => {}
+        }
+    }
+
+    /// The power button's modules, then its watch.
+    fn load_power_button(&self) {
+        if let Some(index) = &self.boot.modules {
+            kmods::load(self.sys, self.log, index, POWER_BUTTON_MODULES);
+        }
+        for (device, result) in power_button::watch_all(self.sys, &Sender::new(self.events.clone()))
+        {
+            match result {
+                Ok(()) => self.log.line(&format!(
+                    "power button {}: a press powers off",
+                    device.display()
+                )),
+                Err(e) => self.log.line(&format!(
+                    "power button {} not watched: {e}",
+                    device.display()
+                )),
+            }
+        }
+    }
+
+    /// The power button, the network drivers and the disk drivers stage 1 left (the
+    /// lifecycle asks once).
+    fn load_late_drivers(&mut self) {
+        self.load_power_button();
+        if let Some(index) = &self.boot.modules {
+            kmods::load(self.sys, self.log, index, NETWORK_MODULES);
+            kmods::load_with(
+                self.sys,
+                self.log,
+                index,
+                DISK_MODULES,
+                modules::ASYNC_PROBE,
+            );
+        }
+    }
+
+    /// Start machined alone (the lifecycle asks once): with no config in STATE it serves
+    /// maintenance mode. Whether it does.
+    fn start_maintenance(&mut self) -> bool {
+        let log = self.log;
+        if self.boot.state_dir.is_none() {
+            log.line("maintenance mode unavailable: STATE is not mounted, so a config pushed over the API could not be kept");
+            return false;
+        }
+        if !Path::new(services::MACHINED).is_file() {
+            log.line(&format!(
+                "maintenance mode unavailable: {} is not in this image",
+                services::MACHINED
+            ));
+            return false;
+        }
+        log.line(&format!(
+            "maintenance mode: machined serves version and apply-config on port {} (machinectl --insecure)",
+            layout::API_PORT
+        ));
+        let runner = self.runner();
+        runner.supervisor.add(vec![services::machined()]);
+        let actions = runner.supervisor.start_autostart(log);
+        runner.apply(actions, log);
+        true
+    }
+
+    fn network_event(&mut self, event: NetEvent) {
+        let log = self.log;
+        log.line(&event.to_string());
+        if network::brings_reachability(&event) {
+            self.input(Input::Reachable);
+        }
+        match event {
+            NetEvent::Resolvers {
+                nameservers,
+                search,
+            } if self.boot.etc_ok => {
+                let entry =
+                    etc_files::Entry::file("resolv.conf", resolv::render(&nameservers, &search));
+                if let Err(e) = etc_files::write(self.sys, Path::new("/etc"), &[entry]) {
+                    log.line(&format!("/etc/resolv.conf not written: {e}"));
+                }
+            }
+            NetEvent::Hostname { name } => {
+                let configured = self
+                    .phase
+                    .config()
+                    .is_some_and(|c| c.config.machine.hostname.is_some());
+                if !configured {
+                    self.set_hostname(&name);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn set_hostname(&self, name: &str) {
+        let log = self.log;
+        match self.sys.sethostname(name) {
+            Ok(()) => log.line(&format!("hostname {name}")),
+            Err(e) => log.line(&format!("hostname {name} not set: {}", errno_name(&e))),
+        }
+        if self.boot.etc_ok {
+            let entries = [
+                etc_files::Entry::file("hostname", format!("{name}\n")),
+                etc_files::Entry::file("hosts", resolv::hosts(name, &[])),
+            ];
+            if let Err(e) = etc_files::write(self.sys, Path::new("/etc"), &entries) {
+                log.line(&format!("/etc/hostname not written: {e}"));
+            }
+        }
+    }
+
+    /// After a service changed state: tell the lifecycle whether containerd and every
+    /// autostart service are ready.
+    pub(super) fn services_changed(&mut self) {
+        let Some(runner) = &self.runner else { return };
+        let statuses = runner.supervisor.statuses();
+        let containerd_ready = statuses
+            .iter()
+            .any(|s| s.name == services::CONTAINERD && s.state == State::Ready);
+        let all_ready = !statuses.is_empty()
+            && statuses
+                .iter()
+                .filter(|s| s.autostart)
+                .all(|s| s.state == State::Ready);
+        self.input(Input::ServicesChanged {
+            containerd_ready,
+            all_ready,
+        });
+    }
+
+    /// The preflight checks, once containerd is ready.
+    fn preflight(&self) {
+        let Some(config) = self.phase.config() else {
+            return;
+        };
+        let report = preflight::run(
+            Path::new("/"),
+            &preflight::Options {
+                role: config.config.machine.kind,
+                swap: config.config.machine.swap,
+                containerd_ready: true,
+            },
+        );
+        for check in &report.checks {
+            self.log.line(&check.to_string());
+        }
+        self.log.line(&report.summary());
+    }
+
+    fn report_boot_complete(&self) {
+        let Some(runner) = &self.runner else { return };
+        let statuses = runner.supervisor.statuses();
+        self.log.line(&format!(
+            "boot complete: {} ready {:.1} s after stage 2 started",
+            statuses
+                .iter()
+                .filter(|s| s.state == State::Ready)
+                .map(|s| s.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            self.started.elapsed().as_secs_f64()
+        ));
+    }
+
+    fn report_idle(&self) {
+        let rss = self
+            .sys
+            .read_file(Path::new("/proc/self/status"))
+            .ok()
+            .and_then(|b| control::vm_rss_kib(&String::from_utf8_lossy(&b)));
+        // `pid1 rss_kb=N` is what `cargo xtask bench boot` reads.
+        let services = self
+            .runner
+            .as_ref()
+            .map_or(0, |r| r.supervisor.statuses().len());
+        self.log.line(&format!(
+            "idle pid1 rss_kb={} services={services} uptime {:.1} s",
+            rss.map_or("?".into(), |r| r.to_string()),
+            self.started.elapsed().as_secs_f64()
+        ));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::console::memory::MemoryLog;
+    use crate::control::{Request, Response};
+    use crate::disks;
+    use crate::lifecycle::{Awaiting, Maintenance, UrlFetch};
+    use crate::stage2::reset::Wipe;
+    use crate::syscalls::fake::Fake;
+
+    /// A node waiting for a config, with no service, whose reset would wipe STATE.
+    fn waiting_node<'a>(sys: &'a Fake, log: &'a BootLog<&'a MemoryLog>) -> Node<'a, &'a MemoryLog> {
+        let boot = Boot {
+            modules: None,
+            cmdline: String::new(),
+            machine_id: "0123456789abcdef0123456789abcdef".into(),
+            machine_id_unkept: false,
+            state_dir: None,
+            state_pending: None,
+            disk_options: disks::Options::default(),
+            etc_ok: false,
+            wipe: vec![Wipe {
+                name: "STATE",
+                device: "/dev/vda4".into(),
+                target: "/system/state".into(),
+            }],
+        };
+        let mut node = Node::new(sys, log, unbounded_channel().0, boot);
+        node.runner = Some(Runner::new(
+            Supervisor::new(Vec::new(), Backoff::DEFAULT),
+            Sender::from_fn(|_| Ok(())),
+            ReapScope::Own,
+        ));
+        node.phase = Phase::AwaitingConfig(Awaiting {
+            maintenance: Maintenance::Unavailable,
+            dhcp: false,
+            url: UrlFetch::None,
+        });
+        node
+    }
+
+    fn answer(response: &Response) -> Result<Option<&str>, Option<&str>> {
+        if response.ok {
+            Ok(response.message.as_deref())
+        } else {
+            Err(response.error.as_deref())
+        }
+    }
+
+    #[test]
+    fn a_reset_is_answered_begun_by_its_timer_and_ends_the_loop() -> std::io::Result<()> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let local = tokio::task::LocalSet::new();
+        local.block_on(&runtime, async {
+            let (sys, memory) = (Fake::new(), MemoryLog::default());
+            let log = BootLog::new(&memory);
+            let mut node = waiting_node(&sys, &log);
+            let reset = node.control(Request::Reset);
+            assert_eq!(
+                answer(&reset),
+                Ok(Some(
+                    "reset: stopping services, wiping STATE, then rebooting to wait for a config"
+                ))
+            );
+            let again = node.control(Request::Poweroff);
+            assert_eq!(answer(&again), Err(Some("a reboot is already under way")));
+            // Until its timer, nothing stops.
+            assert_eq!(node.settle(), None);
+            node.handle(Event::Timer(TimerEvent::Shutdown(ShutdownKind::Reboot)));
+            assert_eq!(node.settle(), Some((ShutdownKind::Reboot, true)));
+            assert_eq!(
+                memory.lines(),
+                [
+                    "keelson-init: reset asked through the control socket: it begins in 1 s",
+                    "keelson-init: reboot requested (reset through the control socket): stopping services",
+                ]
+            );
+        });
+        Ok(())
+    }
+
+    #[test]
+    fn a_signal_while_waiting_stops_at_once_and_a_second_is_said_to_wait() -> std::io::Result<()> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let local = tokio::task::LocalSet::new();
+        local.block_on(&runtime, async {
+            let (sys, memory) = (Fake::new(), MemoryLog::default());
+            let log = BootLog::new(&memory);
+            let mut node = waiting_node(&sys, &log);
+            node.handle(Event::Signal(SignalKind::Power));
+            node.handle(Event::Signal(SignalKind::Terminate));
+            let installed = node.control(Request::ConfigInstalled);
+            assert_eq!(
+                answer(&installed),
+                Err(Some(
+                    "the node is going down: the installed config is read at its next boot"
+                ))
+            );
+            assert_eq!(node.settle(), Some((ShutdownKind::PowerOff, false)));
+            assert_eq!(
+                memory.lines(),
+                [
+                    "keelson-init: power off requested (SIGPWR): stopping services",
+                    "keelson-init: SIGTERM: a power off is already under way",
+                ]
+            );
+        });
+        Ok(())
+    }
+}
