@@ -27,7 +27,6 @@ use std::path::{Path, PathBuf};
 
 use keelson_configs::{MachineConfig, Mode, check_bytes};
 use keelson_netconf::resolv;
-use serde::{Deserialize, Serialize};
 
 use crate::config_source::MAX_CONFIG;
 use crate::console::Log;
@@ -36,47 +35,9 @@ use crate::kmods::{self, ModuleIndex};
 use crate::syscalls::{Linux, Syscalls, errno_name};
 use crate::sysctl;
 
-/// A part of the machine config that can change on a running node (machined's
-/// `LivePart`, with the same names on the wire).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Part {
-    /// `machine.sysctls`.
-    Sysctls,
-    /// `machine.kernel_modules` and `machine.disabled_kernel_modules`.
-    KernelModules,
-    /// `machine.files`.
-    Files,
-    /// `machine.hostname`.
-    Hostname,
-    /// `machine.kubelet`.
-    Kubelet,
-    /// `machine.network`.
-    Network,
-    /// `machine.time_servers`.
-    TimeServers,
-}
-
-impl Part {
-    /// The config key the part covers.
-    pub fn key(self) -> &'static str {
-        match self {
-            Part::Sysctls => "machine.sysctls",
-            Part::KernelModules => "machine.kernel_modules",
-            Part::Files => "machine.files",
-            Part::Hostname => "machine.hostname",
-            Part::Kubelet => "machine.kubelet",
-            Part::Network => "machine.network",
-            Part::TimeServers => "machine.time_servers",
-        }
-    }
-}
-
-impl fmt::Display for Part {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.key())
-    }
-}
+/// A part of the machine config that can change on a running node: the node protocol's,
+/// as machined names it in `apply`.
+pub use keelson_node_protocol::control::Part;
 
 /// Where a live apply reads and writes: the node's own paths, or temporary ones in tests.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -225,153 +186,15 @@ pub fn plan(env: &Env<'_>, parts: &[Part], new: &MachineConfig) -> Result<Plan, 
     let mut plan = Plan::default();
     let mut errors = Vec::new();
     let machine = &new.machine;
-    let mut will_load: Vec<String> = Vec::new();
     if parts.contains(&Part::KernelModules) {
-        let loaded = loaded_modules(env.sys);
-        match env.modules {
-            None => errors.push(
-                "machine.kernel_modules: this node has no module index, so no module can be loaded live; apply with --mode reboot".to_string(),
-            ),
-            Some(index) => {
-                for requested in machine.effective_kernel_modules() {
-                    let name = kmods::normalize(&requested);
-                    if index.builtin.contains(&name)
-                        || loaded.contains(&name)
-                        || env.sys.exists(&Path::new("/sys/module").join(&name))
-                    {
-                        continue;
-                    }
-                    if !index.modules.contains_key(&name) {
-                        errors.push(format!(
-                            "machine.kernel_modules: module {requested}: {}",
-                            kmods::Failure::Unknown
-                        ));
-                        continue;
-                    }
-                    will_load.push(name.clone());
-                    plan.modules.push(name);
-                }
-            }
-        }
-        if let Some(current) = env.current {
-            let now = machine.effective_kernel_modules();
-            for old in current.machine.effective_kernel_modules() {
-                if !now.contains(&old) {
-                    plan.notes.push(format!(
-                        "module {old} is no longer in the config: it stays loaded until the next boot"
-                    ));
-                }
-            }
-        }
+        plan_modules(env, new, &mut plan, &mut errors);
     }
     if parts.contains(&Part::Sysctls) {
-        let sysctls = machine.effective_sysctls();
-        for (name, value) in &sysctls {
-            let path = match sysctl::path_of(&env.paths.proc_sys, name) {
-                Ok(p) => p,
-                Err(e) => {
-                    errors.push(format!("machine.sysctls: {e}"));
-                    continue;
-                }
-            };
-            if value.contains('\n') || value.contains('\0') {
-                errors.push(format!(
-                    "machine.sysctls: {}",
-                    sysctl::Error::InvalidValue {
-                        name: name.clone(),
-                        value: value.clone(),
-                    }
-                ));
-                continue;
-            }
-            match env.sys.read_file(&path) {
-                Ok(bytes) => {
-                    let now = String::from_utf8_lossy(&bytes);
-                    let now: Vec<&str> = now.split_whitespace().collect();
-                    let want: Vec<&str> = value.split_whitespace().collect();
-                    if now != want {
-                        plan.sysctls.push(SysctlChange {
-                            name: name.clone(),
-                            value: value.clone(),
-                            previous: Some(now.join(" ")),
-                        });
-                    }
-                }
-                Err(e)
-                    if e.raw_os_error() == Some(2)
-                        && module_of_sysctl(name)
-                            .is_some_and(|m| will_load.iter().any(|w| w == m)) =>
-                {
-                    plan.sysctls.push(SysctlChange {
-                        name: name.clone(),
-                        value: value.clone(),
-                        previous: None,
-                    });
-                }
-                Err(e) => errors.push(format!(
-                    "machine.sysctls: {name}: cannot read {}: {}: {}",
-                    path.display(),
-                    errno_name(&e),
-                    sysctl::hint(name, &e)
-                )),
-            }
-        }
-        if let Some(current) = env.current {
-            for old in current.machine.effective_sysctls().keys() {
-                if !sysctls.contains_key(old) {
-                    plan.notes.push(format!(
-                        "sysctl {old} is no longer in the config: it keeps its value until the next boot"
-                    ));
-                }
-            }
-        }
+        // After the modules: a sysctl may come with a module this request loads.
+        plan_sysctls(env, new, &mut plan, &mut errors);
     }
     if parts.contains(&Part::Files) {
-        for file in &machine.files {
-            let Some(relative) = file.path.strip_prefix('/') else {
-                errors.push(format!(
-                    "machine.files: {:?} is not an absolute path",
-                    file.path
-                ));
-                continue;
-            };
-            let target = env.paths.root.join(relative);
-            let previous = match std::fs::read(&target) {
-                Ok(bytes) => Some((bytes, file_mode(&target).unwrap_or(0o644))),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-                Err(e) => {
-                    errors.push(format!(
-                        "machine.files: cannot read the present {}: {e}",
-                        file.path
-                    ));
-                    continue;
-                }
-            };
-            let content = file.content.as_bytes().to_vec();
-            if previous
-                .as_ref()
-                .is_some_and(|(c, m)| *c == content && *m == file.mode.0)
-            {
-                continue;
-            }
-            plan.files.push(FileChange {
-                path: file.path.clone(),
-                target,
-                content,
-                mode: file.mode.0,
-                previous,
-            });
-        }
-        if let Some(current) = env.current {
-            for old in &current.machine.files {
-                if !machine.files.iter().any(|f| f.path == old.path) {
-                    plan.notes.push(format!(
-                        "file {} is no longer in the config: it is left in place",
-                        old.path
-                    ));
-                }
-            }
-        }
+        plan_files(env, new, &mut plan, &mut errors);
     }
     if parts.contains(&Part::Hostname) {
         plan.hostname = Some(
@@ -396,6 +219,163 @@ pub fn plan(env: &Env<'_>, parts: &[Part], new: &MachineConfig) -> Result<Plan, 
         Ok(plan)
     } else {
         Err(errors)
+    }
+}
+
+/// The modules to load: each in the module index, and not built in or loaded already.
+fn plan_modules(env: &Env<'_>, new: &MachineConfig, plan: &mut Plan, errors: &mut Vec<String>) {
+    let machine = &new.machine;
+    let loaded = loaded_modules(env.sys);
+    match env.modules {
+        None => errors.push(
+            "machine.kernel_modules: this node has no module index, so no module can be loaded live; apply with --mode reboot".to_string(),
+        ),
+        Some(index) => {
+            for requested in machine.effective_kernel_modules() {
+                let name = kmods::normalize(&requested);
+                if index.builtin.contains(&name)
+                    || loaded.contains(&name)
+                    || env.sys.exists(&Path::new("/sys/module").join(&name))
+                {
+                    continue;
+                }
+                if !index.modules.contains_key(&name) {
+                    errors.push(format!(
+                        "machine.kernel_modules: module {requested}: {}",
+                        kmods::Failure::Unknown
+                    ));
+                    continue;
+                }
+                plan.modules.push(name);
+            }
+        }
+    }
+    if let Some(current) = env.current {
+        let now = machine.effective_kernel_modules();
+        for old in current.machine.effective_kernel_modules() {
+            if !now.contains(&old) {
+                plan.notes.push(format!(
+                    "module {old} is no longer in the config: it stays loaded until the next boot"
+                ));
+            }
+        }
+    }
+}
+
+/// The sysctls to set: each exists (or comes with a module of [`Plan::modules`]) and
+/// has another value now.
+fn plan_sysctls(env: &Env<'_>, new: &MachineConfig, plan: &mut Plan, errors: &mut Vec<String>) {
+    let machine = &new.machine;
+    let sysctls = machine.effective_sysctls();
+    for (name, value) in &sysctls {
+        let path = match sysctl::path_of(&env.paths.proc_sys, name) {
+            Ok(p) => p,
+            Err(e) => {
+                errors.push(format!("machine.sysctls: {e}"));
+                continue;
+            }
+        };
+        if value.contains('\n') || value.contains('\0') {
+            errors.push(format!(
+                "machine.sysctls: {}",
+                sysctl::Error::InvalidValue {
+                    name: name.clone(),
+                    value: value.clone(),
+                }
+            ));
+            continue;
+        }
+        match env.sys.read_file(&path) {
+            Ok(bytes) => {
+                let now = String::from_utf8_lossy(&bytes);
+                let now: Vec<&str> = now.split_whitespace().collect();
+                let want: Vec<&str> = value.split_whitespace().collect();
+                if now != want {
+                    plan.sysctls.push(SysctlChange {
+                        name: name.clone(),
+                        value: value.clone(),
+                        previous: Some(now.join(" ")),
+                    });
+                }
+            }
+            Err(e)
+                if e.raw_os_error() == Some(2)
+                    && module_of_sysctl(name)
+                        .is_some_and(|m| plan.modules.iter().any(|w| w == m)) =>
+            {
+                plan.sysctls.push(SysctlChange {
+                    name: name.clone(),
+                    value: value.clone(),
+                    previous: None,
+                });
+            }
+            Err(e) => errors.push(format!(
+                "machine.sysctls: {name}: cannot read {}: {}: {}",
+                path.display(),
+                errno_name(&e),
+                sysctl::hint(name, &e)
+            )),
+        }
+    }
+    if let Some(current) = env.current {
+        for old in current.machine.effective_sysctls().keys() {
+            if !sysctls.contains_key(old) {
+                plan.notes.push(format!(
+                    "sysctl {old} is no longer in the config: it keeps its value until the next boot"
+                ));
+            }
+        }
+    }
+}
+
+/// The files to write: each path absolute, its present content and mode kept for an
+/// undo, those already in place left out.
+fn plan_files(env: &Env<'_>, new: &MachineConfig, plan: &mut Plan, errors: &mut Vec<String>) {
+    let machine = &new.machine;
+    for file in &machine.files {
+        let Some(relative) = file.path.strip_prefix('/') else {
+            errors.push(format!(
+                "machine.files: {:?} is not an absolute path",
+                file.path
+            ));
+            continue;
+        };
+        let target = env.paths.root.join(relative);
+        let previous = match std::fs::read(&target) {
+            Ok(bytes) => Some((bytes, file_mode(&target).unwrap_or(0o644))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => {
+                errors.push(format!(
+                    "machine.files: cannot read the present {}: {e}",
+                    file.path
+                ));
+                continue;
+            }
+        };
+        let content = file.content.as_bytes().to_vec();
+        if previous
+            .as_ref()
+            .is_some_and(|(c, m)| *c == content && *m == file.mode.0)
+        {
+            continue;
+        }
+        plan.files.push(FileChange {
+            path: file.path.clone(),
+            target,
+            content,
+            mode: file.mode.0,
+            previous,
+        });
+    }
+    if let Some(current) = env.current {
+        for old in &current.machine.files {
+            if !machine.files.iter().any(|f| f.path == old.path) {
+                plan.notes.push(format!(
+                    "file {} is no longer in the config: it is left in place",
+                    old.path
+                ));
+            }
+        }
     }
 }
 
