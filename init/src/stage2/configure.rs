@@ -166,7 +166,8 @@ impl<L: Log> Node<'_, L> {
     ) -> Vec<ServiceSpec> {
         let log = self.log;
         let mut notes = Vec::new();
-        let specs = services::catalog(config, &|p: &Path| p.is_file(), &mut |n| notes.push(n));
+        let exists = |p: &Path| self.sys.exists(p);
+        let specs = services::catalog(config, &exists, &mut |n| notes.push(n));
         for note in notes {
             log.line(&note);
         }

@@ -358,7 +358,7 @@ impl<'a, L: Log> Node<'a, L> {
             log.line("maintenance mode unavailable: STATE is not mounted, so a config pushed over the API could not be kept");
             return false;
         }
-        if !Path::new(services::MACHINED).is_file() {
+        if !self.sys.exists(Path::new(services::MACHINED)) {
             log.line(&format!(
                 "maintenance mode unavailable: {} is not in this image",
                 services::MACHINED
@@ -605,6 +605,37 @@ mod tests {
                     "keelson-init: SIGTERM: a power off is already under way",
                 ]
             );
+        });
+        Ok(())
+    }
+
+    #[test]
+    fn without_state_the_node_waits_without_maintenance_mode_or_dhcp() -> std::io::Result<()> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let local = tokio::task::LocalSet::new();
+        local.block_on(&runtime, async {
+            let (sys, memory) = (Fake::new(), MemoryLog::default());
+            let log = BootLog::new(&memory);
+            let mut node = waiting_node(&sys, &log);
+            node.phase = Phase::Booting;
+            node.input(Input::NoLocalConfig { url: false });
+            let awaiting = Awaiting {
+                maintenance: Maintenance::Unavailable,
+                dhcp: false,
+                url: UrlFetch::None,
+            };
+            assert!(matches!(node.phase, Phase::AwaitingConfig(a) if a == awaiting));
+            assert!(node.network.is_none());
+            let mut expected: Vec<String> = config_source::waiting_message(None)
+                .iter()
+                .map(|l| format!("keelson-init: {l}"))
+                .collect();
+            expected.push(
+                "keelson-init: maintenance mode unavailable: STATE is not mounted, so a config pushed over the API could not be kept".into(),
+            );
+            assert_eq!(memory.lines(), expected);
         });
         Ok(())
     }
