@@ -27,7 +27,6 @@ use std::path::{Path, PathBuf};
 
 use keelson_configs::{MachineConfig, Mode, check_bytes};
 use keelson_netconf::resolv;
-use serde::{Deserialize, Serialize};
 
 use crate::config_source::MAX_CONFIG;
 use crate::console::Log;
@@ -36,47 +35,9 @@ use crate::kmods::{self, ModuleIndex};
 use crate::syscalls::{Linux, Syscalls, errno_name};
 use crate::sysctl;
 
-/// A part of the machine config that can change on a running node (machined's
-/// `LivePart`, with the same names on the wire).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Part {
-    /// `machine.sysctls`.
-    Sysctls,
-    /// `machine.kernel_modules` and `machine.disabled_kernel_modules`.
-    KernelModules,
-    /// `machine.files`.
-    Files,
-    /// `machine.hostname`.
-    Hostname,
-    /// `machine.kubelet`.
-    Kubelet,
-    /// `machine.network`.
-    Network,
-    /// `machine.time_servers`.
-    TimeServers,
-}
-
-impl Part {
-    /// The config key the part covers.
-    pub fn key(self) -> &'static str {
-        match self {
-            Part::Sysctls => "machine.sysctls",
-            Part::KernelModules => "machine.kernel_modules",
-            Part::Files => "machine.files",
-            Part::Hostname => "machine.hostname",
-            Part::Kubelet => "machine.kubelet",
-            Part::Network => "machine.network",
-            Part::TimeServers => "machine.time_servers",
-        }
-    }
-}
-
-impl fmt::Display for Part {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.key())
-    }
-}
+/// A part of the machine config that can change on a running node: the node protocol's,
+/// as machined names it in `apply`.
+pub use keelson_node_protocol::control::Part;
 
 /// Where a live apply reads and writes: the node's own paths, or temporary ones in tests.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,5 +1,8 @@
 //! STATE: the small ext4 partition (mounted at `/system/state`) that keeps what a node
 //! must remember across boots: the last applied machine config, later its identity and PKI.
+//! Where each file lives and the one atomic write are the node protocol's
+//! ([`keelson_node_protocol::state`]), shared with machined; this module is PID 1's use
+//! of them: names checked to stay inside STATE, the staged config promoted at boot.
 //!
 //! Every write is atomic: the new content goes to a temporary file in the same directory,
 //! which is fsynced, renamed over the target, and the directory fsynced. A power cut at
@@ -15,18 +18,18 @@
 //! [`STAGED_REFUSED`] (kept for the operator to read, never retried) and the config in
 //! effect stays.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs;
+use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
-use keelson_configs::layout::{STATE_CONFIG, STATE_CONFIG_STAGED, STATE_MOUNT};
+use keelson_configs::layout::STATE_MOUNT;
+use keelson_node_protocol::state::{
+    self as layout, PRIVATE_FILE_MODE, WriteError, is_temporary, rename_durable,
+};
 
 use crate::syscalls::errno_name;
 
-/// Temporary files are named `.<name>.tmp.<pid>.<n>`.
-const TMP_MARKER: &str = ".tmp.";
+pub use keelson_node_protocol::state::STAGED_REFUSED;
 
 /// Errors of reading and writing STATE.
 #[derive(Debug, thiserror::Error)]
@@ -35,16 +38,8 @@ pub enum Error {
     #[error("invalid STATE file name {0:?}: a plain file name is expected")]
     BadName(String),
     /// One step of an atomic write failed (the old file, if any, is intact).
-    #[error("cannot write {path} ({step}): {errno}; the previous content is unchanged", errno = errno_name(source))]
-    Write {
-        /// The target file.
-        path: String,
-        /// The step that failed (`create`, `write`, `fsync`, `rename`, `fsync dir`).
-        step: &'static str,
-        /// The kernel's answer.
-        #[source]
-        source: io::Error,
-    },
+    #[error("{}", write_message(.0))]
+    Write(#[source] WriteError),
     /// Reading failed.
     #[error("cannot read {path}: {errno}", errno = errno_name(source))]
     Read {
@@ -62,56 +57,39 @@ pub enum Error {
     },
 }
 
+/// A write error with the kernel's answer named as PID 1's console names it.
+fn write_message(e: &WriteError) -> String {
+    match e {
+        WriteError::Step { path, step, source } => format!(
+            "cannot write {} ({step}): {}; the previous content is unchanged",
+            path.display(),
+            errno_name(source)
+        ),
+        other => match other.io() {
+            Some(source) => format!("{other}: {}", errno_name(source)),
+            None => other.to_string(),
+        },
+    }
+}
+
 fn check_name(name: &str) -> Result<(), Error> {
     if name.is_empty()
         || name == "."
         || name == ".."
         || name.contains('/')
         || name.contains('\0')
-        || name.contains(TMP_MARKER)
+        || is_temporary(name)
     {
         return Err(Error::BadName(name.to_string()));
     }
     Ok(())
 }
 
-fn tmp_name(name: &str) -> String {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    format!(".{name}{TMP_MARKER}{}.{n}", std::process::id())
-}
-
-/// Replace `dir/name` with `data` atomically (mode 0600).
-// STATE's atomic write: create, fsync, rename, fsync the directory, in this one place.
-#[allow(clippy::disallowed_methods)]
+/// Replace `dir/name` with `data` atomically (mode 0600), through the node protocol's
+/// one atomic write.
 pub fn write_atomic(dir: &Path, name: &str, data: &[u8]) -> Result<(), Error> {
     check_name(name)?;
-    let target = dir.join(name);
-    let tmp = dir.join(tmp_name(name));
-    let fail = |step: &'static str| {
-        let path = target.display().to_string();
-        move |source| Error::Write { path, step, source }
-    };
-    let result = (|| {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(fail("create"))?;
-        file.write_all(data).map_err(fail("write"))?;
-        file.sync_all().map_err(fail("fsync"))?;
-        drop(file);
-        fs::rename(&tmp, &target).map_err(fail("rename"))?;
-        Ok(())
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-        return result;
-    }
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(fail("fsync dir"))
+    layout::write_atomic(&dir.join(name), data, PRIVATE_FILE_MODE).map_err(Error::Write)
 }
 
 /// The content of `dir/name`, or `None` when it does not exist.
@@ -128,48 +106,33 @@ pub fn read(dir: &Path, name: &str) -> Result<Option<Vec<u8>>, Error> {
     }
 }
 
-/// Remove temporary files left by writes that a crash interrupted; returns their paths.
-// STATE's atomic write: its own leftovers.
-#[allow(clippy::disallowed_methods)]
+/// Remove the temporary files of interrupted writes (PID 1's or machined's); the paths
+/// removed.
 pub fn remove_stale(dir: &Path) -> Vec<PathBuf> {
-    let own = format!("{TMP_MARKER}{}.", std::process::id());
-    let mut removed = Vec::new();
-    for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with('.') && name.contains(TMP_MARKER) && !name.contains(&own) {
-            let path = entry.path();
-            if fs::remove_file(&path).is_ok() {
-                removed.push(path);
-            }
-        }
-    }
-    removed
+    layout::remove_stale(dir)
 }
 
-/// Where STATE is mounted on a node.
+/// Where STATE is mounted.
 pub fn state_dir() -> PathBuf {
     PathBuf::from(STATE_MOUNT)
 }
 
-/// The last applied machine config in STATE (`dir` is normally [`state_dir`]).
+/// The machine config kept in STATE, if there is one.
 pub fn read_config(dir: &Path) -> Result<Option<String>, Error> {
-    match read(dir, STATE_CONFIG)? {
+    match read(dir, layout::CONFIG)? {
         None => Ok(None),
         Some(bytes) => String::from_utf8(bytes)
             .map(Some)
             .map_err(|_| Error::NotText {
-                path: dir.join(STATE_CONFIG).display().to_string(),
+                path: dir.join(layout::CONFIG).display().to_string(),
             }),
     }
 }
 
-/// Record `text` as the applied machine config, atomically.
+/// Keep `text` as the machine config.
 pub fn write_config(dir: &Path, text: &str) -> Result<(), Error> {
-    write_atomic(dir, STATE_CONFIG, text.as_bytes())
+    write_atomic(dir, layout::CONFIG, text.as_bytes())
 }
-
-/// Where a staged config that failed validation at boot is kept, inside STATE.
-pub const STAGED_REFUSED: &str = "config.staged.refused.toml";
 
 /// What [`promote_staged`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -178,42 +141,27 @@ pub enum Promotion {
     Nothing,
     /// The staged config is now the config.
     Promoted,
-    /// The staged config is invalid: kept as [`STAGED_REFUSED`]; these are its errors.
+    /// The staged config failed validation (these errors) and was set aside as
+    /// [`STAGED_REFUSED`].
     Refused(Vec<String>),
 }
 
-/// Rename `from` over `to` inside `dir`, then fsync the directory.
-// STATE's atomic write: the rename that makes a staged file the current one.
-#[allow(clippy::disallowed_methods)]
-fn rename_durable(dir: &Path, from: &str, to: &str) -> Result<(), Error> {
-    let target = dir.join(to);
-    let fail = |step: &'static str| {
-        let path = target.display().to_string();
-        move |source| Error::Write { path, step, source }
-    };
-    fs::rename(dir.join(from), &target).map_err(fail("rename"))?;
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(fail("fsync dir"))
-}
-
-/// Make a staged config (`config.staged.toml`) the config (`config.toml`), atomically,
-/// if `judge` accepts it (it returns the validator's errors otherwise).
+/// Promote a staged config (see the module doc), judged by `judge` first.
 pub fn promote_staged(
     dir: &Path,
     judge: impl FnOnce(&[u8]) -> Result<(), Vec<String>>,
 ) -> Result<Promotion, Error> {
-    let Some(staged) = read(dir, STATE_CONFIG_STAGED)? else {
+    let Some(staged) = read(dir, layout::CONFIG_STAGED)? else {
         return Ok(Promotion::Nothing);
     };
     // The data was fsynced when machined wrote it; the rename alone makes it the config.
     match judge(&staged) {
         Ok(()) => {
-            rename_durable(dir, STATE_CONFIG_STAGED, STATE_CONFIG)?;
+            rename_durable(dir, layout::CONFIG_STAGED, layout::CONFIG).map_err(Error::Write)?;
             Ok(Promotion::Promoted)
         }
         Err(errors) => {
-            rename_durable(dir, STATE_CONFIG_STAGED, STAGED_REFUSED)?;
+            rename_durable(dir, layout::CONFIG_STAGED, STAGED_REFUSED).map_err(Error::Write)?;
             Ok(Promotion::Refused(errors))
         }
     }
@@ -259,8 +207,10 @@ mod tests {
             .flatten()
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .collect();
-        assert_eq!(names, [STATE_CONFIG]);
-        let mode = fs::metadata(dir.0.join(STATE_CONFIG))?.permissions().mode();
+        assert_eq!(names, [layout::CONFIG]);
+        let mode = fs::metadata(dir.0.join(layout::CONFIG))?
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
         Ok(())
     }
@@ -272,7 +222,9 @@ mod tests {
         write_config(&dir.0, "old\n")?;
         // What a power cut between write and rename leaves: a partial temporary file
         // from an earlier boot (another pid).
-        let stale = dir.0.join(format!(".{STATE_CONFIG}{TMP_MARKER}1.0"));
+        let stale = dir
+            .0
+            .join(format!(".{}{}1.0", layout::CONFIG, layout::TMP_MARKER));
         fs::write(&stale, "ne")?;
         assert_eq!(read_config(&dir.0)?.as_deref(), Some("old\n"));
         assert_eq!(remove_stale(&dir.0), std::slice::from_ref(&stale));
@@ -338,14 +290,14 @@ mod tests {
         let ok = |_: &[u8]| Ok(());
         assert_eq!(promote_staged(&dir.0, ok)?, Promotion::Nothing);
         write_config(&dir.0, "old\n")?;
-        write_atomic(&dir.0, STATE_CONFIG_STAGED, b"staged\n")?;
+        write_atomic(&dir.0, layout::CONFIG_STAGED, b"staged\n")?;
         assert_eq!(promote_staged(&dir.0, ok)?, Promotion::Promoted);
         assert_eq!(read_config(&dir.0)?.as_deref(), Some("staged\n"));
-        assert_eq!(read(&dir.0, STATE_CONFIG_STAGED)?, None);
+        assert_eq!(read(&dir.0, layout::CONFIG_STAGED)?, None);
         // Nothing left to promote at the next boot.
         assert_eq!(promote_staged(&dir.0, ok)?, Promotion::Nothing);
 
-        write_atomic(&dir.0, STATE_CONFIG_STAGED, b"broken\n")?;
+        write_atomic(&dir.0, layout::CONFIG_STAGED, b"broken\n")?;
         let refuse = |bytes: &[u8]| Err(vec![format!("{} bytes of nonsense", bytes.len())]);
         assert_eq!(
             promote_staged(&dir.0, refuse)?,
@@ -353,7 +305,7 @@ mod tests {
         );
         assert_eq!(read_config(&dir.0)?.as_deref(), Some("staged\n"));
         assert_eq!(read(&dir.0, STAGED_REFUSED)?, Some(b"broken\n".to_vec()));
-        assert_eq!(read(&dir.0, STATE_CONFIG_STAGED)?, None);
+        assert_eq!(read(&dir.0, layout::CONFIG_STAGED)?, None);
         Ok(())
     }
 

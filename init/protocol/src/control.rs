@@ -339,13 +339,40 @@ pub struct ExitInfo {
     pub signal: Option<i32>,
 }
 
+impl ExitInfo {
+    /// Exit status 0.
+    pub fn success(&self) -> bool {
+        self.code == Some(0)
+    }
+}
+
 impl fmt::Display for ExitInfo {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match (self.code, self.signal) {
-            (Some(code), _) => write!(f, "status {code}"),
-            (None, Some(signal)) => write!(f, "killed by signal {signal}"),
+            (Some(code), _) => write!(f, "exited with status {code}"),
+            (None, Some(sig)) => write!(f, "killed by signal {sig} ({})", signal_name(sig)),
             (None, None) => f.write_str("ended"),
         }
+    }
+}
+
+/// The name of a signal number (`?` for one a service rarely dies of).
+pub fn signal_name(sig: i32) -> &'static str {
+    match sig {
+        1 => "SIGHUP",
+        2 => "SIGINT",
+        3 => "SIGQUIT",
+        4 => "SIGILL",
+        6 => "SIGABRT",
+        7 => "SIGBUS",
+        8 => "SIGFPE",
+        9 => "SIGKILL",
+        10 => "SIGUSR1",
+        11 => "SIGSEGV",
+        12 => "SIGUSR2",
+        13 => "SIGPIPE",
+        15 => "SIGTERM",
+        _ => "?",
     }
 }
 
@@ -412,6 +439,12 @@ impl Part {
             Part::Network => "machine.network",
             Part::TimeServers => "machine.time_servers",
         }
+    }
+}
+
+impl fmt::Display for Part {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.key())
     }
 }
 

@@ -44,7 +44,7 @@ pub const PRIVATE_FILE_MODE: u32 = 0o600;
 pub const PRIVATE_DIR_MODE: u32 = 0o700;
 
 /// What marks a temporary file: `.<name>.tmp.<pid>.<n>`.
-const TMP_MARKER: &str = ".tmp.";
+pub const TMP_MARKER: &str = ".tmp.";
 
 /// Errors of an atomic write; each names the file, and the old content is unchanged.
 #[derive(Debug, thiserror::Error)]
@@ -87,9 +87,10 @@ impl WriteError {
     }
 }
 
-/// Whether `name` is a temporary file of an atomic write.
+/// Whether `name` is (or could be taken for) a temporary file of an atomic write: no file
+/// of STATE's own has [`TMP_MARKER`] in its name.
 pub fn is_temporary(name: &str) -> bool {
-    name.starts_with('.') && name.contains(TMP_MARKER)
+    name.contains(TMP_MARKER)
 }
 
 fn tmp_name(name: &str) -> String {

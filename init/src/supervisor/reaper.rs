@@ -7,6 +7,7 @@
 use rustix::process::{Pid, WaitOptions};
 
 use super::ExitInfo;
+use super::status::exit_info;
 
 /// Which children [`reap`] waits for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,7 +27,7 @@ pub fn reap(scope: ReapScope, own: &[u32]) -> Vec<(u32, ExitInfo)> {
             .filter_map(|&pid| {
                 let p = Pid::from_raw(pid as i32)?;
                 match rustix::process::waitpid(Some(p), WaitOptions::NOHANG) {
-                    Ok(Some((_, status))) => Some((pid, ExitInfo::from_wait(status))),
+                    Ok(Some((_, status))) => Some((pid, exit_info(status))),
                     _ => None,
                 }
             })
@@ -41,10 +42,7 @@ pub fn reap_any() -> (Vec<(u32, ExitInfo)>, bool) {
     loop {
         match rustix::process::wait(WaitOptions::NOHANG) {
             Ok(Some((pid, status))) => {
-                out.push((
-                    pid.as_raw_nonzero().get() as u32,
-                    ExitInfo::from_wait(status),
-                ));
+                out.push((pid.as_raw_nonzero().get() as u32, exit_info(status)));
             }
             Ok(None) => return (out, true),
             Err(_) => return (out, false),

@@ -552,7 +552,7 @@ mod tests {
                 pid: 0,
                 restarts: 2,
                 since_seconds: 0,
-                message: "last exit: status 1".into(),
+                message: "last exit: exited with status 1".into(),
             }]
         );
         assert_eq!(
