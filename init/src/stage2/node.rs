@@ -499,11 +499,12 @@ impl<'a, L: Log> Node<'a, L> {
 mod tests {
     use super::*;
     use crate::console::memory::MemoryLog;
-    use crate::control::{Request, Response};
+    use crate::control::Answer;
     use crate::disks;
     use crate::lifecycle::{Awaiting, Maintenance, UrlFetch};
     use crate::stage2::reset::Wipe;
     use crate::syscalls::fake::Fake;
+    use keelson_node_protocol::control::{ConfigInstalled, Poweroff, Reset, decode};
 
     /// A node waiting for a config, with no service, whose reset would wipe STATE.
     fn waiting_node<'a>(sys: &'a Fake, log: &'a BootLog<&'a MemoryLog>) -> Node<'a, &'a MemoryLog> {
@@ -536,11 +537,12 @@ mod tests {
         node
     }
 
-    fn answer(response: &Response) -> Result<Option<&str>, Option<&str>> {
-        if response.ok {
-            Ok(response.message.as_deref())
-        } else {
-            Err(response.error.as_deref())
+    /// What an answer of the `Said` kind says, or why it refused.
+    fn answer(answer: &Answer) -> Result<String, String> {
+        match decode::<Reset>(answer.line()) {
+            Ok(Ok(said)) => Ok(said.message),
+            Ok(Err(refusal)) => Err(refusal.0),
+            Err(e) => Err(format!("not an answer: {e}")),
         }
     }
 
@@ -554,15 +556,16 @@ mod tests {
             let (sys, memory) = (Fake::new(), MemoryLog::default());
             let log = BootLog::new(&memory);
             let mut node = waiting_node(&sys, &log);
-            let reset = node.control(Request::Reset);
+            let reset = node.control(Reset {}.into());
             assert_eq!(
                 answer(&reset),
-                Ok(Some(
+                Ok(
                     "reset: stopping services, wiping STATE, then rebooting to wait for a config"
-                ))
+                        .into()
+                )
             );
-            let again = node.control(Request::Poweroff);
-            assert_eq!(answer(&again), Err(Some("a reboot is already under way")));
+            let again = node.control(Poweroff {}.into());
+            assert_eq!(answer(&again), Err("a reboot is already under way".into()));
             // Until its timer, nothing stops.
             assert_eq!(node.settle(), None);
             node.handle(Event::Timer(TimerEvent::Shutdown(ShutdownKind::Reboot)));
@@ -590,12 +593,10 @@ mod tests {
             let mut node = waiting_node(&sys, &log);
             node.handle(Event::Signal(SignalKind::Power));
             node.handle(Event::Signal(SignalKind::Terminate));
-            let installed = node.control(Request::ConfigInstalled);
+            let installed = node.control(ConfigInstalled {}.into());
             assert_eq!(
                 answer(&installed),
-                Err(Some(
-                    "the node is going down: the installed config is read at its next boot"
-                ))
+                Err("the node is going down: the installed config is read at its next boot".into())
             );
             assert_eq!(node.settle(), Some((ShutdownKind::PowerOff, false)));
             assert_eq!(

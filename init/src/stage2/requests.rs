@@ -7,12 +7,13 @@
 
 use std::path::Path;
 
-use keelson_configs::layout;
 use keelson_netconf::resolv;
+use keelson_node_protocol::control::{Applied, Done, Lines, NodeInfo, Said, Services};
+use keelson_node_protocol::state as state_layout;
 
 use crate::config_source::{self, Accepted, Source};
 use crate::console::Log;
-use crate::control::{self, Info, Request, Response};
+use crate::control::{self, Answer, Info, Refusal, Request};
 use crate::etc_files;
 use crate::lifecycle::{Input, Phase};
 use crate::live;
@@ -25,89 +26,116 @@ use crate::syscalls::errno_name;
 use super::node::Node;
 
 impl<L: Log> Node<'_, L> {
-    /// Answer one control request.
-    pub(super) fn control(&mut self, request: Request) -> Response {
+    /// Answer one control request with its own answer type.
+    pub(super) fn control(&mut self, request: Request) -> Answer {
         let log = self.log;
-        let result = match request {
-            Request::List => return Response::services(&self.runner().supervisor.statuses()),
-            Request::Start { service } => self.runner().supervisor.start(&service, log),
-            Request::Stop { service } => self.runner().supervisor.stop(&service, log),
-            Request::Restart { service } => self.runner().supervisor.restart(&service, log),
-            Request::Logs { service, lines } => {
+        match request {
+            Request::List(call) => {
+                let services = self.runner().supervisor.statuses();
+                Answer::to(&call, Ok(Services { services }))
+            }
+            Request::Start(call) => {
+                let started = self.runner().supervisor.start(&call.service, log);
+                Answer::to(&call, self.service_changed(started))
+            }
+            Request::Stop(call) => {
+                let stopped = self.runner().supervisor.stop(&call.service, log);
+                Answer::to(&call, self.service_changed(stopped))
+            }
+            Request::Restart(call) => {
+                let restarted = self.runner().supervisor.restart(&call.service, log);
+                Answer::to(&call, self.service_changed(restarted))
+            }
+            Request::Logs(call) => {
                 let sup = &self.runner().supervisor;
-                return match sup.id(&service) {
-                    Ok(id) => Response::lines(sup.output_tail(id, lines)),
-                    Err(e) => Response::error(e.to_string()),
+                let lines = sup
+                    .id(&call.service)
+                    .map(|id| Lines {
+                        lines: sup.output_tail(id, call.lines),
+                    })
+                    .map_err(|e| Refusal::new(e.to_string()));
+                Answer::to(&call, lines)
+            }
+            Request::Bootlog(call) => {
+                let lines = log.tail(call.lines.unwrap_or(usize::MAX));
+                Answer::to(&call, Ok(Lines { lines }))
+            }
+            Request::Info(call) => {
+                let info = Info {
+                    uptime_s: self.started.elapsed().as_secs(),
+                    rss_kib: self
+                        .sys
+                        .read_file(Path::new("/proc/self/status"))
+                        .ok()
+                        .and_then(|b| control::vm_rss_kib(&String::from_utf8_lossy(&b))),
+                    config: self.phase.config().map(|c| c.source.kind().to_string()),
                 };
+                Answer::to(&call, Ok(NodeInfo { info }))
             }
-            Request::Bootlog { lines } => {
-                return Response::lines(log.tail(lines.unwrap_or(usize::MAX)));
+            Request::Reboot(call) => {
+                Answer::to(&call, self.shutdown_asked(ShutdownKind::Reboot, false))
             }
-            Request::Info => {
-                return Response {
-                    info: Some(Info {
-                        uptime_s: self.started.elapsed().as_secs(),
-                        rss_kib: self
-                            .sys
-                            .read_file(Path::new("/proc/self/status"))
-                            .ok()
-                            .and_then(|b| control::vm_rss_kib(&String::from_utf8_lossy(&b))),
-                        config: self.phase.config().map(|c| c.source.kind().to_string()),
-                    }),
-                    ..Response::ok()
-                };
+            Request::Poweroff(call) => {
+                Answer::to(&call, self.shutdown_asked(ShutdownKind::PowerOff, false))
             }
-            Request::Reboot => return self.shutdown_asked(ShutdownKind::Reboot, false),
-            Request::Poweroff => return self.shutdown_asked(ShutdownKind::PowerOff, false),
-            Request::Reset => return self.shutdown_asked(ShutdownKind::Reboot, true),
-            Request::Kill { service, signal } => return self.kill(&service, &signal),
-            Request::Apply { parts, config } => return self.apply_live(&parts, config),
-            Request::ConfigInstalled => return self.config_installed(),
-        };
-        match result {
-            Ok(actions) => {
-                self.runner().apply(actions, log);
-                self.services_changed();
-                Response::ok()
+            Request::Reset(call) => {
+                Answer::to(&call, self.shutdown_asked(ShutdownKind::Reboot, true))
             }
-            Err(e) => Response::error(e.to_string()),
+            Request::Kill(call) => {
+                let killed = self.kill(&call.service, &call.signal);
+                Answer::to(&call, killed)
+            }
+            Request::Apply(call) => {
+                let applied = self.apply_live(&call.parts, call.config.clone());
+                Answer::to(&call, applied)
+            }
+            Request::ConfigInstalled(call) => {
+                let installed = self.config_installed();
+                Answer::to(&call, installed)
+            }
         }
+    }
+
+    /// A start, stop or restart the supervisor accepted: carry out its actions.
+    fn service_changed(
+        &mut self,
+        result: Result<Vec<crate::supervisor::Action>, crate::supervisor::Error>,
+    ) -> Result<Done, Refusal> {
+        let actions = result.map_err(|e| Refusal::new(e.to_string()))?;
+        let log = self.log;
+        self.runner().apply(actions, log);
+        self.services_changed();
+        Ok(Done {})
     }
 
     /// Answer a reboot, power-off or reset now and begin it shortly after, so that the
     /// answer reaches machined before the shutdown stops it (the lifecycle decides).
-    fn shutdown_asked(&mut self, kind: ShutdownKind, reset: bool) -> Response {
+    fn shutdown_asked(&mut self, kind: ShutdownKind, reset: bool) -> Result<Said, Refusal> {
         let wipes = self.boot.wipe.iter().map(|w| w.name).collect();
         match self.input(Input::ShutdownAsked { kind, reset, wipes }) {
-            Some(Ok(message)) => Response::message(message),
-            Some(Err(refusal)) => Response::error(refusal),
-            None => Response::error(format!(
+            Some(Ok(message)) => Ok(Said { message }),
+            Some(Err(refusal)) => Err(Refusal::new(refusal)),
+            None => Err(Refusal::new(format!(
                 "the {} was not begun: see the boot log",
                 kind.describe()
-            )),
+            ))),
         }
     }
 
     /// Send a signal to a service's process; the supervisor restarts it if it exits.
-    fn kill(&mut self, service: &str, signal: &str) -> Response {
-        let (name, number) = match control::parse_signal(signal) {
-            Ok(s) => s,
-            Err(e) => return Response::error(e),
-        };
+    fn kill(&mut self, service: &str, signal: &str) -> Result<Said, Refusal> {
+        let (name, number) = control::parse_signal(signal).map_err(Refusal::new)?;
         let log = self.log;
         let sup = &self.runner().supervisor;
-        let id = match sup.id(service) {
-            Ok(id) => id,
-            Err(e) => return Response::error(e.to_string()),
-        };
+        let id = sup.id(service).map_err(|e| Refusal::new(e.to_string()))?;
         let Some(status) = sup.status(id) else {
-            return Response::error(format!("no service named {service:?}"));
+            return Err(Refusal::new(format!("no service named {service:?}")));
         };
         let Some(pid) = status.pid else {
-            return Response::error(format!(
+            return Err(Refusal::new(format!(
                 "service {service} is not running ({}): there is no process to signal; start it first",
                 status.state
-            ));
+            )));
         };
         let sent = self.sys.kill_process(pid, number);
         match sent {
@@ -116,26 +144,26 @@ impl<L: Log> Node<'_, L> {
                     "{name} sent to service {service} (pid {pid}); if it exits, the supervisor restarts it after its backoff"
                 );
                 log.line(&format!("{what} (control socket)"));
-                Response::message(what)
+                Ok(Said { message: what })
             }
-            Err(e) => Response::error(format!(
+            Err(e) => Err(Refusal::new(format!(
                 "cannot send {name} to service {service} (pid {pid}): {}",
                 errno_name(&e)
-            )),
+            ))),
         }
     }
 
     /// `apply`: judge, plan against the node, apply, restart the network; refused whole
     /// at the first two steps.
-    fn apply_live(&mut self, parts: &[live::Part], text: String) -> Response {
+    fn apply_live(&mut self, parts: &[live::Part], text: String) -> Result<Applied, Refusal> {
         let log = self.log;
         if self.phase.going_down().is_some() {
-            return Response::error("the node is going down: nothing was applied");
+            return Err(Refusal::new("the node is going down: nothing was applied"));
         }
         let Some(current) = self.phase.config() else {
-            return Response::error(
+            return Err(Refusal::new(
                 "this node has no config yet: the first config is installed through maintenance mode (apply-config --insecure), not applied live",
-            );
+            ));
         };
         let names: Vec<&str> = parts.iter().map(|p| p.key()).collect();
         let config = match live::judge(text.as_bytes()) {
@@ -148,10 +176,10 @@ impl<L: Log> Node<'_, L> {
                 for e in &errors {
                     log.line(&format!("config error: {e}"));
                 }
-                return Response::error(format!(
+                return Err(Refusal::new(format!(
                     "the config is invalid; nothing was changed:\n{}",
                     errors.join("\n")
-                ));
+                )));
             }
         };
         log.line(&format!(
@@ -178,16 +206,13 @@ impl<L: Log> Node<'_, L> {
                 for e in &errors {
                     log.line(&e.to_string());
                 }
-                return Response::error(format!(
+                return Err(Refusal::new(format!(
                     "the config cannot be applied live; nothing was changed:\n{}",
                     errors.join("\n")
-                ));
+                )));
             }
         };
-        let mut messages = match live::apply(&env, &plan) {
-            Ok(m) => m,
-            Err(e) => return Response::error(e),
-        };
+        let mut messages = live::apply(&env, &plan).map_err(Refusal::new)?;
         if plan.network {
             let machine = &config.machine;
             if let Some(stop) = self.network.take() {
@@ -222,37 +247,39 @@ impl<L: Log> Node<'_, L> {
             bytes: text.into_bytes(),
             config,
         }));
-        Response::messages(messages)
+        Ok(Applied { messages })
     }
 
     /// `config-installed`: machined wrote the first config to STATE; continue the boot.
-    fn config_installed(&mut self) -> Response {
+    fn config_installed(&mut self) -> Result<Said, Refusal> {
         let log = self.log;
         if let Some(running) = self.phase.config() {
-            return Response::message(format!(
-                "the node already runs a config (from {}); nothing to do",
-                running.source
-            ));
+            return Ok(Said {
+                message: format!(
+                    "the node already runs a config (from {}); nothing to do",
+                    running.source
+                ),
+            });
         }
         if matches!(self.phase, Phase::ShuttingDown { .. } | Phase::Down { .. }) {
-            return Response::error(
+            return Err(Refusal::new(
                 "the node is going down: the installed config is read at its next boot",
-            );
+            ));
         }
         let Some(dir) = self.boot.state_dir.clone() else {
-            return Response::error(
+            return Err(Refusal::new(
                 "STATE is not mounted, so there is no installed config to read; see the boot log for the disk error",
-            );
+            ));
         };
-        let bytes = match state::read(&dir, layout::STATE_CONFIG) {
+        let bytes = match state::read(&dir, state_layout::CONFIG) {
             Ok(Some(bytes)) => bytes,
             Ok(None) => {
-                return Response::error(format!(
+                return Err(Refusal::new(format!(
                     "no config in {}: write it before saying it is installed",
-                    dir.join(layout::STATE_CONFIG).display()
-                ));
+                    dir.join(state_layout::CONFIG).display()
+                )));
             }
-            Err(e) => return Response::error(crate::error_chain(&e)),
+            Err(e) => return Err(Refusal::new(crate::error_chain(&e))),
         };
         match config_source::judge(&Source::State, &bytes, log) {
             Ok(config) => {
@@ -265,14 +292,16 @@ impl<L: Log> Node<'_, L> {
                     bytes,
                     config,
                 }));
-                Response::message("init continues the boot with the config from STATE")
+                Ok(Said {
+                    message: "init continues the boot with the config from STATE".into(),
+                })
             }
             Err(errors) => {
                 config_source::report_refusal(&Source::State, &errors, log);
-                Response::error(format!(
+                Err(Refusal::new(format!(
                     "the config in STATE is invalid, so the node keeps waiting for one:\n{}",
                     errors.join("\n")
-                ))
+                )))
             }
         }
     }
