@@ -135,6 +135,10 @@ impl<L: Log> Log for BootLog<L> {
     fn reopen(&self) {
         self.out.reopen();
     }
+
+    fn flush(&self) {
+        self.out.flush();
+    }
 }
 
 /// The message of one `/dev/kmsg` record (`6,1234,5678901,-;EXT4-fs (vda4): ...`), without
@@ -191,6 +195,31 @@ impl<T: Log + ?Sized> Log for &T {
 
     fn reopen(&self) {
         (**self).reopen();
+    }
+
+    fn flush(&self) {
+        (**self).flush();
+    }
+}
+
+/// Stage 2's log: a [`Log`] that also keeps the boot log and prints services' output.
+/// [`crate::logging::RecordLog`] on a node; a [`BootLog`] over a memory log in tests (and
+/// on a node whose console writer could not start).
+pub trait Kept: Log {
+    /// The last `n` lines of the boot log, oldest first.
+    fn tail(&self, n: usize) -> Vec<String>;
+    /// Print one line of a service's output (`containerd: ...`) as it is; the service's
+    /// own ring keeps it.
+    fn service_line(&self, text: &str);
+}
+
+impl<L: Log> Kept for BootLog<L> {
+    fn tail(&self, n: usize) -> Vec<String> {
+        BootLog::tail(self, n)
+    }
+
+    fn service_line(&self, text: &str) {
+        self.out.raw(text);
     }
 }
 

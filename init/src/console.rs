@@ -28,6 +28,9 @@ pub trait Log {
     fn raw(&self, text: &str);
     /// (Re)open the log's devices, after `/dev` was mounted.
     fn reopen(&self) {}
+    /// Wait until every line so far is out (before a reboot); a log that writes at once
+    /// has nothing to wait for.
+    fn flush(&self) {}
 }
 
 /// The real log: `/dev/console` and `/dev/kmsg`.

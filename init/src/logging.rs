@@ -35,7 +35,7 @@ use tracing_subscriber::Layer;
 use tracing_subscriber::layer::{Context, SubscriberExt as _};
 use tracing_subscriber::registry::LookupSpan;
 
-use crate::bootlog::{BOOT_LOG_BYTES, RingBuffer};
+use crate::bootlog::{BOOT_LOG_BYTES, Kept, RingBuffer};
 use crate::console::{Log, PREFIX};
 
 /// Lines the console writer may have queued before new ones are dropped from the console.
@@ -44,6 +44,8 @@ pub const CONSOLE_QUEUE: usize = 1024;
 pub const RAW: &str = "keelson::raw";
 /// The target of a service's output line: printed as it is, not kept here.
 pub const SERVICE_OUTPUT: &str = "keelson::service";
+/// How long a flush (before a reboot) waits for the console at most.
+pub const FLUSH_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// What the console writer is asked to do.
 #[derive(Debug)]
@@ -300,6 +302,20 @@ impl Log for RecordLog {
 
     fn reopen(&self) {
         self.records.reopen();
+    }
+
+    fn flush(&self) {
+        self.records.flush(FLUSH_LIMIT);
+    }
+}
+
+impl Kept for RecordLog {
+    fn tail(&self, n: usize) -> Vec<String> {
+        self.records.tail(n)
+    }
+
+    fn service_line(&self, text: &str) {
+        tracing::info!(target: SERVICE_OUTPUT, "{text}");
     }
 }
 

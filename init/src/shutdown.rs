@@ -147,6 +147,7 @@ pub fn finish(sys: &dyn Syscalls, log: &dyn Log, kind: ShutdownKind) -> std::io:
     let _ = sys.remount_readonly(Path::new("/"));
     sys.sync();
     log.line(&format!("{}: now", kind.describe()));
+    log.flush();
     sys.reboot(match kind {
         ShutdownKind::Reboot => RebootHow::Restart,
         ShutdownKind::PowerOff => RebootHow::PowerOff,

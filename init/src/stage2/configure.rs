@@ -8,6 +8,7 @@ use std::path::Path;
 use keelson_configs::MachineConfig;
 use keelson_configs::layout::{self, PART_STATE};
 
+use crate::bootlog::Kept;
 use crate::config_source::Accepted;
 use crate::console::Log;
 use crate::disks;
@@ -39,7 +40,7 @@ struct Configuring {
     other_services: Vec<ServiceSpec>,
 }
 
-impl<L: Log> Node<'_, L> {
+impl<K: Kept> Node<'_, K> {
     /// Apply the config of the lifecycle's new phase and start the services, step by
     /// step as the boot plan says.
     pub(super) fn configure(&mut self, ends_maintenance: bool) {

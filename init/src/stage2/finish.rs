@@ -7,14 +7,14 @@
 use std::io;
 use std::time::{Duration, Instant};
 
-use crate::console::Log;
+use crate::bootlog::Kept;
 use crate::shutdown::{self, ShutdownKind};
 use crate::supervisor::reaper;
 
 use super::node::Node;
 use super::reset::wipe_partitions;
 
-impl<L: Log> Node<'_, L> {
+impl<K: Kept> Node<'_, K> {
     /// After the main loop: stop every process, unmount, wipe for a reset, go down.
     pub(super) async fn finish(&mut self, kind: ShutdownKind, reset: bool) -> io::Error {
         let log = self.log;

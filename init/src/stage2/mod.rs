@@ -69,9 +69,10 @@ use std::time::Duration;
 
 use tokio::sync::mpsc::unbounded_channel;
 
-use crate::bootlog::BootLog;
-use crate::console::Log;
+use crate::bootlog::{BootLog, Kept};
+use crate::console::{Console, Log};
 use crate::lifecycle::plan;
+use crate::logging::{self, RecordLog};
 use crate::mounts;
 use crate::prefetch;
 use crate::sender::Sender;
@@ -114,8 +115,25 @@ pub enum Error {
 }
 
 /// The whole of stage 2; returns only with an error that needs a deliberate reboot.
+///
+/// Its log is the records of [`logging`]: every line a `tracing` record, printed by the
+/// console writer thread and kept in the boot log. Should that thread not start, the
+/// lines go to `console` as they come (synchronously) and a boot log keeps them.
 pub fn run<L: Log>(sys: &dyn Syscalls, console: &L) -> Result<Infallible, Error> {
-    let log = BootLog::new(console);
+    match logging::install(Console::new()) {
+        Ok(records) => run_with(sys, &RecordLog::new(records)),
+        Err(e) => {
+            console.line(&format!(
+                "console writer not started ({}): the console is written synchronously",
+                errno_name(&e)
+            ));
+            run_with(sys, &BootLog::new(console))
+        }
+    }
+}
+
+/// Stage 2 on its log.
+fn run_with<K: Kept>(sys: &dyn Syscalls, log: &K) -> Result<Infallible, Error> {
     let (tx, rx) = unbounded_channel();
     // First, so that the reads overlap everything below (see `prefetch`).
     if let Err(e) = prefetch::spawn(prefetch::list_path(), Sender::new(tx.clone())) {
@@ -124,14 +142,18 @@ pub fn run<L: Log>(sys: &dyn Syscalls, console: &L) -> Result<Infallible, Error>
             errno_name(&e)
         ));
     }
-    let index = early_mounts(sys, &log)?;
+    let mounting = tracing::info_span!("mounts");
+    let index = early_mounts(sys, log)?;
+    drop(mounting);
     log.raw(READY_MARKER);
-    let boot = boot::prepare(sys, &log, index);
+    let preparing = tracing::info_span!("disks_and_etc");
+    let boot = boot::prepare(sys, log, index);
+    drop(preparing);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(Error::Runtime)?;
-    let mut node = node::Node::new(sys, &log, tx, boot);
+    let mut node = node::Node::new(sys, log, tx, boot);
     // A LocalSet: netconf's tasks run on this one thread next to the main loop.
     let local = tokio::task::LocalSet::new();
     let (kind, reset) = local.block_on(&runtime, node.main_loop(rx));

@@ -12,9 +12,8 @@ use keelson_netconf::{NetEvent, resolv};
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 use tokio::sync::oneshot;
 
-use crate::bootlog::BootLog;
+use crate::bootlog::Kept;
 use crate::config_source::{self, Accepted, Source};
-use crate::console::Log;
 use crate::control::{self, Call};
 use crate::drivers::{DISK_MODULES, NETWORK_MODULES, POWER_BUTTON_MODULES};
 use crate::etc_files;
@@ -38,9 +37,9 @@ use super::IDLE_REPORT_AFTER;
 use super::boot::Boot;
 
 /// Stage 2's state, owned by the main loop.
-pub(super) struct Node<'a, L: Log> {
+pub(super) struct Node<'a, K: Kept> {
     pub(super) sys: &'a dyn Syscalls,
-    pub(super) log: &'a BootLog<L>,
+    pub(super) log: &'a K,
     pub(super) events: EventTx,
     /// The services; `None` once the shutdown's deadline has given up on them.
     pub(super) runner: Option<Runner>,
@@ -55,16 +54,33 @@ pub(super) struct Node<'a, L: Log> {
     pub(super) network: Option<oneshot::Sender<()>>,
     /// Closes the control socket.
     pub(super) control_socket: Option<tokio::task::AbortHandle>,
+    /// The span of the lifecycle's current phase: replaced when the phase changes, so
+    /// the log says how long each phase took (`phase starting_containerd took 1234 ms`).
+    phase_span: tracing::Span,
 }
 
-impl<'a, L: Log> Node<'a, L> {
+/// The span of a lifecycle phase (its name is the phase's).
+fn phase_span<C>(phase: &Phase<C>) -> tracing::Span {
+    match phase {
+        Phase::Booting => tracing::info_span!("booting"),
+        Phase::AwaitingConfig(_) => tracing::info_span!("awaiting_config"),
+        Phase::StartingContainerd { .. } => tracing::info_span!("starting_containerd"),
+        Phase::StartingServices { .. } => tracing::info_span!("starting_services"),
+        Phase::Up { .. } => tracing::info_span!("up"),
+        Phase::ShutdownAsked { .. } => tracing::info_span!("shutdown_asked"),
+        Phase::ShuttingDown { .. } => tracing::info_span!("shutting_down"),
+        Phase::Down { .. } => tracing::info_span!("down"),
+    }
+}
+
+impl<'a, K: Kept> Node<'a, K> {
     /// The node before its main loop.
     pub(super) fn new(
         sys: &'a dyn Syscalls,
-        log: &'a BootLog<L>,
+        log: &'a K,
         events: EventTx,
         boot: Boot,
-    ) -> Node<'a, L> {
+    ) -> Node<'a, K> {
         Node {
             sys,
             log,
@@ -75,6 +91,7 @@ impl<'a, L: Log> Node<'a, L> {
             started: Instant::now(),
             network: None,
             control_socket: None,
+            phase_span: phase_span(&Phase::<Accepted>::Booting),
         }
     }
 
@@ -193,7 +210,7 @@ impl<'a, L: Log> Node<'a, L> {
             Event::Service(ServiceEvent::Output { service, line }) => {
                 let sup = &mut self.runner().supervisor;
                 let name = sup.name(service).unwrap_or("service");
-                log.console().raw(&format!("{name}: {line}"));
+                log.service_line(&format!("{name}: {line}"));
                 sup.record_output(service, &line);
             }
             Event::Service(event) => {
@@ -233,7 +250,12 @@ impl<'a, L: Log> Node<'a, L> {
     /// them, if any.
     pub(super) fn input(&mut self, input: Input<Accepted>) -> Option<Result<String, String>> {
         let phase = std::mem::replace(&mut self.phase, Phase::Booting);
+        let before = std::mem::discriminant(&phase);
         let (next, actions) = phase.step(input);
+        if std::mem::discriminant(&next) != before {
+            // The old phase's span closes here, with its duration.
+            self.phase_span = phase_span(&next);
+        }
         self.phase = next;
         let mut reply = None;
         for action in actions {
@@ -498,6 +520,7 @@ impl<'a, L: Log> Node<'a, L> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bootlog::BootLog;
     use crate::console::memory::MemoryLog;
     use crate::control::Answer;
     use crate::disks;
@@ -507,7 +530,10 @@ mod tests {
     use keelson_node_protocol::control::{ConfigInstalled, Poweroff, Reset, decode};
 
     /// A node waiting for a config, with no service, whose reset would wipe STATE.
-    fn waiting_node<'a>(sys: &'a Fake, log: &'a BootLog<&'a MemoryLog>) -> Node<'a, &'a MemoryLog> {
+    fn waiting_node<'a>(
+        sys: &'a Fake,
+        log: &'a BootLog<&'a MemoryLog>,
+    ) -> Node<'a, BootLog<&'a MemoryLog>> {
         let boot = Boot {
             modules: None,
             cmdline: String::new(),

@@ -11,8 +11,8 @@ use keelson_netconf::resolv;
 use keelson_node_protocol::control::{Applied, Done, Lines, NodeInfo, Said, Services};
 use keelson_node_protocol::state as state_layout;
 
+use crate::bootlog::Kept;
 use crate::config_source::{self, Accepted, Source};
-use crate::console::Log;
 use crate::control::{self, Answer, Info, Refusal, Request};
 use crate::etc_files;
 use crate::lifecycle::{Input, Phase};
@@ -25,7 +25,7 @@ use crate::syscalls::errno_name;
 
 use super::node::Node;
 
-impl<L: Log> Node<'_, L> {
+impl<K: Kept> Node<'_, K> {
     /// Answer one control request with its own answer type.
     pub(super) fn control(&mut self, request: Request) -> Answer {
         let log = self.log;
