@@ -11,6 +11,7 @@ use keelson_configs::values::MacAddr;
 
 use super::sys::fake::Fake;
 use super::*;
+use ipnet::IpNet;
 
 const MAC0: [u8; 6] = [0x52, 0x54, 0, 0, 0, 1];
 const MAC1: [u8; 6] = [0x52, 0x54, 0, 0, 0, 2];
