@@ -245,3 +245,34 @@ fn the_size_rules_see_a_long_file_and_a_long_function() {
         ["x.rs: 801 lines before its tests (at most 800): split it by job"]
     );
 }
+
+/// The Markdown table under `header` in `text`, its rows without a `//! ` prefix.
+fn table(text: &str, header: &str) -> Vec<String> {
+    text.lines()
+        .map(|l| l.strip_prefix("//! ").unwrap_or(l))
+        .skip_while(|l| !l.starts_with(header))
+        .take_while(|l| l.starts_with('|'))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn architecture_md_has_the_lifecycle_tables_of_the_code() {
+    let read = |path: PathBuf| {
+        std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
+    };
+    let architecture = read(crate_dir().join("../ARCHITECTURE.md"));
+    for (file, header) in [
+        ("src/lifecycle/mod.rs", "| phase | input |"),
+        ("src/lifecycle/plan.rs", "| step | after | gate |"),
+    ] {
+        let code = table(&read(crate_dir().join(file)), header);
+        assert!(code.len() > 2, "no table {header:?} in {file}");
+        assert_eq!(
+            table(&architecture, header),
+            code,
+            "ARCHITECTURE.md's table {header:?} differs from {file}'s doc: copy it over"
+        );
+    }
+}
