@@ -34,6 +34,8 @@ pub const STAGE1_MARKER: &str = "keelson-init: stage 1 started";
 /// The console line the bench reads PID 1's memory from, once stage 2 prints it:
 /// `pid1 rss_kb=<N>`.
 pub const PID1_RSS_KEY: &str = "pid1 rss_kb=";
+/// What starts a stage 2 phase record on the console: `keelson-init: phase NAME took N ms`.
+pub const PHASE_KEY: &str = "keelson-init: phase ";
 /// How long a VM may run past its watch's timeout (measurements through its API).
 const VM_AFTER_WATCH: Duration = Duration::from_secs(1200);
 /// How long to wait for the primary marker once the fallback has been seen.
@@ -291,6 +293,8 @@ fn bench_arch(ctx: &mut Ctx, arch: Arch) -> Result<()> {
     let mut floor_t = Vec::new();
     let mut ours_t = Vec::new();
     let mut ours_own_t = Vec::new();
+    // Stage 2's own phase records (`phase NAME took N ms`), by phase, in first-seen order.
+    let mut phases: Vec<(String, Vec<Duration>)> = Vec::new();
     let mut peer_t = Vec::new();
     let mut peer_rss = Vec::new();
     let mut peer_pss = Vec::new();
@@ -363,6 +367,12 @@ fn bench_arch(ctx: &mut Ctx, arch: Arch) -> Result<()> {
         ours_t.push(t);
         if let Some(s1) = run.at(STAGE1_MARKER) {
             ours_own_t.push(t.saturating_sub(s1));
+        }
+        for (name, took) in phase_records(&run.console) {
+            match phases.iter_mut().find(|(n, _)| *n == name) {
+                Some((_, runs)) => runs.push(took),
+                None => phases.push((name, vec![took])),
+            }
         }
         if let Some(kb) = pid1_rss_kb(&run.console) {
             pid1_rss.push(kb as f64 * 1024.0);
@@ -467,6 +477,23 @@ fn bench_arch(ctx: &mut Ctx, arch: Arch) -> Result<()> {
                  firmware's and the kernel's (whose time varies most from run to run)",
             ),
         );
+    }
+    for (name, runs) in &phases {
+        if let Some(stats) = Stats::durations(runs) {
+            ctx.figures.push(
+                Figure::new(
+                    &group,
+                    &format!("ours: stage 2 phase `{name}`"),
+                    Unit::Seconds,
+                    stats,
+                    None,
+                )
+                .note(
+                    "for the record: PID 1's own record of the phase (its span's close, the \
+                     line `machinectl logs init` shows too)",
+                ),
+            );
+        }
     }
     if let Some(stats) = Stats::durations(&peer_t) {
         ctx.figures.push(Figure::new(
@@ -578,9 +605,48 @@ pub fn pid1_rss_kb(console: &str) -> Option<u64> {
     })
 }
 
+/// The phases stage 2 recorded on the console, in order: each `keelson-init: phase NAME
+/// took N ms` line (the close of a phase's span; init's `logging::phase_line`).
+pub fn phase_records(console: &str) -> Vec<(String, Duration)> {
+    console
+        .lines()
+        .filter_map(|l| {
+            let rest = &l[l.find(PHASE_KEY)? + PHASE_KEY.len()..];
+            let (name, rest) = rest.split_once(" took ")?;
+            let ms = rest
+                .strip_suffix(" ms")
+                .or_else(|| rest.split(" ms ").next())?;
+            Some((
+                name.to_string(),
+                Duration::from_millis(ms.trim().parse().ok()?),
+            ))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn phase_records_from_the_console() {
+        let console = "keelson-init: phase mounts took 12 ms\r\n\
+                       containerd: phase x took 5 ms is not ours\n\
+                       keelson-init: phase booting took 1500 ms\n\
+                       keelson-init: phase starting_containerd took 1380 ms state=/dev/vda4\n\
+                       keelson-init: phase broken took soon\n";
+        assert_eq!(
+            phase_records(console),
+            [
+                ("mounts".to_string(), Duration::from_millis(12)),
+                ("booting".to_string(), Duration::from_millis(1500)),
+                (
+                    "starting_containerd".to_string(),
+                    Duration::from_millis(1380)
+                ),
+            ]
+        );
+    }
 
     #[test]
     fn pid1_rss_line() {
