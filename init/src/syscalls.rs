@@ -14,6 +14,8 @@ use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::time::Duration;
 
+use keelson_node_protocol::control::ExitInfo;
+
 pub use rustix::mount::MountFlags;
 
 /// Which kind of device node [`Syscalls::mknod`] creates.
@@ -126,6 +128,10 @@ pub trait Syscalls {
     /// Send signal `signal` (a number the control socket's `kill` accepts) to process
     /// `pid`; EINVAL for a pid or signal that is not one.
     fn kill_process(&self, pid: u32, signal: i32) -> io::Result<()>;
+    /// `waitpid(pid, WNOHANG)` (`pid` `None`: any child, `-1`): a child that ended, with
+    /// how; `Ok(None)` while children live but none has ended; ECHILD when there is no
+    /// child (of that pid) to wait for.
+    fn wait_child(&self, pid: Option<u32>) -> io::Result<Option<(u32, ExitInfo)>>;
     /// Open a file or block device for sequential reading.
     fn open_read(&self, path: &Path) -> io::Result<Box<dyn Read + Send>> {
         self.open_read_at(path, 0, false)
@@ -352,6 +358,24 @@ impl Syscalls for Linux {
             (Some(p), Some(sig)) => rustix::process::kill_process(p, sig).map_err(io::Error::from),
             _ => Err(io::Error::from_raw_os_error(22)),
         }
+    }
+
+    fn wait_child(&self, pid: Option<u32>) -> io::Result<Option<(u32, ExitInfo)>> {
+        use rustix::process::WaitOptions;
+        let waited = match pid {
+            Some(raw) => {
+                let p = pid_of(raw).ok_or_else(|| io::Error::from_raw_os_error(22))?;
+                rustix::process::waitpid(Some(p), WaitOptions::NOHANG)?
+            }
+            None => rustix::process::wait(WaitOptions::NOHANG)?,
+        };
+        Ok(waited.map(|(pid, status)| {
+            let exit = ExitInfo {
+                code: status.exit_status(),
+                signal: status.terminating_signal(),
+            };
+            (pid.as_raw_nonzero().get() as u32, exit)
+        }))
     }
 
     fn open_read_at(
@@ -820,6 +844,8 @@ pub mod fake {
         pub tool_results: BTreeMap<String, ToolOutput>,
         /// For `open_read`: the bytes a path reads (instead of the zero `device`).
         pub read_data: BTreeMap<PathBuf, Vec<u8>>,
+        /// What `wait_child` reaps, in order; once empty it answers ECHILD.
+        pub ended: RefCell<std::collections::VecDeque<(u32, ExitInfo)>>,
     }
 
     impl Fake {
@@ -997,6 +1023,18 @@ pub mod fake {
         fn kill_process(&self, pid: u32, signal: i32) -> io::Result<()> {
             self.record(Call::KillProcess(pid, signal));
             Ok(())
+        }
+
+        fn wait_child(&self, pid: Option<u32>) -> io::Result<Option<(u32, ExitInfo)>> {
+            let mut ended = self.ended.borrow_mut();
+            let at = match pid {
+                Some(p) => ended.iter().position(|(q, _)| *q == p),
+                None => (!ended.is_empty()).then_some(0),
+            };
+            match at.and_then(|i| ended.remove(i)) {
+                Some(child) => Ok(Some(child)),
+                None => Err(io::Error::from_raw_os_error(10)),
+            }
         }
 
         fn open_read_at(

@@ -32,7 +32,7 @@ impl<K: Kept> Node<'_, K> {
         let deadline = Instant::now() + shutdown::GRACE;
         let mut killed = false;
         loop {
-            let (_, left) = reaper::reap_any();
+            let (_, left) = reaper::reap_any(sys);
             if !left {
                 break;
             }

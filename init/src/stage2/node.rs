@@ -185,7 +185,8 @@ impl<'a, K: Kept> Node<'a, K> {
         let log = self.log;
         match event {
             Event::Signal(SignalKind::Child) => {
-                for (pid, exit) in self.runner().reap(log) {
+                let sys = self.sys;
+                for (pid, exit) in self.runner().reap(sys, log) {
                     log.line(&format!("reaped pid {pid} ({exit})"));
                 }
                 self.services_changed();

@@ -4,10 +4,8 @@
 //! module doc). [`ReapScope::Own`] (wait only for given pids) exists for the host tests,
 //! whose harness shares the process with other tests' children.
 
-use rustix::process::{Pid, WaitOptions};
-
 use super::ExitInfo;
-use super::status::exit_info;
+use crate::syscalls::Syscalls;
 
 /// Which children [`reap`] waits for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -19,31 +17,23 @@ pub enum ReapScope {
 }
 
 /// Reap exited children without blocking until none is left: `(pid, how it ended)`.
-pub fn reap(scope: ReapScope, own: &[u32]) -> Vec<(u32, ExitInfo)> {
+pub fn reap(sys: &dyn Syscalls, scope: ReapScope, own: &[u32]) -> Vec<(u32, ExitInfo)> {
     match scope {
-        ReapScope::Any => reap_any().0,
+        ReapScope::Any => reap_any(sys).0,
         ReapScope::Own => own
             .iter()
-            .filter_map(|&pid| {
-                let p = Pid::from_raw(pid as i32)?;
-                match rustix::process::waitpid(Some(p), WaitOptions::NOHANG) {
-                    Ok(Some((_, status))) => Some((pid, exit_info(status))),
-                    _ => None,
-                }
-            })
+            .filter_map(|&pid| sys.wait_child(Some(pid)).ok().flatten())
             .collect(),
     }
 }
 
 /// Reap every exited child (`waitpid(-1, WNOHANG)` until nothing is left) and say
 /// whether any child is still alive (false once the kernel answers ECHILD).
-pub fn reap_any() -> (Vec<(u32, ExitInfo)>, bool) {
+pub fn reap_any(sys: &dyn Syscalls) -> (Vec<(u32, ExitInfo)>, bool) {
     let mut out = Vec::new();
     loop {
-        match rustix::process::wait(WaitOptions::NOHANG) {
-            Ok(Some((pid, status))) => {
-                out.push((pid.as_raw_nonzero().get() as u32, exit_info(status)));
-            }
+        match sys.wait_child(None) {
+            Ok(Some(child)) => out.push(child),
             Ok(None) => return (out, true),
             Err(_) => return (out, false),
         }
@@ -69,7 +59,7 @@ mod tests {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         let mut reaped = Vec::new();
         while reaped.is_empty() && std::time::Instant::now() < deadline {
-            reaped = reap(ReapScope::Own, &[pid]);
+            reaped = reap(&crate::syscalls::Linux, ReapScope::Own, &[pid]);
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
         assert_eq!(reaped.len(), 1);
@@ -77,7 +67,25 @@ mod tests {
         assert!(!reaped[0].1.success());
         assert_eq!(reaped[0].1.to_string(), "exited with status 3");
         // Gone: a second reap finds nothing.
-        assert!(reap(ReapScope::Own, &[pid]).is_empty());
+        assert!(reap(&crate::syscalls::Linux, ReapScope::Own, &[pid]).is_empty());
         Ok(())
+    }
+
+    #[test]
+    fn reaping_goes_through_syscalls_until_no_child_is_left() {
+        let sys = crate::syscalls::fake::Fake::new();
+        let crash = ExitInfo {
+            code: None,
+            signal: Some(9),
+        };
+        let clean = ExitInfo {
+            code: Some(0),
+            signal: None,
+        };
+        sys.ended.borrow_mut().extend([(41, crash), (42, clean)]);
+        // Own scope takes only the pids asked for; any scope takes the rest.
+        assert_eq!(reap(&sys, ReapScope::Own, &[42, 7]), [(42, clean)]);
+        assert_eq!(reap_any(&sys), (vec![(41, crash)], false));
+        assert_eq!(reap_any(&sys), (Vec::new(), false));
     }
 }

@@ -20,6 +20,7 @@ use super::{
 };
 use crate::bootlog::MAX_LINE;
 use crate::console::Log;
+use crate::syscalls::Syscalls;
 use crate::sender::Sender;
 
 /// What the runner's tasks report to the main loop, which hands it back to
@@ -161,8 +162,9 @@ impl Runner {
         }
     }
 
-    /// Reap children and tell the supervisor; returns the orphans reaped (not services).
-    pub fn reap(&mut self, log: &dyn Log) -> Vec<(u32, ExitInfo)> {
+    /// Reap children (through `sys`) and tell the supervisor; returns the orphans reaped
+    /// (not services).
+    pub fn reap(&mut self, sys: &dyn Syscalls, log: &dyn Log) -> Vec<(u32, ExitInfo)> {
         let own: Vec<u32> = self
             .supervisor
             .statuses()
@@ -170,7 +172,7 @@ impl Runner {
             .filter_map(|s| s.pid)
             .collect();
         let mut orphans = Vec::new();
-        for (pid, exit) in reap(self.scope, &own) {
+        for (pid, exit) in reap(sys, self.scope, &own) {
             match self.supervisor.exited(pid, exit, Instant::now(), log) {
                 Some(actions) => self.apply(actions, log),
                 None => orphans.push((pid, exit)),
@@ -363,7 +365,7 @@ mod tests {
             let tick = tokio::time::Instant::now() + Duration::from_millis(50);
             match tokio::time::timeout_at(tick.min(deadline), rx.recv()).await {
                 Ok(Some(Event::Child)) | Err(_) => {
-                    runner.reap(log);
+                    runner.reap(&crate::syscalls::Linux, log);
                 }
                 Ok(Some(Event::Service(event))) => {
                     runner.handle(event, log);
