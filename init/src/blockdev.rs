@@ -8,6 +8,8 @@
 use std::io;
 use std::path::Path;
 
+use crate::syscalls::Syscalls;
+
 /// Errors of reading sysfs.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -71,21 +73,21 @@ pub fn parse_uevent(text: &str, fallback_name: &str) -> Option<BlockDev> {
     })
 }
 
-/// Every block device under `<sysfs>/class/block`, sorted by name. Entries whose
-/// `uevent` cannot be read or parsed are skipped (devices come and go while we look).
-pub fn scan(sysfs: &Path) -> Result<Vec<BlockDev>, Error> {
+/// Every block device under `<sysfs>/class/block`, sorted by name, read through `sys`.
+/// Entries whose `uevent` cannot be read or parsed are skipped (devices come and go
+/// while we look).
+pub fn scan(sys: &dyn Syscalls, sysfs: &Path) -> Result<Vec<BlockDev>, Error> {
     let dir = sysfs.join("class/block");
-    let entries = std::fs::read_dir(&dir).map_err(|source| Error::List {
+    let names = sys.read_dir_names(&dir).map_err(|source| Error::List {
         path: dir.display().to_string(),
         source,
     })?;
     let mut devs = Vec::new();
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let Ok(text) = std::fs::read_to_string(entry.path().join("uevent")) else {
+    for name in names {
+        let Ok(bytes) = sys.read_file(&dir.join(&name).join("uevent")) else {
             continue;
         };
-        if let Some(dev) = parse_uevent(&text, &name) {
+        if let Some(dev) = parse_uevent(&String::from_utf8_lossy(&bytes), &name) {
             devs.push(dev);
         }
     }
@@ -172,7 +174,7 @@ mod tests {
         )?;
         add(root, "loop0", "MAJOR=7\nMINOR=0\n")?; // no DEVNAME: the directory name
         add(root, "broken", "DEVNAME=broken\n")?; // no numbers: skipped
-        let devs = scan(root)?;
+        let devs = scan(&crate::syscalls::Linux, root)?;
         assert_eq!(devs.len(), 4);
         let found = find_by_partname(&devs, "ROOT-A");
         assert_eq!(found.len(), 1);
@@ -186,7 +188,7 @@ mod tests {
 
     #[test]
     fn a_missing_sysfs_is_an_error_naming_the_path() {
-        let err = scan(Path::new("/nonexistent-sysfs"))
+        let err = scan(&crate::syscalls::Linux, Path::new("/nonexistent-sysfs"))
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default();

@@ -323,7 +323,7 @@ pub fn read_config_drives(
             kmods::load(sys, log, index, &missing);
         }
     }
-    let Ok(devs) = crate::blockdev::scan(sysfs) else {
+    let Ok(devs) = crate::blockdev::scan(sys, sysfs) else {
         return Vec::new();
     };
     let mut out = Vec::new();

@@ -353,7 +353,7 @@ fn wait_for_partition(
         sys.sleep(PARTITION_POLL);
         waited += PARTITION_POLL;
     }
-    let devs = blockdev::scan(&paths.sysfs)?;
+    let devs = blockdev::scan(sys, &paths.sysfs)?;
     Err(Error::NoPartition {
         partname,
         slot: params.slot.letter(),
@@ -373,7 +373,7 @@ fn find_partition(
     started: Instant,
 ) -> Result<Option<BlockDev>, Error> {
     let partname = params.slot.partition_name();
-    let devs = blockdev::scan(&paths.sysfs)?;
+    let devs = blockdev::scan(sys, &paths.sysfs)?;
     let found = blockdev::find_by_partname(&devs, partname);
     let Some(first) = found.first() else {
         return Ok(None);
@@ -798,7 +798,7 @@ mod tests {
     fn a_good_root_is_verified_mounted_and_switched_to() -> io::Result<()> {
         let scratch = Scratch::new("good")?;
         scratch.add_partition("vda2", 2, "ROOT-A")?;
-        let fake = fake(&cmdline());
+        let fake = fake(&cmdline()).reading_real(&scratch.0);
         let log = MemoryLog::default();
         let err = error_text(run(&fake, &log, &paths(&scratch)));
         assert_eq!(
@@ -867,7 +867,7 @@ mod tests {
     fn a_corrupt_root_is_refused_with_the_block() -> io::Result<()> {
         let scratch = Scratch::new("corrupt")?;
         scratch.add_partition("vda2", 2, "ROOT-A")?;
-        let mut fake = fake(&cmdline());
+        let mut fake = fake(&cmdline()).reading_real(&scratch.0);
         fake.device = Some((8 * 4096, Some(5 * 4096)));
         let log = MemoryLog::default();
         let err = error_text(run(&fake, &log, &paths(&scratch)));
@@ -894,7 +894,7 @@ mod tests {
     fn a_root_device_shorter_than_its_blocks_is_refused() -> io::Result<()> {
         let scratch = Scratch::new("short")?;
         scratch.add_partition("vda2", 2, "ROOT-A")?;
-        let mut fake = fake(&cmdline());
+        let mut fake = fake(&cmdline()).reading_real(&scratch.0);
         fake.device = Some((6 * 4096, None));
         let log = MemoryLog::default();
         let err = error_text(run(&fake, &log, &paths(&scratch)));
@@ -912,7 +912,9 @@ mod tests {
         let scratch = Scratch::new("preload")?;
         scratch.add_partition("vda2", 2, "ROOT-A")?;
         for corrupt in [None, Some(3 * 4096)] {
-            let mut fake = fake(&cmdline()).with_file("/modules/preload", "jbd2.ko\next4.ko\n");
+            let mut fake = fake(&cmdline())
+                .reading_real(&scratch.0)
+                .with_file("/modules/preload", "jbd2.ko\next4.ko\n");
             fake.device = Some((8 * 4096, corrupt));
             let log = MemoryLog::default();
             let err = error_text(run(&fake, &log, &paths(&scratch)));
@@ -962,7 +964,9 @@ mod tests {
     -> io::Result<()> {
         let scratch = Scratch::new("early")?;
         scratch.add_partition("vda2", 2, "ROOT-A")?;
-        let fake = fake(&cmdline()).with_file("/modules/order", ORDER_WITH_OTHER_DRIVERS);
+        let fake = fake(&cmdline())
+            .reading_real(&scratch.0)
+            .with_file("/modules/order", ORDER_WITH_OTHER_DRIVERS);
         let log = MemoryLog::default();
         let err = error_text(run(&fake, &log, &paths(&scratch)));
         assert!(err.starts_with("cannot exec /sbin/init"), "{err}");
@@ -994,7 +998,9 @@ mod tests {
     fn without_the_root_after_the_root_chain_every_disk_driver_loads_before_the_wait()
     -> io::Result<()> {
         let scratch = Scratch::new("late")?;
-        let fake = fake(&cmdline()).with_file("/modules/order", ORDER_WITH_OTHER_DRIVERS);
+        let fake = fake(&cmdline())
+            .reading_real(&scratch.0)
+            .with_file("/modules/order", ORDER_WITH_OTHER_DRIVERS);
         let log = MemoryLog::default();
         let err = error_text(run(&fake, &log, &paths(&scratch)));
         assert!(err.contains("ROOT-A"), "{err}");
@@ -1021,7 +1027,8 @@ mod tests {
     fn lazy_check_skips_the_full_read() -> io::Result<()> {
         let scratch = Scratch::new("lazy")?;
         scratch.add_partition("vda2", 2, "ROOT-A")?;
-        let mut fake = fake(&format!("{} keelson.verity.check=lazy", cmdline()));
+        let mut fake =
+            fake(&format!("{} keelson.verity.check=lazy", cmdline())).reading_real(&scratch.0);
         fake.device = Some((8 * 4096, Some(0)));
         let _ = run(&fake, &MemoryLog::default(), &paths(&scratch));
         assert!(!fake.calls().iter().any(|c| matches!(c, Call::OpenRead(_))));
@@ -1038,7 +1045,7 @@ mod tests {
     fn a_missing_partition_times_out_naming_what_was_seen() -> io::Result<()> {
         let scratch = Scratch::new("missing")?;
         scratch.add_partition("vda1", 1, "EFI")?;
-        let mut fake = fake(&cmdline().replace("slot=a", "slot=b"));
+        let mut fake = fake(&cmdline().replace("slot=a", "slot=b")).reading_real(&scratch.0);
         fake.module_errors
             .insert(PathBuf::from("/modules/dm-verity.ko"), 2);
         let err = error_text(run(&fake, &MemoryLog::default(), &paths(&scratch)));
@@ -1060,7 +1067,7 @@ mod tests {
     #[test]
     fn a_missing_roothash_stops_before_touching_disks() -> io::Result<()> {
         let scratch = Scratch::new("nohash")?;
-        let fake = fake("console=ttyS0 keelson.slot=a");
+        let fake = fake("console=ttyS0 keelson.slot=a").reading_real(&scratch.0);
         let r = run(&fake, &MemoryLog::default(), &paths(&scratch));
         let Err(Error::Cmdline(e)) = r else {
             panic!("expected a command-line error");
@@ -1084,7 +1091,7 @@ mod tests {
     fn the_second_filesystem_is_tried_and_both_errors_reported() -> io::Result<()> {
         let scratch = Scratch::new("fs")?;
         scratch.add_partition("vda2", 2, "ROOT-A")?;
-        let mut fake = fake(&cmdline());
+        let mut fake = fake(&cmdline()).reading_real(&scratch.0);
         fake.mount_errors.insert("squashfs".into(), 22);
         fake.mount_errors.insert("erofs".into(), 19);
         let err = error_text(run(&fake, &MemoryLog::default(), &paths(&scratch)));

@@ -125,6 +125,8 @@ pub trait Syscalls {
     fn create_dir_all(&self, path: &Path) -> io::Result<()>;
     /// The names in directory `path`, sorted (a sysfs class, `/dev/input`).
     fn read_dir_names(&self, path: &Path) -> io::Result<Vec<String>>;
+    /// The path with every symbolic link resolved (sysfs's device links).
+    fn canonicalize(&self, path: &Path) -> io::Result<std::path::PathBuf>;
     /// Send signal `signal` (a number the control socket's `kill` accepts) to process
     /// `pid`; EINVAL for a pid or signal that is not one.
     fn kill_process(&self, pid: u32, signal: i32) -> io::Result<()>;
@@ -351,6 +353,10 @@ impl Syscalls for Linux {
             .collect();
         names.sort();
         Ok(names)
+    }
+
+    fn canonicalize(&self, path: &Path) -> io::Result<std::path::PathBuf> {
+        std::fs::canonicalize(path)
     }
 
     fn kill_process(&self, pid: u32, signal: i32) -> io::Result<()> {
@@ -844,6 +850,12 @@ pub mod fake {
         pub tool_results: BTreeMap<String, ToolOutput>,
         /// For `open_read`: the bytes a path reads (instead of the zero `device`).
         pub read_data: BTreeMap<PathBuf, Vec<u8>>,
+        /// What `canonicalize` answers per path (ENOENT for any other).
+        pub links: BTreeMap<PathBuf, PathBuf>,
+        /// A real directory tree the fake reads through to (a test's sysfs fixture):
+        /// `exists`, `read_file`, `read_dir_names` and `canonicalize` of paths under it
+        /// go to the real filesystem.
+        pub real_root: Option<PathBuf>,
         /// What `wait_child` reaps, in order; once empty it answers ECHILD.
         pub ended: RefCell<std::collections::VecDeque<(u32, ExitInfo)>>,
     }
@@ -851,6 +863,16 @@ pub mod fake {
     impl Fake {
         pub fn new() -> Fake {
             Fake::default()
+        }
+
+        /// The fake, reading the real tree under `root` (see [`Fake::real_root`]).
+        pub fn reading_real(mut self, root: &Path) -> Fake {
+            self.real_root = Some(root.to_path_buf());
+            self
+        }
+
+        fn is_real(&self, path: &Path) -> bool {
+            self.real_root.as_ref().is_some_and(|r| path.starts_with(r))
         }
 
         pub fn with_file(self, path: &str, content: &str) -> Fake {
@@ -949,10 +971,16 @@ pub mod fake {
         }
 
         fn exists(&self, path: &Path) -> bool {
+            if self.is_real(path) {
+                return Linux.exists(path);
+            }
             self.files.borrow().contains_key(path)
         }
 
         fn read_file(&self, path: &Path) -> io::Result<Vec<u8>> {
+            if self.is_real(path) {
+                return Linux.read_file(path);
+            }
             self.files
                 .borrow()
                 .get(path)
@@ -1006,6 +1034,9 @@ pub mod fake {
 
         /// The first components below `path` of the fake's files; ENOENT when none.
         fn read_dir_names(&self, path: &Path) -> io::Result<Vec<String>> {
+            if self.is_real(path) {
+                return Linux.read_dir_names(path);
+            }
             let names: BTreeSet<String> = self
                 .files
                 .borrow()
@@ -1023,6 +1054,16 @@ pub mod fake {
         fn kill_process(&self, pid: u32, signal: i32) -> io::Result<()> {
             self.record(Call::KillProcess(pid, signal));
             Ok(())
+        }
+
+        fn canonicalize(&self, path: &Path) -> io::Result<PathBuf> {
+            if self.is_real(path) {
+                return Linux.canonicalize(path);
+            }
+            self.links
+                .get(path)
+                .cloned()
+                .ok_or_else(|| io::Error::from_raw_os_error(2))
         }
 
         fn wait_child(&self, pid: Option<u32>) -> io::Result<Option<(u32, ExitInfo)>> {

@@ -200,6 +200,7 @@ pub struct BootDisk {
 /// Find the boot disk in `sysfs`: through the root device's dm slaves, else by the
 /// slot's partition name.
 pub fn find_boot_disk(
+    sys: &dyn Syscalls,
     sysfs: &Path,
     root_device: Option<(u32, u32)>,
     slot_partname: Option<&str>,
@@ -208,16 +209,14 @@ pub fn find_boot_disk(
     let mut partition = None;
     if let Some((major, minor)) = root_device {
         let dev_dir = sysfs.join(format!("dev/block/{major}:{minor}"));
-        let slaves: Vec<String> = std::fs::read_dir(dev_dir.join("slaves"))
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect();
+        let slaves = sys
+            .read_dir_names(&dev_dir.join("slaves"))
+            .unwrap_or_default();
         if slaves.len() == 1 {
             partition = slaves.into_iter().next();
-        } else if dev_dir.join("partition").is_file() {
-            partition = std::fs::canonicalize(&dev_dir)
+        } else if sys.exists(&dev_dir.join("partition")) {
+            partition = sys
+                .canonicalize(&dev_dir)
                 .ok()
                 .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()));
         } else {
@@ -230,7 +229,7 @@ pub fn find_boot_disk(
     if partition.is_none()
         && let Some(name) = slot_partname
     {
-        let devs = blockdev::scan(sysfs).map_err(|e| Error::NoBootDisk {
+        let devs = blockdev::scan(sys, sysfs).map_err(|e| Error::NoBootDisk {
             why: crate::error_chain(&e),
         })?;
         let found = blockdev::find_by_partname(&devs, name);
@@ -252,14 +251,15 @@ pub fn find_boot_disk(
         });
     };
     let part_dir = sysfs.join("class/block").join(&partition);
-    let disk = std::fs::canonicalize(&part_dir)
+    let disk = sys
+        .canonicalize(&part_dir)
         .ok()
         .and_then(|p| {
             p.parent()
                 .and_then(|d| d.file_name())
                 .map(|n| n.to_string_lossy().into_owned())
         })
-        .filter(|d| sysfs.join("class/block").join(d).exists())
+        .filter(|d| sys.exists(&sysfs.join("class/block").join(d)))
         .ok_or_else(|| Error::NoBootDisk {
             why: format!("{} has no parent disk in sysfs", part_dir.display()),
         })?;
@@ -268,18 +268,24 @@ pub fn find_boot_disk(
 
 /// The device node of partition `number` of `disk`: the child of the disk in sysfs whose
 /// `partition` file says `number`.
-pub fn partition_device(sysfs: &Path, dev: &Path, disk: &str, number: u32) -> Option<PathBuf> {
+pub fn partition_device(
+    sys: &dyn Syscalls,
+    sysfs: &Path,
+    dev: &Path,
+    disk: &str,
+    number: u32,
+) -> Option<PathBuf> {
     let dir = sysfs.join("class/block").join(disk);
-    std::fs::read_dir(&dir)
+    sys.read_dir_names(&dir)
         .ok()?
-        .flatten()
-        .find(|e| {
-            std::fs::read_to_string(e.path().join("partition"))
+        .into_iter()
+        .find(|name| {
+            sys.read_file(&dir.join(name).join("partition"))
                 .ok()
-                .and_then(|s| s.trim().parse::<u32>().ok())
+                .and_then(|b| String::from_utf8_lossy(&b).trim().parse::<u32>().ok())
                 == Some(number)
         })
-        .map(|e| dev.join(e.file_name()))
+        .map(|name| dev.join(name))
 }
 
 /// What happened to one partition.
@@ -323,7 +329,12 @@ pub fn prepare(
     modules: Option<&ModuleIndex>,
     opts: &Options,
 ) -> Result<Report, Error> {
-    let boot = find_boot_disk(&opts.sysfs, opts.root_device, opts.slot_partname.as_deref())?;
+    let boot = find_boot_disk(
+        sys,
+        &opts.sysfs,
+        opts.root_device,
+        opts.slot_partname.as_deref(),
+    )?;
     let disk_path = opts.dev.join(&boot.disk);
     let disk = disk_path.display().to_string();
     log.line(&format!("boot disk {disk} (root on {})", boot.partition));
@@ -545,12 +556,13 @@ fn prepare_partition(
             disk: disk_path.clone(),
         })?;
     let size = part.sectors() * layout.sector;
-    let device_path =
-        partition_device(&opts.sysfs, &opts.dev, disk, part.number).ok_or(Error::NoDevice {
+    let device_path = partition_device(sys, &opts.sysfs, &opts.dev, disk, part.number).ok_or(
+        Error::NoDevice {
             name,
             number: part.number,
             disk: disk_path,
-        })?;
+        },
+    )?;
     let device = device_path.display().to_string();
     if sys.is_mount_point(target).unwrap_or(false) {
         log.line(&format!("{name} already mounted at {shown}"));

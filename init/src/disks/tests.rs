@@ -3,7 +3,7 @@
 
 use super::*;
 use crate::console::memory::MemoryLog;
-use crate::syscalls::ToolOutput;
+use crate::syscalls::{Linux, ToolOutput};
 use crate::syscalls::fake::{Call, Fake};
 use keelson_configs::layout::{TYPE_GUID_EFI, TYPE_GUID_LINUX_DATA, TYPE_GUID_VAR};
 use std::fs;
@@ -194,7 +194,7 @@ const VAR_FLAGS: MountFlags = MountFlags::NOSUID.union(MountFlags::NODEV);
 fn a_new_state_can_be_left_for_later_and_is_formatted_then()
 -> Result<(), Box<dyn std::error::Error>> {
     let fx = Fixture::new("deferred", 1024)?;
-    let mut fake = Fake::new();
+    let mut fake = Fake::new().reading_real(&fx.dir);
     fake.read_data
         .insert("/dev/urandom".into(), FAKE_URANDOM.to_vec());
     let log = MemoryLog::default();
@@ -237,7 +237,7 @@ fn a_new_state_can_be_left_for_later_and_is_formatted_then()
 #[test]
 fn first_boot_grows_ephemeral_formats_and_mounts_both() -> Result<(), Box<dyn std::error::Error>> {
     let fx = Fixture::new("first", 1024)?;
-    let mut fake = Fake::new();
+    let mut fake = Fake::new().reading_real(&fx.dir);
     fake.read_data
         .insert("/dev/urandom".into(), FAKE_URANDOM.to_vec());
     let log = MemoryLog::default();
@@ -306,9 +306,15 @@ fn a_later_boot_mounts_and_grows_a_filesystem_smaller_than_its_partition()
 -> Result<(), Box<dyn std::error::Error>> {
     let fx = Fixture::new("later", 1024)?;
     // First boot: table edited (the kernel calls go to another fake).
-    prepare(&Fake::new(), &MemoryLog::default(), None, &fx.options())?;
+    prepare(
+        &Fake::new().reading_real(&fx.dir),
+        &MemoryLog::default(),
+        None,
+        &fx.options(),
+    )?;
     let (vda4, vda5) = (fx.dev("vda4"), fx.dev("vda5"));
     let mut fake = Fake::new()
+        .reading_real(&fx.dir)
         .with_file("/var", "")
         .with_file("/system", "")
         .with_file("/system/state", "");
@@ -347,7 +353,7 @@ fn a_later_boot_mounts_and_grows_a_filesystem_smaller_than_its_partition()
 fn a_partition_that_fails_is_reported_and_the_other_still_mounts()
 -> Result<(), Box<dyn std::error::Error>> {
     let fx = Fixture::new("fail", IMAGE_MIB)?;
-    let mut fake = Fake::new();
+    let mut fake = Fake::new().reading_real(&fx.dir);
     fake.tool_results.insert(
         MKE2FS.into(),
         ToolOutput {
@@ -373,7 +379,7 @@ fn a_partition_that_fails_is_reported_and_the_other_still_mounts()
     assert!(lines(&log).contains(&err));
 
     // A damaged filesystem: the mount error names device, fs, errno and what to do.
-    let mut fake = Fake::new();
+    let mut fake = Fake::new().reading_real(&fx.dir);
     fake.read_data
         .insert(PathBuf::from(&vda4), ext4_head(25600, "STATE"));
     fake.read_data
@@ -401,7 +407,7 @@ fn missing_partitions_are_created_and_announced_to_the_kernel()
 -> Result<(), Box<dyn std::error::Error>> {
     let fx = Fixture::new("create", 512)?;
     write_image(&fx.dir.join("dev/vda"), 512 * MIB, &IMAGE[..3])?;
-    let mut fake = Fake::new();
+    let mut fake = Fake::new().reading_real(&fx.dir);
     // The kernel refuses the first: it is reported, and STATE has no device yet.
     fake.blkpg_errors.insert(4, 16);
     let log = MemoryLog::default();
@@ -462,13 +468,13 @@ fn the_boot_disk_comes_from_the_root_device_or_the_slot() -> Result<(), Box<dyn 
         disk: "vda".into(),
         partition: "vda2".into(),
     };
-    assert_eq!(find_boot_disk(&sys, Some((253, 0)), None)?, want);
-    assert_eq!(find_boot_disk(&sys, None, Some("ROOT-A"))?, want);
+    assert_eq!(find_boot_disk(&Linux, &sys, Some((253, 0)), None)?, want);
+    assert_eq!(find_boot_disk(&Linux, &sys, None, Some("ROOT-A"))?, want);
     assert_eq!(
-        find_boot_disk(&sys, Some((253, 9)), Some("ROOT-B"))?.partition,
+        find_boot_disk(&Linux, &sys, Some((253, 9)), Some("ROOT-B"))?.partition,
         "vda3"
     );
-    let err = find_boot_disk(&sys, None, Some("ROOT-X"))
+    let err = find_boot_disk(&Linux, &sys, None, Some("ROOT-X"))
         .err()
         .map(|e| e.to_string())
         .unwrap_or_default();
@@ -478,9 +484,12 @@ fn the_boot_disk_comes_from_the_root_device_or_the_slot() -> Result<(), Box<dyn 
          (ROOT-A), vda3 (ROOT-B), vda4 (STATE), vda5 (EPHEMERAL))"
     );
     assert_eq!(
-        partition_device(&sys, Path::new("/dev"), "vda", 5),
+        partition_device(&Linux, &sys, Path::new("/dev"), "vda", 5),
         Some(PathBuf::from("/dev/vda5"))
     );
-    assert_eq!(partition_device(&sys, Path::new("/dev"), "vda", 9), None);
+    assert_eq!(
+        partition_device(&Linux, &sys, Path::new("/dev"), "vda", 9),
+        None
+    );
     Ok(())
 }
