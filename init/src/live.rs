@@ -32,7 +32,7 @@ use crate::config_source::MAX_CONFIG;
 use crate::console::Log;
 use crate::etc_files::{self, Entry};
 use crate::kmods::{self, ModuleIndex};
-use crate::syscalls::{Linux, Syscalls, errno_name};
+use crate::syscalls::{Syscalls, errno_name};
 use crate::sysctl;
 
 /// A part of the machine config that can change on a running node: the node protocol's,
@@ -171,13 +171,6 @@ fn module_of_sysctl(name: &str) -> Option<&'static str> {
     } else {
         None
     }
-}
-
-fn file_mode(path: &Path) -> Option<u32> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(path)
-        .ok()
-        .map(|m| m.permissions().mode() & 0o7777)
 }
 
 /// Step 2: check every change of `parts` against the node; nothing is changed. The
@@ -341,8 +334,8 @@ fn plan_files(env: &Env<'_>, new: &MachineConfig, plan: &mut Plan, errors: &mut 
             continue;
         };
         let target = env.paths.root.join(relative);
-        let previous = match std::fs::read(&target) {
-            Ok(bytes) => Some((bytes, file_mode(&target).unwrap_or(0o644))),
+        let previous = match env.sys.read_file(&target) {
+            Ok(bytes) => Some((bytes, env.sys.file_mode(&target).unwrap_or(0o644))),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => {
                 errors.push(format!(
@@ -379,13 +372,12 @@ fn plan_files(env: &Env<'_>, new: &MachineConfig, plan: &mut Plan, errors: &mut 
     }
 }
 
-/// Write a file with its parents and mode, on the real system: live's plan reads what is
-/// there from the disk itself, so its writes go through `env.sys` once its reads do.
-fn write_file(target: &Path, content: &[u8], mode: u32) -> std::io::Result<()> {
+/// Write a file with its parents and mode.
+fn write_file(sys: &dyn Syscalls, target: &Path, content: &[u8], mode: u32) -> std::io::Result<()> {
     if let Some(parent) = target.parent() {
-        Linux.create_dir_all(parent)?;
+        sys.create_dir_all(parent)?;
     }
-    Linux.install_file(target, content, mode)
+    sys.install_file(target, content, mode)
 }
 
 /// A file's content and mode before a change (`None`: it did not exist).
@@ -410,10 +402,10 @@ impl Undo {
         }
         for (target, previous) in self.files.iter().rev() {
             let result = match previous {
-                Some((content, mode)) => write_file(target, content, *mode),
+                Some((content, mode)) => write_file(env.sys, target, content, *mode),
                 // Never written (the write failed before creating it) is fine too.
-                None => Linux.remove_file(target).or_else(|e| {
-                    if std::fs::symlink_metadata(target).is_err() {
+                None => env.sys.remove_file(target).or_else(|e| {
+                    if !env.sys.exists(target) {
                         Ok(())
                     } else {
                         Err(e)
@@ -487,7 +479,7 @@ pub fn apply(env: &Env<'_>, plan: &Plan) -> Result<Vec<String>, String> {
         }
     }
     for file in &plan.files {
-        match write_file(&file.target, &file.content, file.mode) {
+        match write_file(env.sys, &file.target, &file.content, file.mode) {
             Ok(()) => {
                 say(format!("file {} written ({:o})", file.path, file.mode));
                 undo.files
@@ -515,8 +507,7 @@ pub fn apply(env: &Env<'_>, plan: &Plan) -> Result<Vec<String>, String> {
                 Entry::file("hostname", format!("{name}\n")),
                 Entry::file("hosts", resolv::hosts(name, &[])),
             ];
-            // The real files, as `write_file` writes them.
-            if let Err(e) = etc_files::write(&Linux, etc, &entries) {
+            if let Err(e) = etc_files::write(env.sys, etc, &entries) {
                 say(format!("/etc/hostname not written: {e}"));
             }
         }
@@ -649,7 +640,7 @@ mod tests {
     #[test]
     fn only_changed_sysctls_are_planned_and_applied_with_read_back() {
         let dir = tempdir();
-        let fake = proc_fake();
+        let fake = proc_fake().reading_real(dir.path());
         let log = MemoryLog::default();
         let paths = paths(dir.path());
         let old = sysctls(&[]);
@@ -692,7 +683,7 @@ mod tests {
     #[test]
     fn a_missing_sysctl_or_module_refuses_the_whole_request_before_any_change() {
         let dir = tempdir();
-        let fake = proc_fake();
+        let fake = proc_fake().reading_real(dir.path());
         let log = MemoryLog::default();
         let paths = paths(dir.path());
         let new = sysctls(&[("vm.swappiness", "10"), ("kernel.no_such_key", "1")]);
@@ -757,7 +748,7 @@ mod tests {
     #[test]
     fn a_failure_half_way_puts_back_what_was_changed() {
         let dir = tempdir();
-        let mut fake = proc_fake();
+        let mut fake = proc_fake().reading_real(dir.path());
         fake.write_errors
             .insert(PathBuf::from("/proc/sys/vm/swappiness"), 22);
         let log = MemoryLog::default();
@@ -807,7 +798,7 @@ mod tests {
             std::fs::create_dir_all(root.join(d)).unwrap_or_else(|e| panic!("{e}"));
         }
         std::fs::write(root.join("var/lib/old.conf"), "old\n").unwrap_or_else(|e| panic!("{e}"));
-        let fake = proc_fake();
+        let fake = proc_fake().reading_real(dir.path());
         let log = MemoryLog::default();
         let paths = paths(root);
         let new = files(

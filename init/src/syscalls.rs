@@ -121,6 +121,8 @@ pub trait Syscalls {
     fn remove_file(&self, path: &Path) -> io::Result<()>;
     /// Give `path` the permission bits `mode`.
     fn set_mode(&self, path: &Path, mode: u32) -> io::Result<()>;
+    /// The permission bits of `path` (following a symbolic link).
+    fn file_mode(&self, path: &Path) -> io::Result<u32>;
     /// Make the directory `path` and its missing parents.
     fn create_dir_all(&self, path: &Path) -> io::Result<()>;
     /// The names in directory `path`, sorted (a sysfs class, `/dev/input`).
@@ -357,6 +359,11 @@ impl Syscalls for Linux {
 
     fn canonicalize(&self, path: &Path) -> io::Result<std::path::PathBuf> {
         std::fs::canonicalize(path)
+    }
+
+    fn file_mode(&self, path: &Path) -> io::Result<u32> {
+        use std::os::unix::fs::PermissionsExt;
+        Ok(std::fs::metadata(path)?.permissions().mode() & 0o7777)
     }
 
     fn kill_process(&self, pid: u32, signal: i32) -> io::Result<()> {
@@ -852,9 +859,11 @@ pub mod fake {
         pub read_data: BTreeMap<PathBuf, Vec<u8>>,
         /// What `canonicalize` answers per path (ENOENT for any other).
         pub links: BTreeMap<PathBuf, PathBuf>,
-        /// A real directory tree the fake reads through to (a test's sysfs fixture):
-        /// `exists`, `read_file`, `read_dir_names` and `canonicalize` of paths under it
-        /// go to the real filesystem.
+        /// A real directory tree the fake goes through to (a test's sysfs fixture, or
+        /// the root a live apply writes under): every file call for a path under it
+        /// (`exists`, `read_file`, `read_dir_names`, `canonicalize`, `file_mode`,
+        /// `install_file`, `remove_file`, `set_mode`, `create_dir_all`) is recorded as
+        /// usual and then made on the real filesystem.
         pub real_root: Option<PathBuf>,
         /// What `wait_child` reaps, in order; once empty it answers ECHILD.
         pub ended: RefCell<std::collections::VecDeque<(u32, ExitInfo)>>,
@@ -1008,6 +1017,9 @@ pub mod fake {
             if let Some(errno) = self.write_errors.get(path) {
                 return Err(io::Error::from_raw_os_error(*errno));
             }
+            if self.is_real(path) {
+                return Linux.install_file(path, data, mode);
+            }
             self.files
                 .borrow_mut()
                 .insert(path.to_path_buf(), data.to_vec());
@@ -1016,6 +1028,9 @@ pub mod fake {
 
         fn remove_file(&self, path: &Path) -> io::Result<()> {
             self.record(Call::RemoveFile(s(path)));
+            if self.is_real(path) {
+                return Linux.remove_file(path);
+            }
             match self.files.borrow_mut().remove(path) {
                 Some(_) => Ok(()),
                 None => Err(io::Error::from_raw_os_error(2)),
@@ -1024,11 +1039,27 @@ pub mod fake {
 
         fn set_mode(&self, path: &Path, mode: u32) -> io::Result<()> {
             self.record(Call::SetMode(s(path), mode));
+            if self.is_real(path) {
+                return Linux.set_mode(path, mode);
+            }
             Ok(())
+        }
+
+        fn file_mode(&self, path: &Path) -> io::Result<u32> {
+            if self.is_real(path) {
+                return Linux.file_mode(path);
+            }
+            match self.files.borrow().contains_key(path) {
+                true => Ok(0o644),
+                false => Err(io::Error::from_raw_os_error(2)),
+            }
         }
 
         fn create_dir_all(&self, path: &Path) -> io::Result<()> {
             self.record(Call::CreateDirAll(s(path)));
+            if self.is_real(path) {
+                return Linux.create_dir_all(path);
+            }
             Ok(())
         }
 
