@@ -3,8 +3,8 @@
 
 use super::*;
 use crate::console::memory::MemoryLog;
-use crate::syscalls::{Linux, ToolOutput};
 use crate::syscalls::fake::{Call, Fake};
+use crate::syscalls::{Linux, ToolOutput};
 use keelson_configs::layout::{TYPE_GUID_EFI, TYPE_GUID_LINUX_DATA, TYPE_GUID_VAR};
 use std::fs;
 use std::str::FromStr;

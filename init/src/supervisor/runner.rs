@@ -20,8 +20,8 @@ use super::{
 };
 use crate::bootlog::MAX_LINE;
 use crate::console::Log;
-use crate::syscalls::Syscalls;
 use crate::sender::Sender;
+use crate::syscalls::Syscalls;
 
 /// What the runner's tasks report to the main loop, which hands it back to
 /// [`Runner::handle`].
