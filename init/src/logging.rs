@@ -18,10 +18,15 @@
 //! `KEELSON STAGE2 READY`, kept in the boot log) and [`SERVICE_OUTPUT`] (a service's line,
 //! `containerd: ...`, which its own ring keeps instead).
 //!
-//! The subscriber is `tracing-subscriber`'s registry (span bookkeeping) with our layer; the
-//! formatting is ours because the console's line format is a contract with the tests and
-//! the bench, and `fmt`'s would add a timestamp and level column to every line.
+//! The subscriber ([`RecordSubscriber`]) is written here on `tracing`'s own trait rather
+//! than built from `tracing-subscriber`: PID 1 needs only a span's name, fields and start
+//! (a map of the few open spans), and `tracing-subscriber`'s registry (a sharded slab and
+//! per-thread span stacks) is more than that: PID 1's RSS at idle went from 4.0 to 3.9 MiB
+//! without it (BENCHMARKS.md), and the binary lost 28 KB. The formatting is ours because the console's line format is a contract
+//! with the tests and the bench, and `fmt`'s would add a timestamp and level column to
+//! every line.
 
+use std::collections::BTreeMap;
 use std::fmt::{self, Write as _};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
@@ -29,11 +34,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use tracing::field::{Field, Visit};
-use tracing::span::{Attributes, Id};
-use tracing::{Event, Level, Subscriber};
-use tracing_subscriber::Layer;
-use tracing_subscriber::layer::{Context, SubscriberExt as _};
-use tracing_subscriber::registry::LookupSpan;
+use tracing::span::{Attributes, Id, Record};
+use tracing::{Event, Level, Metadata, Subscriber};
 
 use crate::bootlog::{BOOT_LOG_BYTES, Kept, RingBuffer};
 use crate::console::{Log, PREFIX};
@@ -113,10 +115,7 @@ impl Records {
 /// records' handle. A second call (only in tests) keeps the first subscriber.
 pub fn install<L: Log + Send + 'static>(out: L) -> std::io::Result<Arc<Records>> {
     let records = start(out, CONSOLE_QUEUE)?;
-    let subscriber = tracing_subscriber::registry().with(RecordLayer {
-        records: records.clone(),
-    });
-    let _ = tracing::subscriber::set_global_default(subscriber);
+    let _ = tracing::subscriber::set_global_default(RecordSubscriber::new(records.clone()));
     Ok(records)
 }
 
@@ -161,29 +160,64 @@ fn write_console<L: Log>(out: L, rx: Receiver<ToConsole>, dropped: &AtomicU64) {
     }
 }
 
-/// Started time of a span, kept in its extensions.
-struct Started(Instant);
-
-/// The layer that turns records into boot-log lines and console lines.
-struct RecordLayer {
-    records: Arc<Records>,
+/// An open span: what its close reports.
+#[derive(Debug)]
+struct OpenSpan {
+    name: &'static str,
+    fields: String,
+    started: Instant,
+    /// Handles to it (`Span`s and their clones); it closes when the last is dropped.
+    handles: usize,
 }
 
-impl<S> Layer<S> for RecordLayer
-where
-    S: Subscriber + for<'a> LookupSpan<'a>,
-{
-    fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
-        if let Some(span) = ctx.span(id) {
-            let mut fields = Fields::default();
-            attrs.record(&mut fields);
-            let mut extensions = span.extensions_mut();
-            extensions.insert(Started(Instant::now()));
-            extensions.insert(fields);
+/// The subscriber that turns records into boot-log lines and console lines, and closed
+/// spans into `phase NAME took N ms` lines.
+#[derive(Debug)]
+pub struct RecordSubscriber {
+    records: Arc<Records>,
+    next_id: AtomicU64,
+    spans: Mutex<BTreeMap<u64, OpenSpan>>,
+}
+
+impl RecordSubscriber {
+    /// A subscriber writing to `records`.
+    pub fn new(records: Arc<Records>) -> RecordSubscriber {
+        RecordSubscriber {
+            records,
+            next_id: AtomicU64::new(1),
+            spans: Mutex::new(BTreeMap::new()),
         }
     }
+}
 
-    fn on_event(&self, event: &Event<'_>, _ctx: Context<'_, S>) {
+impl Subscriber for RecordSubscriber {
+    fn enabled(&self, _metadata: &Metadata<'_>) -> bool {
+        true
+    }
+
+    fn new_span(&self, attrs: &Attributes<'_>) -> Id {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut fields = Fields::default();
+        attrs.record(&mut fields);
+        if let Ok(mut spans) = self.spans.lock() {
+            spans.insert(
+                id,
+                OpenSpan {
+                    name: attrs.metadata().name(),
+                    fields: fields.line(),
+                    started: Instant::now(),
+                    handles: 1,
+                },
+            );
+        }
+        Id::from_u64(id)
+    }
+
+    fn record(&self, _span: &Id, _values: &Record<'_>) {}
+
+    fn record_follows_from(&self, _span: &Id, _follows: &Id) {}
+
+    fn event(&self, event: &Event<'_>) {
         let mut fields = Fields::default();
         event.record(&mut fields);
         let meta = event.metadata();
@@ -201,16 +235,36 @@ where
         }
     }
 
-    fn on_close(&self, id: Id, ctx: Context<'_, S>) {
-        let Some(span) = ctx.span(&id) else { return };
-        let extensions = span.extensions();
-        let Some(Started(at)) = extensions.get::<Started>() else {
-            return;
+    fn enter(&self, _span: &Id) {}
+
+    fn exit(&self, _span: &Id) {}
+
+    fn clone_span(&self, id: &Id) -> Id {
+        if let Ok(mut spans) = self.spans.lock()
+            && let Some(span) = spans.get_mut(&id.into_u64())
+        {
+            span.handles += 1;
+        }
+        id.clone()
+    }
+
+    fn try_close(&self, id: Id) -> bool {
+        let closed = match self.spans.lock() {
+            Ok(mut spans) => match spans.get_mut(&id.into_u64()) {
+                Some(span) if span.handles > 1 => {
+                    span.handles -= 1;
+                    None
+                }
+                Some(_) => spans.remove(&id.into_u64()),
+                None => None,
+            },
+            Err(_) => None,
         };
-        let fields = extensions.get::<Fields>().map(Fields::line);
-        let message = phase_line(span.name(), at.elapsed(), fields.as_deref());
+        let Some(span) = closed else { return false };
+        let message = phase_line(span.name, span.started.elapsed(), Some(&span.fields));
         self.records.keep(&format!("{PREFIX}{message}"));
         self.records.print(message, Some(7));
+        true
     }
 }
 
@@ -355,9 +409,7 @@ mod tests {
     /// do not share the global one).
     fn with_records(console: Shared, queue: usize, f: impl FnOnce(&Arc<Records>)) {
         let records = start(console, queue).unwrap_or_else(|e| panic!("no writer: {e}"));
-        let subscriber = tracing_subscriber::registry().with(RecordLayer {
-            records: records.clone(),
-        });
+        let subscriber = RecordSubscriber::new(records.clone());
         tracing::subscriber::with_default(subscriber, || f(&records));
         records.flush(Duration::from_secs(5));
     }
@@ -413,6 +465,26 @@ mod tests {
     }
 
     #[test]
+    fn a_cloned_span_closes_with_its_last_handle() {
+        let console = Shared::default();
+        with_records(console, 16, |records| {
+            let span = tracing::info_span!("up");
+            let other = span.clone();
+            drop(span);
+            records.flush(Duration::from_secs(5));
+            assert!(records.tail(10).is_empty(), "{:?}", records.tail(10));
+            drop(other);
+            records.flush(Duration::from_secs(5));
+            let tail = records.tail(10);
+            assert_eq!(tail.len(), 1, "{tail:?}");
+            assert!(
+                tail[0].starts_with("keelson-init: phase up took "),
+                "{tail:?}"
+            );
+        });
+    }
+
+    #[test]
     fn a_stalled_console_never_blocks_and_says_what_it_dropped() {
         // A console that takes 50 ms a line and a queue of 2: the loop goes on at once.
         #[derive(Debug, Clone, Default)]
@@ -428,9 +500,7 @@ mod tests {
         }
         let console = Shared::default();
         let records = start(Slow(console.clone()), 2).unwrap_or_else(|e| panic!("{e}"));
-        let subscriber = tracing_subscriber::registry().with(RecordLayer {
-            records: records.clone(),
-        });
+        let subscriber = RecordSubscriber::new(records.clone());
         let began = Instant::now();
         tracing::subscriber::with_default(subscriber, || {
             for i in 0..100 {
@@ -448,9 +518,7 @@ mod tests {
         // Once the console caught up, the next line says how many it missed.
         records.flush(Duration::from_secs(10));
         tracing::subscriber::with_default(
-            tracing_subscriber::registry().with(RecordLayer {
-                records: records.clone(),
-            }),
+            RecordSubscriber::new(records.clone()),
             || tracing::info!(target: RAW, "after"),
         );
         records.flush(Duration::from_secs(10));
