@@ -15,11 +15,12 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::os::unix::fs::FileTypeExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use keelson_configs::schema::{DEFAULT_SYSCTLS, MachineType, Swap};
 
 use crate::swap::parse_swaps;
+use crate::syscalls::Syscalls;
 
 /// The CRI socket the kubelet talks to.
 pub const CRI_SOCKET: &str = "run/containerd/containerd.sock";
@@ -311,20 +312,24 @@ fn product_uuid_check(root: &Path) -> Check {
     }
 }
 
-fn mac_check(root: &Path) -> Check {
+fn mac_check(sys: &dyn Syscalls, root: &Path) -> Check {
     let name = "mac-unique";
     /// `ARPHRD_ETHER`: links whose MAC identifies the node.
     const ETHER: &str = "1";
     let dir = root.join("sys/class/net");
-    let Ok(entries) = std::fs::read_dir(&dir) else {
+    let Ok(links) = sys.read_dir_names(&dir) else {
         return check(name, Status::Skip, "no /sys/class/net");
     };
+    let read = |path: PathBuf| {
+        sys.read_file(&path)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    };
     let mut by_mac: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for entry in entries.flatten() {
-        let link = entry.file_name().to_string_lossy().into_owned();
-        let path = entry.path();
-        let kind = std::fs::read_to_string(path.join("type")).unwrap_or_default();
-        let mac = std::fs::read_to_string(path.join("address")).unwrap_or_default();
+    for link in links {
+        let path = dir.join(&link);
+        let kind = read(path.join("type"));
+        let mac = read(path.join("address"));
         let mac = mac.trim().to_ascii_lowercase();
         if kind.trim() != ETHER || mac.is_empty() || mac == "00:00:00:00:00:00" {
             continue;
@@ -499,15 +504,16 @@ fn hostname_check(root: &Path) -> Check {
     }
 }
 
-/// Run every check against the system under `root` (`/` on a node).
-pub fn run(root: &Path, options: &Options) -> Report {
+/// Run every check against the system under `root` (`/` on a node); the sysfs walk goes
+/// through `sys`.
+pub fn run(sys: &dyn Syscalls, root: &Path, options: &Options) -> Report {
     let mut checks = vec![swap_check(root, options.swap), swapon_check(root)];
     checks.push(module_check(root, "br_netfilter"));
     for (key, value) in DEFAULT_SYSCTLS {
         checks.push(sysctl_check(root, key, value));
     }
     checks.push(product_uuid_check(root));
-    checks.push(mac_check(root));
+    checks.push(mac_check(sys, root));
     checks.extend(port_checks(root, options.role));
     checks.push(cri_check(root, options.containerd_ready));
     checks.push(cgroup_check(root));
@@ -603,7 +609,7 @@ mod tests {
     #[test]
     fn a_healthy_control_plane_passes_every_check() -> std::io::Result<()> {
         let tree = Tree::healthy("healthy")?;
-        let report = run(&tree.0, &CP);
+        let report = run(&crate::syscalls::Linux, &tree.0, &CP);
         assert_eq!(
             statuses(&report),
             [
@@ -667,7 +673,7 @@ mod tests {
         )?
         .file("proc/mounts", "cgroup /sys/fs/cgroup tmpfs rw 0 0\n")?
         .file("proc/sys/kernel/hostname", "(none)\n")?;
-        let report = run(&tree.0, &CP);
+        let report = run(&crate::syscalls::Linux, &tree.0, &CP);
         assert_eq!(
             detail(&report, "swap"),
             "fail: active swap: /dev/vda6; the config says swap = \"off\": swapoff failed at \
@@ -746,7 +752,7 @@ mod tests {
             swap: Swap::On,
             containerd_ready: false,
         };
-        let report = run(&tree.0, &options);
+        let report = run(&crate::syscalls::Linux, &tree.0, &options);
         let ports: Vec<&str> = report
             .checks
             .iter()

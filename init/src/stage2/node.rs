@@ -471,6 +471,7 @@ impl<'a, K: Kept> Node<'a, K> {
             return;
         };
         let report = preflight::run(
+            self.sys,
             Path::new("/"),
             &preflight::Options {
                 role: config.config.machine.kind,
