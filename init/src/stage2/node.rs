@@ -574,8 +574,11 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_reset_is_answered_begun_by_its_timer_and_ends_the_loop() -> std::io::Result<()> {
+    /// Run `check` on a [`waiting_node`] inside a runtime and `LocalSet` (the node's
+    /// timers spawn tasks), with the memory log its lines go to.
+    fn on_a_waiting_node(
+        check: impl for<'a> FnOnce(&mut Node<'a, BootLog<&'a MemoryLog>>, &'a MemoryLog),
+    ) -> std::io::Result<()> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
@@ -584,6 +587,14 @@ mod tests {
             let (sys, memory) = (Fake::new(), MemoryLog::default());
             let log = BootLog::new(&memory);
             let mut node = waiting_node(&sys, &log);
+            check(&mut node, &memory);
+        });
+        Ok(())
+    }
+
+    #[test]
+    fn a_reset_is_answered_begun_by_its_timer_and_ends_the_loop() -> std::io::Result<()> {
+        on_a_waiting_node(|node, memory| {
             let reset = node.control(Reset {}.into());
             assert_eq!(
                 answer(&reset),
@@ -605,20 +616,12 @@ mod tests {
                     "keelson-init: reboot requested (reset through the control socket): stopping services",
                 ]
             );
-        });
-        Ok(())
+        })
     }
 
     #[test]
     fn a_signal_while_waiting_stops_at_once_and_a_second_is_said_to_wait() -> std::io::Result<()> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        let local = tokio::task::LocalSet::new();
-        local.block_on(&runtime, async {
-            let (sys, memory) = (Fake::new(), MemoryLog::default());
-            let log = BootLog::new(&memory);
-            let mut node = waiting_node(&sys, &log);
+        on_a_waiting_node(|node, memory| {
             node.handle(Event::Signal(SignalKind::Power));
             node.handle(Event::Signal(SignalKind::Terminate));
             let installed = node.control(ConfigInstalled {}.into());
@@ -634,20 +637,12 @@ mod tests {
                     "keelson-init: SIGTERM: a power off is already under way",
                 ]
             );
-        });
-        Ok(())
+        })
     }
 
     #[test]
     fn without_state_the_node_waits_without_maintenance_mode_or_dhcp() -> std::io::Result<()> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        let local = tokio::task::LocalSet::new();
-        local.block_on(&runtime, async {
-            let (sys, memory) = (Fake::new(), MemoryLog::default());
-            let log = BootLog::new(&memory);
-            let mut node = waiting_node(&sys, &log);
+        on_a_waiting_node(|node, memory| {
             node.phase = Phase::Booting;
             node.input(Input::NoLocalConfig { url: false });
             let awaiting = Awaiting {
@@ -665,7 +660,6 @@ mod tests {
                 "keelson-init: maintenance mode unavailable: STATE is not mounted, so a config pushed over the API could not be kept".into(),
             );
             assert_eq!(memory.lines(), expected);
-        });
-        Ok(())
+        })
     }
 }
