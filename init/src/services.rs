@@ -4,7 +4,7 @@
 //! | service | program | depends on | ready when | started |
 //! |---|---|---|---|---|
 //! | `containerd` | `/usr/bin/containerd --config /etc/containerd/config.toml` | | its gRPC server answers an HTTP/2 preface on `/run/containerd/containerd.sock` | at boot |
-//! | `etcd` | `/usr/bin/etcd` | | running | only on request: cluster bootstrap starts it through the control socket |
+//! | `etcd` | `/usr/bin/etcd` with TLS flags, the member's settings from `/var/lib/keelson/etcd.env` | | its client port accepts on 127.0.0.1 | only on request: machined starts it at bootstrap, at a join, or at boot for a member with data |
 //! | `kubelet` | `/var/lib/keelson/bin/kubelet`, else `/usr/bin/kubelet` | `containerd` | running | at boot when its binary exists |
 //! | `machined` | `/usr/sbin/machined` | | running | at boot when its binary exists, after containerd (ordering only, see below) |
 //! | extension services (`[[machine.services]]`) | their `command` | their `depends_on` | running | at boot, after the built-in ones |
@@ -22,9 +22,10 @@
 //! commands and dependencies; a program that is missing at boot is a spawn failure the
 //! supervisor retries, so a program written later (a file, an upgrade) is picked up.
 //!
-//! etcd is registered on control planes only, and not started at boot: the machine
-//! config has no bootstrap request yet (`machinectl bootstrap` will ask for it), and an
-//! etcd started without the cluster's certificates would form a cluster of its own.
+//! etcd is registered on control planes only, and never started by PID 1 itself: whether
+//! this member starts a new cluster, joins one as a learner or restarts with its own data
+//! is machined's decision (`keelson_node_protocol::etcd`), and an etcd started before it
+//! would form a cluster of its own.
 //! The kubelet's flags here are the minimum the runtime needs (cgroupfs driver, the
 //! containerd socket); its KubeletConfiguration is the bootstrap issue's.
 
@@ -32,6 +33,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use keelson_configs::schema::{ExtensionService, MachineConfig, MachineType};
+
+use keelson_node_protocol::etcd as etcd_proto;
 
 use crate::supervisor::{Readiness, ServiceSpec};
 
@@ -72,6 +75,7 @@ pub fn catalog(
         program: "/usr/bin/containerd".into(),
         args: vec!["--config".into(), CONTAINERD_CONFIG.into()],
         env: service_env(),
+        env_file: None,
         depends_on: Vec::new(),
         start_after: Vec::new(),
         readiness: Readiness::Http2Socket(CONTAINERD_SOCKET.into()),
@@ -80,24 +84,7 @@ pub fn catalog(
         stop_timeout: Duration::from_secs(20),
     }];
     if config.machine.kind == MachineType::ControlPlane {
-        let name = config.machine.hostname.as_deref().unwrap_or("keelson");
-        out.push(ServiceSpec {
-            name: "etcd".into(),
-            program: "/usr/bin/etcd".into(),
-            args: vec![
-                format!("--name={name}"),
-                "--data-dir=/var/lib/etcd".into(),
-                "--listen-client-urls=http://127.0.0.1:2379".into(),
-                "--advertise-client-urls=http://127.0.0.1:2379".into(),
-            ],
-            env: service_env(),
-            depends_on: Vec::new(),
-            start_after: Vec::new(),
-            readiness: Readiness::Started,
-            ready_timeout: Duration::from_secs(60),
-            autostart: false,
-            stop_timeout: Duration::from_secs(30),
-        });
+        out.push(etcd(config));
     }
     match [KUBELET_FETCHED, KUBELET_IMAGE]
         .into_iter()
@@ -112,6 +99,7 @@ pub fn catalog(
                 "--cgroup-driver=cgroupfs".into(),
             ],
             env: service_env(),
+            env_file: None,
             depends_on: vec![CONTAINERD.into()],
             start_after: Vec::new(),
             readiness: Readiness::Started,
@@ -128,6 +116,37 @@ pub fn catalog(
     }
     out.extend(config.machine.services.iter().map(extension));
     out
+}
+
+/// etcd on a control plane: the protocol's static flags, then the config's extra flags
+/// (which win); the member's own settings come from the environment file machined
+/// writes before it asks for the start. Ready once its client port accepts.
+pub fn etcd(config: &MachineConfig) -> ServiceSpec {
+    let mut args = etcd_proto::static_flags();
+    args.extend(
+        config
+            .cluster
+            .etcd
+            .extra_args
+            .iter()
+            .map(|(k, v)| format!("--{k}={v}")),
+    );
+    ServiceSpec {
+        name: etcd_proto::SERVICE.into(),
+        program: "/usr/bin/etcd".into(),
+        args,
+        env: service_env(),
+        env_file: Some(etcd_proto::ENV_FILE.into()),
+        depends_on: Vec::new(),
+        start_after: Vec::new(),
+        readiness: Readiness::Tcp(std::net::SocketAddr::from((
+            [127, 0, 0, 1],
+            etcd_proto::CLIENT_PORT,
+        ))),
+        ready_timeout: Duration::from_secs(120),
+        autostart: false,
+        stop_timeout: Duration::from_secs(30),
+    }
 }
 
 /// How long an extension service gets between `SIGTERM` and `SIGKILL`.
@@ -149,6 +168,7 @@ pub fn extension(service: &ExtensionService) -> ServiceSpec {
         program,
         args: command.cloned().collect(),
         env,
+        env_file: None,
         depends_on: service.depends_on.clone(),
         start_after: Vec::new(),
         readiness: Readiness::Started,
@@ -166,6 +186,7 @@ pub fn machined() -> ServiceSpec {
         program: MACHINED.into(),
         args: Vec::new(),
         env: service_env(),
+        env_file: None,
         depends_on: Vec::new(),
         start_after: vec![CONTAINERD.into()],
         readiness: Readiness::Started,

@@ -760,6 +760,7 @@ mod tests {
             program: format!("/usr/bin/{name}").into(),
             args: Vec::new(),
             env: Vec::new(),
+            env_file: None,
             depends_on: deps.iter().map(|d| d.to_string()).collect(),
             start_after: Vec::new(),
             readiness,

@@ -1,5 +1,5 @@
 //! Readiness checks: whether a started service is ready, as its [`Readiness`] says (a
-//! Unix socket that accepts, an HTTP/2 server that answers), and the wait for it that
+//! Unix socket or a TCP port that accepts, an HTTP/2 server that answers), and the wait for it that
 //! the runner starts after each spawn.
 
 use std::path::Path;
@@ -29,6 +29,16 @@ pub async fn check(readiness: &Readiness) -> Result<(), String> {
             .await
             .map(drop)
             .map_err(|e| format!("cannot connect to {}: {e}", path.display())),
+        Readiness::Tcp(addr) => {
+            match tokio::time::timeout(CHECK_TIMEOUT, tokio::net::TcpStream::connect(addr)).await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(format!("cannot connect to {addr}: {e}")),
+                Err(_) => Err(format!(
+                    "{addr} accepted no connection within {} s",
+                    CHECK_TIMEOUT.as_secs()
+                )),
+            }
+        }
         Readiness::Http2Socket(path) => {
             match tokio::time::timeout(CHECK_TIMEOUT, http2_hello(path)).await {
                 Ok(result) => result,
@@ -148,6 +158,14 @@ mod tests {
             )
             .await;
             assert!(late.is_err_and(|e| e.starts_with("not ready within 0 s")));
+
+            // A TCP port: ready once something listens there, not before.
+            let tcp = std::net::TcpListener::bind("127.0.0.1:0")?;
+            let addr = tcp.local_addr()?;
+            assert_eq!(check(&Readiness::Tcp(addr)).await, Ok(()));
+            drop(tcp);
+            let closed = check(&Readiness::Tcp(addr)).await;
+            assert!(closed.is_err_and(|e| e.contains(&addr.to_string())));
             Ok(())
         })
     }

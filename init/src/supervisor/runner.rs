@@ -66,6 +66,14 @@ pub enum SpawnError {
     /// The output pipe could not be made.
     #[error("cannot create its output pipe: {0}")]
     Pipe(String),
+    /// Its environment file could not be read, or holds a line that is not `KEY=VALUE`.
+    #[error("its environment file {path}: {reason}")]
+    EnvFile {
+        /// The file.
+        path: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// `fork`/`exec` failed.
     #[error("cannot run {program}: {reason}")]
     Exec {
@@ -265,9 +273,14 @@ pub fn spawn(spec: &ServiceSpec) -> Result<(u32, OwnedFd), SpawnError> {
     let write2 = write
         .try_clone()
         .map_err(|e| SpawnError::Pipe(e.to_string()))?;
+    let from_file = match &spec.env_file {
+        Some(path) => read_env_file(path)?,
+        None => Vec::new(),
+    };
     let env: BTreeMap<&str, &str> = spec
         .env
         .iter()
+        .chain(&from_file)
         .map(|(k, v)| (k.as_str(), v.as_str()))
         .collect();
     let mut cmd = Command::new(&spec.program);
@@ -287,6 +300,38 @@ pub fn spawn(spec: &ServiceSpec) -> Result<(u32, OwnedFd), SpawnError> {
     // sees end-of-file when the service's last process closes its copy.
     drop(cmd);
     Ok((child.id(), read))
+}
+
+/// A service's environment file, read at each start: `KEY=VALUE` lines (the value is
+/// everything after the first `=`, taken as it is), blank lines and `#` comments skipped.
+/// Its variables are added to (and override) the spec's.
+fn read_env_file(path: &std::path::Path) -> Result<Vec<(String, String)>, SpawnError> {
+    let shown = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| SpawnError::EnvFile {
+        path: shown.clone(),
+        reason: e.to_string(),
+    })?;
+    parse_env(&text).map_err(|reason| SpawnError::EnvFile {
+        path: shown,
+        reason,
+    })
+}
+
+fn parse_env(text: &str) -> Result<Vec<(String, String)>, String> {
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        if line.trim().is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let Some((key, value)) = line.split_once('=') else {
+            return Err(format!("line {}: not KEY=VALUE: {line:?}", n + 1));
+        };
+        if key.is_empty() || !key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            return Err(format!("line {}: {key:?} is not a variable name", n + 1));
+        }
+        out.push((key.to_owned(), value.to_owned()));
+    }
+    Ok(out)
 }
 
 /// The supervisor on the host with real child processes (`/bin/sleep`, `/bin/false`,
@@ -339,6 +384,7 @@ mod tests {
             program: path,
             args: args.iter().map(|a| a.to_string()).collect(),
             env: vec![("PATH".into(), "/usr/bin:/bin".into())],
+            env_file: None,
             depends_on: Vec::new(),
             start_after: Vec::new(),
             readiness: Readiness::Started,
@@ -572,5 +618,37 @@ mod tests {
                 "keelson-init: service sleep restarts in 0.1 s (failure 1)"
             ]
         );
+    }
+
+    #[test]
+    #[allow(clippy::disallowed_methods)] // the test's own file in its temporary directory
+    fn an_env_file_adds_its_variables_and_a_bad_one_is_a_spawn_failure() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("svc.env");
+        std::fs::write(
+            &file,
+            "# etcd\n\nETCD_NAME=cp-1\nETCD_INITIAL_CLUSTER=a=https://10.5.0.2:2380,b=x\n",
+        )
+        .unwrap();
+        assert_eq!(
+            read_env_file(&file).unwrap(),
+            [
+                ("ETCD_NAME".to_owned(), "cp-1".to_owned()),
+                (
+                    "ETCD_INITIAL_CLUSTER".to_owned(),
+                    "a=https://10.5.0.2:2380,b=x".to_owned()
+                ),
+            ]
+        );
+        assert_eq!(
+            parse_env("JUST TEXT"),
+            Err("line 1: not KEY=VALUE: \"JUST TEXT\"".to_owned())
+        );
+        assert!(parse_env("A-B=1").is_err());
+        let mut spec = program("sh", &[]);
+        spec.program = "/bin/true".into();
+        spec.env_file = Some(dir.path().join("missing.env"));
+        let err = spawn(&spec).unwrap_err().to_string();
+        assert!(err.contains("missing.env"), "{err}");
     }
 }

@@ -11,6 +11,8 @@ pub enum Readiness {
     Started,
     /// Ready when its Unix socket accepts a connection.
     UnixSocket(PathBuf),
+    /// Ready when a TCP port accepts a connection (etcd's client port on loopback).
+    Tcp(std::net::SocketAddr),
     /// Ready when an HTTP/2 (gRPC) server answers on its Unix socket: the client preface
     /// and a SETTINGS frame are sent and the server's SETTINGS frame must come back.
     Http2Socket(PathBuf),
@@ -25,8 +27,12 @@ pub struct ServiceSpec {
     pub program: PathBuf,
     /// Arguments after the program name.
     pub args: Vec<String>,
-    /// The whole environment it gets.
+    /// The environment it gets.
     pub env: Vec<(String, String)>,
+    /// A file of `KEY=VALUE` lines read at each start and added to `env` (etcd's
+    /// cluster settings, which machined writes before it asks for the start); a start
+    /// without it fails as a spawn failure does.
+    pub env_file: Option<PathBuf>,
     /// Services that must be ready before it starts.
     pub depends_on: Vec<String>,
     /// Ordering only, for its first start: it starts once each of these is ready, or is
