@@ -8,8 +8,10 @@
 //! | [`backend`] | what machined asks of PID 1, over init's control socket |
 //! | [`node`] | node facts from `/proc`, `/sys`, `/dev/kmsg` |
 //! | [`containerd`] | containers, images and image import through containerd's API |
+//! | [`timesync`] | SNTP time sync from the config's `time_servers`: steps the clock, keeps a status |
 
 pub mod backend;
 pub mod containerd;
 pub mod node;
 pub mod server;
+pub mod timesync;
