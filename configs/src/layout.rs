@@ -203,6 +203,15 @@ pub const CMDLINE_CONFIG_URL: &str = "keelson.config";
 /// The TCP port of the node API (machined), as Talos uses 50000.
 pub const API_PORT: u16 = 50000;
 
+/// Where a control plane keeps the cluster's certificates and keys, as kubeadm does.
+pub const KUBERNETES_PKI_DIR: &str = "/etc/kubernetes/pki";
+/// etcd's data directory, on EPHEMERAL.
+pub const ETCD_DATA_DIR: &str = "/var/lib/etcd";
+/// The TCP port etcd serves its clients on.
+pub const ETCD_CLIENT_PORT: u16 = 2379;
+/// The TCP port etcd members talk to each other on.
+pub const ETCD_PEER_PORT: u16 = 2380;
+
 /// The systemd-boot loader entry file name for a slot, with a boot counter when
 /// `tries_left` is given (`keelson-a+3-0.conf`), following the Boot Loader Specification.
 pub fn loader_entry_name(slot: Slot, tries_left: Option<u32>) -> String {

@@ -11,6 +11,9 @@
 //!   `digitalSignature, keyEncipherment`, extended key usage `clientAuth` and/or `serverAuth`,
 //!   subject and authority key identifiers, and DNS/IP subject alternative names.
 //!
+//! A control plane's etcd member gets kubeadm's four etcd leaves ([`etcd_certificates`]),
+//! laid out as kubeadm writes them under `/etc/kubernetes/pki` ([`EtcdCertificates::files`]).
+//!
 //! `notBefore` is backdated by five minutes, as kubeadm does, so that a node whose clock lags
 //! slightly still accepts a fresh certificate. Serial numbers are 128 random bits.
 //!
@@ -370,6 +373,140 @@ pub fn issue_api_client(
             usage: Usage::Client,
         },
     )
+}
+
+/// The common name of etcd's healthcheck client certificate (kubeadm's).
+pub const ETCD_HEALTHCHECK_CLIENT_CN: &str = "kube-etcd-healthcheck-client";
+/// The common name of the API server's etcd client certificate (kubeadm's).
+pub const APISERVER_ETCD_CLIENT_CN: &str = "kube-apiserver-etcd-client";
+
+/// The file mode of a certificate others may read (the etcd CA's).
+const MODE_PUBLIC: u32 = 0o644;
+/// The file mode of every private key and every leaf certificate.
+const MODE_PRIVATE: u32 = 0o600;
+
+/// The leaf certificates a stacked etcd member needs, issued from the etcd CA as kubeadm's
+/// certs phase issues them (since Kubernetes 1.29, neither client carries an Organization).
+/// `Debug` never prints the keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdCertificates {
+    /// etcd's serving certificate (`etcd/server`): CN the node name, `serverAuth` and
+    /// `clientAuth` (etcd 3.2 and later want both), SANs from [`etcd_sans`].
+    pub server: CertAndKey,
+    /// etcd's peer certificate (`etcd/peer`): as the server's.
+    pub peer: CertAndKey,
+    /// The client certificate of health checks and `etcdctl` (`etcd/healthcheck-client`):
+    /// CN `kube-etcd-healthcheck-client`, `clientAuth`.
+    pub healthcheck_client: CertAndKey,
+    /// The API server's client certificate (`apiserver-etcd-client`): CN
+    /// `kube-apiserver-etcd-client`, `clientAuth`.
+    pub apiserver_etcd_client: CertAndKey,
+}
+
+/// One file of the control plane's PKI directory, [`crate::layout::KUBERNETES_PKI_DIR`].
+/// `Debug` prints the path and mode only: the content may be a private key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PkiFile {
+    /// The path relative to [`crate::layout::KUBERNETES_PKI_DIR`], e.g. `etcd/server.key`.
+    pub path: &'static str,
+    /// The PEM content.
+    pub content: String,
+    /// The permission bits the file is created with.
+    pub mode: u32,
+}
+
+impl fmt::Debug for PkiFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PkiFile")
+            .field("path", &self.path)
+            .field("mode", &format_args!("{:#o}", self.mode))
+            .finish_non_exhaustive()
+    }
+}
+
+impl EtcdCertificates {
+    /// The files kubeadm's layout puts them in, with the etcd CA's certificate `ca_cert`:
+    /// `etcd/ca.crt` (0644), then each leaf's `.crt` and `.key` (0600).
+    pub fn files(&self, ca_cert: &str) -> Vec<PkiFile> {
+        let file = |path, content: &str, mode| PkiFile {
+            path,
+            content: content.to_owned(),
+            mode,
+        };
+        vec![
+            file("etcd/ca.crt", ca_cert, MODE_PUBLIC),
+            file("etcd/server.crt", &self.server.cert, MODE_PRIVATE),
+            file("etcd/server.key", &self.server.key, MODE_PRIVATE),
+            file("etcd/peer.crt", &self.peer.cert, MODE_PRIVATE),
+            file("etcd/peer.key", &self.peer.key, MODE_PRIVATE),
+            file(
+                "etcd/healthcheck-client.crt",
+                &self.healthcheck_client.cert,
+                MODE_PRIVATE,
+            ),
+            file(
+                "etcd/healthcheck-client.key",
+                &self.healthcheck_client.key,
+                MODE_PRIVATE,
+            ),
+            file(
+                "apiserver-etcd-client.crt",
+                &self.apiserver_etcd_client.cert,
+                MODE_PRIVATE,
+            ),
+            file(
+                "apiserver-etcd-client.key",
+                &self.apiserver_etcd_client.key,
+                MODE_PRIVATE,
+            ),
+        ]
+    }
+}
+
+/// The subject alternative names of etcd's server and peer certificates: the node name,
+/// `localhost`, the node's advertised addresses, `127.0.0.1` and `::1`, each once.
+pub fn etcd_sans(node_name: &str, addresses: &[IpAddr]) -> Vec<String> {
+    let loopbacks = [
+        IpAddr::from(std::net::Ipv4Addr::LOCALHOST),
+        IpAddr::from(std::net::Ipv6Addr::LOCALHOST),
+    ];
+    let names = [node_name.to_owned(), "localhost".to_owned()];
+    let ips = addresses.iter().chain(&loopbacks).map(IpAddr::to_string);
+    let mut sans: Vec<String> = Vec::new();
+    for san in names.into_iter().chain(ips) {
+        if !sans.iter().any(|s| s.eq_ignore_ascii_case(&san)) {
+            sans.push(san);
+        }
+    }
+    sans
+}
+
+/// Issues the etcd leaf certificates of the control plane `node_name`, whose etcd
+/// advertises `addresses`, from the etcd CA `ca`. Each has a fresh key.
+pub fn etcd_certificates(
+    ca: &CertAndKey,
+    node_name: &str,
+    addresses: &[IpAddr],
+) -> Result<EtcdCertificates, PkiError> {
+    let sans = etcd_sans(node_name, addresses);
+    let member = LeafRequest {
+        common_name: node_name.to_owned(),
+        organizations: Vec::new(),
+        sans,
+        usage: Usage::ClientAndServer,
+    };
+    let client = |common_name: &str| LeafRequest {
+        common_name: common_name.to_owned(),
+        organizations: Vec::new(),
+        sans: Vec::new(),
+        usage: Usage::Client,
+    };
+    Ok(EtcdCertificates {
+        server: issue(ca, &member)?,
+        peer: issue(ca, &member)?,
+        healthcheck_client: issue(ca, &client(ETCD_HEALTHCHECK_CLIENT_CN))?,
+        apiserver_etcd_client: issue(ca, &client(APISERVER_ETCD_CLIENT_CN))?,
+    })
 }
 
 /// Generates the Kubernetes service-account signing key: an ECDSA P-256 PKCS#8 PEM key,

@@ -63,6 +63,7 @@
 //!
 //! [cluster.etcd]                   # control planes only
 //! advertised_subnets = ["10.5.0.0/24"]
+//! endpoints = ["10.5.0.2", "10.5.0.3", "10.5.0.4"]   # the cluster's etcd (port 2379 unless given); default: cluster.endpoint's host
 //!
 //! [cluster.secrets]
 //! bootstrap_token = "abcdef.0123456789abcdef"
@@ -97,6 +98,8 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
+
+use crate::values::ValueError;
 
 pub use crate::values::{
     Base64Key, CertificatePem, Endpoint, FileMode, KubernetesVersion, MacAddr, PrivateKeyPem,
@@ -438,6 +441,29 @@ pub struct Cluster {
     pub secrets: Secrets,
 }
 
+impl Cluster {
+    /// Where this control plane looks for the cluster's etcd: each entry of
+    /// `etcd.endpoints` as (host, port), each once, or the host of `endpoint` on
+    /// [`crate::layout::ETCD_CLIENT_PORT`] when there are none. Entries that do not parse
+    /// are left out (a checked config has none).
+    pub fn etcd_join_endpoints(&self) -> Vec<(String, u16)> {
+        if self.etcd.endpoints.is_empty() {
+            return vec![(self.endpoint.host.clone(), crate::layout::ETCD_CLIENT_PORT)];
+        }
+        let mut out: Vec<(String, u16)> = Vec::new();
+        for endpoint in &self.etcd.endpoints {
+            if let Ok(parsed) = parse_etcd_endpoint(endpoint)
+                && !out
+                    .iter()
+                    .any(|(h, p)| h.eq_ignore_ascii_case(&parsed.0) && *p == parsed.1)
+            {
+                out.push(parsed);
+            }
+        }
+        out
+    }
+}
+
 fn default_pod_subnets() -> Vec<IpNet> {
     vec![IpNet::V4(ipnet::Ipv4Net::new_assert(
         [10, 244, 0, 0].into(),
@@ -480,6 +506,88 @@ pub struct Etcd {
     /// Extra etcd flags, by name without dashes.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub extra_args: BTreeMap<String, String>,
+    /// Where this control plane looks for the cluster's etcd, to join it and to refuse a
+    /// second bootstrap: each an IP address or DNS name, with `:port` optional (default
+    /// 2379; IPv6 in brackets when a port is given). Empty means the host of
+    /// `cluster.endpoint`. Each entry follows [`parse_etcd_endpoint`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub endpoints: Vec<String>,
+}
+
+/// One entry of `cluster.etcd.endpoints`: `HOST` or `HOST:PORT`, where HOST is an IP
+/// address or a DNS name and an IPv6 address with a port is in brackets (`[fd00::2]:2379`).
+/// Gives the host (an address in its canonical form, without brackets) and the port,
+/// [`crate::layout::ETCD_CLIENT_PORT`] when none is given.
+pub fn parse_etcd_endpoint(s: &str) -> Result<(String, u16), ValueError> {
+    const FORMS: &str = "write an address or a name, with an optional port, like 10.5.0.2, cp-1.example.com:2379, fd00::2 or [fd00::2]:2379";
+    let bad = |what: &str| ValueError {
+        message: format!("{} {what}", crate::values::quote(s)),
+        hint: Some(FORMS.into()),
+    };
+    if s.is_empty() {
+        return Err(ValueError {
+            message: "the endpoint is empty".into(),
+            hint: Some(FORMS.into()),
+        });
+    }
+    if let Some((scheme, _)) = s.split_once("://") {
+        return Err(ValueError {
+            message: format!(
+                "{} is a URL (its scheme is {})",
+                crate::values::quote(s),
+                crate::values::quote(scheme)
+            ),
+            hint: Some(format!(
+                "give the host and port alone (etcd is always reached over TLS); {FORMS}"
+            )),
+        });
+    }
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Ok((ip.to_string(), crate::layout::ETCD_CLIENT_PORT));
+    }
+    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+        let Some((host, after)) = rest.split_once(']') else {
+            return Err(bad("has no closing `]`"));
+        };
+        if host.parse::<std::net::Ipv6Addr>().is_err() {
+            return Err(bad("has something other than an IPv6 address in brackets"));
+        }
+        match after.strip_prefix(':') {
+            Some(port) => (host, Some(port)),
+            None if after.is_empty() => (host, None),
+            None => return Err(bad("has something other than `:PORT` after `]`")),
+        }
+    } else {
+        match s.rsplit_once(':') {
+            Some((host, _)) if host.contains(':') => {
+                return Err(bad(
+                    "is not an IPv6 address; with a port, an IPv6 address goes in brackets",
+                ));
+            }
+            Some((host, port)) => (host, Some(port)),
+            None => (s, None),
+        }
+    };
+    let port = match port {
+        None => crate::layout::ETCD_CLIENT_PORT,
+        Some(p) => match p.parse::<u16>() {
+            Ok(n) if n > 0 && p.bytes().all(|b| b.is_ascii_digit()) => n,
+            _ => {
+                return Err(bad(&format!(
+                    "has an invalid port {}; use a port from 1 to 65535",
+                    crate::values::quote(p)
+                )));
+            }
+        },
+    };
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return Ok((ip.to_string(), port));
+    }
+    crate::values::check_host(host).map_err(|err| ValueError {
+        message: err.message,
+        hint: Some(FORMS.into()),
+    })?;
+    Ok((host.to_owned(), port))
 }
 
 /// A CA certificate, with its private key on control planes.

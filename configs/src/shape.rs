@@ -363,7 +363,12 @@ const KUBELET_ARTIFACTS: &[Field] = &[
     ),
 ];
 
-const ETCD: &[Field] = &[opt("advertised_subnets", SUBNETS), opt("extra_args", FLAGS)];
+/// Each of `endpoints` is parsed in `validate`, which also finds duplicates.
+const ETCD: &[Field] = &[
+    opt("advertised_subnets", SUBNETS),
+    opt("extra_args", FLAGS),
+    opt("endpoints", Shape::Array(&STR)),
+];
 
 const SECRETS: &[Field] = &[
     req(

@@ -9,8 +9,9 @@
 //! 4. the cleaned document is deserialized into [`MachineConfig`], and the checks that
 //!    relate several values run on it: overlapping networks, duplicate interfaces, the
 //!    secrets each node type must and must not carry, the rules of the [`Mode`],
-//!    warnings when a kubelet prerequisite is turned off, and extension services (names,
-//!    commands, environments, dependencies on known services without cycles).
+//!    warnings when a kubelet prerequisite is turned off, etcd endpoints (each parsed,
+//!    none twice), and extension services (names, commands, environments, dependencies
+//!    on known services without cycles).
 //!
 //! A config is valid when no diagnostic is an error; warnings do not block it.
 
@@ -25,6 +26,7 @@ use toml::de::DeTable;
 use crate::diagnostics::{Diagnostic, Location, Report, Severity};
 use crate::schema::{
     BUILTIN_SERVICES, DEFAULT_KERNEL_MODULES, DEFAULT_SYSCTLS, MachineConfig, MachineType, Swap,
+    parse_etcd_endpoint,
 };
 use crate::shape::{Sink, key_path};
 
@@ -205,6 +207,7 @@ fn semantic(config: &MachineConfig, mode: Mode, sink: &mut Sink<'_>) {
     mode_rules(config, mode, sink);
     prerequisites(config, sink);
     kubelet_and_etcd(config, sink);
+    etcd_endpoints(config, sink);
     files(config, sink);
     services(config, sink);
 }
@@ -680,6 +683,32 @@ fn kubelet_and_etcd(config: &MachineConfig, sink: &mut Sink<'_>) {
             "etcd settings are ignored on workers".into(),
             Some("remove [cluster.etcd] from worker configs".into()),
         );
+    }
+}
+
+fn etcd_endpoints(config: &MachineConfig, sink: &mut Sink<'_>) {
+    let mut seen: Vec<((String, u16), String)> = Vec::new();
+    for (i, endpoint) in config.cluster.etcd.endpoints.iter().enumerate() {
+        let p = format!("cluster.etcd.endpoints[{i}]");
+        match parse_etcd_endpoint(endpoint) {
+            Err(err) => sink.report(Severity::Error, &p, &[], err.message, err.hint),
+            Ok((host, port)) => {
+                let first = seen
+                    .iter()
+                    .find(|((h, o), _)| h.eq_ignore_ascii_case(&host) && *o == port);
+                if let Some((_, first)) = first {
+                    sink.report(
+                        Severity::Error,
+                        &p,
+                        &[first],
+                        format!("{host} port {port} is already listed at {first}"),
+                        Some("list each etcd endpoint once".into()),
+                    );
+                } else {
+                    seen.push(((host, port), p));
+                }
+            }
+        }
     }
 }
 

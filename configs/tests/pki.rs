@@ -688,3 +688,207 @@ fn unreadable_and_non_utf8_secrets_files_are_clear_errors() {
     assert!(err.to_string().contains("not UTF-8"), "{err}");
     assert!(err.to_string().contains("offset 12"), "{err}");
 }
+
+/// What `openssl x509 -noout -subject -ext subjectAltName,extendedKeyUsage` prints for
+/// the certificate at `path`, as one line: the subject, then each extension's value.
+fn openssl_subject_sans_usages(path: &Path) -> String {
+    let out = Command::new("openssl")
+        .args(["x509", "-noout", "-subject", "-ext"])
+        .arg("subjectAltName,extendedKeyUsage")
+        .arg("-in")
+        .arg(path)
+        .output()
+        .expect("run openssl x509");
+    assert!(
+        out.status.success(),
+        "openssl x509 {}: {}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).expect("utf-8");
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with("X509v3"))
+        .collect();
+    lines.join(" | ")
+}
+
+#[test]
+fn etcd_certificates_verify_with_openssl_and_match_kubeadm() {
+    let ca = pki::generate_ca(ca_names::ETCD).expect("etcd CA");
+    let ip = |s: &str| s.parse::<std::net::IpAddr>().expect("ip");
+    // An address given twice and a loopback among the addresses each appear once.
+    let addresses = [
+        ip("10.5.0.2"),
+        ip("fd00::2"),
+        ip("10.5.0.2"),
+        ip("127.0.0.1"),
+    ];
+    let certs = pki::etcd_certificates(&ca, "cp-1", &addresses).expect("issue");
+
+    // The files, written as a node writes them, with their modes.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let files = certs.files(&ca.cert);
+    let listed: Vec<(&str, u32)> = files.iter().map(|f| (f.path, f.mode)).collect();
+    assert_eq!(
+        listed,
+        [
+            ("etcd/ca.crt", 0o644),
+            ("etcd/server.crt", 0o600),
+            ("etcd/server.key", 0o600),
+            ("etcd/peer.crt", 0o600),
+            ("etcd/peer.key", 0o600),
+            ("etcd/healthcheck-client.crt", 0o600),
+            ("etcd/healthcheck-client.key", 0o600),
+            ("apiserver-etcd-client.crt", 0o600),
+            ("apiserver-etcd-client.key", 0o600),
+        ]
+    );
+    for file in &files {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let path = dir.path().join(file.path);
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(file.mode)
+            .open(&path)
+            .and_then(|mut f| f.write_all(file.content.as_bytes()))
+            .expect("write");
+    }
+    let ca_file = dir.path().join("etcd/ca.crt");
+
+    let member_sans = "DNS:cp-1, DNS:localhost, IP Address:10.5.0.2, IP Address:FD00:0:0:0:0:0:0:2, IP Address:127.0.0.1, IP Address:0:0:0:0:0:0:0:1";
+    let both = "TLS Web Server Authentication, TLS Web Client Authentication";
+    let client = "TLS Web Client Authentication";
+    let expected = [
+        (
+            "etcd/server",
+            &certs.server,
+            format!("subject=CN = cp-1 | {member_sans} | {both}"),
+        ),
+        (
+            "etcd/peer",
+            &certs.peer,
+            format!("subject=CN = cp-1 | {member_sans} | {both}"),
+        ),
+        (
+            "etcd/healthcheck-client",
+            &certs.healthcheck_client,
+            format!("subject=CN = kube-etcd-healthcheck-client | {client}"),
+        ),
+        (
+            "apiserver-etcd-client",
+            &certs.apiserver_etcd_client,
+            format!("subject=CN = kube-apiserver-etcd-client | {client}"),
+        ),
+    ];
+    for (name, pair, openssl_view) in &expected {
+        let crt = dir.path().join(format!("{name}.crt"));
+        let key = dir.path().join(format!("{name}.key"));
+        assert_eq!(std::fs::read_to_string(&crt).expect("read"), pair.cert);
+        assert_eq!(std::fs::read_to_string(&key).expect("read"), pair.key);
+        let purposes: &[&str] = if name.ends_with("client") {
+            &["sslclient"]
+        } else {
+            &["sslserver", "sslclient"]
+        };
+        for purpose in purposes {
+            let out = Command::new("openssl")
+                .args(["verify", "-x509_strict", "-purpose", purpose, "-CAfile"])
+                .arg(&ca_file)
+                .arg(&crt)
+                .output()
+                .expect("run openssl verify");
+            assert!(
+                out.status.success() && String::from_utf8_lossy(&out.stdout).contains(": OK"),
+                "openssl verify -purpose {purpose} {name}: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        assert_eq!(
+            &openssl_subject_sans_usages(&crt),
+            openssl_view,
+            "{name}: subject, SANs and extended key usages"
+        );
+        let safe_name = name.replace('/', "-");
+        openssl_key_matches(dir.path(), &safe_name, pair);
+    }
+
+    // The client certificates are not server certificates.
+    let out = Command::new("openssl")
+        .args(["verify", "-purpose", "sslserver", "-CAfile"])
+        .arg(&ca_file)
+        .arg(dir.path().join("etcd/healthcheck-client.crt"))
+        .output()
+        .expect("run openssl verify");
+    assert!(!out.status.success(), "a client certificate serves TLS");
+
+    // The same checks through a real X.509 parser (key usages, identifiers, validity).
+    let member = |cn| Expect {
+        common_name: cn,
+        days: 365,
+        key_encipherment: true,
+        client_auth: true,
+        server_auth: true,
+        dns_sans: vec!["cp-1", "localhost"],
+        ip_sans: vec![ip("10.5.0.2"), ip("fd00::2"), ip("127.0.0.1"), ip("::1")],
+        ..Expect::default()
+    };
+    let client = |cn| Expect {
+        common_name: cn,
+        days: 365,
+        key_encipherment: true,
+        client_auth: true,
+        ..Expect::default()
+    };
+    check(&certs.server.cert, &ca.cert, &member("cp-1"));
+    check(&certs.peer.cert, &ca.cert, &member("cp-1"));
+    check(
+        &certs.healthcheck_client.cert,
+        &ca.cert,
+        &client("kube-etcd-healthcheck-client"),
+    );
+    check(
+        &certs.apiserver_etcd_client.cert,
+        &ca.cert,
+        &client("kube-apiserver-etcd-client"),
+    );
+    assert_ne!(
+        certs.server.key, certs.peer.key,
+        "each leaf has its own key"
+    );
+
+    // Debug shows no key.
+    let shown = format!("{certs:?} {files:?}");
+    assert!(!shown.contains("PRIVATE KEY"), "{shown}");
+    assert!(shown.contains("etcd/server.key"), "{shown}");
+}
+
+#[test]
+fn etcd_sans_list_each_name_once() {
+    let ip = |s: &str| s.parse::<std::net::IpAddr>().expect("ip");
+    assert_eq!(
+        pki::etcd_sans("cp-1", &[]),
+        ["cp-1", "localhost", "127.0.0.1", "::1"]
+    );
+    assert_eq!(
+        pki::etcd_sans("localhost", &[ip("::1"), ip("10.5.0.3"), ip("10.5.0.3")]),
+        ["localhost", "::1", "10.5.0.3", "127.0.0.1"]
+    );
+}
+
+#[test]
+fn etcd_certificates_refuse_a_bad_node_name() {
+    let ca = pki::generate_ca(ca_names::ETCD).expect("etcd CA");
+    for bad in ["", "cp 1", "cp_1;"] {
+        let err = pki::etcd_certificates(&ca, bad, &[]).expect_err(bad);
+        assert!(
+            err.to_string().contains("subject alternative name"),
+            "{bad:?}: {err}"
+        );
+    }
+}

@@ -1329,3 +1329,120 @@ fn mutated_and_random_inputs_never_panic() {
     assert_sane(deep.as_bytes());
     assert_sane(format!("a = {}", "[".repeat(100_000)).as_bytes());
 }
+
+/// `CP` with `cluster.etcd.endpoints = [ENTRIES]` on line 61.
+fn with_etcd_endpoints(entries: &str) -> String {
+    edit(
+        CP,
+        &[(
+            "extra_args = { \"snapshot-count\" = \"10000\" }\n",
+            &format!(
+                "extra_args = {{ \"snapshot-count\" = \"10000\" }}\nendpoints = [{entries}]\n"
+            ),
+        )],
+    )
+}
+
+#[test]
+fn etcd_endpoints_are_checked_one_by_one() {
+    let cases: Vec<(&str, &str, &str)> = vec![
+        // name, entries, expected diagnostics
+        (
+            "addresses, names, ports and IPv6",
+            r#""10.5.0.2", "cp-2.example.com:2379", "fd00::4", "[fd00::5]:12379", "[fd00::6]""#,
+            "",
+        ),
+        (
+            "a URL",
+            r#""https://10.5.0.2:2379""#,
+            r#"
+cp.toml:61:14: error: cluster.etcd.endpoints[0]: "https://10.5.0.2:2379" is a URL (its scheme is "https") (give the host and port alone (etcd is always reached over TLS); write an address or a name, with an optional port, like 10.5.0.2, cp-1.example.com:2379, fd00::2 or [fd00::2]:2379)
+"#,
+        ),
+        (
+            "an empty string",
+            r#""10.5.0.2", """#,
+            r#"
+cp.toml:61:26: error: cluster.etcd.endpoints[1]: the endpoint is empty (write an address or a name, with an optional port, like 10.5.0.2, cp-1.example.com:2379, fd00::2 or [fd00::2]:2379)
+"#,
+        ),
+        (
+            "bad ports",
+            r#""10.5.0.2:0", "10.5.0.3:65536", "10.5.0.4:", "cp-1:+5""#,
+            r#"
+cp.toml:61:14: error: cluster.etcd.endpoints[0]: "10.5.0.2:0" has an invalid port "0"; use a port from 1 to 65535 (write an address or a name, with an optional port, like 10.5.0.2, cp-1.example.com:2379, fd00::2 or [fd00::2]:2379)
+cp.toml:61:28: error: cluster.etcd.endpoints[1]: "10.5.0.3:65536" has an invalid port "65536"; use a port from 1 to 65535 (write an address or a name, with an optional port, like 10.5.0.2, cp-1.example.com:2379, fd00::2 or [fd00::2]:2379)
+cp.toml:61:46: error: cluster.etcd.endpoints[2]: "10.5.0.4:" has an invalid port ""; use a port from 1 to 65535 (write an address or a name, with an optional port, like 10.5.0.2, cp-1.example.com:2379, fd00::2 or [fd00::2]:2379)
+cp.toml:61:59: error: cluster.etcd.endpoints[3]: "cp-1:+5" has an invalid port "+5"; use a port from 1 to 65535 (write an address or a name, with an optional port, like 10.5.0.2, cp-1.example.com:2379, fd00::2 or [fd00::2]:2379)
+"#,
+        ),
+        (
+            "bad names and IPv6 forms",
+            r#""cp_1", "-cp", "fd00::5:2379:x", "[fd00::5", "[cp-1]:2379", "[fd00::5]2379""#,
+            r#"
+cp.toml:61:14: error: cluster.etcd.endpoints[0]: "cp_1" is not an IP address or a DNS name: '_' is not allowed (write an address or a name, with an optional port, like 10.5.0.2, cp-1.example.com:2379, fd00::2 or [fd00::2]:2379)
+cp.toml:61:22: error: cluster.etcd.endpoints[1]: "-cp" is not an IP address or a DNS name: label "-cp" starts or ends with '-' (write an address or a name, with an optional port, like 10.5.0.2, cp-1.example.com:2379, fd00::2 or [fd00::2]:2379)
+cp.toml:61:29: error: cluster.etcd.endpoints[2]: "fd00::5:2379:x" is not an IPv6 address; with a port, an IPv6 address goes in brackets (write an address or a name, with an optional port, like 10.5.0.2, cp-1.example.com:2379, fd00::2 or [fd00::2]:2379)
+cp.toml:61:47: error: cluster.etcd.endpoints[3]: "[fd00::5" has no closing `]` (write an address or a name, with an optional port, like 10.5.0.2, cp-1.example.com:2379, fd00::2 or [fd00::2]:2379)
+cp.toml:61:59: error: cluster.etcd.endpoints[4]: "[cp-1]:2379" has something other than an IPv6 address in brackets (write an address or a name, with an optional port, like 10.5.0.2, cp-1.example.com:2379, fd00::2 or [fd00::2]:2379)
+cp.toml:61:74: error: cluster.etcd.endpoints[5]: "[fd00::5]2379" has something other than `:PORT` after `]` (write an address or a name, with an optional port, like 10.5.0.2, cp-1.example.com:2379, fd00::2 or [fd00::2]:2379)
+"#,
+        ),
+        (
+            "the same endpoint twice",
+            r#""10.5.0.2", "10.5.0.2:2379", "CP-1.example.com", "cp-1.example.com""#,
+            r#"
+cp.toml:61:26: error: cluster.etcd.endpoints[1]: 10.5.0.2 port 2379 is already listed at cluster.etcd.endpoints[0] (list each etcd endpoint once)
+cp.toml:61:63: error: cluster.etcd.endpoints[3]: cp-1.example.com port 2379 is already listed at cluster.etcd.endpoints[2] (list each etcd endpoint once)
+"#,
+        ),
+        (
+            "not an array of strings",
+            r#"2379"#,
+            r#"
+cp.toml:61:14: error: cluster.etcd.endpoints[0]: expected a string, found an integer (put the value in quotes)
+"#,
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (name, entries, expected) in &cases {
+        if let Err(why) = check(&with_etcd_endpoints(entries), Mode::Metal, expected) {
+            failures.push(format!("--- {name}\n{why}"));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases failed:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn etcd_join_endpoints_default_to_the_cluster_endpoint_host() {
+    let join = |input: &str| {
+        let config = check_str(input, "cp.toml", Mode::Metal)
+            .into_result()
+            .unwrap_or_else(|r| panic!("{r}"));
+        config.cluster.etcd_join_endpoints()
+    };
+    let endpoint_host = check_str(CP, "cp.toml", Mode::Metal)
+        .config
+        .unwrap()
+        .cluster
+        .endpoint
+        .host;
+    assert_eq!(join(CP), [(endpoint_host, 2379)]);
+    assert_eq!(
+        join(&with_etcd_endpoints(
+            r#""10.5.0.2", "cp-2.example.com:12379", "[fd00:0::5]:2380", "fd00::6""#
+        )),
+        [
+            ("10.5.0.2".to_string(), 2379),
+            ("cp-2.example.com".to_string(), 12379),
+            ("fd00::5".to_string(), 2380),
+            ("fd00::6".to_string(), 2379),
+        ]
+    );
+}
