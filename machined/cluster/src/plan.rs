@@ -106,6 +106,13 @@ pub fn plan(
 }
 
 impl Plan {
+    /// The control planes, in order; the first is the one `create` bootstraps.
+    pub fn control_planes(&self) -> impl Iterator<Item = &NodePlan> {
+        self.nodes
+            .iter()
+            .filter(|n| n.role == MachineType::ControlPlane)
+    }
+
     /// The control-plane endpoint the configs carry: the first control plane, port 6443.
     pub fn endpoint(&self) -> String {
         let cp = self.nodes.first().map_or(self.gateway, |n| n.address);
@@ -135,13 +142,34 @@ pub fn node_patch(plan: &Plan, node: &NodePlan, kind: NetworkKind) -> String {
         ));
     }
     if node.role == MachineType::ControlPlane {
+        // Every control plane looks for the cluster's etcd at every control plane: to
+        // join it as a learner, and to refuse a second bootstrap.
+        let endpoints: Vec<String> = plan
+            .control_planes()
+            .map(|cp| format!("\"{}\"", cp.address))
+            .collect();
+        // etcd's defaults (a heartbeat every 100 ms, an election after 1 s without one)
+        // assume a real CPU. Local clusters often run under software emulation (TCG) on
+        // a loaded 2-core host, where a member can stall for longer than a second: with
+        // the defaults the followers keep calling elections and the leader flaps. Ten
+        // times slower timers keep one leader there and only slow fail-over down.
         out.push_str(&format!(
-            "\n[cluster.etcd]\nadvertised_subnets = [\"{}\"]\n",
-            plan.cidr
+            "\n[cluster.etcd]\nadvertised_subnets = [\"{cidr}\"]\nendpoints = [{endpoints}]\n\n\
+             [cluster.etcd.extra_args]\nheartbeat-interval = \"{ETCD_HEARTBEAT_MS}\"\n\
+             election-timeout = \"{ETCD_ELECTION_TIMEOUT_MS}\"\n",
+            cidr = plan.cidr,
+            endpoints = endpoints.join(", "),
         ));
     }
     out
 }
+
+/// etcd's heartbeat interval in local clusters, milliseconds (etcd's default: 100).
+pub const ETCD_HEARTBEAT_MS: u32 = 500;
+
+/// etcd's election timeout in local clusters, milliseconds (etcd's default: 1000; etcd
+/// wants at least five heartbeats).
+pub const ETCD_ELECTION_TIMEOUT_MS: u32 = 5000;
 
 #[cfg(test)]
 mod tests {
@@ -197,11 +225,72 @@ mod tests {
         assert!(err.to_string().contains("too small"), "{err}");
     }
 
+    /// A control plane's etcd looks for both control planes and runs with slow timers; a
+    /// worker has no etcd settings of ours.
+    fn check_etcd(role: MachineType, etcd: &toml::Value) {
+        let strings = |key: &str| -> Vec<String> {
+            etcd.get(key)
+                .and_then(toml::Value::as_array)
+                .map(|a| a.iter().map(|v| v.as_str().unwrap().to_owned()).collect())
+                .unwrap_or_default()
+        };
+        let arg = |name: &str| {
+            etcd.get("extra_args")
+                .and_then(|a| a.get(name))
+                .and_then(toml::Value::as_str)
+                .map(str::to_owned)
+        };
+        match role {
+            MachineType::ControlPlane => {
+                assert_eq!(strings("endpoints"), ["10.5.0.2", "10.5.0.3"]);
+                assert_eq!(strings("advertised_subnets"), ["10.5.0.0/24"]);
+                assert_eq!(arg("heartbeat-interval").as_deref(), Some("500"));
+                assert_eq!(arg("election-timeout").as_deref(), Some("5000"));
+            }
+            MachineType::Worker => {
+                assert!(strings("endpoints").is_empty(), "{etcd}");
+                assert_eq!(arg("election-timeout"), None);
+            }
+        }
+    }
+
+    #[test]
+    fn every_control_plane_looks_for_etcd_at_every_control_plane() {
+        let p = plan("demo", 3, 2, "10.5.0.0/24".parse().unwrap()).unwrap();
+        let cps: Vec<String> = p.control_planes().map(|n| n.name.clone()).collect();
+        assert_eq!(
+            cps,
+            [
+                "demo-controlplane-1",
+                "demo-controlplane-2",
+                "demo-controlplane-3"
+            ]
+        );
+        for node in &p.nodes {
+            let patch: toml::Table = node_patch(&p, node, NetworkKind::Namespace)
+                .parse()
+                .unwrap();
+            let endpoints = patch
+                .get("cluster")
+                .and_then(|c| c.get("etcd"))
+                .and_then(|e| e.get("endpoints"));
+            match node.role {
+                MachineType::ControlPlane => assert_eq!(
+                    endpoints.unwrap().as_array().unwrap(),
+                    &["10.5.0.2", "10.5.0.3", "10.5.0.4"]
+                        .map(toml::Value::from)
+                        .to_vec()
+                ),
+                MachineType::Worker => assert!(endpoints.is_none(), "{patch}"),
+            }
+        }
+    }
+
     #[test]
     fn node_patches_are_valid_configs() {
         use keelson_configs::generate::{GenerateOptions, generate};
         use keelson_configs::patch::Patch;
-        let p = plan("demo", 1, 1, "10.5.0.0/24".parse().unwrap()).unwrap();
+        let p = plan("demo", 2, 1, "10.5.0.0/24".parse().unwrap()).unwrap();
         let secrets = keelson_configs::secrets::ClusterSecrets::generate().unwrap();
         for kind in [NetworkKind::Namespace, NetworkKind::User] {
             for node in &p.nodes {
@@ -217,13 +306,21 @@ mod tests {
                     MachineType::Worker => options.worker_patches.push(patch),
                 }
                 let generated = generate(&options, &secrets).unwrap();
-                let config = match node.role {
-                    MachineType::ControlPlane => generated.control_plane.config,
-                    MachineType::Worker => generated.worker.config,
+                let (config, text) = match node.role {
+                    MachineType::ControlPlane => {
+                        (generated.control_plane.config, generated.control_plane.text)
+                    }
+                    MachineType::Worker => (generated.worker.config, generated.worker.text),
                 };
                 assert_eq!(config.machine.hostname.as_deref(), Some(node.name.as_str()));
                 let want = if kind == NetworkKind::User { 2 } else { 1 };
                 assert_eq!(config.machine.network.interfaces.len(), want);
+                // Read back from the text: what the node is given.
+                let etcd = text.parse::<toml::Table>().unwrap()["cluster"]
+                    .get("etcd")
+                    .cloned()
+                    .unwrap_or_else(|| toml::Value::Table(toml::Table::new()));
+                check_etcd(node.role, &etcd);
             }
         }
     }
