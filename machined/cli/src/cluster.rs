@@ -17,6 +17,7 @@ use super::output::{Format, Records, render};
 use keelson_api::clientconfig;
 use keelson_cluster::create::{NodeState, Progress};
 use keelson_cluster::plan::NetworkKind;
+use keelson_cluster::record::Record;
 use keelson_cluster::{self as cluster, CreateOptions};
 
 /// `machinectl cluster ...`.
@@ -24,7 +25,8 @@ use keelson_cluster::{self as cluster, CreateOptions};
 pub enum ClusterCommand {
     /// Create a local cluster: generate its configs, boot one QEMU VM per node (KVM when
     /// it works, software emulation otherwise) and wait until every node is healthy;
-    /// then merge a context for it into the client config.
+    /// then merge a context for it into the client config, bootstrap etcd on the first
+    /// control plane and wait until etcd is healthy on every control plane.
     Create(Box<CreateArgs>),
     /// Stop a cluster's VMs and remove every trace of it (processes, network namespace,
     /// bridge, taps, disks, state directory, its client context).
@@ -111,6 +113,14 @@ pub struct CreateArgs {
     /// How long to wait for every node to be healthy (90s, 20m, ...).
     #[arg(long, default_value = "20m", value_parser = parse_duration)]
     pub wait: Duration,
+    /// Do not bootstrap etcd: the control planes wait for `machinectl bootstrap` on one
+    /// of them.
+    #[arg(long)]
+    pub no_bootstrap: bool,
+    /// How long after the bootstrap to wait for etcd to be healthy on every control
+    /// plane (10m, 90s, ...).
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    pub etcd_wait: Duration,
 }
 
 /// `--name`.
@@ -203,47 +213,72 @@ fn human(d: Duration) -> String {
 /// Prints the nodes' states: redrawn in place on a terminal, a line per change otherwise.
 #[derive(Debug, Default)]
 struct Display {
+    /// The lines of the last table drawn on the terminal (0 once anything else printed).
     drawn: usize,
-    last: Vec<(String, NodeState)>,
+    /// Each node's last state as news (see [`kind`]), without a terminal.
+    last: Vec<(String, String)>,
     tty: bool,
 }
 
 impl Display {
     fn show(&mut self, p: Progress) {
-        let mut err = std::io::stderr().lock();
         match p {
-            Progress::Step(text) => {
-                let _ = writeln!(err, "cluster: {text}");
-            }
+            Progress::Step(text) => self.line(&format!("cluster: {text}")),
             Progress::Accel(accel, why) => {
-                let _ = writeln!(err, "cluster: accelerator {}: {why}", accel.name());
+                self.line(&format!("cluster: accelerator {}: {why}", accel.name()));
             }
             Progress::Nodes(elapsed, nodes) => {
-                if self.tty {
-                    if self.drawn > 0 {
-                        let _ = write!(err, "\x1b[{}A", self.drawn);
-                    }
-                    for (name, state) in &nodes {
-                        let line = format!("[{:>6}] {name}: {state}", human(elapsed));
-                        // One terminal line per node, so that the redraw stays in place.
-                        let _ = writeln!(err, "\x1b[2K{}", fit(&line, 150));
-                    }
-                    self.drawn = nodes.len();
-                } else {
-                    for (name, state) in &nodes {
-                        let changed = self
-                            .last
-                            .iter()
-                            .find(|(n, _)| n == name)
-                            .is_none_or(|(_, s)| !same_kind(s, state));
-                        if changed {
-                            let _ = writeln!(err, "[{:>6}] {name}: {state}", human(elapsed));
-                        }
-                    }
-                }
-                self.last = nodes;
+                let rows = nodes
+                    .iter()
+                    .map(|(name, state)| (name, state.to_string(), kind(state)))
+                    .collect::<Vec<_>>();
+                self.table(elapsed, &rows);
+            }
+            Progress::Etcd(elapsed, nodes) => {
+                let rows = nodes
+                    .iter()
+                    .map(|(name, state)| (name, state.to_string(), state.to_string()))
+                    .collect::<Vec<_>>();
+                self.table(elapsed, &rows);
             }
         }
+    }
+
+    /// A line of its own: a later table is drawn below it.
+    fn line(&mut self, text: &str) {
+        let _ = writeln!(std::io::stderr().lock(), "{text}");
+        self.drawn = 0;
+    }
+
+    /// One row per node: (name, state, what counts as news without a terminal).
+    fn table(&mut self, elapsed: Duration, rows: &[(&String, String, String)]) {
+        let mut err = std::io::stderr().lock();
+        if self.tty {
+            if self.drawn > 0 {
+                let _ = write!(err, "\x1b[{}A", self.drawn);
+            }
+            for (name, state, _) in rows {
+                let line = format!("[{:>6}] {name}: {state}", human(elapsed));
+                // One terminal line per node, so that the redraw stays in place.
+                let _ = writeln!(err, "\x1b[2K{}", fit(&line, 150));
+            }
+            self.drawn = rows.len();
+        } else {
+            for (name, state, kind) in rows {
+                let changed = self
+                    .last
+                    .iter()
+                    .find(|(n, _)| n == *name)
+                    .is_none_or(|(_, k)| k != kind);
+                if changed {
+                    let _ = writeln!(err, "[{:>6}] {name}: {state}", human(elapsed));
+                }
+            }
+        }
+        self.last = rows
+            .iter()
+            .map(|(name, _, kind)| ((*name).clone(), kind.clone()))
+            .collect();
     }
 }
 
@@ -255,12 +290,12 @@ fn fit(line: &str, max: usize) -> String {
     }
 }
 
-/// Whether two states would print the same line without a terminal: a booting node's
-/// connection error changes with every poll and is not news.
-fn same_kind(a: &NodeState, b: &NodeState) -> bool {
-    match (a, b) {
-        (NodeState::Booting(_), NodeState::Booting(_)) => true,
-        _ => a == b,
+/// What of a node's state is news without a terminal: a booting node's connection error
+/// changes with every poll and is not.
+fn kind(state: &NodeState) -> String {
+    match state {
+        NodeState::Booting(_) => "booting".into(),
+        other => other.to_string(),
     }
 }
 
@@ -293,6 +328,8 @@ fn create(args: &CreateArgs, machineconfig: Option<&Path>) -> anyhow::Result<Exi
         client_config: client_config.clone(),
         helper_exe: std::env::current_exe()
             .context("cannot find machinectl's own executable to run the cluster helper")?,
+        bootstrap: !args.no_bootstrap,
+        etcd_wait: args.etcd_wait,
     };
     let mut display = Display {
         tty: std::io::stderr().is_terminal(),
@@ -307,8 +344,13 @@ fn create(args: &CreateArgs, machineconfig: Option<&Path>) -> anyhow::Result<Exi
         Some(ns) => format!("network namespace {ns}, {}", r.cidr),
         None => format!("user-mode network, {}", r.cidr),
     };
+    let etcd = if r.etcd_bootstrapped {
+        format!("etcd healthy on {cps} control plane(s)")
+    } else {
+        "etcd not bootstrapped".to_owned()
+    };
     println!(
-        "cluster {} is healthy after {}: {cps} control plane(s), {workers} worker(s) ({} under {}; {net})",
+        "cluster {} is healthy after {}: {cps} control plane(s), {workers} worker(s), {etcd} ({} under {}; {net})",
         r.name,
         human(started.elapsed()),
         r.arch,
@@ -335,13 +377,33 @@ fn create(args: &CreateArgs, machineconfig: Option<&Path>) -> anyhow::Result<Exi
          machinectl{flag} health\n  \
          machinectl{flag} get neighbours\n  \
          machinectl{flag} --nodes {first} services\n  \
+         machinectl{flag} --nodes {first} etcd members\n  \
          machinectl cluster show --name {name}\n  \
          machinectl cluster destroy --name {name}",
         created.context,
         client_config.display(),
         name = r.name,
     );
+    if !r.etcd_bootstrapped {
+        println!("\n{}", bootstrap_by_hand(r, &flag));
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// What to run to bootstrap etcd by hand (after `create --no-bootstrap`).
+fn bootstrap_by_hand(r: &Record, flag: &str) -> String {
+    match r.nodes.iter().find(|n| n.role == "controlplane") {
+        Some(cp) => format!(
+            "etcd is not bootstrapped (--no-bootstrap): every control plane waits for it. Start it on {name} ({address}) with:\n  \
+             machinectl{flag} --nodes {api} bootstrap\n\
+             then watch the other control planes join with:\n  \
+             machinectl{flag} --nodes {api} etcd members",
+            name = cp.name,
+            address = cp.address,
+            api = cp.api,
+        ),
+        None => "etcd is not bootstrapped (--no-bootstrap), and the cluster has no control plane to bootstrap it on".to_owned(),
+    }
 }
 
 fn destroy(name: &str) -> anyhow::Result<ExitCode> {
@@ -462,6 +524,50 @@ mod tests {
                 .unwrap_err()
                 .contains("unknown unit")
         );
+    }
+
+    #[test]
+    fn a_cluster_left_unbootstrapped_says_how_to_bootstrap_it() {
+        use keelson_cluster::record::{NodeRecord, Record};
+        let node = |name: &str, role: &str, address: &str, api: &str| NodeRecord {
+            name: name.into(),
+            role: role.into(),
+            address: address.parse().unwrap(),
+            mac: String::new(),
+            api: api.into(),
+            tap: None,
+            pid: None,
+        };
+        let record = Record {
+            name: "demo".into(),
+            arch: "amd64".into(),
+            accel: "tcg".into(),
+            network: keelson_cluster::plan::NetworkKind::User,
+            namespace: None,
+            cidr: "10.5.0.0/24".into(),
+            gateway: "10.5.0.1".parse().unwrap(),
+            image: "keelson.raw".into(),
+            created: 0,
+            helper_pid: None,
+            client_config: None,
+            context: None,
+            etcd_bootstrapped: false,
+            nodes: vec![
+                node(
+                    "demo-controlplane-1",
+                    "controlplane",
+                    "10.5.0.2",
+                    "127.0.0.1:40001",
+                ),
+                node("demo-worker-1", "worker", "10.5.0.3", "127.0.0.1:40002"),
+            ],
+        };
+        let text = super::bootstrap_by_hand(&record, " --machineconfig m.toml");
+        assert!(
+            text.contains("machinectl --machineconfig m.toml --nodes 127.0.0.1:40001 bootstrap"),
+            "{text}"
+        );
+        assert!(text.contains("demo-controlplane-1 (10.5.0.2)"), "{text}");
     }
 
     #[test]

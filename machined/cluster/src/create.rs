@@ -2,7 +2,8 @@
 //! the configs (as `gen config` does, one per node with its static address), make a qcow2
 //! overlay and fresh UEFI variables per node, set up the network, start every VM
 //! detached (config through `fw_cfg`), then wait until every node's API answers and it
-//! is healthy.
+//! is healthy; then (unless asked not to) bootstrap etcd and wait for it on every control
+//! plane ([`bootstrap`](super::bootstrap)).
 //!
 //! Order matters for clean-up: the directory and the record come first, and every later
 //! resource is either inside the directory, named after the cluster (the namespace), or a
@@ -26,6 +27,7 @@ use keelson_configs::pki::{self, Role};
 use keelson_configs::schema::MachineType;
 use keelson_configs::secrets::ClusterSecrets;
 
+use super::bootstrap::{self, EtcdState};
 use super::helper::{self, READY_FILE};
 use super::netns;
 use super::plan::{self, NetworkKind, Plan};
@@ -65,6 +67,10 @@ pub struct CreateOptions {
     pub client_config: PathBuf,
     /// The `machinectl` executable, run detached as the cluster's helper.
     pub helper_exe: PathBuf,
+    /// Whether to bootstrap etcd on the first control plane once every node is healthy.
+    pub bootstrap: bool,
+    /// How long after the bootstrap to wait for etcd on every control plane.
+    pub etcd_wait: Duration,
 }
 
 /// What `create` reports as it goes.
@@ -76,6 +82,8 @@ pub enum Progress {
     Accel(Accel, String),
     /// Each node's state while waiting, with the time since the VMs started.
     Nodes(Duration, Vec<(String, NodeState)>),
+    /// Each control plane's etcd while waiting, with the time since the bootstrap.
+    Etcd(Duration, Vec<(String, EtcdState)>),
 }
 
 /// A node's state while `create` waits.
@@ -211,6 +219,7 @@ pub fn create(
         helper_pid: None,
         client_config: None,
         context: None,
+        etcd_bootstrapped: false,
         nodes: Vec::new(),
     };
     for (i, node) in plan.nodes.iter().enumerate() {
@@ -349,7 +358,7 @@ pub fn create(
     } else {
         ClientConfig::default()
     };
-    let names = merged.merge(ClientConfig::single(&options.name, context));
+    let names = merged.merge(ClientConfig::single(&options.name, context.clone()));
     let context_name = names
         .first()
         .map_or_else(|| options.name.clone(), |m| m.to.clone());
@@ -359,6 +368,20 @@ pub fn create(
     record.client_config = Some(options.client_config.clone());
     record.context = Some(context_name.clone());
     record.save(&dir)?;
+
+    // The context is merged first: a cluster whose etcd does not form is left for
+    // inspection with machinectl.
+    if options.bootstrap {
+        let target = bootstrap::Target {
+            cluster: &options.name,
+            dir: &dir,
+            record: &record,
+            context: &context,
+        };
+        bootstrap::bootstrap_and_wait(&target, &mut children, options.etcd_wait, progress)?;
+        record.etcd_bootstrapped = true;
+        record.save(&dir)?;
+    }
     Ok(Created {
         dir,
         record,
@@ -663,17 +686,7 @@ fn wait_healthy(
         .map(|_| NodeState::Booting("starting".into()))
         .collect();
     loop {
-        for (i, child) in children.iter_mut().enumerate() {
-            if let Ok(Some(status)) = child.try_wait() {
-                let name = record.nodes.get(i).map_or("?", |n| n.name.as_str());
-                return Err(ClusterError::NodeDied {
-                    cluster: cluster.to_owned(),
-                    node: name.to_owned(),
-                    status: status.to_string(),
-                    tail: node_tail(&node_dir(dir, name), super::CONSOLE_TAIL_LINES),
-                });
-            }
-        }
+        check_running(cluster, dir, record, children)?;
         let polls: Vec<_> = record
             .nodes
             .iter()
@@ -733,6 +746,27 @@ fn wait_healthy(
     }
 }
 
+/// Fails with the console's tail if any node's VM has stopped.
+pub(crate) fn check_running(
+    cluster: &str,
+    dir: &Path,
+    record: &Record,
+    children: &mut [Child],
+) -> Result<(), ClusterError> {
+    for (i, child) in children.iter_mut().enumerate() {
+        if let Ok(Some(status)) = child.try_wait() {
+            let name = record.nodes.get(i).map_or("?", |n| n.name.as_str());
+            return Err(ClusterError::NodeDied {
+                cluster: cluster.to_owned(),
+                node: name.to_owned(),
+                status: status.to_string(),
+                tail: node_tail(&node_dir(dir, name), super::CONSOLE_TAIL_LINES),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// One look at a node: version (the API answers), then health.
 async fn poll_node(connector: &Connector, api: &str) -> NodeState {
     let attempt = async {
@@ -777,7 +811,7 @@ async fn poll_node(connector: &Connector, api: &str) -> NodeState {
 }
 
 /// The first line of an error, at most 100 characters (progress lines stay short).
-fn short(text: &str) -> String {
+pub(crate) fn short(text: &str) -> String {
     let line = text.lines().next().unwrap_or_default();
     match line.char_indices().nth(100) {
         Some((i, _)) => format!("{}...", &line[..i]),

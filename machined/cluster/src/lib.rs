@@ -12,6 +12,7 @@
 //! | [`netns`] | as root: the namespace, its bridge and taps |
 //! | [`helper`] | the detached helper: API forwarder (root) or Ethernet switch (rootless) |
 //! | [`create`](mod@create) | generating configs, disks, networking, starting the VMs, waiting for health |
+//! | [`bootstrap`] | bootstrapping etcd on the first control plane, waiting for it on every control plane |
 //! | [`manage`] | `destroy`, `list`, `show` |
 //!
 //! Networking. As root the nodes share a bridge inside the network namespace
@@ -21,6 +22,7 @@
 //! loopback port per node to the node's API. Either way machinectl reaches node N at
 //! `127.0.0.1:PORT_N` and nothing leaves the host.
 
+pub mod bootstrap;
 pub mod create;
 pub mod helper;
 pub mod manage;
@@ -132,6 +134,34 @@ pub enum ClusterError {
         status: String,
         /// The console's last lines (and QEMU's stderr).
         tail: String,
+    },
+    /// The first control plane refused the bootstrap for good.
+    #[error(
+        "the etcd bootstrap on {node} was refused: {message}\n(the cluster is left running: `machinectl --nodes {api} health` shows the node's state; remove the cluster with `machinectl cluster destroy --name {cluster}`)"
+    )]
+    BootstrapRefused {
+        /// Cluster name.
+        cluster: String,
+        /// The control plane asked.
+        node: String,
+        /// Its API address.
+        api: String,
+        /// What it said.
+        message: String,
+    },
+    /// etcd did not form on every control plane in time.
+    #[error(
+        "etcd was not healthy on every control plane {seconds} s after the bootstrap:\n{report}\n(the cluster is left running: `machinectl --nodes {api} etcd members` and `machinectl --nodes {api} health` show a node's view, `machinectl cluster show --name {cluster}` each console log; remove it with `machinectl cluster destroy --name {cluster}`, or wait longer with --etcd-wait)"
+    )]
+    EtcdTimeout {
+        /// Cluster name.
+        cluster: String,
+        /// How long we waited.
+        seconds: u64,
+        /// Each control plane not ready and why, with its console tail.
+        report: String,
+        /// The API address of the first one not ready.
+        api: String,
     },
     /// Not every node became healthy in time.
     #[error(

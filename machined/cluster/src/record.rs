@@ -93,6 +93,10 @@ pub struct Record {
     /// The context's name there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub context: Option<String>,
+    /// Whether `create` bootstrapped etcd and saw it healthy on every control plane
+    /// (false with `--no-bootstrap`, and while or if that fails).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub etcd_bootstrapped: bool,
     /// The nodes, control planes first.
     pub nodes: Vec<NodeRecord>,
 }
@@ -184,6 +188,7 @@ mod tests {
             helper_pid: None,
             client_config: None,
             context: None,
+            etcd_bootstrapped: true,
             nodes: vec![NodeRecord {
                 name: "demo-controlplane-1".into(),
                 role: "controlplane".into(),
