@@ -151,7 +151,7 @@ pub fn node_patch(plan: &Plan, node: &NodePlan, kind: NetworkKind) -> String {
         // etcd's defaults (a heartbeat every 100 ms, an election after 1 s without one)
         // assume a real CPU. Local clusters often run under software emulation (TCG) on
         // a loaded 2-core host, where a member can stall for longer than a second: with
-        // the defaults the followers keep calling elections and the leader flaps. Ten
+        // the defaults the followers keep calling elections and the leader flaps. Five
         // times slower timers keep one leader there and only slow fail-over down.
         out.push_str(&format!(
             "\n[cluster.etcd]\nadvertised_subnets = [\"{cidr}\"]\nendpoints = [{endpoints}]\n\n\
