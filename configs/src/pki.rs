@@ -149,11 +149,14 @@ pub enum Role {
     Operator,
     /// Read-only: logs, dmesg, status, get.
     Reader,
+    /// Outside the ladder: etcd snapshots and nothing else (for backup jobs), as Talos's
+    /// `os:etcd:backup`.
+    EtcdBackup,
 }
 
 impl Role {
-    /// Every role, most powerful first.
-    pub const ALL: [Role; 3] = [Role::Admin, Role::Operator, Role::Reader];
+    /// Every role, most powerful first (etcd:backup, which may only take snapshots, last).
+    pub const ALL: [Role; 4] = [Role::Admin, Role::Operator, Role::Reader, Role::EtcdBackup];
 
     /// The Organization value that carries this role in a client certificate.
     pub fn organization(self) -> &'static str {
@@ -161,6 +164,7 @@ impl Role {
             Role::Admin => "keelson:admin",
             Role::Operator => "keelson:operator",
             Role::Reader => "keelson:reader",
+            Role::EtcdBackup => "keelson:etcd:backup",
         }
     }
 
@@ -169,12 +173,14 @@ impl Role {
         Role::ALL.into_iter().find(|r| r.organization() == org)
     }
 
-    /// The short name used on the command line: `admin`, `operator`, `reader`.
+    /// The short name used on the command line: `admin`, `operator`, `reader`,
+    /// `etcd:backup`.
     pub fn name(self) -> &'static str {
         match self {
             Role::Admin => "admin",
             Role::Operator => "operator",
             Role::Reader => "reader",
+            Role::EtcdBackup => "etcd:backup",
         }
     }
 }
@@ -192,7 +198,9 @@ impl FromStr for Role {
         Role::ALL
             .into_iter()
             .find(|r| r.name() == s || r.organization() == s)
-            .ok_or_else(|| format!("unknown role {s:?}; expected one of admin, operator, reader"))
+            .ok_or_else(|| {
+                format!("unknown role {s:?}; expected one of admin, operator, reader, etcd:backup")
+            })
     }
 }
 

@@ -48,18 +48,24 @@ pub fn apply_mode_name(mode: proto::ApplyMode) -> &'static str {
 }
 
 /// How the roles rank: admin can do everything an operator can, who can do everything a
-/// reader can.
+/// reader can. etcd:backup is outside the ladder (below reader): it may call only the
+/// methods whose row names it in `also`.
 pub fn rank(role: Role) -> u8 {
     match role {
+        Role::EtcdBackup => 0,
         Role::Reader => 1,
         Role::Operator => 2,
         Role::Admin => 3,
     }
 }
 
-/// Whether `have` may call a method that needs `need`.
+/// Whether `have` may do what needs `need`: a role on the ladder reaches everything
+/// below it; etcd:backup reaches only what needs etcd:backup.
 pub fn allows(have: Role, need: Role) -> bool {
-    rank(have) >= rank(need)
+    match have {
+        Role::EtcdBackup => need == Role::EtcdBackup,
+        _ => rank(have) >= rank(need),
+    }
 }
 
 /// One row of the access table.
@@ -69,10 +75,28 @@ pub struct MethodAccess {
     pub method: &'static str,
     /// The command-line name operators know it by (`apply-config`).
     pub command: &'static str,
-    /// The least role that may call it.
+    /// The least role on the ladder that may call it.
     pub role: Role,
+    /// Roles outside the ladder that may call it too (etcd:backup for snapshots).
+    pub also: &'static [Role],
     /// Whether a node in maintenance mode (no config, no client certificates) serves it.
     pub maintenance: bool,
+}
+
+impl MethodAccess {
+    /// Whether a caller with `role` may call this method.
+    pub fn allows(&self, role: Role) -> bool {
+        allows(role, self.role) || self.also.contains(&role)
+    }
+
+    /// The roles that may call it, for messages: `operator`, or `operator or etcd:backup`.
+    pub fn needs(&self) -> String {
+        std::iter::once(self.role)
+            .chain(self.also.iter().copied())
+            .map(Role::name)
+            .collect::<Vec<_>>()
+            .join(" or ")
+    }
 }
 
 const fn access(
@@ -85,6 +109,7 @@ const fn access(
         method,
         command,
         role,
+        also: &[],
         maintenance,
     }
 }
@@ -114,6 +139,33 @@ pub const ACCESS: &[MethodAccess] = &[
         false,
     ),
     access("Reset", "reset", Role::Admin, false),
+    access("Time", "time", Role::Reader, false),
+    access("Bootstrap", "bootstrap", Role::Admin, false),
+    access("EtcdMembers", "etcd members", Role::Reader, false),
+    access("EtcdStatus", "etcd status", Role::Reader, false),
+    access("EtcdAlarmList", "etcd alarm list", Role::Reader, false),
+    MethodAccess {
+        method: "EtcdSnapshot",
+        command: "etcd snapshot",
+        role: Role::Operator,
+        also: &[Role::EtcdBackup],
+        maintenance: false,
+    },
+    access("EtcdDefrag", "etcd defrag", Role::Operator, false),
+    access(
+        "EtcdAlarmDisarm",
+        "etcd alarm disarm",
+        Role::Operator,
+        false,
+    ),
+    access(
+        "EtcdForfeitLeadership",
+        "etcd forfeit-leadership",
+        Role::Operator,
+        false,
+    ),
+    access("EtcdLeave", "etcd leave", Role::Admin, false),
+    access("EtcdRemoveMember", "etcd remove-member", Role::Admin, false),
 ];
 
 /// The access table's row for a request path (`/keelson.machine.v1.Machine/Version`);
@@ -165,15 +217,42 @@ mod tests {
             "Get",
             "Read",
             "Containers",
+            "Time",
+            "EtcdMembers",
+            "EtcdStatus",
+            "EtcdAlarmList",
         ] {
             check(m, Role::Reader);
         }
-        for m in ["ServiceAction", "Reboot", "Shutdown", "ImageImport"] {
+        for m in [
+            "ServiceAction",
+            "Reboot",
+            "Shutdown",
+            "ImageImport",
+            "EtcdSnapshot",
+            "EtcdDefrag",
+            "EtcdAlarmDisarm",
+            "EtcdForfeitLeadership",
+        ] {
             check(m, Role::Operator);
         }
-        for m in ["ApplyConfig", "Reset", "ConfirmConfig"] {
+        for m in [
+            "ApplyConfig",
+            "Reset",
+            "ConfirmConfig",
+            "Bootstrap",
+            "EtcdLeave",
+            "EtcdRemoveMember",
+        ] {
             check(m, Role::Admin);
         }
+        // etcd:backup takes snapshots and does nothing else.
+        let backup: Vec<&str> = ACCESS
+            .iter()
+            .filter(|a| a.allows(Role::EtcdBackup))
+            .map(|a| a.method)
+            .collect();
+        assert_eq!(backup, ["EtcdSnapshot"]);
         let maintenance: Vec<&str> = ACCESS
             .iter()
             .filter(|a| a.maintenance)
@@ -188,6 +267,10 @@ mod tests {
         assert!(allows(Role::Operator, Role::Operator));
         assert!(!allows(Role::Reader, Role::Operator));
         assert!(!allows(Role::Operator, Role::Admin));
+        assert!(!allows(Role::EtcdBackup, Role::Reader));
+        assert!(
+            allows(Role::Admin, Role::EtcdBackup) && allows(Role::EtcdBackup, Role::EtcdBackup)
+        );
         assert_eq!(access_for_path("/other.Service/Version"), None);
         assert_eq!(access_for_path("/keelson.machine.v1.Machine/Nope"), None);
     }

@@ -7,11 +7,13 @@
 //! | [`server`] | modes, listener, authorization, handlers, apply-config |
 //! | [`backend`] | what machined asks of PID 1, over init's control socket |
 //! | [`node`] | node facts from `/proc`, `/sys`, `/dev/kmsg` |
+//! | [`etcd`] | a control plane's etcd member: certificates, bootstrap, joins as a learner, the `etcd` operations, leaving at reset |
 //! | [`containerd`] | containers, images and image import through containerd's API |
 //! | [`timesync`] | SNTP time sync from the config's `time_servers`: steps the clock, keeps a status |
 
 pub mod backend;
 pub mod containerd;
+pub mod etcd;
 pub mod node;
 pub mod server;
 pub mod timesync;

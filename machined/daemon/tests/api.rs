@@ -48,7 +48,10 @@ fn try_everything(
                         .await
                         .map(|_| ()),
                     "reboot" => c.reboot(proto::RebootRequest {}).await.map(|_| ()),
-                    _ => c.reset(proto::ResetRequest {}).await.map(|_| ()),
+                    _ => c
+                        .reset(proto::ResetRequest { force: false })
+                        .await
+                        .map(|_| ()),
                 };
                 r.map_err(|s| connector.status_error(&address, &s))
             }
@@ -161,6 +164,50 @@ fn the_security_matrix() {
     assert_eq!(
         node.state_config().as_deref(),
         Some(cluster.controlplane.as_str())
+    );
+
+    // etcd:backup takes snapshots and nothing else: every other call is refused before
+    // it reaches the node, and a snapshot passes the role check (this node's etcd is not
+    // running, which is what it then says).
+    let backup = cluster.connector(address, Role::EtcdBackup);
+    let results = try_everything(&backup, &node, &cluster);
+    let want = [
+        "permission denied: version needs role reader, your certificate has etcd:backup",
+        "permission denied: apply-config needs role admin, your certificate has etcd:backup",
+        "permission denied: reboot needs role operator, your certificate has etcd:backup",
+        "permission denied: reset needs role admin, your certificate has etcd:backup",
+    ];
+    for (r, want) in results.iter().zip(want) {
+        match r {
+            Err(ClientError::PermissionDenied(m)) => assert_eq!(m, want),
+            other => panic!("etcd:backup: {other:?}"),
+        }
+    }
+    let snapshot = rt().block_on(async {
+        let mut c = backup.connect(&address.to_string()).await.unwrap();
+        c.etcd_snapshot(proto::EtcdSnapshotRequest {})
+            .await
+            .map(|_| ())
+    });
+    let status = snapshot.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+    assert!(
+        status.message().contains("etcd does not run on this node"),
+        "{status:?}"
+    );
+    let reader_snapshot = rt().block_on(async {
+        let mut c = cluster
+            .connector(address, Role::Reader)
+            .connect(&address.to_string())
+            .await
+            .unwrap();
+        c.etcd_snapshot(proto::EtcdSnapshotRequest {})
+            .await
+            .map(|_| ())
+    });
+    assert_eq!(
+        reader_snapshot.unwrap_err().message(),
+        "permission denied: etcd snapshot needs role operator or etcd:backup, your certificate has reader"
     );
 
     // A reader can read logs.

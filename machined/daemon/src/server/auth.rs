@@ -70,15 +70,17 @@ pub fn decide(peer: &Peer, path: &str) -> Result<Option<Authorized>, Status> {
         }
         Peer::Client(caller) => match caller.role {
             None => Err(Status::permission_denied(format!(
-                "permission denied: {} needs role {}, your certificate (CN={:?}) carries no role (Organization keelson:admin, keelson:operator or keelson:reader)",
-                access.command, access.role, caller.user
+                "permission denied: {} needs role {}, your certificate (CN={:?}) carries no role (Organization keelson:admin, keelson:operator, keelson:reader or keelson:etcd:backup)",
+                access.command,
+                access.needs(),
+                caller.user
             ))),
-            Some(role) if !api::allows(role, access.role) => {
-                Err(Status::permission_denied(format!(
-                    "permission denied: {} needs role {}, your certificate has {}",
-                    access.command, access.role, role
-                )))
-            }
+            Some(role) if !access.allows(role) => Err(Status::permission_denied(format!(
+                "permission denied: {} needs role {}, your certificate has {}",
+                access.command,
+                access.needs(),
+                role
+            ))),
             Some(role) => Ok(Some(Authorized {
                 role: Some(role),
                 user: caller.user.clone(),

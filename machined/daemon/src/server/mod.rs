@@ -14,6 +14,7 @@
 
 pub mod apply;
 pub mod auth;
+pub mod etcd_api;
 pub mod identity;
 pub mod service;
 pub mod state;
@@ -34,7 +35,9 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 
 use crate::backend::NodeBackend;
+use crate::etcd::{EtcdNode, EtcdPaths};
 use crate::node::NodePaths;
+use crate::timesync::{Clock, SystemClock, TimeSync};
 use apply::Applier;
 use auth::{Authorize, Peer};
 use keelson_api::api::{MAX_MESSAGE_SIZE, proto::machine_server::MachineServer};
@@ -91,7 +94,7 @@ pub enum ServerError {
 }
 
 /// How machined is set up.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Options {
     /// Where to listen (`[::]:50000`).
     pub listen: SocketAddr,
@@ -105,6 +108,13 @@ pub struct Options {
     pub mode: Mode,
     /// Where node facts come from.
     pub paths: NodePaths,
+    /// Where etcd's data, settings and certificates go.
+    pub etcd_paths: EtcdPaths,
+    /// Whether the time sync and the etcd controller run: off in tests that serve the
+    /// API alone, which must not reach the config's time servers or control planes.
+    pub drive_cluster: bool,
+    /// The clock time sync steps.
+    pub clock: Arc<dyn Clock>,
 }
 
 impl Default for Options {
@@ -116,7 +126,20 @@ impl Default for Options {
             spool_dir: "/var/lib/machined/spool".into(),
             mode: Mode::Metal,
             paths: NodePaths::default(),
+            etcd_paths: EtcdPaths::default(),
+            drive_cluster: true,
+            clock: Arc::new(SystemClock),
         }
+    }
+}
+
+impl std::fmt::Debug for Options {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Options")
+            .field("listen", &self.listen)
+            .field("state_dir", &self.state_dir)
+            .field("mode", &self.mode)
+            .finish_non_exhaustive()
     }
 }
 
@@ -248,6 +271,7 @@ impl Bound {
                             sans.join(", ")
                         ))
                     });
+                    let (etcd, time) = cluster_services(&config, &backend, &options);
                     let applier = Arc::new(Applier::new(
                         store.clone(),
                         backend.clone(),
@@ -262,7 +286,8 @@ impl Bound {
                         backend.clone(),
                         applier.clone(),
                         None,
-                    );
+                    )
+                    .with_cluster(etcd, time);
                     let watch = watch_addresses(addresses, applier, hook);
                     tokio::select! {
                         () = &mut shutdown => {},
@@ -274,6 +299,38 @@ impl Bound {
             }
         }
     }
+}
+
+/// The clock's sync (from `machine.time_servers`) and, on a control plane, the etcd
+/// controller, both started. A control plane whose etcd cannot be driven (its CA
+/// missing) still serves the API, and says why in its log and in `bootstrap`.
+fn cluster_services(
+    config: &MachineConfig,
+    backend: &Arc<dyn NodeBackend>,
+    options: &Options,
+) -> (Option<EtcdNode>, TimeSync) {
+    let time = TimeSync::new(config.machine.time_servers.clone(), options.clock.clone());
+    if options.drive_cluster {
+        time.spawn();
+    }
+    let etcd = match EtcdNode::new(
+        config,
+        backend.clone(),
+        time.clone(),
+        options.etcd_paths.clone(),
+    ) {
+        Ok(etcd) => etcd,
+        Err(e) => {
+            tracing::error!(error = %e, "etcd cannot run on this node");
+            None
+        }
+    };
+    if let Some(etcd) = &etcd
+        && options.drive_cluster
+    {
+        etcd.spawn();
+    }
+    (etcd, time)
 }
 
 /// Reissues the certificate when the node's addresses change (DHCP after start-up).

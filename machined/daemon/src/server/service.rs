@@ -15,9 +15,13 @@ use tokio_stream::{Stream, StreamExt as _};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::backend::{BackendError, NodeBackend, Power, ServiceOp};
+use crate::etcd::EtcdNode;
+use crate::etcd::ops::ResetLeave;
 use crate::node::{NodePaths, files, health, kmsg, tables, version};
 use crate::server::apply::{Applier, ApplyError, ApplyRequest};
 use crate::server::auth::Authorized;
+use crate::server::etcd_api;
+use crate::timesync::TimeSync;
 use keelson_api::api::proto;
 use keelson_api::api::proto::machine_server::Machine;
 
@@ -43,6 +47,8 @@ pub struct NodeService {
     applier: Arc<Applier>,
     maintenance: bool,
     installed: Option<mpsc::Sender<()>>,
+    etcd: Option<EtcdNode>,
+    time: Option<TimeSync>,
 }
 
 impl std::fmt::Debug for NodeService {
@@ -73,7 +79,18 @@ impl NodeService {
             applier,
             maintenance: installed.is_some(),
             installed,
+            etcd: None,
+            time: None,
         }
+    }
+}
+
+impl NodeService {
+    /// The configured node's clock and, on a control plane, its etcd member.
+    pub fn with_cluster(mut self, etcd: Option<EtcdNode>, time: TimeSync) -> NodeService {
+        self.etcd = etcd;
+        self.time = Some(time);
+        self
     }
 }
 
@@ -174,6 +191,10 @@ impl Machine for NodeService {
             health::checks(&paths, config.as_ref(), services)
         })
         .await?;
+        let mut checks = checks;
+        if let Some(etcd) = &self.etcd {
+            checks.push(etcd.health().await);
+        }
         Ok(Response::new(proto::HealthResponse {
             healthy: checks.iter().all(|c| c.ok),
             checks: checks
@@ -582,13 +603,129 @@ impl Machine for NodeService {
 
     async fn reset(
         &self,
-        _req: Request<proto::ResetRequest>,
+        req: Request<proto::ResetRequest>,
     ) -> Result<Response<proto::PowerResponse>, Status> {
+        let force = req.into_inner().force;
+        // A control plane leaves etcd first, unless it is the last member; a leave that
+        // would break the quorum refuses the reset (without --force).
+        let left = match &self.etcd {
+            Some(etcd) => etcd.leave_for(force).await.map_err(etcd_api::status)?,
+            None => ResetLeave::NotAMember,
+        };
         let backend = self.backend.clone();
-        let message = blocking(move || backend.reset())
+        let mut message = blocking(move || backend.reset())
             .await?
             .map_err(backend_status)?;
+        if let ResetLeave::Left(how) = left {
+            message = format!("{how}; {message}");
+        }
         Ok(Response::new(proto::PowerResponse { message }))
+    }
+
+    async fn time(
+        &self,
+        _req: Request<proto::TimeRequest>,
+    ) -> Result<Response<proto::TimeResponse>, Status> {
+        Ok(Response::new(etcd_api::time(self.time.as_ref()).await))
+    }
+
+    async fn bootstrap(
+        &self,
+        req: Request<Streaming<proto::BootstrapRequest>>,
+    ) -> Result<Response<proto::BootstrapResponse>, Status> {
+        let etcd = etcd_api::node(self.etcd.as_ref())?;
+        let message = etcd_api::bootstrap(etcd, &self.spool_dir, req.into_inner()).await?;
+        Ok(Response::new(proto::BootstrapResponse { message }))
+    }
+
+    async fn etcd_members(
+        &self,
+        _req: Request<proto::EtcdMembersRequest>,
+    ) -> Result<Response<proto::EtcdMembersResponse>, Status> {
+        let etcd = etcd_api::node(self.etcd.as_ref())?;
+        let members = etcd.members().await.map_err(etcd_api::status)?;
+        Ok(Response::new(proto::EtcdMembersResponse {
+            members: members.iter().map(etcd_api::member).collect(),
+        }))
+    }
+
+    async fn etcd_status(
+        &self,
+        _req: Request<proto::EtcdStatusRequest>,
+    ) -> Result<Response<proto::EtcdStatusResponse>, Status> {
+        let etcd = etcd_api::node(self.etcd.as_ref())?;
+        Ok(Response::new(
+            etcd.status().await.map_err(etcd_api::status)?,
+        ))
+    }
+
+    type EtcdSnapshotStream = BoxStream<proto::EtcdSnapshotChunk>;
+
+    async fn etcd_snapshot(
+        &self,
+        _req: Request<proto::EtcdSnapshotRequest>,
+    ) -> Result<Response<Self::EtcdSnapshotStream>, Status> {
+        let etcd = etcd_api::node(self.etcd.as_ref())?;
+        let (tx, rx) = mpsc::channel(4);
+        etcd.snapshot(tx).await.map_err(etcd_api::status)?;
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn etcd_defrag(
+        &self,
+        _req: Request<proto::EtcdDefragRequest>,
+    ) -> Result<Response<proto::EtcdMessageResponse>, Status> {
+        let etcd = etcd_api::node(self.etcd.as_ref())?;
+        let message = etcd.defrag().await.map_err(etcd_api::status)?;
+        Ok(Response::new(proto::EtcdMessageResponse { message }))
+    }
+
+    async fn etcd_alarm_list(
+        &self,
+        _req: Request<proto::EtcdAlarmListRequest>,
+    ) -> Result<Response<proto::EtcdAlarmsResponse>, Status> {
+        let etcd = etcd_api::node(self.etcd.as_ref())?;
+        let alarms = etcd.alarms(false).await.map_err(etcd_api::status)?;
+        Ok(Response::new(proto::EtcdAlarmsResponse { alarms }))
+    }
+
+    async fn etcd_alarm_disarm(
+        &self,
+        _req: Request<proto::EtcdAlarmDisarmRequest>,
+    ) -> Result<Response<proto::EtcdAlarmsResponse>, Status> {
+        let etcd = etcd_api::node(self.etcd.as_ref())?;
+        let alarms = etcd.alarms(true).await.map_err(etcd_api::status)?;
+        Ok(Response::new(proto::EtcdAlarmsResponse { alarms }))
+    }
+
+    async fn etcd_leave(
+        &self,
+        _req: Request<proto::EtcdLeaveRequest>,
+    ) -> Result<Response<proto::EtcdMessageResponse>, Status> {
+        let etcd = etcd_api::node(self.etcd.as_ref())?;
+        let message = etcd.leave(false).await.map_err(etcd_api::status)?;
+        Ok(Response::new(proto::EtcdMessageResponse { message }))
+    }
+
+    async fn etcd_remove_member(
+        &self,
+        req: Request<proto::EtcdRemoveMemberRequest>,
+    ) -> Result<Response<proto::EtcdMessageResponse>, Status> {
+        let etcd = etcd_api::node(self.etcd.as_ref())?;
+        let message = etcd
+            .remove_member(&req.into_inner().id)
+            .await
+            .map_err(etcd_api::status)?;
+        Ok(Response::new(proto::EtcdMessageResponse { message }))
+    }
+
+    async fn etcd_forfeit_leadership(
+        &self,
+        _req: Request<proto::EtcdForfeitLeadershipRequest>,
+    ) -> Result<Response<proto::EtcdMessageResponse>, Status> {
+        let etcd = etcd_api::node(self.etcd.as_ref())?;
+        let message = etcd.forfeit_leadership().await.map_err(etcd_api::status)?;
+        Ok(Response::new(proto::EtcdMessageResponse { message }))
     }
 
     async fn containers(

@@ -18,6 +18,7 @@ use keelson_configs::generate::{GenerateOptions, generate};
 use keelson_configs::pki::{self, CertAndKey, Role};
 use keelson_configs::secrets::ClusterSecrets;
 use keelson_machined::backend::{RecordingBackend, ServiceView};
+use keelson_machined::etcd::EtcdPaths;
 use keelson_machined::node::NodePaths;
 use keelson_machined::server::{self, Options};
 
@@ -165,7 +166,8 @@ impl Node {
         Node::start_in(state, backend())
     }
 
-    /// Starts machined over an existing STATE directory.
+    /// Starts machined over an existing STATE directory. Its time sync and etcd controller
+    /// do not run: they would reach the config's servers, which are not on this host.
     pub fn start_in(state: tempfile::TempDir, backend: Arc<RecordingBackend>) -> Node {
         let os_release = state.path().join("os-release");
         std::fs::write(&os_release, "NAME=\"Keelson\"\nVERSION_ID=0.1.0\n").unwrap();
@@ -180,6 +182,13 @@ impl Node {
                 containerd_socket: state.path().join("containerd.sock"),
                 ..NodePaths::default()
             },
+            etcd_paths: EtcdPaths {
+                data_dir: state.path().join("etcd"),
+                env_file: state.path().join("etcd.env"),
+                pki_dir: state.path().join("pki"),
+            },
+            drive_cluster: false,
+            clock: Arc::new(NoClock),
         };
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -328,5 +337,15 @@ impl Rng {
     }
     pub fn bytes(&mut self, n: usize) -> Vec<u8> {
         (0..n).map(|_| self.next() as u8).collect()
+    }
+}
+
+/// A clock nothing steps (the tests' machined never syncs time).
+#[derive(Debug)]
+pub struct NoClock;
+
+impl keelson_machined::timesync::Clock for NoClock {
+    fn step(&self, _offset: time::Duration) -> Result<(), keelson_machined::timesync::TimeError> {
+        Ok(())
     }
 }
