@@ -221,6 +221,9 @@ pub struct ResetArgs {
     /// Do not ask for confirmation.
     #[arg(short, long)]
     pub yes: bool,
+    /// Reset even if leaving etcd would break its quorum or fails.
+    #[arg(long)]
+    pub force: bool,
     /// Output format.
     #[command(flatten)]
     pub output: OutputArgs,
@@ -354,7 +357,7 @@ impl Target {
 }
 
 /// What one node's call produced.
-type NodeResult<T> = Result<T, ClientError>;
+pub(crate) type NodeResult<T> = Result<T, ClientError>;
 
 impl Session {
     /// The node addresses, in order.
@@ -362,17 +365,17 @@ impl Session {
         &self.addresses
     }
 
-    async fn client(&self, address: &str) -> NodeResult<NodeClient> {
+    pub(crate) async fn client(&self, address: &str) -> NodeResult<NodeClient> {
         self.connector.connect(address).await
     }
 
-    fn status(&self, address: &str, s: &tonic::Status) -> ClientError {
+    pub(crate) fn status(&self, address: &str, s: &tonic::Status) -> ClientError {
         self.connector.status_error(address, s)
     }
 
     /// Runs `call` on every node; prints the records, reports failures, and returns the
     /// exit code.
-    async fn each<F, Fut>(&self, columns: &[&str], call: F) -> ExitCode
+    pub(crate) async fn each<F, Fut>(&self, columns: &[&str], call: F) -> ExitCode
     where
         F: Fn(NodeClient, String) -> Fut,
         Fut: Future<Output = Result<Vec<Vec<Value>>, tonic::Status>>,
@@ -453,7 +456,7 @@ impl Session {
     }
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -878,8 +881,14 @@ pub enum PowerCommand {
     Reset,
 }
 
-/// `machinectl reboot|shutdown|reset`.
-pub fn power(target: &Target, what: PowerCommand, yes: bool) -> anyhow::Result<ExitCode> {
+/// `machinectl reboot|shutdown|reset`; `yes` skips reset's question, `force` resets a
+/// control plane even if leaving etcd would break its quorum or fails.
+pub fn power(
+    target: &Target,
+    what: PowerCommand,
+    yes: bool,
+    force: bool,
+) -> anyhow::Result<ExitCode> {
     let session = target.session()?;
     if what == PowerCommand::Reset && !yes {
         let nodes = session.addresses().join(", ");
@@ -906,7 +915,7 @@ pub fn power(target: &Target, what: PowerCommand, yes: bool) -> anyhow::Result<E
                 let r = match what {
                     PowerCommand::Reboot => c.reboot(proto::RebootRequest {}).await?,
                     PowerCommand::Shutdown => c.shutdown(proto::ShutdownRequest {}).await?,
-                    PowerCommand::Reset => c.reset(proto::ResetRequest {}).await?,
+                    PowerCommand::Reset => c.reset(proto::ResetRequest { force }).await?,
                 }
                 .into_inner();
                 Ok(vec![vec![json!(r.message)]])
@@ -1000,8 +1009,8 @@ pub fn image(target: &Target, command: &ImageCommand) -> anyhow::Result<ExitCode
                         let file = file.clone();
                         let namespace = namespace.clone();
                         async move {
-                            let chunks = archive_chunks(file, namespace).await?;
-                            let r = c.image_import(chunks).await?.into_inner();
+                            let (chunks, failure) = archive_chunks(file, namespace).await?;
+                            let r = upload(c.image_import(chunks), failure).await?.into_inner();
                             Ok(r.images.into_iter().map(image_row).collect())
                         }
                     })
@@ -1011,40 +1020,97 @@ pub fn image(target: &Target, command: &ImageCommand) -> anyhow::Result<ExitCode
     }
 }
 
-/// The archive as a stream of 1 MiB import messages (the first names the namespace).
+/// The archive as a stream of 1 MiB import messages (the first names the namespace), and
+/// what fails the upload if reading the archive fails part way (see [`upload`]).
 async fn archive_chunks(
     file: PathBuf,
     namespace: String,
-) -> Result<impl tokio_stream::Stream<Item = proto::ImageImportChunk>, tonic::Status> {
+) -> Result<
+    (
+        impl tokio_stream::Stream<Item = proto::ImageImportChunk>,
+        ReadFailure,
+    ),
+    tonic::Status,
+> {
+    let (chunks, failure) = file_chunks(file).await?;
+    let mut first = true;
+    let messages = chunks.map(move |data| proto::ImageImportChunk {
+        namespace: if std::mem::take(&mut first) {
+            namespace.clone()
+        } else {
+            String::new()
+        },
+        data,
+    });
+    Ok((messages, failure))
+}
+
+/// How many bytes each message of an upload carries.
+const UPLOAD_CHUNK: usize = 1024 * 1024;
+
+/// Resolves with the error that stopped reading an uploaded file part way.
+#[derive(Debug)]
+pub(crate) struct ReadFailure {
+    file: PathBuf,
+    error: tokio::sync::oneshot::Receiver<std::io::Error>,
+}
+
+/// A file as a stream of chunks of at most 1 MiB, read by a task of its own. If a read
+/// fails part way the stream ends early and the [`ReadFailure`] resolves: [`upload`] then
+/// cancels the call, so that the node never takes a cut file for a whole one.
+pub(crate) async fn file_chunks(
+    file: PathBuf,
+) -> Result<(impl tokio_stream::Stream<Item = Vec<u8>>, ReadFailure), tonic::Status> {
     use tokio::io::AsyncReadExt as _;
     let mut f = tokio::fs::File::open(&file).await.map_err(|e| {
         tonic::Status::invalid_argument(format!("cannot open {}: {e}", file.display()))
     })?;
     let (tx, rx) = tokio::sync::mpsc::channel(2);
+    let (failed, error) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
-        let mut first = true;
         loop {
-            let mut buf = vec![0u8; 1024 * 1024];
+            let mut buf = vec![0u8; UPLOAD_CHUNK];
             let n = match f.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
+                Ok(0) => return,
                 Ok(n) => n,
+                Err(e) => {
+                    // Sent before `tx` is dropped, so `upload` sees it before the end.
+                    let _ = failed.send(e);
+                    return;
+                }
             };
             buf.truncate(n);
-            let msg = proto::ImageImportChunk {
-                namespace: if first {
-                    namespace.clone()
-                } else {
-                    String::new()
-                },
-                data: buf,
-            };
-            first = false;
-            if tx.send(msg).await.is_err() {
+            if tx.send(buf).await.is_err() {
                 return;
             }
         }
     });
-    Ok(tokio_stream::wrappers::ReceiverStream::new(rx))
+    let failure = ReadFailure { file, error };
+    Ok((tokio_stream::wrappers::ReceiverStream::new(rx), failure))
+}
+
+/// Runs an upload's call to its answer, unless reading the file fails first: then the
+/// call is dropped (the node sees the request cancelled) and the read error is returned.
+pub(crate) async fn upload<T>(
+    call: impl Future<Output = Result<T, tonic::Status>>,
+    failure: ReadFailure,
+) -> Result<T, tonic::Status> {
+    let ReadFailure { file, error } = failure;
+    let failed = async move {
+        match error.await {
+            Ok(e) => e,
+            // The file was read to its end: only the call can finish now.
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        biased;
+        e = failed => Err(tonic::Status::aborted(format!(
+            "cannot read {} ({e}): the upload was cancelled",
+            file.display()
+        ))),
+        r = call => r,
+    }
 }
 
 #[cfg(test)]

@@ -11,12 +11,14 @@
 //! |---|---|
 //! | [`api`] | the commands that call the node API, and how they reach the nodes |
 //! | [`cluster`] | `machinectl cluster`: local clusters under QEMU, with a progress display |
+//! | [`etcd`] | `machinectl time`, `bootstrap` and `etcd ...`: the clock and the stacked etcd |
 //! | `gen_config` | `machinectl gen config`: machine configs, secrets and a client config |
 //! | `validate` | `machinectl validate`: a machine config's problems, with positions |
 //! | [`output`] | the output formats (table, json, yaml) |
 
 pub mod api;
 pub mod cluster;
+pub mod etcd;
 mod gen_config;
 pub mod output;
 mod validate;
@@ -105,12 +107,31 @@ pub enum Command {
     /// Power the node off (operator).
     Shutdown(api::OutputArgs),
     /// Wipe STATE and EPHEMERAL and reboot into maintenance mode (admin; asks first).
+    ///
+    /// A control plane first leaves etcd, unless it is the last member; a reset that
+    /// would break etcd's quorum is refused without --force.
     Reset(api::ResetArgs),
     /// List the containers containerd runs.
     Containers(api::NamespaceArgs),
     /// containerd images: import an OCI archive (operator), list.
     #[command(subcommand)]
     Image(api::ImageCommand),
+    /// Show the node's clock: whether it is synced, from which server, and its offset now
+    /// (reader).
+    ///
+    /// The table shows offsets and round trips with units; -o json|yaml give seconds.
+    Time(api::OutputArgs),
+    /// Start a new etcd cluster on this control plane, empty or from a snapshot (admin;
+    /// one node).
+    ///
+    /// Run it once, on one control plane: the others join by themselves. The node refuses
+    /// when it is not a control plane, its clock is not synced, /var/lib/etcd is not empty,
+    /// or another control plane of the cluster already has etcd members.
+    Bootstrap(etcd::BootstrapArgs),
+    /// The stacked etcd: members, status, snapshot, defrag, alarms, leave, remove-member,
+    /// forfeit-leadership (roles per command).
+    #[command(subcommand)]
+    Etcd(etcd::EtcdCommand),
     /// Local clusters under QEMU: create, destroy, list, show.
     #[command(subcommand)]
     Cluster(cluster::ClusterCommand),
@@ -174,11 +195,14 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Get(args) => api::get(&target(&args.output), &args),
         Command::Read(args) => api::read(&target(&api::OutputArgs::default()), &args),
         Command::ApplyConfig(args) => api::apply_config(&target(&args.output), &args),
-        Command::Reboot(o) => api::power(&target(&o), api::PowerCommand::Reboot, true),
-        Command::Shutdown(o) => api::power(&target(&o), api::PowerCommand::Shutdown, true),
-        Command::Reset(args) => {
-            api::power(&target(&args.output), api::PowerCommand::Reset, args.yes)
-        }
+        Command::Reboot(o) => api::power(&target(&o), api::PowerCommand::Reboot, true, false),
+        Command::Shutdown(o) => api::power(&target(&o), api::PowerCommand::Shutdown, true, false),
+        Command::Reset(args) => api::power(
+            &target(&args.output),
+            api::PowerCommand::Reset,
+            args.yes,
+            args.force,
+        ),
         Command::Containers(args) => api::containers(&target(&args.output), &args),
         Command::Image(command) => {
             let o = match &command {
@@ -187,6 +211,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             api::image(&target(&o), &command)
         }
+        Command::Time(o) => etcd::time(&target(&o)),
+        Command::Bootstrap(args) => etcd::bootstrap(&target(&args.output), &args),
+        Command::Etcd(command) => etcd::etcd(&target(&command.output()), &command),
         Command::Cluster(command) => cluster::run(command, cli.machineconfig.as_deref()),
         Command::Completion { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();

@@ -322,7 +322,54 @@ fn machinectl_names_each_failure() {
     let out = machinectl(&config, &["--context", "nope", "version"]);
     assert_fails(
         &out,
-        &["no context named \"nope\"", "admin, operator, reader"],
+        &[
+            "no context named \"nope\"",
+            "admin, etcd:backup, operator, reader",
+        ],
+    );
+    assert_eq!(node.backend.calls(), []);
+}
+
+/// Role checks on the etcd-era commands are the node's, before any etcd is asked: a reader
+/// may not take a snapshot (and no file is left behind), etcd:backup may do nothing else.
+#[test]
+fn etcd_roles_are_named_when_refused() {
+    let cluster = Cluster::new();
+    let node = Node::start(Some(&cluster.controlplane));
+    let config = cluster.client_config(node.address, Role::Reader);
+    let file = cluster.dir.path().join("etcd.snapshot");
+    let out = machinectl(&config, &["etcd", "snapshot", file.to_str().unwrap()]);
+    assert_fails(
+        &out,
+        &[
+            "permission denied: etcd snapshot needs role operator or etcd:backup, your certificate has reader",
+        ],
+    );
+    assert!(!file.exists());
+    assert!(!cluster.dir.path().join(".etcd.snapshot.part").exists());
+
+    for (args, command) in [
+        (vec!["version"], "version"),
+        (vec!["etcd", "members"], "etcd members"),
+        (vec!["bootstrap"], "bootstrap"),
+    ] {
+        let mut all = vec!["--context", "etcd:backup"];
+        all.extend(args);
+        assert_fails(
+            &machinectl(&config, &all),
+            &[
+                &format!("permission denied: {command} needs role"),
+                "your certificate has etcd:backup",
+            ],
+        );
+    }
+    let out = machinectl(
+        &config,
+        &["--context", "operator", "reset", "--yes", "--force"],
+    );
+    assert_fails(
+        &out,
+        &["permission denied: reset needs role admin, your certificate has operator"],
     );
     assert_eq!(node.backend.calls(), []);
 }

@@ -1,5 +1,6 @@
 //! End-to-end tests of the built `machinectl`: `gen config` then `validate`, secrets reuse,
-//! patches, file modes, overwrite refusal, and clear errors on bad input.
+//! patches, file modes, overwrite refusal, clear errors on bad input, and the node API
+//! commands' arguments and help (refused before any node is dialled).
 
 // Test helpers outside `#[test]` functions panic on purpose when a fixture is broken.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -528,4 +529,133 @@ fn validate_reports_problems_and_refuses_bad_files() {
     std::fs::write(&latin1, b"version = \"v1\"\n# caf\xe9\n").expect("write");
     let out = machinectl(["validate", "--config", latin1.to_str().expect("utf-8")]);
     assert_fails(&out, 1, &["latin1.toml", "UTF-8"]);
+}
+
+/// The help of each etcd-era command says what it does and which role it needs.
+#[test]
+fn etcd_commands_say_what_they_do_and_which_role() {
+    for (args, wants) in [
+        (vec!["time", "--help"], vec!["clock", "synced", "(reader)"]),
+        (
+            vec!["bootstrap", "--help"],
+            vec!["new etcd cluster", "(admin; one node)", "--recover-from"],
+        ),
+        (
+            vec!["etcd", "--help"],
+            vec![
+                "members",
+                "status",
+                "snapshot",
+                "defrag",
+                "alarm",
+                "leave",
+                "remove-member",
+                "forfeit-leadership",
+            ],
+        ),
+        (
+            vec!["etcd", "members", "--help"],
+            vec!["members", "(reader)"],
+        ),
+        (vec!["etcd", "status", "--help"], vec!["leader", "(reader)"]),
+        (
+            vec!["etcd", "snapshot", "--help"],
+            vec!["operator or etcd:backup", "sha256", "<FILE>"],
+        ),
+        (vec!["etcd", "defrag", "--help"], vec!["(operator)"]),
+        (vec!["etcd", "alarm", "list", "--help"], vec!["(reader)"]),
+        (
+            vec!["etcd", "alarm", "disarm", "--help"],
+            vec!["(operator)"],
+        ),
+        (vec!["etcd", "leave", "--help"], vec!["(admin; one node)"]),
+        (
+            vec!["etcd", "remove-member", "--help"],
+            vec!["(admin;", "<ID>", "hex"],
+        ),
+        (
+            vec!["etcd", "forfeit-leadership", "--help"],
+            vec!["leadership", "(operator)"],
+        ),
+        (
+            vec!["reset", "--help"],
+            vec![
+                "--force",
+                "reset even if leaving etcd would break its quorum or fails",
+            ],
+        ),
+    ] {
+        let out = machinectl(&args);
+        assert_ok(&out);
+        let help = String::from_utf8_lossy(&out.stdout).to_lowercase();
+        for want in wants {
+            assert!(
+                help.contains(&want.to_lowercase()),
+                "{args:?}: want {want:?} in {help}"
+            );
+        }
+    }
+}
+
+/// One-node commands refuse several nodes, and bad IDs and missing arguments are usage
+/// errors, all before a client config is read or a node dialled.
+#[test]
+fn etcd_commands_refuse_bad_arguments_before_connecting() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let nowhere = tmp.path().join("no-machinectl.toml");
+    let config = nowhere.to_str().expect("utf-8");
+    let two = "10.5.0.2,10.5.0.3";
+    for (what, args) in [
+        ("bootstrap", vec!["bootstrap", "--nodes", two]),
+        (
+            "etcd snapshot",
+            vec!["etcd", "snapshot", "etcd.db", "-n", two],
+        ),
+        ("etcd leave", vec!["etcd", "leave", "--nodes", two]),
+        (
+            "etcd remove-member",
+            vec!["etcd", "remove-member", "8e9e05c52164694d", "--nodes", two],
+        ),
+    ] {
+        let mut all = vec!["--machineconfig", config];
+        all.extend(args);
+        assert_fails(
+            &machinectl(&all),
+            1,
+            &[
+                &format!("{what} acts on one node only"),
+                "10.5.0.2, 10.5.0.3",
+                "pass one with --nodes ADDRESS",
+            ],
+        );
+    }
+    let missing = tmp.path().join("missing.snapshot");
+    assert_fails(
+        &machinectl([
+            "bootstrap",
+            "--recover-from",
+            missing.to_str().expect("utf-8"),
+        ]),
+        1,
+        &["cannot read the snapshot", "missing.snapshot"],
+    );
+    assert_fails(&machinectl(["etcd", "remove-member"]), 2, &["<ID>"]);
+    assert_fails(
+        &machinectl(["etcd", "remove-member", "node-1"]),
+        2,
+        &[
+            "\"node-1\" is not an etcd member ID",
+            "machinectl etcd members",
+        ],
+    );
+    assert_fails(&machinectl(["etcd", "snapshot"]), 2, &["<FILE>"]);
+    assert_fails(&machinectl(["etcd", "alarm"]), 2, &["list", "disarm"]);
+    // Parsed: `reset --force` gets as far as the client config.
+    let reset = machinectl(["--machineconfig", config, "reset", "--force", "--yes"]);
+    assert_fails(&reset, 1, &["no-machinectl.toml"]);
+    assert!(
+        !text(&reset).contains("unexpected argument"),
+        "{}",
+        text(&reset)
+    );
 }
