@@ -133,6 +133,9 @@ pub enum TimeError {
     },
 }
 
+/// A signed clock offset (the `time` crate's `Duration`), named here for implementors.
+pub type Offset = time::Duration;
+
 /// The clock that time sync steps: the real one is [`SystemClock`]; tests record.
 pub trait Clock: Send + Sync {
     /// Moves the clock by `offset` (positive: forward).

@@ -345,7 +345,10 @@ impl Rng {
 pub struct NoClock;
 
 impl keelson_machined::timesync::Clock for NoClock {
-    fn step(&self, _offset: time::Duration) -> Result<(), keelson_machined::timesync::TimeError> {
+    fn step(
+        &self,
+        _offset: keelson_machined::timesync::Offset,
+    ) -> Result<(), keelson_machined::timesync::TimeError> {
         Ok(())
     }
 }
