@@ -1126,4 +1126,25 @@ mod tests {
         assert!(parse_duration("soon").is_err());
         assert!(parse_duration("5d").is_err());
     }
+
+    /// A file that fails part way cancels its upload instead of sending it cut.
+    #[test]
+    fn a_read_error_cancels_the_upload() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let result = runtime().expect("runtime").block_on(async {
+            // A directory opens, then fails to read (EISDIR).
+            let (chunks, failure) = file_chunks(dir.path().to_owned()).await?;
+            let never = std::future::pending::<Result<(), tonic::Status>>();
+            drop(chunks);
+            upload(never, failure).await
+        });
+        let Err(status) = result else {
+            panic!("the upload was not cancelled");
+        };
+        assert_eq!(status.code(), tonic::Code::Aborted);
+        assert!(
+            status.message().contains("the upload was cancelled"),
+            "{status:?}"
+        );
+    }
 }

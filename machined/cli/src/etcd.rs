@@ -206,50 +206,55 @@ fn optional(s: String) -> Value {
     if s.is_empty() { Value::Null } else { json!(s) }
 }
 
+const TIME_COLUMNS: [&str; 8] = [
+    "servers",
+    "synced",
+    "synced_from",
+    "offset_at_sync",
+    "measured_from",
+    "offset_now",
+    "round_trip",
+    "error",
+];
+
 /// `machinectl time`.
 pub fn time(target: &Target) -> anyhow::Result<ExitCode> {
     let session = target.session()?;
     let format = target.output;
-    let columns = [
-        "servers",
-        "synced",
-        "synced_from",
-        "offset_at_sync",
-        "measured_from",
-        "offset_now",
-        "round_trip",
-        "error",
-    ];
     runtime()?.block_on(async {
         Ok(session
-            .each(&columns, |mut c, _| async move {
+            .each(&TIME_COLUMNS, |mut c, _| async move {
                 let t = c.time(proto::TimeRequest {}).await?.into_inner();
-                // Nothing to show before the first sync, or when no server answered now.
-                let shown = |from: &str, s: f64| {
-                    if from.is_empty() {
-                        Value::Null
-                    } else {
-                        seconds(s, format)
-                    }
-                };
-                let (synced_offset, offset, round_trip) = (
-                    shown(&t.synced_from, t.synced_offset_seconds),
-                    shown(&t.measured_from, t.offset_seconds),
-                    shown(&t.measured_from, t.round_trip_seconds),
-                );
-                Ok(vec![vec![
-                    json!(t.servers),
-                    json!(t.synced),
-                    optional(t.synced_from),
-                    synced_offset,
-                    optional(t.measured_from),
-                    offset,
-                    round_trip,
-                    optional(t.error),
-                ]])
+                Ok(vec![time_row(t, format)])
             })
             .await)
     })
+}
+
+fn time_row(t: proto::TimeResponse, format: Format) -> Vec<Value> {
+    // Nothing to show before the first sync, or when no server answered now.
+    let shown = |from: &str, s: f64| {
+        if from.is_empty() {
+            Value::Null
+        } else {
+            seconds(s, format)
+        }
+    };
+    let (synced_offset, offset, round_trip) = (
+        shown(&t.synced_from, t.synced_offset_seconds),
+        shown(&t.measured_from, t.offset_seconds),
+        shown(&t.measured_from, t.round_trip_seconds),
+    );
+    vec![
+        json!(t.servers),
+        json!(t.synced),
+        optional(t.synced_from),
+        synced_offset,
+        optional(t.measured_from),
+        offset,
+        round_trip,
+        optional(t.error),
+    ]
 }
 
 /// `machinectl bootstrap [--recover-from SNAPSHOT]`.
@@ -576,6 +581,40 @@ mod tests {
         assert_eq!(bytes(512, Format::Table), json!("512 B"));
         assert_eq!(bytes(3 << 20, Format::Table), json!("3.0 MiB"));
         assert_eq!(bytes(3 << 20, Format::Yaml), json!(3u64 << 20));
+    }
+
+    #[test]
+    fn rows_leave_out_what_the_node_did_not_measure() {
+        let t = proto::TimeResponse {
+            servers: vec!["192.0.2.123".into()],
+            synced: true,
+            synced_from: "192.0.2.123".into(),
+            synced_offset_seconds: -3.25,
+            measured_from: String::new(),
+            error: "no server answered".into(),
+            ..Default::default()
+        };
+        let mut records = Records::new(&TIME_COLUMNS);
+        records.push(time_row(t.clone(), Format::Table));
+        assert_eq!(
+            render(&records, Format::Table),
+            "SERVERS       SYNCED   SYNCED_FROM   OFFSET_AT_SYNC   MEASURED_FROM   OFFSET_NOW   ROUND_TRIP   ERROR\n\
+             192.0.2.123   yes      192.0.2.123   -3.250s                                                    no server answered\n"
+        );
+        let row = time_row(t, Format::Json);
+        assert_eq!(row[3], json!(-3.25));
+        assert_eq!(row[5], Value::Null);
+
+        let s = proto::EtcdStatusResponse {
+            member_id: "8e9e05c52164694d".into(),
+            db_size: 20 << 20,
+            db_size_in_use: 5 << 20,
+            ..Default::default()
+        };
+        let row = status_row(s.clone(), Format::Table);
+        assert_eq!(row[1], Value::Null, "no leader");
+        assert_eq!((&row[3], &row[4]), (&json!("20.0 MiB"), &json!("5.0 MiB")));
+        assert_eq!(status_row(s, Format::Json)[3], json!(20u64 << 20));
     }
 
     #[test]

@@ -330,6 +330,31 @@ fn machinectl_names_each_failure() {
     assert_eq!(node.backend.calls(), []);
 }
 
+/// `time` on a node without time servers: its clock is trusted as it is, nothing measured.
+#[test]
+fn time_shows_a_clock_without_servers() {
+    let cluster = Cluster::new();
+    let node = Node::start(Some(&cluster.controlplane));
+    let config = cluster.client_config(node.address, Role::Reader);
+    let out = machinectl(&config, &["time", "-o", "json"]);
+    assert_ok(&out);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v[0]["node"], node.address.to_string());
+    assert_eq!(v[0]["servers"], serde_json::json!([]));
+    assert_eq!(v[0]["synced"], true);
+    assert_eq!(v[0]["measured_from"], serde_json::Value::Null);
+    assert_eq!(v[0]["offset_now"], serde_json::Value::Null);
+    let out = machinectl(&config, &["time"]);
+    assert_ok(&out);
+    let table = stdout(&out);
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(
+        lines[0].starts_with("NODE") && lines[0].contains("SERVERS   SYNCED   SYNCED_FROM"),
+        "{table}"
+    );
+    assert!(lines[1].ends_with("yes"), "{table}");
+}
+
 /// Role checks on the etcd-era commands are the node's, before any etcd is asked: a reader
 /// may not take a snapshot (and no file is left behind), etcd:backup may do nothing else.
 #[test]
