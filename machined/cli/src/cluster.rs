@@ -1,4 +1,4 @@
-//! `machinectl cluster create | destroy | list | show`: local clusters under QEMU (see
+//! `machinectl cluster create | start | destroy | list | show`: local clusters under QEMU (see
 //! [`keelson_cluster`]), with a progress display while the nodes boot.
 
 use std::io::{IsTerminal as _, Write as _};
@@ -18,6 +18,7 @@ use keelson_api::clientconfig;
 use keelson_cluster::create::{NodeState, Progress};
 use keelson_cluster::plan::NetworkKind;
 use keelson_cluster::record::Record;
+use keelson_cluster::start::StartedNode;
 use keelson_cluster::{self as cluster, CreateOptions};
 
 /// `machinectl cluster ...`.
@@ -28,6 +29,12 @@ pub enum ClusterCommand {
     /// then merge a context for it into the client config, bootstrap etcd on the first
     /// control plane and wait until etcd is healthy on every control plane.
     Create(Box<CreateArgs>),
+    /// Boot again nodes whose VM is down (killed, powered off, crashed), each as it was
+    /// first booted: the same disk (so it comes back with its state, an etcd member with
+    /// its data), MACs, network attachment, memory, CPUs and UEFI variables; then wait
+    /// until each one's node API answers. The last boot's console log is kept as
+    /// console.log.N (N = 1, 2, ... in boot order) beside the new console.log.
+    Start(StartArgs),
     /// Stop a cluster's VMs and remove every trace of it (processes, network namespace,
     /// bridge, taps, disks, state directory, its client context).
     Destroy(NameArgs),
@@ -131,6 +138,21 @@ pub struct NameArgs {
     pub name: String,
 }
 
+/// Arguments of `machinectl cluster start`.
+#[derive(Debug, Args)]
+pub struct StartArgs {
+    /// Cluster name.
+    #[arg(long, default_value = "local")]
+    pub name: String,
+    /// The nodes to boot again (as `machinectl cluster show` names them); each one's VM
+    /// must be down.
+    #[arg(required = true, value_name = "NODE")]
+    pub nodes: Vec<String>,
+    /// How long to wait for each node's API to answer (90s, 20m, ...).
+    #[arg(long, default_value = "20m", value_parser = parse_duration)]
+    pub wait: Duration,
+}
+
 /// Arguments of `machinectl cluster show`.
 #[derive(Debug, Args)]
 pub struct ShowArgs {
@@ -191,6 +213,7 @@ pub fn parse_mib(s: &str) -> Result<u32, String> {
 pub fn run(command: ClusterCommand, machineconfig: Option<&Path>) -> anyhow::Result<ExitCode> {
     match command {
         ClusterCommand::Create(args) => create(&args, machineconfig),
+        ClusterCommand::Start(args) => start(&args),
         ClusterCommand::Destroy(args) => destroy(&args.name),
         ClusterCommand::List(o) => list(o.output),
         ClusterCommand::Show(args) => show(&args.name, args.output.output),
@@ -406,6 +429,51 @@ fn bootstrap_by_hand(r: &Record, flag: &str) -> String {
     }
 }
 
+fn start(args: &StartArgs) -> anyhow::Result<ExitCode> {
+    let mut display = Display {
+        tty: std::io::stderr().is_terminal(),
+        ..Display::default()
+    };
+    let started = std::time::Instant::now();
+    let nodes = cluster::start(&args.name, &args.nodes, args.wait, &mut |p| display.show(p))?;
+    print!("{}", started_report(&args.name, &nodes, started.elapsed()));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What `cluster start` prints once every node's API answers.
+fn started_report(cluster: &str, nodes: &[StartedNode], elapsed: Duration) -> String {
+    let mut records = Records::new(&["node", "pid", "api", "answered", "state"]);
+    for n in nodes {
+        records.push(vec![
+            json!(n.name),
+            json!(n.pid),
+            json!(n.api),
+            json!(format!("after {}", human(n.answered_after))),
+            json!(n.state.to_string()),
+        ]);
+    }
+    let mut out = format!(
+        "{} node(s) of cluster {cluster} booted again; their APIs answer after {}:\n{}",
+        nodes.len(),
+        human(elapsed),
+        render(&records, Format::Table)
+    );
+    for n in nodes {
+        out.push_str(&format!("{} console {}", n.name, n.console.display()));
+        if let Some(previous) = &n.previous_console {
+            out.push_str(&format!(", the last boot's {}", previous.display()));
+        }
+        out.push('\n');
+    }
+    if let Some(n) = nodes.first() {
+        out.push_str(&format!(
+            "\nA control plane's etcd member rejoins by itself; watch it with:\n  machinectl --nodes {} health\n  machinectl --nodes {} etcd members\n",
+            n.api, n.api
+        ));
+    }
+    out
+}
+
 fn destroy(name: &str) -> anyhow::Result<ExitCode> {
     let d = cluster::destroy(name)?;
     if !d.stopped.is_empty() {
@@ -537,6 +605,9 @@ mod tests {
             api: api.into(),
             tap: None,
             pid: None,
+            api_mac: None,
+            memory_mib: None,
+            cpus: None,
         };
         let record = Record {
             name: "demo".into(),
@@ -568,6 +639,32 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("demo-controlplane-1 (10.5.0.2)"), "{text}");
+    }
+
+    #[test]
+    fn a_started_node_is_reported_with_both_consoles() {
+        use keelson_cluster::create::NodeState;
+        let node = super::StartedNode {
+            name: "demo-controlplane-2".into(),
+            pid: 4242,
+            api: "127.0.0.1:40002".into(),
+            console: "/s/demo/nodes/demo-controlplane-2/console.log".into(),
+            previous_console: Some("/s/demo/nodes/demo-controlplane-2/console.log.1".into()),
+            answered_after: std::time::Duration::from_secs(75),
+            state: NodeState::Unhealthy(vec!["etcd (joining)".into()]),
+        };
+        let text = super::started_report("demo", &[node], std::time::Duration::from_secs(80));
+        for want in [
+            "1 node(s) of cluster demo booted again; their APIs answer after 1m20s:",
+            "demo-controlplane-2",
+            "4242",
+            "after 1m15s",
+            "API up, waiting for: etcd (joining)",
+            "demo-controlplane-2 console /s/demo/nodes/demo-controlplane-2/console.log, the last boot's /s/demo/nodes/demo-controlplane-2/console.log.1",
+            "machinectl --nodes 127.0.0.1:40002 etcd members",
+        ] {
+            assert!(text.contains(want), "{want:?} not in:\n{text}");
+        }
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! `machinectl cluster create`: claim the state directory, write the record, generate
 //! the configs (as `gen config` does, one per node with its static address), make a qcow2
 //! overlay and fresh UEFI variables per node, set up the network, start every VM
-//! detached (config through `fw_cfg`), then wait until every node's API answers and it
+//! detached ([`launch`](super::launch); config through `fw_cfg`), then wait until every node's API answers and it
 //! is healthy; then (unless asked not to) bootstrap etcd and wait for it on every control
 //! plane ([`bootstrap`](super::bootstrap)).
 //!
@@ -18,10 +18,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::qemu::{self, Accel, Machine};
+use crate::qemu::{self, Accel};
 use ipnet::Ipv4Net;
 use keelson_configs::generate::{GenerateError, GenerateOptions, generate};
-use keelson_configs::layout::{Arch, FW_CFG_CONFIG, STATE_MOUNT};
+use keelson_configs::layout::{Arch, STATE_MOUNT};
 use keelson_configs::patch::Patch;
 use keelson_configs::pki::{self, Role};
 use keelson_configs::schema::MachineType;
@@ -29,9 +29,10 @@ use keelson_configs::secrets::ClusterSecrets;
 
 use super::bootstrap::{self, EtcdState};
 use super::helper::{self, READY_FILE};
+use super::launch::{self, Boot};
 use super::netns;
 use super::plan::{self, NetworkKind, Plan};
-use super::record::{NodeRecord, Record, clusters_dir, node_dir, socket_dir};
+use super::record::{Record, clusters_dir, node_dir, socket_dir};
 use super::{ClusterError, io_error, node_tail, process_marker};
 use keelson_api::api::proto;
 use keelson_api::atomic;
@@ -223,15 +224,14 @@ pub fn create(
         nodes: Vec::new(),
     };
     for (i, node) in plan.nodes.iter().enumerate() {
-        record.nodes.push(NodeRecord {
-            name: node.name.clone(),
-            role: node.role.to_string(),
-            address: node.address,
-            mac: node.mac.clone(),
-            api: format!("127.0.0.1:{}", free_port()?),
-            tap: namespace.as_ref().map(|_| format!("tap{i}")),
-            pid: None,
-        });
+        record.nodes.push(launch::node_record(
+            node,
+            i,
+            options.network,
+            format!("127.0.0.1:{}", free_port()?),
+            options.memory_mib,
+            options.cpus,
+        ));
     }
     record.save(&dir)?;
     progress(Progress::Step(format!("state directory {}", dir.display())));
@@ -315,7 +315,7 @@ pub fn create(
     // The VMs.
     let mut children = Vec::new();
     for (i, node) in plan.nodes.iter().enumerate() {
-        let child = start_vm(options, accel, &dir, &record, i, node)?;
+        let child = launch::launch(&dir, &record, i, Boot::First)?.child;
         if let Some(n) = record.nodes.get_mut(i) {
             n.pid = Some(child.id());
         }
@@ -572,95 +572,6 @@ fn start_helper(options: &CreateOptions, dir: &Path) -> Result<u32, ClusterError
     }
 }
 
-/// Starts node `i`'s QEMU in its own session (inside the namespace for a namespace
-/// cluster), its console in the node's directory.
-fn start_vm(
-    options: &CreateOptions,
-    accel: Accel,
-    dir: &Path,
-    record: &Record,
-    i: usize,
-    node: &plan::NodePlan,
-) -> Result<Child, ClusterError> {
-    let ndir = node_dir(dir, &node.name);
-    let mut machine = Machine::new(options.arch, accel, ndir.join("disk.qcow2"), ndir.clone());
-    machine.memory_mib = options.memory_mib;
-    machine.cpus = options.cpus;
-    machine
-        .fw_cfg
-        .push((FW_CFG_CONFIG.to_owned(), ndir.join("config.toml")));
-    let pidfile = ndir.join("qemu.pid");
-    machine.extra = vec![
-        "-name".into(),
-        node.name.clone(),
-        "-pidfile".into(),
-        pidfile.display().to_string(),
-    ];
-    let rec = record.nodes.get(i);
-    match (options.network, rec) {
-        (NetworkKind::Namespace, Some(rec)) => {
-            let tap = rec.tap.clone().unwrap_or_else(|| format!("tap{i}"));
-            machine.extra.extend([
-                "-netdev".into(),
-                format!("tap,id=cluster,ifname={tap},script=no,downscript=no"),
-            ]);
-        }
-        (NetworkKind::User, Some(rec)) => {
-            let port = rec.api.rsplit_once(':').map_or("", |(_, p)| p);
-            machine.extra.extend([
-                "-netdev".into(),
-                format!("user,id=api,restrict=on,hostfwd=tcp:127.0.0.1:{port}-:50000"),
-                "-device".into(),
-                format!("virtio-net-pci,netdev=api,mac={}", node.api_mac),
-                "-netdev".into(),
-                format!(
-                    "dgram,id=cluster,local.type=unix,local.path={},remote.type=unix,remote.path={}",
-                    helper::node_socket(dir, i).display(),
-                    socket_dir(dir).join(helper::SWITCH_SOCKET).display()
-                ),
-            ]);
-        }
-        (_, None) => {
-            return Err(ClusterError::BadRecord {
-                path: dir.join(super::record::RECORD_FILE),
-                message: format!("no record of node {}", node.name),
-            });
-        }
-    }
-    machine.extra.extend([
-        "-device".into(),
-        format!("virtio-net-pci,netdev=cluster,mac={}", node.mac),
-    ]);
-    let mut cmd = machine.command()?;
-    let stderr_path = ndir.join("qemu.stderr");
-    let stderr = File::create(&stderr_path).map_err(io_error("create", &stderr_path))?;
-    cmd.stdout(Stdio::null()).stderr(stderr);
-    let ns_file = match &record.namespace {
-        Some(ns) if options.network == NetworkKind::Namespace => {
-            let path = netns::namespace_path(ns);
-            Some(File::open(&path).map_err(io_error("open", &path))?)
-        }
-        _ => None,
-    };
-    // SAFETY: between fork and exec the closure only makes the setsid and setns system
-    // calls (async-signal-safe) on a file descriptor opened before the fork.
-    unsafe {
-        cmd.pre_exec(move || {
-            nix::unistd::setsid().map_err(std::io::Error::from)?;
-            if let Some(f) = &ns_file {
-                nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)
-                    .map_err(std::io::Error::from)?;
-            }
-            Ok(())
-        });
-    }
-    cmd.spawn().map_err(|source| ClusterError::Io {
-        what: "start QEMU for",
-        path: PathBuf::from(&node.name),
-        source,
-    })
-}
-
 /// Polls every node until its API answers and it is healthy, reporting progress.
 fn wait_healthy(
     cluster: &str,
@@ -768,7 +679,7 @@ pub(crate) fn check_running(
 }
 
 /// One look at a node: version (the API answers), then health.
-async fn poll_node(connector: &Connector, api: &str) -> NodeState {
+pub(crate) async fn poll_node(connector: &Connector, api: &str) -> NodeState {
     let attempt = async {
         let mut client = connector
             .connect(api)

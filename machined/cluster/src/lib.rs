@@ -13,6 +13,8 @@
 //! | [`helper`] | the detached helper: API forwarder (root) or Ethernet switch (rootless) |
 //! | [`create`](mod@create) | generating configs, disks, networking, starting the VMs, waiting for health |
 //! | [`bootstrap`] | bootstrapping etcd on the first control plane, waiting for it on every control plane |
+//! | [`launch`] | one node's QEMU command line from the record, started detached (first boot or again) |
+//! | [`start`](mod@start) | booting again nodes whose VM is down, waiting for their APIs |
 //! | [`manage`] | `destroy`, `list`, `show` |
 //!
 //! Networking. As root the nodes share a bridge inside the network namespace
@@ -25,11 +27,13 @@
 pub mod bootstrap;
 pub mod create;
 pub mod helper;
+pub mod launch;
 pub mod manage;
 pub mod netns;
 pub mod plan;
 pub mod qemu;
 pub mod record;
+pub mod start;
 
 use std::path::{Path, PathBuf};
 
@@ -37,6 +41,7 @@ use qemu::QemuError;
 
 pub use create::{CreateOptions, create};
 pub use manage::{destroy, list, show};
+pub use start::start;
 
 /// How many console lines a report of a stopped node shows.
 pub const CONSOLE_TAIL_LINES: usize = 20;
@@ -162,6 +167,50 @@ pub enum ClusterError {
         report: String,
         /// The API address of the first one not ready.
         api: String,
+    },
+    /// `start` was given a node the cluster does not have.
+    #[error("cluster {cluster} has no node {node:?}; its nodes are: {known}")]
+    UnknownNode {
+        /// Cluster name.
+        cluster: String,
+        /// The name given.
+        node: String,
+        /// The cluster's nodes, comma-separated.
+        known: String,
+    },
+    /// `start` was given a node whose VM runs.
+    #[error(
+        "node {node}'s VM is up (QEMU pid {pid}): `machinectl cluster start` only boots a node whose VM is down (`machinectl cluster show --name {cluster}` shows which are)"
+    )]
+    NodeUp {
+        /// Cluster name.
+        cluster: String,
+        /// Node name.
+        node: String,
+        /// Its QEMU's pid.
+        pid: u32,
+    },
+    /// The cluster's network or helper is gone, so a node booted again would be cut off.
+    #[error(
+        "cannot boot nodes of cluster {cluster} again: {problem}; recreate the cluster (`machinectl cluster destroy --name {cluster}`, then `machinectl cluster create`)"
+    )]
+    NetworkDown {
+        /// Cluster name.
+        cluster: String,
+        /// What is missing.
+        problem: String,
+    },
+    /// A node booted again did not answer in time.
+    #[error(
+        "the node API of each node below did not answer `version` within {seconds} s of its VM's start:\n{report}\n(the VMs are left running: `machinectl cluster show --name {cluster}` shows each node's console log; wait longer with --wait)"
+    )]
+    StartTimeout {
+        /// Cluster name.
+        cluster: String,
+        /// How long we waited.
+        seconds: u64,
+        /// Each node not answering and why, with its console tail.
+        report: String,
     },
     /// Not every node became healthy in time.
     #[error(

@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-use super::record::{Record, clusters_dir, node_dir, process_runs, processes_mentioning};
+use super::record::{
+    NodeRecord, Record, clusters_dir, node_dir, process_runs, processes_mentioning,
+};
 use super::{ClusterError, io_error, netns, node_tail, process_marker};
 use keelson_api::clientconfig::ClientConfig;
 
@@ -164,6 +166,17 @@ pub struct ClusterReport {
     pub nodes: Vec<NodeReport>,
 }
 
+/// A node's QEMU pid (recorded, else from its pid file) and whether that QEMU runs.
+pub(crate) fn node_pid(dir: &Path, node: &NodeRecord) -> (Option<u32>, bool) {
+    let pidfile = node_dir(dir, &node.name).join("qemu.pid");
+    let pid = node.pid.or_else(|| {
+        std::fs::read_to_string(&pidfile)
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+    });
+    (pid, pid.is_some_and(|p| process_runs(p, &pidfile)))
+}
+
 /// Reports on the cluster in `dir`.
 fn report(dir: &Path, record: Record) -> ClusterReport {
     let nodes = record
@@ -171,13 +184,7 @@ fn report(dir: &Path, record: Record) -> ClusterReport {
         .iter()
         .map(|n| {
             let ndir = node_dir(dir, &n.name);
-            let pidfile = ndir.join("qemu.pid");
-            let pid = n.pid.or_else(|| {
-                std::fs::read_to_string(&pidfile)
-                    .ok()
-                    .and_then(|t| t.trim().parse().ok())
-            });
-            let up = pid.is_some_and(|p| process_runs(p, &pidfile));
+            let (pid, up) = node_pid(dir, n);
             NodeReport {
                 name: n.name.clone(),
                 role: n.role.clone(),

@@ -95,7 +95,7 @@ pub fn plan(
             role,
             address,
             mac: format!("52:54:00:4b:00:{i:02x}"),
-            api_mac: format!("52:54:00:4b:01:{i:02x}"),
+            api_mac: api_mac(index),
         });
     }
     Ok(Plan {
@@ -103,6 +103,12 @@ pub fn plan(
         gateway,
         nodes,
     })
+}
+
+/// The MAC of node `index`'s (0-based, control planes first) user-mode API interface.
+pub fn api_mac(index: usize) -> String {
+    let i = u8::try_from(index + 1).unwrap_or(u8::MAX);
+    format!("52:54:00:4b:01:{i:02x}")
 }
 
 impl Plan {

@@ -243,12 +243,17 @@ impl Machine {
         self.dir.join("console.log")
     }
 
+    /// Where the machine's UEFI variables are kept.
+    pub fn vars_path(&self) -> PathBuf {
+        self.dir.join("efivars.fd")
+    }
+
     /// Copy fresh firmware variables into the machine's directory (a VARS file reused
-    /// across a changed device set drops the firmware into its shell) and build the
-    /// QEMU command line.
+    /// across a changed device set drops the firmware into its shell), start an empty
+    /// console file, and build the QEMU command line.
     pub fn command(&self) -> Result<Command, QemuError> {
-        let (code, vars_template) = firmware(self.arch)?;
-        let vars = self.dir.join("efivars.fd");
+        let (_, vars_template) = firmware(self.arch)?;
+        let vars = self.vars_path();
         std::fs::copy(&vars_template, &vars).map_err(|source| QemuError::Io {
             path: vars.clone(),
             source,
@@ -260,6 +265,16 @@ impl Machine {
                 path: console.clone(),
                 source,
             })?;
+        self.command_line()
+    }
+
+    /// The QEMU command line alone, over the firmware variables and console file already
+    /// in the machine's directory (a machine booted again with the same devices keeps
+    /// its variables). Touches no file; fails only when the firmware is not installed.
+    pub fn command_line(&self) -> Result<Command, QemuError> {
+        let (code, _) = firmware(self.arch)?;
+        let vars = self.vars_path();
+        let console = self.console_path();
         let mut cmd = Command::new(qemu_binary(self.arch));
         match self.arch {
             Arch::Amd64 => {

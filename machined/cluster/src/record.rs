@@ -3,7 +3,8 @@
 //! Every cluster lives in one directory, `$XDG_STATE_HOME/keelson/clusters/NAME` (else
 //! `~/.local/state/keelson/clusters/NAME`): `cluster.toml` (this record), `secrets.toml`,
 //! the helper's log, and one directory per node with its config, qcow2 overlay, UEFI
-//! variables, console log and QEMU pid file. The record is written before any VM starts
+//! variables, console log (and those of its earlier boots, `console.log.N`) and QEMU pid
+//! file. The record keeps what booting a node again needs (`cluster start`). The record is written before any VM starts
 //! and again as pids become known, so a `create` that dies halfway leaves a directory that
 //! names everything `destroy` must remove. Every process the cluster runs carries the
 //! directory's path on its command line, which is how `destroy` finds one whose pid was
@@ -59,6 +60,16 @@ pub struct NodeRecord {
     /// QEMU's pid, once started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pid: Option<u32>,
+    /// The MAC of the user-mode API interface (rootless clusters; absent from records
+    /// written before `cluster start` existed, where it follows the plan's numbering).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_mac: Option<String>,
+    /// Memory, MiB (absent from records written before `cluster start` existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mib: Option<u32>,
+    /// Virtual CPUs (absent from records written before `cluster start` existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<u32>,
 }
 
 /// The whole record (`cluster.toml`).
@@ -197,10 +208,29 @@ mod tests {
                 api: "127.0.0.1:40000".into(),
                 tap: Some("tap0".into()),
                 pid: Some(42),
+                api_mac: None,
+                memory_mib: Some(2048),
+                cpus: Some(2),
             }],
         };
         record.save(dir.path()).unwrap();
         assert_eq!(Record::load(dir.path()).unwrap(), record);
+    }
+
+    #[test]
+    fn a_record_from_before_cluster_start_still_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = "name = \"demo\"\narch = \"amd64\"\naccel = \"tcg\"\nnetwork = \"user\"\n\
+                   cidr = \"10.5.0.0/24\"\ngateway = \"10.5.0.1\"\nimage = \"/i.raw\"\ncreated = 1\n\n\
+                   [[nodes]]\nname = \"demo-controlplane-1\"\nrole = \"controlplane\"\n\
+                   address = \"10.5.0.2\"\nmac = \"52:54:00:4b:00:01\"\napi = \"127.0.0.1:40000\"\npid = 7\n";
+        std::fs::write(dir.path().join(RECORD_FILE), old).unwrap();
+        let record = Record::load(dir.path()).unwrap();
+        let node = &record.nodes[0];
+        assert_eq!(
+            (node.pid, &node.api_mac, node.memory_mib, node.cpus),
+            (Some(7), &None, None, None)
+        );
     }
 
     #[test]
