@@ -5,6 +5,9 @@
 //! The images come from `cargo xtask image` (or `cargo xtask test`, which builds them
 //! once for the whole suite) under `target/images/<arch>/`; tests never build their own.
 
+pub mod cluster_env;
+pub mod ntp;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};

@@ -4,6 +4,9 @@
 //! runs inside that namespace with a tap device on the bridge, so every packet of the
 //! guest stays there; a guard deletes the namespace (bridge, tap and all) at the end.
 //!
+//! The node's hardware clock runs three hours behind, and its time server is Debian's
+//! `chronyd` on the same bridge: machined steps the clock to it.
+//!
 //! The image is `KEELSON_TEST_IMAGE_AMD64` when set, else the suite's built image.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -15,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use keelson_configs::layout::FW_CFG_CONFIG;
 use keelson_configs::{Mode, check_str};
+use keelson_tests::ntp::Chrony;
 use keelson_tests::{Arch, Guest, test_image, with_fresh_secrets};
 
 /// Boot to the network under software emulation, with room to spare.
@@ -156,6 +160,10 @@ fn dhcp_config() -> String {
     .replace(
         "advertised_subnets = [\"10.5.0.0/24\"]",
         "advertised_subnets = [\"10.5.98.0/24\"]",
+    )
+    .replace(
+        "time_servers = [\"192.0.2.123\", \"time.example.com\"]",
+        &format!("time_servers = [\"{SERVER}\"]"),
     );
     let text = with_fresh_secrets(&text).unwrap();
     let checked = check_str(&text, "dhcp-node.toml", Mode::Metal);
@@ -168,8 +176,20 @@ fn a_node_configured_for_dhcp_gets_its_address_from_dnsmasq() {
     let dir = tempfile::tempdir().unwrap();
     let lan = Lan::new();
     let dnsmasq = Dnsmasq::start(&lan, dir.path());
+    let _chrony = Chrony::start(&lan.name, SERVER).unwrap();
     let config = dir.path().join("node.toml");
     std::fs::write(&config, dhcp_config()).unwrap();
+    // The node's hardware clock is three hours behind: time sync must step it.
+    let skewed = time::OffsetDateTime::now_utc() - time::Duration::hours(3);
+    let rtc = format!(
+        "base={:04}-{:02}-{:02}T{:02}:{:02}:{:02}",
+        skewed.year(),
+        u8::from(skewed.month()),
+        skewed.day(),
+        skewed.hour(),
+        skewed.minute(),
+        skewed.second()
+    );
 
     let mut vm = Guest::new(Arch::Amd64)
         .image(test_image(Arch::Amd64).unwrap())
@@ -179,6 +199,8 @@ fn a_node_configured_for_dhcp_gets_its_address_from_dnsmasq() {
             "tap,id=n0,ifname=tap0,script=no,downscript=no".to_string(),
             "-device".to_string(),
             format!("virtio-net-pci,netdev=n0,mac={MAC}"),
+            "-rtc".to_string(),
+            rtc,
         ])
         .fw_cfg(FW_CFG_CONFIG, &config)
         .boot()
@@ -246,6 +268,30 @@ fn a_node_configured_for_dhcp_gets_its_address_from_dnsmasq() {
         log.contains(&format!("DHCPACK(br0) {ip} {MAC} node-dhcp")),
         "{log}"
     );
+    // Time sync: the node steps its clock to chronyd's on the gateway, three hours on.
+    vm.wait_for("stepped the clock", Duration::from_secs(120))
+        .unwrap();
+    let console = vm.console();
+    let stepped = console
+        .lines()
+        .find(|l| l.contains("stepped the clock"))
+        .unwrap()
+        .to_owned();
+    assert!(
+        stepped.contains(&format!("server=\"{SERVER}\"")),
+        "{stepped}"
+    );
+    let offset: f64 = stepped
+        .split("offset_seconds=")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no offset in {stepped:?}"));
+    assert!(
+        (offset - 10_800.0).abs() < 120.0,
+        "stepped by {offset} s: {stepped}"
+    );
+
     eprintln!(
         "dhcp: {line} after {:.1}s ({})",
         vm.elapsed().as_secs_f64(),

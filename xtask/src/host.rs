@@ -32,6 +32,10 @@ const TOOLS: &[(&str, &str)] = &[
     ("musl-gcc", "musl-tools"),
     ("qemu-io", "qemu-utils"),
     ("debootstrap", "debootstrap"),
+    // The etcd tests judge the nodes' etcd with the real etcdctl, and serve them time
+    // with the real chronyd.
+    ("etcdctl", "etcd-client"),
+    ("chronyd", "chrony"),
 ];
 
 /// Firmware files we need, and the Debian package that provides each.
@@ -144,6 +148,31 @@ fn qemu_needs_backports() -> bool {
     out("qemu-utils").contains("bpo")
 }
 
+/// `/usr/sbin/policy-rc.d` answering 101 while it lives (Debian's way to keep packages'
+/// services from starting at install); an existing one is left alone.
+struct NoServiceStarts(Option<&'static str>);
+
+impl NoServiceStarts {
+    fn new() -> Result<NoServiceStarts> {
+        const PATH: &str = "/usr/sbin/policy-rc.d";
+        if Path::new(PATH).exists() {
+            return Ok(NoServiceStarts(None));
+        }
+        std::fs::write(PATH, "#!/bin/sh\nexit 101\n").with_context(|| format!("writing {PATH}"))?;
+        std::fs::set_permissions(PATH, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .with_context(|| format!("making {PATH} executable"))?;
+        Ok(NoServiceStarts(Some(PATH)))
+    }
+}
+
+impl Drop for NoServiceStarts {
+    fn drop(&mut self) {
+        if let Some(path) = self.0 {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
 /// Install whatever is missing (as root), or say exactly what to run.
 pub fn ensure() -> Result<()> {
     let missing = missing_packages();
@@ -185,6 +214,10 @@ pub fn ensure() -> Result<()> {
             run(cmd.args(&qemu))?;
         }
         if !rest.is_empty() {
+            // chrony's maintainer script would start the host's own time daemon, which
+            // steps this machine's clock: policy-rc.d (101, "action forbidden") keeps
+            // every package's service from starting during the install.
+            let _no_services = NoServiceStarts::new()?;
             run(Command::new("apt-get")
                 .args(["install", "-y", "-q"])
                 .envs(noninteractive)

@@ -350,7 +350,7 @@ impl EtcdNode {
         let addresses = interface_addresses();
         let address = plan::advertised_address(&self.inner.subnets, &addresses).ok_or_else(|| {
             EtcdError::Refused(format!(
-                "no address of this node ({}) is in cluster.etcd.advertised_subnets ({}): fix the subnets or the network",
+                "no address of this node is in cluster.etcd.advertised_subnets ({1}) yet (it has {0}); if the network is up and this lasts, fix the subnets or the network",
                 addresses.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
                 self.inner.subnets.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
             ))
@@ -592,12 +592,6 @@ impl EtcdNode {
                     .unwrap_or_else(|| "no time server has answered yet".into())
             )));
         }
-        if self.phase() == Phase::Member || !self.data_dir_empty() {
-            return Err(EtcdError::Refused(format!(
-                "{} is not empty: this node already has (or had) an etcd member, so the cluster was bootstrapped; `machinectl etcd members` shows it. To start over, reset every control plane",
-                self.inner.paths.data_dir.display()
-            )));
-        }
         let id = self.identity()?;
         if let Ok((urls, members)) = self.find_cluster(&id).await {
             let names: Vec<&str> = members
@@ -606,10 +600,21 @@ impl EtcdNode {
                 .map(|m| m.name.as_str())
                 .collect();
             return Err(EtcdError::Refused(format!(
-                "the etcd cluster at {} already has {} members ({}): this node joins it by itself; a second bootstrap would split the cluster",
+                "the etcd cluster at {} already has {} members ({}): {}; a second bootstrap would split the cluster",
                 urls.join(", "),
                 names.len(),
-                names.join(", ")
+                names.join(", "),
+                if names.contains(&id.name.as_str()) {
+                    "this node is one of them"
+                } else {
+                    "this node joins it by itself"
+                }
+            )));
+        }
+        if self.phase() == Phase::Member || !self.data_dir_empty() {
+            return Err(EtcdError::Refused(format!(
+                "{} is not empty: this node already has (or had) an etcd member, so the cluster was bootstrapped; `machinectl etcd members` shows it. To start over, reset every control plane",
+                self.inner.paths.data_dir.display()
             )));
         }
         self.write_certificates(&id)?;

@@ -1,9 +1,10 @@
 //! `machinectl read PATH`: which files may be read, by whom, and reading them bounded.
 //!
-//! Only regular files under `/proc`, `/sys`, `/var/log` and `/system/state` are served,
-//! judged by the path after every symlink is resolved (so `/proc/self/root/etc/...` is
-//! refused). Files that hold secrets need the admin role: STATE (the machine config with
-//! the cluster CAs' keys), the firmware's config channel (`/sys/firmware`), and processes'
+//! Only regular files under `/proc`, `/sys`, `/var/log`, `/system/state` and
+//! `/etc/kubernetes` are served, judged by the path after every symlink is resolved (so
+//! `/proc/self/root/etc/...` is refused). Files that hold secrets need the admin role:
+//! STATE (the machine config with the cluster CAs' keys), `/etc/kubernetes` (the
+//! certificates and keys the node issued, kubeadm's files), the firmware's config channel (`/sys/firmware`), and processes'
 //! environments and memory. Files that block on read (`/proc/kmsg`, trace pipes) are
 //! refused with a pointer to what to use instead. At most
 //! [`MAX_READ`](keelson_api::api::MAX_READ) bytes are sent.
@@ -37,7 +38,7 @@ pub enum ReadError {
     },
     /// The path is outside the readable trees.
     #[error(
-        "{path} is outside what the node API serves; readable: /proc, /sys, /var/log, /system/state"
+        "{path} is outside what the node API serves; readable: /proc, /sys, /var/log, /system/state, /etc/kubernetes"
     )]
     Outside {
         /// The path (resolved).
@@ -83,15 +84,26 @@ pub enum ReadError {
 }
 
 /// The trees `read` serves.
-pub const READABLE: [&str; 4] = ["/proc", "/sys", "/var/log", "/system/state"];
+pub const READABLE: [&str; 5] = [
+    "/proc",
+    "/sys",
+    "/var/log",
+    "/system/state",
+    "/etc/kubernetes",
+];
 
 /// Paths that need more than the reader role: (pattern, role, why). A pattern's `*`
 /// matches one path component.
-const PROTECTED: [(&str, Role, &str); 5] = [
+const PROTECTED: [(&str, Role, &str); 6] = [
     (
         "/system/state",
         Role::Admin,
         "STATE holds the cluster secrets",
+    ),
+    (
+        "/etc/kubernetes",
+        Role::Admin,
+        "it holds the node's certificates and private keys (etcd's among them)",
     ),
     (
         "/sys/firmware",

@@ -1,0 +1,183 @@
+//! A local cluster as the tests drive it: `machinectl cluster ...` run in a private state
+//! directory and client config (optionally as an unprivileged user), JSON output parsed,
+//! and destruction checked or guaranteed.
+//!
+//! Test support panics on failure, as the tests that use it do.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use keelson_cluster::record::processes_mentioning;
+
+use crate::{machinectl_binary, show};
+
+/// Whether the tests run as root.
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(2))
+        == Some("0")
+}
+
+/// Where one test's clusters and client config live, and as whom machinectl runs.
+#[derive(Debug)]
+pub struct Env {
+    /// machinectl.
+    pub bin: PathBuf,
+    /// The test's directory (state, client config, HOME).
+    pub dir: tempfile::TempDir,
+    /// The user machinectl runs as (None: the current one).
+    pub user: Option<String>,
+}
+
+impl Env {
+    /// A fresh directory for one test's clusters, owned by `user` when given.
+    pub fn new(user: Option<&str>) -> Env {
+        let dir = tempfile::Builder::new()
+            .prefix("keelson-cluster-e2e-")
+            .tempdir()
+            .unwrap();
+        if let Some(user) = user {
+            let status = Command::new("chown")
+                .arg(format!("{user}:"))
+                .arg(dir.path())
+                .status()
+                .unwrap();
+            assert!(status.success());
+        }
+        Env {
+            bin: machinectl_binary().unwrap(),
+            dir,
+            user: user.map(str::to_owned),
+        }
+    }
+
+    /// `XDG_STATE_HOME` of machinectl.
+    pub fn state(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    /// The client config machinectl uses.
+    pub fn client_config(&self) -> PathBuf {
+        self.dir.path().join("machinectl.toml")
+    }
+
+    /// A cluster's state directory.
+    pub fn cluster_dir(&self, name: &str) -> PathBuf {
+        self.state().join("keelson/clusters").join(name)
+    }
+
+    /// Runs machinectl (bounded by `timeout`), as the test's user.
+    pub fn run(&self, args: &[&str], timeout: Duration) -> Output {
+        let mut cmd = Command::new("timeout");
+        cmd.arg(timeout.as_secs().to_string());
+        if let Some(user) = &self.user {
+            cmd.args(["runuser", "-u", user, "--"]);
+        }
+        cmd.arg("env")
+            .arg(format!("XDG_STATE_HOME={}", self.state().display()))
+            .arg(format!("HOME={}", self.dir.path().display()))
+            .arg("KEELSON_ACCEL=")
+            .arg(&self.bin)
+            .arg("--machineconfig")
+            .arg(self.client_config())
+            .args(args)
+            .env_remove("MACHINECONFIG")
+            .current_dir(self.dir.path())
+            .stdin(std::process::Stdio::null());
+        cmd.output().unwrap()
+    }
+
+    /// Runs machinectl (2 minutes at most); it must succeed.
+    pub fn ok(&self, args: &[&str]) -> Output {
+        let out = self.run(args, Duration::from_secs(120));
+        assert!(out.status.success(), "machinectl {args:?}: {}", show(&out));
+        out
+    }
+
+    /// Runs machinectl with `-o json`; it must succeed.
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = args.to_vec();
+        all.extend(["-o", "json"]);
+        serde_json::from_slice(&self.ok(&all).stdout).unwrap()
+    }
+
+    /// `cluster create`; on failure the cluster is destroyed before the test fails.
+    pub fn create(&self, name: &str, args: &[&str]) -> String {
+        let mut all = vec!["cluster", "create", "--name", name, "--wait", "25m"];
+        all.extend_from_slice(args);
+        let started = Instant::now();
+        let out = self.run(&all, Duration::from_secs(30 * 60));
+        eprintln!(
+            "cluster {name}: create took {:.0} s",
+            started.elapsed().as_secs_f64()
+        );
+        if !out.status.success() {
+            let _ = self.run(
+                &["cluster", "destroy", "--name", name],
+                Duration::from_secs(120),
+            );
+            panic!("cluster create failed: {}", show(&out));
+        }
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `cluster destroy`, then nothing may be left: no process naming the state
+    /// directory, no namespace, no state directory, no context.
+    pub fn destroy_and_check(&self, name: &str) {
+        let dir = self.cluster_dir(name);
+        let out = self.ok(&["cluster", "destroy", "--name", name]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            text.contains(&format!("cluster {name} destroyed")),
+            "{text}"
+        );
+        let left = processes_mentioning(&dir.join(""));
+        assert!(left.is_empty(), "processes left: {left:?}");
+        assert!(!dir.exists(), "{} left", dir.display());
+        let ns = format!("keelson-{name}");
+        assert!(
+            !Path::new("/run/netns").join(&ns).exists(),
+            "namespace {ns} left"
+        );
+        let netns = Command::new("ip").args(["netns", "list"]).output().unwrap();
+        assert!(
+            !String::from_utf8_lossy(&netns.stdout).contains(&ns),
+            "{}",
+            show(&netns)
+        );
+        let config = std::fs::read_to_string(self.client_config()).unwrap_or_default();
+        assert!(
+            !config.contains(&format!("[contexts.{name}]")),
+            "context left in the client config:\n{config}"
+        );
+        let out = self.run(
+            &["cluster", "show", "--name", name],
+            Duration::from_secs(30),
+        );
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("there is no cluster named"),
+            "{}",
+            show(&out)
+        );
+    }
+}
+
+/// Destroys the cluster when dropped, so that a failed assertion leaves no VM behind
+/// (after `destroy_and_check` it finds nothing, which is fine).
+#[derive(Debug)]
+pub struct Cleanup<'a>(pub &'a Env, pub String);
+
+impl Drop for Cleanup<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.run(
+            &["cluster", "destroy", "--name", &self.1],
+            Duration::from_secs(120),
+        );
+    }
+}
