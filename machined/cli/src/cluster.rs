@@ -213,7 +213,7 @@ pub fn parse_mib(s: &str) -> Result<u32, String> {
 pub fn run(command: ClusterCommand, machineconfig: Option<&Path>) -> anyhow::Result<ExitCode> {
     match command {
         ClusterCommand::Create(args) => create(&args, machineconfig),
-        ClusterCommand::Start(args) => start(&args),
+        ClusterCommand::Start(args) => start(&args, machineconfig),
         ClusterCommand::Destroy(args) => destroy(&args.name),
         ClusterCommand::List(o) => list(o.output),
         ClusterCommand::Show(args) => show(&args.name, args.output.output),
@@ -429,19 +429,27 @@ fn bootstrap_by_hand(r: &Record, flag: &str) -> String {
     }
 }
 
-fn start(args: &StartArgs) -> anyhow::Result<ExitCode> {
+fn start(args: &StartArgs, machineconfig: Option<&Path>) -> anyhow::Result<ExitCode> {
     let mut display = Display {
         tty: std::io::stderr().is_terminal(),
         ..Display::default()
     };
     let started = std::time::Instant::now();
     let nodes = cluster::start(&args.name, &args.nodes, args.wait, &mut |p| display.show(p))?;
-    print!("{}", started_report(&args.name, &nodes, started.elapsed()));
+    let flag = match machineconfig {
+        Some(p) => format!(" --machineconfig {}", p.display()),
+        None => String::new(),
+    };
+    print!(
+        "{}",
+        started_report(&args.name, &nodes, started.elapsed(), &flag)
+    );
     Ok(ExitCode::SUCCESS)
 }
 
 /// What `cluster start` prints once every node's API answers.
-fn started_report(cluster: &str, nodes: &[StartedNode], elapsed: Duration) -> String {
+/// `flag` is the `--machineconfig` flag to repeat in the commands suggested.
+fn started_report(cluster: &str, nodes: &[StartedNode], elapsed: Duration, flag: &str) -> String {
     let mut records = Records::new(&["node", "pid", "api", "answered", "state"]);
     for n in nodes {
         records.push(vec![
@@ -467,8 +475,8 @@ fn started_report(cluster: &str, nodes: &[StartedNode], elapsed: Duration) -> St
     }
     if let Some(n) = nodes.first() {
         out.push_str(&format!(
-            "\nA control plane's etcd member rejoins by itself; watch it with:\n  machinectl --nodes {} health\n  machinectl --nodes {} etcd members\n",
-            n.api, n.api
+            "\nA control plane's etcd member rejoins by itself; watch it with:\n  machinectl{flag} --nodes {api} health\n  machinectl{flag} --nodes {api} etcd members\n",
+            api = n.api
         ));
     }
     out
@@ -653,7 +661,12 @@ mod tests {
             answered_after: std::time::Duration::from_secs(75),
             state: NodeState::Unhealthy(vec!["etcd (joining)".into()]),
         };
-        let text = super::started_report("demo", &[node], std::time::Duration::from_secs(80));
+        let text = super::started_report(
+            "demo",
+            &[node],
+            std::time::Duration::from_secs(80),
+            " --machineconfig m.toml",
+        );
         for want in [
             "1 node(s) of cluster demo booted again; their APIs answer after 1m20s:",
             "demo-controlplane-2",
@@ -661,7 +674,7 @@ mod tests {
             "after 1m15s",
             "API up, waiting for: etcd (joining)",
             "demo-controlplane-2 console /s/demo/nodes/demo-controlplane-2/console.log, the last boot's /s/demo/nodes/demo-controlplane-2/console.log.1",
-            "machinectl --nodes 127.0.0.1:40002 etcd members",
+            "machinectl --machineconfig m.toml --nodes 127.0.0.1:40002 etcd members",
         ] {
             assert!(text.contains(want), "{want:?} not in:\n{text}");
         }

@@ -1,9 +1,9 @@
 //! `machinectl cluster create`: claim the state directory, write the record, generate
 //! the configs (as `gen config` does, one per node with its static address), make a qcow2
 //! overlay and fresh UEFI variables per node, set up the network, start every VM
-//! detached ([`launch`](super::launch); config through `fw_cfg`), then wait until every node's API answers and it
-//! is healthy; then (unless asked not to) bootstrap etcd and wait for it on every control
-//! plane ([`bootstrap`](super::bootstrap)).
+//! detached ([`launch`]; config through `fw_cfg`), then wait until every node's API
+//! answers and it is healthy; then (unless asked not to) bootstrap etcd and wait for it
+//! on every control plane ([`bootstrap`]).
 //!
 //! Order matters for clean-up: the directory and the record come first, and every later
 //! resource is either inside the directory, named after the cluster (the namespace), or a

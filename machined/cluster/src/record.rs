@@ -4,9 +4,9 @@
 //! `~/.local/state/keelson/clusters/NAME`): `cluster.toml` (this record), `secrets.toml`,
 //! the helper's log, and one directory per node with its config, qcow2 overlay, UEFI
 //! variables, console log (and those of its earlier boots, `console.log.N`) and QEMU pid
-//! file. The record keeps what booting a node again needs (`cluster start`). The record is written before any VM starts
-//! and again as pids become known, so a `create` that dies halfway leaves a directory that
-//! names everything `destroy` must remove. Every process the cluster runs carries the
+//! file. The record keeps what booting a node again needs (`cluster start`). It is
+//! written before any VM starts and again as pids become known, so a `create` that dies
+//! halfway leaves a directory that names everything `destroy` must remove. Every process the cluster runs carries the
 //! directory's path on its command line, which is how `destroy` finds one whose pid was
 //! never recorded.
 

@@ -1,5 +1,5 @@
 //! `machinectl cluster start`: boot again nodes whose VM is down (killed, powered off,
-//! crashed), each as it was first booted ([`launch`](super::launch): the same disk, so
+//! crashed), each as it was first booted ([`launch`]: the same disk, so
 //! the node comes back with its state, an etcd member with its data), then wait until
 //! each one's node API answers `version`.
 //!
