@@ -1,4 +1,4 @@
-//! `cargo xtask bench [image|boot|api|cluster|all]`: how we hold ourselves to the
+//! `cargo xtask bench [image|boot|api|cluster|etcd|all]`: how we hold ourselves to the
 //! targets of BENCHMARKS.md. Timed tests are flaky on shared machines; these figures are
 //! not tests but measurements, each taken several times (min/median/max) and each set
 //! beside a reference measured in the same run, so that a slow or busy machine moves
@@ -11,7 +11,9 @@
 //!   with debootstrap ([`peer`]); memory at idle against the peer's ([`boot`]);
 //! - `cluster`: time to a healthy 1-node and 3-node local cluster ([`cluster`]);
 //! - `api`: machined's memory at idle and the latency of `version` and `apply-config
-//!   --mode no-reboot` against one node ([`api`]).
+//!   --mode no-reboot` against one node ([`api`]);
+//! - `etcd`: a 3-control-plane cluster from `bootstrap` to healthy, beside one node's boot,
+//!   and `etcdctl check perf` on it ([`etcd`]).
 //!
 //! Results go to the terminal (a table) and to `<target>/bench/<what>-<date>.json` and
 //! `<target>/bench/latest.json`, where `<target>` is `CARGO_TARGET_DIR` when set, else
@@ -20,6 +22,7 @@
 mod api;
 mod boot;
 mod cluster;
+mod etcd;
 mod floor;
 mod image;
 mod node;
@@ -48,6 +51,8 @@ pub enum What {
     Api,
     /// Local cluster creation.
     Cluster,
+    /// A 3-control-plane etcd from bootstrap to healthy, and `etcdctl check perf`.
+    Etcd,
     /// Everything available; lists what was skipped and why.
     All,
 }
@@ -59,6 +64,7 @@ impl What {
             What::Boot => "boot",
             What::Api => "api",
             What::Cluster => "cluster",
+            What::Etcd => "etcd",
             What::All => "all",
         }
     }
@@ -70,8 +76,12 @@ pub struct BenchArgs {
     /// What to measure (default: all).
     #[arg(value_enum)]
     pub what: Option<What>,
-    /// Runs per measurement (min/median/max are over these).
-    #[arg(long, default_value_t = 3)]
+    /// Runs per measurement (min/median/max are over these; default 3, and 1 for
+    /// `etcd`, whose run takes minutes).
+    #[arg(long = "runs", value_name = "N")]
+    pub runs_given: Option<usize>,
+    /// `--runs`, or its default for what is measured.
+    #[arg(skip)]
     pub runs: usize,
     /// Architecture(s) for `image` (default: amd64 and arm64) and `boot` (default:
     /// amd64; the peer is amd64 only).
@@ -119,6 +129,9 @@ pub enum Unit {
     Seconds,
     /// Bytes (files, memory).
     Bytes,
+    /// Operations per second.
+    #[serde(rename = "per_second")]
+    PerSecond,
 }
 
 impl Unit {
@@ -127,6 +140,7 @@ impl Unit {
             Unit::Seconds => format!("{v:.2} s"),
             Unit::Bytes if v >= 1048576.0 => format!("{:.1} MiB", v / 1048576.0),
             Unit::Bytes => format!("{:.0} KiB", v / 1024.0),
+            Unit::PerSecond => format!("{v:.0} /s"),
         }
     }
 }
@@ -407,11 +421,14 @@ impl Ctx {
 }
 
 /// `cargo xtask bench`.
-pub fn run(args: BenchArgs) -> Result<()> {
-    if args.runs == 0 {
+pub fn run(mut args: BenchArgs) -> Result<()> {
+    if args.runs_given == Some(0) {
         bail!("--runs 0 measures nothing: give at least 1 (3 or more for a median)");
     }
     let what = args.what.unwrap_or(What::All);
+    args.runs = args
+        .runs_given
+        .unwrap_or(if what == What::Etcd { 1 } else { 3 });
     let date = utc_now();
     let load_start = load_average();
     let dir = std::env::var_os("CARGO_TARGET_DIR")
@@ -433,12 +450,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
         What::Boot => boot::bench(&mut ctx)?,
         What::Api => api::bench(&mut ctx)?,
         What::Cluster => cluster::bench(&mut ctx)?,
+        What::Etcd => etcd::bench(&mut ctx)?,
         What::All => {
             for (name, result) in [
                 ("image", image::bench(&mut ctx)),
                 ("boot", boot::bench(&mut ctx)),
                 ("api", api::bench(&mut ctx)),
                 ("cluster", cluster::bench(&mut ctx)),
+                ("etcd", etcd::bench(&mut ctx)),
             ] {
                 if let Err(e) = result {
                     ctx.skip(name, format!("failed: {e:#}"));
