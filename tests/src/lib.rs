@@ -185,7 +185,7 @@ fn shows_line(console: &str, needle: &str) -> bool {
 }
 
 /// Write a `machinectl` client config to `path` with one context per role (named for the
-/// role, `admin` current), each with a client certificate issued by `ca` and the node
+/// role, the first role's current), each with a client certificate issued by `ca` and the node
 /// API at `endpoint`.
 pub fn api_client_config(
     ca: &CertAndKey,
@@ -207,7 +207,7 @@ pub fn api_client_config(
         };
         clients.contexts.insert(role.name().into(), context);
     }
-    clients.context = Some("admin".into());
+    clients.context = roles.first().map(|r| r.name().to_owned());
     clients
         .save(path)
         .with_context(|| format!("writing {}", path.display()))?;

@@ -17,8 +17,9 @@
 //! - a reset that would break the quorum is refused;
 //! - `etcd snapshot` taken with an `etcd:backup` certificate is accepted by `etcdctl
 //!   snapshot status`;
-//! - `etcd leave`, `etcd remove-member` of a powered-off member, and both nodes' return
-//!   (a reboot, and the removed one booted again), the member list checked at each step;
+//! - `etcd remove-member` of a powered-off member (and refused when the two left could
+//!   not commit it), `etcd leave`, and both nodes' return (the removed one booted again,
+//!   the one that left rebooted), the member list checked at each step;
 //! - a fresh one-node cluster bootstrapped `--recover-from` the snapshot has the keys.
 //!
 //! Runs as root (the namespace); the image is `KEELSON_TEST_IMAGE_AMD64` when set, else
@@ -634,7 +635,7 @@ fn stacked_etcd_forms_survives_faults_and_is_operated_through_the_api() {
     let out = Command::new(&env.bin)
         .arg("--machineconfig")
         .arg(&backup_config)
-        .args(["--context", "etcd:backup", "etcd", "snapshot"])
+        .args(["etcd", "snapshot"])
         .arg(&snapshot)
         .output()
         .unwrap();
@@ -659,28 +660,39 @@ fn stacked_etcd_forms_survives_faults_and_is_operated_through_the_api() {
         "{snap:#}"
     );
 
-    // Leave, remove a powered-off member, and both come back.
-    let said = etcd.ok_on(&cp3, &["etcd", "leave"]);
-    assert!(said.contains("left the etcd cluster"), "{said}");
+    // A powered-off member removed, a member leaving, and both come back.
+    let cp3_id = format!("{:x}", etcd.member_id(&cp3));
+    etcd.power_cut(&cp3);
+    let said = etcd.ok_on(&cp1, &["etcd", "remove-member", &cp3_id]);
+    assert!(said.contains("was removed"), "{said}");
     etcd.wait_members(
         &cp1,
         &[cp1.name.as_str(), cp2.name.as_str()],
         Duration::from_secs(60),
     );
+    // With two members and one frozen, nothing can be committed: its removal is refused.
     let cp2_id = format!("{:x}", etcd.member_id(&cp2));
-    etcd.power_cut(&cp2);
-    let said = etcd.ok_on(&cp1, &["etcd", "remove-member", &cp2_id]);
-    assert!(said.contains("was removed"), "{said}");
-    etcd.wait_members(&cp1, &[cp1.name.as_str()], Duration::from_secs(60));
-    etcd.start(&cp2);
+    etcd.signal(&cp2, "-STOP");
+    etcd.refused_on(
+        &cp1,
+        &["etcd", "remove-member", &cp2_id],
+        "the removal cannot be committed",
+    );
+    etcd.signal(&cp2, "-CONT");
+    etcd.start(&cp3);
+    etcd.wait_members(&cp1, &names, Duration::from_secs(600));
+    let said = etcd.ok_on(&cp2, &["etcd", "leave"]);
+    assert!(said.contains("left the etcd cluster"), "{said}");
     etcd.wait_members(
         &cp1,
-        &[cp1.name.as_str(), cp2.name.as_str()],
-        Duration::from_secs(600),
+        &[cp1.name.as_str(), cp3.name.as_str()],
+        Duration::from_secs(60),
     );
-    etcd.ok_on(&cp3, &["reboot"]);
+    etcd.ok_on(&cp2, &["reboot"]);
     etcd.wait_members(&cp1, &names, Duration::from_secs(600));
-    etcd.assert_has(&cp3, &acked);
+    for node in &etcd.nodes {
+        etcd.assert_has(node, &acked);
+    }
     drop(_cleanup);
 
     // A fresh one-node cluster recovered from the snapshot has every key.

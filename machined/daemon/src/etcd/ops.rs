@@ -202,6 +202,12 @@ impl EtcdNode {
                 "that is this node's own member: use `machinectl etcd leave` on it".into(),
             ));
         }
+        let answering = client::answering(&self.inner.credentials, &members).await;
+        if let Some(why) = plan::no_quorum(&members, &answering) {
+            return Err(EtcdError::Refused(format!(
+                "the removal cannot be committed: {why}; bring a member back first"
+            )));
+        }
         c.member_remove(parsed)
             .await
             .map_err(|e| EtcdError::call("member remove", e))?;

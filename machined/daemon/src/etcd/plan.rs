@@ -203,6 +203,20 @@ pub fn leave_verdict(members: &[Member], own_id: u64, healthy: &BTreeSet<u64>) -
     }
 }
 
+/// Why the cluster cannot commit a change now (fewer voting members answer than its
+/// quorum), or `None` when it can.
+pub fn no_quorum(members: &[Member], healthy: &BTreeSet<u64>) -> Option<String> {
+    let voting: Vec<&Member> = members.iter().filter(|m| !m.learner).collect();
+    let answering = voting.iter().filter(|m| healthy.contains(&m.id)).count();
+    let quorum = voting.len() / 2 + 1;
+    (answering < quorum).then(|| {
+        format!(
+            "the cluster has {} voting members of which {answering} answer, and a change needs {quorum}",
+            voting.len()
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -313,6 +327,21 @@ mod tests {
                 ("cp-3".to_owned(), "https://10.5.0.7:2380".to_owned())
             ]
         );
+    }
+
+    #[test]
+    fn a_change_needs_the_current_quorum() {
+        let two = vec![member(1, "cp-1", false), member(2, "cp-2", false)];
+        // Removing the dead one of two members cannot be committed by the survivor alone.
+        let why = no_quorum(&two, &set(&[1])).unwrap();
+        assert!(why.contains("2 voting members of which 1 answer"), "{why}");
+        assert_eq!(no_quorum(&two, &set(&[1, 2])), None);
+        let three = vec![
+            member(1, "a", false),
+            member(2, "b", false),
+            member(3, "c", false),
+        ];
+        assert_eq!(no_quorum(&three, &set(&[1, 2])), None);
     }
 
     #[test]
