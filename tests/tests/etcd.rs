@@ -9,8 +9,9 @@
 //! - every etcd certificate of every node verifies against the etcd CA with kubeadm's
 //!   SANs; `etcdctl endpoint health --cluster` and `endpoint status --cluster` with the
 //!   node's own healthcheck-client certificate report three healthy members;
-//! - faults while keys are written through etcdctl: a frozen member (SIGSTOP of its VM)
-//!   leaves a 2/3 cluster that takes writes, and catches up once thawed; killing the
+//! - faults while keys are written through etcdctl: a member stopped (its node shut
+//!   down) or frozen (SIGSTOP of its VM) leaves a 2/3 cluster that takes writes, and
+//!   catches up once started again or thawed; killing the
 //!   leader's VM elects another leader; a member power-cut during writes loses no
 //!   acknowledged write; after each, every acknowledged key is read back from every
 //!   member;
@@ -273,7 +274,12 @@ impl Etcd<'_> {
     /// Kills the node's VM (a power cut) and waits until `cluster show` has it down.
     fn power_cut(&self, node: &Node) {
         self.signal(node, "-KILL");
-        let deadline = Instant::now() + Duration::from_secs(30);
+        self.wait_down(node);
+    }
+
+    /// Waits until `cluster show` has the node's VM down.
+    fn wait_down(&self, node: &Node) {
+        let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             let shown = self.env.json(&["cluster", "show", "--name", &self.name]);
             let state = shown
@@ -512,12 +518,19 @@ fn stacked_etcd_forms_survives_faults_and_is_operated_through_the_api() {
     let status = etcd.etcdctl_json(&all[..1], &["endpoint", "status", "--cluster"]);
     assert_eq!(status.as_array().unwrap().len(), 3, "{status:#}");
 
-    // A frozen member: the other two take writes; thawed, it catches up.
+    // A member stopped (its node shut down): the other two take writes; started again,
+    // it catches up. Then one frozen (SIGSTOP of its VM): the same, once thawed.
     let mut acked = etcd.write(&all, "k-before", 5);
     assert_eq!(acked.len(), 5);
-    etcd.signal(&cp3, "-STOP");
-    let during = etcd.write(&all[..2], "k-frozen", 10);
-    etcd.signal(&cp3, "-CONT");
+    etcd.ok_on(&cp3, &["shutdown"]);
+    etcd.wait_down(&cp3);
+    let during = etcd.write(&all[..2], "k-stopped", 10);
+    assert_eq!(during.len(), 10, "a 2/3 cluster refused writes: {during:?}");
+    acked.extend(during);
+    etcd.start(&cp3);
+    etcd.signal(&cp2, "-STOP");
+    let during = etcd.write(&[&cp1, &cp3], "k-frozen", 10);
+    etcd.signal(&cp2, "-CONT");
     assert_eq!(during.len(), 10, "a 2/3 cluster refused writes: {during:?}");
     acked.extend(during);
     for node in &etcd.nodes {

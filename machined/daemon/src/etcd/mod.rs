@@ -43,6 +43,8 @@ use plan::{ClusterState, Member, MemberEnv};
 const RETRY: Duration = Duration::from_secs(10);
 /// How long a bootstrap waits for its new member to answer.
 const BOOTSTRAP_READY: Duration = Duration::from_secs(180);
+/// How often a member checks whether its advertised address changed.
+const ADDRESS_CHECK: Duration = Duration::from_secs(30);
 /// How long a learner may take to catch up before the promotion gives up (the next boot
 /// tries again).
 const PROMOTE_LIMIT: Duration = Duration::from_secs(900);
@@ -164,6 +166,8 @@ struct Inner {
     subnets: Vec<ipnet::IpNet>,
     endpoints: Vec<(String, u16)>,
     phase: Mutex<Phase>,
+    /// The name and address the certificates were last issued for.
+    issued_for: Mutex<Option<Identity>>,
     /// One change of membership at a time (join, bootstrap, leave).
     changing: tokio::sync::Mutex<()>,
     wake: tokio::sync::Notify,
@@ -215,6 +219,7 @@ impl EtcdNode {
                 subnets: config.cluster.etcd.advertised_subnets.clone(),
                 endpoints: config.cluster.etcd_join_endpoints(),
                 phase: Mutex::new(Phase::WaitingForTime),
+                issued_for: Mutex::new(None),
                 changing: tokio::sync::Mutex::new(()),
                 wake: tokio::sync::Notify::new(),
             }),
@@ -255,10 +260,71 @@ impl EtcdNode {
         }
     }
 
-    /// Runs the controller until the process ends.
+    /// Runs the controller until the process ends, and the watch on the node's address.
     pub fn spawn(&self) {
         let node = self.clone();
         tokio::spawn(async move { node.run().await });
+        let node = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(ADDRESS_CHECK).await;
+                if let Err(e) = node.follow_address().await {
+                    tracing::warn!(error = %e, "etcd: the member's new address could not be taken");
+                }
+            }
+        });
+    }
+
+    /// When the advertised address changed (DHCP), a member's certificates are issued
+    /// again, its peer URL updated in the cluster, its settings rewritten, and etcd
+    /// restarted on them.
+    async fn follow_address(&self) -> Result<(), EtcdError> {
+        let _changing = self.inner.changing.lock().await;
+        if self.phase() != Phase::Member {
+            return Ok(());
+        }
+        let id = self.identity()?;
+        let before = self
+            .inner
+            .issued_for
+            .lock()
+            .map_or_else(|p| p.into_inner().clone(), |p| p.clone());
+        let Some(before) = before else {
+            return Ok(());
+        };
+        if before == id {
+            return Ok(());
+        }
+        tracing::info!(
+            from = %before.address,
+            to = %id.address,
+            "etcd: the advertised address changed: reissuing the member's certificates and updating its peer URL"
+        );
+        self.write_certificates(&id)?;
+        let mut c = self
+            .inner
+            .credentials
+            .connect(&[
+                plan::client_url(before.address),
+                plan::endpoint_url("127.0.0.1", proto_etcd::CLIENT_PORT),
+            ])
+            .await?;
+        let own = c
+            .status()
+            .await
+            .map_err(|e| EtcdError::call("status", e))?
+            .header()
+            .map(|h| h.member_id())
+            .unwrap_or_default();
+        c.member_update(own, vec![plan::peer_url(id.address)])
+            .await
+            .map_err(|e| EtcdError::call("member update", e))?;
+        self.write_env(
+            &id,
+            vec![(id.name.clone(), plan::peer_url(id.address))],
+            ClusterState::Existing,
+        )?;
+        self.service(ServiceOp::Restart).await.map(drop)
     }
 
     async fn run(&self) {
@@ -528,6 +594,9 @@ impl EtcdNode {
             }
             write_atomic(&path, file.content.as_bytes(), file.mode)
                 .map_err(|e| EtcdError::file(&path, e))?;
+        }
+        if let Ok(mut slot) = self.inner.issued_for.lock() {
+            *slot = Some(id.clone());
         }
         Ok(())
     }

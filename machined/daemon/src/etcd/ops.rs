@@ -3,6 +3,7 @@
 //! leave a reset makes first.
 
 use std::collections::BTreeSet;
+use std::time::Duration;
 
 use etcd_client::{AlarmAction, AlarmType, Client};
 use keelson_api::api::proto;
@@ -208,9 +209,7 @@ impl EtcdNode {
                 "the removal cannot be committed: {why}; bring a member back first"
             )));
         }
-        c.member_remove(parsed)
-            .await
-            .map_err(|e| EtcdError::call("member remove", e))?;
+        remove(&mut c, parsed).await?;
         Ok(format!("member {parsed:x} ({}) was removed", target.name))
     }
 
@@ -257,9 +256,7 @@ impl EtcdNode {
                     "leaving etcd would break its quorum: {why}; bring the other members back first, or add --force"
                 ))),
                 _ => {
-                    c.member_remove(own_id)
-                        .await
-                        .map_err(|e| EtcdError::call("member remove", e))?;
+                    remove(&mut c, own_id).await?;
                     Ok(ResetLeave::Left(format!(
                         "member {own_id:x} left the etcd cluster"
                     )))
@@ -318,6 +315,29 @@ impl EtcdNode {
             name: "etcd".into(),
             ok,
             reason,
+        }
+    }
+}
+
+/// How long a removal waits while etcd calls the cluster unhealthy.
+const REMOVE_PATIENCE: Duration = Duration::from_secs(45);
+
+/// Removes member `id`. etcd refuses a removal as "unhealthy cluster" while a member
+/// has been connected for less than a few seconds (a member that just started or came
+/// back): that passes, so the removal is tried again for a while.
+async fn remove(c: &mut Client, id: u64) -> Result<(), EtcdError> {
+    let started = tokio::time::Instant::now();
+    loop {
+        match c.member_remove(id).await {
+            Ok(_) => return Ok(()),
+            Err(e)
+                if e.to_string().contains("unhealthy cluster")
+                    && started.elapsed() < REMOVE_PATIENCE =>
+            {
+                tracing::info!(member = %format!("{id:x}"), "etcd: the cluster is not healthy enough for a removal yet; trying again");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+            Err(e) => return Err(EtcdError::call("member remove", e)),
         }
     }
 }

@@ -55,6 +55,8 @@ const MAX_CONNECTIONS: usize = 256;
 const MAX_STREAMS: u32 = 64;
 /// How long maintenance connections may finish after the first config is installed.
 const MAINTENANCE_DRAIN: Duration = Duration::from_secs(3);
+/// How long the API waits for the clock's first sync before it serves.
+const FIRST_SYNC: Duration = Duration::from_secs(5);
 /// How often a control plane checks whether its addresses changed (DHCP), to reissue its
 /// certificate.
 const ADDRESS_CHECK: Duration = Duration::from_secs(30);
@@ -287,7 +289,14 @@ impl Bound {
                         applier.clone(),
                         None,
                     )
-                    .with_cluster(etcd, time);
+                    .with_cluster(etcd, time.clone());
+                    // Client certificates are judged by the clock: with time servers,
+                    // give the first sync a few seconds before the first call.
+                    if options.drive_cluster && !time.wait_synced(FIRST_SYNC).await {
+                        tracing::warn!(
+                            "the clock is not synced yet; serving anyway (client certificates are judged by the hardware clock until it is)"
+                        );
+                    }
                     let watch = watch_addresses(addresses, applier, hook);
                     tokio::select! {
                         () = &mut shutdown => {},
