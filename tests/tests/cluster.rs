@@ -5,7 +5,9 @@
 //! - three nodes (1 control plane, 2 workers; a network namespace as root): every node
 //!   answers `version` and `health`; each worker has the control plane in its neighbour
 //!   table and the control plane has every worker (the health check's probe of the
-//!   control plane's API port made those connections); `cluster show` reports a VM we
+//!   control plane's API port made those connections); etcd, bootstrapped by `create`,
+//!   has the control plane as its one member, and a worker refuses `bootstrap`;
+//!   `cluster show` reports a VM we
 //!   kill as down, with its console's tail; destroy removes the processes, namespace
 //!   (bridge and taps inside it), state directory and client context;
 //! - one arm64 node under software emulation;
@@ -90,6 +92,8 @@ fn three_nodes_reach_each_other_and_leave_nothing_behind() {
     );
     assert!(out.contains(&format!("cluster {name} is healthy")), "{out}");
     assert!(out.contains("1 control plane(s), 2 worker(s)"), "{out}");
+    // create bootstrapped etcd: the control plane is its one member.
+    assert!(out.contains("etcd healthy on 1 control plane(s)"), "{out}");
     if is_root() {
         assert!(
             out.contains(&format!("network namespace keelson-{name}")),
@@ -124,6 +128,22 @@ fn three_nodes_reach_each_other_and_leave_nothing_behind() {
     let address = |n: &serde_json::Value| n["address"].as_str().unwrap().to_owned();
     let cp = nodes.iter().find(|n| n["role"] == "controlplane").unwrap();
     let workers: Vec<&serde_json::Value> = nodes.iter().filter(|n| n["role"] == "worker").collect();
+
+    // etcd: one member, on the control plane; a worker has none and refuses a bootstrap.
+    let members = env.json(&["--nodes", cp["api"].as_str().unwrap(), "etcd", "members"]);
+    let members = members.as_array().unwrap();
+    assert_eq!(members.len(), 1, "{members:#?}");
+    assert_eq!(members[0]["name"], cp["node"], "{members:#?}");
+    let out = env.run(
+        &["--nodes", workers[0]["api"].as_str().unwrap(), "bootstrap"],
+        Duration::from_secs(60),
+    );
+    assert!(
+        !out.status.success()
+            && String::from_utf8_lossy(&out.stderr).contains("this node is a worker"),
+        "{}",
+        show(&out)
+    );
     let neighbours = env.json(&["get", "neighbours"]);
     let has = |api: &str, peer: &str| {
         neighbours

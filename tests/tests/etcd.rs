@@ -20,7 +20,8 @@
 //!   snapshot status`;
 //! - `etcd remove-member` of a powered-off member (and refused when the two left could
 //!   not commit it), `etcd leave`, and both nodes' return (the removed one booted again,
-//!   the one that left rebooted), the member list checked at each step;
+//!   the one that left rebooted), the member list checked at each step; a reset member
+//!   leaves first and rejoins as a new member when its node comes back;
 //! - a fresh one-node cluster bootstrapped `--recover-from` the snapshot has the keys.
 //!
 //! Runs as root (the namespace); the image is `KEELSON_TEST_IMAGE_AMD64` when set, else
@@ -169,22 +170,7 @@ impl Etcd<'_> {
             .iter()
             .map(|n| format!("https://{}:2379", n.address))
             .collect();
-        Command::new("timeout")
-            .args(["60", "ip", "netns", "exec", &self.ns(), "etcdctl"])
-            .arg(format!("--endpoints={}", urls.join(",")))
-            .arg(format!("--cacert={}", self.pki.join("ca.crt").display()))
-            .arg(format!(
-                "--cert={}",
-                self.pki.join("healthcheck-client.crt").display()
-            ))
-            .arg(format!(
-                "--key={}",
-                self.pki.join("healthcheck-client.key").display()
-            ))
-            .args(["--dial-timeout=5s", "--command-timeout=15s"])
-            .args(args)
-            .output()
-            .unwrap()
+        etcdctl(&self.ns(), &self.pki, &urls, args)
     }
 
     fn etcdctl_json(&self, endpoints: &[&Node], args: &[&str]) -> Value {
@@ -314,6 +300,27 @@ impl Etcd<'_> {
             show(&out)
         );
     }
+}
+
+/// The real etcdctl in namespace `ns` against `urls`, with the healthcheck-client
+/// certificate in `pki`.
+fn etcdctl(ns: &str, pki: &Path, urls: &[String], args: &[&str]) -> Output {
+    Command::new("timeout")
+        .args(["60", "ip", "netns", "exec", ns, "etcdctl"])
+        .arg(format!("--endpoints={}", urls.join(",")))
+        .arg(format!("--cacert={}", pki.join("ca.crt").display()))
+        .arg(format!(
+            "--cert={}",
+            pki.join("healthcheck-client.crt").display()
+        ))
+        .arg(format!(
+            "--key={}",
+            pki.join("healthcheck-client.key").display()
+        ))
+        .args(["--dial-timeout=5s", "--command-timeout=15s"])
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 /// Fetches the etcd files the node generated (admin may read /etc/kubernetes).
@@ -585,27 +592,7 @@ fn stacked_etcd_forms_survives_faults_and_is_operated_through_the_api() {
             let mut acked = Vec::new();
             for i in 0..30 {
                 let key = format!("k-cut-{i:03}");
-                let out = Command::new("timeout")
-                    .args(["60", "ip", "netns", "exec", &ns, "etcdctl"])
-                    .arg(format!("--endpoints={}", urls.join(",")))
-                    .arg(format!("--cacert={}", pki.join("ca.crt").display()))
-                    .arg(format!(
-                        "--cert={}",
-                        pki.join("healthcheck-client.crt").display()
-                    ))
-                    .arg(format!(
-                        "--key={}",
-                        pki.join("healthcheck-client.key").display()
-                    ))
-                    .args([
-                        "--dial-timeout=5s",
-                        "--command-timeout=15s",
-                        "put",
-                        &key,
-                        "v",
-                    ])
-                    .output()
-                    .unwrap();
+                let out = etcdctl(&ns, &pki, &urls, &["put", &key, "v"]);
                 if out.status.success() {
                     acked.push(key);
                 }
@@ -706,6 +693,20 @@ fn stacked_etcd_forms_survives_faults_and_is_operated_through_the_api() {
     for node in &etcd.nodes {
         etcd.assert_has(node, &acked);
     }
+
+    // A reset control plane leaves etcd first, then boots again (its config comes back
+    // from fw_cfg) and rejoins as a new member with every key.
+    let old_id = etcd.member_id(&cp3);
+    let said = etcd.ok_on(&cp3, &["reset", "--yes"]);
+    assert!(said.contains("left the etcd cluster"), "{said}");
+    etcd.wait_members(
+        &cp1,
+        &[cp1.name.as_str(), cp2.name.as_str()],
+        Duration::from_secs(60),
+    );
+    etcd.wait_members(&cp1, &names, Duration::from_secs(600));
+    assert_ne!(etcd.member_id(&cp3), old_id);
+    etcd.assert_has(&cp3, &acked);
     drop(_cleanup);
 
     // A fresh one-node cluster recovered from the snapshot has every key.

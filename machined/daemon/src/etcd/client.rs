@@ -66,20 +66,35 @@ impl Credentials {
     }
 }
 
+/// A member as the client crate gives it, as the controller's plan takes it.
+pub fn member(m: &etcd_client::Member) -> Member {
+    Member {
+        id: m.id(),
+        name: m.name().to_owned(),
+        peer_urls: m.peer_urls().to_vec(),
+        client_urls: m.client_urls().to_vec(),
+        learner: m.is_learner(),
+    }
+}
+
 /// The cluster's members as `client` sees them.
-pub async fn members(client: &mut Client) -> Result<Vec<Member>, etcd_client::Error> {
-    let list = client.member_list().await?;
-    Ok(list
-        .members()
-        .iter()
-        .map(|m| Member {
-            id: m.id(),
-            name: m.name().to_owned(),
-            peer_urls: m.peer_urls().to_vec(),
-            client_urls: m.client_urls().to_vec(),
-            learner: m.is_learner(),
-        })
-        .collect())
+pub async fn members(client: &mut Client) -> Result<Vec<Member>, EtcdError> {
+    let list = client
+        .member_list()
+        .await
+        .map_err(|e| EtcdError::call("member list", e))?;
+    Ok(list.members().iter().map(member).collect())
+}
+
+/// The ID of the member `client` talks to.
+pub async fn own_id(client: &mut Client) -> Result<u64, EtcdError> {
+    Ok(client
+        .status()
+        .await
+        .map_err(|e| EtcdError::call("status", e))?
+        .header()
+        .map(|h| h.member_id())
+        .unwrap_or_default())
 }
 
 /// The members that answer a status call on one of their client URLs within a few

@@ -309,13 +309,7 @@ impl EtcdNode {
                 plan::endpoint_url("127.0.0.1", proto_etcd::CLIENT_PORT),
             ])
             .await?;
-        let own = c
-            .status()
-            .await
-            .map_err(|e| EtcdError::call("status", e))?
-            .header()
-            .map(|h| h.member_id())
-            .unwrap_or_default();
+        let own = client::own_id(&mut c).await?;
         c.member_update(own, vec![plan::peer_url(id.address)])
             .await
             .map_err(|e| EtcdError::call("member update", e))?;
@@ -443,9 +437,7 @@ impl EtcdNode {
             let one = std::slice::from_ref(url);
             let listed = async {
                 let mut client = self.inner.credentials.connect(one).await?;
-                client::members(&mut client)
-                    .await
-                    .map_err(|e| EtcdError::call("member list", e))
+                client::members(&mut client).await
             };
             match tokio::time::timeout(Duration::from_secs(8), listed).await {
                 Ok(Ok(members)) if members.iter().any(|m| m.started() && m.name != id.name) => {
@@ -500,17 +492,7 @@ impl EtcdNode {
             .await
             .map_err(|e| EtcdError::call("member add", e))?;
         let own_id = added.member().map(|m| m.id()).unwrap_or_default();
-        let listed: Vec<Member> = added
-            .member_list()
-            .iter()
-            .map(|m| Member {
-                id: m.id(),
-                name: m.name().to_owned(),
-                peer_urls: m.peer_urls().to_vec(),
-                client_urls: m.client_urls().to_vec(),
-                learner: m.is_learner(),
-            })
-            .collect();
+        let listed: Vec<Member> = added.member_list().iter().map(client::member).collect();
         let cluster = plan::initial_cluster(&listed, own_id, &id.name);
         self.write_env(id, cluster, ClusterState::Existing)?;
         self.start_service().await?;

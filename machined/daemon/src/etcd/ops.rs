@@ -46,9 +46,7 @@ impl EtcdNode {
     /// The members, as this node's etcd lists them.
     pub async fn members(&self) -> Result<Vec<Member>, EtcdError> {
         let mut c = self.local().await?;
-        client::members(&mut c)
-            .await
-            .map_err(|e| EtcdError::call("member list", e))
+        client::members(&mut c).await
     }
 
     /// This member's status.
@@ -155,9 +153,7 @@ impl EtcdNode {
                 status.leader()
             ));
         }
-        let members = client::members(&mut c)
-            .await
-            .map_err(|e| EtcdError::call("member list", e))?;
+        let members = client::members(&mut c).await?;
         let answering = client::answering(&self.inner.credentials, &members).await;
         let Some(to) = members
             .iter()
@@ -184,9 +180,7 @@ impl EtcdNode {
             ))
         })?;
         let mut c = self.local().await?;
-        let members = client::members(&mut c)
-            .await
-            .map_err(|e| EtcdError::call("member list", e))?;
+        let members = client::members(&mut c).await?;
         let own = self.identity()?;
         let Some(target) = members.iter().find(|m| m.id == parsed) else {
             return Err(EtcdError::Refused(format!(
@@ -238,16 +232,8 @@ impl EtcdNode {
         }
         let attempt = async {
             let mut c = self.local().await?;
-            let members = client::members(&mut c)
-                .await
-                .map_err(|e| EtcdError::call("member list", e))?;
-            let own_id = c
-                .status()
-                .await
-                .map_err(|e| EtcdError::call("status", e))?
-                .header()
-                .map(|h| h.member_id())
-                .unwrap_or_default();
+            let members = client::members(&mut c).await?;
+            let own_id = client::own_id(&mut c).await?;
             let answering: BTreeSet<u64> =
                 client::answering(&self.inner.credentials, &members).await;
             match plan::leave_verdict(&members, own_id, &answering) {
