@@ -327,7 +327,7 @@ impl EtcdNode {
             let settled = {
                 let _changing = self.inner.changing.lock().await;
                 match self.phase() {
-                    Phase::Member | Phase::Left => true,
+                    Phase::Member | Phase::Left | Phase::Joining(_) => true,
                     _ => match self.step().await {
                         Ok(done) => done,
                         Err(e) => {
@@ -499,8 +499,15 @@ impl EtcdNode {
         self.set_phase(Phase::Joining(format!(
             "started as learner {own_id:x}; promoting it once it has caught up"
         )));
-        self.promote(&mut client, own_id).await;
-        self.set_phase(Phase::Member);
+        // The promotion waits for the learner to catch up, outside the membership lock,
+        // so that a leave, reset or bootstrap request is answered meanwhile.
+        let node = self.clone();
+        tokio::spawn(async move {
+            node.promote(&mut client, own_id).await;
+            if matches!(node.phase(), Phase::Joining(_)) {
+                node.set_phase(Phase::Member);
+            }
+        });
         Ok(())
     }
 
