@@ -15,11 +15,13 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long one call may take (a snapshot streams longer: its own deadline per message).
 const CALL_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// What a connection to etcd needs: the CA to trust and the identity to show.
+/// What a connection to etcd needs: the CA to trust and the identity to show, issued
+/// at the first connection (a control plane that only waits for a cluster, with no
+/// other control plane to ask, never issues it).
 #[derive(Clone)]
 pub struct Credentials {
-    ca_cert: String,
-    identity: CertAndKey,
+    ca: CertAndKey,
+    identity: std::sync::Arc<std::sync::OnceLock<CertAndKey>>,
 }
 
 impl std::fmt::Debug for Credentials {
@@ -29,10 +31,21 @@ impl std::fmt::Debug for Credentials {
 }
 
 impl Credentials {
-    /// Issues machined's client certificate from the etcd CA.
-    pub fn issue(ca: &CertAndKey) -> Result<Credentials, EtcdError> {
-        let identity = pki::issue(
-            ca,
+    /// Credentials from the etcd CA; machined's client certificate comes later.
+    pub fn new(ca: &CertAndKey) -> Credentials {
+        Credentials {
+            ca: ca.clone(),
+            identity: std::sync::Arc::default(),
+        }
+    }
+
+    /// machined's client certificate, issued from the etcd CA the first time.
+    fn identity(&self) -> Result<&CertAndKey, EtcdError> {
+        if let Some(identity) = self.identity.get() {
+            return Ok(identity);
+        }
+        let issued = pki::issue(
+            &self.ca,
             &LeafRequest {
                 common_name: "keelson-machined".into(),
                 organizations: Vec::new(),
@@ -41,18 +54,16 @@ impl Credentials {
             },
         )
         .map_err(|e| EtcdError::Pki(e.to_string()))?;
-        Ok(Credentials {
-            ca_cert: ca.cert.clone(),
-            identity,
-        })
+        Ok(self.identity.get_or_init(|| issued))
     }
 
     /// A client of the members at `urls` (`https://HOST:2379`); the first call fails if
     /// none answers.
     pub async fn connect(&self, urls: &[String]) -> Result<Client, EtcdError> {
+        let identity = self.identity()?;
         let tls = TlsOptions::new()
-            .ca_certificate(Certificate::from_pem(&self.ca_cert))
-            .identity(Identity::from_pem(&self.identity.cert, &self.identity.key));
+            .ca_certificate(Certificate::from_pem(&self.ca.cert))
+            .identity(Identity::from_pem(&identity.cert, &identity.key));
         let options = ConnectOptions::new()
             .with_tls(tls)
             .with_connect_timeout(CONNECT_TIMEOUT)

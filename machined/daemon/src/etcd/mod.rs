@@ -207,7 +207,7 @@ impl EtcdNode {
             cert: pair.cert.to_string(),
             key: key.to_string(),
         };
-        let credentials = Credentials::issue(&ca)?;
+        let credentials = Credentials::new(&ca);
         Ok(Some(EtcdNode {
             inner: Arc::new(Inner {
                 backend,
@@ -364,7 +364,8 @@ impl EtcdNode {
             return Ok(false);
         }
         let id = self.identity()?;
-        self.write_certificates(&id)?;
+        // Certificates are issued when etcd is about to start (here, in a join, at a
+        // bootstrap), not while the node only waits for a cluster.
         if self.has_data() {
             if self.was_removed(&id).await {
                 tracing::warn!(
@@ -381,6 +382,7 @@ impl EtcdNode {
                         ClusterState::Existing,
                     )?;
                 }
+                self.write_certificates(&id)?;
                 self.start_service().await?;
                 self.set_phase(Phase::Member);
                 let node = self.clone();
@@ -494,6 +496,7 @@ impl EtcdNode {
         let own_id = added.member().map(|m| m.id()).unwrap_or_default();
         let listed: Vec<Member> = added.member_list().iter().map(client::member).collect();
         let cluster = plan::initial_cluster(&listed, own_id, &id.name);
+        self.write_certificates(id)?;
         self.write_env(id, cluster, ClusterState::Existing)?;
         self.start_service().await?;
         self.set_phase(Phase::Joining(format!(
