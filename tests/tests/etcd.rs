@@ -265,8 +265,7 @@ impl Etcd<'_> {
 
     /// Waits until `cluster show` has the node's VM down.
     fn wait_down(&self, node: &Node) {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
+        poll(Duration::from_secs(120), || {
             let shown = self.env.json(&["cluster", "show", "--name", &self.name]);
             let state = shown
                 .as_array()
@@ -275,16 +274,10 @@ impl Etcd<'_> {
                 .find(|n| n["node"] == node.name.as_str())
                 .unwrap()["state"]
                 .clone();
-            if state == "down" {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} still up after SIGKILL",
-                node.name
-            );
-            std::thread::sleep(Duration::from_millis(500));
-        }
+            (state == "down")
+                .then_some(())
+                .ok_or_else(|| format!("{} still up", node.name))
+        });
     }
 
     /// Boots a down node again with its disk (`cluster start`).
@@ -299,6 +292,23 @@ impl Etcd<'_> {
             node.name,
             show(&out)
         );
+    }
+}
+
+/// Calls `check` every 2 s until it gives a value; after `limit`, fails with its last
+/// reason.
+fn poll<T>(limit: Duration, mut check: impl FnMut() -> Result<T, String>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        match check() {
+            Ok(value) => return value,
+            Err(why) => assert!(
+                Instant::now() < deadline,
+                "after {} s: {why}",
+                limit.as_secs()
+            ),
+        }
+        std::thread::sleep(Duration::from_secs(2));
     }
 }
 
@@ -462,33 +472,21 @@ fn stacked_etcd_forms_survives_faults_and_is_operated_through_the_api() {
     // chronyd on the gateway: every node syncs, then waits for a bootstrap and says so.
     let _chrony = Chrony::start(&etcd.ns(), GATEWAY).unwrap();
     for node in &etcd.nodes {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
+        let v = poll(Duration::from_secs(120), || {
             let v = etcd.json_on(node, &["time"]);
-            if v[0]["synced"] == true {
-                assert_eq!(v[0]["synced_from"], GATEWAY, "{v:#}");
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} never synced: {v:#}",
-                node.name
-            );
-            std::thread::sleep(Duration::from_secs(2));
-        }
+            (v[0]["synced"] == true)
+                .then(|| v.clone())
+                .ok_or_else(|| format!("{} never synced: {v:#}", node.name))
+        });
+        assert_eq!(v[0]["synced_from"], GATEWAY, "{v:#}");
     }
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
+    poll(Duration::from_secs(60), || {
         let health = etcd.ok_on(&cp2, &["health"]);
-        if health.contains("machinectl --nodes 10.5.0.3 bootstrap") {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "health does not say how to bootstrap:\n{health}"
-        );
-        std::thread::sleep(Duration::from_secs(3));
-    }
+        health
+            .contains("machinectl --nodes 10.5.0.3 bootstrap")
+            .then_some(())
+            .ok_or_else(|| format!("health does not say how to bootstrap:\n{health}"))
+    });
 
     // Bootstrap on the first; the second is refused; the others join and are promoted.
     let said = etcd.ok_on(&cp1, &["bootstrap"]);
@@ -558,20 +556,11 @@ fn stacked_etcd_forms_survives_faults_and_is_operated_through_the_api() {
         .iter()
         .filter(|n| n.name != leader.name)
         .collect();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        if let Some(new) = etcd.leader(others[0])
-            && new != leader_id
-        {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no new leader after {} was killed",
-            leader.name
-        );
-        std::thread::sleep(Duration::from_secs(2));
-    }
+    poll(Duration::from_secs(120), || {
+        etcd.leader(others[0])
+            .filter(|new| *new != leader_id)
+            .ok_or_else(|| format!("no new leader after {} was killed", leader.name))
+    });
     acked.extend(etcd.write(&others, "k-newleader", 5));
     etcd.start(&leader);
     for node in &etcd.nodes {
