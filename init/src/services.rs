@@ -34,6 +34,7 @@ use std::time::Duration;
 
 use keelson_configs::schema::{ExtensionService, MachineConfig, MachineType};
 
+use keelson_configs::layout;
 use keelson_node_protocol::etcd as etcd_proto;
 
 use crate::supervisor::{Readiness, ServiceSpec};
@@ -118,11 +119,40 @@ pub fn catalog(
     out
 }
 
-/// etcd on a control plane: the protocol's static flags, then the config's extra flags
+/// etcd's metrics and health port, on loopback and plain HTTP.
+const ETCD_METRICS_PORT: u16 = 2381;
+
+/// The flags etcd gets whatever the member: TLS on both sides with client certificates
+/// required, TLS 1.3 at least, kubeadm's snapshot count, metrics on loopback. The
+/// config's `cluster.etcd.extra_args` come after these, and win.
+fn etcd_static_flags() -> Vec<String> {
+    let data = layout::ETCD_DATA_DIR;
+    let pki = format!("{}/etcd", layout::KUBERNETES_PKI_DIR);
+    let (client, peer) = (layout::ETCD_CLIENT_PORT, layout::ETCD_PEER_PORT);
+    vec![
+        format!("--data-dir={data}"),
+        format!("--listen-client-urls=https://[::]:{client}"),
+        format!("--listen-peer-urls=https://[::]:{peer}"),
+        format!("--listen-metrics-urls=http://127.0.0.1:{ETCD_METRICS_PORT}"),
+        format!("--cert-file={pki}/server.crt"),
+        format!("--key-file={pki}/server.key"),
+        format!("--trusted-ca-file={pki}/ca.crt"),
+        "--client-cert-auth=true".into(),
+        format!("--peer-cert-file={pki}/peer.crt"),
+        format!("--peer-key-file={pki}/peer.key"),
+        format!("--peer-trusted-ca-file={pki}/ca.crt"),
+        "--peer-client-cert-auth=true".into(),
+        "--tls-min-version=TLS1.3".into(),
+        "--snapshot-count=10000".into(),
+        "--experimental-initial-corrupt-check=true".into(),
+    ]
+}
+
+/// etcd on a control plane: its static flags, then the config's extra flags
 /// (which win); the member's own settings come from the environment file machined
 /// writes before it asks for the start. Ready once its client port accepts.
 pub fn etcd(config: &MachineConfig) -> ServiceSpec {
-    let mut args = etcd_proto::static_flags();
+    let mut args = etcd_static_flags();
     args.extend(
         config
             .cluster
@@ -141,7 +171,7 @@ pub fn etcd(config: &MachineConfig) -> ServiceSpec {
         start_after: Vec::new(),
         readiness: Readiness::Tcp(std::net::SocketAddr::from((
             [127, 0, 0, 1],
-            etcd_proto::CLIENT_PORT,
+            layout::ETCD_CLIENT_PORT,
         ))),
         ready_timeout: Duration::from_secs(120),
         autostart: false,

@@ -5,7 +5,7 @@
 //! | module | what it is |
 //! |---|---|
 //! | [`control`] | the control socket: its path, its framing and size limits, every request with its own typed answer, and the wire types they carry (service statuses, live config parts, PID 1's figures) |
-//! | [`etcd`] | how etcd runs: PID 1's static flags, the file of member settings machined writes before it asks PID 1 to start etcd, the data and PKI paths |
+//! | [`etcd`] | how etcd is started: the file of member settings machined writes before it asks PID 1 to start etcd |
 //! | [`state`] | the STATE layout (where the config, the staged config, the machine id and the node API certificate live) and the one atomic-write helper both sides write STATE with |
 //!
 //! It depends on serde alone, so PID 1's static build stays small.

@@ -22,7 +22,6 @@ pub mod client;
 pub mod ops;
 pub mod plan;
 
-use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -118,7 +117,7 @@ pub struct EtcdPaths {
 impl Default for EtcdPaths {
     fn default() -> Self {
         EtcdPaths {
-            data_dir: proto_etcd::DATA_DIR.into(),
+            data_dir: keelson_configs::layout::ETCD_DATA_DIR.into(),
             env_file: proto_etcd::ENV_FILE.into(),
             pki_dir: keelson_configs::layout::KUBERNETES_PKI_DIR.into(),
         }
@@ -306,7 +305,7 @@ impl EtcdNode {
             .credentials
             .connect(&[
                 plan::client_url(before.address),
-                plan::endpoint_url("127.0.0.1", proto_etcd::CLIENT_PORT),
+                plan::endpoint_url("127.0.0.1", keelson_configs::layout::ETCD_CLIENT_PORT),
             ])
             .await?;
         let own = client::own_id(&mut c).await?;
@@ -763,10 +762,5 @@ impl EtcdNode {
         }
         tracing::info!(snapshot = %snapshot.display(), "etcd: snapshot restored");
         Ok(())
-    }
-
-    /// Addresses this node answers on, to tell its own endpoint from another's.
-    pub fn own_addresses() -> BTreeSet<IpAddr> {
-        interface_addresses()
     }
 }

@@ -8,7 +8,7 @@ use std::fmt::Write as _;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
-use keelson_node_protocol::etcd::{CLIENT_PORT, PEER_PORT};
+use keelson_configs::layout::{ETCD_CLIENT_PORT as CLIENT_PORT, ETCD_PEER_PORT as PEER_PORT};
 
 /// The address etcd advertises: the node's first address in the first of
 /// `cluster.etcd.advertised_subnets` that holds one (the seed's lesson for machines with
