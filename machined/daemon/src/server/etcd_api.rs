@@ -8,6 +8,7 @@ use tokio_stream::StreamExt as _;
 use tonic::{Status, Streaming};
 
 use crate::etcd::{EtcdError, EtcdNode};
+use crate::server::service::{SpoolFile, tempfile_in};
 use crate::timesync::{self, TimeSync};
 
 /// How long `time` waits for a server's answer.
@@ -85,7 +86,7 @@ pub async fn bootstrap(
     mut stream: Streaming<proto::BootstrapRequest>,
 ) -> Result<String, Status> {
     let mut recover = false;
-    let mut spool: Option<(tempfile_path::Spool, tokio::fs::File)> = None;
+    let mut spool: Option<(SpoolFile, tokio::fs::File)> = None;
     let mut total: u64 = 0;
     let mut first = true;
     while let Some(message) = stream.next().await {
@@ -110,7 +111,13 @@ pub async fn bootstrap(
             )));
         }
         if spool.is_none() {
-            spool = Some(tempfile_path::Spool::create(spool_dir).await?);
+            keelson_api::atomic::create_private_dir(spool_dir)
+                .map_err(|e| Status::internal(keelson_api::error_chain(&e)))?;
+            let file = tempfile_in(spool_dir, "etcd-restore", "db")?;
+            let handle = file
+                .reopen()
+                .map_err(|e| Status::internal(format!("cannot open the spool file: {e}")))?;
+            spool = Some((file, tokio::fs::File::from_std(handle)));
         }
         if let Some((_, file)) = spool.as_mut() {
             tokio::io::AsyncWriteExt::write_all(file, &message.snapshot)
@@ -128,7 +135,7 @@ pub async fn bootstrap(
             .await
             .map_err(|e| Status::internal(format!("cannot spool the snapshot: {e}")))?;
     }
-    let path = spool.as_ref().map(|(s, _)| s.path.clone());
+    let path = spool.as_ref().map(|(s, _)| s.path().to_path_buf());
     etcd.bootstrap(path.as_deref()).await.map_err(status)
 }
 
@@ -141,44 +148,5 @@ pub fn member(m: &crate::etcd::plan::Member) -> proto::EtcdMember {
         client_urls: m.client_urls.clone(),
         learner: m.learner,
         started: m.started(),
-    }
-}
-
-mod tempfile_path {
-    //! A private spool file for an uploaded snapshot, removed when dropped.
-
-    use std::path::{Path, PathBuf};
-
-    use tonic::Status;
-
-    /// The spool file.
-    #[derive(Debug)]
-    pub struct Spool {
-        /// Its path.
-        pub path: PathBuf,
-    }
-
-    impl Spool {
-        /// Creates it (mode 0600) in `dir`, which is created private when missing.
-        pub async fn create(dir: &Path) -> Result<(Spool, tokio::fs::File), Status> {
-            keelson_api::atomic::create_private_dir(dir)
-                .map_err(|e| Status::internal(keelson_api::error_chain(&e)))?;
-            let path = dir.join(format!("etcd-restore-{}.db", std::process::id()));
-            let _ = std::fs::remove_file(&path);
-            let file = tokio::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&path)
-                .await
-                .map_err(|e| Status::internal(format!("cannot create {}: {e}", path.display())))?;
-            Ok((Spool { path }, file))
-        }
-    }
-
-    impl Drop for Spool {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.path);
-        }
     }
 }

@@ -753,7 +753,7 @@ impl Machine for NodeService {
         let mut stream = req.into_inner();
         keelson_api::atomic::create_private_dir(&self.spool_dir)
             .map_err(|e| internal(keelson_api::error_chain(&e)))?;
-        let spool = tempfile_in(&self.spool_dir)?;
+        let spool = tempfile_in(&self.spool_dir, "import", "tar")?;
         let mut file = tokio::fs::File::from_std(
             spool
                 .reopen()
@@ -793,12 +793,17 @@ impl Machine for NodeService {
     }
 }
 
-/// A private temporary file in `dir`, removed when dropped.
-fn tempfile_in(dir: &std::path::Path) -> Result<SpoolFile, Status> {
+/// A private temporary file `STEM-...EXT` in `dir` (mode 0600), removed when dropped:
+/// an upload spooled before it is used (an image archive, an etcd snapshot).
+pub(crate) fn tempfile_in(
+    dir: &std::path::Path,
+    stem: &str,
+    ext: &str,
+) -> Result<SpoolFile, Status> {
     use std::os::unix::fs::OpenOptionsExt as _;
     for attempt in 0..16u32 {
         let path = dir.join(format!(
-            "import-{}-{}-{attempt}.tar",
+            "{stem}-{}-{}-{attempt}.{ext}",
             std::process::id(),
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -827,16 +832,18 @@ fn tempfile_in(dir: &std::path::Path) -> Result<SpoolFile, Status> {
 
 /// A spooled upload, deleted on drop.
 #[derive(Debug)]
-struct SpoolFile {
+pub(crate) struct SpoolFile {
     path: PathBuf,
 }
 
 impl SpoolFile {
-    fn path(&self) -> &std::path::Path {
+    /// Where it is.
+    pub(crate) fn path(&self) -> &std::path::Path {
         &self.path
     }
 
-    fn reopen(&self) -> std::io::Result<std::fs::File> {
+    /// A handle to write it through.
+    pub(crate) fn reopen(&self) -> std::io::Result<std::fs::File> {
         std::fs::OpenOptions::new().write(true).open(&self.path)
     }
 }
