@@ -9,11 +9,13 @@
 //! | [`node`] | node facts from `/proc`, `/sys`, `/dev/kmsg` |
 //! | [`etcd`] | a control plane's etcd member: certificates, bootstrap, joins as a learner, the `etcd` operations, leaving at reset |
 //! | [`containerd`] | containers, images and image import through containerd's API |
+//! | [`kubernetes`] | the Kubernetes node: kubeadm's phases from the config, the kubelet fetched, verified and started, the control-plane images pulled through the CRI |
 //! | [`timesync`] | SNTP time sync from the config's `time_servers`: steps the clock, keeps a status |
 
 pub mod backend;
 pub mod containerd;
 pub mod etcd;
+pub mod kubernetes;
 pub mod node;
 pub mod server;
 pub mod timesync;
