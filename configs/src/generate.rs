@@ -342,6 +342,7 @@ fn base_config(
             api: Api {
                 cert_sans: cert_sans(&inputs.endpoint, &inputs.sans, kind),
             },
+            registries: Default::default(),
             files: Vec::new(),
             services: Vec::new(),
         },

@@ -38,6 +38,9 @@
 //! [machine.api]
 //! cert_sans = ["cp-1.example.com"]
 //!
+//! [machine.registries.mirrors."10.5.0.1:5000"]   # containerd's hosts.toml for that registry
+//! endpoints = ["http://10.5.0.1:5000"]           # plain HTTP for a local registry
+//!
 //! [[machine.files]]
 //! path = "/var/etc/motd"
 //! content = "hello\n"
@@ -56,6 +59,7 @@
 //! pod_subnets = ["10.244.0.0/16"]
 //! service_subnets = ["10.96.0.0/12"]
 //! dns_domain = "cluster.local"
+//! image_repository = "registry.k8s.io"   # kubeadm's imageRepository: where the control-plane images come from
 //!
 //! [cluster.kubelet]                # where the node downloads the kubelet, pinned by sha256
 //! base_url = "https://mirror.example.com/kubernetes/release"
@@ -232,6 +236,9 @@ pub struct Machine {
     /// Node API settings.
     #[serde(default, skip_serializing_if = "is_default")]
     pub api: Api,
+    /// Where containerd pulls images from: mirrors per registry.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub registries: Registries,
     /// Files written at boot.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub files: Vec<File>,
@@ -367,6 +374,25 @@ pub struct Kubelet {
     pub extra_config: toml::Table,
 }
 
+/// Image registries as containerd reaches them (written as containerd's `hosts.toml`
+/// files under `/etc/containerd/certs.d`, as Talos's `machine.registries` are).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Registries {
+    /// Per registry host (`registry.k8s.io`, `10.5.0.1:5000`), the endpoints that serve
+    /// it, tried in order before the registry itself.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub mirrors: BTreeMap<String, RegistryMirror>,
+}
+
+/// The endpoints of one registry's mirror.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryMirror {
+    /// `http://` or `https://` URLs (plain HTTP for a local registry without TLS).
+    pub endpoints: Vec<String>,
+}
+
 /// Node API (machined) settings.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -431,6 +457,11 @@ pub struct Cluster {
     /// The cluster's DNS domain.
     #[serde(default = "default_dns_domain")]
     pub dns_domain: String,
+    /// Where the control-plane images come from (kubeadm's `imageRepository`): a registry
+    /// host with an optional port and path, like `registry.k8s.io` (the default) or
+    /// `10.5.0.1:5000/k8s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_repository: Option<String>,
     /// Where the kubelet binary comes from.
     #[serde(default, skip_serializing_if = "is_default")]
     pub kubelet: KubeletArtifacts,
@@ -441,7 +472,30 @@ pub struct Cluster {
     pub secrets: Secrets,
 }
 
+/// The upstream registry of the Kubernetes images (kubeadm's default `imageRepository`).
+pub const DEFAULT_IMAGE_REPOSITORY: &str = "registry.k8s.io";
+
 impl Cluster {
+    /// Where the control-plane images come from: `image_repository`, else
+    /// [`DEFAULT_IMAGE_REPOSITORY`].
+    pub fn image_repository(&self) -> &str {
+        self.image_repository
+            .as_deref()
+            .unwrap_or(DEFAULT_IMAGE_REPOSITORY)
+    }
+
+    /// The pod sandbox ("pause") image kubeadm pairs with `kubernetes_version`, from
+    /// [`Cluster::image_repository`]: containerd's `sandbox_image` and one of the images
+    /// pulled before the kubelet starts. The tags are kubeadm's `PauseVersion` of each
+    /// release (cmd/kubeadm/app/constants).
+    pub fn pause_image(&self) -> String {
+        let tag = match self.kubernetes_version.minor {
+            ..=33 => "3.10",
+            _ => "3.10.1",
+        };
+        format!("{}/pause:{tag}", self.image_repository())
+    }
+
     /// Where this control plane looks for the cluster's etcd: each entry of
     /// `etcd.endpoints` as (host, port), each once, or the host of `endpoint` on
     /// [`crate::layout::ETCD_CLIENT_PORT`] when there are none. Entries that do not parse

@@ -52,6 +52,8 @@ pub(crate) enum Leaf {
     SysctlName,
     FlagName,
     BaseUrl,
+    ImageRepository,
+    RegistryHost,
 }
 
 const PLACEHOLDER_PEM_CERT: &str = "-----BEGIN CERTIFICATE-----\nAA==\n-----END CERTIFICATE-----\n";
@@ -90,6 +92,8 @@ impl Leaf {
             Leaf::SysctlName => values::check_sysctl_name(s),
             Leaf::FlagName => values::check_flag_name(s),
             Leaf::BaseUrl => values::check_base_url(s),
+            Leaf::ImageRepository => values::check_image_repository(s),
+            Leaf::RegistryHost => values::check_registry_host(s),
         }
     }
 
@@ -118,6 +122,8 @@ impl Leaf {
             Leaf::SysctlName => "net.placeholder",
             Leaf::FlagName => "placeholder",
             Leaf::BaseUrl => "https://192.0.2.1/",
+            Leaf::ImageRepository => "192.0.2.1:5000/placeholder",
+            Leaf::RegistryHost => "192.0.2.1:5000",
         };
         s.to_string()
     }
@@ -277,6 +283,7 @@ const MACHINE: &[Field] = &[
     opt("network", Shape::Table(NETWORK)),
     opt("kubelet", Shape::Table(KUBELET)),
     opt("api", Shape::Table(API)),
+    opt("registries", Shape::Table(REGISTRIES)),
     opt("files", Shape::Array(&Shape::Table(FILE))),
     opt("services", Shape::Array(&Shape::Table(SERVICE))),
 ];
@@ -309,6 +316,17 @@ const KUBELET: &[Field] = &[
     opt("node_ip_subnets", SUBNETS),
     opt("extra_config", Shape::AnyTable),
 ];
+
+const REGISTRIES: &[Field] = &[opt(
+    "mirrors",
+    Shape::Map(Leaf::RegistryHost, &Shape::Table(MIRROR)),
+)];
+
+const MIRROR: &[Field] = &[req(
+    "endpoints",
+    "endpoints = [\"http://10.5.0.1:5000\"]",
+    Shape::Array(&Shape::Str(Leaf::BaseUrl)),
+)];
 
 const API: &[Field] = &[opt("cert_sans", Shape::Array(&Shape::Str(Leaf::San)))];
 
@@ -350,6 +368,7 @@ const CLUSTER: &[Field] = &[
     opt("pod_subnets", SUBNETS),
     opt("service_subnets", SUBNETS),
     opt("dns_domain", Shape::Str(Leaf::DnsDomain)),
+    opt("image_repository", Shape::Str(Leaf::ImageRepository)),
     opt("kubelet", Shape::Table(KUBELET_ARTIFACTS)),
     opt("etcd", Shape::Table(ETCD)),
     req("secrets", "[cluster.secrets]", Shape::Table(SECRETS)),
@@ -880,6 +899,8 @@ mod tests {
             Leaf::SysctlName,
             Leaf::FlagName,
             Leaf::BaseUrl,
+            Leaf::ImageRepository,
+            Leaf::RegistryHost,
             Leaf::OneOf(&["x"]),
         ];
         for leaf in leaves {

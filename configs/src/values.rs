@@ -330,6 +330,110 @@ pub fn check_base_url(s: &str) -> Result<(), ValueError> {
     Ok(())
 }
 
+/// A registry host as image references name it: a DNS name or an IP address, with an
+/// optional port (`registry.k8s.io`, `10.5.0.1:5000`, `[fd00::1]:5000`).
+pub fn check_registry_host(s: &str) -> Result<(), ValueError> {
+    let hint = "write a registry host like registry.k8s.io or 10.5.0.1:5000 (no scheme, no path)";
+    if s.contains("://") || s.contains('/') {
+        return Err(ValueError::new(
+            format!("{} is not a registry host", quote(s)),
+            hint,
+        ));
+    }
+    let host = if let Some(rest) = s.strip_prefix('[') {
+        let Some((ip, after)) = rest.split_once(']') else {
+            return Err(ValueError::new(
+                format!("{} has no closing `]`", quote(s)),
+                hint,
+            ));
+        };
+        if ip.parse::<std::net::Ipv6Addr>().is_err() {
+            return Err(ValueError::new(
+                format!(
+                    "{} has something other than an IPv6 address in brackets",
+                    quote(s)
+                ),
+                hint,
+            ));
+        }
+        check_registry_port(s, after.strip_prefix(':'), after.is_empty(), hint)?;
+        return Ok(());
+    } else {
+        match s.split_once(':') {
+            Some((host, port)) => {
+                check_registry_port(s, Some(port), false, hint)?;
+                host
+            }
+            None => s,
+        }
+    };
+    if host.parse::<IpAddr>().is_ok() {
+        return Ok(());
+    }
+    check_host(host).map_err(|err| ValueError::new(err.message, hint))
+}
+
+fn check_registry_port(
+    s: &str,
+    port: Option<&str>,
+    none_ok: bool,
+    hint: &str,
+) -> Result<(), ValueError> {
+    match port {
+        None if none_ok => Ok(()),
+        Some(p)
+            if !p.is_empty()
+                && p.bytes().all(|b| b.is_ascii_digit())
+                && p.parse::<u16>().is_ok_and(|n| n > 0) =>
+        {
+            Ok(())
+        }
+        _ => Err(ValueError::new(
+            format!("{} has an invalid port", quote(s)),
+            hint,
+        )),
+    }
+}
+
+/// Where images come from (kubeadm's `imageRepository`): a registry host with an
+/// optional port, then an optional path of lower-case repository components
+/// (`registry.k8s.io`, `10.5.0.1:5000/k8s`).
+pub fn check_image_repository(s: &str) -> Result<(), ValueError> {
+    if let Some((scheme, _)) = s.split_once("://") {
+        return Err(ValueError::new(
+            format!("{} is a URL (its scheme is {})", quote(s), quote(scheme)),
+            "write the registry host and an optional path without a scheme, like registry.k8s.io or 10.5.0.1:5000/k8s; a registry served over plain HTTP is named in machine.registries.mirrors",
+        ));
+    }
+    let (host, path) = match s.split_once('/') {
+        Some((host, path)) => (host, Some(path)),
+        None => (s, None),
+    };
+    check_registry_host(host).map_err(|err| ValueError::new(
+        format!("{}: {}", quote(s), err.message),
+        "write a registry host and an optional path, like registry.k8s.io or 10.5.0.1:5000/k8s (no scheme)",
+    ))?;
+    if let Some(path) = path {
+        let component_ok = |c: &str| {
+            !c.is_empty()
+                && c.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+                && c.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+        };
+        if !path.split('/').all(component_ok) {
+            return Err(ValueError::new(
+                format!(
+                    "{} has an invalid repository path {}",
+                    quote(s),
+                    quote(path)
+                ),
+                "path components are lower-case letters, digits, '.', '_' and '-', starting with a letter or digit",
+            ));
+        }
+    }
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------------------
 // Addresses
 

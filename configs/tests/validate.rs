@@ -87,7 +87,7 @@ cp.toml:6:1: error: machine.hostnme: unknown key `hostnme` (did you mean `hostna
             ),
             Mode::Metal,
             r##"
-cp.toml:9:1: error: machine.colour: unknown key `colour` (expected one of `type`, `hostname`, `install_disk`, `swap`, `kernel_modules`, `disabled_kernel_modules`, `sysctls`, `time_servers`, `network`, `kubelet`, `api`, `files`, `services`)
+cp.toml:9:1: error: machine.colour: unknown key `colour` (expected one of `type`, `hostname`, `install_disk`, `swap`, `kernel_modules`, `disabled_kernel_modules`, `sysctls`, `time_servers`, `network`, `kubelet`, `api`, `registries`, `files`, `services`)
 "##,
         ),
         (
@@ -943,6 +943,48 @@ cp.toml:10:32: error: machine.time_servers[1]: "time example com" is not an IP a
             Mode::Metal,
             r##"
 cp.toml:55:12: error: cluster.kubelet.base_url: "ftp://mirror.example.com/kubernetes/release" is not an http(s) URL (write a URL like https://mirror.example.com/kubernetes/release)
+"##,
+        ),
+        (
+            "image repository and registry mirrors",
+            edit(
+                CP,
+                &[
+                    (
+                        "dns_domain = \"cluster.local\"",
+                        "dns_domain = \"cluster.local\"\nimage_repository = \"https://registry.example.com/K8s\"",
+                    ),
+                    (
+                        "[machine.api]",
+                        "[machine.registries.mirrors.\"10.5.0.1:5000\"]\nendpoints = [\"ftp://10.5.0.1\"]\n[machine.api]",
+                    ),
+                ],
+            ),
+            Mode::Metal,
+            r##"
+cp.toml:39:14: error: machine.registries.mirrors."10.5.0.1:5000".endpoints[0]: "ftp://10.5.0.1" is not an http(s) URL (write a URL like https://mirror.example.com/kubernetes/release)
+cp.toml:55:20: error: cluster.image_repository: "https://registry.example.com/K8s" is a URL (its scheme is "https") (write the registry host and an optional path without a scheme, like registry.k8s.io or 10.5.0.1:5000/k8s; a registry served over plain HTTP is named in machine.registries.mirrors)
+"##,
+        ),
+        (
+            "registry host with a bad port, repository path in capitals",
+            edit(
+                CP,
+                &[
+                    (
+                        "dns_domain = \"cluster.local\"",
+                        "dns_domain = \"cluster.local\"\nimage_repository = \"10.5.0.1:5000/K8s\"",
+                    ),
+                    (
+                        "[machine.api]",
+                        "[machine.registries.mirrors.\"10.5.0.1:99999\"]\nendpoints = [\"http://10.5.0.1\"]\n[machine.api]",
+                    ),
+                ],
+            ),
+            Mode::Metal,
+            r##"
+cp.toml:38:29: error: machine.registries.mirrors."10.5.0.1:99999": "10.5.0.1:99999" has an invalid port (write a registry host like registry.k8s.io or 10.5.0.1:5000 (no scheme, no path))
+cp.toml:55:20: error: cluster.image_repository: "10.5.0.1:5000/K8s" has an invalid repository path "K8s" (path components are lower-case letters, digits, '.', '_' and '-', starting with a letter or digit)
 "##,
         ),
         (
