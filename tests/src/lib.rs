@@ -6,7 +6,10 @@
 //! once for the whole suite) under `target/images/<arch>/`; tests never build their own.
 
 pub mod cluster_env;
+pub mod http_server;
+pub mod kubelet_standin;
 pub mod ntp;
+pub mod registry;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
