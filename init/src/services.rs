@@ -5,7 +5,7 @@
 //! |---|---|---|---|---|
 //! | `containerd` | `/usr/bin/containerd --config /etc/containerd/config.toml` | | its gRPC server answers an HTTP/2 preface on `/run/containerd/containerd.sock` | at boot |
 //! | `etcd` | `/usr/bin/etcd` with TLS flags, the member's settings from `/var/lib/keelson/etcd.env` | | its client port accepts on 127.0.0.1 | only on request: machined starts it at bootstrap, at a join, or at boot for a member with data |
-//! | `kubelet` | `/var/lib/keelson/bin/kubelet`, else `/usr/bin/kubelet` | `containerd` | running | at boot when its binary exists |
+//! | `kubelet` | `/usr/bin/kubelet` when the image has one, else `/var/lib/keelson/bin/kubelet`, with the flags of `/var/lib/keelson/kubelet.args` | `containerd`, and `etcd` on control planes | its `/healthz` on 127.0.0.1:10248 answers 200 | only on request: machined starts it once its files, binary and images are in place |
 //! | `machined` | `/usr/sbin/machined` | | running | at boot when its binary exists, after containerd (ordering only, see below) |
 //! | extension services (`[[machine.services]]`) | their `command` | their `depends_on` | running | at boot, after the built-in ones |
 //!
@@ -26,8 +26,11 @@
 //! this member starts a new cluster, joins one as a learner or restarts with its own data
 //! is machined's decision (`keelson_node_protocol::etcd`), and an etcd started before it
 //! would form a cluster of its own.
-//! The kubelet's flags here are the minimum the runtime needs (cgroupfs driver, the
-//! containerd socket); its KubeletConfiguration is the bootstrap issue's.
+//!
+//! The kubelet is registered on every configured node and never started by PID 1 itself
+//! either: its flags and configuration are kubeadm's phases (`keelson-kube`), which
+//! machined runs, and its binary may have to be fetched and verified first
+//! (`keelson_node_protocol::kubelet`).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -36,6 +39,7 @@ use keelson_configs::schema::{ExtensionService, MachineConfig, MachineType};
 
 use keelson_configs::layout;
 use keelson_node_protocol::etcd as etcd_proto;
+use keelson_node_protocol::kubelet as kubelet_proto;
 
 use crate::supervisor::{Readiness, ServiceSpec};
 
@@ -49,10 +53,6 @@ pub const CONTAINERD_MODULES: &[&str] = &["overlay"];
 pub const CONTAINERD_SOCKET: &str = "/run/containerd/containerd.sock";
 /// containerd's config file (rendered into the tmpfs `/etc`).
 pub const CONTAINERD_CONFIG: &str = "/etc/containerd/config.toml";
-/// Where a kubelet fetched for the cluster's Kubernetes version is kept.
-pub const KUBELET_FETCHED: &str = "/var/lib/keelson/bin/kubelet";
-/// Where an image that bakes a kubelet in has it.
-pub const KUBELET_IMAGE: &str = "/usr/bin/kubelet";
 /// The node API daemon.
 pub const MACHINED: &str = "/usr/sbin/machined";
 
@@ -77,6 +77,7 @@ pub fn catalog(
         args: vec!["--config".into(), CONTAINERD_CONFIG.into()],
         env: service_env(),
         env_file: None,
+        args_file: None,
         depends_on: Vec::new(),
         start_after: Vec::new(),
         readiness: Readiness::Http2Socket(CONTAINERD_SOCKET.into()),
@@ -87,29 +88,7 @@ pub fn catalog(
     if config.machine.kind == MachineType::ControlPlane {
         out.push(etcd(config));
     }
-    match [KUBELET_FETCHED, KUBELET_IMAGE]
-        .into_iter()
-        .map(PathBuf::from)
-        .find(|p| exists(p))
-    {
-        Some(program) => out.push(ServiceSpec {
-            name: "kubelet".into(),
-            program,
-            args: vec![
-                "--container-runtime-endpoint=unix:///run/containerd/containerd.sock".into(),
-                "--cgroup-driver=cgroupfs".into(),
-            ],
-            env: service_env(),
-            env_file: None,
-            depends_on: vec![CONTAINERD.into()],
-            start_after: Vec::new(),
-            readiness: Readiness::Started,
-            ready_timeout: Duration::from_secs(60),
-            autostart: true,
-            stop_timeout: Duration::from_secs(30),
-        }),
-        None => note("kubelet: binary not present, not started".into()),
-    }
+    out.push(kubelet(config, exists));
     if exists(Path::new(MACHINED)) {
         out.push(machined());
     } else {
@@ -167,12 +146,46 @@ pub fn etcd(config: &MachineConfig) -> ServiceSpec {
         args,
         env: service_env(),
         env_file: Some(etcd_proto::ENV_FILE.into()),
+        args_file: None,
         depends_on: Vec::new(),
         start_after: Vec::new(),
         readiness: Readiness::Tcp(std::net::SocketAddr::from((
             [127, 0, 0, 1],
             layout::ETCD_CLIENT_PORT,
         ))),
+        ready_timeout: Duration::from_secs(120),
+        autostart: false,
+        stop_timeout: Duration::from_secs(30),
+    }
+}
+
+/// The kubelet on every configured node, started only on request: machined renders its
+/// configuration, puts its binary in place (verified) and pulls the images, writes its
+/// flags into the protocol's flags file, then asks for the start. Its program is the
+/// image's kubelet when the image bakes one in (the image cannot change while it runs),
+/// else the one machined fetched. It needs containerd, and on control planes etcd (the
+/// API server it runs as a static pod needs it); ready when its `/healthz` answers.
+pub fn kubelet(config: &MachineConfig, exists: &dyn Fn(&Path) -> bool) -> ServiceSpec {
+    let program = if exists(Path::new(kubelet_proto::IMAGE_BINARY)) {
+        kubelet_proto::IMAGE_BINARY
+    } else {
+        kubelet_proto::FETCHED_BINARY
+    };
+    let mut depends_on = vec![CONTAINERD.to_owned()];
+    if config.machine.kind == MachineType::ControlPlane {
+        depends_on.push(etcd_proto::SERVICE.into());
+    }
+    let (ip, port) = kubelet_proto::HEALTHZ;
+    ServiceSpec {
+        name: kubelet_proto::SERVICE.into(),
+        program: program.into(),
+        args: Vec::new(),
+        env: service_env(),
+        env_file: None,
+        args_file: Some(kubelet_proto::ARGS_FILE.into()),
+        depends_on,
+        start_after: Vec::new(),
+        readiness: Readiness::HttpGet(std::net::SocketAddr::from((ip, port)), "/healthz".into()),
         ready_timeout: Duration::from_secs(120),
         autostart: false,
         stop_timeout: Duration::from_secs(30),
@@ -199,6 +212,7 @@ pub fn extension(service: &ExtensionService) -> ServiceSpec {
         args: command.cloned().collect(),
         env,
         env_file: None,
+        args_file: None,
         depends_on: service.depends_on.clone(),
         start_after: Vec::new(),
         readiness: Readiness::Started,
@@ -217,6 +231,7 @@ pub fn machined() -> ServiceSpec {
         args: Vec::new(),
         env: service_env(),
         env_file: None,
+        args_file: None,
         depends_on: Vec::new(),
         start_after: vec![CONTAINERD.into()],
         readiness: Readiness::Started,
@@ -251,31 +266,39 @@ mod tests {
             .iter()
             .map(|s| (s.name.as_str(), s.autostart))
             .collect();
-        assert_eq!(names, [("containerd", true), ("etcd", false)]);
+        assert_eq!(
+            names,
+            [("containerd", true), ("etcd", false), ("kubelet", false)]
+        );
         assert_eq!(
             notes,
-            [
-                "kubelet: binary not present, not started",
-                "machined: /usr/sbin/machined not present, not started"
-            ]
+            ["machined: /usr/sbin/machined not present, not started"]
         );
-        let all = catalog(&cfg, &|p| p != Path::new(KUBELET_FETCHED), &mut |_| {});
+        // The kubelet is machined's to start: its flags come from the protocol's file.
+        let kubelet = &none[2];
+        assert_eq!(
+            kubelet.program,
+            PathBuf::from(kubelet_proto::FETCHED_BINARY)
+        );
+        assert_eq!(kubelet.args_file, Some(kubelet_proto::ARGS_FILE.into()));
+        assert_eq!(kubelet.depends_on, ["containerd", "etcd"]);
+        assert!(
+            matches!(&kubelet.readiness, Readiness::HttpGet(a, p) if a.port() == 10248 && p == "/healthz")
+        );
+        let all = catalog(&cfg, &|_| true, &mut |_| {});
         let names: Vec<&str> = all.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(names, ["containerd", "etcd", "kubelet", "machined"]);
-        assert_eq!(all[2].program, PathBuf::from(KUBELET_IMAGE));
-        assert_eq!(all[2].depends_on, ["containerd"]);
-        assert!(
-            all[2]
-                .args
-                .contains(&"--cgroup-driver=cgroupfs".to_string())
-        );
+        // An image that bakes a kubelet in runs it.
+        assert_eq!(all[2].program, PathBuf::from(kubelet_proto::IMAGE_BINARY));
         // Workers have no etcd.
         let mut worker = cfg.clone();
         worker.machine.kind = MachineType::Worker;
-        assert!(
-            catalog(&worker, &|_| true, &mut |_| {})
-                .iter()
-                .all(|s| s.name != "etcd")
+        let services = catalog(&worker, &|_| true, &mut |_| {});
+        assert!(services.iter().all(|s| s.name != "etcd"));
+        let kubelet = services.iter().find(|s| s.name == "kubelet");
+        assert_eq!(
+            kubelet.map(|k| k.depends_on.clone()),
+            Some(vec!["containerd".to_string()])
         );
     }
 

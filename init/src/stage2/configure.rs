@@ -149,6 +149,14 @@ impl<K: Kept> Node<'_, K> {
             hostname: hostname.to_string(),
             nameservers: config.machine.network.nameservers.clone(),
             machine_id: self.boot.machine_id.clone(),
+            sandbox_image: config.cluster.pause_image(),
+            registry_mirrors: config
+                .machine
+                .registries
+                .mirrors
+                .iter()
+                .map(|(host, mirror)| (host.clone(), mirror.endpoints.clone()))
+                .collect(),
         };
         match etc_files::write(self.sys, Path::new("/etc"), &etc_files::render(&input)) {
             Ok(()) => self

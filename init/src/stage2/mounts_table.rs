@@ -307,7 +307,10 @@ mod tests {
             CNI_BIN_OVERLAY.data,
             format!("lowerdir={CNI_IMAGE_DIR},upperdir={upper},workdir={work}")
         );
-        assert!(etc_files::containerd_config().contains(&format!("bin_dir = \"{CNI_BIN_DIR}\"")));
+        assert!(
+            etc_files::containerd_config("registry.k8s.io/pause:3.10")
+                .contains(&format!("bin_dir = \"{CNI_BIN_DIR}\""))
+        );
         assert_eq!(
             log.lines(),
             [

@@ -761,6 +761,7 @@ mod tests {
             args: Vec::new(),
             env: Vec::new(),
             env_file: None,
+            args_file: None,
             depends_on: deps.iter().map(|d| d.to_string()).collect(),
             start_after: Vec::new(),
             readiness,

@@ -39,6 +39,15 @@ pub async fn check(readiness: &Readiness) -> Result<(), String> {
                 )),
             }
         }
+        Readiness::HttpGet(addr, path) => {
+            match tokio::time::timeout(CHECK_TIMEOUT, http_get_ok(*addr, path)).await {
+                Ok(result) => result,
+                Err(_) => Err(format!(
+                    "http://{addr}{path} gave no answer within {} s",
+                    CHECK_TIMEOUT.as_secs()
+                )),
+            }
+        }
         Readiness::Http2Socket(path) => {
             match tokio::time::timeout(CHECK_TIMEOUT, http2_hello(path)).await {
                 Ok(result) => result,
@@ -49,6 +58,39 @@ pub async fn check(readiness: &Readiness) -> Result<(), String> {
                 )),
             }
         }
+    }
+}
+
+/// `GET path` over HTTP/1.0 on `addr`; ready when the status line says 200. Written by
+/// hand because it is one request line and one status line to a server on loopback that
+/// we start ourselves: only the first line of the answer is read, and at most 1 KiB.
+async fn http_get_ok(addr: std::net::SocketAddr, path: &str) -> Result<(), String> {
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+    let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .map_err(|e| format!("cannot send to {addr}: {e}"))?;
+    let mut head = Vec::with_capacity(128);
+    let mut buf = [0u8; 256];
+    while !head.contains(&b'\n') && head.len() < 1024 {
+        let n = stream
+            .read(&mut buf)
+            .await
+            .map_err(|e| format!("cannot read from {addr}: {e}"))?;
+        if n == 0 {
+            break;
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    let line = String::from_utf8_lossy(&head);
+    let status = line.lines().next().unwrap_or_default();
+    let mut words = status.split_whitespace();
+    match (words.next(), words.next()) {
+        (Some(version), Some("200")) if version.starts_with("HTTP/1.") => Ok(()),
+        _ => Err(format!("http://{addr}{path} answered {status:?}, not 200")),
     }
 }
 
@@ -117,6 +159,32 @@ mod tests {
                 let _ = conn.write_all(reply).await;
             }
         }
+    }
+
+    #[test]
+    fn the_http_check_wants_a_200() -> std::io::Result<()> {
+        runtime()?.block_on(async {
+            async fn answer_once(listener: tokio::net::TcpListener, reply: &'static [u8]) {
+                if let Ok((mut conn, _)) = listener.accept().await {
+                    let mut got = [0u8; 256];
+                    let _ = conn.read(&mut got).await;
+                    let _ = conn.write_all(reply).await;
+                }
+            }
+            for (reply, ok) in [
+                (&b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"[..], true),
+                (&b"HTTP/1.1 500 Internal Server Error\r\n\r\n"[..], false),
+                (&b"not http at all"[..], false),
+            ] {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+                let addr = listener.local_addr()?;
+                let server = tokio::spawn(answer_once(listener, reply));
+                let answer = check(&Readiness::HttpGet(addr, "/healthz".into())).await;
+                assert_eq!(answer.is_ok(), ok, "{answer:?}");
+                let _ = server.await;
+            }
+            Ok(())
+        })
     }
 
     #[test]

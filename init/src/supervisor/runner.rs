@@ -74,6 +74,14 @@ pub enum SpawnError {
         /// What is wrong with it.
         reason: String,
     },
+    /// Its arguments file could not be read.
+    #[error("its arguments file {path}: {reason}")]
+    ArgsFile {
+        /// The file.
+        path: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// `fork`/`exec` failed.
     #[error("cannot run {program}: {reason}")]
     Exec {
@@ -277,6 +285,10 @@ pub fn spawn(spec: &ServiceSpec) -> Result<(u32, OwnedFd), SpawnError> {
         Some(path) => read_env_file(path)?,
         None => Vec::new(),
     };
+    let extra_args = match &spec.args_file {
+        Some(path) => read_args_file(path)?,
+        None => Vec::new(),
+    };
     let env: BTreeMap<&str, &str> = spec
         .env
         .iter()
@@ -285,6 +297,7 @@ pub fn spawn(spec: &ServiceSpec) -> Result<(u32, OwnedFd), SpawnError> {
         .collect();
     let mut cmd = Command::new(&spec.program);
     cmd.args(&spec.args)
+        .args(&extra_args)
         .env_clear()
         .envs(env)
         .current_dir("/")
@@ -300,6 +313,23 @@ pub fn spawn(spec: &ServiceSpec) -> Result<(u32, OwnedFd), SpawnError> {
     // sees end-of-file when the service's last process closes its copy.
     drop(cmd);
     Ok((child.id(), read))
+}
+
+/// A service's arguments file, read at each start: one argument per line, taken as it
+/// is (no quoting, no splitting), blank lines and `#` comments skipped.
+fn read_args_file(path: &std::path::Path) -> Result<Vec<String>, SpawnError> {
+    let text = std::fs::read_to_string(path).map_err(|e| SpawnError::ArgsFile {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    Ok(parse_args(&text))
+}
+
+fn parse_args(text: &str) -> Vec<String> {
+    text.lines()
+        .filter(|line| !line.trim().is_empty() && !line.starts_with('#'))
+        .map(str::to_owned)
+        .collect()
 }
 
 /// A service's environment file, read at each start: `KEY=VALUE` lines (the value is
@@ -385,6 +415,7 @@ mod tests {
             args: args.iter().map(|a| a.to_string()).collect(),
             env: vec![("PATH".into(), "/usr/bin:/bin".into())],
             env_file: None,
+            args_file: None,
             depends_on: Vec::new(),
             start_after: Vec::new(),
             readiness: Readiness::Started,
@@ -650,5 +681,29 @@ mod tests {
         spec.env_file = Some(dir.path().join("missing.env"));
         let err = spawn(&spec).unwrap_err().to_string();
         assert!(err.contains("missing.env"), "{err}");
+    }
+
+    #[test]
+    #[allow(clippy::disallowed_methods)] // the test's own file in its temporary directory
+    fn an_args_file_adds_one_argument_per_line_and_a_missing_one_is_a_spawn_failure() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("svc.args");
+        std::fs::write(
+            &file,
+            "# kubelet\n--node-ip=10.5.0.2\n\n--v=2 with spaces\n",
+        )
+        .unwrap();
+        assert_eq!(
+            read_args_file(&file).unwrap(),
+            ["--node-ip=10.5.0.2", "--v=2 with spaces"]
+        );
+        let mut spec = program("sh", &[]);
+        spec.program = "/bin/true".into();
+        spec.args_file = Some(dir.path().join("missing.args"));
+        let err = spawn(&spec).unwrap_err().to_string();
+        assert!(
+            err.contains("arguments file") && err.contains("missing.args"),
+            "{err}"
+        );
     }
 }

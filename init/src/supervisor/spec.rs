@@ -16,6 +16,9 @@ pub enum Readiness {
     /// Ready when an HTTP/2 (gRPC) server answers on its Unix socket: the client preface
     /// and a SETTINGS frame are sent and the server's SETTINGS frame must come back.
     Http2Socket(PathBuf),
+    /// Ready when an HTTP/1 server on a TCP address answers `GET path` with `200` (the
+    /// kubelet's `/healthz` on loopback).
+    HttpGet(std::net::SocketAddr, String),
 }
 
 /// What to run and how.
@@ -33,6 +36,10 @@ pub struct ServiceSpec {
     /// cluster settings, which machined writes before it asks for the start); a start
     /// without it fails as a spawn failure does.
     pub env_file: Option<PathBuf>,
+    /// A file of arguments, one per line, read at each start and added after `args`
+    /// (the kubelet's flags, which machined writes before it asks for the start); a start
+    /// without it fails as a spawn failure does.
+    pub args_file: Option<PathBuf>,
     /// Services that must be ready before it starts.
     pub depends_on: Vec<String>,
     /// Ordering only, for its first start: it starts once each of these is ready, or is
