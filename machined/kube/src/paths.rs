@@ -30,3 +30,7 @@ pub const KUBELET_CONFIG: &str = "/var/lib/kubelet/config.yaml";
 pub const KUBELET_PKI_DIR: &str = "/var/lib/kubelet/pki";
 /// The bootstrap manifests a bootstrapped control plane rendered, kept for inspection.
 pub const ADDONS_DIR: &str = "/etc/kubernetes/addons";
+/// FlexVolume drivers (the kubelet's `volumePluginDir`, the controller manager's
+/// `--flex-volume-plugin-dir`): on EPHEMERAL, because the upstream default under `/usr`
+/// is on the read-only root (kubeadm's advice for nodes whose `/usr` is read-only).
+pub const VOLUME_PLUGIN_DIR: &str = "/var/lib/kubelet/volumeplugins";
