@@ -95,4 +95,17 @@ pub enum KubeError {
     /// A kubeconfig could not be read or merged.
     #[error("{0}")]
     Kubeconfig(String),
+    /// The service subnet has no room for a well-known Service address.
+    #[error("cluster.service_subnets: {0}")]
+    ServiceSubnet(String),
+    /// A request to the Kubernetes API server failed (applying the bootstrap manifests).
+    #[error("{what} (API server {server}): {message}")]
+    Api {
+        /// What was being done, naming the object.
+        what: String,
+        /// The API server's URL.
+        server: String,
+        /// Why, and what to do.
+        message: String,
+    },
 }
