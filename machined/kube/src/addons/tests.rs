@@ -109,7 +109,7 @@ fn files_are_numbered_in_apply_order_named_by_kind_namespace_and_name_and_privat
         "{names:?}"
     );
     assert!(
-        names.contains(&"12-clusterrolebinding-system-coredns.yaml".to_owned()),
+        names.contains(&"13-clusterrolebinding-system-coredns.yaml".to_owned()),
         "{names:?}"
     );
     assert_eq!(names[22], "23-node-cp-1.yaml");
