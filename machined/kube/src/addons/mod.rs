@@ -23,6 +23,9 @@ mod bootstrap;
 mod coredns;
 mod proxy;
 
+#[cfg(feature = "apply")]
+mod apply;
+
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::Path;
@@ -32,6 +35,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use keelson_configs::schema::{Cluster, MachineConfig};
 use serde::Serialize;
 use serde_json::Value;
+
+#[cfg(feature = "apply")]
+pub use apply::{apply, wait_for_api};
 
 use crate::{KubeError, NodeFacts, NodeFile, paths};
 
@@ -264,3 +270,7 @@ fn cluster_role_binding(
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+#[cfg(feature = "apply")]
+mod apply_tests;

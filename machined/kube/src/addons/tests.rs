@@ -15,13 +15,13 @@ use serde_json::Value;
 
 use super::*;
 
-fn config() -> MachineConfig {
+pub(super) fn config() -> MachineConfig {
     let text = include_str!("../../../../configs/tests/data/controlplane.toml");
     let checked = keelson_configs::check_str(text, "controlplane.toml", Mode::Metal);
     checked.config.expect("the fixture is valid")
 }
 
-fn facts() -> NodeFacts {
+pub(super) fn facts() -> NodeFacts {
     NodeFacts {
         node_name: "cp-1".into(),
         addresses: vec!["10.5.0.2".parse().unwrap()],
