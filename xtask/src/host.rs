@@ -36,6 +36,12 @@ const TOOLS: &[(&str, &str)] = &[
     // with the real chronyd.
     ("etcdctl", "etcd-client"),
     ("chronyd", "chrony"),
+    // The Kubernetes test judges the node's kubeconfigs with the real kubectl, serves it
+    // control-plane images from the real registry (pushed with skopeo), and decodes its
+    // manifests with the Kubernetes Python client (LIBRARIES).
+    ("kubectl", "kubernetes-client"),
+    ("docker-registry", "docker-registry"),
+    ("skopeo", "skopeo"),
 ];
 
 /// Firmware files we need, and the Debian package that provides each.
@@ -43,6 +49,12 @@ const FIRMWARE: &[(&str, &str)] = &[
     ("/usr/share/OVMF/OVMF_CODE_4M.fd", "ovmf"),
     ("/usr/share/AAVMF/AAVMF_CODE.fd", "qemu-efi-aarch64"),
 ];
+
+/// Libraries the tests use (checked by a file of theirs), and the Debian package of each.
+const LIBRARIES: &[(&str, &str)] = &[(
+    "/usr/lib/python3/dist-packages/kubernetes/__init__.py",
+    "python3-kubernetes",
+)];
 
 /// Rust targets our image binaries are built for.
 pub const RUST_TARGETS: &[&str] = &["x86_64-unknown-linux-musl", "aarch64-unknown-linux-musl"];
@@ -64,6 +76,7 @@ pub fn missing_packages() -> Vec<&'static str> {
         .chain(
             FIRMWARE
                 .iter()
+                .chain(LIBRARIES)
                 .filter(|(file, _)| !Path::new(file).exists())
                 .map(|(_, pkg)| *pkg),
         )
@@ -215,8 +228,9 @@ pub fn ensure() -> Result<()> {
         }
         if !rest.is_empty() {
             // chrony's maintainer script would start the host's own time daemon, which
-            // steps this machine's clock: policy-rc.d (101, "action forbidden") keeps
-            // every package's service from starting during the install.
+            // steps this machine's clock, and docker-registry's a registry on port 5000:
+            // policy-rc.d (101, "action forbidden") keeps every package's service from
+            // starting during the install.
             let _no_services = NoServiceStarts::new()?;
             run(Command::new("apt-get")
                 .args(["install", "-y", "-q"])
