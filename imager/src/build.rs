@@ -24,6 +24,7 @@ use crate::derived::DerivedCache;
 use crate::esp::{BootEntry, Esp, LoaderConf};
 use crate::gpt::{Content, DiskSpec, Guid, PartitionSpec};
 use crate::kmod::ModuleIndex;
+use crate::kubernetes::{self, BakedFile};
 use crate::rootfs::{self, Tree};
 use crate::{compress, cpio, gpt, squashfs, verity};
 
@@ -88,6 +89,9 @@ pub enum BuildError {
         #[source]
         source: crate::kmod::KmodError,
     },
+    /// The directory of an air-gapped Kubernetes could not be baked in.
+    #[error(transparent)]
+    Kubernetes(#[from] kubernetes::KubernetesError),
     /// The prefetch list could not be made.
     #[error(transparent)]
     Prefetch(#[from] crate::prefetch::PrefetchError),
@@ -221,6 +225,9 @@ pub struct BuildOptions {
     /// in the package cache's `derived/`): the image is the same either way, only the
     /// time differs. Off for "clean" builds (the reproducibility test).
     pub reuse_derived: bool,
+    /// A directory of an air-gapped Kubernetes to bake into the root (`kubelet`,
+    /// `images/*.tar`: see [`crate::kubernetes`]).
+    pub kubernetes: Option<PathBuf>,
 }
 
 /// The inputs of a build as recorded next to its output (`build-inputs.toml`), so
@@ -233,6 +240,17 @@ struct BuildInputs {
     binaries: BTreeMap<String, PathBuf>,
     cache: PathBuf,
     version: String,
+    /// The air-gapped Kubernetes baked in, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    kubernetes: Option<KubernetesInputs>,
+}
+
+/// The recorded `--kubernetes` directory and the files baked from it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KubernetesInputs {
+    dir: PathBuf,
+    files: Vec<BakedFile>,
 }
 
 /// The file a build records its inputs in, inside the output directory.
@@ -258,16 +276,24 @@ impl BuildOptions {
             cache: Cache::new(inputs.cache),
             version: inputs.version,
             reuse_derived: false,
+            kubernetes: inputs.kubernetes.map(|k| k.dir),
         })
     }
 
-    fn inputs_toml(&self) -> Result<String, BuildError> {
+    /// The record of this build's inputs, with the files `baked` from its Kubernetes
+    /// directory.
+    fn inputs_toml(&self, baked: Vec<BakedFile>) -> Result<String, BuildError> {
+        let kubernetes = self
+            .kubernetes
+            .clone()
+            .map(|dir| KubernetesInputs { dir, files: baked });
         let inputs = BuildInputs {
             definition: self.definition.clone(),
             arch: self.arch.debian().to_string(),
             binaries: self.binaries.clone(),
             cache: self.cache.root().to_path_buf(),
             version: self.version.clone(),
+            kubernetes,
         };
         toml::to_string(&inputs).map_err(|e| BuildError::Inputs {
             message: e.to_string(),
@@ -489,13 +515,15 @@ fn os_release(def: &Definition, version: &str) -> String {
 }
 
 /// Build the root filesystem tree: userspace packages, kernel modules for the running
-/// system, our binaries, os-release.
+/// system, our binaries, the air-gapped Kubernetes read from the `--kubernetes`
+/// directory (`baked`), os-release.
 fn root_tree(
     def: &Definition,
     opts: &BuildOptions,
     epoch: u64,
     packages: &[(String, PathBuf)],
     kernel: &Kernel,
+    baked: Vec<(BakedFile, Vec<u8>)>,
 ) -> Result<Tree, BuildError> {
     let mut tree = Tree::new(epoch as u32);
     for dir in ROOT_DIRS {
@@ -589,6 +617,7 @@ fn root_tree(
         tree.add_file(&usrmerge(dest), 0o755, data)
             .map_err(tree_err("root filesystem"))?;
     }
+    kubernetes::add_to_tree(&mut tree, baked).map_err(tree_err("root filesystem"))?;
     let release = os_release(def, &opts.version);
     tree.add_file(layout::OS_RELEASE, 0o644, release)
         .map_err(tree_err("root filesystem"))?;
@@ -675,6 +704,19 @@ pub fn build(opts: &BuildOptions, progress: Progress) -> Result<BuildReport, Bui
     let lock = Lock::load(&lock_path)?;
     lock.check_matches(&def, arch)?;
     let epoch = build_epoch(&lock);
+    // Read (and judge) the Kubernetes directory before any download: a wrong one is
+    // refused at once.
+    let baked = match &opts.kubernetes {
+        Some(dir) => {
+            progress(&format!(
+                "{arch}: reading Kubernetes from {}",
+                dir.display()
+            ));
+            kubernetes::read(dir, arch)?
+        }
+        None => Vec::new(),
+    };
+    let baked_record: Vec<BakedFile> = baked.iter().map(|(file, _)| file.clone()).collect();
     let debs = opts
         .cache
         .fetch_all(&lock, opts.mirror.as_ref(), progress)?;
@@ -745,7 +787,7 @@ pub fn build(opts: &BuildOptions, progress: Progress) -> Result<BuildReport, Bui
         })?;
 
     progress(&format!("{arch}: assembling the root filesystem"));
-    let tree = root_tree(&def, opts, epoch, &userspace, &kernel)?;
+    let tree = root_tree(&def, opts, epoch, &userspace, &kernel, baked)?;
     let mut artefacts = vec![("root files", tree.file_bytes())];
     progress(&format!(
         "{arch}: writing squashfs ({} entries, {} MiB of files)",
@@ -898,7 +940,7 @@ pub fn build(opts: &BuildOptions, progress: Progress) -> Result<BuildReport, Bui
     std::fs::rename(&tmp, &raw).map_err(io_err(&raw))?;
     let mut files = vec![(raw.clone(), file_size(&raw))];
     let inputs = opts.out_dir.join(BUILD_INPUTS);
-    std::fs::write(&inputs, opts.inputs_toml()?).map_err(io_err(&inputs))?;
+    std::fs::write(&inputs, opts.inputs_toml(baked_record)?).map_err(io_err(&inputs))?;
 
     if opts.formats.contains(&Format::RawZst) {
         let dst = opts.out_dir.join("keelson.raw.zst");

@@ -10,6 +10,7 @@ pub mod esp;
 pub mod gpt;
 pub mod inspect;
 pub mod kmod;
+pub mod kubernetes;
 pub mod prefetch;
 pub mod rootfs;
 pub mod squashfs;

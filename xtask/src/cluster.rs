@@ -71,6 +71,7 @@ pub fn ensure_image(arch: Arch, no_build: bool) -> Result<PathBuf> {
             formats: vec![Format::Raw],
             out: None,
             mirror: None,
+            kubernetes: None,
         })?;
     }
     Ok(path)

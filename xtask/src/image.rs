@@ -110,6 +110,8 @@ pub struct ImageArgs {
     pub out: Option<PathBuf>,
     /// Mirror URL.
     pub mirror: Option<String>,
+    /// A directory of an air-gapped Kubernetes to bake in (`kubelet`, `images/*.tar`).
+    pub kubernetes: Option<PathBuf>,
 }
 
 /// `cargo xtask image`.
@@ -136,6 +138,7 @@ pub fn image(args: &ImageArgs) -> Result<Vec<(Arch, BuildReport)>> {
             cache: cache.clone(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             reuse_derived: true,
+            kubernetes: args.kubernetes.clone(),
         };
         // Each step with the time since the build started, to see where a build goes.
         let imager_started = Instant::now();
@@ -174,6 +177,7 @@ pub fn run(arch: Arch, timeout: Duration) -> Result<()> {
         formats: vec![Format::Raw],
         out: None,
         mirror: None,
+        kubernetes: None,
     })?;
     let dir = tempfile::Builder::new()
         .prefix("keelson-run-")

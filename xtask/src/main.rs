@@ -53,6 +53,12 @@ enum Cmd {
         /// apt sources).
         #[arg(long)]
         mirror: Option<String>,
+        /// Bake an air-gapped Kubernetes in, for nodes that reach neither the release
+        /// site nor a registry: DIR/kubelet (required, for the image's architecture)
+        /// goes to /usr/bin/kubelet, and DIR/images/*.tar (control-plane images as OCI
+        /// archives) to /usr/share/keelson/images/.
+        #[arg(long, value_name = "DIR")]
+        kubernetes: Option<PathBuf>,
     },
     /// Build the image and boot it under QEMU (KVM if it works, else software
     /// emulation), with its console on this terminal.
@@ -96,6 +102,7 @@ fn run(cli: Cli) -> Result<()> {
             formats,
             out,
             mirror,
+            kubernetes,
         } => {
             host::ensure()?;
             let args = image::ImageArgs {
@@ -110,6 +117,7 @@ fn run(cli: Cli) -> Result<()> {
                     .collect::<Result<_>>()?,
                 out,
                 mirror,
+                kubernetes,
             };
             image::image(&args).map(|_| ())
         }
@@ -176,12 +184,14 @@ fn test() -> Result<()> {
         formats: vec![Format::Raw, Format::RawZst, Format::Qcow2],
         out: None,
         mirror: None,
+        kubernetes: None,
     })?;
     image::image(&image::ImageArgs {
         arches: vec![Arch::Arm64],
         formats: vec![Format::Raw],
         out: None,
         mirror: None,
+        kubernetes: None,
     })?;
     run_cmd(cargo().args(["test", "--workspace"]))?;
     fuzz(Duration::from_secs(30))

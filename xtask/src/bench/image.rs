@@ -64,6 +64,7 @@ fn timed_build(
         cache: cache.clone(),
         version: env!("CARGO_PKG_VERSION").to_string(),
         reuse_derived,
+        kubernetes: None,
     };
     // The raw image is complete when the imager starts on the derived formats.
     let raw_done: Mutex<Option<Instant>> = Mutex::new(None);

@@ -384,6 +384,7 @@ impl Ctx {
                 formats: vec![keelson_imager::build::Format::Raw],
                 out: Some(self.image_dir(arch)),
                 mirror: None,
+                kubernetes: None,
             });
             match built {
                 Ok(_) => {}
