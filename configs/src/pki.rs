@@ -572,6 +572,17 @@ pub fn pem_certificate_der(pem: &str) -> Result<Vec<u8>, PkiError> {
     Ok(block.contents)
 }
 
+/// The DER SubjectPublicKeyInfo of the first PEM `CERTIFICATE` block of `pem`: what
+/// kubeadm's `--discovery-token-ca-cert-hash` pins (its SHA-256).
+pub fn certificate_spki_der(pem: &str) -> Result<Vec<u8>, PkiError> {
+    let der = pem_certificate_der(pem)?;
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(&der).map_err(|e| PkiError::Certificate {
+            reason: e.to_string(),
+        })?;
+    Ok(cert.public_key().raw.to_vec())
+}
+
 /// A kubeadm-format bootstrap token, `[a-z0-9]{6}.[a-z0-9]{16}`. `Debug` hides the secret.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]

@@ -543,6 +543,22 @@ fn service_account_key_is_a_pkcs8_key_openssl_reads() {
 }
 
 #[test]
+fn a_certificates_spki_is_its_keys_public_key() {
+    use base64::Engine as _;
+    let ca = pki::generate_ca("spki-test").expect("ca");
+    let public = pki::public_key_pem(&ca.key).expect("public key");
+    let body: String = public.lines().filter(|l| !l.starts_with("-----")).collect();
+    let expected = base64::engine::general_purpose::STANDARD
+        .decode(body)
+        .expect("base64");
+    assert_eq!(pki::certificate_spki_der(&ca.cert).expect("spki"), expected);
+    assert!(matches!(
+        pki::certificate_spki_der(&ca.key),
+        Err(pki::PkiError::Certificate { .. })
+    ));
+}
+
+#[test]
 fn secrets_round_trip_through_toml() {
     let secrets = ClusterSecrets::generate().expect("generate");
     let text = secrets.to_toml_string().expect("serialize");
