@@ -62,10 +62,24 @@ pub struct BakedFile {
     pub source: PathBuf,
     /// Its path in the root filesystem.
     pub path: String,
-    /// Its permission bits there.
+    /// Its permission bits there (recorded in octal: `"0755"`).
+    #[serde(with = "octal")]
     pub mode: u32,
     /// The sha256 of its contents, in lowercase hex.
     pub sha256: String,
+}
+
+/// Permission bits as an octal string, as people read them.
+mod octal {
+    pub fn serialize<S: serde::Serializer>(mode: &u32, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&format!("{mode:04o}"))
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<u32, D::Error> {
+        let text = <String as serde::Deserialize>::deserialize(deserializer)?;
+        u32::from_str_radix(&text, 8)
+            .map_err(|e| serde::de::Error::custom(format!("mode {text:?} is not octal: {e}")))
+    }
 }
 
 /// The files of `dir` to bake into an image for `arch`, with their contents: the kubelet
@@ -167,6 +181,19 @@ mod tests {
         data.extend_from_slice(&machine.to_le_bytes());
         data.resize(64, 0);
         data
+    }
+
+    #[test]
+    fn modes_are_recorded_in_octal() {
+        let file = BakedFile {
+            source: "DIR/kubelet".into(),
+            path: IMAGE_BINARY.into(),
+            mode: 0o755,
+            sha256: "00".into(),
+        };
+        let text = toml::to_string(&file).unwrap();
+        assert!(text.contains("mode = \"0755\""), "{text}");
+        assert_eq!(toml::from_str::<BakedFile>(&text).unwrap(), file);
     }
 
     #[test]
