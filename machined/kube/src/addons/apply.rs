@@ -112,7 +112,8 @@ pub async fn apply(kubeconfig_yaml: &str, objects: &[Value]) -> Result<usize, Ku
                 connection.error(
                     format!("applying {id}"),
                     format!(
-                        "{err}; the kubeconfig's user must be a cluster admin (super-admin.conf)"
+                        "{}; the kubeconfig's user must be a cluster admin (super-admin.conf)",
+                        describe(&err)
                     ),
                 )
             })?;
@@ -139,7 +140,7 @@ async fn discover(
         .map_err(|err| {
             connection.error(
                 format!("finding the resource of {} {}", id.api_version, id.kind),
-                err,
+                describe(&err),
             )
         })
 }
@@ -155,7 +156,7 @@ async fn with_node_taints(
     let node = api
         .get_opt(&id.name)
         .await
-        .map_err(|err| connection.error(format!("reading {id}"), err))?
+        .map_err(|err| connection.error(format!("reading {id}"), describe(&err)))?
         .ok_or_else(|| {
             connection.error(
                 format!("marking {id} as a control plane"),
@@ -216,10 +217,28 @@ async fn ready(connection: &Connection) -> Result<(), String> {
     {
         Ok(Ok(text)) if text.trim() == "ok" => Ok(()),
         Ok(Ok(text)) => Err(format!("/readyz answered {:?}", text.trim())),
-        Ok(Err(err)) => Err(format!("/readyz: {err}")),
+        Ok(Err(err)) => Err(format!("/readyz: {}", describe(&err))),
         Err(_) => Err(format!(
             "/readyz did not answer within {} s",
             READY_REQUEST_TIMEOUT.as_secs()
         )),
     }
+}
+
+/// A kube-rs error in a line: an API server's answer as its message and HTTP status,
+/// anything else with its causes (such as the connection's).
+fn describe(err: &kube::Error) -> String {
+    if let kube::Error::Api(status) = err {
+        return format!("{} (HTTP {})", status.message, status.code);
+    }
+    let mut text = err.to_string();
+    let mut source = std::error::Error::source(err);
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text = format!("{text}: {cause_text}");
+        }
+        source = cause.source();
+    }
+    text
 }

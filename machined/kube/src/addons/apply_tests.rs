@@ -305,3 +305,40 @@ async fn a_kubeconfig_that_does_not_parse_is_refused() {
         .unwrap_err();
     assert!(err.to_string().contains("does not parse"), "{err}");
 }
+
+#[tokio::test]
+async fn a_client_certificate_kubeconfig_makes_a_tls_client_that_names_the_unreachable_server() {
+    use base64::Engine as _;
+    use keelson_configs::pki::{self, LeafRequest, Usage};
+    let ca = pki::generate_ca("kubernetes").unwrap();
+    let leaf = pki::issue(
+        &ca,
+        &LeafRequest {
+            common_name: "kubernetes-super-admin".into(),
+            organizations: vec!["system:masters".into()],
+            sans: Vec::new(),
+            usage: Usage::Client,
+        },
+    )
+    .unwrap();
+    let b64 = |pem: &str| base64::engine::general_purpose::STANDARD.encode(pem);
+    let closed = TcpListener::bind("127.0.0.1:0").unwrap();
+    let server = format!("https://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let kubeconfig = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {server}\n    \
+         certificate-authority-data: {}\nusers:\n- name: u\n  user:\n    client-certificate-data: {}\n    \
+         client-key-data: {}\ncontexts:\n- name: x\n  context:\n    cluster: c\n    user: u\n\
+         current-context: x\n",
+        b64(&ca.cert),
+        b64(&leaf.cert),
+        b64(&leaf.key),
+    );
+    let err = wait_for_api(&kubeconfig, Duration::from_secs(1))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, crate::KubeError::Api { server: s, .. } if s.starts_with(&server)),
+        "{err}"
+    );
+}
