@@ -244,6 +244,11 @@ pub fn merge(existing: Option<&str>, new: &str, force: bool) -> Result<String, K
         return to_yaml(&new, "the merged kubeconfig");
     };
     let mut merged = parse(text, "the existing kubeconfig")?;
+    if let Some(kind) = merged.kind.as_deref().filter(|kind| *kind != "Config") {
+        return Err(KubeError::Kubeconfig(format!(
+            "the existing kubeconfig is a {kind:?}, not a kubeconfig (kind: Config); give the path of a kubeconfig, or write a new file with --merge=false"
+        )));
+    }
     let mut conflicts = Vec::new();
     merge_named(
         &mut merged.clusters,
@@ -684,5 +689,12 @@ preferences:
             .unwrap_err()
             .to_string();
         assert!(err.contains("line 1"), "{err}");
+        let err = merge(Some("apiVersion: v1\nkind: Pod\n"), &new, false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("the existing kubeconfig is a \"Pod\""),
+            "{err}"
+        );
     }
 }
