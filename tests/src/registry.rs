@@ -4,6 +4,8 @@
 //!
 //! [`Registry::push_test_image`] pushes a small image built here, for both
 //! architectures, with skopeo; the node then pulls it as it would a control-plane image.
+//! [`write_test_image_archive`] writes the same image as an OCI archive, as an image bakes
+//! it in (`cargo xtask image --kubernetes DIR`, `DIR/images/*.tar`).
 
 use std::net::IpAddr;
 use std::path::Path;
@@ -165,6 +167,51 @@ fn registry_config(storage: &Path, host: &str) -> String {
 /// [`TEST_IMAGE_FILE`] (`REPOSITORY:TAG linux/ARCH`). Returns the index's digest
 /// (`sha256:...`). The same arguments always give the same digests.
 pub fn write_test_image(dir: &Path, repository: &str, tag: &str) -> Result<String> {
+    write_layout(dir, repository, tag, None)
+}
+
+/// Write the test image `reference` (`[HOST/]REPOSITORY:TAG`, as containerd names it:
+/// `registry.k8s.io/pause:3.10`) as an OCI image archive at `archive` (a tar of the
+/// layout [`write_test_image`] writes, as `docker save` and `skopeo copy
+/// oci-archive:` make them), its index annotated with the reference
+/// (`io.containerd.image.name`) and the tag (`org.opencontainers.image.ref.name`), as a
+/// node imports it from an image's archives. Returns the index's digest.
+pub fn write_test_image_archive(archive: &Path, reference: &str) -> Result<String> {
+    let (repository, tag) = reference
+        .rsplit_once(':')
+        .filter(|(_, tag)| !tag.contains('/'))
+        .with_context(|| format!("{reference:?} has no tag (REPOSITORY:TAG)"))?;
+    let layout = tempfile::Builder::new()
+        .prefix("keelson-test-image-")
+        .tempdir()
+        .context("a directory for the test image")?;
+    let digest = write_layout(layout.path(), repository, tag, Some(reference))?;
+    let mut members = vec!["oci-layout".to_string(), "index.json".to_string()];
+    let blobs = layout.path().join("blobs/sha256");
+    let mut names: Vec<String> = std::fs::read_dir(&blobs)
+        .with_context(|| format!("listing {}", blobs.display()))?
+        .map(|entry| Ok(entry?.file_name().to_string_lossy().into_owned()))
+        .collect::<std::io::Result<_>>()?;
+    names.sort();
+    members.extend(names.into_iter().map(|n| format!("blobs/sha256/{n}")));
+    let mut tar = tar::Builder::new(Vec::new());
+    for member in members {
+        let bytes = std::fs::read(layout.path().join(&member))?;
+        tar.append_data(&mut file_header(bytes.len()), &member, bytes.as_slice())
+            .with_context(|| format!("archiving {member}"))?;
+    }
+    let bytes = tar.into_inner().context("finishing the archive")?;
+    std::fs::write(archive, bytes).with_context(|| format!("writing {}", archive.display()))?;
+    Ok(digest)
+}
+
+/// [`write_test_image`], its index also annotated with `containerd_name`.
+fn write_layout(
+    dir: &Path,
+    repository: &str,
+    tag: &str,
+    containerd_name: Option<&str>,
+) -> Result<String> {
     let blobs = dir.join("blobs/sha256");
     std::fs::create_dir_all(&blobs).with_context(|| format!("creating {}", blobs.display()))?;
     let mut manifests = Vec::new();
@@ -197,6 +244,9 @@ pub fn write_test_image(dir: &Path, repository: &str, tag: &str) -> Result<Strin
     let mut index = write_blob(&blobs, OCI_INDEX, &serde_json::to_vec(&index)?)?;
     let digest = index["digest"].as_str().unwrap_or_default().to_owned();
     index["annotations"] = json!({"org.opencontainers.image.ref.name": tag});
+    if let Some(name) = containerd_name {
+        index["annotations"]["io.containerd.image.name"] = json!(name);
+    }
     let top = json!({"schemaVersion": 2, "manifests": [index]});
     let files = [
         ("index.json", serde_json::to_vec(&top)?),
@@ -220,16 +270,21 @@ fn write_blob(blobs: &Path, media_type: &str, bytes: &[u8]) -> Result<serde_json
 /// A tar archive of one file, `name` (mode 0644, owned by root, dated 1970).
 fn one_file_tar(name: &str, contents: &str) -> Result<Vec<u8>> {
     let mut tar = tar::Builder::new(Vec::new());
+    tar.append_data(&mut file_header(contents.len()), name, contents.as_bytes())
+        .context("building the test image's layer")?;
+    tar.into_inner().context("finishing the test image's layer")
+}
+
+/// A tar header for a regular file of `size` bytes: mode 0644, owned by root, dated 1970.
+fn file_header(size: usize) -> tar::Header {
     let mut header = tar::Header::new_ustar();
-    header.set_size(contents.len() as u64);
+    header.set_size(size as u64);
     header.set_mode(0o644);
     header.set_mtime(0);
     header.set_uid(0);
     header.set_gid(0);
     header.set_entry_type(tar::EntryType::Regular);
-    tar.append_data(&mut header, name, contents.as_bytes())
-        .context("building the test image's layer")?;
-    tar.into_inner().context("finishing the test image's layer")
+    header
 }
 
 #[cfg(test)]
@@ -360,6 +415,66 @@ mod tests {
         .unwrap();
         assert_eq!(server.url(), "http://10.123.45.1:8080");
         assert_eq!(server.get("/hello").unwrap().text(), "hello");
+    }
+
+    /// skopeo reads the archive back: the tagged index, and the image for an architecture.
+    #[test]
+    fn a_test_image_archive_is_an_oci_archive() {
+        let dir = tempfile::tempdir().unwrap();
+        let archive = dir.path().join("pause.tar");
+        let digest = write_test_image_archive(&archive, "registry.k8s.io/pause:3.10").unwrap();
+        let source = format!("oci-archive:{}:3.10", archive.display());
+        let skopeo = |args: &[&str]| {
+            let out = std::process::Command::new("skopeo")
+                .args(args)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "skopeo {args:?}: {}",
+                crate::show(&out)
+            );
+            out.stdout
+        };
+        let raw = skopeo(&["inspect", "--raw", &source]);
+        assert_eq!(
+            format!("sha256:{}", hex::encode(Sha256::digest(&raw))),
+            digest
+        );
+        let config = skopeo(&["--override-arch", "arm64", "inspect", "--config", &source]);
+        let config: serde_json::Value = serde_json::from_slice(&config).unwrap();
+        assert_eq!(config["architecture"], "arm64");
+
+        let listing = std::process::Command::new("tar")
+            .arg("tf")
+            .arg(&archive)
+            .output()
+            .unwrap();
+        let listing = String::from_utf8_lossy(&listing.stdout);
+        assert!(
+            listing.starts_with("oci-layout\nindex.json\nblobs/sha256/"),
+            "{listing}"
+        );
+        let mut read = tar::Archive::new(std::fs::File::open(&archive).unwrap());
+        let index = read
+            .entries()
+            .unwrap()
+            .map(|e| e.unwrap())
+            .find(|e| e.path().unwrap().to_str() == Some("index.json"))
+            .map(|mut e| {
+                let mut text = String::new();
+                std::io::Read::read_to_string(&mut e, &mut text).unwrap();
+                text
+            })
+            .unwrap();
+        let index: serde_json::Value = serde_json::from_str(&index).unwrap();
+        let annotations = &index["manifests"][0]["annotations"];
+        assert_eq!(
+            annotations["io.containerd.image.name"],
+            "registry.k8s.io/pause:3.10"
+        );
+        assert_eq!(annotations["org.opencontainers.image.ref.name"], "3.10");
+        assert!(write_test_image_archive(&archive, "registry.k8s.io/pause").is_err());
     }
 
     #[test]
