@@ -10,7 +10,8 @@
 //!   `--config`, `--kubeconfig` and `--bootstrap-kubeconfig` (or one line saying the file
 //!   was absent; a record whose flag was not given is removed);
 //! - `starts`: how many times it has started, and `starts.log`: one line per start with
-//!   its number and the wall-clock time.
+//!   its number, the UTC date and, last, the Unix time in seconds with milliseconds
+//!   (`3 2026-12-06T04:15:00Z 1796530500.123`), to measure the gaps between starts.
 //!
 //! Every record is written (each atomically) before its health endpoint listens, so a
 //! test that saw it healthy reads the records of that start. It then answers
@@ -168,13 +169,16 @@ fn json_string_array(items: &[String]) -> String {
     json
 }
 
-/// One line of `starts.log`: the start's number, the Unix time and the UTC date.
+/// One line of `starts.log`: the start's number, the UTC date and the Unix time (seconds
+/// with milliseconds).
 fn start_line(start: u64, now: SystemTime) -> String {
-    let seconds = now
-        .duration_since(UNIX_EPOCH)
-        .map(|since| since.as_secs())
-        .unwrap_or(0);
-    format!("{start} {seconds} {}\n", utc_date(seconds))
+    let since = now.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let seconds = since.as_secs();
+    format!(
+        "{start} {} {seconds}.{:03}\n",
+        utc_date(seconds),
+        since.subsec_millis()
+    )
 }
 
 /// `seconds` since the Unix epoch as an RFC 3339 UTC date (`2026-12-06T04:15:00Z`).
@@ -325,7 +329,7 @@ mod tests {
             &format!("--config={}", config.display()),
             "--kubeconfig=/nonexistent/kubelet.conf",
         ]);
-        let at = UNIX_EPOCH + Duration::from_secs(86_400);
+        let at = UNIX_EPOCH + Duration::from_millis(86_400_250);
         assert_eq!(record(&dir, &first, at).unwrap(), 1);
         let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap();
         assert_eq!(read("config.yaml"), "kind: KubeletConfiguration\n");
@@ -340,7 +344,7 @@ mod tests {
         assert_eq!(read("starts"), "2\n");
         assert_eq!(
             read("starts.log"),
-            "1 86400 1970-01-02T00:00:00Z\n2 86400 1970-01-02T00:00:00Z\n"
+            "1 1970-01-02T00:00:00Z 86400.250\n2 1970-01-02T00:00:00Z 86400.250\n"
         );
         assert!(!dir.join("config.yaml").exists());
         assert_eq!(read("argv.json"), "[\"kubelet\"]\n");
