@@ -2,12 +2,12 @@
 //! `mark-control-plane` and `addon` create through the API after `kubeadm init`, rendered by
 //! the control plane that bootstrapped the cluster from its machine config, in apply order:
 //!
-//! 1. the bootstrap token's Secret and the RBAC of TLS bootstrap ([`bootstrap`]): the
+//! 1. the bootstrap token's Secret and the RBAC of TLS bootstrap (`bootstrap`): the
 //!    `kubeadm:cluster-admins` binding that `admin.conf`'s group needs, the bindings that
 //!    let bootstrap tokens post CSRs and get nodes and that auto-approve node CSRs;
 //! 2. the `cluster-info` ConfigMap in `kube-public` and the Role that lets anonymous
 //!    clients read it (`kubeadm join`'s discovery);
-//! 3. CoreDNS ([`coredns`]) and kube-proxy ([`proxy`]) as kubeadm's addons;
+//! 3. CoreDNS (`coredns`) and kube-proxy (`proxy`) as kubeadm's addons;
 //! 4. the control-plane label and taint of this node, as a Node for server-side apply.
 //!
 //! Each object is typed through k8s-openapi (so it is a valid object of its kind) and

@@ -43,10 +43,17 @@ fn find<'a>(objects: &'a [Value], kind: &str, name: &str) -> (usize, &'a Value) 
         .unwrap_or_else(|| panic!("no {kind} {name} among the objects"))
 }
 
-/// Decodes `value` as `K` and serializes it back: the round trip must give the same JSON
-/// (no field unknown to `K`, `apiVersion` and `kind` right).
-fn round_trip<K: DeserializeOwned + Serialize>(value: &Value) -> Result<(), String> {
-    let typed: K = serde_json::from_value(value.clone()).map_err(|e| e.to_string())?;
+/// Decodes `value` as `K` (from `yaml`, the text of its file, when given) and serializes
+/// it back: the round trip must give `value` again (no field unknown to `K`, `apiVersion`
+/// and `kind` right).
+fn round_trip<K: DeserializeOwned + Serialize>(
+    value: &Value,
+    yaml: Option<&[u8]>,
+) -> Result<(), String> {
+    let typed: K = match yaml {
+        Some(text) => yaml_serde::from_slice(text).map_err(|e| e.to_string())?,
+        None => serde_json::from_value(value.clone()).map_err(|e| e.to_string())?,
+    };
     let back = serde_json::to_value(&typed).map_err(|e| e.to_string())?;
     if &back == value {
         Ok(())
@@ -55,20 +62,20 @@ fn round_trip<K: DeserializeOwned + Serialize>(value: &Value) -> Result<(), Stri
     }
 }
 
-/// Decodes `value` as the k8s-openapi type of its kind.
-fn decode(value: &Value) -> Result<(), String> {
+/// Decodes `value` (or `yaml`, its file) as the k8s-openapi type of its kind.
+fn decode(value: &Value, yaml: Option<&[u8]>) -> Result<(), String> {
     match value["kind"].as_str().unwrap_or_default() {
-        "Secret" => round_trip::<Secret>(value),
-        "ConfigMap" => round_trip::<ConfigMap>(value),
-        "ServiceAccount" => round_trip::<ServiceAccount>(value),
-        "Service" => round_trip::<Service>(value),
-        "Node" => round_trip::<Node>(value),
-        "Deployment" => round_trip::<Deployment>(value),
-        "DaemonSet" => round_trip::<DaemonSet>(value),
-        "ClusterRole" => round_trip::<ClusterRole>(value),
-        "ClusterRoleBinding" => round_trip::<ClusterRoleBinding>(value),
-        "Role" => round_trip::<Role>(value),
-        "RoleBinding" => round_trip::<RoleBinding>(value),
+        "Secret" => round_trip::<Secret>(value, yaml),
+        "ConfigMap" => round_trip::<ConfigMap>(value, yaml),
+        "ServiceAccount" => round_trip::<ServiceAccount>(value, yaml),
+        "Service" => round_trip::<Service>(value, yaml),
+        "Node" => round_trip::<Node>(value, yaml),
+        "Deployment" => round_trip::<Deployment>(value, yaml),
+        "DaemonSet" => round_trip::<DaemonSet>(value, yaml),
+        "ClusterRole" => round_trip::<ClusterRole>(value, yaml),
+        "ClusterRoleBinding" => round_trip::<ClusterRoleBinding>(value, yaml),
+        "Role" => round_trip::<Role>(value, yaml),
+        "RoleBinding" => round_trip::<RoleBinding>(value, yaml),
         other => Err(format!("unexpected kind {other:?}")),
     }
 }
@@ -78,14 +85,21 @@ fn every_object_decodes_as_its_kind_from_json_and_from_its_file() {
     let objects = rendered();
     assert_eq!(objects.len(), 23);
     for object in &objects {
-        decode(object).unwrap_or_else(|e| panic!("{}: {e}", ObjectId::of(object).unwrap()));
+        decode(object, None).unwrap_or_else(|e| panic!("{}: {e}", ObjectId::of(object).unwrap()));
     }
+    // What would not be its kind's object is caught: a field its type lacks, a wrong kind.
+    let mut misspelled = objects[0].clone();
+    misspelled["stringdata"] = serde_json::json!({});
+    assert!(decode(&misspelled, None).is_err());
+    let mut wrong_kind = objects[0].clone();
+    wrong_kind["apiVersion"] = "apps/v1".into();
+    assert!(decode(&wrong_kind, None).is_err());
+
     let files = files(&objects).expect("files");
     assert_eq!(files.len(), objects.len());
     for (file, object) in files.iter().zip(&objects) {
-        let from_yaml: Value = yaml_serde::from_slice(&file.content).expect("YAML");
-        assert_eq!(&from_yaml, object, "{}", file.path.display());
-        decode(&from_yaml).unwrap_or_else(|e| panic!("{}: {e}", file.path.display()));
+        decode(object, Some(&file.content))
+            .unwrap_or_else(|e| panic!("{}: {e}", file.path.display()));
     }
 }
 
