@@ -250,12 +250,26 @@ impl fmt::Display for Target {
 }
 
 /// Fetches `url` into `dest` if its SHA-256 is `expected_sha256_hex`; a `dest` that already
-/// has that sum is kept as it is.
+/// has that sum is kept as it is. HTTPS servers are trusted through the web's public roots.
 pub async fn fetch_verified(
     url: &str,
     expected_sha256_hex: &str,
     dest: &Path,
     limits: FetchLimits,
+) -> Result<Fetched, FetchError> {
+    let roots = Arc::new(rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    });
+    fetch_trusting(url, expected_sha256_hex, dest, limits, &roots).await
+}
+
+/// [`fetch_verified`] with HTTPS servers trusted through `roots`.
+async fn fetch_trusting(
+    url: &str,
+    expected_sha256_hex: &str,
+    dest: &Path,
+    limits: FetchLimits,
+    roots: &Arc<rustls::RootCertStore>,
 ) -> Result<Fetched, FetchError> {
     let expected = expected_sha256_hex.trim().to_ascii_lowercase();
     if expected.len() != 64 || !expected.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -296,7 +310,7 @@ pub async fn fetch_verified(
         .create(dir)
         .map_err(local("create the directory", dir))?;
     let partial = PartialFile::create(dir, dest).map_err(local("create a file in", dir))?;
-    let download = download(url, &partial.path, limits);
+    let download = download(url, &partial.path, limits, roots);
     let (actual, bytes) = tokio::time::timeout(limits.total, download)
         .await
         .map_err(|_| FetchError::Timeout {
@@ -425,6 +439,7 @@ async fn download(
     url: &str,
     into: &Path,
     limits: FetchLimits,
+    roots: &Arc<rustls::RootCertStore>,
 ) -> Result<(String, u64), FetchError> {
     let mut target = Target {
         url: url.to_owned(),
@@ -432,7 +447,7 @@ async fn download(
     };
     for _ in 0..=MAX_REDIRECTS {
         let uri = parse(&target)?;
-        let response = request(&uri, &target, limits).await?;
+        let response = request(&uri, &target, limits, roots).await?;
         let status = response.status();
         if status.is_redirection() {
             let next = redirect_target(&uri, &response, &target)?;
@@ -513,6 +528,7 @@ async fn request(
     uri: &Uri,
     target: &Target,
     limits: FetchLimits,
+    roots: &Arc<rustls::RootCertStore>,
 ) -> Result<http::Response<hyper::body::Incoming>, FetchError> {
     let https = uri.scheme_str() == Some("https");
     let host = uri
@@ -544,7 +560,7 @@ async fn request(
         })?;
     let send = async {
         if https {
-            let tls = tls_connect(tcp, &host, target).await?;
+            let tls = tls_connect(tcp, &host, target, roots).await?;
             send_request(TokioIo::new(tls), request, target).await
         } else {
             send_request(TokioIo::new(tcp), request, target).await
@@ -582,21 +598,19 @@ async fn tls_connect(
     tcp: TcpStream,
     host: &str,
     target: &Target,
+    roots: &Arc<rustls::RootCertStore>,
 ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, FetchError> {
     let tls_err = |source| FetchError::Tls {
         url: target.clone(),
         host: host.to_owned(),
         source,
     };
-    let roots = rustls::RootCertStore {
-        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-    };
     let config = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
     .map_err(|e| tls_err(io::Error::other(e)))?
-    .with_root_certificates(roots)
+    .with_root_certificates(Arc::clone(roots))
     .with_no_client_auth();
     let name = rustls::pki_types::ServerName::try_from(host.to_owned())
         .map_err(|e| tls_err(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
@@ -712,6 +726,8 @@ mod tests {
         body: Vec<u8>,
         /// Sends a Content-Length; without it the body ends when the connection closes.
         length: bool,
+        /// Sends the head and half the body, then nothing more.
+        stall: bool,
     }
 
     fn ok(body: &[u8]) -> Answer {
@@ -720,52 +736,80 @@ mod tests {
             headers: Vec::new(),
             body: body.to_vec(),
             length: true,
+            stall: false,
         }
     }
 
-    /// A minimal HTTP/1.1 server on 127.0.0.1: one request per connection, answered from
-    /// `routes` by path (404 for any other), then the connection is closed.
-    async fn serve(routes: HashMap<&'static str, Answer>) -> String {
+    type Routes = Arc<HashMap<&'static str, Answer>>;
+
+    /// A minimal HTTP/1.1 server on 127.0.0.1 (over TLS with `tls`): one request per
+    /// connection, answered from `routes` by path (404 for any other), then the connection is
+    /// closed. Answers its base URL.
+    async fn serve_with(
+        routes: HashMap<&'static str, Answer>,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> String {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
+        let routes: Routes = Arc::new(routes);
+        let scheme = if tls.is_some() { "https" } else { "http" };
         tokio::spawn(async move {
-            loop {
-                let Ok((mut conn, _)) = listener.accept().await else {
-                    return;
-                };
-                let routes = routes.clone();
+            while let Ok((conn, _)) = listener.accept().await {
+                let (routes, tls) = (routes.clone(), tls.clone());
                 tokio::spawn(async move {
-                    let mut head = Vec::new();
-                    let mut buf = [0u8; 1024];
-                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match conn.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                    match tls {
+                        Some(tls) => {
+                            if let Ok(conn) = tls.accept(conn).await {
+                                respond(conn, &routes).await;
+                            }
                         }
+                        None => respond(conn, &routes).await,
                     }
-                    let head = String::from_utf8_lossy(&head);
-                    let path = head.split(' ').nth(1).unwrap_or("/");
-                    let answer = routes.get(path).cloned().unwrap_or(Answer {
-                        status: "404 Not Found",
-                        headers: Vec::new(),
-                        body: b"not found".to_vec(),
-                        length: true,
-                    });
-                    let mut out = format!("HTTP/1.1 {}\r\nConnection: close\r\n", answer.status);
-                    if answer.length {
-                        out.push_str(&format!("Content-Length: {}\r\n", answer.body.len()));
-                    }
-                    for (k, v) in &answer.headers {
-                        out.push_str(&format!("{k}: {v}\r\n"));
-                    }
-                    out.push_str("\r\n");
-                    let _ = conn.write_all(out.as_bytes()).await;
-                    let _ = conn.write_all(&answer.body).await;
-                    let _ = conn.shutdown().await;
                 });
             }
         });
-        format!("http://{addr}")
+        format!("{scheme}://{addr}")
+    }
+
+    async fn serve(routes: HashMap<&'static str, Answer>) -> String {
+        serve_with(routes, None).await
+    }
+
+    async fn respond<S>(mut conn: S, routes: &Routes)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let mut head = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+        let head = String::from_utf8_lossy(&head);
+        let path = head.split(' ').nth(1).unwrap_or("/");
+        let answer = routes.get(path).cloned().unwrap_or(Answer {
+            status: "404 Not Found",
+            ..ok(b"not found")
+        });
+        let mut out = format!("HTTP/1.1 {}\r\nConnection: close\r\n", answer.status);
+        if answer.length {
+            out.push_str(&format!("Content-Length: {}\r\n", answer.body.len()));
+        }
+        for (k, v) in &answer.headers {
+            out.push_str(&format!("{k}: {v}\r\n"));
+        }
+        out.push_str("\r\n");
+        let _ = conn.write_all(out.as_bytes()).await;
+        if answer.stall {
+            let _ = conn.write_all(&answer.body[..answer.body.len() / 2]).await;
+            let _ = conn.flush().await;
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            return;
+        }
+        let _ = conn.write_all(&answer.body).await;
+        let _ = conn.shutdown().await;
     }
 
     fn sha(data: &[u8]) -> String {
@@ -884,8 +928,7 @@ mod tests {
         let redirect = |to: String| Answer {
             status: "302 Found",
             headers: vec![("Location", to)],
-            body: Vec::new(),
-            length: true,
+            ..ok(b"")
         };
         let base = serve(HashMap::from([
             ("/release/kubelet", redirect("/cdn/hop".into())),
@@ -988,5 +1031,84 @@ mod tests {
             .await
             .expect_err("bad sum");
         assert!(err.to_string().contains("64 hexadecimal digits"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_stalled_body_times_out_and_nothing_is_left() {
+        let base = serve(HashMap::from([(
+            "/kubelet",
+            Answer {
+                stall: true,
+                ..ok(BINARY)
+            },
+        )]))
+        .await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let limits = FetchLimits {
+            idle: Duration::from_millis(300),
+            ..FetchLimits::default()
+        };
+        let url = format!("{base}/kubelet");
+        let err = fetch_verified(&url, &sha(BINARY), &dir.path().join("kubelet"), limits)
+            .await
+            .expect_err("stalled");
+        let msg = err.to_string();
+        assert!(matches!(err, FetchError::Timeout { .. }), "{msg}");
+        assert!(
+            msg.contains(&url) && msg.contains("next part of the body"),
+            "{msg}"
+        );
+        assert!(entries(dir.path()).is_empty());
+    }
+
+    /// A CA and a certificate for 127.0.0.1 that it signed, as a TLS acceptor and the roots
+    /// that trust it.
+    fn tls_pair() -> (tokio_rustls::TlsAcceptor, Arc<rustls::RootCertStore>) {
+        let ca_key = rcgen::KeyPair::generate().expect("ca key");
+        let mut ca_params = rcgen::CertificateParams::new(Vec::new()).expect("ca params");
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_cert = ca_params.self_signed(&ca_key).expect("ca");
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let key = rcgen::KeyPair::generate().expect("key");
+        let params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()]).expect("params");
+        let cert = params.signed_by(&key, &issuer).expect("cert");
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let server = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.der().clone()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            )
+            .expect("server config");
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca_cert.der().clone()).expect("root");
+        (
+            tokio_rustls::TlsAcceptor::from(Arc::new(server)),
+            Arc::new(roots),
+        )
+    }
+
+    #[tokio::test]
+    async fn https_is_verified_against_the_roots() {
+        let (acceptor, roots) = tls_pair();
+        let base = serve_with(HashMap::from([("/kubelet", ok(BINARY))]), Some(acceptor)).await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("{base}/kubelet");
+        let dest = dir.path().join("kubelet");
+        fetch_trusting(&url, &sha(BINARY), &dest, FetchLimits::default(), &roots)
+            .await
+            .expect("fetched over https");
+        assert_eq!(std::fs::read(&dest).expect("read"), BINARY);
+
+        // The web's roots do not know the test CA.
+        let other = dir.path().join("other");
+        let err = fetch_verified(&url, &sha(BINARY), &other, FetchLimits::default())
+            .await
+            .expect_err("untrusted");
+        let msg = err.to_string();
+        assert!(matches!(err, FetchError::Tls { .. }), "{msg}");
+        assert!(msg.contains(&url) && msg.contains("over http://"), "{msg}");
     }
 }
