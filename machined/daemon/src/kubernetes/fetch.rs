@@ -8,8 +8,9 @@
 //! [`MAX_REDIRECTS`] redirects (the release site redirects to a CDN), and streams the body
 //! into a private temporary file beside the destination while hashing it. Only a body whose
 //! sum is the expected one is synced, made executable (0755) and renamed over the
-//! destination; anything else is removed, so a binary that failed its check is never left
-//! where it could be run.
+//! destination; anything else is removed, and so is a different file found at the
+//! destination before the download, so a binary that failed its check is never left where
+//! it could be run. A destination that already has the expected sum is kept as it is.
 //!
 //! HTTPS goes through rustls with the `ring` provider, as the rest of machined. The image
 //! carries no CA bundle (`images/keelson.toml` has no ca-certificates), so the trusted roots
@@ -287,18 +288,24 @@ async fn fetch_trusting(
             source,
         }
     };
-    if let Some((sum, bytes)) = sha256_of_file(dest).await.map_err(local("read", dest))?
-        && sum == expected
-    {
-        tokio::fs::set_permissions(dest, std::fs::Permissions::from_mode(0o755))
+    match sha256_of_file(dest).await.map_err(local("read", dest))? {
+        Some((sum, bytes)) if sum == expected => {
+            tokio::fs::set_permissions(dest, std::fs::Permissions::from_mode(0o755))
+                .await
+                .map_err(local("make executable", dest))?;
+            return Ok(Fetched {
+                path: dest.to_owned(),
+                sha256: sum,
+                bytes,
+                reused: true,
+            });
+        }
+        // Another binary (an older version, or one that failed its check) is removed first:
+        // if this fetch fails, nothing is left there to run.
+        Some(_) => tokio::fs::remove_file(dest)
             .await
-            .map_err(local("make executable", dest))?;
-        return Ok(Fetched {
-            path: dest.to_owned(),
-            sha256: sum,
-            bytes,
-            reused: true,
-        });
+            .map_err(local("remove the previous binary", dest))?,
+        None => {}
     }
     let dir = match dest.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
@@ -325,8 +332,10 @@ async fn fetch_trusting(
             actual,
         });
     }
-    partial
-        .persist(dest)
+    let into = dest.to_owned();
+    tokio::task::spawn_blocking(move || partial.persist(&into))
+        .await
+        .map_err(|e| local("move into place", dest)(io::Error::other(e)))?
         .map_err(|(what, path, source)| local(what, &path)(source))?;
     Ok(Fetched {
         path: dest.to_owned(),
@@ -363,6 +372,8 @@ fn hex(bytes: &[u8]) -> String {
 
 /// A private (0600) temporary file beside the destination, removed on drop unless it was
 /// renamed into place.
+/// (The server's `SpoolFile` is the same idea for uploads, but it answers gRPC statuses and
+/// is never renamed into place.)
 #[derive(Debug)]
 struct PartialFile {
     path: PathBuf,
@@ -1031,6 +1042,26 @@ mod tests {
             .await
             .expect_err("bad sum");
         assert!(err.to_string().contains("64 hexadecimal digits"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn another_binary_in_place_is_replaced_or_removed() {
+        let base = serve(HashMap::from([("/kubelet", ok(BINARY))])).await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let dest = dir.path().join("kubelet");
+        std::fs::write(&dest, b"an older kubelet").expect("write");
+        let url = format!("{base}/kubelet");
+        let fetched = fetch_verified(&url, &sha(BINARY), &dest, FetchLimits::default())
+            .await
+            .expect("replaced");
+        assert!(!fetched.reused);
+        assert_eq!(std::fs::read(&dest).expect("read"), BINARY);
+
+        let err = fetch_verified(&url, &"0".repeat(64), &dest, FetchLimits::default())
+            .await
+            .expect_err("mismatch");
+        assert!(matches!(err, FetchError::Mismatch { .. }), "{err}");
+        assert!(entries(dir.path()).is_empty(), "{:?}", entries(dir.path()));
     }
 
     #[tokio::test]
