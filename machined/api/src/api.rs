@@ -35,6 +35,19 @@ pub const MAX_READ: u64 = 4 * 1024 * 1024;
 /// request names none: the one the kubelet (CRI) uses.
 pub const DEFAULT_NAMESPACE: &str = "k8s.io";
 
+/// The health check of the node's way to a running kubelet (kubeadm's phases, images,
+/// the kubelet's binary and start).
+pub const KUBERNETES_CHECK: &str = "kubernetes";
+/// The prefix of a control plane's health checks of its static pods' containers.
+pub const STATIC_POD_CHECK_PREFIX: &str = "static pod ";
+
+/// Whether a health check is one of the Kubernetes ones, which a local cluster whose
+/// nodes cannot reach a kubelet or the control-plane images never passes (`cluster
+/// create` waits for the others).
+pub fn is_kubernetes_check(name: &str) -> bool {
+    name == KUBERNETES_CHECK || name.starts_with(STATIC_POD_CHECK_PREFIX)
+}
+
 /// An apply mode as the command line spells it (`Unspecified` is `auto`).
 pub fn apply_mode_name(mode: proto::ApplyMode) -> &'static str {
     use proto::ApplyMode;
@@ -131,6 +144,7 @@ pub const ACCESS: &[MethodAccess] = &[
     access("Reboot", "reboot", Role::Operator, false),
     access("Shutdown", "shutdown", Role::Operator, false),
     access("ImageImport", "image import", Role::Operator, false),
+    access("ImagePull", "image pull", Role::Operator, false),
     access("ApplyConfig", "apply-config", Role::Admin, true),
     access(
         "ConfirmConfig",
@@ -166,6 +180,8 @@ pub const ACCESS: &[MethodAccess] = &[
     ),
     access("EtcdLeave", "etcd leave", Role::Admin, false),
     access("EtcdRemoveMember", "etcd remove-member", Role::Admin, false),
+    // The kubeconfig holds a new cluster-admin certificate: as much as the node API's admin.
+    access("Kubeconfig", "kubeconfig", Role::Admin, false),
 ];
 
 /// The access table's row for a request path (`/keelson.machine.v1.Machine/Version`);
@@ -229,6 +245,7 @@ mod tests {
             "Reboot",
             "Shutdown",
             "ImageImport",
+            "ImagePull",
             "EtcdSnapshot",
             "EtcdDefrag",
             "EtcdAlarmDisarm",
@@ -243,6 +260,7 @@ mod tests {
             "Bootstrap",
             "EtcdLeave",
             "EtcdRemoveMember",
+            "Kubeconfig",
         ] {
             check(m, Role::Admin);
         }

@@ -256,6 +256,12 @@ pub enum ImageCommand {
     },
     /// List the images containerd knows.
     List(NamespaceArgs),
+    /// Pull an image from its registry into containerd's k8s.io namespace, where the
+    /// kubelet finds it, on every target node (operator).
+    ///
+    /// containerd pulls it through the CRI, as `crictl pull` does; the node checks REF's
+    /// syntax first. Prints the image ID each node reports.
+    Pull(super::kube::ImagePullArgs),
 }
 
 /// Parses `90`, `90s`, `2m`, `1h`.
@@ -969,10 +975,11 @@ fn image_row(i: proto::Image) -> Vec<Value> {
     ]
 }
 
-/// `machinectl image import|list`.
+/// `machinectl image import|list|pull`.
 pub fn image(target: &Target, command: &ImageCommand) -> anyhow::Result<ExitCode> {
     let session = target.session()?;
     match command {
+        ImageCommand::Pull(args) => super::kube::image_pull(&session, args),
         ImageCommand::List(args) => {
             let ns = args.namespace.clone().unwrap_or_default();
             runtime()?.block_on(async {

@@ -150,7 +150,7 @@ pub fn parse_member_id(s: &str) -> Result<String, String> {
 
 /// Refuses more than one target node for `what`, before anything is loaded or dialled
 /// (`--nodes`), then again once the context is resolved (its nodes or endpoints).
-fn one_node(target: &Target, what: &str, why: &str) -> anyhow::Result<Session> {
+pub(crate) fn one_node(target: &Target, what: &str, why: &str) -> anyhow::Result<Session> {
     let refuse = |nodes: &[String]| -> anyhow::Result<()> {
         if nodes.len() > 1 {
             bail!(

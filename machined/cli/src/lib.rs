@@ -12,6 +12,7 @@
 //! | [`api`] | the commands that call the node API, and how they reach the nodes |
 //! | [`cluster`] | `machinectl cluster`: local clusters under QEMU, with a progress display |
 //! | [`etcd`] | `machinectl time`, `bootstrap` and `etcd ...`: the clock and the stacked etcd |
+//! | [`kube`] | `machinectl kubeconfig` and `image pull`: the Kubernetes node |
 //! | `gen_config` | `machinectl gen config`: machine configs, secrets and a client config |
 //! | `validate` | `machinectl validate`: a machine config's problems, with positions |
 //! | [`output`] | the output formats (table, json, yaml) |
@@ -20,6 +21,7 @@ pub mod api;
 pub mod cluster;
 pub mod etcd;
 mod gen_config;
+pub mod kube;
 pub mod output;
 mod validate;
 
@@ -113,9 +115,12 @@ pub enum Command {
     Reset(api::ResetArgs),
     /// List the containers containerd runs.
     Containers(api::NamespaceArgs),
-    /// containerd images: import an OCI archive (operator), list.
+    /// containerd images: import an OCI archive (operator), pull from a registry
+    /// (operator), list.
     #[command(subcommand)]
     Image(api::ImageCommand),
+    /// List the images containerd knows (as `image list`; reader).
+    Images(api::NamespaceArgs),
     /// Show the node's clock: whether it is synced, from which server, and its offset now
     /// (reader).
     ///
@@ -132,6 +137,16 @@ pub enum Command {
     /// forfeit-leadership (roles per command).
     #[command(subcommand)]
     Etcd(etcd::EtcdCommand),
+    /// Get a kubeconfig with a new admin certificate from a control plane and merge it
+    /// into ~/.kube/config (admin; one control plane).
+    ///
+    /// The node mints the certificate from the Kubernetes CA (as kubeadm's admin.conf).
+    /// The file is PATH, else the first entry of $KUBECONFIG, else ~/.kube/config. Merged
+    /// as kubectl users expect: its other contexts are kept, a context, user or cluster of
+    /// the same name is refused unless --force, and the new context becomes the current
+    /// one. --merge=false writes the new kubeconfig alone. Written atomically, mode 0600
+    /// (it holds a cluster-admin key). A worker refuses: it holds no CA key.
+    Kubeconfig(kube::KubeconfigArgs),
     /// Local clusters under QEMU: create, destroy, list, show.
     #[command(subcommand)]
     Cluster(cluster::ClusterCommand),
@@ -208,12 +223,18 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let o = match &command {
                 api::ImageCommand::Import { output, .. } => *output,
                 api::ImageCommand::List(args) => args.output,
+                api::ImageCommand::Pull(args) => args.output,
             };
             api::image(&target(&o), &command)
+        }
+        Command::Images(args) => {
+            let o = args.output;
+            api::image(&target(&o), &api::ImageCommand::List(args))
         }
         Command::Time(o) => etcd::time(&target(&o)),
         Command::Bootstrap(args) => etcd::bootstrap(&target(&args.output), &args),
         Command::Etcd(command) => etcd::etcd(&target(&command.output()), &command),
+        Command::Kubeconfig(args) => kube::kubeconfig(&target(&args.output), &args),
         Command::Cluster(command) => cluster::run(command, cli.machineconfig.as_deref()),
         Command::Completion { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();

@@ -243,6 +243,29 @@ mod tests {
             )),
         );
         check(client(Some(Role::Operator)), "Reboot", Ok(()));
+        check(client(Some(Role::Operator)), "ImagePull", Ok(()));
+        check(
+            client(Some(Role::Reader)),
+            "ImagePull",
+            Err((
+                PermissionDenied,
+                "image pull needs role operator, your certificate has reader",
+            )),
+        );
+        check(client(Some(Role::Admin)), "Kubeconfig", Ok(()));
+        check(
+            client(Some(Role::Operator)),
+            "Kubeconfig",
+            Err((
+                PermissionDenied,
+                "kubeconfig needs role admin, your certificate has operator",
+            )),
+        );
+        check(
+            client(Some(Role::EtcdBackup)),
+            "Kubeconfig",
+            Err((PermissionDenied, "your certificate has etcd:backup")),
+        );
         check(client(Some(Role::Admin)), "Reset", Ok(()));
         check(
             client(None),
@@ -254,6 +277,11 @@ mod tests {
         check(
             Peer::Anonymous,
             "Logs",
+            Err((FailedPrecondition, "maintenance mode")),
+        );
+        check(
+            Peer::Anonymous,
+            "Kubeconfig",
             Err((FailedPrecondition, "maintenance mode")),
         );
         assert_eq!(decide(&Peer::Anonymous, "/x.Y/Z").ok(), Some(None));

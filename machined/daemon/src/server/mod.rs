@@ -16,6 +16,7 @@ pub mod apply;
 pub mod auth;
 pub mod etcd_api;
 pub mod identity;
+pub mod kube_api;
 pub mod service;
 pub mod state;
 

@@ -20,7 +20,7 @@ use crate::etcd::ops::ResetLeave;
 use crate::node::{NodePaths, files, health, kmsg, tables, version};
 use crate::server::apply::{Applier, ApplyError, ApplyRequest};
 use crate::server::auth::Authorized;
-use crate::server::etcd_api;
+use crate::server::{etcd_api, kube_api};
 use crate::timesync::TimeSync;
 use keelson_api::api::proto;
 use keelson_api::api::proto::machine_server::Machine;
@@ -726,6 +726,25 @@ impl Machine for NodeService {
         let etcd = etcd_api::node(self.etcd.as_ref())?;
         let message = etcd.forfeit_leadership().await.map_err(etcd_api::status)?;
         Ok(Response::new(proto::EtcdMessageResponse { message }))
+    }
+
+    async fn kubeconfig(
+        &self,
+        req: Request<proto::KubeconfigRequest>,
+    ) -> Result<Response<proto::KubeconfigResponse>, Status> {
+        let user = req.extensions().get::<Authorized>().map(|a| a.user.clone());
+        let config = self.applier.current();
+        let r = kube_api::kubeconfig(config, user.as_deref().unwrap_or_default()).await?;
+        Ok(Response::new(r))
+    }
+
+    async fn image_pull(
+        &self,
+        req: Request<proto::ImagePullRequest>,
+    ) -> Result<Response<proto::ImagePullResponse>, Status> {
+        let reference = req.into_inner().reference;
+        let r = kube_api::image_pull(&self.paths.containerd_socket, &reference).await?;
+        Ok(Response::new(r))
     }
 
     async fn containers(
