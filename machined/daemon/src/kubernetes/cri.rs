@@ -154,7 +154,8 @@ pub async fn image_present(socket: &Path, reference: &str) -> Result<bool, CriEr
     imp::image_present(socket, reference).await
 }
 
-/// Every container the CRI knows, with its pod's name and namespace.
+/// Every container the CRI knows, with its pod's name and namespace, sorted by pod and name
+/// with the latest attempt of each container first.
 pub async fn containers(socket: &Path) -> Result<Vec<PodContainer>, CriError> {
     imp::containers(socket).await
 }
@@ -324,13 +325,25 @@ mod imp {
         .await?
         .into_inner()
         .containers;
-        Ok(listed
+        let mut out: Vec<PodContainer> = listed
             .into_iter()
             .map(|c| {
                 let pod = pods.get(&c.pod_sandbox_id);
                 pod_container(c, pod)
             })
-            .collect())
+            .collect();
+        newest_first(&mut out);
+        Ok(out)
+    }
+
+    /// Sorts by pod and container name, the latest attempt of each first (the kubelet keeps
+    /// the exited container of the attempt before).
+    fn newest_first(containers: &mut [PodContainer]) {
+        containers.sort_by(|a, b| {
+            (&a.pod_namespace, &a.pod_name, &a.name)
+                .cmp(&(&b.pod_namespace, &b.pod_name, &b.name))
+                .then(b.attempt.cmp(&a.attempt))
+        });
     }
 
     /// One container with its pod's names: the sandbox's metadata, else the kubelet's labels.
@@ -371,7 +384,7 @@ mod imp {
 
         use k8s_cri::v1::{Container, ContainerMetadata, ImageSpec, PodSandboxMetadata};
 
-        use super::{pod_container, state_word};
+        use super::{PodContainer, newest_first, pod_container, state_word};
 
         #[test]
         fn states_are_words() {
@@ -379,6 +392,29 @@ mod imp {
                 [0, 1, 2, 3, 9].map(state_word),
                 ["created", "running", "exited", "unknown", "unknown"]
             );
+        }
+
+        #[test]
+        fn the_latest_attempt_comes_first() {
+            let c = |pod: &str, name: &str, attempt: u32| PodContainer {
+                id: format!("{pod}-{name}-{attempt}"),
+                name: name.into(),
+                pod_name: pod.into(),
+                pod_namespace: "kube-system".into(),
+                state: "running".into(),
+                attempt,
+                restarts: attempt,
+                image: String::new(),
+            };
+            let mut list = vec![
+                c("b", "x", 0),
+                c("a", "y", 1),
+                c("a", "y", 2),
+                c("a", "x", 0),
+            ];
+            newest_first(&mut list);
+            let ids: Vec<&str> = list.iter().map(|c| c.id.as_str()).collect();
+            assert_eq!(ids, ["a-x-0", "a-y-2", "a-y-1", "b-x-0"]);
         }
 
         #[test]
