@@ -80,7 +80,7 @@ pub enum CriError {
     },
     /// containerd refused or failed the pull.
     #[error(
-        "containerd could not pull {reference}: {message} ({code}); check the registry's name, that the node reaches it, and that the image and tag exist"
+        "containerd could not pull {reference}: {message} ({code:?}); check the registry's name, that the node reaches it, and that the image and tag exist"
     )]
     Pull {
         /// The image.
@@ -91,7 +91,9 @@ pub enum CriError {
         message: String,
     },
     /// Another CRI call failed.
-    #[error("containerd's CRI failed {what}: {message} ({code}); see `machinectl logs containerd`")]
+    #[error(
+        "containerd's CRI failed {what}: {message} ({code:?}); see `machinectl logs containerd`"
+    )]
     Call {
         /// The call, with its subject.
         what: String,
@@ -526,5 +528,6 @@ mod tests {
         .to_string();
         assert!(refused.contains("registry.example/pause:3.10"), "{refused}");
         assert!(refused.contains("failed to resolve reference"), "{refused}");
+        assert!(refused.contains("(NotFound)"), "{refused}");
     }
 }
