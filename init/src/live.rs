@@ -200,7 +200,7 @@ pub fn plan(env: &Env<'_>, parts: &[Part], new: &MachineConfig) -> Result<Plan, 
     plan.network = parts.contains(&Part::Network);
     if parts.contains(&Part::Kubelet) {
         plan.notes.push(
-            "machine.kubelet: nothing to apply: the kubelet does not take its settings from the config yet; it is kept in STATE".into(),
+            "machine.kubelet: nothing for PID 1 to apply: machined rewrites the kubelet's flags and configuration and restarts it".into(),
         );
     }
     if parts.contains(&Part::TimeServers) {

@@ -181,3 +181,76 @@ impl Drop for Cleanup<'_> {
         );
     }
 }
+
+/// One node of a cluster, as `cluster show` lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Node {
+    /// Its name (`NAME-controlplane-1`).
+    pub name: String,
+    /// Its API on this host (`127.0.0.1:PORT`).
+    pub api: String,
+    /// Its address on the cluster network.
+    pub address: String,
+}
+
+impl Env {
+    /// The nodes of cluster `name`, sorted by name.
+    pub fn nodes(&self, name: &str) -> Vec<Node> {
+        let shown = self.json(&["cluster", "show", "--name", name]);
+        let mut nodes: Vec<Node> = shown
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| Node {
+                name: n["node"].as_str().unwrap().to_owned(),
+                api: n["api"].as_str().unwrap().to_owned(),
+                address: n["address"].as_str().unwrap().to_owned(),
+            })
+            .collect();
+        nodes.sort_by(|a, b| a.name.cmp(&b.name));
+        nodes
+    }
+
+    /// machinectl against one node; its output whatever the exit status.
+    pub fn on(&self, node: &Node, args: &[&str]) -> Output {
+        let mut all = vec!["--nodes", node.api.as_str()];
+        all.extend_from_slice(args);
+        self.run(&all, Duration::from_secs(300))
+    }
+
+    /// machinectl against one node, which must succeed; its stdout.
+    pub fn ok_on(&self, node: &Node, args: &[&str]) -> String {
+        let out = self.on(node, args);
+        assert!(
+            out.status.success(),
+            "machinectl {args:?} on {}: {}",
+            node.name,
+            show(&out)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// machinectl against one node with `-o json`, parsed.
+    pub fn json_on(&self, node: &Node, args: &[&str]) -> serde_json::Value {
+        let mut all = args.to_vec();
+        all.extend(["-o", "json"]);
+        serde_json::from_str(&self.ok_on(node, &all)).unwrap()
+    }
+}
+
+/// Calls `check` every 2 s until it gives a value; after `limit`, fails with its last
+/// reason.
+pub fn poll<T>(limit: Duration, mut check: impl FnMut() -> Result<T, String>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        match check() {
+            Ok(value) => return value,
+            Err(why) => assert!(
+                Instant::now() < deadline,
+                "after {} s: {why}",
+                limit.as_secs()
+            ),
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    }
+}

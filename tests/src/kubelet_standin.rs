@@ -1,7 +1,7 @@
 //! The kubelet stand-in (`tests/kubelet-standin`), built for a guest's architecture: the
 //! binary a test serves and pins in the kubelet's place. It is not a kubelet: it
 //! exercises the node's fetch, verify, supervise and restart path, and records how it was
-//! started (argv, config files, starts) under `/var/lib/kubelet-standin/` on the node.
+//! started (argv, config files, starts) under `/var/lib/kubelet/standin/` on the node.
 //!
 //! Test support panics on failure, as the tests that use it do.
 
@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 use crate::{Arch, workspace_root};
 
 /// Where the stand-in keeps its records on the node.
-pub const RECORD_DIR: &str = "/var/lib/kubelet-standin";
+pub const RECORD_DIR: &str = "/var/lib/kubelet/standin";
 
 /// The stand-in's package and binary.
 const PACKAGE: &str = "keelson-kubelet-standin";

@@ -55,10 +55,12 @@ fn versions(env: &Env, want_arch: &str, count: usize) -> BTreeMap<String, String
         .collect()
 }
 
+/// Every node healthy but for the Kubernetes checks, which fail here: the nodes reach no
+/// registry for the control-plane images (the Kubernetes test serves them one).
 fn healthy(env: &Env) {
     let out = env.run(&["health", "-o", "json"], Duration::from_secs(120));
-    assert!(out.status.success(), "health: {}", show(&out));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("health: {e}: {}", show(&out)));
     let checks = v.as_array().unwrap();
     assert!(
         checks
@@ -66,7 +68,17 @@ fn healthy(env: &Env) {
             .any(|c| c["check"].as_str().unwrap().starts_with("control plane ")),
         "{v:#}"
     );
-    assert!(checks.iter().all(|c| c["ok"] == true), "{v:#}");
+    assert!(
+        checks
+            .iter()
+            .any(|c| c["check"] == keelson_api::api::KUBERNETES_CHECK),
+        "{v:#}"
+    );
+    assert!(
+        checks.iter().all(|c| c["ok"] == true
+            || keelson_api::api::is_kubernetes_check(c["check"].as_str().unwrap_or_default())),
+        "{v:#}"
+    );
 }
 
 #[test]

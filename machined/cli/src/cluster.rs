@@ -114,6 +114,14 @@ pub struct CreateArgs {
     /// config --help`).
     #[arg(long, value_name = "FILE")]
     pub config_patch: Vec<PathBuf>,
+    /// A TOML merge patch applied to the control planes' configs only, after
+    /// `--config-patch` (repeatable).
+    #[arg(long, value_name = "FILE")]
+    pub config_patch_controlplane: Vec<PathBuf>,
+    /// A TOML merge patch applied to the workers' configs only, after `--config-patch`
+    /// (repeatable).
+    #[arg(long, value_name = "FILE")]
+    pub config_patch_worker: Vec<PathBuf>,
     /// How to network the nodes (default: namespace as root, user otherwise).
     #[arg(long, value_enum)]
     pub network: Option<NetworkArg>,
@@ -347,6 +355,8 @@ fn create(args: &CreateArgs, machineconfig: Option<&Path>) -> anyhow::Result<Exi
         image,
         cidr: args.cidr,
         config_patches: args.config_patch.clone(),
+        controlplane_patches: args.config_patch_controlplane.clone(),
+        worker_patches: args.config_patch_worker.clone(),
         network,
         client_config: client_config.clone(),
         helper_exe: std::env::current_exe()

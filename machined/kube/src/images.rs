@@ -30,11 +30,17 @@ pub fn kubernetes_component(cluster: &Cluster, name: &str) -> String {
     )
 }
 
-/// The CoreDNS image: `<repository>/coredns/coredns:<tag>` (kubeadm's image path).
+/// The CoreDNS image, as kubeadm's `GetDNSImage` names it: `coredns/coredns` under the
+/// upstream registry, plain `coredns` under any other repository (a mirror flattens it).
 pub fn coredns(cluster: &Cluster) -> String {
+    let repository = cluster.image_repository();
+    let path = if repository == keelson_configs::schema::DEFAULT_IMAGE_REPOSITORY {
+        "coredns/coredns"
+    } else {
+        "coredns"
+    };
     format!(
-        "{}/coredns/coredns:{}",
-        cluster.image_repository(),
+        "{repository}/{path}:{}",
         coredns_tag(cluster.kubernetes_version.minor)
     )
 }
@@ -118,9 +124,12 @@ mod tests {
                 .iter()
                 .all(|i| i.starts_with("mirror.internal/k8s/"))
         );
+        // kubeadm's GetDNSImage: a custom repository holds CoreDNS flat.
+        assert_eq!(coredns(&cp.cluster), "mirror.internal/k8s/coredns:v1.12.1");
+        cp.cluster.image_repository = None;
         assert_eq!(
             coredns(&cp.cluster),
-            "mirror.internal/k8s/coredns/coredns:v1.12.1"
+            "registry.k8s.io/coredns/coredns:v1.12.1"
         );
     }
 }

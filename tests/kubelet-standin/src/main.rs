@@ -27,7 +27,7 @@ use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Where the records are written.
-const RECORD_DIR: &str = "/var/lib/kubelet-standin";
+const RECORD_DIR: &str = "/var/lib/kubelet/standin";
 
 /// The kubelet's healthz address (its `healthzBindAddress` and `healthzPort`).
 const HEALTHZ_ADDRESS: &str = "127.0.0.1:10248";

@@ -636,6 +636,18 @@ impl EtcdNode {
             .map_err(|e| EtcdError::Init(e.to_string()))
     }
 
+    /// A client of this node's own member, on loopback (the Kubernetes controller's lock
+    /// around the bootstrap manifests).
+    pub async fn local_client(&self) -> Result<etcd_client::Client, EtcdError> {
+        self.inner
+            .credentials
+            .connect(&[plan::endpoint_url(
+                "127.0.0.1",
+                keelson_configs::layout::ETCD_CLIENT_PORT,
+            )])
+            .await
+    }
+
     async fn start_service(&self) -> Result<(), EtcdError> {
         self.service(ServiceOp::Start).await.map(drop)
     }

@@ -1,10 +1,12 @@
 //! `machinectl read PATH`: which files may be read, by whom, and reading them bounded.
 //!
-//! Only regular files under `/proc`, `/sys`, `/var/log`, `/system/state` and
-//! `/etc/kubernetes` are served, judged by the path after every symlink is resolved (so
+//! Only regular files under `/proc`, `/sys`, `/var/log`, `/system/state`,
+//! `/etc/kubernetes`, `/var/lib/kubelet` and `/var/lib/keelson` are served, judged by the path after every symlink is resolved (so
 //! `/proc/self/root/etc/...` is refused). Files that hold secrets need the admin role:
 //! STATE (the machine config with the cluster CAs' keys), `/etc/kubernetes` (the
-//! certificates and keys the node issued, kubeadm's files), the firmware's config channel (`/sys/firmware`), and processes'
+//! certificates and keys the node issued, kubeadm's files), `/var/lib/kubelet` (the
+//! kubelet's configuration and its own keys), `/var/lib/keelson` (the flags and settings
+//! machined gives the kubelet and etcd), the firmware's config channel (`/sys/firmware`), and processes'
 //! environments and memory. Files that block on read (`/proc/kmsg`, trace pipes) are
 //! refused with a pointer to what to use instead. At most
 //! [`MAX_READ`](keelson_api::api::MAX_READ) bytes are sent.
@@ -38,7 +40,7 @@ pub enum ReadError {
     },
     /// The path is outside the readable trees.
     #[error(
-        "{path} is outside what the node API serves; readable: /proc, /sys, /var/log, /system/state, /etc/kubernetes"
+        "{path} is outside what the node API serves; readable: /proc, /sys, /var/log, /system/state, /etc/kubernetes, /var/lib/kubelet, /var/lib/keelson"
     )]
     Outside {
         /// The path (resolved).
@@ -84,17 +86,29 @@ pub enum ReadError {
 }
 
 /// The trees `read` serves.
-pub const READABLE: [&str; 5] = [
+pub const READABLE: [&str; 7] = [
     "/proc",
     "/sys",
     "/var/log",
     "/system/state",
     "/etc/kubernetes",
+    "/var/lib/kubelet",
+    "/var/lib/keelson",
 ];
 
 /// Paths that need more than the reader role: (pattern, role, why). A pattern's `*`
 /// matches one path component.
-const PROTECTED: [(&str, Role, &str); 6] = [
+const PROTECTED: [(&str, Role, &str); 8] = [
+    (
+        "/var/lib/kubelet",
+        Role::Admin,
+        "it holds the kubelet's certificates and private keys",
+    ),
+    (
+        "/var/lib/keelson",
+        Role::Admin,
+        "it holds what machined gives the kubelet and etcd",
+    ),
     (
         "/system/state",
         Role::Admin,

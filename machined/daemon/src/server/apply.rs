@@ -271,6 +271,7 @@ pub struct Applier {
     backend: Arc<dyn NodeBackend>,
     mode: Mode,
     api_hook: Option<ApiHook>,
+    kubelet_hook: Option<crate::kubernetes::KubeNode>,
 }
 
 impl std::fmt::Debug for Applier {
@@ -311,7 +312,15 @@ impl Applier {
             backend,
             mode,
             api_hook,
+            kubelet_hook: None,
         }
+    }
+
+    /// With the Kubernetes controller, which a live change of `machine.kubelet` reaches
+    /// (its flags and configuration rewritten, the kubelet restarted).
+    pub fn with_kubelet_hook(mut self, kube: crate::kubernetes::KubeNode) -> Applier {
+        self.kubelet_hook = Some(kube);
+        self
     }
 
     /// The config in effect.
@@ -505,6 +514,18 @@ impl Applier {
                     messages.push("config written to STATE".into());
                     if machined_part {
                         messages.push(self.run_api_hook(&new));
+                    }
+                    if parts.contains(&LivePart::Kubelet) {
+                        match &self.kubelet_hook {
+                            Some(kube) => messages.push(
+                                kube.reconfigure(&new)
+                                    .await
+                                    .unwrap_or_else(|e| format!("machine.kubelet: {e}")),
+                            ),
+                            None => messages.push(
+                                "machine.kubelet: no Kubernetes controller runs here; it takes effect when machined restarts".into(),
+                            ),
+                        }
                     }
                 }
                 self.set_running(new, text);

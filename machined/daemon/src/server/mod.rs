@@ -37,6 +37,7 @@ use tokio::task::JoinSet;
 
 use crate::backend::NodeBackend;
 use crate::etcd::{EtcdNode, EtcdPaths};
+use crate::kubernetes::{KubeNode, KubePaths};
 use crate::node::NodePaths;
 use crate::timesync::{Clock, SystemClock, TimeSync};
 use apply::Applier;
@@ -113,6 +114,8 @@ pub struct Options {
     pub paths: NodePaths,
     /// Where etcd's data, settings and certificates go.
     pub etcd_paths: EtcdPaths,
+    /// Where the Kubernetes controller writes, and containerd's socket.
+    pub kube_paths: KubePaths,
     /// Whether the time sync and the etcd controller run: off in tests that serve the
     /// API alone, which must not reach the config's time servers or control planes.
     pub drive_cluster: bool,
@@ -130,6 +133,7 @@ impl Default for Options {
             mode: Mode::Metal,
             paths: NodePaths::default(),
             etcd_paths: EtcdPaths::default(),
+            kube_paths: KubePaths::default(),
             drive_cluster: true,
             clock: Arc::new(SystemClock),
         }
@@ -274,14 +278,18 @@ impl Bound {
                             sans.join(", ")
                         ))
                     });
-                    let (etcd, time) = cluster_services(&config, &backend, &options);
-                    let applier = Arc::new(Applier::new(
+                    let (etcd, time, kube) = cluster_services(&config, &backend, &options);
+                    let mut applier = Applier::new(
                         store.clone(),
                         backend.clone(),
                         options.mode,
                         Some((config, text)),
                         Some(hook.clone()),
-                    ));
+                    );
+                    if let Some(kube) = &kube {
+                        applier = applier.with_kubelet_hook(kube.clone());
+                    }
+                    let applier = Arc::new(applier);
                     let svc = NodeService::new(
                         options.paths.clone(),
                         options.read_root.clone(),
@@ -290,7 +298,8 @@ impl Bound {
                         applier.clone(),
                         None,
                     )
-                    .with_cluster(etcd, time.clone());
+                    .with_cluster(etcd, time.clone())
+                    .with_kube(kube);
                     // Client certificates are judged by the clock: with time servers,
                     // give the first sync a few seconds before the first call.
                     if options.drive_cluster && !time.wait_synced(FIRST_SYNC).await {
@@ -311,14 +320,15 @@ impl Bound {
     }
 }
 
-/// The clock's sync (from `machine.time_servers`) and, on a control plane, the etcd
-/// controller, both started. A control plane whose etcd cannot be driven (its CA
-/// missing) still serves the API, and says why in its log and in `bootstrap`.
+/// The clock's sync (from `machine.time_servers`), on a control plane the etcd
+/// controller, and the Kubernetes controller, all started. A control plane whose etcd
+/// cannot be driven (its CA missing) still serves the API, and says why in its log and
+/// in `bootstrap`.
 fn cluster_services(
     config: &MachineConfig,
     backend: &Arc<dyn NodeBackend>,
     options: &Options,
-) -> (Option<EtcdNode>, TimeSync) {
+) -> (Option<EtcdNode>, TimeSync, Option<KubeNode>) {
     let time = TimeSync::new(config.machine.time_servers.clone(), options.clock.clone());
     if options.drive_cluster {
         time.spawn();
@@ -340,7 +350,18 @@ fn cluster_services(
     {
         etcd.spawn();
     }
-    (etcd, time)
+    let kube = options.drive_cluster.then(|| {
+        let kube = KubeNode::new(
+            config,
+            backend.clone(),
+            time.clone(),
+            etcd.clone(),
+            options.kube_paths.clone(),
+        );
+        kube.spawn();
+        kube
+    });
+    (etcd, time, kube)
 }
 
 /// Reissues the certificate when the node's addresses change (DHCP after start-up).

@@ -17,6 +17,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::backend::{BackendError, NodeBackend, Power, ServiceOp};
 use crate::etcd::EtcdNode;
 use crate::etcd::ops::ResetLeave;
+use crate::kubernetes::KubeNode;
 use crate::node::{NodePaths, files, health, kmsg, tables, version};
 use crate::server::apply::{Applier, ApplyError, ApplyRequest};
 use crate::server::auth::Authorized;
@@ -49,6 +50,7 @@ pub struct NodeService {
     installed: Option<mpsc::Sender<()>>,
     etcd: Option<EtcdNode>,
     time: Option<TimeSync>,
+    kube: Option<KubeNode>,
 }
 
 impl std::fmt::Debug for NodeService {
@@ -81,6 +83,7 @@ impl NodeService {
             installed,
             etcd: None,
             time: None,
+            kube: None,
         }
     }
 }
@@ -90,6 +93,12 @@ impl NodeService {
     pub fn with_cluster(mut self, etcd: Option<EtcdNode>, time: TimeSync) -> NodeService {
         self.etcd = etcd;
         self.time = Some(time);
+        self
+    }
+
+    /// The node's Kubernetes controller, for `health`.
+    pub fn with_kube(mut self, kube: Option<KubeNode>) -> NodeService {
+        self.kube = kube;
         self
     }
 }
@@ -194,6 +203,9 @@ impl Machine for NodeService {
         let mut checks = checks;
         if let Some(etcd) = &self.etcd {
             checks.push(etcd.health().await);
+        }
+        if let Some(kube) = &self.kube {
+            checks.extend(kube.health().await);
         }
         Ok(Response::new(proto::HealthResponse {
             healthy: checks.iter().all(|c| c.ok),

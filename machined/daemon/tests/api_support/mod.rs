@@ -187,6 +187,10 @@ impl Node {
                 env_file: state.path().join("etcd.env"),
                 pki_dir: state.path().join("pki"),
             },
+            kube_paths: keelson_machined::kubernetes::KubePaths {
+                root: state.path().join("root"),
+                containerd_socket: state.path().join("containerd.sock"),
+            },
             drive_cluster: false,
             clock: Arc::new(NoClock),
         };
