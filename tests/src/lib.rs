@@ -126,8 +126,29 @@ fn generated_control_plane(cluster_name: &str) -> Result<(toml::Table, ClusterSe
         &secrets,
     )
     .context("generating the configs")?;
-    let config = toml::from_str(&generated.control_plane.text)?;
+    let mut config: toml::Table = toml::from_str(&generated.control_plane.text)?;
+    keep_kubernetes_local(&mut config)?;
     Ok((config, secrets))
+}
+
+/// Points the config's image repository and kubelet download at the node's own
+/// loopback (port 1, closed): these tests' nodes reach no registry or release site, and
+/// on QEMU's user network a name to resolve would go to the host's resolver through
+/// QEMU's DNS. The node's Kubernetes controller then fails at once, on the node, and
+/// says so in `health` (the Kubernetes test serves both for real).
+fn keep_kubernetes_local(config: &mut toml::Table) -> Result<()> {
+    let cluster = config
+        .get_mut("cluster")
+        .and_then(toml::Value::as_table_mut)
+        .context("the config has no [cluster] table")?;
+    cluster.insert("image_repository".into(), "127.0.0.1:1".into());
+    let kubelet = cluster
+        .entry("kubelet")
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    if let Some(kubelet) = kubelet.as_table_mut() {
+        kubelet.insert("base_url".into(), "http://127.0.0.1:1/release".into());
+    }
+    Ok(())
 }
 
 /// A control-plane config (as `machinectl gen config` makes it, with fresh secrets) for
@@ -177,6 +198,7 @@ pub fn with_fresh_secrets(config: &str) -> Result<String> {
         .and_then(toml::Value::as_table_mut)
         .context("the config has no [cluster] table")?;
     cluster.insert("secrets".into(), fresh);
+    keep_kubernetes_local(&mut table)?;
     Ok(toml::to_string(&table)?)
 }
 
