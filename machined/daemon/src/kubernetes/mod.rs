@@ -57,6 +57,8 @@ const REFUSED_RETRY: Duration = Duration::from_secs(60);
 /// How often a control plane looks whether the API server answers, to apply the
 /// bootstrap manifests.
 const ADDONS_RETRY: Duration = Duration::from_secs(15);
+/// How often a node whose kubelet runs looks whether its name or addresses changed.
+const FACTS_CHECK: Duration = Duration::from_secs(30);
 /// The etcd key that says the bootstrap manifests were applied, and the lock's name.
 const ADDONS_DONE_KEY: &str = "/keelson/bootstrap-manifests/applied";
 const ADDONS_LOCK: &str = "/keelson/bootstrap-manifests/lock";
@@ -145,6 +147,8 @@ struct Inner {
     phase: Mutex<Phase>,
     /// The kubelet's flags and configuration it was last started with.
     started_with: Mutex<Option<(Vec<String>, Vec<u8>)>>,
+    /// The facts kubeadm's files were last written for.
+    written_for: Mutex<Option<NodeFacts>>,
     /// One pass of the controller (or one reconfiguration) at a time.
     working: tokio::sync::Mutex<()>,
     addons_done: Mutex<Option<String>>,
@@ -180,6 +184,7 @@ impl KubeNode {
                 config: Mutex::new(config.clone()),
                 phase: Mutex::new(Phase::Starting),
                 started_with: Mutex::new(None),
+                written_for: Mutex::new(None),
                 working: tokio::sync::Mutex::new(()),
                 addons_done: Mutex::new(None),
             }),
@@ -210,6 +215,60 @@ impl KubeNode {
     pub fn spawn(&self) {
         let node = self.clone();
         tokio::spawn(async move { node.run().await });
+        let node = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(FACTS_CHECK).await;
+                if let Err(why) = node.follow_facts().await {
+                    tracing::warn!("kubernetes: {why}");
+                }
+            }
+        });
+    }
+
+    /// Once the kubelet runs, a change of the node's name or addresses (DHCP) writes
+    /// kubeadm's files again (the certificates' SANs, the advertise address, the node IP)
+    /// and restarts the kubelet when its flags changed; it restarts the static pods whose
+    /// manifests changed itself.
+    async fn follow_facts(&self) -> Result<(), String> {
+        let _working = self.inner.working.lock().await;
+        if self.phase() != Phase::KubeletStarted {
+            return Ok(());
+        }
+        let config = lock(&self.inner.config);
+        let facts = Self::facts(&config).map_err(stop_text)?;
+        if lock(&self.inner.written_for).as_ref() == Some(&facts) {
+            return Ok(());
+        }
+        tracing::info!(
+            node = %facts.node_name,
+            node_ip = %facts.node_ip,
+            "kubernetes: the node's name or addresses changed: writing kubeadm's files again"
+        );
+        let files =
+            render(&config, &facts).map_err(|e| format!("cannot render kubeadm's files: {e}"))?;
+        self.write_files(&files).map_err(stop_text)?;
+        store(&self.inner.written_for, Some(facts.clone()));
+        let program = self.program();
+        self.start_kubelet(&config, &facts, &program)
+            .await
+            .map_err(stop_text)?;
+        self.set_phase(Phase::KubeletStarted);
+        Ok(())
+    }
+
+    /// The kubelet's program: the image's when it has one, else the fetched one.
+    fn program(&self) -> PathBuf {
+        if self
+            .inner
+            .paths
+            .on_node(Path::new(proto_kubelet::IMAGE_BINARY))
+            .is_file()
+        {
+            PathBuf::from(proto_kubelet::IMAGE_BINARY)
+        } else {
+            PathBuf::from(proto_kubelet::FETCHED_BINARY)
+        }
     }
 
     async fn run(&self) {
@@ -290,6 +349,7 @@ impl KubeNode {
         let files = render(&config, &facts)
             .map_err(|e| Stop::Fail(format!("cannot render kubeadm's files: {e}")))?;
         self.write_files(&files)?;
+        store(&self.inner.written_for, Some(facts.clone()));
         self.images(&config).await?;
         let program = self.kubelet_binary(&config, facts.arch).await?;
         if let Some(etcd) = &self.inner.etcd
@@ -468,16 +528,7 @@ impl KubeNode {
             .map_err(|e| format!("cannot render the KubeletConfiguration: {e}"))?;
         self.write_files(std::slice::from_ref(&file))
             .map_err(stop_text)?;
-        let program = if self
-            .inner
-            .paths
-            .on_node(Path::new(proto_kubelet::IMAGE_BINARY))
-            .is_file()
-        {
-            PathBuf::from(proto_kubelet::IMAGE_BINARY)
-        } else {
-            PathBuf::from(proto_kubelet::FETCHED_BINARY)
-        };
+        let program = self.program();
         let before = lock(&self.inner.started_with);
         let started = self.start_kubelet(config, &facts, &program).await;
         self.set_phase(match &started {
