@@ -944,3 +944,129 @@ fn the_kubernetes_node_from_its_config_with_a_kubelet_stand_in() {
     drop(registry);
     env.destroy_and_check(&name);
 }
+
+/// kubeadm's images of the default repository for the version `cluster create`
+/// configures (checked below against what the node asks for).
+const UPSTREAM_IMAGES: [&str; 6] = [
+    "registry.k8s.io/kube-apiserver:v1.34.1",
+    "registry.k8s.io/kube-controller-manager:v1.34.1",
+    "registry.k8s.io/kube-scheduler:v1.34.1",
+    "registry.k8s.io/kube-proxy:v1.34.1",
+    "registry.k8s.io/coredns/coredns:v1.12.1",
+    "registry.k8s.io/pause:3.10.1",
+];
+
+/// An air-gapped image (`cargo xtask image --kubernetes DIR`, here the same build through
+/// the imager's library from the suite's image inputs): the kubelet stand-in baked in at
+/// `/usr/bin/kubelet` and the control-plane images as OCI archives. A control plane
+/// with the default config (upstream registry and release site, no sum pinned; none of
+/// them reachable) imports the archives, pulls nothing, fetches nothing, and runs the
+/// image's kubelet.
+#[test]
+fn an_air_gapped_image_runs_its_baked_kubelet_and_imports_its_images() {
+    assert!(
+        is_root(),
+        "this test makes a cluster network namespace: run it as root"
+    );
+    let arch = Arch::Amd64;
+    let inputs = keelson_tests::image_dir(arch).join("build-inputs.toml");
+    let text = std::fs::read_to_string(&inputs)
+        .unwrap_or_else(|e| panic!("{}: {e} (written by cargo xtask image)", inputs.display()));
+    let opts = keelson_imager::build::BuildOptions::from_inputs_toml(&text).unwrap();
+    let baked = tempfile::tempdir().unwrap();
+    std::fs::copy(kubelet_standin::build(arch), baked.path().join("kubelet")).unwrap();
+    let archives = baked.path().join("images");
+    std::fs::create_dir(&archives).unwrap();
+    for (i, reference) in UPSTREAM_IMAGES.iter().enumerate() {
+        keelson_tests::registry::write_test_image_archive(
+            &archives.join(format!("{i}.tar")),
+            reference,
+        )
+        .unwrap();
+    }
+    let out = tempfile::tempdir().unwrap();
+    keelson_imager::build::build(
+        &keelson_imager::build::BuildOptions {
+            out_dir: out.path().to_path_buf(),
+            formats: vec![],
+            reuse_derived: true,
+            kubernetes: Some(baked.path().to_path_buf()),
+            ..opts
+        },
+        &keelson_imager::debian::quiet_progress,
+    )
+    .unwrap();
+
+    let env = Env::new(None);
+    let name = format!("e2eairgap{}", std::process::id());
+    let _cleanup = Cleanup(&env, name.clone());
+    let image = out.path().join("keelson.raw");
+    env.create(
+        &name,
+        &[
+            "--controlplanes",
+            "1",
+            "--workers",
+            "0",
+            "--cpus",
+            "1",
+            "--memory",
+            "1024",
+            "--image",
+            image.to_str().unwrap(),
+        ],
+    );
+    let cp = env.nodes(&name).remove(0);
+    let cluster = Cluster {
+        env: &env,
+        name: name.clone(),
+    };
+    let config_path = env
+        .cluster_dir(&name)
+        .join("nodes")
+        .join(&cp.name)
+        .join("config.toml");
+    let config = keelson_configs::check_str(
+        &std::fs::read_to_string(&config_path).unwrap(),
+        "config.toml",
+        keelson_configs::Mode::Metal,
+    )
+    .config
+    .unwrap();
+    assert_eq!(
+        keelson_kube::images::control_plane(&config),
+        UPSTREAM_IMAGES
+    );
+    assert!(config.cluster.kubelet.sha256.is_empty());
+
+    poll(Duration::from_secs(600), || {
+        let kubelet_ready = cluster
+            .check(&cp, "service kubelet")
+            .is_some_and(|(ok, r)| ok && r.contains("ready"));
+        match cluster.check(&cp, "kubernetes") {
+            Some((true, reason)) if reason.contains("runs under PID 1") && kubelet_ready => Ok(()),
+            other => Err(format!(
+                "the baked kubelet never ran on {}: {other:?}\n{}",
+                cp.name,
+                keelson_tests::tail(&cluster.console(&cp), 30)
+            )),
+        }
+    });
+    let argv: Vec<String> =
+        serde_json::from_str(&cluster.read(&cp, "/var/lib/kubelet/standin/argv.json")).unwrap();
+    assert_eq!(argv[0], "/usr/bin/kubelet", "{argv:?}");
+    let images = cluster.ok_on(&cp, &["images"]);
+    for reference in UPSTREAM_IMAGES {
+        assert!(
+            images.contains(reference),
+            "{reference} was not imported:\n{images}"
+        );
+    }
+    let console = cluster.console(&cp);
+    assert!(
+        !console.contains("fetching the kubelet") && !console.contains("pulling "),
+        "the air-gapped node fetched or pulled:\n{}",
+        keelson_tests::tail(&console, 30)
+    );
+    env.destroy_and_check(&name);
+}
