@@ -405,7 +405,7 @@ fn the_kubernetes_node_from_its_config_with_a_kubelet_stand_in() {
             "1024",
             "--config-patch",
             all.to_str().unwrap(),
-            "--config-patch-controlplane",
+            "--config-patch-control-plane",
             cp_patch.to_str().unwrap(),
             "--config-patch-worker",
             worker_patch.to_str().unwrap(),

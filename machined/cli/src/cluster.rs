@@ -117,7 +117,7 @@ pub struct CreateArgs {
     /// A TOML merge patch applied to the control planes' configs only, after
     /// `--config-patch` (repeatable).
     #[arg(long, value_name = "FILE")]
-    pub config_patch_controlplane: Vec<PathBuf>,
+    pub config_patch_control_plane: Vec<PathBuf>,
     /// A TOML merge patch applied to the workers' configs only, after `--config-patch`
     /// (repeatable).
     #[arg(long, value_name = "FILE")]
@@ -355,7 +355,7 @@ fn create(args: &CreateArgs, machineconfig: Option<&Path>) -> anyhow::Result<Exi
         image,
         cidr: args.cidr,
         config_patches: args.config_patch.clone(),
-        controlplane_patches: args.config_patch_controlplane.clone(),
+        controlplane_patches: args.config_patch_control_plane.clone(),
         worker_patches: args.config_patch_worker.clone(),
         network,
         client_config: client_config.clone(),
