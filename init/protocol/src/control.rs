@@ -1,9 +1,12 @@
-//! PID 1's control socket, [`SOCKET`], as machined (and the tests) speak to it.
+//! PID 1's control socket, [`SOCKET`], as machined speaks to it.
 //!
-//! The socket is a Unix stream socket, mode 0600 (root only). Each request is one JSON
-//! object on one line; each answer is one JSON object on one line; a connection may
-//! carry any number of requests, answered in order. A request line is at most
-//! [`MAX_REQUEST`] bytes, an answer line at most [`MAX_ANSWER`].
+//! The socket is a Unix stream socket, mode 0600 (root only), and PID 1 serves only the
+//! process of the running machined (its peer credentials are checked at each connection;
+//! any other peer gets one refusal and the close). Each request is one JSON object on
+//! one line; each answer is one JSON object on one line; a connection may carry any
+//! number of requests, answered in order. A request line is at most [`MAX_REQUEST`]
+//! bytes before its newline (a longer one is refused whole: none of it is read as a
+//! request), an answer line at most [`MAX_ANSWER`].
 //!
 //! Every request is its own type, and each names the type of its answer through [`Call`],
 //! so that the server cannot answer `list` with log lines and the client cannot read
@@ -44,7 +47,8 @@ use serde::{Deserialize, Serialize};
 
 /// Where the control socket lives.
 pub const SOCKET: &str = "/run/keelson/init.sock";
-/// The longest request line accepted (an `apply` carries a whole config, escaped as JSON).
+/// The longest request line accepted, without its newline (an `apply` carries a whole
+/// config, escaped as JSON).
 pub const MAX_REQUEST: usize = 4 * 1024 * 1024;
 /// The longest answer line a client reads (a service's log ring buffer is the largest).
 pub const MAX_ANSWER: usize = 16 * 1024 * 1024;

@@ -54,6 +54,8 @@ pub(super) struct Node<'a, K: Kept> {
     pub(super) network: Option<oneshot::Sender<()>>,
     /// Closes the control socket.
     pub(super) control_socket: Option<tokio::task::AbortHandle>,
+    /// machined's pid as the control socket reads it: the one peer it serves.
+    machined_pid: control::MachinedPid,
     /// The span of the lifecycle's current phase: replaced when the phase changes, so
     /// the log says how long each phase took (`phase starting_containerd took 1234 ms`).
     phase_span: tracing::Span,
@@ -91,6 +93,7 @@ impl<'a, K: Kept> Node<'a, K> {
             started: Instant::now(),
             network: None,
             control_socket: None,
+            machined_pid: control::MachinedPid::default(),
             phase_span: phase_span(&Phase::<Accepted>::Booting),
         }
     }
@@ -128,6 +131,7 @@ impl<'a, K: Kept> Node<'a, K> {
             self.sys,
             Path::new(control::SOCKET),
             Sender::new(self.events.clone()),
+            control::AllowedPeer::machined(self.machined_pid.clone()),
         ) {
             Ok(handle) => self.control_socket = Some(handle),
             Err(e) => self.log.line(&format!(
@@ -142,6 +146,8 @@ impl<'a, K: Kept> Node<'a, K> {
         ));
         self.input(Input::Start);
         loop {
+            // The one wait of the loop: whatever started or reaped machined is done.
+            self.publish_machined_pid();
             let Some(event) = rx.recv().await else {
                 // Every sender is gone (cannot happen: we hold one); go down cleanly.
                 return (ShutdownKind::Reboot, false);
@@ -167,6 +173,15 @@ impl<'a, K: Kept> Node<'a, K> {
             Phase::Down { kind, reset } => Some((kind, reset)),
             _ => None,
         }
+    }
+
+    /// Tell the control socket which pid machined runs as now, if it runs.
+    fn publish_machined_pid(&self) {
+        let pid = self.runner.as_ref().and_then(|r| {
+            let id = r.supervisor.id(control::MACHINED_SERVICE).ok()?;
+            r.supervisor.status(id)?.pid
+        });
+        self.machined_pid.set(pid);
     }
 
     pub(super) fn runner(&mut self) -> &mut Runner {
@@ -590,6 +605,31 @@ mod tests {
             check(&mut node, &memory);
         });
         Ok(())
+    }
+
+    #[test]
+    fn the_control_socket_learns_machined_pid_as_it_starts_and_ends() -> std::io::Result<()> {
+        on_a_waiting_node(|node, _| {
+            node.publish_machined_pid();
+            assert_eq!(node.machined_pid.get(), None);
+            let log = node.log;
+            let sup = &mut node.runner().supervisor;
+            sup.add(vec![services::machined()]);
+            let Ok(id) = sup.id(control::MACHINED_SERVICE) else {
+                panic!("machined is not a service");
+            };
+            sup.spawned(id, 4242, Instant::now(), log);
+            node.publish_machined_pid();
+            assert_eq!(node.machined_pid.get(), Some(4242));
+            let killed = crate::supervisor::ExitInfo {
+                code: None,
+                signal: Some(9),
+            };
+            let sup = &mut node.runner().supervisor;
+            sup.exited(4242, killed, Instant::now(), log);
+            node.publish_machined_pid();
+            assert_eq!(node.machined_pid.get(), None);
+        })
     }
 
     #[test]
