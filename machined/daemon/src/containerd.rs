@@ -48,8 +48,19 @@ pub async fn import(
     Err(unimplemented())
 }
 
+/// Imports the OCI archive at `archive` into `namespace` for a caller with `role`.
+#[cfg(not(feature = "containerd"))]
+pub async fn import_as(
+    _socket: &Path,
+    _namespace: &str,
+    _archive: &Path,
+    _role: keelson_configs::pki::Role,
+) -> Result<Vec<proto::Image>, Status> {
+    Err(unimplemented())
+}
+
 #[cfg(feature = "containerd")]
-pub use imp::{containers, images, import};
+pub use imp::{containers, images, import, import_as};
 
 /// The parsing of an OCI archive, independent of containerd (unit-tested on its own).
 pub mod oci {
@@ -57,6 +68,7 @@ pub mod oci {
     use std::io::{Read, Seek, SeekFrom};
     use std::path::Path;
 
+    use keelson_configs::pki::Role;
     use serde::Deserialize;
 
     /// The largest manifest or index read into memory.
@@ -113,6 +125,56 @@ pub mod oci {
             /// The manifest's digest.
             digest: String,
         },
+        /// The archive would repoint existing image names, and the caller is not an admin.
+        #[error(
+            "permission denied: the archive would replace {names} in containerd namespace {namespace:?} (they exist with another target); replacing an image needs role admin, your certificate has {have}: import it under a new name or tag, or ask an admin"
+        )]
+        Replaces {
+            /// The names, comma-separated.
+            names: String,
+            /// The namespace.
+            namespace: String,
+            /// The caller's role.
+            have: Role,
+        },
+    }
+
+    /// The names in `images` that already exist (`existing`: name to target digest) with
+    /// another target: importing them would repoint them.
+    pub fn replaced<'a>(
+        images: &'a [NamedImage],
+        existing: &BTreeMap<String, String>,
+    ) -> Vec<&'a str> {
+        images
+            .iter()
+            .filter(|i| {
+                existing
+                    .get(&i.name)
+                    .is_some_and(|digest| *digest != i.target.digest)
+            })
+            .map(|i| i.name.as_str())
+            .collect()
+    }
+
+    /// Whether `role` may import `images` into `namespace`, where `existing` already is:
+    /// only an admin may repoint a name that exists (an operator who could would change
+    /// what a privileged pod runs at its next start). Re-importing a name with the same
+    /// target changes nothing and is allowed.
+    pub fn may_import(
+        images: &[NamedImage],
+        existing: &BTreeMap<String, String>,
+        namespace: &str,
+        role: Role,
+    ) -> Result<(), OciError> {
+        let replaced = replaced(images, existing);
+        if replaced.is_empty() || keelson_api::api::allows(role, Role::Admin) {
+            return Ok(());
+        }
+        Err(OciError::Replaces {
+            names: replaced.join(", "),
+            namespace: namespace.to_owned(),
+            have: role,
+        })
     }
 
     /// An OCI content descriptor.
@@ -310,7 +372,7 @@ pub mod oci {
 
 #[cfg(feature = "containerd")]
 mod imp {
-    use std::collections::HashMap;
+    use std::collections::{BTreeMap, HashMap};
     use std::path::Path;
 
     use containerd_client::services::v1::containers_client::ContainersClient;
@@ -332,6 +394,7 @@ mod imp {
 
     use super::oci;
     use keelson_api::api::proto;
+    use keelson_configs::pki::Role;
 
     /// Bytes per content write message.
     const WRITE_CHUNK: usize = 1024 * 1024;
@@ -565,11 +628,42 @@ mod imp {
         }
     }
 
-    /// Imports the OCI archive at `archive` into `namespace`.
+    /// Imports the OCI archive at `archive` into `namespace` (machined's own archives: it
+    /// may replace names).
     pub async fn import(
         socket: &Path,
         namespace: &str,
         archive: &Path,
+    ) -> Result<Vec<proto::Image>, Status> {
+        import_as(socket, namespace, archive, Role::Admin).await
+    }
+
+    /// Every image name in `namespace` and the digest of its target.
+    async fn image_targets(
+        channel: &Channel,
+        namespace: &str,
+    ) -> Result<BTreeMap<String, String>, Status> {
+        let images = ImagesClient::new(channel.clone())
+            .list(with_ns(ListImagesRequest::default(), namespace, None)?)
+            .await
+            .map_err(|s| from_containerd("listing images", s))?
+            .into_inner()
+            .images;
+        Ok(images
+            .into_iter()
+            .map(|i| (i.name, i.target.map(|t| t.digest).unwrap_or_default()))
+            .collect())
+    }
+
+    /// Imports the OCI archive at `archive` into `namespace` for a caller with `role`:
+    /// before any blob is written, a caller below admin is refused whole if the archive
+    /// would repoint a name that exists ([`oci::may_import`]); a name created by someone
+    /// else meanwhile is refused at its creation too, never updated.
+    pub async fn import_as(
+        socket: &Path,
+        namespace: &str,
+        archive: &Path,
+        role: Role,
     ) -> Result<Vec<proto::Image>, Status> {
         let path = archive.to_path_buf();
         let plan = tokio::task::spawn_blocking(move || oci::plan(&path))
@@ -577,6 +671,10 @@ mod imp {
             .map_err(|e| Status::internal(e.to_string()))?
             .map_err(|e| Status::invalid_argument(keelson_api::error_chain(&e)))?;
         let channel = connect(socket).await?;
+        let existing = image_targets(&channel, namespace).await?;
+        oci::may_import(&plan.images, &existing, namespace, role)
+            .map_err(|e| Status::permission_denied(e.to_string()))?;
+        let may_replace = keelson_api::api::allows(role, Role::Admin);
         let lease_id = format!("keelson-import-{}", std::process::id());
         let expire = time::OffsetDateTime::now_utc() + time::Duration::hours(1);
         let expire = expire
@@ -622,6 +720,15 @@ mod imp {
                     .await;
                 let stored = match created {
                     Ok(r) => r.into_inner().image,
+                    Err(s) if s.code() == Code::AlreadyExists && !may_replace => {
+                        if existing.get(&named.name) != Some(&named.target.digest) {
+                            return Err(Status::permission_denied(format!(
+                                "permission denied: {} was created in containerd namespace {namespace:?} during the import; replacing an image needs role admin, your certificate has {role}",
+                                named.name
+                            )));
+                        }
+                        None
+                    }
                     Err(s) if s.code() == Code::AlreadyExists => {
                         images
                             .update(with_ns(
@@ -745,5 +852,63 @@ mod tests {
             err.contains("not a readable tar") || err.contains("no index.json"),
             "{err}"
         );
+    }
+}
+
+#[cfg(test)]
+mod replace_tests {
+    #![allow(clippy::unwrap_used)]
+    use std::collections::BTreeMap;
+
+    use keelson_configs::pki::Role;
+
+    use super::oci::{Descriptor, NamedImage, may_import, replaced};
+
+    fn named(name: &str, digest: &str) -> NamedImage {
+        NamedImage {
+            name: name.to_owned(),
+            target: Descriptor {
+                media_type: String::new(),
+                digest: digest.to_owned(),
+                size: 1,
+                annotations: BTreeMap::new(),
+            },
+        }
+    }
+
+    fn existing(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(n, d)| ((*n).to_owned(), (*d).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn only_an_admin_repoints_an_existing_name() {
+        let archive = [
+            named("docker.io/cilium/cilium:v1", "sha256:evil"),
+            named("example.com/new:1", "sha256:new"),
+            named("example.com/same:1", "sha256:same"),
+        ];
+        let present = existing(&[
+            ("docker.io/cilium/cilium:v1", "sha256:good"),
+            ("example.com/same:1", "sha256:same"),
+            ("example.com/other:1", "sha256:x"),
+        ]);
+        assert_eq!(
+            replaced(&archive, &present),
+            vec!["docker.io/cilium/cilium:v1"]
+        );
+        let err = may_import(&archive, &present, "k8s.io", Role::Operator)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "permission denied: the archive would replace docker.io/cilium/cilium:v1 in containerd namespace \"k8s.io\" (they exist with another target); replacing an image needs role admin, your certificate has operator: import it under a new name or tag, or ask an admin"
+        );
+        may_import(&archive, &present, "k8s.io", Role::Admin).unwrap();
+        // New names, and the same name with the same target, are the operator's to import.
+        may_import(&archive[1..], &present, "k8s.io", Role::Operator).unwrap();
+        may_import(&archive, &existing(&[]), "k8s.io", Role::Operator).unwrap();
     }
 }

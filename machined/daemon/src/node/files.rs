@@ -1,20 +1,34 @@
 //! `machinectl read PATH`: which files may be read, by whom, and reading them bounded.
 //!
 //! Only regular files under `/proc`, `/sys`, `/var/log`, `/system/state`,
-//! `/etc/kubernetes`, `/var/lib/kubelet` and `/var/lib/keelson` are served, judged by the path after every symlink is resolved (so
-//! `/proc/self/root/etc/...` is refused). Files that hold secrets need the admin role:
-//! STATE (the machine config with the cluster CAs' keys), `/etc/kubernetes` (the
-//! certificates and keys the node issued, kubeadm's files), `/var/lib/kubelet` (the
-//! kubelet's configuration and its own keys), `/var/lib/keelson` (the flags and settings
-//! machined gives the kubelet and etcd), the firmware's config channel (`/sys/firmware`), and processes'
-//! environments and memory. Files that block on read (`/proc/kmsg`, trace pipes) are
-//! refused with a pointer to what to use instead. At most
-//! [`MAX_READ`](keelson_api::api::MAX_READ) bytes are sent.
+//! `/etc/kubernetes`, `/var/lib/kubelet` and `/var/lib/keelson` are served, and within
+//! them readers and operators get an allowlist ([`RULES`]): the kernel's and the node's
+//! non-secret facts (`/proc/meminfo`, `/proc/sys/...`, a process's `status`, `/sys`,
+//! `/var/log`). Kernel addresses (`/proc/kallsyms`, `/proc/*/stack`, `/proc/modules`),
+//! processes' environments and command lines, pods' logs, debugfs, securityfs and the
+//! firmware's config channel, and everything the allowlist does not name, need the admin
+//! role, as do the trees that hold secrets: STATE (the machine config with the cluster
+//! CAs' keys), `/etc/kubernetes` (the node's certificates and keys, kubeadm's files),
+//! `/var/lib/kubelet` (the kubelet's configuration and keys) and `/var/lib/keelson`
+//! (what machined gives the kubelet and etcd). Files that block on read (`/proc/kmsg`,
+//! tracefs) or are memory are never served.
+//!
+//! The decision is made on the path as asked, lexically ([`authorize`]); the file is then
+//! opened with `openat2(RESOLVE_NO_SYMLINKS | RESOLVE_BENEATH)` from a handle on the
+//! tree's root ([`open`]), so the file opened is the file judged: a symlink anywhere in the
+//! path is refused (with its target named), and so are `/proc`'s magic links
+//! (`/proc/PID/root`, `/proc/PID/fd/N`). The kernel's own aliases `/proc/self`,
+//! `/proc/mounts` and `/proc/net` are symlinks to machined's pid, and are rewritten to it
+//! before the decision. At most [`MAX_READ`](keelson_api::api::MAX_READ) bytes are sent.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::Read as _;
-use std::os::unix::fs::OpenOptionsExt as _;
+use std::os::fd::AsFd as _;
 use std::path::{Component, Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
+use nix::sys::stat::Mode;
 
 use keelson_configs::pki::Role;
 
@@ -32,7 +46,7 @@ pub enum ReadError {
         /// The path.
         path: String,
     },
-    /// The file does not exist or cannot be resolved.
+    /// The file does not exist.
     #[error("{path}: no such file")]
     NotFound {
         /// The path.
@@ -40,10 +54,10 @@ pub enum ReadError {
     },
     /// The path is outside the readable trees.
     #[error(
-        "{path} is outside what the node API serves; readable: /proc, /sys, /var/log, /system/state, /etc/kubernetes, /var/lib/kubelet, /var/lib/keelson"
+        "{path} is outside what the node API serves, for every role; readable: /proc, /sys, /var/log, /system/state, /etc/kubernetes, /var/lib/kubelet, /var/lib/keelson"
     )]
     Outside {
-        /// The path (resolved).
+        /// The path.
         path: String,
     },
     /// The file needs a higher role.
@@ -51,7 +65,7 @@ pub enum ReadError {
         "permission denied: reading {path} needs role {need} ({why}), your certificate has {have}"
     )]
     Role {
-        /// The path (resolved).
+        /// The path.
         path: String,
         /// Why it is protected.
         why: &'static str,
@@ -61,12 +75,24 @@ pub enum ReadError {
         have: Role,
     },
     /// The file is never served.
-    #[error("{path} cannot be read through the API: {why}")]
+    #[error("{path} cannot be read through the API, by any role: {why}")]
     Refused {
-        /// The path (resolved).
+        /// The path.
         path: String,
         /// Why, and what to use instead.
         why: &'static str,
+    },
+    /// A component of the path is a symlink (or one of `/proc`'s magic links).
+    #[error(
+        "{path}: {link} is a symlink (to {target}); the node API follows no symlinks, ask for the path it points to"
+    )]
+    Symlink {
+        /// The path asked for.
+        path: String,
+        /// The component that is a link.
+        link: String,
+        /// Where it points.
+        target: String,
     },
     /// Not a regular file.
     #[error("{path} is not a regular file (directories, devices and sockets are not served)")]
@@ -96,61 +122,152 @@ pub const READABLE: [&str; 7] = [
     "/var/lib/keelson",
 ];
 
-/// Paths that need more than the reader role: (pattern, role, why). A pattern's `*`
-/// matches one path component.
-const PROTECTED: [(&str, Role, &str); 8] = [
+/// Who may read what a rule covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Every role (reader and up).
+    Everyone,
+    /// Admins only, for this reason.
+    Admin(&'static str),
+    /// No role: this reason, and what to use instead.
+    Never(&'static str),
+}
+
+const ENVIRON: &str = "process environments may hold secrets";
+const CMDLINE: &str = "command lines may hold secrets passed as flags";
+const KADDR: &str = "it shows kernel addresses, which defeat KASLR";
+const MEMORY: &str = "it is a process's memory";
+const LOGS: &str = "pods' logs may hold what their applications print of their secrets";
+const NOT_LISTED: &str = "it is not on the readers' allowlist of non-secret files";
+
+/// The rules, first match wins; a rule covers its path and everything under it. In a
+/// pattern `{pid}` matches one all-digit component (a process or thread id) and `*` any
+/// one component. A path under [`READABLE`] that no rule covers is admin only.
+pub const RULES: &[(&str, Access)] = &[
+    // Never served.
     (
-        "/var/lib/kubelet",
-        Role::Admin,
-        "it holds the kubelet's certificates and private keys",
+        "/proc/kmsg",
+        Access::Never("it blocks and consumes the kernel log; use `machinectl dmesg`"),
+    ),
+    ("/proc/{pid}/mem", Access::Never(MEMORY)),
+    ("/proc/{pid}/task/{pid}/mem", Access::Never(MEMORY)),
+    (
+        "/proc/kpagecount",
+        Access::Never("it is a raw view of physical memory"),
     ),
     (
-        "/var/lib/keelson",
-        Role::Admin,
-        "it holds what machined gives the kubelet and etcd",
+        "/proc/kpageflags",
+        Access::Never("it is a raw view of physical memory"),
     ),
+    (
+        "/proc/kpagecgroup",
+        Access::Never("it is a raw view of physical memory"),
+    ),
+    (
+        "/sys/kernel/tracing",
+        Access::Never("trace pipes block; tracing is not served"),
+    ),
+    (
+        "/sys/kernel/debug/tracing",
+        Access::Never("trace pipes block; tracing is not served"),
+    ),
+    // The trees that hold secrets.
     (
         "/system/state",
-        Role::Admin,
-        "STATE holds the cluster secrets",
+        Access::Admin("STATE holds the cluster secrets"),
     ),
     (
         "/etc/kubernetes",
-        Role::Admin,
-        "it holds the node's certificates and private keys (etcd's among them)",
+        Access::Admin("it holds the node's certificates and private keys (etcd's among them)"),
     ),
+    (
+        "/var/lib/kubelet",
+        Access::Admin("it holds the kubelet's certificates and private keys"),
+    ),
+    (
+        "/var/lib/keelson",
+        Access::Admin("it holds what machined gives the kubelet and etcd"),
+    ),
+    // Kernel addresses, memory, processes' secrets.
+    ("/proc/kallsyms", Access::Admin(KADDR)),
+    ("/proc/modules", Access::Admin(KADDR)),
+    ("/proc/vmallocinfo", Access::Admin(KADDR)),
+    ("/proc/iomem", Access::Admin(KADDR)),
+    ("/proc/timer_list", Access::Admin(KADDR)),
+    ("/proc/kcore", Access::Admin("it is the kernel's memory")),
+    (
+        "/proc/cmdline",
+        Access::Admin("the kernel command line may carry the config URL's credentials"),
+    ),
+    ("/proc/{pid}/environ", Access::Admin(ENVIRON)),
+    ("/proc/{pid}/task/{pid}/environ", Access::Admin(ENVIRON)),
+    ("/proc/{pid}/cmdline", Access::Admin(CMDLINE)),
+    ("/proc/{pid}/task/{pid}/cmdline", Access::Admin(CMDLINE)),
+    ("/proc/{pid}/stack", Access::Admin(KADDR)),
+    ("/proc/{pid}/task/{pid}/stack", Access::Admin(KADDR)),
+    // The kernel's non-secret facts.
+    ("/proc/sys", Access::Everyone),
+    ("/proc/pressure", Access::Everyone),
+    ("/proc/cpuinfo", Access::Everyone),
+    ("/proc/meminfo", Access::Everyone),
+    ("/proc/loadavg", Access::Everyone),
+    ("/proc/uptime", Access::Everyone),
+    ("/proc/version", Access::Everyone),
+    ("/proc/stat", Access::Everyone),
+    ("/proc/vmstat", Access::Everyone),
+    ("/proc/diskstats", Access::Everyone),
+    ("/proc/partitions", Access::Everyone),
+    ("/proc/filesystems", Access::Everyone),
+    ("/proc/swaps", Access::Everyone),
+    ("/proc/interrupts", Access::Everyone),
+    ("/proc/softirqs", Access::Everyone),
+    ("/proc/devices", Access::Everyone),
+    ("/proc/cgroups", Access::Everyone),
+    ("/proc/buddyinfo", Access::Everyone),
+    ("/proc/mdstat", Access::Everyone),
+    // A process's non-secret facts (`/proc/mounts` and `/proc/net` are machined's own).
+    ("/proc/{pid}/status", Access::Everyone),
+    ("/proc/{pid}/stat", Access::Everyone),
+    ("/proc/{pid}/statm", Access::Everyone),
+    ("/proc/{pid}/comm", Access::Everyone),
+    ("/proc/{pid}/limits", Access::Everyone),
+    ("/proc/{pid}/cgroup", Access::Everyone),
+    ("/proc/{pid}/oom_score", Access::Everyone),
+    ("/proc/{pid}/oom_score_adj", Access::Everyone),
+    ("/proc/{pid}/mounts", Access::Everyone),
+    ("/proc/{pid}/mountinfo", Access::Everyone),
+    ("/proc/{pid}/net", Access::Everyone),
+    ("/proc/{pid}/task/{pid}/status", Access::Everyone),
+    ("/proc/{pid}/task/{pid}/stat", Access::Everyone),
+    ("/proc/{pid}/task/{pid}/comm", Access::Everyone),
+    // /sys, but for debugfs, securityfs, the firmware and what shows kernel addresses.
+    (
+        "/sys/kernel/debug",
+        Access::Admin("debugfs exposes the kernel's internals and addresses"),
+    ),
+    (
+        "/sys/kernel/security",
+        Access::Admin("securityfs holds the security modules' policies and measurements"),
+    ),
+    ("/sys/kernel/vmcoreinfo", Access::Admin(KADDR)),
+    ("/sys/module/*/sections", Access::Admin(KADDR)),
     (
         "/sys/firmware",
-        Role::Admin,
-        "the firmware's config channel carries the machine config",
+        Access::Admin("the firmware's config channel carries the machine config"),
     ),
     (
-        "/proc/*/environ",
-        Role::Admin,
-        "process environments may hold secrets",
+        "/sys/fs/bpf",
+        Access::Admin("pinned BPF maps may hold other programs' data"),
     ),
     (
-        "/proc/*/task/*/environ",
-        Role::Admin,
-        "process environments may hold secrets",
+        "/sys/fs/pstore",
+        Access::Admin("crash dumps carry kernel addresses and memory"),
     ),
-    ("/proc/kcore", Role::Admin, "it is the kernel's memory"),
-];
-
-/// Paths never served: (pattern, why).
-const NEVER: [(&str, &str); 6] = [
-    (
-        "/proc/kmsg",
-        "it blocks and consumes the kernel log; use `machinectl dmesg`",
-    ),
-    ("/proc/*/mem", "it is a process's memory"),
-    ("/proc/*/task/*/mem", "it is a process's memory"),
-    ("/proc/kpagecount", "it is a raw view of physical memory"),
-    ("/proc/kpageflags", "it is a raw view of physical memory"),
-    (
-        "/sys/kernel/tracing",
-        "trace pipes block; tracing is not served",
-    ),
+    ("/sys", Access::Everyone),
+    // /var/log, but for pods' and containers' logs.
+    ("/var/log/pods", Access::Admin(LOGS)),
+    ("/var/log/containers", Access::Admin(LOGS)),
+    ("/var/log", Access::Everyone),
 ];
 
 fn matches(pattern: &str, path: &Path) -> bool {
@@ -161,7 +278,14 @@ fn matches(pattern: &str, path: &Path) -> bool {
             (None, _) => return true,
             (Some(_), None) => return false,
             (Some(Component::Normal(p)), Some(Component::Normal(c))) => {
-                if p != "*" && p != c {
+                let ok = match p.to_str() {
+                    Some("*") => true,
+                    Some("{pid}") => c
+                        .to_str()
+                        .is_some_and(|c| !c.is_empty() && c.bytes().all(|b| b.is_ascii_digit())),
+                    _ => p == c,
+                };
+                if !ok {
                     return false;
                 }
             }
@@ -174,13 +298,46 @@ fn matches(pattern: &str, path: &Path) -> bool {
     }
 }
 
-fn under(path: &Path, root: &str) -> bool {
-    path.starts_with(root)
+/// Who may read `path` (absolute, lexical, aliases rewritten); None when it is outside
+/// [`READABLE`].
+pub fn access(path: &Path) -> Option<Access> {
+    if !READABLE.iter().any(|r| path.starts_with(r)) {
+        return None;
+    }
+    Some(
+        RULES
+            .iter()
+            .find(|(pattern, _)| matches(pattern, path))
+            .map_or(Access::Admin(NOT_LISTED), |(_, access)| *access),
+    )
 }
 
-/// Decides whether `role` may read `requested`, and resolves it. `root` maps the node's
-/// `/` (tests point it at a fixture; on the node it is `/`).
-pub fn authorize(requested: &str, role: Role, root: &Path) -> Result<PathBuf, ReadError> {
+/// Rewrites `/proc`'s own aliases of machined's process (`/proc/self`, `/proc/mounts`,
+/// `/proc/net`: symlinks the open would refuse) to its pid.
+fn unalias(path: &Path) -> PathBuf {
+    let mut comps = path.components();
+    let (Some(Component::RootDir), Some(Component::Normal(proc)), Some(Component::Normal(first))) =
+        (comps.next(), comps.next(), comps.next())
+    else {
+        return path.to_path_buf();
+    };
+    if proc != "proc" {
+        return path.to_path_buf();
+    }
+    let pid = std::process::id().to_string();
+    let base = Path::new("/proc").join(&pid);
+    let rest = comps.as_path();
+    match first.to_str() {
+        Some("self") => base.join(rest),
+        Some("mounts" | "net") => base.join(first).join(rest),
+        _ => path.to_path_buf(),
+    }
+}
+
+/// Decides whether `role` may read `requested`, on the path as asked (lexically: the open
+/// follows no symlink, so this is the file that will be opened). Returns the path to open,
+/// `/proc`'s aliases of machined rewritten to its pid.
+pub fn authorize(requested: &str, role: Role) -> Result<PathBuf, ReadError> {
     let req = Path::new(requested);
     if !req.is_absolute()
         || req
@@ -191,67 +348,85 @@ pub fn authorize(requested: &str, role: Role, root: &Path) -> Result<PathBuf, Re
             path: requested.to_owned(),
         });
     }
-    let judge = |candidate: &Path| -> Result<(), ReadError> {
-        let shown = candidate.display().to_string();
-        if !READABLE.iter().any(|r| under(candidate, r)) {
-            return Err(ReadError::Outside { path: shown });
-        }
-        for (pattern, why) in NEVER {
-            if matches(pattern, candidate) {
-                return Err(ReadError::Refused { path: shown, why });
-            }
-        }
-        for (pattern, need, why) in PROTECTED {
-            if matches(pattern, candidate) && !api::allows(role, need) {
-                return Err(ReadError::Role {
-                    path: shown,
-                    why,
-                    need,
-                    have: role,
-                });
-            }
-        }
-        Ok(())
-    };
-    // The path as asked first (so whether a protected file exists is not revealed), then
-    // the path after every symlink is resolved: /proc/self/... is still under /proc, and
-    // /proc/self/root resolves to /, which is refused.
-    judge(req)?;
-    let on_disk = root.join(req.strip_prefix("/").unwrap_or(req));
-    let resolved = std::fs::canonicalize(&on_disk).map_err(|_| ReadError::NotFound {
-        path: requested.to_owned(),
-    })?;
-    let logical =
-        Path::new("/").join(
-            resolved
-                .strip_prefix(root)
-                .map_err(|_| ReadError::Outside {
-                    path: resolved.display().to_string(),
-                })?,
-        );
-    judge(&logical)?;
-    Ok(resolved)
+    let path = unalias(req);
+    let shown = requested.to_owned();
+    match access(&path) {
+        None => Err(ReadError::Outside { path: shown }),
+        Some(Access::Never(why)) => Err(ReadError::Refused { path: shown, why }),
+        Some(Access::Admin(why)) if !api::allows(role, Role::Admin) => Err(ReadError::Role {
+            path: shown,
+            why,
+            need: Role::Admin,
+            have: role,
+        }),
+        Some(_) => Ok(path),
+    }
 }
 
-/// Opens an authorized path for bounded reading (non-blocking, regular files only).
-pub fn open(path: &Path) -> Result<File, ReadError> {
-    let shown = path.display().to_string();
-    let file = OpenOptions::new()
-        .read(true)
-        .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_NOFOLLOW)
-        .open(path)
-        .map_err(|source| ReadError::Io {
-            path: shown.clone(),
-            source,
-        })?;
-    let meta = file.metadata().map_err(|source| ReadError::Io {
-        path: shown.clone(),
+/// Opens `path` (as [`authorize`] returned it) under `root`, which maps the node's `/`
+/// (tests point it at a fixture): `openat2` from a handle on `root` with
+/// `RESOLVE_NO_SYMLINKS | RESOLVE_BENEATH`, non-blocking; regular files only.
+/// `requested` is the path as asked, for messages.
+pub fn open(root: &Path, path: &Path, requested: &str) -> Result<File, ReadError> {
+    let io = |source: std::io::Error| ReadError::Io {
+        path: requested.to_owned(),
         source,
-    })?;
+    };
+    let dir = nix::fcntl::open(
+        root,
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| io(e.into()))?;
+    let relative = path.strip_prefix("/").unwrap_or(path);
+    let how = OpenHow::new()
+        .flags(OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC | OFlag::O_NOCTTY)
+        .resolve(ResolveFlag::RESOLVE_NO_SYMLINKS | ResolveFlag::RESOLVE_BENEATH);
+    let fd = match nix::fcntl::openat2(dir.as_fd(), relative, how) {
+        Ok(fd) => fd,
+        Err(Errno::ENOENT | Errno::ENOTDIR) => {
+            return Err(ReadError::NotFound {
+                path: requested.to_owned(),
+            });
+        }
+        Err(Errno::ELOOP | Errno::EXDEV) => return Err(symlink_in(&dir, relative, requested)),
+        Err(e) => return Err(io(e.into())),
+    };
+    let file = File::from(fd);
+    let meta = file.metadata().map_err(io)?;
     if !meta.is_file() {
-        return Err(ReadError::NotRegular { path: shown });
+        return Err(ReadError::NotRegular {
+            path: requested.to_owned(),
+        });
     }
     Ok(file)
+}
+
+/// Names the first component of `relative` that is a symlink, for the refusal.
+fn symlink_in(dir: &std::os::fd::OwnedFd, relative: &Path, requested: &str) -> ReadError {
+    let mut prefix = PathBuf::new();
+    for c in relative.components() {
+        prefix.push(c);
+        if let Ok(target) = nix::fcntl::readlinkat(dir.as_fd(), &prefix) {
+            return ReadError::Symlink {
+                path: requested.to_owned(),
+                link: Path::new("/").join(&prefix).display().to_string(),
+                target: target.to_string_lossy().into_owned(),
+            };
+        }
+    }
+    ReadError::Symlink {
+        path: requested.to_owned(),
+        link: requested.to_owned(),
+        target: "somewhere the kernel would not say".to_owned(),
+    }
+}
+
+/// [`authorize`] then [`open`]: the path opened and the file.
+pub fn open_for(requested: &str, role: Role, root: &Path) -> Result<(PathBuf, File), ReadError> {
+    let path = authorize(requested, role)?;
+    let file = open(root, &path, requested)?;
+    Ok((path, file))
 }
 
 /// Reads the next chunk (at most [`CHUNK`] bytes, and no more than `left`).
@@ -280,8 +455,10 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
+    /// Authorizes and opens `path` on this host as `role`; `want` is Ok or a piece of the
+    /// refusal.
     fn check(path: &str, role: Role, want: Result<(), &str>) {
-        let got = authorize(path, role, Path::new("/"));
+        let got = open_for(path, role, Path::new("/"));
         match (got, want) {
             (Ok(_), Ok(())) => {}
             (Err(e), Err(w)) => assert!(e.to_string().contains(w), "{path}: {e}"),
@@ -293,13 +470,16 @@ mod tests {
     fn the_policy_table() {
         check("/proc/meminfo", Role::Reader, Ok(()));
         check("/proc/self/status", Role::Reader, Ok(()));
+        check("/proc/mounts", Role::Reader, Ok(()));
+        check("/proc/net/dev", Role::Operator, Ok(()));
+        check("/proc/1/status", Role::Reader, Ok(()));
+        check("/proc/sys/kernel/ostype", Role::Reader, Ok(()));
         check("/sys/kernel/uevent_seqnum", Role::Reader, Ok(()));
         check(
             "/etc/passwd",
             Role::Admin,
             Err("outside what the node API serves"),
         );
-        check("/proc/self/root/etc/hostname", Role::Admin, Err("outside"));
         check(
             "/proc/../etc/passwd",
             Role::Admin,
@@ -317,34 +497,135 @@ mod tests {
             ),
         );
         check("/proc/self/environ", Role::Admin, Ok(()));
+        check("/proc/self/cmdline", Role::Admin, Ok(()));
     }
 
     #[test]
-    fn state_needs_admin_through_a_fixture_root() {
+    fn readers_get_no_kernel_addresses_secrets_or_pod_logs() {
+        for (path, why) in [
+            ("/proc/kallsyms", "kernel addresses"),
+            ("/proc/modules", "kernel addresses"),
+            ("/proc/1/stack", "kernel addresses"),
+            ("/proc/1/task/1/stack", "kernel addresses"),
+            ("/proc/1/environ", "environments may hold secrets"),
+            ("/proc/1/cmdline", "command lines may hold secrets"),
+            ("/proc/self/cmdline", "command lines may hold secrets"),
+            ("/proc/1/maps", "not on the readers' allowlist"),
+            ("/proc/keys", "not on the readers' allowlist"),
+            ("/proc/cmdline", "config URL"),
+            ("/sys/kernel/debug/sched/debug", "debugfs"),
+            ("/sys/kernel/security/lsm", "securityfs"),
+            ("/sys/firmware/qemu_fw_cfg/by_name", "config channel"),
+            ("/var/log/pods/ns_pod_uid/c/0.log", "pods' logs"),
+            ("/var/log/containers/x.log", "pods' logs"),
+            ("/system/state/config.toml", "cluster secrets"),
+        ] {
+            for role in [Role::Reader, Role::Operator] {
+                let err = authorize(path, role).unwrap_err().to_string();
+                assert!(
+                    err.contains(&format!("{path} needs role admin ("))
+                        && err.contains(why)
+                        && err.contains(&format!("your certificate has {role}")),
+                    "{path}: {err}"
+                );
+            }
+            authorize(path, Role::Admin).unwrap();
+        }
+        for path in [
+            "/sys/kernel/tracing/trace_pipe",
+            "/sys/kernel/debug/tracing/trace_pipe",
+        ] {
+            let err = authorize(path, Role::Admin).unwrap_err().to_string();
+            assert!(err.contains("by any role: trace pipes block"), "{err}");
+        }
+        assert_eq!(
+            authorize("/proc/self/status", Role::Reader).unwrap(),
+            Path::new(&format!("/proc/{}/status", std::process::id()))
+        );
+        assert_eq!(
+            authorize("/proc/net/dev", Role::Reader).unwrap(),
+            Path::new(&format!("/proc/{}/net/dev", std::process::id()))
+        );
+        assert_eq!(access(Path::new("/proc/sys/x")), Some(Access::Everyone));
+        assert_eq!(access(Path::new("/procx")), None);
+    }
+
+    #[test]
+    fn proc_magic_links_are_refused_even_to_admins() {
+        let err = open_for("/proc/self/root/etc/hostname", Role::Admin, Path::new("/"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&format!(
+                "/proc/{}/root is a symlink (to /)",
+                std::process::id()
+            )),
+            "{err}"
+        );
+        let err = open_for("/proc/1/cwd/x", Role::Reader, Path::new("/"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("needs role admin"), "{err}");
+    }
+
+    fn fixture() -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("system/state")).unwrap();
         std::fs::write(dir.path().join("system/state/config.toml"), "x").unwrap();
-        std::fs::create_dir_all(dir.path().join("var/log")).unwrap();
+        std::fs::create_dir_all(dir.path().join("var/log/sub")).unwrap();
+        std::fs::write(dir.path().join("var/log/boot.log"), "booted").unwrap();
         std::os::unix::fs::symlink(
             "../../system/state/config.toml",
             dir.path().join("var/log/link"),
         )
         .unwrap();
+        std::os::unix::fs::symlink("boot.log", dir.path().join("var/log/same-tree")).unwrap();
+        std::os::unix::fs::symlink("/", dir.path().join("var/log/sub/up")).unwrap();
         let root = std::fs::canonicalize(dir.path()).unwrap();
-        let err = authorize("/system/state/config.toml", Role::Operator, &root).unwrap_err();
+        (dir, root)
+    }
+
+    #[test]
+    fn symlinks_anywhere_in_the_path_are_refused() {
+        let (_dir, root) = fixture();
+        let (_, mut file) = open_for("/var/log/boot.log", Role::Reader, &root).unwrap();
+        let p = Path::new("/var/log/boot.log");
+        assert_eq!(read_chunk(&mut file, 100, p).unwrap(), b"booted");
+        for (path, link, target) in [
+            (
+                "/var/log/link",
+                "/var/log/link",
+                "../../system/state/config.toml",
+            ),
+            ("/var/log/same-tree", "/var/log/same-tree", "boot.log"),
+            ("/var/log/sub/up/etc/passwd", "/var/log/sub/up", "/"),
+        ] {
+            for role in [Role::Reader, Role::Admin] {
+                let err = open_for(path, role, &root).unwrap_err().to_string();
+                assert_eq!(
+                    err,
+                    format!(
+                        "{path}: {link} is a symlink (to {target}); the node API follows no symlinks, ask for the path it points to"
+                    )
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn state_needs_admin_through_a_fixture_root() {
+        let (_dir, root) = fixture();
+        let err = open_for("/system/state/config.toml", Role::Operator, &root).unwrap_err();
         assert!(
             err.to_string()
                 .contains("needs role admin (STATE holds the cluster secrets)"),
             "{err}"
         );
-        let err = authorize("/var/log/link", Role::Reader, &root).unwrap_err();
-        assert!(err.to_string().contains("needs role admin"), "{err}");
-        let ok = authorize("/system/state/config.toml", Role::Admin, &root).unwrap();
-        assert_eq!(ok, root.join("system/state/config.toml"));
-        let mut file = open(&ok).unwrap();
+        let (ok, mut file) = open_for("/system/state/config.toml", Role::Admin, &root).unwrap();
+        assert_eq!(ok, Path::new("/system/state/config.toml"));
         assert_eq!(read_chunk(&mut file, 100, &ok).unwrap(), b"x");
         assert!(read_chunk(&mut file, 100, &ok).unwrap().is_empty());
-        let err = open(&root.join("var/log")).unwrap_err();
+        let err = open_for("/var/log/sub", Role::Reader, &root).unwrap_err();
         assert!(err.to_string().contains("not a regular file"), "{err}");
     }
 }

@@ -36,6 +36,9 @@ const DMESG_BATCH: usize = 500;
 const LOG_BATCH: usize = 1000;
 /// The largest image archive accepted (4 GiB).
 pub const MAX_IMAGE_ARCHIVE: u64 = 4 * 1024 * 1024 * 1024;
+/// The most an image import's spool leaves free on its filesystem (EPHEMERAL): 5% of it,
+/// but no more than this (256 MiB).
+pub const SPOOL_RESERVE_MAX: u64 = 256 * 1024 * 1024;
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
@@ -51,6 +54,8 @@ pub struct NodeService {
     etcd: Option<EtcdNode>,
     time: Option<TimeSync>,
     kube: Option<KubeNode>,
+    /// Held by the image import that runs (one at a time).
+    import_lock: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for NodeService {
@@ -84,6 +89,7 @@ impl NodeService {
             etcd: None,
             time: None,
             kube: None,
+            import_lock: tokio::sync::Mutex::new(()),
         }
     }
 }
@@ -468,18 +474,14 @@ impl Machine for NodeService {
         let role = role_of(&req)?;
         let requested = req.into_inner().path;
         let root = self.read_root.clone();
-        let (path, file) = blocking(move || {
-            let path = files::authorize(&requested, role, &root)?;
-            let file = files::open(&path)?;
-            Ok::<_, files::ReadError>((path, file))
-        })
-        .await?
-        .map_err(|e| match e {
-            files::ReadError::Role { .. } => Status::permission_denied(e.to_string()),
-            files::ReadError::NotFound { .. } => Status::not_found(e.to_string()),
-            files::ReadError::Io { .. } => Status::unavailable(keelson_api::error_chain(&e)),
-            other => Status::invalid_argument(other.to_string()),
-        })?;
+        let (path, file) = blocking(move || files::open_for(&requested, role, &root))
+            .await?
+            .map_err(|e| match e {
+                files::ReadError::Role { .. } => Status::permission_denied(e.to_string()),
+                files::ReadError::NotFound { .. } => Status::not_found(e.to_string()),
+                files::ReadError::Io { .. } => Status::unavailable(keelson_api::error_chain(&e)),
+                other => Status::invalid_argument(other.to_string()),
+            })?;
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(async move {
             let mut file = file;
@@ -781,9 +783,17 @@ impl Machine for NodeService {
         &self,
         req: Request<Streaming<proto::ImageImportChunk>>,
     ) -> Result<Response<proto::ImageImportResponse>, Status> {
+        let role = role_of(&req)?;
+        let _one = self.import_lock.try_lock().map_err(|_| {
+            Status::aborted(
+                "another image import is running on this node; one runs at a time: try again when it has finished",
+            )
+        })?;
         let mut stream = req.into_inner();
         keelson_api::atomic::create_private_dir(&self.spool_dir)
             .map_err(|e| internal(keelson_api::error_chain(&e)))?;
+        remove_stale_spools(&self.spool_dir, "import", "tar");
+        let room = spool_room(&self.spool_dir)?;
         let spool = tempfile_in(&self.spool_dir, "import", "tar")?;
         let mut file = tokio::fs::File::from_std(
             spool
@@ -804,6 +814,14 @@ impl Machine for NodeService {
                     MAX_IMAGE_ARCHIVE >> 30
                 )));
             }
+            if total > room {
+                return Err(Status::resource_exhausted(format!(
+                    "the image archive does not fit on EPHEMERAL: {} spooled to {} with {} MiB free past its reserve; free space there (remove unused images) or import a smaller archive",
+                    total,
+                    self.spool_dir.display(),
+                    room >> 20
+                )));
+            }
             tokio::io::AsyncWriteExt::write_all(&mut file, &chunk.data)
                 .await
                 .map_err(|e| internal(format!("cannot spool the archive: {e}")))?;
@@ -817,10 +835,50 @@ impl Machine for NodeService {
         if namespace.is_empty() {
             namespace = keelson_api::api::DEFAULT_NAMESPACE.into();
         }
-        let images =
-            crate::containerd::import(&self.paths.containerd_socket, &namespace, spool.path())
-                .await?;
+        let images = crate::containerd::import_as(
+            &self.paths.containerd_socket,
+            &namespace,
+            spool.path(),
+            role,
+        )
+        .await?;
         Ok(Response::new(proto::ImageImportResponse { images }))
+    }
+}
+
+/// How many bytes an upload may spool in `dir`: its filesystem's free space less a
+/// reserve of 5% of it (at most [`SPOOL_RESERVE_MAX`]).
+fn spool_room(dir: &std::path::Path) -> Result<u64, Status> {
+    let fs = nix::sys::statvfs::statvfs(dir).map_err(|e| {
+        internal(format!(
+            "cannot learn the free space of {}: {e}",
+            dir.display()
+        ))
+    })?;
+    let block = fs.fragment_size();
+    Ok(room_left(
+        fs.blocks_available().saturating_mul(block),
+        fs.blocks().saturating_mul(block),
+    ))
+}
+
+/// Bytes that may be spooled with `free` bytes available on a filesystem of `size`.
+fn room_left(free: u64, size: u64) -> u64 {
+    free.saturating_sub((size / 20).min(SPOOL_RESERVE_MAX))
+}
+
+/// Removes the `STEM-*.EXT` spool files a crashed upload left in `dir` (the caller holds
+/// the lock that makes it the only upload of that kind).
+fn remove_stale_spools(dir: &std::path::Path, stem: &str, ext: &str) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with(&format!("{stem}-")) && name.ends_with(&format!(".{ext}")) {
+            let _ = std::fs::remove_file(entry.path());
+        }
     }
 }
 
@@ -906,5 +964,15 @@ mod tests {
         );
         assert_eq!(new_lines(&v(&[]), &v(&["x"])), v(&["x"]));
         assert_eq!(new_lines(&v(&["a"]), &v(&["x", "y"])), v(&["x", "y"]));
+    }
+
+    #[test]
+    fn a_spool_leaves_five_percent_or_256_mib() {
+        const GIB: u64 = 1024 * 1024 * 1024;
+        // A 1 GiB EPHEMERAL keeps 5% (51.2 MiB); a 100 GiB one 256 MiB.
+        assert_eq!(room_left(GIB / 2, GIB), GIB / 2 - GIB / 20);
+        assert_eq!(room_left(50 * GIB, 100 * GIB), 50 * GIB - SPOOL_RESERVE_MAX);
+        assert_eq!(room_left(SPOOL_RESERVE_MAX, 100 * GIB), 0);
+        assert_eq!(room_left(0, 0), 0);
     }
 }

@@ -169,12 +169,21 @@ impl Node {
     /// Starts machined over an existing STATE directory. Its time sync and etcd controller
     /// do not run: they would reach the config's servers, which are not on this host.
     pub fn start_in(state: tempfile::TempDir, backend: Arc<RecordingBackend>) -> Node {
+        Node::start_reading(state, backend, "/".into())
+    }
+
+    /// As [`Node::start_in`], with `read` serving `read_root` as the node's `/`.
+    pub fn start_reading(
+        state: tempfile::TempDir,
+        backend: Arc<RecordingBackend>,
+        read_root: PathBuf,
+    ) -> Node {
         let os_release = state.path().join("os-release");
         std::fs::write(&os_release, "NAME=\"Keelson\"\nVERSION_ID=0.1.0\n").unwrap();
         let options = Options {
             listen: "127.0.0.1:0".parse().unwrap(),
             state_dir: state.path().to_path_buf(),
-            read_root: "/".into(),
+            read_root,
             spool_dir: state.path().join("spool"),
             mode: keelson_configs::Mode::Metal,
             paths: NodePaths {
