@@ -137,6 +137,18 @@ pub mod oci {
             /// The caller's role.
             have: Role,
         },
+        /// A name pinned by digest points at other content, and the caller is not an admin.
+        #[error(
+            "permission denied: the archive names {name} but that image is {digest}; a name pinned by digest must be its own digest (only role admin may import otherwise, your certificate has {have})"
+        )]
+        DigestName {
+            /// The name.
+            name: String,
+            /// The digest of what it points at.
+            digest: String,
+            /// The caller's role.
+            have: Role,
+        },
     }
 
     /// The names in `images` that already exist (`existing`: name to target digest) with
@@ -158,16 +170,31 @@ pub mod oci {
 
     /// Whether `role` may import `images` into `namespace`, where `existing` already is:
     /// only an admin may repoint a name that exists (an operator who could would change
-    /// what a privileged pod runs at its next start). Re-importing a name with the same
-    /// target changes nothing and is allowed.
+    /// what a privileged pod runs at its next start), or name an image `REPO@sha256:D`
+    /// that is not D (a pod pinned by digest would run it). Re-importing a name with the
+    /// same target changes nothing and is allowed.
     pub fn may_import(
         images: &[NamedImage],
         existing: &BTreeMap<String, String>,
         namespace: &str,
         role: Role,
     ) -> Result<(), OciError> {
+        if keelson_api::api::allows(role, Role::Admin) {
+            return Ok(());
+        }
+        if let Some(lie) = images.iter().find(|i| {
+            i.name
+                .rsplit_once('@')
+                .is_some_and(|(_, digest)| digest != i.target.digest)
+        }) {
+            return Err(OciError::DigestName {
+                name: lie.name.clone(),
+                digest: lie.target.digest.clone(),
+                have: role,
+            });
+        }
         let replaced = replaced(images, existing);
-        if replaced.is_empty() || keelson_api::api::allows(role, Role::Admin) {
+        if replaced.is_empty() {
             return Ok(());
         }
         Err(OciError::Replaces {
@@ -910,5 +937,19 @@ mod replace_tests {
         // New names, and the same name with the same target, are the operator's to import.
         may_import(&archive[1..], &present, "k8s.io", Role::Operator).unwrap();
         may_import(&archive, &existing(&[]), "k8s.io", Role::Operator).unwrap();
+
+        // A name pinned by digest is the operator's only when it is that digest.
+        let pinned = [named("example.com/app@sha256:aaa", "sha256:aaa")];
+        may_import(&pinned, &existing(&[]), "k8s.io", Role::Operator).unwrap();
+        let lie = [named("example.com/app@sha256:aaa", "sha256:evil")];
+        let err = may_import(&lie, &existing(&[]), "k8s.io", Role::Operator)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("names example.com/app@sha256:aaa but that image is sha256:evil")
+                && err.contains("your certificate has operator"),
+            "{err}"
+        );
+        may_import(&lie, &existing(&[]), "k8s.io", Role::Admin).unwrap();
     }
 }
