@@ -34,6 +34,8 @@ pub struct Target {
     pub nodes: Vec<String>,
     /// `--insecure`.
     pub insecure: bool,
+    /// `--timeout`: every unary call's deadline instead of its method's default.
+    pub timeout: Option<Duration>,
     /// `-o`.
     pub output: Format,
 }
@@ -201,8 +203,9 @@ pub struct ApplyArgs {
     /// How to apply it.
     #[arg(short, long, value_enum, default_value = "auto")]
     pub mode: ModeArg,
-    /// With --mode try: how long before the node reverts (e.g. 90s, 2m; default 1m).
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    /// With --mode try: how long before the node reverts (the global --timeout, which
+    /// means this for `apply-config --mode try`; default 1m).
+    #[arg(skip)]
     pub timeout: Option<Duration>,
     /// Validate on the node and print the diff; change nothing.
     #[arg(long)]
@@ -294,6 +297,9 @@ pub struct Session {
 impl Target {
     /// Resolves the context and flags into a connector and node addresses.
     pub fn session(&self) -> anyhow::Result<Session> {
+        if self.timeout.is_some_and(|t| t.is_zero()) {
+            bail!("--timeout 0 would give every call up at once; give a deadline such as 30s");
+        }
         if self.insecure {
             let nodes: Vec<String> = if self.nodes.is_empty() {
                 self.endpoints.clone()
@@ -306,7 +312,7 @@ impl Target {
                 );
             }
             return Ok(Session {
-                connector: Connector::insecure()?,
+                connector: Connector::insecure()?.with_timeout(self.timeout),
                 addresses: nodes
                     .iter()
                     .map(|n| with_default_port(n, DEFAULT_API_PORT))
@@ -355,7 +361,7 @@ impl Target {
                 .collect()
         };
         Ok(Session {
-            connector: Connector::for_context(name, &ctx)?,
+            connector: Connector::for_context(name, &ctx)?.with_timeout(self.timeout),
             addresses,
             output: self.output,
         })
@@ -812,9 +818,6 @@ pub fn apply_config(target: &Target, args: &ApplyArgs) -> anyhow::Result<ExitCod
     };
     let config = std::fs::read(file)
         .with_context(|| format!("cannot read the machine config {}", file.display()))?;
-    if args.timeout.is_some() && args.mode != ModeArg::Try {
-        bail!("--timeout applies only to --mode try");
-    }
     let request = proto::ApplyConfigRequest {
         config,
         mode: proto::ApplyMode::from(args.mode).into(),

@@ -72,6 +72,15 @@ pub struct Cli {
     #[arg(short, long, global = true)]
     pub insecure: bool,
 
+    /// How long a call to a node may take, connecting included (e.g. 10s, 2m). Default:
+    /// 30 s; 5 min for apply-config, reset and the etcd operations that change the cluster;
+    /// 30 min for image pull. Streams (logs -f, dmesg -f, read, image import, bootstrap,
+    /// etcd snapshot) have no total deadline: HTTP/2 pings end them within 20 s of the node
+    /// going silent. With `apply-config --mode try`: how long before the node reverts
+    /// (default 1m); the call then keeps its default deadline.
+    #[arg(long, global = true, value_name = "DURATION", value_parser = api::parse_duration)]
+    pub timeout: Option<std::time::Duration>,
+
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -196,6 +205,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         endpoints: cli.endpoints.clone(),
         nodes: cli.nodes.clone(),
         insecure: cli.insecure,
+        timeout: cli.timeout,
         output: o.output,
     };
     match cli.command {
@@ -209,7 +219,13 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Dmesg(args) => api::dmesg(&target(&args.output), &args),
         Command::Get(args) => api::get(&target(&args.output), &args),
         Command::Read(args) => api::read(&target(&api::OutputArgs::default()), &args),
-        Command::ApplyConfig(args) => api::apply_config(&target(&args.output), &args),
+        Command::ApplyConfig(mut args) => {
+            let mut target = target(&args.output);
+            if args.mode == api::ModeArg::Try {
+                args.timeout = target.timeout.take();
+            }
+            api::apply_config(&target, &args)
+        }
         Command::Reboot(o) => api::power(&target(&o), api::PowerCommand::Reboot, true, false),
         Command::Shutdown(o) => api::power(&target(&o), api::PowerCommand::Shutdown, true, false),
         Command::Reset(args) => api::power(
