@@ -200,6 +200,9 @@ pub const STATE_CONFIG_STAGED: &str = "config.staged.toml";
 pub const FW_CFG_CONFIG: &str = "opt/keelson/config";
 /// Kernel command-line key: a URL to fetch the machine config from.
 pub const CMDLINE_CONFIG_URL: &str = "keelson.config";
+/// Kernel command-line key: the sha256 (64 hex digits) that the config fetched from
+/// [`CMDLINE_CONFIG_URL`] must have, pinning a plain-HTTP config.
+pub const CMDLINE_CONFIG_SHA256: &str = "keelson.config.sha256";
 /// The TCP port of the node API (machined), as Talos uses 50000.
 pub const API_PORT: u16 = 50000;
 

@@ -9,8 +9,11 @@
 //!    drive: `openstack/latest/user_data`). Labels are read from the superblocks (no
 //!    blkid, no udev); the filesystem is mounted read-only for the read, then unmounted.
 //! 4. **A URL** on the kernel command line, `keelson.config=http://host/node.toml`,
-//!    fetched once the network is up (plain HTTP/1.1, see [`http_get`]) in a task that
-//!    sends the answer to the main loop as a [`Fetched`] ([`fetch_later`]).
+//!    fetched once the network is up (plain HTTP/1.1, see [`http`]) in a task that
+//!    sends the answer to the main loop as a [`Fetched`] ([`fetch_later`]). With
+//!    `keelson.config.sha256=<64 hex digits>` beside it, only a body with that sha256 is
+//!    taken: any other is refused (the URL, both sums, what to do) and fetched again
+//!    later, as a failed fetch is ([`cmdline_sha256`]).
 //!
 //! The first source that holds a valid config wins. Every config is checked with
 //! `keelson_configs::check_bytes` in metal mode: one that fails is refused whole, each
@@ -24,9 +27,8 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use keelson_configs::layout::{self, CMDLINE_CONFIG_URL, FW_CFG_CONFIG};
+use keelson_configs::layout::{self, CMDLINE_CONFIG_SHA256, CMDLINE_CONFIG_URL, FW_CFG_CONFIG};
 use keelson_configs::{MachineConfig, Mode, check_bytes};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::blockdev::BlockDev;
 use crate::console::Log;
@@ -34,6 +36,8 @@ use crate::kmods::{self, ModuleIndex};
 use crate::mounts::ensure_dir;
 use crate::sender::Sender;
 use crate::syscalls::{MountFlags, Syscalls, errno_name};
+
+pub mod http;
 
 /// Where the kernel publishes fw_cfg entries by name.
 pub const FW_CFG_BY_NAME: &str = "/sys/firmware/qemu_fw_cfg/by_name";
@@ -385,6 +389,13 @@ pub fn cmdline_url(cmdline: &str) -> Option<String> {
         .map(str::to_string)
 }
 
+/// The config's pinned sha256 on the kernel command line (`keelson.config.sha256=`), as
+/// written: [`http::fetch`] judges it.
+pub fn cmdline_sha256(cmdline: &str) -> Option<String> {
+    let args = layout::parse_cmdline(cmdline);
+    layout::cmdline_value(&args, CMDLINE_CONFIG_SHA256).map(str::to_string)
+}
+
 /// What the console says while the node waits for a config.
 pub fn waiting_message(url: Option<&str>) -> Vec<String> {
     let mut lines = vec![
@@ -393,7 +404,10 @@ pub fn waiting_message(url: Option<&str>) -> Vec<String> {
         "  a NoCloud drive (vfat or iso9660 labelled cidata) with the config as user-data, \
          or a config-2 drive with openstack/latest/user_data"
             .to_string(),
-        format!("  the kernel argument {CMDLINE_CONFIG_URL}=http://<host>/<node>.toml"),
+        format!(
+            "  the kernel argument {CMDLINE_CONFIG_URL}=http://<host>/<node>.toml \
+             (pinned by {CMDLINE_CONFIG_SHA256}=<its sha256>)"
+        ),
         format!(
             "  machinectl apply-config --insecure --nodes <this node's address> --file node.toml (port {})",
             layout::API_PORT
@@ -405,127 +419,6 @@ pub fn waiting_message(url: Option<&str>) -> Vec<String> {
         ));
     }
     lines
-}
-
-/// Parts of an `http://host[:port]/path` URL.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HttpUrl {
-    /// Host name or address (IPv6 in brackets).
-    pub host: String,
-    /// Port (80 by default).
-    pub port: u16,
-    /// Path with query, starting with `/`.
-    pub path: String,
-}
-
-/// Parse a plain-HTTP URL (HTTPS is refused: PID 1 carries no TLS stack, and the config
-/// says which CA to trust only once it is read).
-pub fn parse_http_url(url: &str) -> Result<HttpUrl, String> {
-    let rest = url.strip_prefix("http://").ok_or_else(|| {
-        format!(
-            "{url}: only http:// URLs are fetched by PID 1 (https needs machined's apply-config)"
-        )
-    })?;
-    let (authority, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/"),
-    };
-    if authority.is_empty() || authority.contains('@') {
-        return Err(format!("{url}: no host, or credentials in the URL"));
-    }
-    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
-        let (h, after) = v6
-            .split_once(']')
-            .ok_or_else(|| format!("{url}: unclosed IPv6 address"))?;
-        let port = match after.strip_prefix(':') {
-            Some(p) => p.parse().map_err(|_| format!("{url}: bad port {p:?}"))?,
-            None if after.is_empty() => 80,
-            None => return Err(format!("{url}: junk after the IPv6 address")),
-        };
-        (format!("[{h}]"), port)
-    } else {
-        match authority.rsplit_once(':') {
-            Some((h, p)) => (
-                h.to_string(),
-                p.parse().map_err(|_| format!("{url}: bad port {p:?}"))?,
-            ),
-            None => (authority.to_string(), 80),
-        }
-    };
-    Ok(HttpUrl {
-        host,
-        port,
-        path: path.to_string(),
-    })
-}
-
-/// Whether `raw` holds a whole response: the header and, by `Content-Length` or the
-/// chunked terminator, the whole body. Without either, only the end of the connection
-/// says (`None`: keep reading until it closes).
-pub fn response_complete(raw: &[u8]) -> Option<bool> {
-    let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
-        return Some(false);
-    };
-    let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
-    let body = raw.len() - (end + 4);
-    for line in head.lines() {
-        if let Some(v) = line.strip_prefix("content-length:") {
-            return v.trim().parse::<usize>().ok().map(|len| body >= len);
-        }
-        if line.starts_with("transfer-encoding:") && line.contains("chunked") {
-            return Some(raw.ends_with(b"0\r\n\r\n"));
-        }
-    }
-    None
-}
-
-/// Split an HTTP/1.x response into status and body; chunked bodies are decoded.
-pub fn parse_http_response(raw: &[u8]) -> Result<Vec<u8>, String> {
-    let end = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or("the answer has no complete header")?;
-    let head = String::from_utf8_lossy(&raw[..end]);
-    let body = &raw[end + 4..];
-    let mut lines = head.lines();
-    let status = lines.next().unwrap_or_default();
-    let code: u16 = status
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| format!("not an HTTP answer: {status:?}"))?;
-    if code != 200 {
-        return Err(format!("the server answered {status:?}"));
-    }
-    let chunked = lines.any(|l| {
-        l.split_once(':').is_some_and(|(k, v)| {
-            k.trim().eq_ignore_ascii_case("transfer-encoding")
-                && v.trim().eq_ignore_ascii_case("chunked")
-        })
-    });
-    if !chunked {
-        return Ok(body.to_vec());
-    }
-    let mut out = Vec::new();
-    let mut rest = body;
-    loop {
-        let line_end = rest
-            .windows(2)
-            .position(|w| w == b"\r\n")
-            .ok_or("truncated chunked body")?;
-        let size_text = String::from_utf8_lossy(&rest[..line_end]);
-        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
-            .map_err(|_| format!("bad chunk size {size_text:?}"))?;
-        rest = &rest[line_end + 2..];
-        if size == 0 {
-            return Ok(out);
-        }
-        if rest.len() < size + 2 {
-            return Err("truncated chunked body".into());
-        }
-        out.extend_from_slice(&rest[..size]);
-        rest = &rest[size + 2..];
-    }
 }
 
 /// A config fetched from a URL, for the main loop: its bytes, or why it could not be
@@ -541,54 +434,17 @@ pub struct Fetched {
 /// How long one fetch of the config URL may take.
 pub const FETCH_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// After `delay`, fetch `url` ([`http_get`], within [`FETCH_TIMEOUT`]) in a task and
-/// send what came back on `to`.
-pub fn fetch_later(url: String, delay: Duration, to: Sender<Fetched>) {
+/// After `delay`, fetch `url` ([`http::fetch`], within [`FETCH_TIMEOUT`] and
+/// [`MAX_CONFIG`], its body checked against `pin`: the value of
+/// `keelson.config.sha256=`, [`cmdline_sha256`]) in a task and send what came back on `to`.
+pub fn fetch_later(url: String, pin: Option<String>, delay: Duration, to: Sender<Fetched>) {
     tokio::spawn(async move {
         tokio::time::sleep(delay).await;
-        let result = http_get(&url, FETCH_TIMEOUT).await;
+        let result = http::fetch(&url, pin.as_deref(), MAX_CONFIG, FETCH_TIMEOUT)
+            .await
+            .map_err(|e| e.to_string());
         let _ = to.send(Fetched { url, result });
     });
-}
-
-/// Fetch `url` with one HTTP/1.1 GET (no TLS, no redirects), within `timeout`.
-pub async fn http_get(url: &str, timeout: Duration) -> Result<Vec<u8>, String> {
-    let parsed = parse_http_url(url)?;
-    let fetch = async {
-        let host = parsed.host.trim_start_matches('[').trim_end_matches(']');
-        let mut stream = tokio::net::TcpStream::connect((host, parsed.port))
-            .await
-            .map_err(|e| format!("cannot connect to {}:{}: {e}", parsed.host, parsed.port))?;
-        let request = format!(
-            "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: keelson-init\r\nAccept: */*\r\nConnection: close\r\n\r\n",
-            parsed.path, parsed.host
-        );
-        stream
-            .write_all(request.as_bytes())
-            .await
-            .map_err(|e| format!("cannot send the request: {e}"))?;
-        // Read until the response is whole (a proxy may keep the connection open), the
-        // server closes, or the size limit.
-        let mut raw = Vec::new();
-        let mut buf = vec![0u8; 16 * 1024];
-        while raw.len() <= MAX_CONFIG + 64 * 1024 {
-            let n = stream
-                .read(&mut buf)
-                .await
-                .map_err(|e| format!("reading the answer: {e}"))?;
-            if n == 0 {
-                break;
-            }
-            raw.extend_from_slice(&buf[..n]);
-            if response_complete(&raw) == Some(true) {
-                break;
-            }
-        }
-        parse_http_response(&raw)
-    };
-    tokio::time::timeout(timeout, fetch)
-        .await
-        .map_err(|_| format!("no answer within {} s", timeout.as_secs()))?
 }
 
 #[cfg(test)]
@@ -739,90 +595,48 @@ mod tests {
     }
 
     #[test]
-    fn urls_and_http_answers() {
-        let url = |s: &str| parse_http_url(s).map(|u| (u.host, u.port, u.path));
+    fn the_url_and_its_pin_come_from_the_command_line() {
+        let sum = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+        let cmdline =
+            format!("console=ttyS0 keelson.config=http://h/c.toml keelson.config.sha256={sum}");
+        assert_eq!(cmdline_url(&cmdline), Some("http://h/c.toml".into()));
+        assert_eq!(cmdline_sha256(&cmdline), Some(sum.into()));
+        assert_eq!(cmdline_url("console=ttyS0 keelson.config="), None);
+        assert_eq!(cmdline_sha256("keelson.config=http://h/c.toml"), None);
+        // A pin that is not a sum is passed on as written: the fetch refuses it.
         assert_eq!(
-            url("http://10.0.2.2:8080/n.toml"),
-            Ok(("10.0.2.2".into(), 8080, "/n.toml".into()))
+            cmdline_sha256("keelson.config.sha256=abc"),
+            Some("abc".into())
         );
-        assert_eq!(
-            url("http://cfg.example"),
-            Ok(("cfg.example".into(), 80, "/".into()))
-        );
-        assert_eq!(
-            url("http://[fd00::1]:81/a?b=c"),
-            Ok(("[fd00::1]".into(), 81, "/a?b=c".into()))
-        );
-        assert!(url("https://x/").is_err_and(|e| e.contains("only http://")));
-        assert!(url("http://x:port/").is_err());
-        assert!(url("http://user@x/").is_err());
-        assert_eq!(
-            parse_http_response(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc"),
-            Ok(b"abc".to_vec())
-        );
-        assert_eq!(
-            parse_http_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2;x=y\r\nde\r\n0\r\n\r\n"),
-            Ok(b"abcde".to_vec())
-        );
-        assert!(
-            parse_http_response(b"HTTP/1.1 404 Not Found\r\n\r\n")
-                .is_err_and(|e| e.contains("404"))
-        );
-        assert!(parse_http_response(b"garbage").is_err());
-        assert_eq!(
-            response_complete(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nab"),
-            Some(false)
-        );
-        assert_eq!(
-            response_complete(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc"),
-            Some(true)
-        );
-        assert_eq!(
-            response_complete(
-                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n0\r\n\r\n"
-            ),
-            Some(true)
-        );
-        assert_eq!(response_complete(b"HTTP/1.1 200 OK\r\n\r\nabc"), None);
-        assert_eq!(response_complete(b"HTTP/1.1 200"), Some(false));
-        assert_eq!(
-            cmdline_url("console=ttyS0 keelson.config=http://h/c.toml"),
-            Some("http://h/c.toml".into())
-        );
-        assert_eq!(cmdline_url("console=ttyS0"), None);
     }
 
     #[test]
-    fn http_get_fetches_from_a_real_server() -> std::io::Result<()> {
+    fn a_fetch_sends_its_url_with_the_body_or_the_refusal() -> std::io::Result<()> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
         rt.block_on(async {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-            let port = listener.local_addr()?.port();
-            let server = tokio::spawn(async move {
-                if let Ok((mut conn, _)) = listener.accept().await {
-                    let mut req = vec![0u8; 1024];
-                    let n = conn.read(&mut req).await.unwrap_or(0);
-                    let ok = String::from_utf8_lossy(&req[..n])
-                        .starts_with("GET /node.toml HTTP/1.1\r\n");
-                    let answer: &[u8] = if ok {
-                        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
-                    } else {
-                        b"HTTP/1.1 400 Bad Request\r\n\r\n"
-                    };
-                    let _ = conn.write_all(answer).await;
-                    // Keep the connection open: the client must stop at Content-Length.
-                    tokio::time::sleep(Duration::from_secs(30)).await;
-                }
-            });
-            let got = http_get(
-                &format!("http://127.0.0.1:{port}/node.toml"),
-                Duration::from_secs(5),
-            )
-            .await;
-            assert_eq!(got, Ok(b"hello".to_vec()));
-            server.abort();
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+            let to =
+                Sender::from_fn(move |f: Fetched| tx.send(f).map_err(|_| crate::sender::Closed));
+            // Nothing listens on port 9 of 127.0.0.1 (discard), and a bad pin is refused
+            // before any connection.
+            let url = "http://127.0.0.1:9/node.toml".to_string();
+            fetch_later(url.clone(), Some("abc".into()), Duration::ZERO, to.clone());
+            let fetched = rx.recv().await;
+            let why = fetched.as_ref().and_then(|f| f.result.as_ref().err());
+            assert!(
+                why.is_some_and(|w| w.contains("keelson.config.sha256=\"abc\"")),
+                "{fetched:?}"
+            );
+            assert_eq!(fetched.map(|f| f.url), Some(url.clone()));
+            fetch_later(url.clone(), None, Duration::ZERO, to);
+            let fetched = rx.recv().await;
+            let why = fetched.as_ref().and_then(|f| f.result.as_ref().err());
+            assert!(
+                why.is_some_and(|w| w.contains("cannot connect to 127.0.0.1:9")),
+                "{fetched:?}"
+            );
             Ok(())
         })
     }

@@ -197,9 +197,18 @@ fn test() -> Result<()> {
     fuzz(Duration::from_secs(30))
 }
 
-/// A short run of the machine-config fuzzer (`configs/fuzz`): it must build and find
-/// no crash. cargo-fuzz needs nightly features; `RUSTC_BOOTSTRAP` unlocks them on the
-/// stable toolchain this project pins.
+/// The fuzz targets of the short fuzzing run: the crate directory whose `fuzz/` holds
+/// the target, the target, and its seed inputs (relative to that directory).
+const FUZZ_TARGETS: &[(&str, &str, &str)] = &[
+    // The machine config: parse and validate.
+    ("configs", "check_config", "tests/data"),
+    // PID 1's reader of the config URL's HTTP answer.
+    ("init", "http_response", "fuzz/seeds/http_response"),
+];
+
+/// A short run of each fuzz target (`configs/fuzz`, `init/fuzz`): each must build and
+/// find no crash within `duration`. cargo-fuzz needs nightly features; `RUSTC_BOOTSTRAP`
+/// unlocks them on the stable toolchain this project pins.
 fn fuzz(duration: Duration) -> Result<()> {
     let have_fuzz = cargo()
         .args(["fuzz", "--version"])
@@ -208,19 +217,21 @@ fn fuzz(duration: Duration) -> Result<()> {
     if !have_fuzz {
         run_cmd(cargo().args(["install", "--locked", "cargo-fuzz"]))?;
     }
-    let fuzz_dir = workspace_root().join("configs");
-    let corpus = std::env::temp_dir().join("keelson-fuzz-corpus");
-    std::fs::create_dir_all(&corpus)?;
-    run_cmd(
-        cargo()
-            .current_dir(&fuzz_dir)
-            .env("RUSTC_BOOTSTRAP", "1")
-            .args(["fuzz", "run", "check_config", "--target-dir"])
-            .arg(workspace_root().join("target/fuzz"))
-            .arg(&corpus)
-            .arg("tests/data")
-            .arg("--")
-            .arg(format!("-max_total_time={}", duration.as_secs()))
-            .arg("-max_len=8192"),
-    )
+    for &(dir, target, seeds) in FUZZ_TARGETS {
+        let corpus = std::env::temp_dir().join(format!("keelson-fuzz-corpus-{target}"));
+        std::fs::create_dir_all(&corpus)?;
+        run_cmd(
+            cargo()
+                .current_dir(workspace_root().join(dir))
+                .env("RUSTC_BOOTSTRAP", "1")
+                .args(["fuzz", "run", target, "--target-dir"])
+                .arg(workspace_root().join("target/fuzz"))
+                .arg(&corpus)
+                .arg(seeds)
+                .arg("--")
+                .arg(format!("-max_total_time={}", duration.as_secs()))
+                .arg("-max_len=8192"),
+        )?;
+    }
+    Ok(())
 }
