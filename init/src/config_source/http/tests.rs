@@ -77,6 +77,9 @@ fn answers_are_framed_by_length_by_chunks_or_by_the_end_of_the_connection() {
     ok("HTTP/1.1 200 OK\r\ncontent-length: 3, 3\r\n\r\nabc", "abc");
     ok("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", "");
     ok("HTTP/1.0 200 OK\r\n\r\nuntil the end", "until the end");
+    // httparse takes a bare LF as a line end.
+    ok("HTTP/1.1 200 OK\nContent-Length: 1\n\na", "a");
+    ok("\r\nHTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\na", "a");
     ok(
         &format!("{CHUNKED}3\r\nabc\r\n2;x=y\r\nde\r\n0\r\n\r\n"),
         "abcde",
@@ -87,6 +90,10 @@ fn answers_are_framed_by_length_by_chunks_or_by_the_end_of_the_connection() {
     );
     // A trailer is skipped; a connection closed in it lost nothing of the body.
     ok(&format!("{CHUNKED}1\r\na\r\n0\r\nX-Sum: 1\r\n\r\n"), "a");
+    ok(
+        &format!("{CHUNKED}1\r\na\r\n0\r\nX: \r\r\nY: \n\r\n\r\n"),
+        "a",
+    );
     ok(&format!("{CHUNKED}1\r\na\r\n0\r\n"), "a");
     // Transfer-Encoding wins over Content-Length.
     ok(
