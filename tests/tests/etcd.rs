@@ -486,6 +486,15 @@ fn stacked_etcd_forms_survives_faults_and_is_operated_through_the_api() {
     assert_eq!(during.len(), 10, "a 2/3 cluster refused writes: {during:?}");
     acked.extend(during);
     etcd.start(&cp3);
+    // Its member must serve again before another is frozen: with cp3's etcd still
+    // starting, freezing cp2 would leave cp1 alone, without a quorum.
+    poll(Duration::from_secs(180), || {
+        let out = etcd.etcdctl(&[&cp3], &["endpoint", "health"]);
+        out.status
+            .success()
+            .then_some(())
+            .ok_or_else(|| format!("{}'s member is not healthy again: {}", cp3.name, show(&out)))
+    });
     etcd.signal(&cp2, "-STOP");
     let during = etcd.write(&[&cp1, &cp3], "k-frozen", 10);
     etcd.signal(&cp2, "-CONT");
