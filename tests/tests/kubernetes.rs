@@ -111,6 +111,25 @@ impl Cluster<'_> {
             .unwrap_or_else(|| panic!("no kubelet service on {}: {v:#}", node.name))
     }
 
+    /// Waits until `node`'s kubelet runs under PID 1 and its `/healthz` answers.
+    fn wait_kubelet_running(&self, node: &Node, what: &str) {
+        poll(Duration::from_secs(600), || {
+            let kubelet_ready = self
+                .check(node, "service kubelet")
+                .is_some_and(|(ok, r)| ok && r.contains("ready"));
+            match self.check(node, "kubernetes") {
+                Some((true, reason)) if reason.contains("runs under PID 1") && kubelet_ready => {
+                    Ok(())
+                }
+                other => Err(format!(
+                    "{what} never ran on {}: {other:?}\n{}",
+                    node.name,
+                    keelson_tests::tail(&self.console(node), 30)
+                )),
+            }
+        });
+    }
+
     fn console(&self, node: &Node) -> String {
         let path = self
             .env
@@ -467,19 +486,7 @@ fn the_kubernetes_node_from_its_config_with_a_kubelet_stand_in() {
     let _site = HttpServer::start(Some(&ns), gateway, RELEASE_PORT, site.path()).unwrap();
 
     // The control plane pulls, fetches, verifies and starts the stand-in.
-    poll(Duration::from_secs(600), || {
-        let kubelet_ready = cluster
-            .check(&cp, "service kubelet")
-            .is_some_and(|(ok, r)| ok && r.contains("ready"));
-        match cluster.check(&cp, "kubernetes") {
-            Some((true, reason)) if reason.contains("runs under PID 1") && kubelet_ready => Ok(()),
-            other => Err(format!(
-                "the kubelet stand-in never ran on {}: {other:?}\n{}",
-                cp.name,
-                keelson_tests::tail(&cluster.console(&cp), 30)
-            )),
-        }
-    });
+    cluster.wait_kubelet_running(&cp, "the kubelet stand-in");
     let images = cluster.ok_on(&cp, &["images"]);
     for repository in [
         "kube-apiserver",
@@ -1039,19 +1046,7 @@ fn an_air_gapped_image_runs_its_baked_kubelet_and_imports_its_images() {
     );
     assert!(config.cluster.kubelet.sha256.is_empty());
 
-    poll(Duration::from_secs(600), || {
-        let kubelet_ready = cluster
-            .check(&cp, "service kubelet")
-            .is_some_and(|(ok, r)| ok && r.contains("ready"));
-        match cluster.check(&cp, "kubernetes") {
-            Some((true, reason)) if reason.contains("runs under PID 1") && kubelet_ready => Ok(()),
-            other => Err(format!(
-                "the baked kubelet never ran on {}: {other:?}\n{}",
-                cp.name,
-                keelson_tests::tail(&cluster.console(&cp), 30)
-            )),
-        }
-    });
+    cluster.wait_kubelet_running(&cp, "the baked kubelet");
     let argv: Vec<String> =
         serde_json::from_str(&cluster.read(&cp, "/var/lib/kubelet/standin/argv.json")).unwrap();
     assert_eq!(argv[0], "/usr/bin/kubelet", "{argv:?}");
