@@ -6,6 +6,7 @@
 //! as [`Diagnostic`]s with file, line, column and key path; [`load`] returns the config or
 //! a [`Report`] of its problems. [`MachineConfig::to_toml_string`] writes a config back.
 
+pub mod boot;
 pub mod diagnostics;
 #[cfg(feature = "pki")]
 pub mod generate;

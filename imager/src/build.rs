@@ -10,10 +10,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use keelson_configs::layout::{
-    self, Arch, CMDLINE_SLOT, CMDLINE_VERITY_DATA_BLOCKS, CMDLINE_VERITY_HASH_OFFSET,
-    CMDLINE_VERITY_ROOTHASH, CMDLINE_VERITY_SALT, Slot,
-};
+use keelson_configs::boot::{EntryName, EntryVersion, VerityParams};
+use keelson_configs::layout::{self, Arch, Slot};
 
 use crate::debian::deb::{self, EntryKind};
 use crate::debian::fetch::Cache;
@@ -844,16 +842,13 @@ pub fn build(opts: &BuildOptions, progress: Progress) -> Result<BuildReport, Bui
     artefacts.push(("initramfs (zstd)", initrd.len() as u64));
     artefacts.push(("kernel", kernel.image.len() as u64));
 
-    let options = format!(
-        "{} {CMDLINE_SLOT}={} {CMDLINE_VERITY_ROOTHASH}={} {CMDLINE_VERITY_SALT}={} \
-         {CMDLINE_VERITY_DATA_BLOCKS}={} {CMDLINE_VERITY_HASH_OFFSET}={}",
-        def.cmdline(arch)?,
-        Slot::A.letter(),
-        params.root_hash_hex(),
-        params.salt_hex(),
-        params.data_blocks,
-        params.hash_offset,
-    );
+    let verity = VerityParams {
+        roothash: params.root_hash_hex(),
+        salt: params.salt_hex(),
+        data_blocks: params.data_blocks,
+        hash_offset: params.hash_offset,
+    };
+    let base_cmdline = def.cmdline(arch)?;
     let mut esp = Esp::new();
     esp.add_bootloader(arch, bootloader);
     esp.add_loader_conf(&LoaderConf {
@@ -863,16 +858,19 @@ pub fn build(opts: &BuildOptions, progress: Progress) -> Result<BuildReport, Bui
     });
     let kernel_bytes = kernel.image.len() as u64;
     esp.add_slot(Slot::A, kernel.image, initrd);
+    // The first entry is generation 1, on trial like every new one: PID 1 blesses it
+    // once the node is healthy.
     esp.add_entry(
-        &layout::loader_entry_name(Slot::A, Some(3)),
-        &BootEntry {
-            title: format!("Keelson {} (slot A)", opts.version),
-            version: Some(opts.version.clone()),
-            sort_key: Some("keelson".into()),
-            linux: crate::esp::slot_kernel_path(Slot::A),
-            initrd: vec![crate::esp::slot_initrd_path(Slot::A)],
-            options,
-        },
+        &EntryName::new_trial(Slot::A).file_name(),
+        &BootEntry::for_slot(
+            Slot::A,
+            &EntryVersion {
+                generation: 1,
+                os_version: opts.version.clone(),
+            },
+            &base_cmdline,
+            &verity,
+        ),
     );
     let esp_size = def.partitions.efi_mib << 20;
     let esp_bytes = esp.to_vec(esp_size, epoch)?;

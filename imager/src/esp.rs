@@ -126,69 +126,7 @@ pub fn fat_datetime(epoch: u64) -> DateTime {
     }
 }
 
-/// A Boot Loader Specification type 1 entry.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct BootEntry {
-    /// `title`.
-    pub title: String,
-    /// `version` (our release version).
-    pub version: Option<String>,
-    /// `sort-key`.
-    pub sort_key: Option<String>,
-    /// `linux`: path of the kernel on the ESP (`/keelson/a/vmlinuz`).
-    pub linux: String,
-    /// `initrd` lines.
-    pub initrd: Vec<String>,
-    /// `options`: the kernel command line.
-    pub options: String,
-}
-
-impl BootEntry {
-    /// The entry's text.
-    pub fn render(&self) -> String {
-        let mut out = format!("title {}\n", self.title);
-        if let Some(v) = &self.version {
-            out.push_str(&format!("version {v}\n"));
-        }
-        if let Some(k) = &self.sort_key {
-            out.push_str(&format!("sort-key {k}\n"));
-        }
-        out.push_str(&format!("linux {}\n", self.linux));
-        for initrd in &self.initrd {
-            out.push_str(&format!("initrd {initrd}\n"));
-        }
-        out.push_str(&format!("options {}\n", self.options));
-        out
-    }
-
-    /// Parse an entry's text (unknown keys are ignored; repeated `options` lines are
-    /// joined with a space, as systemd-boot does).
-    pub fn parse(text: &str) -> BootEntry {
-        let mut entry = BootEntry::default();
-        for line in text.lines() {
-            let line = line.trim();
-            if line.starts_with('#') {
-                continue;
-            }
-            let (key, value) = line.split_once(char::is_whitespace).unwrap_or((line, ""));
-            let value = value.trim().to_string();
-            match key {
-                "title" => entry.title = value,
-                "version" => entry.version = Some(value),
-                "sort-key" => entry.sort_key = Some(value),
-                "linux" => entry.linux = value,
-                "initrd" => entry.initrd.push(value),
-                "options" if entry.options.is_empty() => entry.options = value,
-                "options" => {
-                    entry.options.push(' ');
-                    entry.options.push_str(&value);
-                }
-                _ => {}
-            }
-        }
-        entry
-    }
-}
+pub use keelson_configs::boot::{BootEntry, slot_initrd_path, slot_kernel_path};
 
 /// systemd-boot's `loader/loader.conf` (the default: no menu, no editor, newest entry).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -216,16 +154,6 @@ impl LoaderConf {
         });
         out
     }
-}
-
-/// Where a slot's kernel lives on the ESP, as a loader entry names it.
-pub fn slot_kernel_path(slot: Slot) -> String {
-    format!("/keelson/{}/vmlinuz", slot.letter())
-}
-
-/// Where a slot's initramfs lives on the ESP, as a loader entry names it.
-pub fn slot_initrd_path(slot: Slot) -> String {
-    format!("/keelson/{}/initrd", slot.letter())
 }
 
 /// The files of an ESP, to be written into a FAT32 image.

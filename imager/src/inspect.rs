@@ -104,11 +104,13 @@ pub struct SlotReport {
 }
 
 impl SlotReport {
-    /// The slot's version: the entry's `version`, else os-release's `VERSION_ID`.
+    /// The slot's version: the OS version of the entry's `version` line
+    /// (`<generation>-<os version>`), else os-release's `VERSION_ID`.
     pub fn version(&self) -> Option<String> {
         self.entry
             .as_ref()
-            .and_then(|e| e.version.clone())
+            .filter(|e| e.version.is_some())
+            .map(|e| e.entry_version().os_version)
             .or_else(|| os_release_value(self.os_release.as_deref()?, "VERSION_ID"))
     }
 }

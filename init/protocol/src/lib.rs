@@ -15,3 +15,4 @@ pub mod control;
 pub mod etcd;
 pub mod kubelet;
 pub mod state;
+pub mod upgrade;
