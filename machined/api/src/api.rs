@@ -182,6 +182,10 @@ pub const ACCESS: &[MethodAccess] = &[
     access("EtcdRemoveMember", "etcd remove-member", Role::Admin, false),
     // The kubeconfig holds a new cluster-admin certificate: as much as the node API's admin.
     access("Kubeconfig", "kubeconfig", Role::Admin, false),
+    // An upgrade replaces the node's code: as much as the node API's admin.
+    access("Upgrade", "upgrade", Role::Admin, false),
+    access("Rollback", "rollback", Role::Admin, false),
+    access("UpgradeStatus", "upgrade status", Role::Reader, false),
 ];
 
 /// The access table's row for a request path (`/keelson.machine.v1.Machine/Version`);

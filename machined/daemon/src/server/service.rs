@@ -742,6 +742,37 @@ impl Machine for NodeService {
         Ok(Response::new(proto::EtcdMessageResponse { message }))
     }
 
+    type UpgradeStream = BoxStream<proto::UpgradeProgress>;
+
+    // The upgrade engine (`crate::upgrade`) lands in this wave; until it is wired here the
+    // calls say so.
+    async fn upgrade(
+        &self,
+        _req: Request<Streaming<proto::UpgradeRequest>>,
+    ) -> Result<Response<Self::UpgradeStream>, Status> {
+        Err(Status::unimplemented(
+            "upgrades are not wired into this build of machined yet",
+        ))
+    }
+
+    async fn rollback(
+        &self,
+        _req: Request<proto::RollbackRequest>,
+    ) -> Result<Response<proto::RollbackResponse>, Status> {
+        Err(Status::unimplemented(
+            "rollback is not wired into this build of machined yet",
+        ))
+    }
+
+    async fn upgrade_status(
+        &self,
+        _req: Request<proto::UpgradeStatusRequest>,
+    ) -> Result<Response<proto::UpgradeStatusResponse>, Status> {
+        Err(Status::unimplemented(
+            "upgrade status is not wired into this build of machined yet",
+        ))
+    }
+
     async fn kubeconfig(
         &self,
         req: Request<proto::KubeconfigRequest>,
