@@ -61,7 +61,10 @@ pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// whose length is the data's), which only HTTP/2 keepalive ends.
 pub fn call_deadline(method: &str) -> Option<Duration> {
     match method {
-        "Logs" | "Dmesg" | "Read" | "ImageImport" | "Bootstrap" | "EtcdSnapshot" => None,
+        "Logs" | "Dmesg" | "Read" | "ImageImport" | "Bootstrap" | "EtcdSnapshot" | "Upgrade" => {
+            None
+        }
+        "Rollback" => Some(LONG_CALL_TIMEOUT),
         "ApplyConfig"
         | "ConfirmConfig"
         | "Reset"
