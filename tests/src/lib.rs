@@ -567,6 +567,26 @@ impl Running {
         Ok(())
     }
 
+    /// Cut the power: kill QEMU at once (SIGKILL: nothing is flushed, the guest gets no
+    /// word) and start it again with the same disk and firmware variables, as a machine
+    /// whose power came back. The console starts empty; what the guest printed before the
+    /// cut is appended to `console.before-cuts.log` in the scratch directory.
+    pub fn power_cycle(&mut self) -> Result<()> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let before = self.console();
+        let history = self.dir.path().join("console.before-cuts.log");
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&history)?;
+        use std::io::Write as _;
+        writeln!(file, "{before}\n===== power cut =====")?;
+        std::fs::File::create(&self.console)?;
+        self.child = self.recipe.spawn(self.dir.path())?;
+        Ok(())
+    }
+
     /// Send one command to the QEMU monitor (`system_powerdown`, `sendkey
     /// ctrl-alt-delete`) and return what it answered.
     pub fn monitor(&self, command: &str) -> Result<String> {
