@@ -18,6 +18,7 @@
 //! reboot.
 
 pub mod blockdev;
+pub mod boot_assess;
 pub mod bootlog;
 pub mod cmdline;
 pub mod config_source;
@@ -29,6 +30,7 @@ pub mod dm_abi;
 pub mod drivers;
 pub mod etc_files;
 pub mod events;
+pub mod fault;
 pub mod kmods;
 pub mod lifecycle;
 pub mod live;
@@ -50,6 +52,7 @@ pub mod supervisor;
 pub mod swap;
 pub mod syscalls;
 pub mod sysctl;
+pub mod watchdog;
 
 use std::convert::Infallible;
 use std::error::Error as StdError;
