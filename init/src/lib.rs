@@ -18,7 +18,6 @@
 //! reboot.
 
 pub mod blockdev;
-pub mod boot_assess;
 pub mod bootlog;
 pub mod cmdline;
 pub mod config_source;
