@@ -1,13 +1,16 @@
 //! Stage 1: from the initramfs to the verified root filesystem.
 //!
 //! The kernel runs us as `/init` in the initramfs. In order: mount `/proc`, `/sys` and
-//! `/dev` (the mount table); read the boot parameters from `/proc/cmdline`; load the
-//! initramfs's modules; wait for the slot's root partition (`ROOT-A`/`ROOT-B`) to show up
+//! `/dev` (the mount table); read the boot parameters from `/proc/cmdline`; arm the
+//! watchdog (`watchdog`: its modules loaded first, its descriptor left open for stage 2,
+//! named by `--watchdog-fd=N`), and with the `stage1-hang` test fault (`fault`) sleep
+//! forever there; load the initramfs's modules; wait for the slot's root partition (`ROOT-A`/`ROOT-B`) to show up
 //! in sysfs; set up dm-verity over it with device-mapper ioctls; with
 //! `keelson.verity.check=full` (the default) read the whole device once, so that a root
 //! whose content does not match its hash never runs, and meanwhile load stage 2's first
 //! modules (`modules/preload`) on the other CPU; mount it read-only at `/sysroot`;
-//! move `/dev`, `/proc` and `/sys` into it; switch_root; exec `/sbin/init --stage2`.
+//! move `/dev`, `/proc` and `/sys` into it; switch_root; exec `/sbin/init --stage2`
+//! (with `--watchdog-fd=N` when a watchdog is armed, pinged just before).
 //!
 //! Every step returns an [`Error`] that names what failed and what it means; the caller
 //! prints it and reboots, so that the firmware's boot counter can move on to another
@@ -24,9 +27,11 @@ use crate::blockdev::{self, BlockDev};
 use crate::cmdline::{self, BootParams, VerityCheck};
 use crate::console::Log;
 use crate::dm;
+use crate::fault;
 use crate::modules;
 use crate::mounts::{self, EARLY_MOUNTS, ensure_dir};
 use crate::syscalls::{MountFlags, NodeKind, Syscalls, errno_name};
+use crate::watchdog::{self, Watchdog};
 
 /// The device-mapper name of the verified root.
 pub const DM_NAME: &str = "keelson-root";
@@ -66,6 +71,8 @@ pub struct Paths {
     pub dm_control: PathBuf,
     /// Where the root is mounted (`/sysroot`).
     pub sysroot: PathBuf,
+    /// The watchdog's device node (`/dev/watchdog`).
+    pub watchdog: PathBuf,
 }
 
 impl Default for Paths {
@@ -79,6 +86,7 @@ impl Default for Paths {
             modules_preload: root.join(layout::INITRAMFS_MODULES_PRELOAD),
             dm_control: PathBuf::from("/dev/mapper/control"),
             sysroot: PathBuf::from(layout::SYSROOT),
+            watchdog: PathBuf::from(watchdog::DEVICE),
         }
     }
 }
@@ -251,7 +259,8 @@ pub fn run(sys: &dyn Syscalls, log: &dyn Log, paths: &Paths) -> Result<Infallibl
             path: paths.cmdline.display().to_string(),
             source,
         })?;
-    let params = cmdline::parse(&String::from_utf8_lossy(&text))?;
+    let text = String::from_utf8_lossy(&text);
+    let params = cmdline::parse(&text)?;
     let partname = params.slot.partition_name();
     log.line(&format!(
         "booting slot {} ({partname}), verity root hash {}",
@@ -264,7 +273,10 @@ pub fn run(sys: &dyn Syscalls, log: &dyn Log, paths: &Paths) -> Result<Infallibl
     // disk drivers are left to stage 2, which loads them from the root once its services
     // are up (`drivers::DISK_MODULES`): under TCG they took 0.4 s of CPU that the check
     // and stage 2 needed. Otherwise they load now and the search goes on.
-    let files = modules::read_order(sys, log, &paths.modules_order)?;
+    let mut files = modules::read_order(sys, log, &paths.modules_order)?;
+    // The watchdog first: from here on a hang of this boot becomes a reset.
+    let mut watchdog = arm_watchdog(sys, log, paths, &text, &mut files);
+    fault::stage1(sys, log, &text);
     let split = modules::root_chain_end(&files);
     let mut report = modules::Report::default();
     let dir = &paths.modules_dir;
@@ -323,10 +335,35 @@ pub fn run(sys: &dyn Syscalls, log: &dyn Log, paths: &Paths) -> Result<Infallibl
     switch_root(sys, log, &paths.sysroot)?;
 
     let init = format!("/{}", layout::ROOT_INIT);
-    log.line(&format!("exec {init} {}", layout::STAGE2_ARG));
+    let mut args = vec![init.clone(), layout::STAGE2_ARG.to_string()];
+    // Stage 2 inherits the armed watchdog's descriptor, just pinged.
+    if let Some(watchdog) = &mut watchdog {
+        watchdog.ping(Instant::now(), log);
+        args.extend(watchdog.exec_arg());
+    }
+    log.line(&format!("exec {}", args.join(" ")));
     sys.sync();
-    let source = sys.exec(&init, &[&init, layout::STAGE2_ARG]);
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let source = sys.exec(&init, &argv);
     Err(Error::Exec { path: init, source })
+}
+
+/// Arm the watchdog ([`watchdog::arm`]); its modules leave `files`, loaded first on
+/// their own.
+fn arm_watchdog(
+    sys: &dyn Syscalls,
+    log: &dyn Log,
+    paths: &Paths,
+    cmdline: &str,
+    files: &mut Vec<String>,
+) -> Option<Watchdog> {
+    let ours = watchdog::take_modules(files);
+    let places = watchdog::Places {
+        modules_dir: &paths.modules_dir,
+        sysfs: &paths.sysfs,
+        device: &paths.watchdog,
+    };
+    watchdog::arm(sys, log, cmdline, &ours, places, &watchdog::open_device)
 }
 
 /// Wait (bounded) for the slot's partition to appear in sysfs, and make sure its node exists.
@@ -1020,6 +1057,49 @@ mod tests {
             "{:?}",
             log.lines()
         );
+        Ok(())
+    }
+
+    #[test]
+    fn the_watchdog_s_modules_load_first_and_without_a_device_nothing_is_armed() -> io::Result<()> {
+        let scratch = Scratch::new("watchdog")?;
+        scratch.add_partition("vda2", 2, "ROOT-A")?;
+        let fake = fake(&cmdline()).reading_real(&scratch.0).with_file(
+            "/modules/order",
+            "dm-mod.ko\nwatchdog.ko\ndm-verity.ko\ni6300esb.ko\n",
+        );
+        let log = MemoryLog::default();
+        let err = error_text(run(&fake, &log, &paths(&scratch)));
+        assert!(err.starts_with("cannot exec /sbin/init"), "{err}");
+        let loads: Vec<Call> = fake
+            .calls()
+            .into_iter()
+            .filter(|c| matches!(c, Call::FinitModule(..)))
+            .collect();
+        let load = |f: &str| Call::FinitModule(format!("/modules/{f}"), false);
+        assert_eq!(
+            loads,
+            [
+                load("watchdog.ko"),
+                load("i6300esb.ko"),
+                load("dm-mod.ko"),
+                load("dm-verity.ko")
+            ]
+        );
+        let lines = log.lines();
+        assert!(
+            lines.contains(&"keelson-init: no watchdog: /dev/watchdog does not exist (watchdog, i6300esb loaded); nothing is armed, so a hang is not reset on this machine".into()),
+            "{lines:?}"
+        );
+        assert!(
+            lines.contains(&"keelson-init: modules: 2 loaded, 0 already loaded, 0 failed".into()),
+            "{lines:?}"
+        );
+        // No watchdog, no descriptor for stage 2.
+        assert!(fake.calls().contains(&Call::Exec(
+            "/sbin/init".into(),
+            vec!["/sbin/init".into(), "--stage2".into()]
+        )));
         Ok(())
     }
 
