@@ -194,6 +194,11 @@ pub fn create_overlay(base: &Path, overlay: &Path, size: Option<u64>) -> Result<
     Ok(())
 }
 
+/// The watchdog device every machine gets (Linux's `i6300esb` driver).
+pub const WATCHDOG_DEVICE: &str = "i6300esb";
+/// What QEMU does when the guest's watchdog fires: reset the machine.
+pub const WATCHDOG_ACTION: &str = "watchdog=reset";
+
 /// One QEMU virtual machine: its disk, firmware variables and console file live in
 /// `dir`, which the caller owns.
 #[derive(Debug, Clone)]
@@ -335,6 +340,12 @@ impl Machine {
             ));
             cmd.args(["-device", "virtio-blk-pci,drive=disk0,bootindex=1"]);
         }
+        // The watchdog PID 1 arms in stage 1 and pings from stage 2 (init's
+        // `watchdog`): an Intel 6300ESB on the PCI bus (q35's, and virt's PCIe host
+        // bridge on arm64), and what QEMU does when it fires, a reset. `reset` is QEMU's
+        // default, named here so that a hung guest is never paused or left running; under
+        // `-no-reboot` that reset, like any other, ends QEMU instead.
+        cmd.args(["-device", WATCHDOG_DEVICE, "-action", WATCHDOG_ACTION]);
         for (name, file) in &self.fw_cfg {
             cmd.arg("-fw_cfg")
                 .arg(format!("name={name},file={}", file.display()));
@@ -379,6 +390,10 @@ mod tests {
                 assert!(line.contains("OVMF_CODE_4M.fd"), "{line}");
                 assert!(line.contains("format=qcow2"), "{line}");
                 assert!(line.contains("-accel tcg"), "{line}");
+                assert!(
+                    line.contains("-device i6300esb -action watchdog=reset"),
+                    "{line}"
+                );
                 assert!(dir.join("efivars.fd").is_file());
             }
             Err(QemuError::MissingFirmware { package, .. }) => {
