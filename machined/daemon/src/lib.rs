@@ -10,6 +10,7 @@
 //! | [`etcd`] | a control plane's etcd member: certificates, bootstrap, joins as a learner, the `etcd` operations, leaving at reset |
 //! | [`containerd`] | containers, images and image import through containerd's API |
 //! | [`kubernetes`] | the Kubernetes node: kubeadm's phases from the config, the kubelet fetched, verified and started, the control-plane images pulled through the CRI |
+//! | [`upgrade`] | upgrades by A/B slot: a signed bundle checked, written into the inactive slot, verified and given a boot entry on trial; rollback; the slots' status |
 //! | [`timesync`] | SNTP time sync from the config's `time_servers`: steps the clock, keeps a status |
 
 pub mod backend;
@@ -19,3 +20,4 @@ pub mod kubernetes;
 pub mod node;
 pub mod server;
 pub mod timesync;
+pub mod upgrade;

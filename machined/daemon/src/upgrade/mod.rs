@@ -1,0 +1,692 @@
+//! The node's side of an upgrade (`machinectl upgrade`, `rollback`, `upgrade status`):
+//! a signed bundle is received (or fetched), checked whole before anything is written,
+//! streamed into the inactive slot, read back and verified, and only then given a boot
+//! entry on trial (`keelson-<slot>+3-0.conf`); a rollback makes the other, blessed slot
+//! the next to boot.
+//!
+//! The order of [`Upgrader::upgrade`] (the design's step 3):
+//! 1. the bundle's header, its signature against the trusted keys, and every check
+//!    (`keelson_upgrade::checks` over the node's facts, and the etcd guard on a control
+//!    plane): a refusal writes nothing, and `--dry-run` stops here;
+//! 2. STATE's [`Attempt`] (in progress), then the inactive slot's entry is deleted and the
+//!    directory synced: a half-written slot is never bootable;
+//! 3. the root part is written into the slot's partition while the bundle arrives, the
+//!    kernel and initramfs into temporary files on the ESP, synced and renamed;
+//! 4. everything is read back with the page cache dropped (sha256 of each part, the verity
+//!    tree recomputed from the data blocks);
+//! 5. the entry, by temporary file, fsync, rename, fsync of the directory; the outcome
+//!    `staged` (`--stage`) or `booting`.
+//!
+//! The engine never reboots: [`UpgradeDone::rebooting`] tells the server to ask PID 1.
+//! The running slot's partition, its entry and STATE's config are never written. One
+//! upgrade or rollback runs at a time.
+//!
+//! | module | what it is |
+//! |---|---|
+//! | [`error`] | [`UpgradeError`], and its gRPC code |
+//! | [`facts`] | the node's facts: booted slot, version, arch, components, partitions, config version, the STATE record |
+//! | [`esp`] | the ESP: entries listed, deleted, written durably; the slots' kernel and initramfs |
+//! | [`install`] | the writer of the parts and the read-back verification |
+//! | [`fetch`] | a bundle streamed from an http(s) URL |
+//! | [`cluster_guard`] | the etcd quorum guard of a control plane |
+//! | [`status`] | the slots and the record, and their wire form |
+
+pub mod cluster_guard;
+pub mod error;
+pub mod esp;
+pub mod facts;
+pub mod fetch;
+pub mod install;
+pub mod status;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use hyper::body::Bytes;
+use keelson_api::api::proto;
+use keelson_configs::boot::{
+    BootEntry, CMDLINE_HEALTH_TIMEOUT, EntryName, EntryVersion, next_generation,
+};
+use keelson_node_protocol::upgrade::{self as record, Attempt, Outcome, UpgradeRecord};
+use tokio::sync::mpsc;
+
+pub use cluster_guard::{ClusterGuard, EtcdGuard};
+pub use error::UpgradeError;
+pub use status::{SlotState, UpgradeStatus};
+
+use esp::Esp;
+
+/// Where the engine reads and writes; tests point every path at temporary files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpgradePaths {
+    /// STATE's mount point (`/system/state`): the upgrade record, the running config.
+    pub state: PathBuf,
+    /// The ESP's mount point (`/boot`).
+    pub esp: PathBuf,
+    /// The public keys the image trusts (`/usr/share/keelson/upgrade-keys`).
+    pub trusted_keys: PathBuf,
+    /// The running image's os-release (`/usr/lib/os-release`).
+    pub os_release: PathBuf,
+    /// The kernel command line (`/proc/cmdline`).
+    pub cmdline: PathBuf,
+    /// The block devices in sysfs (`/sys/class/block`).
+    pub sys_block: PathBuf,
+    /// The device nodes (`/dev`).
+    pub dev: PathBuf,
+    /// The components the running image carries (`/usr/lib/keelson/components`).
+    pub components: PathBuf,
+}
+
+impl Default for UpgradePaths {
+    fn default() -> Self {
+        UpgradePaths {
+            state: keelson_configs::layout::STATE_MOUNT.into(),
+            esp: keelson_configs::boot::ESP_MOUNT.into(),
+            trusted_keys: "/usr/share/keelson/upgrade-keys".into(),
+            os_release: PathBuf::from("/").join(keelson_configs::layout::OS_RELEASE),
+            cmdline: "/proc/cmdline".into(),
+            sys_block: "/sys/class/block".into(),
+            dev: "/dev".into(),
+            components: "/usr/lib/keelson/components".into(),
+        }
+    }
+}
+
+/// What the operator asked for.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UpgradeOptions {
+    /// Write now, switch at the next reboot.
+    pub stage: bool,
+    /// Run every check, write nothing.
+    pub dry_run: bool,
+    /// Install a version that failed here, or go on when etcd would lose its quorum.
+    pub force: bool,
+    /// Install an older version.
+    pub allow_downgrade: bool,
+    /// Seconds the new slot has to become healthy; 0: the default (no key on the command
+    /// line).
+    pub health_timeout_secs: u64,
+}
+
+impl From<&proto::UpgradeOptions> for UpgradeOptions {
+    fn from(o: &proto::UpgradeOptions) -> Self {
+        UpgradeOptions {
+            stage: o.stage,
+            dry_run: o.dry_run,
+            force: o.force,
+            allow_downgrade: o.allow_downgrade,
+            health_timeout_secs: o.health_timeout_seconds,
+        }
+    }
+}
+
+/// Where the bundle comes from.
+#[derive(Debug)]
+pub enum BundleSource {
+    /// Received in pieces (the gRPC stream's `data`); an `Err` (why the stream broke) or
+    /// the channel's end before the bundle's end stops the upgrade.
+    Stream {
+        /// The pieces.
+        chunks: mpsc::Receiver<Result<Bytes, String>>,
+        /// The bundle's size when the sender knows it (0: unknown), for progress.
+        size: u64,
+    },
+    /// Fetched by the node from an `http://` or `https://` URL.
+    Url(String),
+}
+
+impl BundleSource {
+    /// The source a gRPC request's options name: their URL when they have one, else the
+    /// stream's `data` pieces the server forwards on `chunks`.
+    pub fn from_options(
+        options: &proto::UpgradeOptions,
+        chunks: mpsc::Receiver<Result<Bytes, String>>,
+    ) -> BundleSource {
+        if options.url.is_empty() {
+            BundleSource::Stream {
+                chunks,
+                size: options.size,
+            }
+        } else {
+            BundleSource::Url(options.url.clone())
+        }
+    }
+}
+
+/// A progress report: the phase (`check`, then STATE's phases: `transfer`, `write`,
+/// `verify`, `entry`, `reboot`), bytes done of its total (0: unknown), and a line.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// The phase.
+    pub phase: String,
+    /// Bytes done.
+    pub done: u64,
+    /// Bytes in all (0: unknown).
+    pub total: u64,
+    /// A line for people.
+    pub message: String,
+}
+
+impl From<Progress> for proto::UpgradeProgress {
+    fn from(p: Progress) -> Self {
+        proto::UpgradeProgress {
+            phase: p.phase,
+            done: p.done,
+            total: p.total,
+            message: p.message,
+            ..Default::default()
+        }
+    }
+}
+
+/// A finished upgrade (or dry run).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpgradeDone {
+    /// The version installed (or that would be, for a dry run).
+    pub version: String,
+    /// The slot it went into (`a`/`b`).
+    pub slot: String,
+    /// The server must now ask PID 1 to reboot (`NodeBackend::power(Power::Reboot)`):
+    /// false for `--stage` and `--dry-run`.
+    pub rebooting: bool,
+    /// Only the checks ran.
+    pub dry_run: bool,
+}
+
+impl From<UpgradeDone> for proto::UpgradeProgress {
+    fn from(d: UpgradeDone) -> Self {
+        let message = if d.dry_run {
+            format!(
+                "every check passed: {} would go into slot {}; nothing was written",
+                d.version, d.slot
+            )
+        } else if d.rebooting {
+            format!(
+                "{} is in slot {} and boots on trial now: rebooting",
+                d.version, d.slot
+            )
+        } else {
+            format!(
+                "{} is in slot {}: it boots on trial at the next reboot",
+                d.version, d.slot
+            )
+        };
+        proto::UpgradeProgress {
+            phase: if d.dry_run {
+                "check"
+            } else if d.rebooting {
+                record::PHASE_REBOOT
+            } else {
+                record::PHASE_ENTRY
+            }
+            .into(),
+            message,
+            done_all: true,
+            version: d.version,
+            slot: d.slot,
+            rebooting: d.rebooting,
+            ..Default::default()
+        }
+    }
+}
+
+/// A rollback made ready: the version and slot that boot next. The server must now ask
+/// PID 1 to reboot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RollbackDone {
+    /// The version.
+    pub version: String,
+    /// The slot (`a`/`b`).
+    pub slot: String,
+}
+
+impl From<RollbackDone> for proto::RollbackResponse {
+    fn from(d: RollbackDone) -> Self {
+        proto::RollbackResponse {
+            version: d.version,
+            slot: d.slot,
+        }
+    }
+}
+
+/// The upgrade engine. Cheap to clone: clones share the one-at-a-time lock.
+#[derive(Clone)]
+pub struct Upgrader {
+    paths: UpgradePaths,
+    busy: Arc<tokio::sync::Mutex<()>>,
+    guard: Arc<std::sync::Mutex<Option<Arc<dyn ClusterGuard>>>>,
+}
+
+impl std::fmt::Debug for Upgrader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upgrader")
+            .field("paths", &self.paths)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Upgrader {
+    /// The engine over `paths`, with no cluster guard (a worker, or no config yet).
+    pub fn new(paths: UpgradePaths) -> Upgrader {
+        Upgrader {
+            paths,
+            busy: Arc::default(),
+            guard: Arc::default(),
+        }
+    }
+
+    /// Sets (or clears) the control plane's guard, asked before every upgrade that is not
+    /// forced ([`EtcdGuard`] once the node's etcd controller exists).
+    pub fn set_cluster_guard(&self, guard: Option<Arc<dyn ClusterGuard>>) {
+        match self.guard.lock() {
+            Ok(mut g) => *g = guard,
+            Err(p) => *p.into_inner() = guard,
+        }
+    }
+
+    fn cluster_guard(&self) -> Option<Arc<dyn ClusterGuard>> {
+        match self.guard.lock() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// The paths the engine works on.
+    pub fn paths(&self) -> &UpgradePaths {
+        &self.paths
+    }
+
+    /// The slots and STATE's record.
+    pub fn status(&self) -> Result<UpgradeStatus, UpgradeError> {
+        let esp = Esp::new(&self.paths.esp);
+        let entries = esp.entries()?;
+        let booted = facts::booted_slot(&self.paths).ok();
+        Ok(UpgradeStatus {
+            slots: status::slots(&entries, booted),
+            record: facts::read_record(&self.paths.state)?,
+        })
+    }
+
+    /// Makes the other slot the next to boot, if its entry is blessed and its files are
+    /// on the ESP: its entry is rewritten under the same name with the next generation.
+    /// The server then asks PID 1 to reboot.
+    pub fn rollback(&self) -> Result<RollbackDone, UpgradeError> {
+        let _busy = self
+            .busy
+            .clone()
+            .try_lock_owned()
+            .map_err(|_| UpgradeError::Busy)?;
+        let booted = facts::booted_slot(&self.paths)?;
+        let other = booted.other();
+        let refuse = |reason: String| UpgradeError::Rollback {
+            slot: other.letter().to_owned(),
+            reason,
+        };
+        let esp = Esp::new(&self.paths.esp);
+        let entries = esp.entries()?;
+        let Some(found) = entries.iter().find(|e| e.name.slot == other) else {
+            return Err(refuse(format!(
+                "it has no boot entry in {}: it holds no image that ever booted here; upgrade instead",
+                esp.entries_dir().display()
+            )));
+        };
+        if found.name.on_trial() {
+            return Err(refuse(format!(
+                "its entry {} is on trial, not blessed: that image never proved healthy here; upgrade to a good version instead",
+                found.name.file_name()
+            )));
+        }
+        let files = std::iter::once(&found.entry.linux).chain(&found.entry.initrd);
+        for file in files {
+            let path = esp.file(file);
+            if !path.is_file() {
+                return Err(refuse(format!(
+                    "its entry {} names {}, which is missing: the slot cannot boot; upgrade instead",
+                    found.name.file_name(),
+                    path.display()
+                )));
+            }
+        }
+        let version = found.entry.entry_version().os_version;
+        let mut rec = facts::read_record(&self.paths.state)?;
+        let mut attempt = Attempt {
+            from_version: facts::running_version(&self.paths).unwrap_or_default(),
+            from_slot: booted.letter().into(),
+            to_version: version.clone(),
+            to_slot: other.letter().into(),
+            rollback: true,
+            ..Attempt::default()
+        };
+        rec.attempt = Some(attempt.clone());
+        facts::write_record(&self.paths.state, &rec)?;
+        let mut entry = found.entry.clone();
+        entry.version = Some(
+            EntryVersion {
+                generation: next_generation(&entries),
+                os_version: version.clone(),
+            }
+            .render(),
+        );
+        if let Err(e) = esp.write_entry(&found.name, &entry) {
+            attempt.outcome = Outcome::Failed {
+                phase: record::PHASE_ENTRY.into(),
+                reason: e.to_string(),
+            };
+            rec.attempt = Some(attempt);
+            let _ = facts::write_record(&self.paths.state, &rec);
+            return Err(e);
+        }
+        attempt.reach(record::PHASE_ENTRY, facts::now_ms());
+        attempt.reach(record::PHASE_REBOOT, facts::now_ms());
+        attempt.outcome = Outcome::Booting;
+        rec.attempt = Some(attempt);
+        if let Err(e) = facts::write_record(&self.paths.state, &rec) {
+            tracing::warn!(error = %e, "rollback: the entry is switched but the record was not updated");
+        }
+        tracing::info!(version = %version, slot = other.letter(), "rollback: slot {} boots next", other.letter());
+        Ok(RollbackDone {
+            version,
+            slot: other.letter().into(),
+        })
+    }
+
+    /// Upgrades the inactive slot from `source` (see the module's documentation for the
+    /// order), reporting on `progress` (a report the receiver is too slow for is
+    /// dropped; a closed receiver changes nothing). Does not reboot: when
+    /// [`UpgradeDone::rebooting`] is true the server asks PID 1 to.
+    pub async fn upgrade(
+        &self,
+        source: BundleSource,
+        options: UpgradeOptions,
+        progress: mpsc::Sender<Progress>,
+    ) -> Result<UpgradeDone, UpgradeError> {
+        let _busy = self
+            .busy
+            .clone()
+            .try_lock_owned()
+            .map_err(|_| UpgradeError::Busy)?;
+        let mut reader = install::BundleReader::new(source);
+        let report = Reporter(progress);
+        report
+            .say("check", 0, 0, "reading the bundle's header")
+            .await;
+        let header = reader.header().await?;
+        let manifest = header.manifest.clone();
+        self.verify_signature(&header)?;
+        let plan = self.check(&manifest, &options).await?;
+        if options.dry_run {
+            return Ok(UpgradeDone {
+                version: manifest.version,
+                slot: plan.target.letter().into(),
+                rebooting: false,
+                dry_run: true,
+            });
+        }
+        report
+            .say(
+                "check",
+                0,
+                0,
+                &format!(
+                    "every check passed: installing {} into slot {} ({})",
+                    manifest.version,
+                    plan.target.letter(),
+                    plan.partition.device.display()
+                ),
+            )
+            .await;
+        let mut rec = plan.record.clone();
+        rec.attempt = Some(Attempt {
+            from_version: plan.running_version.clone(),
+            from_slot: plan.target.other().letter().into(),
+            to_version: manifest.version.clone(),
+            to_slot: plan.target.letter().into(),
+            ..Attempt::default()
+        });
+        facts::write_record(&self.paths.state, &rec)?;
+        let mut attempt = Tracker {
+            state: self.paths.state.clone(),
+            record: rec,
+        };
+        match self
+            .install(
+                &mut reader,
+                &plan,
+                &manifest,
+                &options,
+                &report,
+                &mut attempt,
+            )
+            .await
+        {
+            Ok(done) => Ok(done),
+            Err(e) => {
+                attempt.fail(&e);
+                Err(e)
+            }
+        }
+    }
+
+    fn verify_signature(
+        &self,
+        header: &keelson_upgrade::bundle::Header,
+    ) -> Result<(), UpgradeError> {
+        let keys_dir = &self.paths.trusted_keys;
+        let keys = keelson_upgrade::keys::TrustedKeys::load_dir(keys_dir).map_err(|source| {
+            UpgradeError::Keys {
+                keys_dir: keys_dir.clone(),
+                source,
+            }
+        })?;
+        keelson_upgrade::keys::verify(header, &keys).map_err(|source| UpgradeError::Signature {
+            keys_dir: keys_dir.clone(),
+            source,
+        })?;
+        Ok(())
+    }
+
+    /// Collects the node's facts and runs every check; any refusal ends the upgrade.
+    async fn check(
+        &self,
+        manifest: &keelson_upgrade::manifest::Manifest,
+        options: &UpgradeOptions,
+    ) -> Result<install::Plan, UpgradeError> {
+        let paths = &self.paths;
+        let booted = facts::booted_slot(paths)?;
+        let target = booted.other();
+        let partition = facts::find_partition(paths, target)?;
+        let running_version = facts::running_version(paths)?;
+        let record = facts::read_record(&paths.state)?;
+        let esp = Esp::new(&paths.esp);
+        let node = keelson_upgrade::checks::NodeFacts {
+            arch: facts::arch(),
+            running_version: running_version.clone(),
+            components: facts::components(paths)?,
+            inactive_partition_bytes: partition.size,
+            esp_free_bytes: esp.free_bytes()?,
+            inactive_boot_files_bytes: esp.slot_files_size(target),
+            config_version: facts::config_version(paths)?,
+            record: record.clone(),
+        };
+        let check_options = keelson_upgrade::checks::CheckOptions {
+            allow_downgrade: options.allow_downgrade,
+            force: options.force,
+        };
+        let mut reasons: Vec<String> =
+            keelson_upgrade::checks::check(manifest, &node, &check_options)
+                .into_iter()
+                .map(|r| r.to_string())
+                .collect();
+        if !options.force
+            && let Some(guard) = self.cluster_guard()
+            && let Some(why) = guard.reboot_refusal().await
+        {
+            reasons.push(why);
+        }
+        if !reasons.is_empty() {
+            return Err(UpgradeError::Refused {
+                version: manifest.version.clone(),
+                reasons,
+            });
+        }
+        Ok(install::Plan {
+            target,
+            partition,
+            running_version,
+            record,
+        })
+    }
+
+    /// Everything after the checks: the writes, the verification, the entry.
+    async fn install(
+        &self,
+        reader: &mut install::BundleReader,
+        plan: &install::Plan,
+        manifest: &keelson_upgrade::manifest::Manifest,
+        options: &UpgradeOptions,
+        report: &Reporter,
+        attempt: &mut Tracker,
+    ) -> Result<UpgradeDone, UpgradeError> {
+        let slot = plan.target;
+        let esp = Esp::new(&self.paths.esp);
+        let deleted = esp.delete_slot_entries(slot)?;
+        if !deleted.is_empty() {
+            tracing::info!(slot = slot.letter(), entries = ?deleted, "upgrade: the inactive slot's entries were deleted");
+        }
+        esp.remove_slot_files(slot)?;
+        let written = install::stream_parts(reader, plan, manifest, &esp, report).await?;
+        attempt.reach(record::PHASE_TRANSFER)?;
+        attempt.reach(record::PHASE_WRITE)?;
+        report
+            .say(
+                record::PHASE_VERIFY,
+                0,
+                manifest.parts_size(),
+                "reading back what was written",
+            )
+            .await;
+        install::verify(written, manifest).await?;
+        attempt.reach(record::PHASE_VERIFY)?;
+        let entries = esp.entries()?;
+        let mut cmdline = manifest.cmdline.trim().to_owned();
+        if options.health_timeout_secs > 0 {
+            cmdline.push_str(&format!(
+                " {CMDLINE_HEALTH_TIMEOUT}={}",
+                options.health_timeout_secs
+            ));
+        }
+        let version = EntryVersion {
+            generation: next_generation(&entries),
+            os_version: manifest.version.clone(),
+        };
+        let entry = BootEntry::for_slot(slot, &version, &cmdline, &manifest.verity);
+        let name = EntryName::new_trial(slot);
+        esp.write_entry(&name, &entry)?;
+        attempt.reach(record::PHASE_ENTRY)?;
+        report
+            .say(
+                record::PHASE_ENTRY,
+                0,
+                0,
+                &format!("boot entry {} written", name.file_name()),
+            )
+            .await;
+        let rebooting = !options.stage;
+        if rebooting {
+            attempt.reach_with(record::PHASE_REBOOT, Outcome::Booting)?;
+        } else {
+            attempt.set_outcome(Outcome::Staged)?;
+        }
+        tracing::info!(version = %manifest.version, slot = slot.letter(), rebooting, "upgrade: slot {} is ready", slot.letter());
+        Ok(UpgradeDone {
+            version: manifest.version.clone(),
+            slot: slot.letter().into(),
+            rebooting,
+            dry_run: false,
+        })
+    }
+}
+
+/// Sends progress reports, never waiting on a slow receiver.
+#[derive(Debug)]
+pub(crate) struct Reporter(mpsc::Sender<Progress>);
+
+impl Reporter {
+    /// A phase's report (waits for room: these are few).
+    pub(crate) async fn say(&self, phase: &str, done: u64, total: u64, message: &str) {
+        let _ = self
+            .0
+            .send(Progress {
+                phase: phase.into(),
+                done,
+                total,
+                message: message.into(),
+            })
+            .await;
+    }
+
+    /// A byte count's report (dropped when the receiver is behind).
+    pub(crate) fn bytes(&self, phase: &str, done: u64, total: u64) {
+        let _ = self.0.try_send(Progress {
+            phase: phase.into(),
+            done,
+            total,
+            message: String::new(),
+        });
+    }
+}
+
+/// The attempt in STATE, written at each phase.
+struct Tracker {
+    state: PathBuf,
+    record: UpgradeRecord,
+}
+
+impl Tracker {
+    fn attempt(&mut self) -> &mut Attempt {
+        self.record.attempt.get_or_insert_with(Attempt::default)
+    }
+
+    fn reach(&mut self, phase: &str) -> Result<(), UpgradeError> {
+        self.attempt().reach(phase, facts::now_ms());
+        facts::write_record(&self.state, &self.record)
+    }
+
+    fn reach_with(&mut self, phase: &str, outcome: Outcome) -> Result<(), UpgradeError> {
+        self.attempt().reach(phase, facts::now_ms());
+        self.set_outcome(outcome)
+    }
+
+    fn set_outcome(&mut self, outcome: Outcome) -> Result<(), UpgradeError> {
+        self.attempt().outcome = outcome;
+        facts::write_record(&self.state, &self.record)
+    }
+
+    /// Records the failure: the phase after the last reached, and why.
+    fn fail(&mut self, error: &UpgradeError) {
+        let attempt = self.attempt();
+        let phase: String = match attempt.last_phase() {
+            // Transfer and write run together: a write error is the write's.
+            None if matches!(error, UpgradeError::Write { .. }) => record::PHASE_WRITE.into(),
+            None => record::PHASE_TRANSFER.into(),
+            Some(last) => record::PHASES
+                .iter()
+                .skip_while(|p| **p != last)
+                .nth(1)
+                .copied()
+                .unwrap_or(last)
+                .into(),
+        };
+        attempt.outcome = Outcome::Failed {
+            phase: phase.clone(),
+            reason: keelson_api::error_chain(error),
+        };
+        if let Err(e) = facts::write_record(&self.state, &self.record) {
+            tracing::warn!(error = %e, "upgrade: the failure could not be recorded");
+        }
+        tracing::warn!(phase = %phase, error = %keelson_api::error_chain(error), "upgrade failed; the running slot is untouched");
+    }
+}
+
+#[cfg(test)]
+mod tests;
