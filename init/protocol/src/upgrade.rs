@@ -75,6 +75,11 @@ pub struct Attempt {
     /// Tries the loader used before the slot was blessed or given up.
     #[serde(default)]
     pub tries_used: Option<u32>,
+    /// Why the new slot's last trial boot was given up (its health deadline passed:
+    /// `machined not ready after 300 s`), recorded by PID 1 before it reboots; the reason of
+    /// the failure once the loader has no tries left for the slot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unhealthy_reason: Option<String>,
 }
 
 impl Attempt {
