@@ -410,6 +410,9 @@ const ROOT_DIRS: &[&str] = &[
     // cannot create it at boot.
     "system",
     "system/state",
+    // Mount point of the ESP (`keelson_configs::boot::ESP_MOUNT`): stage 2 mounts it for
+    // the boot assessment and upgrades.
+    "boot",
     // Mount point of the CNI plugins' overlay (init's `stage2::CNI_BIN_DIR`), where pod
     // networks install their plugins.
     "opt",

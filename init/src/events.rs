@@ -39,6 +39,8 @@ pub enum TimerEvent {
     ShutdownDeadline,
     /// A shutdown asked for through the control socket, begun once its answer is out.
     Shutdown(ShutdownKind),
+    /// A trial boot's health deadline (`boot_assess`, checked after every event).
+    HealthDeadline,
 }
 
 /// Everything the main loop reacts to.

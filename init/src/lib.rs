@@ -18,6 +18,7 @@
 //! reboot.
 
 pub mod blockdev;
+pub mod boot_assess;
 pub mod bootlog;
 pub mod cmdline;
 pub mod config_source;

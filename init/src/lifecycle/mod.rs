@@ -208,6 +208,9 @@ pub enum By {
     Signal(&'static str),
     /// The power button (its device).
     PowerButton(String),
+    /// A trial boot's health deadline passed (`boot_assess`): the loader's counter
+    /// decides what boots next.
+    HealthDeadline,
 }
 
 impl fmt::Display for By {
@@ -215,6 +218,7 @@ impl fmt::Display for By {
         match self {
             By::Signal(name) => f.write_str(name),
             By::PowerButton(device) => write!(f, "power button {device}"),
+            By::HealthDeadline => f.write_str("the trial boot's health deadline"),
         }
     }
 }

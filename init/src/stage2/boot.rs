@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use keelson_configs::Mode;
 use keelson_configs::layout::{self, CMDLINE_VERITY_ROOTHASH, cmdline_value, parse_cmdline};
 
+use crate::boot_assess::BootAssess;
 use crate::cmdline;
 use crate::console::Log;
 use crate::disks;
@@ -40,6 +41,8 @@ pub(super) struct Boot {
     pub etc_ok: bool,
     /// What a reset wipes.
     pub wipe: Vec<Wipe>,
+    /// The boot assessment: the ESP, loader hygiene, a trial's blessing or deadline.
+    pub assess: BootAssess,
 }
 
 /// Steps 3 to 5 before the main loop: the banner, the disks, STATE's leftovers and
@@ -60,9 +63,11 @@ pub(super) fn prepare(
         defer_new_state: true,
         ..disks::Options::default()
     };
+    let mut boot_disk = None;
     let (state_dir, wipe, state_pending) =
         match disks::prepare(sys, log, modules.as_ref(), &disk_options) {
             Ok(report) => {
+                boot_disk = Some(report.boot.disk.clone());
                 let pending = match &report.state {
                     Err(disks::Error::Deferred { device, size, .. }) => {
                         Some((device.clone(), *size))
@@ -94,6 +99,16 @@ pub(super) fn prepare(
         }
         promote_staged(log, dir);
     }
+    // Right after STATE: the ESP, loader hygiene, a fallen-back slot, the trial recorded.
+    let assess = BootAssess::start(
+        sys,
+        log,
+        &cmdline,
+        boot_disk.as_deref(),
+        &disk_options,
+        modules.as_ref(),
+        state_dir.as_deref(),
+    );
     let etc_ok = mount_etc(sys, log);
     // A new STATE (formatted later, see `finish_state`) has no machine id yet: a new one,
     // kept once STATE is there.
@@ -111,6 +126,7 @@ pub(super) fn prepare(
         disk_options,
         etc_ok,
         wipe,
+        assess,
     }
 }
 

@@ -58,6 +58,7 @@
 pub mod boot;
 mod configure;
 mod finish;
+mod health;
 pub mod mounts_table;
 mod node;
 mod requests;

@@ -146,6 +146,7 @@ impl<'a, K: Kept> Node<'a, K> {
             ReapScope::Any,
         ));
         self.input(Input::Start);
+        self.arm_health_deadline();
         loop {
             // The one wait of the loop: whatever started or reaped machined is done.
             self.publish_machined_pid();
@@ -163,6 +164,7 @@ impl<'a, K: Kept> Node<'a, K> {
     /// After each event: tell the lifecycle once no service runs; how the machine goes
     /// down (and whether it is a reset) once it is down.
     fn settle(&mut self) -> Option<(ShutdownKind, bool)> {
+        self.assess_health();
         if self
             .runner
             .as_ref()
@@ -241,6 +243,8 @@ impl<'a, K: Kept> Node<'a, K> {
                     TimerEvent::ShutdownDeadline => Input::ShutdownDeadline,
                     TimerEvent::LateDrivers => Input::LateDriversTimer,
                     TimerEvent::IdleReport => Input::IdleReportTimer,
+                    // `settle` assesses the boot after every event, this one included.
+                    TimerEvent::HealthDeadline => return,
                 });
             }
             Event::PowerButton(power_button::Pressed(device)) => {
@@ -566,6 +570,7 @@ mod tests {
                 device: "/dev/vda4".into(),
                 target: "/system/state".into(),
             }],
+            assess: crate::boot_assess::BootAssess::off(),
         };
         let mut node = Node::new(sys, log, unbounded_channel().0, boot);
         node.runner = Some(Runner::new(
