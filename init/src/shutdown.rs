@@ -141,11 +141,17 @@ pub fn emergency_readonly(sys: &dyn Syscalls) {
     }
 }
 
-/// The very end: remount `/` read-only, sync, and reboot or power off. Returns only if
-/// the kernel refused, with its answer.
-pub fn finish(sys: &dyn Syscalls, log: &dyn Log, kind: ShutdownKind) -> std::io::Error {
+/// The very end: remount `/` read-only, sync, `last` (the watchdog stopped), and reboot
+/// or power off. Returns only if the kernel refused, with its answer.
+pub fn finish(
+    sys: &dyn Syscalls,
+    log: &dyn Log,
+    kind: ShutdownKind,
+    last: impl FnOnce(),
+) -> std::io::Error {
     let _ = sys.remount_readonly(Path::new("/"));
     sys.sync();
+    last();
     log.line(&format!("{}: now", kind.describe()));
     log.flush();
     sys.reboot(match kind {
@@ -214,7 +220,9 @@ mod tests {
         let log = MemoryLog::default();
         let stuck = unmount_all(&fake, &log);
         assert!(stuck.is_empty());
-        let err = finish(&fake, &log, ShutdownKind::PowerOff);
+        // `last` runs after the sync, before the reboot (the calls below end with both).
+        let last = || log.line(&format!("last, after {:?}", fake.calls().last()));
+        let err = finish(&fake, &log, ShutdownKind::PowerOff, last);
         assert_eq!(err.to_string(), "fake reboot");
         let remount = |target: &str| Call::RemountReadOnly(target.into());
         assert_eq!(
@@ -242,8 +250,11 @@ mod tests {
                 .contains(&"keelson-init: /var busy (EBUSY (16)): remounted read-only".to_string())
         );
         assert_eq!(
-            lines.last().map(String::as_str),
-            Some("keelson-init: power off: now")
+            lines[lines.len().saturating_sub(2)..],
+            [
+                "keelson-init: last, after Some(Sync)",
+                "keelson-init: power off: now"
+            ]
         );
     }
 }

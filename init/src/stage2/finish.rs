@@ -49,14 +49,29 @@ impl<K: Kept> Node<'_, K> {
                 killed = true;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
+            self.ping_watchdog();
         }
         let stuck = shutdown::unmount_all(sys, log);
         if !stuck.is_empty() {
             log.line(&format!("still mounted: {}", stuck.join(" ")));
         }
         if reset {
+            self.ping_watchdog();
             wipe_partitions(sys, log, &self.boot.wipe);
         }
-        shutdown::finish(sys, log, kind)
+        // Stopped just before reboot(2): a machine that powers off stays off.
+        let watchdog = self.watchdog.take();
+        shutdown::finish(sys, log, kind, move || {
+            if let Some(watchdog) = watchdog {
+                watchdog.disarm(log);
+            }
+        })
+    }
+
+    /// Ping the watchdog if a ping is due: the end runs outside the main loop's wait.
+    fn ping_watchdog(&mut self) {
+        if let Some(watchdog) = &mut self.watchdog {
+            watchdog.ping_if_due(Instant::now(), self.log);
+        }
     }
 }

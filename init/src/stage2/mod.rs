@@ -72,12 +72,14 @@ use tokio::sync::mpsc::unbounded_channel;
 
 use crate::bootlog::{BootLog, Kept};
 use crate::console::{Console, Log};
+use crate::fault;
 use crate::lifecycle::plan;
 use crate::logging::{self, RecordLog};
 use crate::mounts;
 use crate::prefetch;
 use crate::sender::Sender;
 use crate::syscalls::{Syscalls, errno_name};
+use crate::watchdog;
 
 pub use boot::{Banner, banner, keep_machine_id, machine_id, os_release_version, promote_staged};
 pub use mounts_table::{
@@ -135,6 +137,8 @@ pub fn run<L: Log>(sys: &dyn Syscalls, console: &L) -> Result<Infallible, Error>
 
 /// Stage 2 on its log.
 fn run_with<K: Kept>(sys: &dyn Syscalls, log: &K) -> Result<Infallible, Error> {
+    // The watchdog stage 1 armed, adopted and pinged before anything else.
+    let watchdog = watchdog::adopt(std::env::args(), log);
     let (tx, rx) = unbounded_channel();
     // First, so that the reads overlap everything below (see `prefetch`).
     if let Err(e) = prefetch::spawn(prefetch::list_path(), Sender::new(tx.clone())) {
@@ -150,11 +154,14 @@ fn run_with<K: Kept>(sys: &dyn Syscalls, log: &K) -> Result<Infallible, Error> {
     let preparing = tracing::info_span!("disks_and_etc");
     let boot = boot::prepare(sys, log, index);
     drop(preparing);
+    // STATE is mounted and the boot recorded: where the test faults act (`fault`).
+    fault::stage2(sys, log, &boot.cmdline);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(Error::Runtime)?;
     let mut node = node::Node::new(sys, log, tx, boot);
+    node.watchdog = watchdog;
     // A LocalSet: netconf's tasks run on this one thread next to the main loop.
     let local = tokio::task::LocalSet::new();
     let (kind, reset) = local.block_on(&runtime, node.main_loop(rx));

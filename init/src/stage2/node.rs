@@ -18,6 +18,7 @@ use crate::control::{self, Call};
 use crate::drivers::{DISK_MODULES, NETWORK_MODULES, POWER_BUTTON_MODULES};
 use crate::etc_files;
 use crate::events::{Event, EventTx, TimerEvent};
+use crate::fault;
 use crate::kmods;
 use crate::lifecycle::{Action, By, Input, Phase};
 use crate::modules;
@@ -32,6 +33,7 @@ use crate::supervisor::reaper::ReapScope;
 use crate::supervisor::runner::{Runner, ServiceEvent};
 use crate::supervisor::{Backoff, State, Supervisor};
 use crate::syscalls::{Syscalls, errno_name};
+use crate::watchdog::{self, Watchdog};
 
 use super::IDLE_REPORT_AFTER;
 use super::boot::Boot;
@@ -59,6 +61,8 @@ pub(super) struct Node<'a, K: Kept> {
     /// The span of the lifecycle's current phase: replaced when the phase changes, so
     /// the log says how long each phase took (`phase starting_containerd took 1234 ms`).
     phase_span: tracing::Span,
+    /// The watchdog stage 1 armed, pinged while the loop waits (`watchdog`).
+    pub(super) watchdog: Option<Watchdog>,
 }
 
 /// The span of a lifecycle phase (its name is the phase's).
@@ -95,6 +99,7 @@ impl<'a, K: Kept> Node<'a, K> {
             control_socket: None,
             machined_pid: control::MachinedPid::default(),
             phase_span: phase_span(&Phase::<Accepted>::Booting),
+            watchdog: None,
         }
     }
 
@@ -150,7 +155,8 @@ impl<'a, K: Kept> Node<'a, K> {
         loop {
             // The one wait of the loop: whatever started or reaped machined is done.
             self.publish_machined_pid();
-            let Some(event) = rx.recv().await else {
+            let watchdog = self.watchdog.as_mut();
+            let Some(event) = watchdog::next_event(&mut rx, watchdog, self.log).await else {
                 // Every sender is gone (cannot happen: we hold one); go down cleanly.
                 return (ShutdownKind::Reboot, false);
             };
@@ -401,7 +407,9 @@ impl<'a, K: Kept> Node<'a, K> {
             log.line("maintenance mode unavailable: STATE is not mounted, so a config pushed over the API could not be kept");
             return false;
         }
-        if !self.sys.exists(Path::new(services::MACHINED)) {
+        if !self.sys.exists(Path::new(services::MACHINED))
+            || fault::hides_machined(&self.boot.cmdline)
+        {
             log.line(&format!(
                 "maintenance mode unavailable: {} is not in this image",
                 services::MACHINED
