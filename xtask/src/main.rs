@@ -204,6 +204,8 @@ const FUZZ_TARGETS: &[(&str, &str, &str)] = &[
     ("configs", "check_config", "tests/data"),
     // PID 1's reader of the config URL's HTTP answer.
     ("init", "http_response", "fuzz/seeds/http_response"),
+    // machined's parser of upgrade bundles (an upload or a download, not yet trusted).
+    ("machined/upgrade", "bundle_parser", "fuzz/seeds/bundle_parser"),
 ];
 
 /// A short run of each fuzz target (`configs/fuzz`, `init/fuzz`): each must build and
