@@ -37,7 +37,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use keelson_configs::boot::{
     CMDLINE_HEALTH_TIMEOUT, DEFAULT_HEALTH_TIMEOUT_SECS, ENTRIES_DIR, ESP_MOUNT, EntryName,
 };
-use keelson_configs::layout::{CMDLINE_VERITY_ROOTHASH, PART_EFI, cmdline_value, parse_cmdline};
+use keelson_configs::layout::{
+    CMDLINE_VERITY_ROOTHASH, PART_EFI, Slot, cmdline_value, parse_cmdline,
+};
 use keelson_node_protocol::upgrade::{UPGRADE_RECORD, UpgradeRecord};
 
 use crate::console::Log;
@@ -279,6 +281,34 @@ pub fn read_entries(dir: &Path) -> Result<Vec<EntryFile>, Error> {
     Ok(files)
 }
 
+/// Remove the temporary files an interrupted upgrade left beside the slots' kernels and
+/// initramfs images (`/keelson/<slot>/`): tens of MB each, which the next upgrade's space
+/// check would find missing.
+fn remove_slot_temporaries(sys: &dyn Syscalls, log: &dyn Log, esp: &Path) {
+    for slot in [Slot::A, Slot::B] {
+        let dir = esp.join("keelson").join(slot.letter());
+        let Ok(listing) = fs::read_dir(&dir) else {
+            continue;
+        };
+        let mut removed = false;
+        for item in listing.flatten() {
+            let name = item.file_name().to_string_lossy().into_owned();
+            if name.starts_with(decide::TEMPORARY_PREFIX) {
+                removed |= remove_entry(
+                    sys,
+                    log,
+                    &dir,
+                    &name,
+                    "an interrupted write's temporary file",
+                );
+            }
+        }
+        if removed && let Err(e) = sync_dir(&dir) {
+            log.line(&e.to_string());
+        }
+    }
+}
+
 /// fsync of a directory, so that a rename or a removal in it is on the disk.
 fn sync_dir(dir: &Path) -> Result<(), Error> {
     fs::File::open(dir)
@@ -392,6 +422,7 @@ impl BootAssess {
                 }
             }
         }
+        remove_slot_temporaries(sys, log, &esp);
         let entries_dir = esp.join(ENTRIES_DIR);
         let files = match read_entries(&entries_dir) {
             Ok(files) => files,
@@ -542,7 +573,7 @@ impl BootAssess {
     }
 }
 
-/// Remove one entry file and say so; whether it was removed.
+/// Remove one file of the ESP and say so; whether it was removed.
 fn remove_entry(sys: &dyn Syscalls, log: &dyn Log, dir: &Path, name: &str, why: &str) -> bool {
     let path = dir.join(name);
     match sys.remove_file(&path) {

@@ -413,6 +413,10 @@ fn a_failed_entry_is_removed_only_once_state_keeps_the_failure() -> io::Result<(
         disks.state.path().join(UPGRADE_RECORD),
         upgrading_to_b().to_bytes(),
     )?;
+    let slot_b = disks.esp.path().join("keelson/b");
+    fs::create_dir_all(&slot_b)?;
+    fs::write(slot_b.join(".keelson-upgrade.vmlinuz.5.0"), "half a kernel")?;
+    fs::write(slot_b.join("vmlinuz"), "a kernel")?;
     let log = MemoryLog::default();
     let esp = disks.esp.path().to_path_buf();
     let deadline = Duration::from_secs(300);
@@ -429,6 +433,8 @@ fn a_failed_entry_is_removed_only_once_state_keeps_the_failure() -> io::Result<(
         disks.names()?,
         ["debian.conf", "keelson-a.conf", "keelson-b+0-3.conf"]
     );
+    assert!(!slot_b.join(".keelson-upgrade.vmlinuz.5.0").exists());
+    assert!(slot_b.join("vmlinuz").exists());
     // STATE appears (read the way the boot reads it) and keeps the failure; then it goes.
     let mut assess_with_state = BootAssess::on_esp(
         &Linux,

@@ -11,7 +11,10 @@
 //! 3. **Disks** (`disks`): STATE and EPHEMERAL created on first boot, EPHEMERAL grown,
 //!    STATE mounted at `/system/state`, EPHEMERAL at `/var`. A STATE without a
 //!    filesystem (a first boot) holds nothing to read: it is formatted and mounted in
-//!    step 6, once containerd is spawned, or before the node waits for a config.
+//!    step 6, once containerd is spawned, or before the node waits for a config. Then
+//!    the ESP at `/boot` and the boot assessment ([`crate::boot_assess`]): loader
+//!    hygiene, a fallen-back slot recorded, a slot on trial recorded and, from the main
+//!    loop, blessed once healthy or rebooted at its health deadline.
 //! 4. **`/etc`**: a tmpfs with the image's files and the generated ones (`etc_files`);
 //!    the machine id comes from STATE, or is made (and kept there in step 6, or before
 //!    the wait for a config).
@@ -50,6 +53,7 @@
 //! - [`boot`]: the banner, the disks, STATE's leftovers and staged config, `/etc`, the
 //!   machine id (steps 3 to 5, before the main loop).
 //! - `node`: the main loop: events to lifecycle inputs, and the lifecycle's actions.
+//! - `health`: the boot assessment after each event (bless, or reboot at the deadline).
 //! - `configure`: the boot plan's steps (step 6).
 //! - `requests`: the control socket's requests.
 //! - `finish`: the end: every process stopped, the filesystems unmounted.
