@@ -218,7 +218,7 @@ enum Command {
 
 /// Reads the rest of the bundle, each part's bytes written as they arrive, on a blocking
 /// task so the runtime keeps serving.
-pub(crate) async fn stream_parts(
+pub async fn stream_parts(
     reader: &mut BundleReader,
     plan: &Plan,
     manifest: &Manifest,
@@ -464,10 +464,14 @@ fn sha256_prefix(file: &File, len: u64) -> std::io::Result<String> {
         ctx.update(&buf[..n]);
         left -= n as u64;
     }
-    Ok(ctx
-        .finish()
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
+    Ok(hex(ctx.finish().as_ref()))
+}
+
+/// The sha256 of `bytes`, lowercase hex.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex(digest::digest(&digest::SHA256, bytes).as_ref())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

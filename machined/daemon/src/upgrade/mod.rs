@@ -607,13 +607,14 @@ impl Upgrader {
     }
 }
 
-/// Sends progress reports, never waiting on a slow receiver.
+/// Sends progress reports: a phase's line waits for room, a byte count is dropped when
+/// the receiver is behind.
 #[derive(Debug)]
-pub(crate) struct Reporter(mpsc::Sender<Progress>);
+pub struct Reporter(mpsc::Sender<Progress>);
 
 impl Reporter {
     /// A phase's report (waits for room: these are few).
-    pub(crate) async fn say(&self, phase: &str, done: u64, total: u64, message: &str) {
+    pub async fn say(&self, phase: &str, done: u64, total: u64, message: &str) {
         let _ = self
             .0
             .send(Progress {
@@ -626,7 +627,7 @@ impl Reporter {
     }
 
     /// A byte count's report (dropped when the receiver is behind).
-    pub(crate) fn bytes(&self, phase: &str, done: u64, total: u64) {
+    pub fn bytes(&self, phase: &str, done: u64, total: u64) {
         let _ = self.0.try_send(Progress {
             phase: phase.into(),
             done,

@@ -671,3 +671,90 @@ fn a_node_not_booted_from_a_slot_is_told_so() {
     let err = Upgrader::new(node.paths.clone()).rollback().unwrap_err();
     assert!(matches!(err, UpgradeError::NoBootedSlot { .. }), "{err:?}");
 }
+
+#[tokio::test]
+async fn the_read_back_finds_a_corrupt_write() {
+    let node = node();
+    let built = good(&node);
+    let upgrader = Upgrader::new(node.paths.clone());
+    run(&upgrader, built.bytes.clone(), UpgradeOptions::default())
+        .await
+        .0
+        .unwrap();
+    let written = install::Written {
+        device: node.partition.clone(),
+        kernel: node.paths.esp.join("keelson/b/vmlinuz"),
+        initrd: node.paths.esp.join("keelson/b/initrd"),
+    };
+    install::verify(written.clone(), &built.manifest)
+        .await
+        .unwrap();
+    // A data block the disk lost: sha256 and verity both see it.
+    let mut root = fs::read(&node.partition).unwrap();
+    root[5 * 4096 + 17] ^= 0xff;
+    fs::write(&node.partition, &root).unwrap();
+    let err = install::verify(written.clone(), &built.manifest)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, UpgradeError::Verify { part, what: "sha256", .. } if part == "root"),
+        "{err:?}"
+    );
+    assert_eq!(err.code(), tonic::Code::DataLoss);
+    let mut manifest = built.manifest.clone();
+    manifest.parts[0].sha256 = install::sha256_hex(&root[..built.root.len()]);
+    let err = install::verify(written.clone(), &manifest)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, UpgradeError::Verify { what: "verity tree", actual, .. } if actual.contains('5')),
+        "{err:?}"
+    );
+    // A kernel cut short.
+    root[5 * 4096 + 17] ^= 0xff;
+    fs::write(&node.partition, &root).unwrap();
+    fs::write(&written.kernel, b"kernel").unwrap();
+    let err = install::verify(written, &built.manifest).await.unwrap_err();
+    assert!(keelson_api::error_chain(&err).contains("vmlinuz"), "{err}");
+}
+
+#[test]
+fn the_inactive_partition_is_found_by_name_on_the_booted_disk() {
+    let node = node();
+    let p = facts::find_partition(&node.paths, Slot::B).unwrap();
+    assert_eq!(p.device, node.paths.dev.join("vda3"));
+    assert_eq!(p.size, PARTITION_SECTORS * 512);
+    // A second disk with the same layout (an installer stick): the booted disk's wins.
+    let sys = node.paths.sys_block.clone();
+    let devices = sys.join("../../devices");
+    for disk in ["vda", "sdb"] {
+        for (n, part) in [("2", "ROOT-A"), ("3", "ROOT-B")] {
+            let name = format!("{disk}{n}");
+            let real = devices.join(disk).join(&name);
+            let dir = sys.join(&name);
+            if dir.exists() {
+                fs::remove_dir_all(&dir).unwrap();
+            }
+            write(
+                &real.join("uevent"),
+                format!("DEVNAME={name}\nPARTNAME={part}\n"),
+            );
+            write(&real.join("size"), "100\n");
+            std::os::unix::fs::symlink(&real, &dir).unwrap();
+        }
+    }
+    // Both disks have ROOT-A too: ambiguous, said with the names.
+    let err = facts::find_partition(&node.paths, Slot::B).unwrap_err();
+    assert!(err.to_string().contains("sdb3"), "{err}");
+    // Only vda has the running slot's partition.
+    fs::remove_file(sys.join("sdb2")).unwrap();
+    let p = facts::find_partition(&node.paths, Slot::B).unwrap();
+    assert_eq!((p.name.as_str(), p.size), ("vda3", 100 * 512));
+    fs::remove_dir_all(&sys).unwrap();
+    fs::create_dir_all(&sys).unwrap();
+    let err = facts::find_partition(&node.paths, Slot::B).unwrap_err();
+    assert!(
+        err.to_string().contains("ROOT-B of slot b was not found"),
+        "{err}"
+    );
+}
