@@ -22,7 +22,10 @@
 //!    directory fsynced) and the record says `healthy`, `blessed`. If the deadline
 //!    ([`CMDLINE_HEALTH_TIMEOUT`], default 300 s) passes first, the record says why and
 //!    stage 2 reboots through its clean shutdown: the loader's counter tries again or
-//!    falls back.
+//!    falls back. A node without a config (maintenance mode) is healthy once machined
+//!    serves: it cannot prove more, and a fresh image is blessed at its first boot. A
+//!    blessed entry with this slot's upgrade still open (a rollback, or a blessing cut
+//!    short before its record) is assessed the same way, without a rename or a reboot.
 //!
 //! STATE's record is kept in memory until STATE is there (a first boot formats it later)
 //! and written then; a failed slot's entry is removed only once its failure is kept.
