@@ -377,6 +377,11 @@ impl Session {
         &self.addresses
     }
 
+    /// How nodes are reached (the credentials, and `--timeout`).
+    pub fn connector(&self) -> &Connector {
+        &self.connector
+    }
+
     pub(crate) async fn client(&self, address: &str) -> NodeResult<NodeClient> {
         self.connector.connect(address).await
     }
@@ -475,36 +480,49 @@ pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
-/// `machinectl version`.
+/// `machinectl version`: the node's facts, and from `UpgradeStatus` (when the caller may
+/// ask it and the node answers it) the other slot, whether the booted one is on trial,
+/// and the newest upgrade's outcome (with its failure).
 pub fn version(target: &Target) -> anyhow::Result<ExitCode> {
     let session = target.session()?;
+    let insecure = target.insecure;
+    let mut columns = vec![
+        "os",
+        "version",
+        "slot",
+        "kernel",
+        "arch",
+        "hostname",
+        "type",
+        "maintenance",
+    ];
+    columns.extend(super::upgrade::VERSION_EXTRA_COLUMNS);
     runtime()?.block_on(async {
         Ok(session
-            .each(
-                &[
-                    "os",
-                    "version",
-                    "slot",
-                    "kernel",
-                    "arch",
-                    "hostname",
-                    "type",
-                    "maintenance",
-                ],
-                |mut c, _| async move {
-                    let v = c.version(proto::VersionRequest {}).await?.into_inner();
-                    Ok(vec![vec![
-                        json!(v.os_name),
-                        json!(v.os_version),
-                        json!(v.slot),
-                        json!(v.kernel),
-                        json!(v.arch),
-                        json!(v.hostname),
-                        json!(v.machine_type),
-                        json!(v.maintenance),
-                    ]])
-                },
-            )
+            .each(&columns, |mut c, _| async move {
+                let v = c.version(proto::VersionRequest {}).await?.into_inner();
+                // Maintenance mode serves Version alone; a reader may ask the status.
+                let status = if insecure || v.maintenance {
+                    None
+                } else {
+                    c.upgrade_status(proto::UpgradeStatusRequest {})
+                        .await
+                        .ok()
+                        .map(tonic::Response::into_inner)
+                };
+                let mut row = vec![
+                    json!(v.os_name),
+                    json!(v.os_version),
+                    json!(v.slot),
+                    json!(v.kernel),
+                    json!(v.arch),
+                    json!(v.hostname),
+                    json!(v.machine_type),
+                    json!(v.maintenance),
+                ];
+                row.extend(super::upgrade::version_extras(status.as_ref(), &v.slot));
+                Ok(vec![row])
+            })
             .await)
     })
 }

@@ -13,6 +13,7 @@
 //! | [`cluster`] | `machinectl cluster`: local clusters under QEMU, with a progress display |
 //! | [`etcd`] | `machinectl time`, `bootstrap` and `etcd ...`: the clock and the stacked etcd |
 //! | [`kube`] | `machinectl kubeconfig` and `image pull`: the Kubernetes node |
+//! | [`upgrade`] | `machinectl upgrade`, `upgrade status` and `rollback`: A/B upgrades, progress, the wait for the node to come back |
 //! | `gen_config` | `machinectl gen config`: machine configs, secrets and a client config |
 //! | `validate` | `machinectl validate`: a machine config's problems, with positions |
 //! | [`output`] | the output formats (table, json, yaml) |
@@ -23,6 +24,7 @@ pub mod etcd;
 mod gen_config;
 pub mod kube;
 pub mod output;
+pub mod upgrade;
 mod validate;
 
 use std::path::PathBuf;
@@ -156,6 +158,18 @@ pub enum Command {
     /// one. --merge=false writes the new kubeconfig alone. Written atomically, mode 0600
     /// (it holds a cluster-admin key). A worker refuses: it holds no CA key.
     Kubeconfig(kube::KubeconfigArgs),
+    /// Install a signed upgrade bundle into the node's inactive slot and reboot into it
+    /// (admin); `upgrade status` shows the slots and the newest attempt (reader).
+    ///
+    /// Every check runs on the node before anything is written. After the reboot,
+    /// machinectl waits (--wait) for the node to answer with the new version: exit 0 when
+    /// it does, 1 when the node fell back to its old slot (the failed phase and why are
+    /// printed) or did not answer in time. Several nodes are upgraded one after the other;
+    /// the first that fails stops the rest.
+    Upgrade(upgrade::UpgradeArgs),
+    /// Boot the other slot, which must hold a blessed image, and wait for it to answer
+    /// (admin).
+    Rollback(upgrade::RollbackArgs),
     /// Local clusters under QEMU: create, destroy, list, show.
     #[command(subcommand)]
     Cluster(cluster::ClusterCommand),
@@ -251,6 +265,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bootstrap(args) => etcd::bootstrap(&target(&args.output), &args),
         Command::Etcd(command) => etcd::etcd(&target(&command.output()), &command),
         Command::Kubeconfig(args) => kube::kubeconfig(&target(&args.output), &args),
+        Command::Upgrade(args) => upgrade::run(&target(&api::OutputArgs::default()), &args),
+        Command::Rollback(args) => upgrade::rollback(&target(&api::OutputArgs::default()), &args),
         Command::Cluster(command) => cluster::run(command, cli.machineconfig.as_deref()),
         Command::Completion { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
