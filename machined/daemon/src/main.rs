@@ -13,6 +13,7 @@ use std::sync::Arc;
 use clap::Parser;
 use keelson_machined::backend::{INIT_SOCKET, InitSocket};
 use keelson_machined::server::{self, Options};
+use keelson_machined::upgrade::{UpgradePaths, Upgrader};
 
 /// machined: the Keelson node API daemon (gRPC over mutual TLS).
 #[derive(Debug, Parser)]
@@ -51,6 +52,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let upgrader = Upgrader::new(UpgradePaths {
+        state: args.state_dir.clone(),
+        ..UpgradePaths::default()
+    });
     let options = Options {
         listen: args.listen,
         state_dir: args.state_dir,
@@ -59,7 +64,7 @@ fn main() -> ExitCode {
     };
     let backend = Arc::new(InitSocket::new(args.init_socket));
     let result = runtime.block_on(async move {
-        let bound = server::bind(options).await?;
+        let bound = server::bind(options).await?.with_upgrader(upgrader);
         bound.serve(backend, shutdown_signal()).await
     });
     match result {

@@ -19,6 +19,7 @@ pub mod identity;
 pub mod kube_api;
 pub mod service;
 pub mod state;
+pub mod upgrade_api;
 
 use std::collections::BTreeSet;
 use std::future::Future;
@@ -40,6 +41,7 @@ use crate::etcd::{EtcdNode, EtcdPaths};
 use crate::kubernetes::{KubeNode, KubePaths};
 use crate::node::NodePaths;
 use crate::timesync::{Clock, SystemClock, TimeSync};
+use crate::upgrade::{ClusterGuard, EtcdGuard, Upgrader};
 use apply::Applier;
 use auth::{Authorize, Peer};
 use keelson_api::api::{MAX_MESSAGE_SIZE, proto::machine_server::MachineServer};
@@ -155,6 +157,7 @@ impl std::fmt::Debug for Options {
 pub struct Bound {
     listener: TcpListener,
     options: Options,
+    upgrader: Option<Upgrader>,
 }
 
 /// Binds the listening socket (so tests learn the port before serving).
@@ -165,7 +168,11 @@ pub async fn bind(options: Options) -> Result<Bound, ServerError> {
             addr: options.listen,
             source,
         })?;
-    Ok(Bound { listener, options })
+    Ok(Bound {
+        listener,
+        options,
+        upgrader: None,
+    })
 }
 
 type SharedTls = Arc<RwLock<Arc<ServerConfig>>>;
@@ -199,6 +206,14 @@ fn mtls_config(
 }
 
 impl Bound {
+    /// Serves `upgrade`, `rollback` and `upgrade status` with this engine (without one
+    /// they answer UNIMPLEMENTED, as in the servers tests run in-process).
+    #[must_use]
+    pub fn with_upgrader(mut self, upgrader: Upgrader) -> Bound {
+        self.upgrader = Some(upgrader);
+        self
+    }
+
     /// The address actually bound.
     pub fn local_addr(&self) -> Option<SocketAddr> {
         self.listener.local_addr().ok()
@@ -211,7 +226,11 @@ impl Bound {
         backend: Arc<dyn NodeBackend>,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), ServerError> {
-        let Bound { listener, options } = self;
+        let Bound {
+            listener,
+            options,
+            upgrader,
+        } = self;
         let shown = listener
             .local_addr()
             .map_or_else(|_| options.listen.to_string(), |a| a.to_string());
@@ -279,6 +298,15 @@ impl Bound {
                         ))
                     });
                     let (etcd, time, kube) = cluster_services(&config, &backend, &options);
+                    if let Some(upgrader) = &upgrader {
+                        // A control plane's upgrade is refused while its etcd member is
+                        // unhealthy or its reboot would cost the cluster its quorum.
+                        let guard = etcd
+                            .clone()
+                            .and_then(|node| EtcdGuard::new(node, &config))
+                            .map(|g| Arc::new(g) as Arc<dyn ClusterGuard>);
+                        upgrader.set_cluster_guard(guard);
+                    }
                     let mut applier = Applier::new(
                         store.clone(),
                         backend.clone(),
@@ -299,7 +327,8 @@ impl Bound {
                         None,
                     )
                     .with_cluster(etcd, time.clone())
-                    .with_kube(kube);
+                    .with_kube(kube)
+                    .with_upgrader(upgrader.clone());
                     // Client certificates are judged by the clock: with time servers,
                     // give the first sync a few seconds before the first call.
                     if options.drive_cluster && !time.wait_synced(FIRST_SYNC).await {

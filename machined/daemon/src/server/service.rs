@@ -21,8 +21,9 @@ use crate::kubernetes::KubeNode;
 use crate::node::{NodePaths, files, health, kmsg, tables, version};
 use crate::server::apply::{Applier, ApplyError, ApplyRequest};
 use crate::server::auth::Authorized;
-use crate::server::{etcd_api, kube_api};
+use crate::server::{etcd_api, kube_api, upgrade_api};
 use crate::timesync::TimeSync;
+use crate::upgrade::Upgrader;
 use keelson_api::api::proto;
 use keelson_api::api::proto::machine_server::Machine;
 
@@ -56,6 +57,8 @@ pub struct NodeService {
     kube: Option<KubeNode>,
     /// Held by the image import that runs (one at a time).
     import_lock: tokio::sync::Mutex<()>,
+    /// The upgrade engine (none in servers that tests run in-process).
+    upgrader: Option<Upgrader>,
 }
 
 impl std::fmt::Debug for NodeService {
@@ -90,6 +93,7 @@ impl NodeService {
             time: None,
             kube: None,
             import_lock: tokio::sync::Mutex::new(()),
+            upgrader: None,
         }
     }
 }
@@ -99,6 +103,12 @@ impl NodeService {
     pub fn with_cluster(mut self, etcd: Option<EtcdNode>, time: TimeSync) -> NodeService {
         self.etcd = etcd;
         self.time = Some(time);
+        self
+    }
+
+    /// The upgrade engine, for `upgrade`, `rollback` and `upgrade status`.
+    pub fn with_upgrader(mut self, upgrader: Option<Upgrader>) -> NodeService {
+        self.upgrader = upgrader;
         self
     }
 
@@ -114,6 +124,14 @@ fn role_of<T>(req: &Request<T>) -> Result<Role, Status> {
         .get::<Authorized>()
         .and_then(|a| a.role)
         .ok_or_else(|| Status::unauthenticated("no authenticated caller"))
+}
+
+/// The caller's certificate name, for the log.
+fn caller<T>(req: &Request<T>) -> String {
+    req.extensions()
+        .get::<Authorized>()
+        .map(|a| a.user.clone())
+        .unwrap_or_default()
 }
 
 fn internal(e: impl std::fmt::Display) -> Status {
@@ -744,33 +762,33 @@ impl Machine for NodeService {
 
     type UpgradeStream = BoxStream<proto::UpgradeProgress>;
 
-    // The upgrade engine (`crate::upgrade`) lands in this wave; until it is wired here the
-    // calls say so.
     async fn upgrade(
         &self,
-        _req: Request<Streaming<proto::UpgradeRequest>>,
+        req: Request<Streaming<proto::UpgradeRequest>>,
     ) -> Result<Response<Self::UpgradeStream>, Status> {
-        Err(Status::unimplemented(
-            "upgrades are not wired into this build of machined yet",
-        ))
+        let user = caller(&req);
+        let upgrader = upgrade_api::engine(self.upgrader.as_ref())?;
+        let stream =
+            upgrade_api::upgrade(upgrader, self.backend.clone(), req.into_inner(), user).await?;
+        Ok(Response::new(stream))
     }
 
     async fn rollback(
         &self,
-        _req: Request<proto::RollbackRequest>,
+        req: Request<proto::RollbackRequest>,
     ) -> Result<Response<proto::RollbackResponse>, Status> {
-        Err(Status::unimplemented(
-            "rollback is not wired into this build of machined yet",
-        ))
+        let user = caller(&req);
+        let upgrader = upgrade_api::engine(self.upgrader.as_ref())?;
+        let r = upgrade_api::rollback(upgrader, self.backend.clone(), &user).await?;
+        Ok(Response::new(r))
     }
 
     async fn upgrade_status(
         &self,
         _req: Request<proto::UpgradeStatusRequest>,
     ) -> Result<Response<proto::UpgradeStatusResponse>, Status> {
-        Err(Status::unimplemented(
-            "upgrade status is not wired into this build of machined yet",
-        ))
+        let upgrader = upgrade_api::engine(self.upgrader.as_ref())?;
+        Ok(Response::new(upgrade_api::status(upgrader).await?))
     }
 
     async fn kubeconfig(
