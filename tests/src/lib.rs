@@ -10,6 +10,7 @@ pub mod http_server;
 pub mod kubelet_standin;
 pub mod ntp;
 pub mod registry;
+pub mod upgrade;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
