@@ -758,3 +758,71 @@ fn the_inactive_partition_is_found_by_name_on_the_booted_disk() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn the_grpc_handler_streams_progress_and_asks_for_the_reboot_last() {
+    use tokio_stream::StreamExt as _;
+    let node = node();
+    let bytes = good(&node).bytes;
+    let mut requests = vec![Ok(proto::UpgradeRequest {
+        options: Some(proto::UpgradeOptions {
+            size: bytes.len() as u64,
+            ..Default::default()
+        }),
+        data: bytes[..100].to_vec(),
+    })];
+    for chunk in bytes[100..].chunks(5000) {
+        requests.push(Ok(proto::UpgradeRequest {
+            options: None,
+            data: chunk.to_vec(),
+        }));
+    }
+    let rebooted = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = rebooted.clone();
+    let upgrader = Upgrader::new(node.paths.clone());
+    let answers: Vec<_> = grpc::serve(upgrader.clone(), tokio_stream::iter(requests), move || {
+        flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        Ok("reboot: stopping services".into())
+    })
+    .await
+    .unwrap()
+    .collect()
+    .await;
+    let last = answers.last().unwrap().as_ref().unwrap();
+    assert!(last.done_all && last.rebooting, "{last:?}");
+    assert_eq!((last.version.as_str(), last.slot.as_str()), ("0.2.0", "b"));
+    assert!(
+        answers[..answers.len() - 1]
+            .iter()
+            .all(|a| a.as_ref().is_ok_and(|a| !a.done_all))
+    );
+    assert!(rebooted.load(std::sync::atomic::Ordering::SeqCst));
+    // A refusal ends the stream with its status, and nothing reboots.
+    let rebooted = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = rebooted.clone();
+    let requests = vec![
+        Ok(proto::UpgradeRequest {
+            options: Some(proto::UpgradeOptions::default()),
+            data: Vec::new(),
+        }),
+        Ok(proto::UpgradeRequest {
+            options: None,
+            data: b"not a bundle at all".to_vec(),
+        }),
+    ];
+    let answers: Vec<_> = grpc::serve(upgrader, tokio_stream::iter(requests), move || {
+        flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        Ok(String::new())
+    })
+    .await
+    .unwrap()
+    .collect()
+    .await;
+    let status = answers.last().unwrap().as_ref().unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().contains("not a Keelson upgrade bundle"),
+        "{status:?}"
+    );
+    assert!(!rebooted.load(std::sync::atomic::Ordering::SeqCst));
+}
