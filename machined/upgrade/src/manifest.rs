@@ -8,6 +8,10 @@
 //! 64 hex digits, verity parameters that do not describe the root part.
 
 use keelson_configs::boot::VerityParams;
+use keelson_configs::layout::{
+    CMDLINE_SLOT, CMDLINE_VERITY_DATA_BLOCKS, CMDLINE_VERITY_HASH_OFFSET, CMDLINE_VERITY_ROOTHASH,
+    CMDLINE_VERITY_SALT,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::verity::{self, BLOCK_SIZE};
@@ -125,6 +129,24 @@ pub enum ManifestError {
         /// What is wrong with it.
         what: String,
     },
+    /// A component or config version is empty or holds a space or a control character.
+    #[error(
+        "manifest field `{field}` holds {value:?}: each entry must be a non-empty word without spaces or control characters"
+    )]
+    Word {
+        /// `components` or `config_versions`.
+        field: &'static str,
+        /// The entry.
+        value: String,
+    },
+    /// The command line holds a control character or a key the boot entry adds itself.
+    #[error(
+        "manifest field `cmdline` {what}: give the image's base command line, without the slot and verity keys"
+    )]
+    Cmdline {
+        /// What is wrong.
+        what: String,
+    },
     /// The key id is not 16 hex digits.
     #[error(
         "manifest field `key_id` is {0:?}, not 16 lower-case hex digits: rebuild the bundle with this version's writer"
@@ -173,10 +195,52 @@ impl Manifest {
                 });
             }
         }
+        for (field, words) in [
+            ("components", &self.components),
+            ("config_versions", &self.config_versions),
+        ] {
+            if let Some(bad) = words
+                .iter()
+                .find(|w| w.is_empty() || w.chars().any(|c| c.is_whitespace() || c.is_control()))
+            {
+                return Err(ManifestError::Word {
+                    field,
+                    value: bad.clone(),
+                });
+            }
+        }
+        self.validate_cmdline()?;
         if !self.key_id.is_empty() && !is_lower_hex(&self.key_id, 16) {
             return Err(ManifestError::KeyId(self.key_id.clone()));
         }
         self.validate_verity()
+    }
+
+    /// The command line goes on one line of a boot entry, followed by the keys that
+    /// [`keelson_configs::boot::BootEntry::for_slot`] adds.
+    fn validate_cmdline(&self) -> Result<(), ManifestError> {
+        if self.cmdline.chars().any(char::is_control) {
+            return Err(ManifestError::Cmdline {
+                what: "holds a control character (a line break would end the entry's options line)"
+                    .into(),
+            });
+        }
+        let added = [
+            CMDLINE_SLOT,
+            CMDLINE_VERITY_ROOTHASH,
+            CMDLINE_VERITY_SALT,
+            CMDLINE_VERITY_DATA_BLOCKS,
+            CMDLINE_VERITY_HASH_OFFSET,
+        ];
+        for word in self.cmdline.split_whitespace() {
+            let key = word.split_once('=').map_or(word, |(k, _)| k);
+            if added.contains(&key) {
+                return Err(ManifestError::Cmdline {
+                    what: format!("holds {key}, which the boot entry sets itself"),
+                });
+            }
+        }
+        Ok(())
     }
 
     fn validate_verity(&self) -> Result<(), ManifestError> {
@@ -336,6 +400,26 @@ pub(crate) mod tests {
         check(|m| m.verity.hash_offset = 4095, "`verity.hash_offset`");
         check(|m| m.parts[0].size = 4096, "the root part holds 4096");
         check(|m| m.key_id = "zz".into(), "`key_id`");
+        check(
+            |m| m.components.push(String::new()),
+            "`components` holds \"\"",
+        );
+        check(
+            |m| m.config_versions.push("v1 v2".into()),
+            "`config_versions` holds \"v1 v2\"",
+        );
+        check(
+            |m| m.cmdline.push_str("\ninitrd /evil"),
+            "`cmdline` holds a control character",
+        );
+        check(
+            |m| m.cmdline.push_str(" keelson.slot=b"),
+            "holds keelson.slot, which",
+        );
+        check(
+            |m| m.cmdline.push_str(" keelson.verity.roothash"),
+            "holds keelson.verity.roothash,",
+        );
     }
 
     #[test]
