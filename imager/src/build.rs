@@ -226,6 +226,9 @@ pub struct BuildOptions {
     /// A directory of an air-gapped Kubernetes to bake into the root (`kubelet`,
     /// `images/*.tar`: see [`crate::kubernetes`]).
     pub kubernetes: Option<PathBuf>,
+    /// The public keys whose upgrade bundles the node accepts, by name → PEM text: each
+    /// goes to [`UPGRADE_KEYS_DIR`]`/<name>.pub` in the root.
+    pub trusted_keys: BTreeMap<String, String>,
 }
 
 /// The inputs of a build as recorded next to its output (`build-inputs.toml`), so
@@ -241,6 +244,10 @@ struct BuildInputs {
     /// The air-gapped Kubernetes baked in, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     kubernetes: Option<KubernetesInputs>,
+    /// The trusted upgrade keys baked in (name → PEM text), recorded whole so that a
+    /// repeated build bakes the same bytes.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    trusted_keys: BTreeMap<String, String>,
 }
 
 /// The recorded `--kubernetes` directory and the files baked from it.
@@ -275,6 +282,7 @@ impl BuildOptions {
             version: inputs.version,
             reuse_derived: false,
             kubernetes: inputs.kubernetes.map(|k| k.dir),
+            trusted_keys: inputs.trusted_keys,
         })
     }
 
@@ -292,6 +300,7 @@ impl BuildOptions {
             cache: self.cache.root().to_path_buf(),
             version: self.version.clone(),
             kubernetes,
+            trusted_keys: self.trusted_keys.clone(),
         };
         toml::to_string(&inputs).map_err(|e| BuildError::Inputs {
             message: e.to_string(),
@@ -310,6 +319,52 @@ pub struct BuildReport {
     pub kernel_release: String,
     /// Sizes of intermediate artefacts: (name, bytes).
     pub artefacts: Vec<(&'static str, u64)>,
+    /// Slot A's verity parameters (its root is the first `hash_offset` bytes of ROOT-A,
+    /// then the hash tree).
+    pub verity: VerityParams,
+    /// The components the image carries, as written to [`COMPONENTS_PATH`].
+    pub components: Vec<String>,
+}
+
+/// Where the root holds the public keys of the upgrade bundles it accepts
+/// (`<name>.pub`, PEM).
+pub const UPGRADE_KEYS_DIR: &str = "usr/share/keelson/upgrade-keys";
+/// Where the root lists the components it carries, one a line: an upgrade may not drop
+/// one ([`components`]).
+pub const COMPONENTS_PATH: &str = "usr/lib/keelson/components";
+
+/// The definition's packages that are components (Debian package → component name): the
+/// parts of a node its workloads or cluster depend on, which an upgrade must keep.
+const PACKAGE_COMPONENTS: &[(&str, &str)] = &[
+    ("containerd", "containerd"),
+    ("runc", "runc"),
+    ("etcd-server", "etcd"),
+    ("containernetworking-plugins", "cni-plugins"),
+];
+
+/// The components an image for `arch` carries, sorted: those of [`PACKAGE_COMPONENTS`]
+/// that the definition requests for `arch`, and `kubelet` when a Kubernetes directory
+/// bakes one in (`kubelet_baked`).
+pub fn components(
+    def: &Definition,
+    arch: Arch,
+    kubelet_baked: bool,
+) -> Result<Vec<String>, BuildError> {
+    let requested: Vec<String> = def
+        .requests(arch)?
+        .into_iter()
+        .map(|r| r.name.to_string())
+        .collect();
+    let mut list: Vec<String> = PACKAGE_COMPONENTS
+        .iter()
+        .filter(|(package, _)| requested.iter().any(|r| r == package))
+        .map(|(_, component)| component.to_string())
+        .collect();
+    if kubelet_baked {
+        list.push("kubelet".to_string());
+    }
+    list.sort();
+    Ok(list)
 }
 
 /// The fixed timestamp every file in the image carries: `SOURCE_DATE_EPOCH` if set,
@@ -517,7 +572,7 @@ fn os_release(def: &Definition, version: &str) -> String {
 
 /// Build the root filesystem tree: userspace packages, kernel modules for the running
 /// system, our binaries, the air-gapped Kubernetes read from the `--kubernetes`
-/// directory (`baked`), os-release.
+/// directory (`baked`), the upgrade files ([`add_upgrade_files`]), os-release.
 fn root_tree(
     def: &Definition,
     opts: &BuildOptions,
@@ -525,6 +580,7 @@ fn root_tree(
     packages: &[(String, PathBuf)],
     kernel: &Kernel,
     baked: Vec<(BakedFile, Vec<u8>)>,
+    components: &[String],
 ) -> Result<Tree, BuildError> {
     let mut tree = Tree::new(epoch as u32);
     for dir in ROOT_DIRS {
@@ -619,6 +675,8 @@ fn root_tree(
             .map_err(tree_err("root filesystem"))?;
     }
     kubernetes::add_to_tree(&mut tree, baked).map_err(tree_err("root filesystem"))?;
+    add_upgrade_files(&mut tree, &opts.trusted_keys, components)
+        .map_err(tree_err("root filesystem"))?;
     let release = os_release(def, &opts.version);
     tree.add_file(layout::OS_RELEASE, 0o644, release)
         .map_err(tree_err("root filesystem"))?;
@@ -638,6 +696,25 @@ fn root_tree(
         return Err(BuildError::Audit(list.join("\n  ")));
     }
     Ok(tree)
+}
+
+/// What upgrades read in the root: the trusted public keys
+/// ([`UPGRADE_KEYS_DIR`]`/<name>.pub`) and the component list ([`COMPONENTS_PATH`]).
+fn add_upgrade_files(
+    tree: &mut Tree,
+    trusted_keys: &BTreeMap<String, String>,
+    components: &[String],
+) -> Result<(), rootfs::RootfsError> {
+    tree.add_dir(UPGRADE_KEYS_DIR, 0o755)?;
+    for (name, pem) in trusted_keys {
+        tree.add_file(
+            &format!("{UPGRADE_KEYS_DIR}/{name}.pub"),
+            0o644,
+            pem.as_bytes(),
+        )?;
+    }
+    let list: String = components.iter().map(|c| format!("{c}\n")).collect();
+    tree.add_file(COMPONENTS_PATH, 0o644, list)
 }
 
 fn read_binary(opts: &BuildOptions, name: &str) -> Result<Vec<u8>, BuildError> {
@@ -788,7 +865,8 @@ pub fn build(opts: &BuildOptions, progress: Progress) -> Result<BuildReport, Bui
         })?;
 
     progress(&format!("{arch}: assembling the root filesystem"));
-    let tree = root_tree(&def, opts, epoch, &userspace, &kernel, baked)?;
+    let components = components(&def, arch, opts.kubernetes.is_some())?;
+    let tree = root_tree(&def, opts, epoch, &userspace, &kernel, baked, &components)?;
     let mut artefacts = vec![("root files", tree.file_bytes())];
     progress(&format!(
         "{arch}: writing squashfs ({} entries, {} MiB of files)",
@@ -975,6 +1053,8 @@ pub fn build(opts: &BuildOptions, progress: Progress) -> Result<BuildReport, Bui
         root_hash: params.root_hash_hex(),
         kernel_release: kernel.release,
         artefacts,
+        verity,
+        components,
     })
 }
 
@@ -1009,6 +1089,30 @@ mod tests {
         assert!(unwanted("usr/lib/systemd/system/containerd.service"));
         assert!(!unwanted("usr/bin/containerd"));
         assert!(!unwanted("usr/share/zoneinfo"));
+    }
+
+    #[test]
+    fn components_are_the_requested_packages_and_a_baked_kubelet() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../images/keelson.toml");
+        let def = Definition::load(&path).unwrap();
+        assert_eq!(
+            components(&def, Arch::Amd64, false).unwrap(),
+            ["cni-plugins", "containerd", "etcd", "runc"]
+        );
+        assert_eq!(
+            components(&def, Arch::Arm64, true).unwrap(),
+            ["cni-plugins", "containerd", "etcd", "kubelet", "runc"]
+        );
+    }
+
+    #[test]
+    fn upgrade_files_hold_the_keys_and_the_components() {
+        let mut tree = Tree::new(0);
+        let keys = BTreeMap::from([("dev-1234".to_string(), "PEM".to_string())]);
+        add_upgrade_files(&mut tree, &keys, &["containerd".into(), "etcd".into()]).unwrap();
+        let file = |path: &str| String::from_utf8(tree.file(path).unwrap().to_vec()).unwrap();
+        assert_eq!(file("usr/share/keelson/upgrade-keys/dev-1234.pub"), "PEM");
+        assert_eq!(file("usr/lib/keelson/components"), "containerd\netcd\n");
     }
 
     #[test]

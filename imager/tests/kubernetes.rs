@@ -125,6 +125,7 @@ fn options(arch: Arch, kubernetes: &Path, scratch: &Path) -> BuildOptions {
         version: "0.0.0".into(),
         reuse_derived: false,
         kubernetes: Some(kubernetes.to_path_buf()),
+        trusted_keys: Default::default(),
     }
 }
 

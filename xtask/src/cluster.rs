@@ -66,13 +66,7 @@ pub fn ensure_image(arch: Arch, no_build: bool) -> Result<PathBuf> {
     let path = image::image_dir(arch).join("keelson.raw");
     if !no_build || !path.is_file() {
         eprintln!("xtask: building the {arch} image ({})", path.display());
-        image::image(&image::ImageArgs {
-            arches: vec![arch],
-            formats: vec![Format::Raw],
-            out: None,
-            mirror: None,
-            kubernetes: None,
-        })?;
+        image::image(&image::ImageArgs::new(vec![arch], vec![Format::Raw]))?;
     }
     Ok(path)
 }

@@ -1,5 +1,6 @@
 //! `cargo xtask lock`, `cargo xtask image` and `cargo xtask run`: pin the inputs, build
-//! our binaries for the image's architecture and the disk image itself, and boot it.
+//! our binaries for the image's architecture and the disk image itself with its upgrade
+//! bundle (see [`crate::bundle`]), and boot it.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -13,7 +14,7 @@ use keelson_imager::debian::fetch::Cache;
 use keelson_imager::debian::{self, Mirror};
 use keelson_imager::definition::Definition;
 
-use crate::{cargo, run_cmd, workspace_root};
+use crate::{bundle, cargo, run_cmd, workspace_root};
 
 /// The image definition every command builds from.
 pub fn definition_path() -> PathBuf {
@@ -64,8 +65,41 @@ pub fn lock(arches: &[Arch], mirror_flag: Option<&str>) -> Result<()> {
     Ok(())
 }
 
+/// The package whose binaries (both stages of PID 1) `--init-features` builds with
+/// extra cargo features.
+const INIT_PACKAGE: &str = "keelson-init";
+
+/// The cargo target directory: `CARGO_TARGET_DIR`, else the workspace's `target/`.
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
+}
+
+/// Where init is built with `features`: a target directory of its own
+/// (`target/image-features/<features>`), so that a test build (`fault-injection`) never
+/// replaces the binaries that the default image's `build-inputs.toml` names.
+fn features_target_dir(features: &str) -> PathBuf {
+    let name: String = features
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '+'
+            }
+        })
+        .collect();
+    target_dir().join("image-features").join(name)
+}
+
 /// Cross-compile our image binaries for `arch`, returning binary name → path.
-pub fn build_binaries(def: &Definition, arch: Arch) -> Result<BTreeMap<String, PathBuf>> {
+/// `init_features` (cargo's `--features` value) goes to both stages of init.
+pub fn build_binaries(
+    def: &Definition,
+    arch: Arch,
+    init_features: Option<&str>,
+) -> Result<BTreeMap<String, PathBuf>> {
     let target = arch.rust_target();
     let mut out = BTreeMap::new();
     for bin in &def.binaries {
@@ -76,7 +110,8 @@ pub fn build_binaries(def: &Definition, arch: Arch) -> Result<BTreeMap<String, P
             ("CC_aarch64_unknown_linux_musl", "aarch64-linux-gnu-gcc"),
             ("AR_aarch64_unknown_linux_musl", "aarch64-linux-gnu-ar"),
         ];
-        run_cmd(cargo().envs(cc_env).args([
+        let mut cmd = cargo();
+        cmd.envs(cc_env).args([
             "build",
             "--quiet",
             "--package",
@@ -87,10 +122,16 @@ pub fn build_binaries(def: &Definition, arch: Arch) -> Result<BTreeMap<String, P
             target,
             "--profile",
             "image",
-        ]))?;
-        let target_dir = std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| workspace_root().join("target"));
+        ]);
+        let mut target_dir = target_dir();
+        if let Some(features) = init_features.filter(|_| bin.package == INIT_PACKAGE) {
+            target_dir = features_target_dir(features);
+            cmd.arg("--features")
+                .arg(features)
+                .arg("--target-dir")
+                .arg(&target_dir);
+        }
+        run_cmd(&mut cmd)?;
         out.insert(
             bin.bin.clone(),
             target_dir.join(target).join("image").join(&bin.bin),
@@ -112,17 +153,58 @@ pub struct ImageArgs {
     pub mirror: Option<String>,
     /// A directory of an air-gapped Kubernetes to bake in (`kubelet`, `images/*.tar`).
     pub kubernetes: Option<PathBuf>,
+    /// The OS version (os-release, the boot entry, the bundle's manifest).
+    pub version: String,
+    /// Cargo features for init's build (both stages), e.g. `fault-injection`.
+    pub init_features: Option<String>,
+    /// The keys and the bundle.
+    pub upgrade: UpgradeArgs,
 }
+
+/// The upgrade side of `cargo xtask image`: which keys the image trusts, which key
+/// signs its bundle.
+#[derive(Debug, Clone, Default)]
+pub struct UpgradeArgs {
+    /// Public keys the image trusts (empty: the dev key, made on first use).
+    pub trust: Vec<PathBuf>,
+    /// The key that signs the bundle (`None`: the dev key, made on first use).
+    pub signing_key: Option<PathBuf>,
+    /// The oldest version the bundle upgrades from.
+    pub min_version: Option<String>,
+}
+
+impl ImageArgs {
+    /// A build of `arches` in `formats` with every other option at its default: the
+    /// default output directory, the host's mirror, version [`DEFAULT_VERSION`], the dev
+    /// key.
+    pub fn new(arches: Vec<Arch>, formats: Vec<Format>) -> ImageArgs {
+        ImageArgs {
+            arches,
+            formats,
+            out: None,
+            mirror: None,
+            kubernetes: None,
+            version: DEFAULT_VERSION.to_string(),
+            init_features: None,
+            upgrade: UpgradeArgs::default(),
+        }
+    }
+}
+
+/// The OS version of an image built without `--version`: the workspace's.
+pub const DEFAULT_VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// `cargo xtask image`.
 pub fn image(args: &ImageArgs) -> Result<Vec<(Arch, BuildReport)>> {
     let def = Definition::load(&definition_path())?;
     let mirror = mirror(args.mirror.as_deref())?;
     let cache = Cache::from_env()?;
+    // Keys first: a bad key file is refused before anything is built.
+    let keys = crate::keys::ImageKeys::resolve(&args.upgrade)?;
     let mut reports = Vec::new();
     for &arch in &args.arches {
         let started = Instant::now();
-        let binaries = build_binaries(&def, arch)?;
+        let binaries = build_binaries(&def, arch, args.init_features.as_deref())?;
         let out_dir = match &args.out {
             Some(dir) if args.arches.len() > 1 => dir.join(arch.debian()),
             Some(dir) => dir.clone(),
@@ -132,13 +214,14 @@ pub fn image(args: &ImageArgs) -> Result<Vec<(Arch, BuildReport)>> {
             definition: definition_path(),
             arch,
             binaries,
-            out_dir,
+            out_dir: out_dir.clone(),
             formats: args.formats.clone(),
             mirror: mirror.clone(),
             cache: cache.clone(),
-            version: env!("CARGO_PKG_VERSION").to_string(),
+            version: args.version.clone(),
             reuse_derived: true,
             kubernetes: args.kubernetes.clone(),
+            trusted_keys: keys.trusted.clone(),
         };
         // Each step with the time since the build started, to see where a build goes.
         let imager_started = Instant::now();
@@ -146,6 +229,17 @@ pub fn image(args: &ImageArgs) -> Result<Vec<(Arch, BuildReport)>> {
             eprintln!("[{:5.1} s] {line}", imager_started.elapsed().as_secs_f64());
         };
         let report = keelson_imager::build::build(&opts, &progress)?;
+        progress(&format!("{arch}: writing the upgrade bundle"));
+        let bundle = bundle::write_image_bundle(&bundle::ImageBundle {
+            def: &def,
+            arch,
+            out_dir: &out_dir,
+            version: &args.version,
+            min_version: args.upgrade.min_version.as_deref(),
+            report: &report,
+            signing_key: &keys.signing,
+        })?;
+        progress(&format!("{arch}: wrote {}", bundle.display()));
         eprintln!(
             "xtask: {arch} image built in {:.1}s (kernel {}, root hash {})",
             started.elapsed().as_secs_f64(),
@@ -172,13 +266,7 @@ pub fn image(args: &ImageArgs) -> Result<Vec<(Arch, BuildReport)>> {
 /// `cargo xtask run`: build the image and boot it under QEMU with its console on this
 /// terminal, until the guest powers off (or `timeout` passes).
 pub fn run(arch: Arch, timeout: Duration) -> Result<()> {
-    image(&ImageArgs {
-        arches: vec![arch],
-        formats: vec![Format::Raw],
-        out: None,
-        mirror: None,
-        kubernetes: None,
-    })?;
+    image(&ImageArgs::new(vec![arch], vec![Format::Raw]))?;
     let dir = tempfile::Builder::new()
         .prefix("keelson-run-")
         .tempdir()

@@ -2,9 +2,11 @@
 //! (never through a shell string) and installs what it needs on the host first.
 
 mod bench;
+mod bundle;
 mod cluster;
 mod host;
 mod image;
+mod keys;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -38,7 +40,8 @@ enum Cmd {
         #[arg(long)]
         mirror: Option<String>,
     },
-    /// Build disk images: `target/images/<arch>/keelson.<format>`.
+    /// Build disk images: `target/images/<arch>/keelson.<format>`, and next to each its
+    /// signed upgrade bundle `keelson-<arch>.bundle`.
     Image {
         /// Architecture(s): amd64, arm64 (default: amd64).
         #[arg(long = "arch")]
@@ -59,7 +62,42 @@ enum Cmd {
         /// archives) to /usr/share/keelson/images/.
         #[arg(long, value_name = "DIR")]
         kubernetes: Option<PathBuf>,
+        /// The OS version (semver): os-release's VERSION_ID, the boot entry's version and
+        /// the bundle's (default: the workspace's version).
+        #[arg(long, default_value = image::DEFAULT_VERSION, value_parser = bundle::parse_version)]
+        version: String,
+        /// The oldest version the bundle upgrades from (semver; default: none).
+        #[arg(long, value_name = "VERSION", value_parser = bundle::parse_version)]
+        min_version: Option<String>,
+        /// Cargo features to build init (both stages) with, e.g. `fault-injection` for
+        /// the upgrade tests' faults (never in an image for real nodes). Such an init is
+        /// built in target/image-features/, apart from the default build's.
+        #[arg(long, value_name = "FEATURES")]
+        init_features: Option<String>,
+        /// A public key (PEM) the image trusts for upgrades; repeat for several. Default:
+        /// the dev key target/keelson-keys/upgrade.pub, made on first use.
+        #[arg(long, value_name = "FILE")]
+        trust: Vec<PathBuf>,
+        /// The private key (PEM) that signs the bundle. Default: the dev key
+        /// target/keelson-keys/upgrade.key, made on first use.
+        #[arg(long, value_name = "FILE")]
+        signing_key: Option<PathBuf>,
     },
+    /// Make an Ed25519 key pair for upgrade bundles: DIR/upgrade.key (private, mode 0600)
+    /// and DIR/upgrade.pub.
+    Keygen {
+        /// Where the pair goes (default: target/keelson-keys, the dev key that
+        /// `cargo xtask image` signs with and bakes in).
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+        /// Replace an existing pair.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Derive a bundle from an image already built (no rebuild, seconds): the bundle of
+    /// DIR (`keelson-<arch>.bundle`, written by `cargo xtask image`) with a changed
+    /// manifest or initramfs, signed again. For the upgrade tests' faults.
+    Bundle(bundle::BundleArgs),
     /// Build the image and boot it under QEMU (KVM if it works, else software
     /// emulation), with its console on this terminal.
     Run {
@@ -103,6 +141,11 @@ fn run(cli: Cli) -> Result<()> {
             out,
             mirror,
             kubernetes,
+            version,
+            min_version,
+            init_features,
+            trust,
+            signing_key,
         } => {
             host::ensure()?;
             let args = image::ImageArgs {
@@ -118,9 +161,20 @@ fn run(cli: Cli) -> Result<()> {
                 out,
                 mirror,
                 kubernetes,
+                version,
+                init_features,
+                upgrade: image::UpgradeArgs {
+                    trust,
+                    signing_key,
+                    min_version,
+                },
             };
             image::image(&args).map(|_| ())
         }
+        Cmd::Keygen { out, force } => {
+            keys::keygen(&out.unwrap_or_else(keys::dev_key_dir), force).map(|_| ())
+        }
+        Cmd::Bundle(args) => bundle::derive(&args),
         Cmd::Run { arch, timeout } => {
             host::ensure()?;
             image::run(image::parse_arch(&arch)?, Duration::from_secs(timeout))
@@ -179,20 +233,11 @@ fn test() -> Result<()> {
         "warnings",
     ]))?;
     // One build of each image, shared by every end-to-end test.
-    image::image(&image::ImageArgs {
-        arches: vec![Arch::Amd64],
-        formats: vec![Format::Raw, Format::RawZst, Format::Qcow2],
-        out: None,
-        mirror: None,
-        kubernetes: None,
-    })?;
-    image::image(&image::ImageArgs {
-        arches: vec![Arch::Arm64],
-        formats: vec![Format::Raw],
-        out: None,
-        mirror: None,
-        kubernetes: None,
-    })?;
+    image::image(&image::ImageArgs::new(
+        vec![Arch::Amd64],
+        vec![Format::Raw, Format::RawZst, Format::Qcow2],
+    ))?;
+    image::image(&image::ImageArgs::new(vec![Arch::Arm64], vec![Format::Raw]))?;
     run_cmd(cargo().args(["test", "--workspace"]))?;
     fuzz(Duration::from_secs(30))
 }
@@ -205,7 +250,11 @@ const FUZZ_TARGETS: &[(&str, &str, &str)] = &[
     // PID 1's reader of the config URL's HTTP answer.
     ("init", "http_response", "fuzz/seeds/http_response"),
     // machined's parser of upgrade bundles (an upload or a download, not yet trusted).
-    ("machined/upgrade", "bundle_parser", "fuzz/seeds/bundle_parser"),
+    (
+        "machined/upgrade",
+        "bundle_parser",
+        "fuzz/seeds/bundle_parser",
+    ),
 ];
 
 /// A short run of each fuzz target (`configs/fuzz`, `init/fuzz`): each must build and
@@ -236,4 +285,140 @@ fn fuzz(duration: Duration) -> Result<()> {
         )?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("xtask").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn image_takes_the_upgrade_flags() {
+        let cli = parse(&[
+            "image",
+            "--version",
+            "0.2.0",
+            "--min-version",
+            "0.1.0",
+            "--init-features",
+            "fault-injection",
+            "--trust",
+            "a.pub",
+            "--trust",
+            "b.pub",
+            "--signing-key",
+            "release.key",
+        ])
+        .unwrap();
+        let Cmd::Image {
+            version,
+            min_version,
+            init_features,
+            trust,
+            signing_key,
+            ..
+        } = cli.command
+        else {
+            panic!("not image");
+        };
+        assert_eq!(version, "0.2.0");
+        assert_eq!(min_version.as_deref(), Some("0.1.0"));
+        assert_eq!(init_features.as_deref(), Some("fault-injection"));
+        assert_eq!(trust, [PathBuf::from("a.pub"), PathBuf::from("b.pub")]);
+        assert_eq!(signing_key, Some(PathBuf::from("release.key")));
+    }
+
+    #[test]
+    fn image_defaults_to_the_workspace_version_and_the_dev_key() {
+        let Cmd::Image {
+            version,
+            min_version,
+            init_features,
+            trust,
+            signing_key,
+            ..
+        } = parse(&["image"]).unwrap().command
+        else {
+            panic!("not image");
+        };
+        assert_eq!(version, env!("CARGO_PKG_VERSION"));
+        assert_eq!((min_version, init_features), (None, None));
+        assert!(trust.is_empty() && signing_key.is_none());
+    }
+
+    #[test]
+    fn versions_must_be_semver() {
+        for args in [
+            &["image", "--version", "v2"][..],
+            &["image", "--min-version", "1.0"],
+            &["bundle", "--from", "d", "--out", "f", "--version", "latest"],
+        ] {
+            let err = parse(args).err().unwrap().to_string();
+            assert!(err.contains("not a semantic version"), "{args:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn keygen_defaults_to_the_dev_directory() {
+        let Cmd::Keygen { out, force } = parse(&["keygen"]).unwrap().command else {
+            panic!("not keygen");
+        };
+        assert_eq!((out, force), (None, false));
+        let Cmd::Keygen { out, force } =
+            parse(&["keygen", "--out", "k", "--force"]).unwrap().command
+        else {
+            panic!("not keygen");
+        };
+        assert_eq!((out, force), (Some(PathBuf::from("k")), true));
+    }
+
+    #[test]
+    fn bundle_takes_a_derivation() {
+        let Cmd::Bundle(args) = parse(&[
+            "bundle",
+            "--from",
+            "target/images/amd64-v3",
+            "--out",
+            "v3-hang.bundle",
+            "--version",
+            "0.3.1",
+            "--cmdline-append",
+            "keelson.fault=stage1-hang",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("not bundle");
+        };
+        assert_eq!(args.from, PathBuf::from("target/images/amd64-v3"));
+        assert_eq!(args.out, PathBuf::from("v3-hang.bundle"));
+        assert_eq!(args.version.as_deref(), Some("0.3.1"));
+        assert_eq!(
+            args.cmdline_append.as_deref(),
+            Some("keelson.fault=stage1-hang")
+        );
+        assert!(args.initrd.is_none() && !args.empty_initrd && args.signing_key.is_none());
+    }
+
+    #[test]
+    fn bundle_refuses_two_initramfs_and_needs_from_and_out() {
+        assert!(
+            parse(&[
+                "bundle",
+                "--from",
+                "d",
+                "--out",
+                "f",
+                "--initrd",
+                "x",
+                "--empty-initrd"
+            ])
+            .is_err()
+        );
+        assert!(parse(&["bundle", "--out", "f"]).is_err());
+        assert!(parse(&["bundle", "--from", "d"]).is_err());
+    }
 }

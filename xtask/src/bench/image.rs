@@ -52,7 +52,7 @@ fn timed_build(
     reuse_derived: bool,
 ) -> Result<Timed> {
     let t0 = Instant::now();
-    let binaries = build_binaries(def, arch)?;
+    let binaries = build_binaries(def, arch, None)?;
     let t1 = Instant::now();
     let opts = BuildOptions {
         definition: definition_path(),
@@ -65,6 +65,7 @@ fn timed_build(
         version: env!("CARGO_PKG_VERSION").to_string(),
         reuse_derived,
         kubernetes: None,
+        trusted_keys: Default::default(),
     };
     // The raw image is complete when the imager starts on the derived formats.
     let raw_done: Mutex<Option<Instant>> = Mutex::new(None);

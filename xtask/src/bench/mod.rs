@@ -380,11 +380,8 @@ impl Ctx {
         let path = self.image_dir(arch).join("keelson.raw");
         if !self.built.contains(&arch) {
             let built = crate::image::image(&crate::image::ImageArgs {
-                arches: vec![arch],
-                formats: vec![keelson_imager::build::Format::Raw],
                 out: Some(self.image_dir(arch)),
-                mirror: None,
-                kubernetes: None,
+                ..crate::image::ImageArgs::new(vec![arch], vec![keelson_imager::build::Format::Raw])
             });
             match built {
                 Ok(_) => {}
