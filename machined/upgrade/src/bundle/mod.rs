@@ -48,7 +48,8 @@ pub struct Header {
 impl Header {
     /// The bundle's total size: the header and every part.
     pub fn bundle_size(&self) -> u64 {
-        (self.signed_bytes.len() + SIGNATURE_LEN) as u64 + self.manifest.parts_size()
+        ((self.signed_bytes.len() + SIGNATURE_LEN) as u64)
+            .saturating_add(self.manifest.parts_size())
     }
 }
 
@@ -264,6 +265,22 @@ pub(crate) mod tests {
         parser.feed(&bytes).unwrap();
         assert!(parser.is_done());
         assert_eq!(parser.consumed(), bytes.len() as u64);
+    }
+
+    #[test]
+    fn huge_part_sizes_end_in_an_error() {
+        let mut manifest = sample([u64::MAX - 1, u64::MAX - 1, u64::MAX - 1]);
+        manifest.key_id = "0123456789abcdef".into();
+        let json = manifest.to_json();
+        let mut bytes = MAGIC.to_vec();
+        bytes.extend_from_slice(&(json.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(&json);
+        bytes.extend_from_slice(&[0; SIGNATURE_LEN]);
+        bytes.extend_from_slice(b"some root bytes");
+        let (names, _, header, done) = parse_in(&bytes, &[5]);
+        assert_eq!(names, ["header"]);
+        assert_eq!(header.unwrap().bundle_size(), u64::MAX);
+        assert!(done.unwrap_err().contains("inside part root"));
     }
 
     #[test]

@@ -187,7 +187,7 @@ impl BundleParser {
     /// The bundle's total size, once the header was read.
     pub fn bundle_size(&self) -> Option<u64> {
         let manifest = self.manifest.as_ref()?;
-        Some(self.header.len() as u64 + manifest.parts_size())
+        Some((self.header.len() as u64).saturating_add(manifest.parts_size()))
     }
 
     /// Whether the whole bundle was read.
