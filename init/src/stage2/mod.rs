@@ -142,7 +142,7 @@ pub fn run<L: Log>(sys: &dyn Syscalls, console: &L) -> Result<Infallible, Error>
 /// Stage 2 on its log.
 fn run_with<K: Kept>(sys: &dyn Syscalls, log: &K) -> Result<Infallible, Error> {
     // The watchdog stage 1 armed, adopted and pinged before anything else.
-    let watchdog = watchdog::adopt(std::env::args(), log);
+    let mut watchdog = watchdog::adopt(std::env::args(), log);
     let (tx, rx) = unbounded_channel();
     // First, so that the reads overlap everything below (see `prefetch`).
     if let Err(e) = prefetch::spawn(prefetch::list_path(), Sender::new(tx.clone())) {
@@ -158,6 +158,10 @@ fn run_with<K: Kept>(sys: &dyn Syscalls, log: &K) -> Result<Infallible, Error> {
     let preparing = tracing::info_span!("disks_and_etc");
     let boot = boot::prepare(sys, log, index);
     drop(preparing);
+    // The disks may have taken a while (a first boot formats EPHEMERAL).
+    if let Some(watchdog) = &mut watchdog {
+        watchdog.ping(std::time::Instant::now(), log);
+    }
     // STATE is mounted and the boot recorded: where the test faults act (`fault`).
     fault::stage2(sys, log, &boot.cmdline);
     let runtime = tokio::runtime::Builder::new_current_thread()
