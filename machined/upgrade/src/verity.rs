@@ -358,12 +358,12 @@ pub fn verify_root(
     let (levels, root) = levels(digests, &salt);
 
     // The written levels, top first after the superblock block, as `build` lays them out.
-    let mut offset = params.hash_offset + BLOCK_SIZE as u64;
+    let mut offset = params.hash_offset.saturating_add(BLOCK_SIZE as u64);
     let mut written: Vec<Vec<u8>> = Vec::with_capacity(levels.len());
     for level in levels.iter().rev() {
         let mut bytes = vec![0u8; level.len()];
         read(offset, &mut bytes)?;
-        offset += level.len() as u64;
+        offset = offset.saturating_add(level.len() as u64);
         written.push(bytes);
     }
     written.reverse();
