@@ -64,6 +64,16 @@ pub enum UpgradeError {
         #[source]
         source: keelson_upgrade::bundle::BundleError,
     },
+    /// The sender announced another size than the bundle's header describes.
+    #[error(
+        "the bundle sent is {announced} bytes but its header describes {expected}: the file is truncated or has bytes added; build or download it again"
+    )]
+    SizeMismatch {
+        /// The size the sender announced.
+        announced: u64,
+        /// The size the header describes.
+        expected: u64,
+    },
     /// The manifest's signature did not verify against any trusted key.
     #[error(
         "the bundle's signature does not verify against the keys in {keys_dir} (sign it with a key this image trusts: `--trust` at image build)"
@@ -188,6 +198,7 @@ impl UpgradeError {
             UpgradeError::Busy => Code::Unavailable,
             UpgradeError::BadBundle { .. }
             | UpgradeError::Truncated { .. }
+            | UpgradeError::SizeMismatch { .. }
             | UpgradeError::Signature { .. } => Code::InvalidArgument,
             UpgradeError::Refused { .. }
             | UpgradeError::NoBootedSlot { .. }

@@ -99,6 +99,11 @@ impl BundleReader {
         self.parser.bundle_size().unwrap_or(self.size)
     }
 
+    /// The size the sender announced (0: none).
+    pub fn announced_size(&self) -> u64 {
+        self.size
+    }
+
     /// Reads until the header is complete.
     pub async fn header(&mut self) -> Result<Box<Header>, UpgradeError> {
         match self.next().await? {

@@ -414,6 +414,14 @@ impl Upgrader {
             .await;
         let header = reader.header().await?;
         let manifest = header.manifest.clone();
+        let announced = reader.announced_size();
+        if announced != 0 && announced != header.bundle_size() {
+            // A truncated file is refused here, before anything is written.
+            return Err(UpgradeError::SizeMismatch {
+                announced,
+                expected: header.bundle_size(),
+            });
+        }
         self.verify_signature(&header)?;
         let plan = self.check(&manifest, &options).await?;
         if options.dry_run {
@@ -526,6 +534,7 @@ impl Upgrader {
             reasons.push(why);
         }
         if !reasons.is_empty() {
+            tracing::warn!(version = %manifest.version, reasons = %reasons.join("; "), "upgrade refused; nothing was written");
             return Err(UpgradeError::Refused {
                 version: manifest.version.clone(),
                 reasons,

@@ -165,10 +165,10 @@ fn good(node: &Node) -> Built {
     build(&node.key, "0.2.0", &facts::arch())
 }
 
-/// The bundle sent in chunks of 7000 bytes.
+/// The bundle sent in chunks of 7000 bytes, its size not announced (a cut connection).
 fn stream(bytes: Vec<u8>) -> BundleSource {
     let (tx, rx) = mpsc::channel(4);
-    let size = bytes.len() as u64;
+    let size = 0;
     tokio::spawn(async move {
         for chunk in bytes.chunks(7000) {
             if tx.send(Ok(Bytes::copy_from_slice(chunk))).await.is_err() {
@@ -367,6 +367,7 @@ async fn refusals_and_dry_runs_write_nothing() {
         ),
         ("truncated header", good[..40].to_vec(), "ended"),
     ];
+    let cut = |bytes: &[u8]| bytes[..bytes.len() - 5000].to_vec();
     let before = snapshot(&node);
     for (what, bytes, says) in cases {
         let (result, _) = run(&upgrader, bytes, UpgradeOptions::default()).await;
@@ -383,6 +384,24 @@ async fn refusals_and_dry_runs_write_nothing() {
         );
         assert!(snapshot(&node) == before, "{what} changed the node");
     }
+    // A truncated file whose size was announced: refused before any write.
+    let (tx, rx) = mpsc::channel(4);
+    let short = cut(&good);
+    tokio::spawn(async move { tx.send(Ok(Bytes::from(short))).await });
+    let (ptx, _prx) = mpsc::channel(64);
+    let source = BundleSource::Stream {
+        chunks: rx,
+        size: (good.len() - 5000) as u64,
+    };
+    let err = upgrader
+        .upgrade(source, UpgradeOptions::default(), ptx)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, UpgradeError::SizeMismatch { .. }), "{err:?}");
+    assert!(
+        snapshot(&node) == before,
+        "a truncated file changed the node"
+    );
     // A dry run passes every check and writes nothing.
     let dry = UpgradeOptions {
         dry_run: true,
