@@ -1,0 +1,313 @@
+//! `machinectl upgrade`, `upgrade status`, `rollback` and `version` through the real
+//! binary against the real machined (in-process, mutual TLS on 127.0.0.1) with the real
+//! upgrade engine over temporary files (ESP, STATE, kernel command line, os-release) and a
+//! recording backend in place of PID 1. No VM: the "reboot" is the test rewriting the
+//! command line and os-release while machinectl waits, as a node that came back on the
+//! other slot answers.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+// The daemon's test support: a generated cluster, a recording backend.
+#[path = "../../daemon/tests/api_support/mod.rs"]
+mod api_support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use api_support::*;
+use keelson_configs::boot::{BootEntry, EntryVersion, VerityParams};
+use keelson_configs::layout::Slot;
+use keelson_configs::pki::Role;
+use keelson_machined::backend::{Call, Power, RecordingBackend};
+use keelson_machined::etcd::EtcdPaths;
+use keelson_machined::node::NodePaths;
+use keelson_machined::server::{self, Options};
+use keelson_machined::upgrade::{UpgradePaths, Upgrader};
+
+fn write(path: &Path, data: impl AsRef<[u8]>) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, data).unwrap();
+}
+
+fn entry(slot: Slot, generation: u64, version: &str) -> String {
+    let verity = VerityParams {
+        roothash: "00".repeat(32),
+        salt: "11".repeat(32),
+        data_blocks: 1,
+        hash_offset: 4096,
+    };
+    let version = EntryVersion {
+        generation,
+        os_version: version.into(),
+    };
+    BootEntry::for_slot(slot, &version, "console=ttyS0", &verity).render()
+}
+
+/// A node booted from slot a (0.1.0, blessed) whose slot b holds a blessed 0.0.9.
+struct UpgradeNode {
+    address: std::net::SocketAddr,
+    backend: Arc<RecordingBackend>,
+    root: tempfile::TempDir,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl UpgradeNode {
+    fn start(config: &str) -> UpgradeNode {
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path();
+        write(&r.join("state/config.toml"), config);
+        write(&r.join("proc/cmdline"), "console=ttyS0 keelson.slot=a\n");
+        write(
+            &r.join("os-release"),
+            "NAME=\"Keelson\"\nVERSION_ID=0.1.0\n",
+        );
+        let entries = r.join("esp/loader/entries");
+        write(&entries.join("keelson-a.conf"), entry(Slot::A, 1, "0.1.0"));
+        write(&entries.join("keelson-b.conf"), entry(Slot::B, 0, "0.0.9"));
+        for slot in ["a", "b"] {
+            write(&r.join(format!("esp/keelson/{slot}/vmlinuz")), "kernel");
+            write(&r.join(format!("esp/keelson/{slot}/initrd")), "initrd");
+        }
+        let paths = UpgradePaths {
+            state: r.join("state"),
+            esp: r.join("esp"),
+            trusted_keys: r.join("keys"),
+            os_release: r.join("os-release"),
+            cmdline: r.join("proc/cmdline"),
+            sys_block: r.join("sys/class/block"),
+            dev: r.join("dev"),
+            components: r.join("components"),
+        };
+        let options = Options {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            state_dir: r.join("state"),
+            read_root: "/".into(),
+            spool_dir: r.join("spool"),
+            mode: keelson_configs::Mode::Metal,
+            paths: NodePaths {
+                os_release: r.join("os-release"),
+                proc: r.join("proc"),
+                containerd_socket: r.join("containerd.sock"),
+                ..NodePaths::default()
+            },
+            etcd_paths: EtcdPaths {
+                data_dir: r.join("etcd"),
+                env_file: r.join("etcd.env"),
+                pki_dir: r.join("pki"),
+            },
+            kube_paths: keelson_machined::kubernetes::KubePaths {
+                root: r.join("root"),
+                containerd_socket: r.join("containerd.sock"),
+            },
+            drive_cluster: false,
+            clock: Arc::new(NoClock),
+        };
+        let backend = backend();
+        let b: Arc<dyn keelson_machined::backend::NodeBackend> = backend.clone();
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            rt().block_on(async move {
+                let bound = server::bind(options)
+                    .await
+                    .unwrap()
+                    .with_upgrader(Upgrader::new(paths));
+                addr_tx.send(bound.local_addr().unwrap()).unwrap();
+                bound
+                    .serve(b, async move {
+                        let _ = stop_rx.await;
+                    })
+                    .await
+                    .unwrap();
+            });
+        });
+        let address = addr_rx.recv_timeout(Duration::from_secs(30)).unwrap();
+        UpgradeNode {
+            address,
+            backend,
+            root,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        }
+    }
+
+    /// What a node that came back on `slot` with `version` answers.
+    fn booted(&self, slot: &str, version: &str) {
+        let r = self.root.path();
+        write(
+            &r.join("proc/cmdline"),
+            format!("console=ttyS0 keelson.slot={slot}\n"),
+        );
+        write(
+            &r.join("os-release"),
+            format!("NAME=\"Keelson\"\nVERSION_ID={version}\n"),
+        );
+    }
+
+    fn reboots(&self) -> usize {
+        self.backend
+            .calls()
+            .iter()
+            .filter(|c| **c == Call::Power(Power::Reboot))
+            .count()
+    }
+}
+
+impl Drop for UpgradeNode {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn machinectl(config: &Path, args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_machinectl"));
+    command
+        .arg("--machineconfig")
+        .arg(config)
+        .args(args)
+        .env_remove("MACHINECONFIG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    command
+}
+
+fn run(config: &Path, args: &[&str]) -> Output {
+    machinectl(config, args).output().unwrap()
+}
+
+/// Waits for `child`, killing it (and failing) after `limit`.
+fn finish_within(mut child: Child, limit: Duration) -> (Output, Duration) {
+    let start = Instant::now();
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return (child.wait_with_output().unwrap(), start.elapsed());
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!("machinectl still running after {limit:?}\n{}", text(&out));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn setup() -> (Cluster, UpgradeNode, PathBuf) {
+    let cluster = Cluster::new();
+    let node = UpgradeNode::start(&cluster.controlplane);
+    let config = cluster.client_config(node.address, Role::Admin);
+    (cluster, node, config)
+}
+
+#[test]
+fn status_and_version_show_both_slots() {
+    let (_cluster, node, config) = setup();
+    let out = run(&config, &["upgrade", "status", "-o", "json"]);
+    assert_ok(&out);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let slots = &v[0]["slots"];
+    assert_eq!(slots[0]["slot"], "a", "{v:#}");
+    assert_eq!(slots[0]["booted"], true, "{v:#}");
+    assert_eq!(slots[1]["version"], "0.0.9", "{v:#}");
+    assert_eq!(slots[1]["blessed"], true, "{v:#}");
+    assert_eq!(v[0]["attempt"], serde_json::Value::Null, "{v:#}");
+
+    let out = run(&config, &["upgrade", "status"]);
+    assert_ok(&out);
+    assert!(
+        stdout(&out).contains(&format!("{}: no upgrade attempt recorded", node.address)),
+        "{}",
+        text(&out)
+    );
+
+    let out = run(&config, &["version", "-o", "json"]);
+    assert_ok(&out);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v[0]["version"], "0.1.0", "{v:#}");
+    assert_eq!(v[0]["slot"], "a", "{v:#}");
+    assert_eq!(v[0]["other_slot"], "b", "{v:#}");
+    assert_eq!(v[0]["other_version"], "0.0.9", "{v:#}");
+    assert_eq!(v[0]["trial"], false, "{v:#}");
+}
+
+#[test]
+fn a_bundle_that_is_not_one_is_refused_and_nothing_reboots() {
+    let (_cluster, node, config) = setup();
+    let junk = node.root.path().join("junk.bundle");
+    write(&junk, vec![7u8; 3 << 20]);
+    let child = machinectl(&config, &["upgrade", "--image", junk.to_str().unwrap()])
+        .spawn()
+        .unwrap();
+    let (out, _) = finish_within(child, Duration::from_secs(60));
+    assert_fails(&out, &["invalid argument"]);
+    assert!(
+        stdout(&out).contains(&format!("{}: check: ", node.address)),
+        "{}",
+        text(&out)
+    );
+    // A URL nobody serves: the node's fetch fails, named.
+    let out = run(
+        &config,
+        &[
+            "upgrade",
+            "--image",
+            "http://127.0.0.1:1/keelson-amd64.bundle",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert_eq!(node.reboots(), 0);
+}
+
+#[test]
+fn rollback_waits_until_the_other_slot_answers_and_no_longer() {
+    let (_cluster, node, config) = setup();
+    let child = machinectl(&config, &["rollback", "--wait", "60s"])
+        .spawn()
+        .unwrap();
+    // The node "reboots" into slot b a moment later.
+    std::thread::sleep(Duration::from_millis(1500));
+    node.booted("b", "0.0.9");
+    let (out, took) = finish_within(child, Duration::from_secs(30));
+    assert_ok(&out);
+    let address = node.address;
+    let lines = stdout(&out);
+    for want in [
+        format!("{address}: rolling back to 0.0.9 in slot b; the node is rebooting into it"),
+        format!("{address}: waiting up to 1m00s for 0.0.9 to answer from slot b"),
+        format!("{address}: 0.0.9 answers from slot b after "),
+    ] {
+        assert!(lines.contains(&want), "{want:?} not in {}", text(&out));
+    }
+    assert!(
+        took < Duration::from_secs(15),
+        "took {took:?}\n{}",
+        text(&out)
+    );
+    assert_eq!(node.reboots(), 1);
+
+    // Back "on" slot a, a rollback to b whose node never comes back fails at --wait.
+    node.booted("a", "0.1.0");
+    let child = machinectl(&config, &["rollback", "--wait", "3s"])
+        .spawn()
+        .unwrap();
+    let (out, took) = finish_within(child, Duration::from_secs(30));
+    assert_fails(
+        &out,
+        &[&format!(
+            "{address} did not answer with 0.0.9 from slot b within 3s"
+        )],
+    );
+    assert!(
+        took < Duration::from_secs(10),
+        "took {took:?}\n{}",
+        text(&out)
+    );
+}
