@@ -349,10 +349,15 @@ impl ProgressPrinter {
     }
 }
 
-/// Bytes as `12.5 MiB`.
+/// Bytes as `512 B`, `72.0 KiB`, `12.5 MiB`.
 fn mib(bytes: u64) -> String {
-    let tenths = bytes.saturating_mul(10) >> 20;
-    format!("{}.{} MiB", tenths / 10, tenths % 10)
+    let (shift, unit) = match bytes {
+        0..1024 => return format!("{bytes} B"),
+        1024..1_048_576 => (10, "KiB"),
+        _ => (20, "MiB"),
+    };
+    let tenths = bytes.saturating_mul(10) >> shift;
+    format!("{}.{} {unit}", tenths / 10, tenths % 10)
 }
 
 /// A duration as `45s`, `2m05s`.
@@ -976,12 +981,14 @@ mod tests {
         out += &p.finish();
         let lines: Vec<&str> = out.lines().collect();
         assert_eq!(lines[0], "n:1: check: signature ok (key dev)");
-        assert_eq!(lines[1], "n:1: transfer 0% (0.0 MiB of 100.0 MiB)");
+        assert_eq!(lines[1], "n:1: transfer 0% (0 B of 100.0 MiB)");
         assert_eq!(lines[2], "n:1: transfer 10% (10.0 MiB of 100.0 MiB)");
         assert_eq!(lines[11], "n:1: transfer 100% (100.0 MiB of 100.0 MiB)");
         assert_eq!(lines[12], "n:1: write: root into ROOT-B");
         assert_eq!(lines[13], "n:1: write 5.0 MiB");
         assert_eq!(lines[14], "n:1: write 70.0 MiB");
+        assert_eq!(mib(512), "512 B");
+        assert_eq!(mib(73_728), "72.0 KiB");
         assert_eq!(lines.len(), 15, "{out}");
         assert!(!out.contains('\r'));
     }

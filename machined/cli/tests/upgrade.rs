@@ -25,6 +25,13 @@ use keelson_machined::etcd::EtcdPaths;
 use keelson_machined::node::NodePaths;
 use keelson_machined::server::{self, Options};
 use keelson_machined::upgrade::{UpgradePaths, Upgrader};
+use keelson_upgrade::bundle::{hash_part, write_bundle};
+use keelson_upgrade::keys::{self, SigningKey};
+use keelson_upgrade::manifest::{FORMAT, Manifest};
+use keelson_upgrade::verity;
+
+/// Slot b's partition: 4 MiB (a plain file under the fake `/dev`).
+const PARTITION_SECTORS: u64 = 8192;
 
 fn write(path: &Path, data: impl AsRef<[u8]>) {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
@@ -45,8 +52,10 @@ fn entry(slot: Slot, generation: u64, version: &str) -> String {
     BootEntry::for_slot(slot, &version, "console=ttyS0", &verity).render()
 }
 
-/// A node booted from slot a (0.1.0, blessed) whose slot b holds a blessed 0.0.9.
+/// A node booted from slot a (0.1.0, blessed) whose slot b holds a blessed 0.0.9; its
+/// partitions are files under a fake sysfs and `/dev`, and it trusts `key`.
 struct UpgradeNode {
+    key: SigningKey,
     address: std::net::SocketAddr,
     backend: Arc<RecordingBackend>,
     root: tempfile::TempDir,
@@ -71,6 +80,22 @@ impl UpgradeNode {
             write(&r.join(format!("esp/keelson/{slot}/vmlinuz")), "kernel");
             write(&r.join(format!("esp/keelson/{slot}/initrd")), "initrd");
         }
+        write(&r.join("components"), "containerd\n");
+        for (name, part) in [("vda2", "ROOT-A"), ("vda3", "ROOT-B")] {
+            let d = r.join("sys/class/block").join(name);
+            write(
+                &d.join("uevent"),
+                format!("MAJOR=254\nDEVNAME={name}\nDEVTYPE=partition\nPARTNAME={part}\n"),
+            );
+            write(&d.join("size"), format!("{PARTITION_SECTORS}\n"));
+        }
+        write(
+            &r.join("dev/vda3"),
+            vec![0xAAu8; (PARTITION_SECTORS * 512) as usize],
+        );
+        let key = keys::generate().unwrap();
+        std::fs::create_dir_all(r.join("keys")).unwrap();
+        keys::save_public_key(&r.join("keys/test.pub"), &key.verifying_key()).unwrap();
         let paths = UpgradePaths {
             state: r.join("state"),
             esp: r.join("esp"),
@@ -126,6 +151,7 @@ impl UpgradeNode {
         });
         let address = addr_rx.recv_timeout(Duration::from_secs(30)).unwrap();
         UpgradeNode {
+            key,
             address,
             backend,
             root,
@@ -198,6 +224,45 @@ fn finish_within(mut child: Child, limit: Duration) -> (Output, Duration) {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// A bundle of `version` signed with the node's key, for the config `config` runs.
+fn bundle(node: &UpgradeNode, config: &str, version: &str) -> PathBuf {
+    let data: Vec<u8> = (0..16 * 4096u32).map(|i| (i * 7 % 251) as u8).collect();
+    let tree = verity::build(&data[..], &[5u8; 32], [1u8; 16]).unwrap();
+    let mut root = data;
+    root.extend_from_slice(&tree.bytes);
+    let kernel = format!("kernel {version}").into_bytes();
+    let initrd = format!("initrd {version}").repeat(100).into_bytes();
+    let config: toml::Table = toml::from_str(config).unwrap();
+    let config_version = config["version"].as_str().unwrap().to_owned();
+    let manifest = Manifest {
+        format: FORMAT,
+        version: version.into(),
+        arch: keelson_machined::upgrade::facts::arch(),
+        min_version: None,
+        components: vec!["containerd".into()],
+        config_versions: vec![config_version],
+        cmdline: "console=ttyS0 panic=10".into(),
+        verity: tree.params.boot_params(),
+        key_id: String::new(),
+        parts: vec![
+            hash_part("root", &root[..]).unwrap(),
+            hash_part("kernel", &kernel[..]).unwrap(),
+            hash_part("initrd", &initrd[..]).unwrap(),
+        ],
+    };
+    let mut bytes = Vec::new();
+    write_bundle(
+        &mut bytes,
+        &manifest,
+        [&root[..], &kernel[..], &initrd[..]],
+        &node.key,
+    )
+    .unwrap();
+    let path = node.root.path().join(format!("keelson-{version}.bundle"));
+    write(&path, bytes);
+    path
 }
 
 fn setup() -> (Cluster, UpgradeNode, PathBuf) {
@@ -308,6 +373,62 @@ fn rollback_waits_until_the_other_slot_answers_and_no_longer() {
     assert!(
         took < Duration::from_secs(10),
         "took {took:?}\n{}",
+        text(&out)
+    );
+}
+
+#[test]
+fn an_upgrade_streams_the_bundle_reboots_after_its_last_message_and_waits_for_the_new_slot() {
+    let (cluster, node, config) = setup();
+    let address = node.address;
+    let file = bundle(&node, &cluster.controlplane, "0.2.0");
+    let image = file.to_str().unwrap();
+
+    // A dry run checks and writes nothing.
+    let out = run(&config, &["upgrade", "--image", image, "--dry-run"]);
+    assert_ok(&out);
+    assert!(
+        stdout(&out).contains(&format!(
+            "{address}: dry run: 0.2.0 for slot b passed every check; nothing was written"
+        )),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(node.reboots(), 0);
+
+    let child = machinectl(&config, &["upgrade", "--image", image, "--wait", "60s"])
+        .spawn()
+        .unwrap();
+    // The node "reboots" into slot b once PID 1 was asked to.
+    let start = Instant::now();
+    while node.reboots() == 0 {
+        assert!(start.elapsed() < Duration::from_secs(60), "no reboot asked");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    node.booted("b", "0.2.0");
+    let (out, _) = finish_within(child, Duration::from_secs(30));
+    assert_ok(&out);
+    let lines = stdout(&out);
+    for want in [
+        format!("{address}: check: reading the bundle's header"),
+        format!("{address}: write 100% ("),
+        format!("{address}: 0.2.0 installed in slot b; the node is rebooting into it"),
+        format!("{address}: waiting up to 1m00s for 0.2.0 to answer from slot b"),
+        format!("{address}: 0.2.0 answers from slot b after "),
+    ] {
+        assert!(lines.contains(&want), "{want:?} not in {}", text(&out));
+    }
+    assert_eq!(node.reboots(), 1);
+    let entries = node.root.path().join("esp/loader/entries");
+    assert!(entries.join("keelson-b+3-0.conf").is_file());
+
+    let out = run(&config, &["upgrade", "status"]);
+    assert_ok(&out);
+    assert!(
+        stdout(&out).contains(&format!(
+            "{address}: newest upgrade: 0.1.0 -> 0.2.0 (slot b): booting"
+        )),
+        "{}",
         text(&out)
     );
 }
