@@ -206,6 +206,7 @@ where
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     use tokio::net::TcpListener;
 
@@ -213,10 +214,8 @@ mod tests {
 
     /// Serves `answers` in turn, one per connection; answers the base URL.
     async fn serve(answers: Vec<Vec<u8>>) -> String {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
         tokio::spawn(async move {
             for answer in answers {
                 let Ok((mut conn, _)) = listener.accept().await else {
