@@ -28,7 +28,6 @@
 //! | [`esp`] | the ESP: entries listed, deleted, written durably; the slots' kernel and initramfs |
 //! | [`install`] | the writer of the parts and the read-back verification |
 //! | [`fetch`] | a bundle streamed from an http(s) URL |
-//! | [`grpc`] | the server's `Upgrade` handler: requests in, progress out, the reboot asked last |
 //! | [`cluster_guard`] | the etcd quorum guard of a control plane |
 //! | [`status`] | the slots and the record, and their wire form |
 
@@ -37,7 +36,6 @@ pub mod error;
 pub mod esp;
 pub mod facts;
 pub mod fetch;
-pub mod grpc;
 pub mod install;
 pub mod status;
 
