@@ -432,3 +432,89 @@ fn an_upgrade_streams_the_bundle_reboots_after_its_last_message_and_waits_for_th
         text(&out)
     );
 }
+
+#[test]
+fn a_node_that_came_back_on_the_old_slot_fell_back_and_says_why() {
+    let (cluster, node, config) = setup();
+    let address = node.address;
+    let file = bundle(&node, &cluster.controlplane, "0.3.0");
+    let child = machinectl(
+        &config,
+        &[
+            "upgrade",
+            "--image",
+            file.to_str().unwrap(),
+            "--wait",
+            "60s",
+        ],
+    )
+    .spawn()
+    .unwrap();
+    let start = Instant::now();
+    while node.reboots() == 0 {
+        assert!(start.elapsed() < Duration::from_secs(60), "no reboot asked");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // PID 1 of the old slot found the new one out of tries and recorded why, as
+    // boot assessment does; machined answers from slot a again.
+    let record_path = node.root.path().join("state/upgrade.json");
+    let mut record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&record_path).unwrap()).unwrap();
+    record["attempt"]["outcome"] = serde_json::json!({
+        "state": "failed",
+        "phase": "stage2",
+        "reason": "the kernel or stage 1 never reached stage 2",
+    });
+    std::fs::write(&record_path, serde_json::to_vec(&record).unwrap()).unwrap();
+    let (out, took) = finish_within(child, Duration::from_secs(30));
+    assert_fails(
+        &out,
+        &[
+            &format!("machinectl: error: {address} came back on 0.1.0 (slot a) after "),
+            "not on 0.3.0 (slot b): it fell back; the upgrade to 0.3.0 failed at stage2: the kernel or stage 1 never reached stage 2",
+        ],
+    );
+    assert!(
+        took < Duration::from_secs(15),
+        "took {took:?}\n{}",
+        text(&out)
+    );
+}
+
+#[test]
+fn an_upgrade_without_its_options_is_refused() {
+    let (cluster, node, _config) = setup();
+    let connector = cluster.connector(node.address, Role::Admin);
+    let status = rt().block_on(async {
+        let mut client = connector.connect(&node.address.to_string()).await.unwrap();
+        let requests = tokio_stream::iter([keelson_api::api::proto::UpgradeRequest {
+            options: None,
+            data: vec![1, 2, 3],
+        }]);
+        client.upgrade(requests).await.unwrap_err()
+    });
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains("first message carried no options"),
+        "{status:?}"
+    );
+    // An operator may not upgrade; a reader may read the status.
+    let operator = cluster.connector(node.address, Role::Operator);
+    let reader = cluster.connector(node.address, Role::Reader);
+    rt().block_on(async {
+        let mut client = operator.connect(&node.address.to_string()).await.unwrap();
+        let refused = client
+            .rollback(keelson_api::api::proto::RollbackRequest {})
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+        let mut client = reader.connect(&node.address.to_string()).await.unwrap();
+        client
+            .upgrade_status(keelson_api::api::proto::UpgradeStatusRequest {})
+            .await
+            .unwrap();
+    });
+    assert_eq!(node.reboots(), 0);
+}
