@@ -203,18 +203,29 @@ async fn upgrade_one(
     let result = match source {
         Source::Url(_) => {
             let requests = tokio_stream::iter([first]);
-            follow(client.upgrade(requests), &mut printer).await
+            follow(client.upgrade(requests), &mut printer, None).await
         }
         Source::File(path) => {
             let (chunks, failure) = file_chunks(path.clone())
                 .await
                 .map_err(|s| session.status(address, &s))?;
-            let requests =
-                tokio_stream::iter([first]).chain(chunks.map(|data| proto::UpgradeRequest {
+            // The upload's own progress: bytes handed to the connection so far.
+            let (sent_tx, sent_rx) = tokio::sync::mpsc::unbounded_channel();
+            let mut sent = 0u64;
+            let requests = tokio_stream::iter([first]).chain(chunks.map(move |data| {
+                sent += data.len() as u64;
+                let _ = sent_tx.send(sent);
+                proto::UpgradeRequest {
                     options: None,
                     data,
-                }));
-            upload(follow(client.upgrade(requests), &mut printer), failure).await
+                }
+            }));
+            let transfer = Some((sent_rx, options.size));
+            upload(
+                follow(client.upgrade(requests), &mut printer, transfer),
+                failure,
+            )
+            .await
         }
     };
     print_now(&printer.finish());
@@ -227,23 +238,54 @@ async fn upgrade_one(
 }
 
 /// Shows the progress of an upgrade call until its last message, which it returns
-/// (`None` when the stream ended without one).
+/// (`None` when the stream ended without one); with `transfer`, also the upload's
+/// progress (bytes sent, of the bundle's size) as the `transfer` phase.
 async fn follow<S>(
     call: impl Future<Output = Result<tonic::Response<S>, tonic::Status>>,
     printer: &mut ProgressPrinter,
+    transfer: Option<(tokio::sync::mpsc::UnboundedReceiver<u64>, u64)>,
 ) -> Result<Option<proto::UpgradeProgress>, tonic::Status>
 where
     S: tokio_stream::Stream<Item = Result<proto::UpgradeProgress, tonic::Status>> + Unpin,
 {
+    let (mut sent, size) = match transfer {
+        Some((rx, size)) => (Some(rx), size),
+        None => (None, 0),
+    };
     let mut stream = call.await?.into_inner();
-    while let Some(message) = stream.next().await {
-        let message = message?;
-        print_now(&printer.update(&message));
-        if message.done_all {
-            return Ok(Some(message));
+    loop {
+        let next_sent = async {
+            match sent.as_mut() {
+                Some(rx) => rx.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            biased;
+            done = next_sent => match done {
+                Some(done) => {
+                    let p = proto::UpgradeProgress {
+                        phase: "transfer".into(),
+                        done,
+                        total: size,
+                        ..proto::UpgradeProgress::default()
+                    };
+                    print_now(&printer.update(&p));
+                }
+                None => sent = None,
+            },
+            message = stream.next() => {
+                let Some(message) = message else {
+                    return Ok(None);
+                };
+                let message = message?;
+                print_now(&printer.update(&message));
+                if message.done_all {
+                    return Ok(Some(message));
+                }
+            }
         }
     }
-    Ok(None)
 }
 
 fn print_now(text: &str) {
@@ -276,16 +318,16 @@ pub fn done_line(
 }
 
 /// Shows an upgrade's progress messages: on a terminal one line redrawn in place; else a
-/// line per new message, per 10% of a phase with a known total, and per 64 MiB of one
-/// without.
+/// line per new message, one per tenth of a phase with a known total (labelled with that
+/// tenth, `transfer 40%`, and the exact bytes), and one per 64 MiB of a phase without.
+/// Phases may interleave (the upload's `transfer` and the node's `write`).
 #[derive(Debug)]
 pub struct ProgressPrinter {
     address: String,
     tty: bool,
-    phase: String,
     message: String,
-    /// The last tenth (percent phases) or 64 MiB step (others) shown in this phase.
-    step: Option<u64>,
+    /// The last tenth (phases with a total) or 64 MiB step (others) shown, per phase.
+    steps: Vec<(String, u64)>,
     /// Whether a redrawn line is on the terminal now.
     drawn: bool,
 }
@@ -296,9 +338,8 @@ impl ProgressPrinter {
         ProgressPrinter {
             address: address.to_owned(),
             tty,
-            phase: String::new(),
             message: String::new(),
-            step: None,
+            steps: Vec::new(),
             drawn: false,
         }
     }
@@ -306,32 +347,38 @@ impl ProgressPrinter {
     /// The text to write for one message.
     pub fn update(&mut self, p: &proto::UpgradeProgress) -> String {
         let mut out = String::new();
-        if p.phase != self.phase {
-            self.phase.clone_from(&p.phase);
-            self.step = None;
-        }
         if !p.message.is_empty() && p.message != self.message {
             self.message.clone_from(&p.message);
             out.push_str(&self.clear());
             let _ = writeln!(out, "{}: {}: {}", self.address, p.phase, p.message);
         }
         let percent = p.done.min(p.total).saturating_mul(100).checked_div(p.total);
-        let (step, amount) = match percent {
-            Some(percent) => (
-                percent / 10,
-                format!("{percent}% ({} of {})", mib(p.done), mib(p.total)),
-            ),
-            None if p.done > 0 => (p.done >> 26, mib(p.done)),
+        let (step, label) = match percent {
+            Some(percent) if self.tty => (percent / 10, format!("{percent}%")),
+            Some(percent) => (percent / 10, format!("{}%", percent / 10 * 10)),
+            None if p.done > 0 => (p.done >> 26, String::new()),
             None => return out,
         };
+        let amount = match percent {
+            Some(_) => format!("{label} ({} of {})", mib(p.done), mib(p.total)),
+            None => mib(p.done),
+        };
         let address = &self.address;
+        let last = self
+            .steps
+            .iter()
+            .find(|(phase, _)| *phase == p.phase)
+            .map(|(_, step)| *step);
         if self.tty {
             let _ = write!(out, "\r\x1b[2K{address}: {} {amount}", p.phase);
             self.drawn = true;
-        } else if self.step.is_none_or(|last| step > last) {
+        } else if last.is_none_or(|last| step > last) {
             let _ = writeln!(out, "{address}: {} {amount}", p.phase);
         }
-        self.step = Some(step);
+        match self.steps.iter_mut().find(|(phase, _)| *phase == p.phase) {
+            Some(entry) => entry.1 = step,
+            None => self.steps.push((p.phase.clone(), step)),
+        }
         out
     }
 
@@ -971,8 +1018,8 @@ mod tests {
         let mut out = String::new();
         out += &p.update(&progress("check", 0, 0, "signature ok (key dev)"));
         const M: u64 = 1 << 20;
-        for done in (0..=100).map(|i| i * M) {
-            out += &p.update(&progress("transfer", done, 100 * M, ""));
+        for done in (0..=100).map(|i| i * M + i * 1000) {
+            out += &p.update(&progress("transfer", done.min(100 * M), 100 * M, ""));
         }
         out += &p.update(&progress("write", 0, 0, "root into ROOT-B"));
         out += &p.update(&progress("write", 5 * M, 0, ""));
@@ -983,11 +1030,24 @@ mod tests {
         assert_eq!(lines[0], "n:1: check: signature ok (key dev)");
         assert_eq!(lines[1], "n:1: transfer 0% (0 B of 100.0 MiB)");
         assert_eq!(lines[2], "n:1: transfer 10% (10.0 MiB of 100.0 MiB)");
+        assert_eq!(lines[6], "n:1: transfer 50% (50.0 MiB of 100.0 MiB)");
         assert_eq!(lines[11], "n:1: transfer 100% (100.0 MiB of 100.0 MiB)");
         assert_eq!(lines[12], "n:1: write: root into ROOT-B");
         assert_eq!(lines[13], "n:1: write 5.0 MiB");
         assert_eq!(lines[14], "n:1: write 70.0 MiB");
         assert_eq!(mib(512), "512 B");
+        // Interleaved phases keep their own steps; a tenth is labelled as such.
+        let mut p = ProgressPrinter::new("n", false);
+        let a = p.update(&progress("transfer", 13, 100, ""));
+        let b = p.update(&progress("write", 5, 100, ""));
+        let c = p.update(&progress("transfer", 19, 100, ""));
+        let d = p.update(&progress("transfer", 21, 100, ""));
+        assert_eq!(a, "n: transfer 10% (13 B of 100 B)\n");
+        assert_eq!(b, "n: write 0% (5 B of 100 B)\n");
+        assert_eq!(
+            (c.as_str(), d.as_str()),
+            ("", "n: transfer 20% (21 B of 100 B)\n")
+        );
         assert_eq!(mib(73_728), "72.0 KiB");
         assert_eq!(lines.len(), 15, "{out}");
         assert!(!out.contains('\r'));

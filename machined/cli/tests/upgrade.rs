@@ -411,6 +411,7 @@ fn an_upgrade_streams_the_bundle_reboots_after_its_last_message_and_waits_for_th
     let lines = stdout(&out);
     for want in [
         format!("{address}: check: reading the bundle's header"),
+        format!("{address}: transfer 100% ("),
         format!("{address}: write 100% ("),
         format!("{address}: 0.2.0 installed in slot b; the node is rebooting into it"),
         format!("{address}: waiting up to 1m00s for 0.2.0 to answer from slot b"),
@@ -419,6 +420,7 @@ fn an_upgrade_streams_the_bundle_reboots_after_its_last_message_and_waits_for_th
         assert!(lines.contains(&want), "{want:?} not in {}", text(&out));
     }
     assert_eq!(node.reboots(), 1);
+    eprintln!("{lines}");
     let entries = node.root.path().join("esp/loader/entries");
     assert!(entries.join("keelson-b+3-0.conf").is_file());
 
