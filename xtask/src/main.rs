@@ -7,6 +7,7 @@ mod cluster;
 mod host;
 mod image;
 mod keys;
+mod upgrade_inputs;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -98,6 +99,9 @@ enum Cmd {
     /// DIR (`keelson-<arch>.bundle`, written by `cargo xtask image`) with a changed
     /// manifest or initramfs, signed again. For the upgrade tests' faults.
     Bundle(bundle::BundleArgs),
+    /// Build the upgrade tests' v2 and v3 images and derive their bundles under
+    /// target/images/ (`cargo xtask test` does it too; see xtask/src/upgrade_inputs.rs).
+    UpgradeInputs,
     /// Build the image and boot it under QEMU (KVM if it works, else software
     /// emulation), with its console on this terminal.
     Run {
@@ -175,6 +179,10 @@ fn run(cli: Cli) -> Result<()> {
             keys::keygen(&out.unwrap_or_else(keys::dev_key_dir), force).map(|_| ())
         }
         Cmd::Bundle(args) => bundle::derive(&args),
+        Cmd::UpgradeInputs => {
+            host::ensure()?;
+            upgrade_inputs::build()
+        }
         Cmd::Run { arch, timeout } => {
             host::ensure()?;
             image::run(image::parse_arch(&arch)?, Duration::from_secs(timeout))
@@ -238,6 +246,8 @@ fn test() -> Result<()> {
         vec![Format::Raw, Format::RawZst, Format::Qcow2],
     ))?;
     image::image(&image::ImageArgs::new(vec![Arch::Arm64], vec![Format::Raw]))?;
+    // The upgrade tests' v2 and v3 images and the bundles derived from them.
+    upgrade_inputs::build()?;
     run_cmd(cargo().args(["test", "--workspace"]))?;
     fuzz(Duration::from_secs(30))
 }
