@@ -481,6 +481,20 @@ fn a_node_that_came_back_on_the_old_slot_fell_back_and_says_why() {
         "took {took:?}\n{}",
         text(&out)
     );
+    // health names it too, and version.
+    let out = run(&config, &["health"]);
+    assert!(
+        stdout(&out).contains("the upgrade to 0.3.0 failed at stage2: the kernel or stage 1 never reached stage 2; 0.3.0 is refused here until forced; running 0.1.0 from slot a"),
+        "{}",
+        text(&out)
+    );
+    let out = run(&config, &["version", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v[0]["upgrade"], "failed", "{v:#}");
+    assert_eq!(
+        v[0]["failed"], "0.3.0 at stage2: the kernel or stage 1 never reached stage 2",
+        "{v:#}"
+    );
 }
 
 #[test]

@@ -231,6 +231,11 @@ impl Machine for NodeService {
         if let Some(kube) = &self.kube {
             checks.extend(kube.health().await);
         }
+        if let Some(upgrader) = &self.upgrader
+            && let Some(check) = upgrade_api::health_check(upgrader.clone()).await
+        {
+            checks.push(check);
+        }
         Ok(Response::new(proto::HealthResponse {
             healthy: checks.iter().all(|c| c.ok),
             checks: checks

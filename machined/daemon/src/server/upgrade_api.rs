@@ -270,6 +270,47 @@ pub async fn rollback(
     Ok(done.into())
 }
 
+/// What `health` says of upgrades: the newest attempt (a failed one with its version,
+/// phase and why), or `None` when there was none or the status cannot be read. Always
+/// `ok`: a node that fell back to its previous slot is as healthy as before; the check
+/// says what failed so that nobody has to dig for it.
+pub async fn health_check(upgrader: Upgrader) -> Option<crate::node::health::Check> {
+    let status = tokio::task::spawn_blocking(move || upgrader.status())
+        .await
+        .ok()?
+        .ok()?;
+    let s: proto::UpgradeStatusResponse = status.into();
+    health_reason(&s).map(|reason| crate::node::health::Check {
+        name: "upgrade".into(),
+        ok: true,
+        reason,
+    })
+}
+
+/// The `upgrade` health check's reason for a status (`None` without an attempt).
+pub fn health_reason(s: &proto::UpgradeStatusResponse) -> Option<String> {
+    if s.to_version.is_empty() {
+        return None;
+    }
+    let what = if s.rollback { "rollback" } else { "upgrade" };
+    let running = s
+        .slots
+        .iter()
+        .find(|slot| slot.booted)
+        .map(|slot| format!("; running {} from slot {}", slot.version, slot.slot))
+        .unwrap_or_default();
+    Some(match s.outcome.as_str() {
+        "failed" => format!(
+            "the {what} to {} failed at {}: {}; {} is refused here until forced{running}",
+            s.to_version, s.failed_phase, s.failed_reason, s.to_version
+        ),
+        outcome => format!(
+            "the {what} from {} to {} (slot {}) is {outcome}{running}",
+            s.from_version, s.to_version, s.to_slot
+        ),
+    })
+}
+
 /// `UpgradeStatus`: the slots and STATE's record.
 pub async fn status(upgrader: Upgrader) -> Result<proto::UpgradeStatusResponse, Status> {
     let status = tokio::task::spawn_blocking(move || upgrader.status())
@@ -283,6 +324,33 @@ pub async fn status(upgrader: Upgrader) -> Result<proto::UpgradeStatusResponse, 
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn health_names_a_failed_version() {
+        let mut s = proto::UpgradeStatusResponse::default();
+        assert_eq!(health_reason(&s), None);
+        s.slots = vec![proto::SlotStatus {
+            slot: "b".into(),
+            version: "0.2.0".into(),
+            booted: true,
+            ..proto::SlotStatus::default()
+        }];
+        s.from_version = "0.2.0".into();
+        s.to_version = "0.3.0".into();
+        s.to_slot = "a".into();
+        s.outcome = "failed".into();
+        s.failed_phase = "stage2".into();
+        s.failed_reason = "the kernel or stage 1 never reached stage 2".into();
+        assert_eq!(
+            health_reason(&s).unwrap(),
+            "the upgrade to 0.3.0 failed at stage2: the kernel or stage 1 never reached stage 2; 0.3.0 is refused here until forced; running 0.2.0 from slot b"
+        );
+        s.outcome = "blessed".into();
+        assert_eq!(
+            health_reason(&s).unwrap(),
+            "the upgrade from 0.2.0 to 0.3.0 (slot a) is blessed; running 0.2.0 from slot b"
+        );
+    }
 
     #[test]
     fn the_stream_says_when_it_was_read_to_its_end() {
