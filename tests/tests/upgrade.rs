@@ -99,7 +99,7 @@ impl Node {
             let out = self.run(Duration::from_secs(20), &["version", "-o", "json"]);
             if out.status.success() {
                 let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-                if version.is_none_or(|want| v[0]["os_version"] == want) {
+                if version.is_none_or(|want| v[0]["version"] == want) {
                     return v[0].clone();
                 }
             }
@@ -259,7 +259,7 @@ fn v1_takes_v2_refuses_bad_bundles_and_rolls_back() {
     let mut node = Node::boot(Arch::Amd64, "upgrade-a", "52:54:00:4b:45:18");
     let v = node.wait_version(None, BOOT);
     assert_eq!(v["slot"], "a", "{v}");
-    let v1 = v["os_version"].as_str().unwrap().to_string();
+    let v1 = v["version"].as_str().unwrap().to_string();
     node.wait_blessed("a");
 
     // Data on EPHEMERAL: an image imported into containerd.
@@ -505,7 +505,7 @@ fn power_cuts_during_an_upgrade_leave_a_good_slot() {
         // (a reinstall when the node already runs it).
         upgrade_and_cut(&mut node, &bundles.v2, cut);
         let v = node.wait_version(None, BOOT);
-        let version = v["os_version"].as_str().unwrap().to_string();
+        let version = v["version"].as_str().unwrap().to_string();
         let slot = v["slot"].as_str().unwrap().to_string();
         eprintln!("cut {i} ({cut:?}): the node answers on {version} from slot {slot}");
         node.wait_blessed(&slot);
