@@ -1,21 +1,13 @@
-//! The upgrade tests' bundles: v1 is the suite's built image (its bundle sits beside
-//! it), v2 and v3 are built once per test process as small derivations of v1 with
-//! `cargo xtask image --version` (the package cache and the squashfs block cache make
-//! that a rebuild of the root's changed blocks, not a new image), and the faulty v3s and
-//! the refused bundles are `cargo xtask bundle` derivations of those (seconds each).
+//! The upgrade tests' bundles, as `cargo xtask upgrade-inputs` lays them out under
+//! `target/images/` (`cargo xtask test` builds them after the suite's v1 images; see
+//! `xtask/src/upgrade_inputs.rs`): v2 and v3 are small derivations of v1 (`cargo xtask
+//! image --version`, whose package and squashfs block caches make them a rebuild of the
+//! root's changed blocks), and the faulty v3s are `cargo xtask bundle` derivations of v3
+//! (seconds each), each with a manifest version of its own.
 //!
-//! | bundle | how | what the node must do |
-//! |---|---|---|
-//! | `v2` | `image --version 0.2.0` | install, reboot, bless |
-//! | `v3_init_fails` | `image --version 0.3.0 --init-features fault-injection`, `bundle --cmdline-append keelson.fault=init-fails` | PID 1 exits, the kernel panics: fall back |
-//! | `v3_hang` | same, `keelson.fault=stage1-hang keelson.watchdog=15` | stage 1 hangs, the watchdog resets: fall back |
-//! | `v3_panic` | same, `bundle --empty-initrd` | no `/init`: the kernel panics: fall back |
-//! | `v3_unhealthy` | same, `keelson.fault=unhealthy` | machined never starts: the health deadline reboots: fall back |
-//! | `unknown_key` | v2 signed by a key the image does not trust | refused |
-//! | `other_arch` | the suite's arm64 image's bundle | refused |
-//! | `downgrade` | v1's own bundle, on a node at v2 | refused |
+//! A test run alone (`cargo test --test upgrade`) builds them at its first need.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::OnceLock;
 
@@ -25,24 +17,31 @@ use crate::{Arch, image_dir, workspace_root};
 
 /// v2's version.
 pub const V2: &str = "0.2.0";
-/// v3's version (every faulty v3).
-pub const V3: &str = "0.3.0";
 
-/// The bundles of the upgrade tests, for one architecture.
+/// A faulty v3: its bundle and the version its manifest carries.
+#[derive(Debug, Clone)]
+pub struct Faulty {
+    /// The bundle.
+    pub bundle: PathBuf,
+    /// Its manifest's version.
+    pub version: &'static str,
+}
+
+/// The bundles of the upgrade tests (amd64).
 #[derive(Debug, Clone)]
 pub struct Bundles {
     /// The suite's image's own bundle (v1).
     pub v1: PathBuf,
     /// v2.
     pub v2: PathBuf,
-    /// v3 whose PID 1 exits.
-    pub v3_init_fails: PathBuf,
-    /// v3 whose stage 1 hangs.
-    pub v3_hang: PathBuf,
-    /// v3 whose kernel panics.
-    pub v3_panic: PathBuf,
-    /// v3 that never becomes healthy.
-    pub v3_unhealthy: PathBuf,
+    /// v3 whose PID 1 exits (`keelson.fault=init-fails`).
+    pub v3_init_fails: Faulty,
+    /// v3 whose stage 1 hangs (`keelson.fault=stage1-hang`).
+    pub v3_hang: Faulty,
+    /// v3 whose kernel panics (an initramfs with no `/init`).
+    pub v3_panic: Faulty,
+    /// v3 that never becomes healthy (`keelson.fault=unhealthy`).
+    pub v3_unhealthy: Faulty,
     /// v2 signed by a key the image does not trust.
     pub unknown_key: PathBuf,
 }
@@ -64,139 +63,58 @@ pub fn v1_bundle(arch: Arch) -> Result<PathBuf> {
     Ok(path)
 }
 
-fn xtask(args: &[&str]) -> Result<()> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    eprintln!("upgrade fixtures: cargo xtask {}", args.join(" "));
-    let status = Command::new(cargo)
-        .current_dir(workspace_root())
-        .arg("xtask")
-        .args(args)
-        .status()
-        .context("starting cargo xtask")?;
-    if !status.success() {
-        bail!("cargo xtask {} failed ({status})", args.join(" "));
-    }
-    Ok(())
+fn images() -> PathBuf {
+    workspace_root().join("target/images")
 }
 
-fn path_str(p: &Path) -> Result<&str> {
-    p.to_str()
-        .with_context(|| format!("{} is not UTF-8", p.display()))
+/// v2's bundle for `arch`.
+pub fn v2_bundle(arch: Arch) -> Result<PathBuf> {
+    ensure_inputs()?;
+    Ok(images()
+        .join(format!("{}-v2", arch.debian()))
+        .join(bundle_name(arch)))
 }
 
-fn fixtures_dir(arch: Arch) -> PathBuf {
-    workspace_root()
-        .join("target/upgrade-fixtures")
-        .join(arch.debian())
-}
-
-fn build_v2(arch: Arch) -> Result<PathBuf> {
-    let v2_dir = fixtures_dir(arch).join("v2");
-    xtask(&[
-        "image",
-        "--arch",
-        arch.debian(),
-        "--version",
-        V2,
-        "--out",
-        path_str(&v2_dir)?,
-    ])?;
-    Ok(v2_dir)
-}
-
-/// The directory of v2's image for `arch` (its bundle inside), built at the first call
-/// of the process.
-pub fn v2_dir(arch: Arch) -> Result<PathBuf> {
-    static AMD64: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    static ARM64: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    let cell = match arch {
-        Arch::Amd64 => &AMD64,
-        Arch::Arm64 => &ARM64,
-    };
-    cell.get_or_init(|| build_v2(arch).map_err(|e| format!("{e:#}")))
-        .clone()
-        .map_err(anyhow::Error::msg)
-}
-
-fn build(arch: Arch) -> Result<Bundles> {
-    let v1 = v1_bundle(arch)?;
-    let root = fixtures_dir(arch);
-    let arch_name = arch.debian();
-    let v2_dir = v2_dir(arch)?;
-    let v3_dir = root.join("v3");
-    xtask(&[
-        "image",
-        "--arch",
-        arch_name,
-        "--version",
-        V3,
-        "--init-features",
-        "fault-injection",
-        "--out",
-        path_str(&v3_dir)?,
-    ])?;
-    let derive = |name: &str, extra: &[&str]| -> Result<PathBuf> {
-        let out = root.join(format!("{name}.bundle"));
-        let mut args = vec![
-            "bundle",
-            "--from",
-            path_str(&v3_dir)?,
-            "--out",
-            path_str(&out)?,
-        ];
-        args.extend_from_slice(extra);
-        xtask(&args)?;
-        Ok(out)
-    };
-    let v3_init_fails = derive(
-        "v3-init-fails",
-        &["--cmdline-append", "keelson.fault=init-fails"],
-    )?;
-    let v3_hang = derive(
-        "v3-hang",
-        &[
-            "--cmdline-append",
-            "keelson.fault=stage1-hang keelson.watchdog=15",
-        ],
-    )?;
-    let v3_panic = derive("v3-panic", &["--empty-initrd"])?;
-    let v3_unhealthy = derive(
-        "v3-unhealthy",
-        &["--cmdline-append", "keelson.fault=unhealthy"],
-    )?;
-    let stranger = root.join("stranger-key");
-    xtask(&["keygen", "--out", path_str(&stranger)?, "--force"])?;
-    let unknown_key = root.join("v2-unknown-key.bundle");
-    xtask(&[
-        "bundle",
-        "--from",
-        path_str(&v2_dir)?,
-        "--out",
-        path_str(&unknown_key)?,
-        "--signing-key",
-        path_str(&stranger.join("upgrade.key"))?,
-    ])?;
-    Ok(Bundles {
-        v1,
-        v2: v2_dir.join(bundle_name(arch)),
-        v3_init_fails,
-        v3_hang,
-        v3_panic,
-        v3_unhealthy,
-        unknown_key,
+/// Run `cargo xtask upgrade-inputs` once per process when its outputs are missing.
+fn ensure_inputs() -> Result<()> {
+    static DONE: OnceLock<Result<(), String>> = OnceLock::new();
+    DONE.get_or_init(|| {
+        let last = images().join("amd64-v2/v2-untrusted.bundle");
+        if last.is_file() {
+            return Ok(());
+        }
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        eprintln!("upgrade inputs missing: cargo xtask upgrade-inputs");
+        let status = Command::new(cargo)
+            .current_dir(workspace_root())
+            .args(["xtask", "upgrade-inputs"])
+            .status()
+            .context("starting cargo xtask upgrade-inputs")
+            .map_err(|e| format!("{e:#}"))?;
+        if !status.success() {
+            return Err(format!("cargo xtask upgrade-inputs failed ({status})"));
+        }
+        Ok(())
     })
+    .clone()
+    .map_err(anyhow::Error::msg)
 }
 
-/// Every bundle for `arch`, built at the first call of the process (a few minutes under
-/// load: two image rebuilds), shared by every test after it.
-pub fn bundles(arch: Arch) -> Result<Bundles> {
-    static AMD64: OnceLock<Result<Bundles, String>> = OnceLock::new();
-    static ARM64: OnceLock<Result<Bundles, String>> = OnceLock::new();
-    let cell = match arch {
-        Arch::Amd64 => &AMD64,
-        Arch::Arm64 => &ARM64,
+/// Every bundle of the amd64 upgrade tests.
+pub fn bundles() -> Result<Bundles> {
+    ensure_inputs()?;
+    let v3 = images().join("amd64-v3");
+    let faulty = |file: &str, version: &'static str| Faulty {
+        bundle: v3.join(file),
+        version,
     };
-    cell.get_or_init(|| build(arch).map_err(|e| format!("{e:#}")))
-        .clone()
-        .map_err(anyhow::Error::msg)
+    Ok(Bundles {
+        v1: v1_bundle(Arch::Amd64)?,
+        v2: v2_bundle(Arch::Amd64)?,
+        v3_init_fails: faulty("v3-init-fails.bundle", "0.3.1"),
+        v3_hang: faulty("v3-stage1-hang.bundle", "0.3.2"),
+        v3_panic: faulty("v3-kernel-panic.bundle", "0.3.3"),
+        v3_unhealthy: faulty("v3-unhealthy.bundle", "0.3.4"),
+        unknown_key: images().join("amd64-v2/v2-untrusted.bundle"),
+    })
 }

@@ -7,7 +7,7 @@
 //! reading the inactive slot out of the VM's disk before and after. Power is cut at points
 //! spread over the whole upgrade, and every time the node boots a good slot and answers.
 //!
-//! Bundles: `keelson_tests::upgrade` (v2 and v3 built once per run as derivations of v1).
+//! Bundles: `keelson_tests::upgrade` (`cargo xtask upgrade-inputs`: v2 and v3 derived from v1).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use keelson_configs::layout::{FW_CFG_CONFIG, Slot};
 use keelson_configs::pki::Role;
 use keelson_imager::inspect;
-use keelson_tests::upgrade::{self, V2, V3};
+use keelson_tests::upgrade::{self, Faulty, V2};
 use keelson_tests::{
     Arch, Guest, Running, api_client_config, free_loopback_port, machinectl, machinectl_binary,
     show, test_image, user_net_control_plane,
@@ -254,7 +254,7 @@ fn too_big(v2: &Path, out: &Path) {
 /// a downgrade refused, and rollback v2 → v1 → v2.
 #[test]
 fn v1_takes_v2_refuses_bad_bundles_and_rolls_back() {
-    let bundles = upgrade::bundles(Arch::Amd64).unwrap();
+    let bundles = upgrade::bundles().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let mut node = Node::boot(Arch::Amd64, "upgrade-a", "52:54:00:4b:45:18");
     let v = node.wait_version(None, BOOT);
@@ -328,9 +328,10 @@ fn v1_takes_v2_refuses_bad_bundles_and_rolls_back() {
 
 /// One faulty v3: the upgrade comes back on v2 by itself, `upgrade status` says which
 /// phase failed and why, and the same bundle is refused afterwards.
-fn falls_back(node: &mut Node, bundle: &Path, extra: &[&str], phase_or_reason: &str) {
+fn falls_back(node: &mut Node, v3: &Faulty, extra: &[&str], phase_or_reason: &str) {
     let mut args = vec!["--wait", "18m"];
     args.extend_from_slice(extra);
+    let bundle = &v3.bundle;
     let out = node.upgrade(bundle, &args);
     let text = show(&out);
     assert!(!out.status.success(), "{bundle:?}: {text}");
@@ -340,7 +341,7 @@ fn falls_back(node: &mut Node, bundle: &Path, extra: &[&str], phase_or_reason: &
     let status = node.json(&["upgrade", "status"]);
     let attempt = &status[0]["attempt"];
     assert_eq!(attempt["outcome"], "failed", "{status}");
-    assert_eq!(attempt["to_version"], V3, "{status}");
+    assert_eq!(attempt["to_version"], v3.version, "{status}");
     let said = format!("{} {}", attempt["failed_phase"], attempt["failed_reason"]);
     assert!(said.contains(phase_or_reason), "{bundle:?}: {said}");
     assert!(
@@ -348,12 +349,12 @@ fn falls_back(node: &mut Node, bundle: &Path, extra: &[&str], phase_or_reason: &
             .as_array()
             .unwrap()
             .iter()
-            .any(|f| f["version"] == V3),
+            .any(|f| f["version"] == v3.version),
         "{status}"
     );
     let health = node.run(Duration::from_secs(60), &["health"]);
     assert!(
-        show(&health).contains(V3),
+        show(&health).contains(v3.version),
         "health names the failed version: {}",
         show(&health)
     );
@@ -369,7 +370,7 @@ fn falls_back(node: &mut Node, bundle: &Path, extra: &[&str], phase_or_reason: &
 /// v1 → v2, then four faulty v3s, each of which comes back to v2 by itself.
 #[test]
 fn failed_versions_come_back_to_v2() {
-    let bundles = upgrade::bundles(Arch::Amd64).unwrap();
+    let bundles = upgrade::bundles().unwrap();
     let mut node = Node::boot(Arch::Amd64, "upgrade-f", "52:54:00:4b:45:19");
     node.wait_blessed("a");
     let out = node.upgrade(&bundles.v2, &[]);
@@ -378,12 +379,12 @@ fn failed_versions_come_back_to_v2() {
     node.wait_blessed("b");
 
     falls_back(&mut node, &bundles.v3_panic, &[], "stage2");
-    falls_back(&mut node, &bundles.v3_init_fails, &["--force"], "stage2");
-    falls_back(&mut node, &bundles.v3_hang, &["--force"], "stage2");
+    falls_back(&mut node, &bundles.v3_init_fails, &[], "healthy");
+    falls_back(&mut node, &bundles.v3_hang, &[], "stage2");
     falls_back(
         &mut node,
         &bundles.v3_unhealthy,
-        &["--force", "--health-timeout", "60s"],
+        &["--health-timeout", "60s"],
         "machined",
     );
 }
@@ -482,7 +483,7 @@ fn upgrade_and_cut(node: &mut Node, bundle: &Path, cut: Cut) {
 /// blessing, and after it): every time the node boots a good slot and answers.
 #[test]
 fn power_cuts_during_an_upgrade_leave_a_good_slot() {
-    let bundles = upgrade::bundles(Arch::Amd64).unwrap();
+    let bundles = upgrade::bundles().unwrap();
     let mut node = Node::boot(Arch::Amd64, "upgrade-p", "52:54:00:4b:45:1a");
     node.wait_blessed("a");
     let ms = Duration::from_millis;
@@ -517,9 +518,7 @@ fn power_cuts_during_an_upgrade_leave_a_good_slot() {
 /// v1 → v2 on arm64.
 #[test]
 fn arm64_takes_v2() {
-    let v2 = upgrade::v2_dir(Arch::Arm64)
-        .unwrap()
-        .join(upgrade::bundle_name(Arch::Arm64));
+    let v2 = upgrade::v2_bundle(Arch::Arm64).unwrap();
     let node = Node::boot(Arch::Arm64, "upgrade-arm", "52:54:00:4b:45:1b");
     node.wait_blessed("a");
     let out = node.upgrade(&v2, &[]);
