@@ -105,6 +105,7 @@ impl UpgradeNode {
             sys_block: r.join("sys/class/block"),
             dev: r.join("dev"),
             components: r.join("components"),
+            spool: r.join("var/lib/keelson/upgrade"),
         };
         let options = Options {
             listen: "127.0.0.1:0".parse().unwrap(),

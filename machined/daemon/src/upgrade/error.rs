@@ -133,6 +133,20 @@ pub enum UpgradeError {
         #[source]
         source: io::Error,
     },
+    /// The spool on EPHEMERAL, where the bundle waits until every part matched, could not
+    /// be written or read.
+    #[error(
+        "cannot {what} the upgrade's spool {path}; the running slot is untouched and the node keeps booting its current version; check EPHEMERAL (/var: its free space, its disk), then upgrade again"
+    )]
+    Spool {
+        /// The operation (`write`, `read`, `create the directory of`).
+        what: String,
+        /// The spool or its directory.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
     /// What was written did not read back as the bundle said.
     #[error(
         "part {part} read back from {path} does not match the bundle ({what}: expected {expected}, read {actual}): the disk corrupts writes; the inactive slot has no boot entry, the node keeps its current version"
@@ -210,6 +224,7 @@ impl UpgradeError {
             UpgradeError::Verify { .. } => Code::DataLoss,
             UpgradeError::Read { .. }
             | UpgradeError::Write { .. }
+            | UpgradeError::Spool { .. }
             | UpgradeError::Record { .. }
             | UpgradeError::Entries { .. }
             | UpgradeError::Task { .. } => Code::Internal,

@@ -1,8 +1,8 @@
 //! The bundle read as it arrives ([`BundleReader`] over the sans-IO parser), its parts
-//! written where they go while it arrives ([`stream_parts`]: root into the inactive
-//! slot's partition, kernel and initramfs into temporary files on the ESP, synced and
-//! renamed once their sha256 matched), and what was written read back ([`verify`]) with
-//! the page cache dropped, so a write the disk lost cannot hide behind cached pages.
+//! installed from the spool once all of them arrived and matched ([`write_parts`]: root
+//! into the inactive slot's partition, kernel and initramfs into temporary files on the
+//! ESP, synced and renamed), and what was written read back ([`verify`]) with the page
+//! cache dropped, so a write the disk lost cannot hide behind cached pages.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use hyper::body::Bytes;
 use keelson_configs::boot::{slot_initrd_path, slot_kernel_path};
 use keelson_configs::layout::Slot;
-use keelson_node_protocol::upgrade::UpgradeRecord;
+use keelson_node_protocol::upgrade::{PHASE_WRITE, UpgradeRecord};
 use keelson_upgrade::bundle::{BundleError, BundleParser, Event, Header, ParserLimits};
 use keelson_upgrade::manifest::{Manifest, PART_INITRD, PART_KERNEL, PART_NAMES, PART_ROOT};
 use ring::digest;
@@ -22,7 +22,9 @@ use tokio::sync::mpsc;
 
 use super::esp::{Esp, commit_temp, create_temp};
 use super::facts::Partition;
-use super::{BundleSource, Reporter, UpgradeError, fetch};
+use super::progress::{Meter, Reporter};
+use super::spool::{Spool, size_text};
+use super::{BundleSource, UpgradeError, fetch};
 
 /// Bytes read at a time when verifying.
 const READ_CHUNK: usize = 1024 * 1024;
@@ -175,6 +177,11 @@ impl BundleReader {
         Ok(())
     }
 
+    /// After [`Piece::End`]: the parser's own word that the bundle is whole.
+    pub fn finish(&self) -> Result<(), UpgradeError> {
+        self.parser.finish().map_err(|e| self.parser_error(Some(e)))
+    }
+
     /// Reads to the end of the stream: nothing may follow the bundle.
     async fn drain(&mut self) -> Result<(), UpgradeError> {
         while let Some(chunk) = self.recv().await? {
@@ -215,16 +222,13 @@ pub struct Written {
     pub initrd: PathBuf,
 }
 
-/// What the writer task is told.
-enum Command {
-    Data { part: usize, bytes: Bytes },
-    End { part: usize },
-}
-
-/// Reads the rest of the bundle, each part's bytes written as they arrive, on a blocking
-/// task so the runtime keeps serving.
-pub async fn stream_parts(
-    reader: &mut BundleReader,
+/// Installs the parts from the spool (the `write` phase, reported in bytes of all the
+/// parts): root at the start of the inactive slot's partition, synced; the kernel and
+/// initramfs into temporary files on the ESP, synced and renamed. On a blocking task, so
+/// the runtime keeps serving; the spool is removed when it ends, whatever the outcome.
+/// The caller deleted the slot's entry first.
+pub async fn write_parts(
+    spool: Spool,
     plan: &Plan,
     manifest: &Manifest,
     esp: &Esp,
@@ -235,54 +239,80 @@ pub async fn stream_parts(
         kernel: esp.file(&slot_kernel_path(plan.target)),
         initrd: esp.file(&slot_initrd_path(plan.target)),
     };
-    let (tx, rx) = mpsc::channel::<Command>(16);
-    let task = {
-        let written = written.clone();
-        tokio::task::spawn_blocking(move || write_parts(rx, &written))
-    };
-    let total = reader.size();
+    let total = manifest.parts_size();
     report
         .say(
-            "write",
-            reader.received(),
+            PHASE_WRITE,
+            0,
             total,
             &format!(
-                "writing {} bytes of root into {}",
-                manifest.parts[PART_ROOT].size,
-                written.device.display()
+                "writing root ({}) into {}, then the kernel and initramfs into {}",
+                size_text(manifest.parts[PART_ROOT].size),
+                written.device.display(),
+                parent(&written.kernel).display()
             ),
         )
         .await;
-    let streamed = async {
-        loop {
-            let command = match reader.next().await? {
-                Piece::Data { part, bytes } => Command::Data { part, bytes },
-                Piece::PartEnd { part } => Command::End { part },
-                Piece::End => return Ok(true),
-                Piece::Header(_) => continue,
-            };
-            if tx.send(command).await.is_err() {
-                // The writer stopped: its error is the one to report.
-                return Ok(false);
-            }
-            report.bytes("write", reader.received(), total);
-        }
-    };
-    let streamed: Result<bool, UpgradeError> = streamed.await;
-    drop(tx);
-    let outcome = task.await.map_err(|e| UpgradeError::Task {
-        what: "writer",
-        reason: e.to_string(),
-    })?;
-    // A write error comes first: it says where the disk failed.
-    outcome?;
-    match streamed? {
-        true => Ok(written),
-        false => Err(UpgradeError::Task {
+    let mut meter = report.meter(PHASE_WRITE, total);
+    let sizes: Vec<u64> = manifest.parts.iter().map(|p| p.size).collect();
+    let to = written.clone();
+    tokio::task::spawn_blocking(move || copy_parts(spool, &sizes, &to, &mut meter))
+        .await
+        .map_err(|e| UpgradeError::Task {
             what: "writer",
-            reason: "it stopped before the bundle's end".into(),
-        }),
+            reason: e.to_string(),
+        })??;
+    Ok(written)
+}
+
+/// The writer task: each part copied out of the spool (where they lie back to back, of
+/// `sizes`) to where it goes.
+fn copy_parts(
+    spool: Spool,
+    sizes: &[u64],
+    to: &Written,
+    meter: &mut Meter,
+) -> Result<(), UpgradeError> {
+    let root_err = |what: &str| {
+        let (what, path) = (what.to_owned(), to.device.clone());
+        move |source| UpgradeError::Write { what, path, source }
+    };
+    let mut offset = 0u64;
+    for (index, size) in sizes.iter().copied().enumerate() {
+        let before = offset;
+        let mut copied = |done: u64| meter.update_blocking(before + done);
+        match index {
+            PART_ROOT => {
+                // O_EXCL on a block device: refused while anything has it open
+                // exclusively (mounted).
+                let mut root = std::fs::OpenOptions::new()
+                    .write(true)
+                    .custom_flags(nix::fcntl::OFlag::O_EXCL.bits())
+                    .open(&to.device)
+                    .map_err(root_err("open for writing"))?;
+                let write = |bytes: &[u8]| {
+                    root.write_all(bytes)
+                        .map_err(root_err("write part root to"))
+                };
+                spool.copy_out(offset, size, write, &mut copied)?;
+                root.flush().map_err(root_err("write part root to"))?;
+                root.sync_all().map_err(root_err("sync"))?;
+            }
+            PART_KERNEL | PART_INITRD => {
+                let dest = if index == PART_KERNEL {
+                    &to.kernel
+                } else {
+                    &to.initrd
+                };
+                let mut temp = EspTemp::create(dest)?;
+                spool.copy_out(offset, size, |bytes| temp.write(bytes), &mut copied)?;
+                temp.commit()?;
+            }
+            _ => {}
+        }
+        offset = offset.saturating_add(size);
     }
+    Ok(())
 }
 
 /// A temporary file on the ESP for a part, removed unless it was renamed into place.
@@ -343,45 +373,6 @@ fn file_name(path: &Path) -> String {
     path.file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default()
-}
-
-/// The writer task: root into the partition, kernel and initramfs into temporary files
-/// renamed at their part's end.
-fn write_parts(mut rx: mpsc::Receiver<Command>, to: &Written) -> Result<(), UpgradeError> {
-    let root_err = |what: &str| {
-        let (what, path) = (what.to_owned(), to.device.clone());
-        move |source| UpgradeError::Write { what, path, source }
-    };
-    // O_EXCL on a block device: refused while anything has it open exclusively (mounted).
-    let mut root = std::fs::OpenOptions::new()
-        .write(true)
-        .custom_flags(nix::fcntl::OFlag::O_EXCL.bits())
-        .open(&to.device)
-        .map_err(root_err("open for writing"))?;
-    let mut kernel = EspTemp::create(&to.kernel)?;
-    let mut initrd = EspTemp::create(&to.initrd)?;
-    while let Some(command) = rx.blocking_recv() {
-        match command {
-            Command::Data { part, bytes } => match part {
-                PART_ROOT => root
-                    .write_all(&bytes)
-                    .map_err(root_err("write part root to"))?,
-                PART_KERNEL => kernel.write(&bytes)?,
-                PART_INITRD => initrd.write(&bytes)?,
-                _ => {}
-            },
-            Command::End { part } => match part {
-                PART_ROOT => {
-                    root.flush().map_err(root_err("write part root to"))?;
-                    root.sync_all().map_err(root_err("sync"))?;
-                }
-                PART_KERNEL => kernel.commit()?,
-                PART_INITRD => initrd.commit()?,
-                _ => {}
-            },
-        }
-    }
-    Ok(())
 }
 
 /// Reads back what was written (page cache dropped first) and checks it against the

@@ -1,32 +1,45 @@
 //! The node's side of an upgrade (`machinectl upgrade`, `rollback`, `upgrade status`):
-//! a signed bundle is received (or fetched), checked whole before anything is written,
-//! streamed into the inactive slot, read back and verified, and only then given a boot
-//! entry on trial (`keelson-<slot>+3-0.conf`); a rollback makes the other, blessed slot
-//! the next to boot.
+//! a signed bundle is received (or fetched), checked, spooled on EPHEMERAL until every
+//! part arrived and matched its sha256, only then written into the inactive slot, read
+//! back and verified, and given a boot entry on trial (`keelson-<slot>+3-0.conf`); a
+//! rollback makes the other, blessed slot the next to boot.
 //!
-//! The order of [`Upgrader::upgrade`] (the design's step 3):
-//! 1. the bundle's header, its signature against the trusted keys, and every check
-//!    (`keelson_upgrade::checks` over the node's facts, and the etcd guard on a control
-//!    plane): a refusal writes nothing, and `--dry-run` stops here;
-//! 2. STATE's [`Attempt`] (in progress), then the inactive slot's entry is deleted and the
-//!    directory synced: a half-written slot is never bootable;
-//! 3. the root part is written into the slot's partition while the bundle arrives, the
-//!    kernel and initramfs into temporary files on the ESP, synced and renamed;
-//! 4. everything is read back with the page cache dropped (sha256 of each part, the verity
-//!    tree recomputed from the data blocks);
-//! 5. the entry, by temporary file, fsync, rename, fsync of the directory; the outcome
-//!    `staged` (`--stage`) or `booting`.
+//! The order of [`Upgrader::upgrade`] (the design's step 3), with the phases reported to
+//! the CLI (`check`, `transfer`, `write`, `verify`, `entry`, then `reboot` in the last
+//! message) and recorded in STATE when they are reached:
+//! 1. `check`: the bundle's header, its signature against the trusted keys, and every
+//!    check (`keelson_upgrade::checks` over the node's facts, room on EPHEMERAL for the
+//!    spool, and the etcd guard on a control plane): a refusal writes nothing, and
+//!    `--dry-run` stops here;
+//! 2. STATE's [`Attempt`] (in progress);
+//! 3. `transfer` (bytes of the whole bundle): the parts are spooled
+//!    ([`spool`]); the inactive slot and the ESP are not touched until the bundle ended,
+//!    nothing followed it and every part matched its sha256, so a tampered, cut or
+//!    abandoned upload leaves them byte for byte as they were;
+//! 4. `write` (bytes of the parts): the inactive slot's entry is deleted and the
+//!    directory synced (a half-written slot is never bootable), its old kernel and
+//!    initramfs removed; root goes from the spool into the slot's partition, the kernel
+//!    and initramfs into temporary files on the ESP, synced and renamed; the spool is
+//!    removed;
+//! 5. `verify`: everything is read back with the page cache dropped (sha256 of each part,
+//!    the verity tree recomputed from the data blocks);
+//! 6. `entry`: the entry, by temporary file, fsync, rename, fsync of the directory; the
+//!    outcome `staged` (`--stage`) or `booting`.
 //!
-//! The engine never reboots: [`UpgradeDone::rebooting`] tells the server to ask PID 1.
-//! The running slot's partition, its entry and STATE's config are never written. One
-//! upgrade or rollback runs at a time.
+//! The spool is removed whatever the outcome, and one a power cut left is removed when
+//! the engine starts ([`Upgrader::new`]). The engine never reboots:
+//! [`UpgradeDone::rebooting`] tells the server to ask PID 1. The running slot's
+//! partition, its entry and STATE's config are never written. One upgrade or rollback
+//! runs at a time.
 //!
 //! | module | what it is |
 //! |---|---|
 //! | [`error`] | [`UpgradeError`], and its gRPC code |
 //! | [`facts`] | the node's facts: booted slot, version, arch, components, partitions, config version, the STATE record |
 //! | [`esp`] | the ESP: entries listed, deleted, written durably; the slots' kernel and initramfs |
-//! | [`install`] | the writer of the parts and the read-back verification |
+//! | [`spool`] | the bundle's parts kept on EPHEMERAL until all of them arrived and matched |
+//! | [`install`] | the bundle reader, the writer of the parts from the spool, the read-back verification |
+//! | [`progress`] | the progress reports: phases' lines, byte counts by tenths |
 //! | [`fetch`] | a bundle streamed from an http(s) URL |
 //! | [`cluster_guard`] | the etcd quorum guard of a control plane |
 //! | [`status`] | the slots and the record, and their wire form |
@@ -37,6 +50,8 @@ pub mod esp;
 pub mod facts;
 pub mod fetch;
 pub mod install;
+pub mod progress;
+pub mod spool;
 pub mod status;
 
 use std::path::PathBuf;
@@ -52,6 +67,7 @@ use tokio::sync::mpsc;
 
 pub use cluster_guard::{ClusterGuard, EtcdGuard};
 pub use error::UpgradeError;
+pub use progress::{Progress, Reporter};
 pub use status::{SlotState, UpgradeStatus};
 
 use esp::Esp;
@@ -75,6 +91,9 @@ pub struct UpgradePaths {
     pub dev: PathBuf,
     /// The components the running image carries (`/usr/lib/keelson/components`).
     pub components: PathBuf,
+    /// The directory, on EPHEMERAL, where the bundle is spooled until all of it arrived
+    /// and matched (`/var/lib/keelson/upgrade`, mode 0700).
+    pub spool: PathBuf,
 }
 
 impl Default for UpgradePaths {
@@ -88,6 +107,8 @@ impl Default for UpgradePaths {
             sys_block: "/sys/class/block".into(),
             dev: "/dev".into(),
             components: "/usr/lib/keelson/components".into(),
+            spool: PathBuf::from(keelson_configs::layout::EPHEMERAL_MOUNT)
+                .join("lib/keelson/upgrade"),
         }
     }
 }
@@ -149,32 +170,6 @@ impl BundleSource {
             }
         } else {
             BundleSource::Url(options.url.clone())
-        }
-    }
-}
-
-/// A progress report: the phase (`check`, then STATE's phases: `transfer`, `write`,
-/// `verify`, `entry`, `reboot`), bytes done of its total (0: unknown), and a line.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Progress {
-    /// The phase.
-    pub phase: String,
-    /// Bytes done.
-    pub done: u64,
-    /// Bytes in all (0: unknown).
-    pub total: u64,
-    /// A line for people.
-    pub message: String,
-}
-
-impl From<Progress> for proto::UpgradeProgress {
-    fn from(p: Progress) -> Self {
-        proto::UpgradeProgress {
-            phase: p.phase,
-            done: p.done,
-            total: p.total,
-            message: p.message,
-            ..Default::default()
         }
     }
 }
@@ -255,6 +250,8 @@ pub struct Upgrader {
     paths: UpgradePaths,
     busy: Arc<tokio::sync::Mutex<()>>,
     guard: Arc<std::sync::Mutex<Option<Arc<dyn ClusterGuard>>>>,
+    /// The spool directory's free bytes as the tests set them (`None`: statvfs).
+    spool_free: Option<u64>,
 }
 
 impl std::fmt::Debug for Upgrader {
@@ -266,13 +263,27 @@ impl std::fmt::Debug for Upgrader {
 }
 
 impl Upgrader {
-    /// The engine over `paths`, with no cluster guard (a worker, or no config yet).
+    /// The engine over `paths`, with no cluster guard (a worker, or no config yet). A
+    /// spool left by an upgrade that a power cut or crash interrupted is removed here: the
+    /// engine is made once, when machined starts.
     pub fn new(paths: UpgradePaths) -> Upgrader {
+        let removed = spool::remove_stale(&paths.spool);
+        if !removed.is_empty() {
+            tracing::info!(spools = ?removed, "upgrade: the spool of an interrupted upgrade was removed");
+        }
         Upgrader {
             paths,
             busy: Arc::default(),
             guard: Arc::default(),
+            spool_free: None,
         }
+    }
+
+    /// The engine with the spool directory's free bytes set (tests: no disk to fill).
+    #[cfg(test)]
+    fn with_spool_free_bytes(mut self, bytes: u64) -> Upgrader {
+        self.spool_free = Some(bytes);
+        self
     }
 
     /// Sets (or clears) the control plane's guard, asked before every upgrade that is not
@@ -406,7 +417,7 @@ impl Upgrader {
             .try_lock_owned()
             .map_err(|_| UpgradeError::Busy)?;
         let mut reader = install::BundleReader::new(source);
-        let report = Reporter(progress);
+        let report = Reporter::new(progress);
         report
             .say("check", 0, 0, "reading the bundle's header")
             .await;
@@ -525,6 +536,15 @@ impl Upgrader {
                 .into_iter()
                 .map(|r| r.to_string())
                 .collect();
+        let spool_free = match self.spool_free {
+            Some(bytes) => bytes,
+            None => spool::free_bytes(&paths.spool)?,
+        };
+        reasons.extend(spool::space_refusal(
+            &paths.spool,
+            manifest.parts_size(),
+            spool_free,
+        ));
         if !options.force
             && let Some(guard) = self.cluster_guard()
             && let Some(why) = guard.reboot_refusal().await
@@ -557,14 +577,17 @@ impl Upgrader {
         attempt: &mut Tracker,
     ) -> Result<UpgradeDone, UpgradeError> {
         let slot = plan.target;
+        let spool = spool::Spool::create(&self.paths.spool)?;
+        let spool = spool::receive(reader, spool, manifest, report).await?;
+        // The whole bundle is here and every part matched: from now on the slot is written.
+        attempt.reach(record::PHASE_TRANSFER)?;
         let esp = Esp::new(&self.paths.esp);
         let deleted = esp.delete_slot_entries(slot)?;
         if !deleted.is_empty() {
             tracing::info!(slot = slot.letter(), entries = ?deleted, "upgrade: the inactive slot's entries were deleted");
         }
         esp.remove_slot_files(slot)?;
-        let written = install::stream_parts(reader, plan, manifest, &esp, report).await?;
-        attempt.reach(record::PHASE_TRANSFER)?;
+        let written = install::write_parts(spool, plan, manifest, &esp, report).await?;
         attempt.reach(record::PHASE_WRITE)?;
         report
             .say(
@@ -616,36 +639,6 @@ impl Upgrader {
     }
 }
 
-/// Sends progress reports: a phase's line waits for room, a byte count is dropped when
-/// the receiver is behind.
-#[derive(Debug)]
-pub struct Reporter(mpsc::Sender<Progress>);
-
-impl Reporter {
-    /// A phase's report (waits for room: these are few).
-    pub async fn say(&self, phase: &str, done: u64, total: u64, message: &str) {
-        let _ = self
-            .0
-            .send(Progress {
-                phase: phase.into(),
-                done,
-                total,
-                message: message.into(),
-            })
-            .await;
-    }
-
-    /// A byte count's report (dropped when the receiver is behind).
-    pub fn bytes(&self, phase: &str, done: u64, total: u64) {
-        let _ = self.0.try_send(Progress {
-            phase: phase.into(),
-            done,
-            total,
-            message: String::new(),
-        });
-    }
-}
-
 /// The attempt in STATE, written at each phase.
 struct Tracker {
     state: PathBuf,
@@ -676,8 +669,6 @@ impl Tracker {
     fn fail(&mut self, error: &UpgradeError) {
         let attempt = self.attempt();
         let phase: String = match attempt.last_phase() {
-            // Transfer and write run together: a write error is the write's.
-            None if matches!(error, UpgradeError::Write { .. }) => record::PHASE_WRITE.into(),
             None => record::PHASE_TRANSFER.into(),
             Some(last) => record::PHASES
                 .iter()

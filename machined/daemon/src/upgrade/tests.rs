@@ -68,6 +68,7 @@ fn node() -> Node {
         sys_block: root.join("sys/class/block"),
         dev: root.join("dev"),
         components: root.join("components"),
+        spool: root.join("var/lib/keelson/upgrade"),
     };
     fs::create_dir_all(&paths.state).unwrap();
     write(&paths.state.join("config.toml"), "version = \"v1\"\n");
@@ -280,7 +281,57 @@ async fn an_upgrade_writes_the_inactive_slot_and_a_trial_entry() {
     );
     let phases: Vec<&str> = attempt.phases.iter().map(|p| p.phase.as_str()).collect();
     assert_eq!(phases, ["transfer", "write", "verify", "entry", "reboot"]);
-    assert!(progress.iter().any(|p| p.phase == "write" && p.done > 0));
+    assert!(
+        attempt.phases.windows(2).all(|w| w[0].at_ms <= w[1].at_ms),
+        "{:?}",
+        attempt.phases
+    );
+    // Each phase says what it does; transfer and write show every tenth (the power-cut
+    // test waits for `transfer 10%`, `50%`, `90%`).
+    let order: Vec<&str> = progress.iter().map(|p| p.phase.as_str()).collect();
+    let mut seen_phases = order.clone();
+    seen_phases.dedup();
+    assert_eq!(
+        seen_phases,
+        ["check", "transfer", "write", "verify", "entry"],
+        "{order:?}"
+    );
+    for phase in ["check", "transfer", "write", "verify", "entry"] {
+        assert!(
+            progress
+                .iter()
+                .any(|p| p.phase == phase && !p.message.is_empty()),
+            "no line for {phase}"
+        );
+    }
+    for (phase, total) in [
+        ("transfer", built.bytes.len() as u64),
+        ("write", built.manifest.parts_size()),
+    ] {
+        let percents: Vec<u64> = progress
+            .iter()
+            .filter(|p| p.phase == phase && p.done > 0)
+            .map(|p| {
+                assert_eq!(p.total, total, "{phase}");
+                p.done * 100 / p.total
+            })
+            .collect();
+        for tenth in (10..=100).step_by(10) {
+            assert!(percents.contains(&tenth), "{phase}: {percents:?}");
+        }
+    }
+    // No progress line of an earlier phase names a later one (the power-cut test cuts on
+    // the first line that contains `write`, `verify`, `entry` or `reboot`).
+    for (i, later) in ["write", "verify", "entry", "reboot"].iter().enumerate() {
+        let before = ["check", "transfer", "write", "verify"][..=i].to_vec();
+        for p in progress
+            .iter()
+            .filter(|p| before.contains(&p.phase.as_str()))
+        {
+            assert!(!p.message.contains(later), "{}: {}", p.phase, p.message);
+        }
+    }
+    assert!(!spooled(&node), "the spool was left");
     // The status: A runs, B boots next.
     let status: proto::UpgradeStatusResponse = upgrader.status().unwrap().into();
     let slots: Vec<(&str, &str, bool, bool, bool)> = status
@@ -322,6 +373,28 @@ async fn a_staged_upgrade_does_not_reboot() {
     let text =
         fs::read_to_string(node.paths.esp.join("loader/entries/keelson-b+3-0.conf")).unwrap();
     assert!(!text.contains("health_timeout"), "{text}");
+}
+
+/// Whether the spool file is there.
+fn spooled(node: &Node) -> bool {
+    node.paths.spool.join(spool::SPOOL_FILE).exists()
+}
+
+/// Every file on the ESP with its bytes.
+fn esp_files(node: &Node) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
+    fn walk(dir: &Path, out: &mut std::collections::BTreeMap<PathBuf, Vec<u8>>) {
+        for item in fs::read_dir(dir).unwrap() {
+            let path = item.unwrap().path();
+            if path.is_dir() {
+                walk(&path, out);
+            } else {
+                out.insert(path.clone(), fs::read(&path).unwrap());
+            }
+        }
+    }
+    let mut out = std::collections::BTreeMap::new();
+    walk(&node.paths.esp, &mut out);
+    out
 }
 
 /// The partition, the entries and the record, to compare before and after.
@@ -507,6 +580,7 @@ async fn a_write_failure_leaves_no_entry_for_the_inactive_slot() {
         fs::read(node.paths.esp.join("keelson/a/initrd")).unwrap(),
         b"old initrd"
     );
+    assert!(!spooled(&node), "the spool was left");
     match record(&node).attempt.unwrap().outcome {
         Outcome::Failed { phase, reason } => {
             assert_eq!(phase, "write");
@@ -516,38 +590,174 @@ async fn a_write_failure_leaves_no_entry_for_the_inactive_slot() {
     }
 }
 
-#[tokio::test]
-async fn a_tampered_or_cut_payload_gets_no_entry() {
-    let node = node();
+/// Runs `bytes`, which must fail with `expect`, and checks that the inactive partition and
+/// the ESP are byte for byte as they were, and the spool is gone.
+async fn refused_before_any_write(
+    node: &Node,
+    bytes: Vec<u8>,
+    expect: fn(&UpgradeError) -> bool,
+) -> UpgradeError {
     let upgrader = Upgrader::new(node.paths.clone());
+    let partition = fs::read(&node.partition).unwrap();
+    let esp = esp_files(node);
+    let (result, _) = run(&upgrader, bytes, UpgradeOptions::default()).await;
+    let err = result.unwrap_err();
+    assert!(expect(&err), "{err:?}");
+    assert!(
+        fs::read(&node.partition).unwrap() == partition,
+        "the inactive partition was written"
+    );
+    assert!(esp_files(node) == esp, "the ESP was written");
+    assert!(!spooled(node), "the spool was left");
+    err
+}
+
+#[tokio::test]
+async fn a_tampered_or_cut_payload_is_refused_before_any_write() {
+    let node = node();
     let built = good(&node);
+    let root_at = built.bytes.len() - built.manifest.parts_size() as usize;
+    // One flipped byte in the middle of the root part.
+    let mut tampered = built.bytes.clone();
+    tampered[root_at + built.root.len() / 2] ^= 1;
+    let err = refused_before_any_write(&node, tampered, |e| {
+        matches!(e, UpgradeError::BadBundle { .. })
+    })
+    .await;
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+    assert!(
+        keelson_api::error_chain(&err).contains("root part has sha256"),
+        "{err}"
+    );
+    let attempt = record(&node).attempt.unwrap();
+    assert!(
+        matches!(attempt.outcome, Outcome::Failed { ref phase, .. } if phase == "transfer"),
+        "{attempt:?}"
+    );
+    assert!(attempt.phases.is_empty(), "{attempt:?}");
+    // The last part tampered with: caught at the bundle's very end, still before any write.
     let mut tampered = built.bytes.clone();
     let last = tampered.len() - 10;
     tampered[last] ^= 1;
-    let (result, _) = run(&upgrader, tampered, UpgradeOptions::default()).await;
-    let err = result.unwrap_err();
-    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+    let err = refused_before_any_write(&node, tampered, |e| {
+        matches!(e, UpgradeError::BadBundle { .. })
+    })
+    .await;
     assert!(
         keelson_api::error_chain(&err).contains("initrd part has sha256"),
         "{err}"
     );
-    assert_eq!(entry_names(&node), ["keelson-a.conf", "other.conf"]);
-    let cut = built.bytes[..built.bytes.len() - 100].to_vec();
-    let (result, _) = run(&upgrader, cut, UpgradeOptions::default()).await;
-    let err = result.unwrap_err();
-    assert!(matches!(err, UpgradeError::Truncated { .. }), "{err:?}");
-    assert_eq!(entry_names(&node), ["keelson-a.conf", "other.conf"]);
-    let attempt = record(&node).attempt.unwrap();
-    assert!(matches!(attempt.outcome, Outcome::Failed { ref phase, .. } if phase == "transfer"));
+    // The upload cut in the middle of the root part, and just before the end.
+    for cut_at in [root_at + built.root.len() / 2, built.bytes.len() - 100] {
+        let cut = built.bytes[..cut_at].to_vec();
+        let err =
+            refused_before_any_write(&node, cut, |e| matches!(e, UpgradeError::Truncated { .. }))
+                .await;
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+        let attempt = record(&node).attempt.unwrap();
+        assert!(
+            matches!(attempt.outcome, Outcome::Failed { ref phase, .. } if phase == "transfer")
+        );
+    }
     // A byte after the end refuses the bundle too.
     let mut longer = built.bytes.clone();
     longer.push(0);
-    let (result, _) = run(&upgrader, longer, UpgradeOptions::default()).await;
-    assert!(
-        matches!(result, Err(UpgradeError::BadBundle { .. })),
-        "{result:?}"
+    refused_before_any_write(&node, longer, |e| {
+        matches!(e, UpgradeError::BadBundle { .. })
+    })
+    .await;
+    // The sender's stream broken mid-transfer.
+    let (tx, rx) = mpsc::channel(4);
+    let half = built.bytes[..root_at + 1000].to_vec();
+    tokio::spawn(async move {
+        tx.send(Ok(Bytes::from(half))).await.unwrap();
+        tx.send(Err("the client went away".into())).await.unwrap();
+    });
+    let partition = fs::read(&node.partition).unwrap();
+    let esp = esp_files(&node);
+    let (ptx, _prx) = mpsc::channel(1024);
+    let source = BundleSource::Stream {
+        chunks: rx,
+        size: 0,
+    };
+    let err = Upgrader::new(node.paths.clone())
+        .upgrade(source, UpgradeOptions::default(), ptx)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, UpgradeError::Transfer { .. }), "{err:?}");
+    assert!(fs::read(&node.partition).unwrap() == partition);
+    assert!(esp_files(&node) == esp);
+    assert!(!spooled(&node));
+    // The same bundle whole goes in.
+    let upgrader = Upgrader::new(node.paths.clone());
+    run(&upgrader, built.bytes.clone(), UpgradeOptions::default())
+        .await
+        .0
+        .unwrap();
+    assert_eq!(
+        entry_names(&node),
+        ["keelson-a.conf", "keelson-b+3-0.conf", "other.conf"]
     );
-    assert_eq!(entry_names(&node), ["keelson-a.conf", "other.conf"]);
+}
+
+#[tokio::test]
+async fn a_stale_spool_is_removed_when_the_engine_starts() {
+    let node = node();
+    let spool = node.paths.spool.join(spool::SPOOL_FILE);
+    write(&spool, vec![0x55u8; 100_000]);
+    write(&node.paths.spool.join("notes.txt"), "not a spool");
+    let _upgrader = Upgrader::new(node.paths.clone());
+    assert!(!spool.exists(), "the stale spool is still there");
+    assert!(node.paths.spool.join("notes.txt").exists());
+    // A spool directory that does not exist is no error.
+    fs::remove_dir_all(&node.paths.spool).unwrap();
+    let _upgrader = Upgrader::new(node.paths.clone());
+}
+
+#[tokio::test]
+async fn no_room_for_the_spool_is_refused_before_any_write() {
+    let node = node();
+    let built = good(&node);
+    let needed = built.manifest.parts_size() + spool::SPOOL_RESERVE_BYTES;
+    let before = snapshot(&node);
+    let esp = esp_files(&node);
+    for dry_run in [true, false] {
+        let upgrader = Upgrader::new(node.paths.clone()).with_spool_free_bytes(needed - 1);
+        let options = UpgradeOptions {
+            dry_run,
+            ..UpgradeOptions::default()
+        };
+        let (result, progress) = run(&upgrader, built.bytes.clone(), options).await;
+        let err = result.unwrap_err();
+        assert!(matches!(err, UpgradeError::Refused { .. }), "{err:?}");
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+        let text = err.to_string();
+        assert!(text.contains(&format!("needs {needed} bytes")), "{text}");
+        assert!(
+            text.contains(&format!("only {} bytes", needed - 1)),
+            "{text}"
+        );
+        assert!(
+            text.contains(&node.paths.spool.display().to_string()),
+            "{text}"
+        );
+        assert!(progress.iter().all(|p| p.phase == "check"), "{progress:?}");
+        assert!(snapshot(&node) == before, "the node was changed");
+        assert!(esp_files(&node) == esp, "the ESP was written");
+        assert!(!node.paths.spool.exists(), "the spool directory was made");
+    }
+    // Exactly enough room: it goes in.
+    let upgrader = Upgrader::new(node.paths.clone()).with_spool_free_bytes(needed);
+    run(&upgrader, built.bytes, UpgradeOptions::default())
+        .await
+        .0
+        .unwrap();
+    assert!(!spooled(&node));
+    let mode = fs::metadata(&node.paths.spool).unwrap().permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+        0o700
+    );
 }
 
 #[tokio::test]
