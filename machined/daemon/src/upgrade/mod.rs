@@ -60,7 +60,7 @@ use std::sync::Arc;
 use hyper::body::Bytes;
 use keelson_api::api::proto;
 use keelson_configs::boot::{
-    BootEntry, CMDLINE_HEALTH_TIMEOUT, EntryName, EntryVersion, next_generation,
+    BootEntry, CMDLINE_HEALTH_TIMEOUT, EntryName, EntryVersion, NEW_ENTRY_TRIES, next_generation,
 };
 use keelson_node_protocol::upgrade::{self as record, Attempt, Outcome, UpgradeRecord};
 use tokio::sync::mpsc;
@@ -613,6 +613,17 @@ impl Upgrader {
         };
         let entry = BootEntry::for_slot(slot, &version, &cmdline, &manifest.verity);
         let name = EntryName::new_trial(slot);
+        report
+            .say(
+                record::PHASE_ENTRY,
+                0,
+                0,
+                &format!(
+                    "installing boot entry {} (on trial: {NEW_ENTRY_TRIES} tries to become healthy)",
+                    name.file_name()
+                ),
+            )
+            .await;
         esp.write_entry(&name, &entry)?;
         attempt.reach(record::PHASE_ENTRY)?;
         report
