@@ -715,6 +715,27 @@ async fn a_stale_spool_is_removed_when_the_engine_starts() {
 }
 
 #[tokio::test]
+async fn a_spool_that_cannot_be_written_stops_the_transfer_before_any_write() {
+    let node = node();
+    // The spool's directory is a file.
+    write(&node.paths.spool, "not a directory");
+    let err = refused_before_any_write(&node, good(&node).bytes, |e| {
+        matches!(e, UpgradeError::Spool { .. })
+    })
+    .await;
+    let chain = keelson_api::error_chain(&err);
+    assert!(
+        chain.contains(&node.paths.spool.display().to_string()) && chain.contains("EPHEMERAL"),
+        "{chain}"
+    );
+    let attempt = record(&node).attempt.unwrap();
+    assert!(
+        matches!(attempt.outcome, Outcome::Failed { ref phase, .. } if phase == "transfer"),
+        "{attempt:?}"
+    );
+}
+
+#[tokio::test]
 async fn no_room_for_the_spool_is_refused_before_any_write() {
     let node = node();
     let built = good(&node);
