@@ -7,7 +7,7 @@
 //! | `amd64-v2/`, `arm64-v2/` | version 0.2.0: `keelson.raw` and `keelson-<arch>.bundle` |
 //! | `amd64-v3/` | version 0.3.0 with init's `fault-injection` feature: its bundle (a good v3) and the failures below |
 //! | `amd64-v3/v3-init-fails.bundle` | 0.3.1, `keelson.fault=init-fails` |
-//! | `amd64-v3/v3-stage1-hang.bundle` | 0.3.2, `keelson.fault=stage1-hang` |
+//! | `amd64-v3/v3-stage1-hang.bundle` | 0.3.2, `keelson.fault=stage1-hang keelson.watchdog=15` |
 //! | `amd64-v3/v3-kernel-panic.bundle` | 0.3.3, an initramfs with no `/init` |
 //! | `amd64-v3/v3-unhealthy.bundle` | 0.3.4, `keelson.fault=unhealthy` |
 //! | `amd64-v2/v2-untrusted.bundle` | v2 signed by a key no image trusts (`target/keelson-keys-untrusted/`) |
@@ -42,7 +42,8 @@ const V3_FAILURES: &[(&str, &str, Option<&str>)] = &[
     (
         "v3-stage1-hang.bundle",
         "0.3.2",
-        Some("keelson.fault=stage1-hang"),
+        // A 15 s watchdog: three hung tries take a minute or two, not six.
+        Some("keelson.fault=stage1-hang keelson.watchdog=15"),
     ),
     ("v3-kernel-panic.bundle", "0.3.3", None),
     (
