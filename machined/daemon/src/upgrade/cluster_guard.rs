@@ -104,6 +104,9 @@ impl EtcdGuard {
         match &phase {
             // No member here: nothing to lose.
             Phase::WaitingForTime | Phase::WaitingForCluster(_) | Phase::Left => return None,
+            // A control plane that never held a member (not bootstrapped, never joined)
+            // loses nothing either, whatever its controller is waiting for.
+            Phase::Joining(_) | Phase::Failed(_) if !self.node.has_data() => return None,
             Phase::Joining(_) | Phase::Failed(_) => {
                 return Some(format!(
                     "this node's etcd member is not healthy ({}); wait until `machinectl health` shows etcd healthy, or upgrade with --force",
