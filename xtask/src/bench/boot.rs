@@ -95,19 +95,34 @@ pub struct Vm {
     console: PathBuf,
 }
 
+/// What a VM may need beyond [`BootSpec`]; the default is [`Vm::start`]'s: a disk of the
+/// image's own size, and a guest reboot ends QEMU.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct VmOptions {
+    /// The overlay's size in bytes (None: the image's).
+    pub disk_bytes: Option<u64>,
+    /// Let the guest reboot (QEMU resets the machine instead of exiting).
+    pub allow_reboot: bool,
+}
+
 impl Vm {
     /// Start the machine of `spec` (its directory is cleared first).
     pub fn start(spec: &BootSpec<'_>) -> Result<Vm> {
+        Vm::start_with(spec, VmOptions::default())
+    }
+
+    /// [`Vm::start`] with a disk size and reboots of `options`.
+    pub fn start_with(spec: &BootSpec<'_>, options: VmOptions) -> Result<Vm> {
         let dir = &spec.dir;
         if dir.exists() {
             std::fs::remove_dir_all(dir).with_context(|| format!("clearing {}", dir.display()))?;
         }
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let overlay = dir.join("disk.qcow2");
-        qemu::create_overlay(spec.disk, &overlay, None)?;
+        qemu::create_overlay(spec.disk, &overlay, options.disk_bytes)?;
         let mut machine = Machine::new(spec.arch, spec.accel, overlay, dir.clone());
         machine.memory_mib = MEMORY_MIB;
-        machine.no_reboot = true;
+        machine.no_reboot = !options.allow_reboot;
         machine.fw_cfg = spec.fw_cfg.clone();
         machine.extra = spec.extra.clone();
         let console = machine.console_path();

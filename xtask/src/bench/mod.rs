@@ -1,8 +1,8 @@
-//! `cargo xtask bench [image|boot|api|cluster|etcd|all]`: how we hold ourselves to the
-//! targets of BENCHMARKS.md. Timed tests are flaky on shared machines; these figures are
-//! not tests but measurements, each taken several times (min/median/max) and each set
-//! beside a reference measured in the same run, so that a slow or busy machine moves
-//! both and the ratio stays meaningful:
+//! `cargo xtask bench [image|boot|api|cluster|etcd|upgrade|all]`: how we hold ourselves
+//! to the targets of BENCHMARKS.md. Timed tests are flaky on shared machines; these
+//! figures are not tests but measurements, each taken several times (min/median/max) and
+//! each set beside a reference measured in the same run, so that a slow or busy machine
+//! moves both and the ratio stays meaningful:
 //!
 //! - `image`: build times against the floor of writing the image's bytes with a plain
 //!   sequential copy; artefact sizes against the peer's disk image ([`image`]);
@@ -13,7 +13,10 @@
 //! - `api`: machined's memory at idle and the latency of `version` and `apply-config
 //!   --mode no-reboot` against one node ([`api`]);
 //! - `etcd`: a 3-control-plane cluster from `bootstrap` to healthy, beside one node's boot,
-//!   and `etcdctl check perf` on it ([`etcd`]).
+//!   and `etcdctl check perf` on it ([`etcd`]);
+//! - `upgrade`: an upgrade by A/B image swap to the new version answering, beside a
+//!   plain reboot to API of the same node in the same run ([`upgrade`]; by name only,
+//!   not in `all`: it takes `cargo xtask upgrade-inputs`' v2 bundle).
 //!
 //! Results go to the terminal (a table) and to `<target>/bench/<what>-<date>.json` and
 //! `<target>/bench/latest.json`, where `<target>` is `CARGO_TARGET_DIR` when set, else
@@ -27,6 +30,7 @@ mod floor;
 mod image;
 mod node;
 mod peer;
+mod upgrade;
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -53,6 +57,8 @@ pub enum What {
     Cluster,
     /// A 3-control-plane etcd from bootstrap to healthy, and `etcdctl check perf`.
     Etcd,
+    /// An upgrade to the new version answering, beside a plain reboot (not in `all`).
+    Upgrade,
     /// Everything available; lists what was skipped and why.
     All,
 }
@@ -65,6 +71,7 @@ impl What {
             What::Api => "api",
             What::Cluster => "cluster",
             What::Etcd => "etcd",
+            What::Upgrade => "upgrade",
             What::All => "all",
         }
     }
@@ -77,7 +84,7 @@ pub struct BenchArgs {
     #[arg(value_enum)]
     pub what: Option<What>,
     /// Runs per measurement (min/median/max are over these; default 3, and 1 for
-    /// `etcd`, whose run takes minutes).
+    /// `etcd` and `upgrade`, whose runs take minutes).
     #[arg(long = "runs", value_name = "N")]
     pub runs_given: Option<usize>,
     /// `--runs`, or its default for what is measured.
@@ -426,7 +433,11 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
     let what = args.what.unwrap_or(What::All);
     args.runs = args
         .runs_given
-        .unwrap_or(if what == What::Etcd { 1 } else { 3 });
+        .unwrap_or(if matches!(what, What::Etcd | What::Upgrade) {
+            1
+        } else {
+            3
+        });
     let date = utc_now();
     let load_start = load_average();
     let dir = std::env::var_os("CARGO_TARGET_DIR")
@@ -449,6 +460,7 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
         What::Api => api::bench(&mut ctx)?,
         What::Cluster => cluster::bench(&mut ctx)?,
         What::Etcd => etcd::bench(&mut ctx)?,
+        What::Upgrade => upgrade::bench(&mut ctx)?,
         What::All => {
             for (name, result) in [
                 ("image", image::bench(&mut ctx)),

@@ -163,16 +163,28 @@ pub fn prepare(machinectl: &Path, dir: &Path) -> Result<NodeFiles> {
     })
 }
 
-/// Run `machinectl --machineconfig CLIENT ARGS...` (60 s at most).
-pub fn machinectl(bin: &Path, files: &NodeFiles, args: &[&str]) -> Result<Output> {
-    Command::new("timeout")
-        .arg("60")
+/// The command `machinectl --machineconfig CLIENT ARGS...`, ended after `limit` (under
+/// `timeout`), with no standard input.
+pub fn machinectl_command(
+    bin: &Path,
+    files: &NodeFiles,
+    args: &[&str],
+    limit: Duration,
+) -> Command {
+    let mut cmd = Command::new("timeout");
+    cmd.arg(limit.as_secs().to_string())
         .arg(bin)
         .arg("--machineconfig")
         .arg(&files.client)
         .args(args)
         .env_remove("MACHINECONFIG")
-        .stdin(Stdio::null())
+        .stdin(Stdio::null());
+    cmd
+}
+
+/// Run `machinectl --machineconfig CLIENT ARGS...` (60 s at most).
+pub fn machinectl(bin: &Path, files: &NodeFiles, args: &[&str]) -> Result<Output> {
+    machinectl_command(bin, files, args, Duration::from_secs(60))
         .output()
         .with_context(|| format!("running machinectl {}", args.join(" ")))
 }
