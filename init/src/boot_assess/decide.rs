@@ -57,6 +57,10 @@ pub struct Trial {
     pub entry: EntryName,
     /// The OS version the entry boots.
     pub version: String,
+    /// Whether the other slot has an entry the loader would boot (blessed, or with tries
+    /// left): the last try's entry is already at `+0-N` when it boots, so a trial without
+    /// tries left reboots when the loader has that to fall back to.
+    pub fallback: bool,
 }
 
 impl Trial {
@@ -161,7 +165,8 @@ pub fn hygiene(
             .iter()
             .find(|f| !f.name.on_trial())
             .map(|f| (f.entry.entry_version().os_version, f.name.slot));
-        on_trial(&found, from, booted, &mut out, now_ms);
+        let fallback = !others.is_empty();
+        on_trial(&found, from, fallback, booted, &mut out, now_ms);
     }
     out
 }
@@ -318,6 +323,7 @@ fn interrupted(ours: &[FoundEntry], booted: &Booted, out: &mut Hygiene) {
 fn on_trial(
     found: &FoundEntry,
     from: Option<(String, Slot)>,
+    fallback: bool,
     booted: &Booted,
     out: &mut Hygiene,
     now_ms: u64,
@@ -335,6 +341,7 @@ fn on_trial(
         slot: booted.slot,
         entry: found.name,
         version: found.entry.entry_version().os_version,
+        fallback,
     };
     let attempt = open_attempt(&mut out.record, &trial, from);
     attempt.reach(PHASE_STAGE2, now_ms);
@@ -463,7 +470,7 @@ pub fn judge(trial: &Trial, unmet: &[String], elapsed: Duration, deadline: Durat
     }
     Verdict::GiveUp {
         reason: format!("{} after {} s", unmet.join(", "), deadline.as_secs()),
-        reboot: trial.on_trial() && !trial.entry.exhausted(),
+        reboot: trial.on_trial() && (!trial.entry.exhausted() || trial.fallback),
     }
 }
 
@@ -508,9 +515,14 @@ pub fn give_up(record: &mut UpgradeRecord, trial: &Trial, reason: &str, reboot: 
         };
         return format!("slot {slot} not healthy: {reason}; {why}: running on");
     }
-    let left = trial.entry.tries_left.unwrap_or(0);
-    format!(
-        "slot {slot} not healthy: {reason}; rebooting: the loader tries it {left} more time(s), \
-         then falls back to slot {other}"
-    )
+    match trial.entry.tries_left.unwrap_or(0) {
+        0 => format!(
+            "slot {slot} not healthy: {reason}; rebooting: that was its last try, the loader \
+             falls back to slot {other}"
+        ),
+        left => format!(
+            "slot {slot} not healthy: {reason}; rebooting: the loader tries it {left} more \
+             time(s), then falls back to slot {other}"
+        ),
+    }
 }

@@ -303,6 +303,7 @@ fn trial(name: &str) -> Trial {
         slot: entry.slot,
         entry,
         version: "0.2.0".into(),
+        fallback: false,
     }
 }
 
@@ -324,6 +325,24 @@ fn the_deadline_gives_a_trial_up_and_reboots_only_when_the_loader_can_choose() {
         reboot: true,
     };
     assert_eq!(decide::judge(&t, &unmet, deadline, deadline), gave_up);
+    // The last try boots at +0-3 (the loader counts first): with slot a blessed, it
+    // reboots so that the loader falls back; with nothing else to boot, it runs on.
+    let mut last_try = trial("keelson-b+0-3.conf");
+    last_try.fallback = true;
+    assert!(matches!(
+        decide::judge(&last_try, &unmet, deadline, deadline),
+        Verdict::GiveUp { reboot: true, .. }
+    ));
+    let mut record = upgrading_to_b();
+    assert_eq!(
+        decide::give_up(
+            &mut record,
+            &last_try,
+            "machined not ready after 300 s",
+            true
+        ),
+        "slot b not healthy: machined not ready after 300 s; rebooting: that was its last try, the loader falls back to slot a"
+    );
     let exhausted = trial("keelson-b+0-3.conf");
     assert!(matches!(
         decide::judge(&exhausted, &unmet, deadline, deadline),
