@@ -17,15 +17,24 @@
 //!    bundle>` (`target/images/amd64-v2/keelson-amd64.bundle`, from `cargo xtask
 //!    upgrade-inputs`): it streams the bundle, the node checks it, writes and verifies
 //!    slot b, writes its entry and reboots, and machinectl waits until `version` answers
-//!    with v2 from slot b. Each line machinectl prints is timed, which splits the
-//!    figure at `the node is rebooting into it`;
+//!    with v2 from slot b. Each line machinectl prints is timed (kept in the VM's
+//!    directory as `machinectl-upgrade.timed`), which splits the figure at its `write:`
+//!    line (the transfer and checks are over) and at `the node is rebooting into it`;
 //! 5. slot b's blessing, then the phases the node recorded (`upgrade status -o json`:
 //!    `attempt.phases[].took_ms`, each the time since the phase before; the first,
 //!    `transfer`, has none).
+//!
+//! Every console line of the run is timed on the host ([`ConsoleClock`], kept in the
+//! VM's directory as `console.run.timed`), so that each reboot's span from PID 1's
+//! `reboot: now` to the next boot's stage 1 (firmware, systemd-boot, kernel) is a figure
+//! of its own: the part of both reboots that no code of ours runs in.
 
 use std::io::{BufRead as _, BufReader, Read as _};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -59,6 +68,13 @@ const LOOK_LIMIT: Duration = Duration::from_secs(5);
 const REBOOTING_LINE: &str = "the node is rebooting into it";
 /// The line machinectl prints when the node answers with the new version.
 const ANSWERS_LINE: &str = " answers from slot ";
+/// What starts machinectl's line when the node begins to write slot b (the transfer and
+/// its checks are over).
+const WRITE_LINE: &str = ": write: ";
+/// PID 1's last line before the kernel restarts the machine.
+const REBOOT_NOW: &str = "keelson-init: reboot: now";
+/// How often [`ConsoleClock`] reads the console.
+const CLOCK_TICK: Duration = Duration::from_millis(100);
 
 /// The upgrade inputs: the suite's v1 image and the v2 bundle, with v2's version.
 struct Inputs {
@@ -199,6 +215,98 @@ fn run_timed(mut cmd: Command, label: &str) -> Result<TimedOutput> {
     })
 }
 
+/// Every console line of a VM with the host time it was first seen, from the VM's start
+/// to the end of the run, across the guest's reboots ([`Vm::watch`] times the first boot
+/// alone). The lines are written to `console.run.timed` beside the console.
+struct ConsoleClock {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<Vec<(Duration, String)>>>,
+    out: PathBuf,
+}
+
+impl ConsoleClock {
+    /// Start timing `console` (a VM's `console.log`, started a moment before).
+    fn start(console: PathBuf) -> ConsoleClock {
+        let stop = Arc::new(AtomicBool::new(false));
+        let out = console.with_extension("run.timed");
+        let stopped = Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            let started = Instant::now();
+            let mut lines: Vec<(Duration, String)> = Vec::new();
+            loop {
+                let last_look = stopped.load(Ordering::Relaxed);
+                let text = std::fs::read(&console)
+                    .map(|b| String::from_utf8_lossy(&b).into_owned())
+                    .unwrap_or_default();
+                let at = started.elapsed();
+                // The last piece is a line not yet ended (or empty).
+                let pieces: Vec<&str> = text.split('\n').collect();
+                let complete = &pieces[..pieces.len() - 1];
+                lines.extend(
+                    complete[lines.len().min(complete.len())..]
+                        .iter()
+                        .map(|l| (at, l.trim_end_matches('\r').to_string())),
+                );
+                if last_look {
+                    return lines;
+                }
+                std::thread::sleep(CLOCK_TICK);
+            }
+        });
+        ConsoleClock {
+            stop,
+            thread: Some(thread),
+            out,
+        }
+    }
+
+    /// Stop, write `console.run.timed`, and return the timed lines.
+    fn finish(mut self) -> Vec<(Duration, String)> {
+        self.stop.store(true, Ordering::Relaxed);
+        let lines = self
+            .thread
+            .take()
+            .and_then(|t| t.join().ok())
+            .unwrap_or_default();
+        write_timed(&self.out, &lines);
+        lines
+    }
+}
+
+impl Drop for ConsoleClock {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Keep timed lines in `path`, each as `<seconds> <line>` (as `console.timed`).
+fn write_timed(path: &Path, lines: &[(Duration, String)]) {
+    let text: String = lines
+        .iter()
+        .map(|(t, line)| format!("{:8.2} {line}\n", t.as_secs_f64()))
+        .collect();
+    if let Err(e) = std::fs::write(path, text) {
+        eprintln!("xtask: bench: cannot write {}: {e}", path.display());
+    }
+}
+
+/// Each reboot's span on a timed console: from PID 1's [`REBOOT_NOW`] to the next
+/// boot's [`STAGE1_MARKER`] (firmware, systemd-boot, the kernel and its initramfs).
+fn reboot_spans(lines: &[(Duration, String)]) -> Vec<Duration> {
+    let mut spans = Vec::new();
+    let mut rebooting: Option<Duration> = None;
+    for (t, line) in lines {
+        if line.contains(REBOOT_NOW) {
+            rebooting = Some(*t);
+        } else if line.contains(STAGE1_MARKER)
+            && let Some(from) = rebooting.take()
+        {
+            spans.push(t.saturating_sub(from));
+        }
+    }
+    spans
+}
+
 /// How many console lines contain `marker` (one per boot for init's stage 1 line and
 /// its idle report).
 fn count_lines(console: &str, marker: &str) -> usize {
@@ -332,6 +440,8 @@ struct UpgradeRun {
     reboot: Duration,
     upgrade: TimedOutput,
     phases: Vec<(String, Option<u64>)>,
+    /// [`reboot_spans`]: the plain reboot's, then the upgrade's.
+    spans: Vec<Duration>,
     /// Whether the upgrade started without the idle report of the boot before it.
     not_idle: bool,
 }
@@ -357,6 +467,7 @@ fn run_once(ctx: &Ctx, bin: &Path, inputs: &Inputs, files: &NodeFiles) -> Result
         allow_reboot: true,
     };
     let mut vm = Vm::start_with(&spec, options)?;
+    let clock = ConsoleClock::start(dir.join("console.log"));
     let first = vm.watch(&spec);
     if !first.console.contains(PID1_RSS_KEY) {
         return Err(boot::missed("the v1 node", PID1_RSS_KEY, &first, &dir));
@@ -388,6 +499,7 @@ fn run_once(ctx: &Ctx, bin: &Path, inputs: &Inputs, files: &NodeFiles) -> Result
     eprintln!("xtask: bench: upgrade: machinectl {}", args.join(" "));
     let cmd = node::machinectl_command(bin, files, &args, UPGRADE_LIMIT);
     let upgrade = run_timed(cmd, "machinectl upgrade")?;
+    write_timed(&node.dir.join("machinectl-upgrade.timed"), &upgrade.lines);
     if !upgrade.status.success() {
         return Err(node.fail(format!(
             "machinectl upgrade failed ({}):\n{}",
@@ -414,6 +526,7 @@ fn run_once(ctx: &Ctx, bin: &Path, inputs: &Inputs, files: &NodeFiles) -> Result
         reboot,
         upgrade,
         phases: phase_times(&status),
+        spans: reboot_spans(&clock.finish()),
         not_idle,
     })
 }
@@ -432,6 +545,9 @@ pub fn bench(ctx: &mut Ctx) -> Result<()> {
     let mut upgrade_t = Vec::new();
     let mut before_reboot_t = Vec::new();
     let mut after_reboot_t = Vec::new();
+    let mut transfer_t = Vec::new();
+    let mut plain_span_t = Vec::new();
+    let mut upgrade_span_t = Vec::new();
     let mut answered = Vec::new();
     // The node's own phase records, by phase, in first-seen order.
     let mut phases: Vec<(String, Vec<Duration>)> = Vec::new();
@@ -448,6 +564,11 @@ pub fn bench(ctx: &mut Ctx) -> Result<()> {
         if let Some(t) = r.upgrade.at(REBOOTING_LINE) {
             before_reboot_t.push(t);
             after_reboot_t.push(r.upgrade.took.saturating_sub(t));
+        }
+        transfer_t.extend(r.upgrade.at(WRITE_LINE));
+        if let [plain, upgrade] = r.spans[..] {
+            plain_span_t.push(plain);
+            upgrade_span_t.push(upgrade);
         }
         answered.extend(r.upgrade.line(ANSWERS_LINE).map(str::to_string));
         for (name, took) in r.phases {
@@ -529,6 +650,47 @@ pub fn bench(ctx: &mut Ctx) -> Result<()> {
             );
         }
     }
+    if let Some(stats) = Stats::durations(&transfer_t) {
+        ctx.figures.push(
+            Figure::new(
+                &group,
+                "upgrade: the call until the node writes (transfer and checks)",
+                Unit::Seconds,
+                stats,
+                None,
+            )
+            .note(
+                "host time from the call to machinectl's `write:` line: the bundle streamed \
+                 into the node's spool and every part's sha256 matched (the node records no \
+                 start for `transfer`)",
+            ),
+        );
+    }
+    let plain_span = Stats::durations(&plain_span_t).map(|stats| Reference {
+        name: "the plain reboot's span".into(),
+        stats,
+    });
+    for (name, samples, reference) in [
+        (
+            "plain reboot: `reboot: now` to stage 1",
+            &plain_span_t,
+            None,
+        ),
+        (
+            "upgrade's reboot: `reboot: now` to stage 1",
+            &upgrade_span_t,
+            plain_span,
+        ),
+    ] {
+        if let Some(stats) = Stats::durations(samples) {
+            ctx.figures.push(
+                Figure::new(&group, name, Unit::Seconds, stats, reference).note(
+                    "host time between the two console lines (read every 0.1 s): the kernel's \
+                     restart, the firmware, systemd-boot, the kernel and its initramfs",
+                ),
+            );
+        }
+    }
     for (name, samples) in &phases {
         if let Some(stats) = Stats::durations(samples) {
             ctx.figures.push(
@@ -599,6 +761,41 @@ mod tests {
             version_and_slot(&status("[]")),
             (String::new(), String::new())
         );
+    }
+
+    #[test]
+    fn reboot_spans_on_a_timed_console() {
+        let at = |s: f64, line: &str| (Duration::from_secs_f64(s), line.to_string());
+        let lines = [
+            at(8.0, STAGE1_MARKER),
+            at(20.0, REBOOT_NOW),
+            at(20.1, "[   22.4] reboot: Restarting system"),
+            at(32.5, STAGE1_MARKER),
+            at(70.0, REBOOT_NOW),
+            at(79.0, &format!("{STAGE1_MARKER} (keelson-init 0.2.0)")),
+            at(90.0, "keelson-init: power off: now"),
+        ];
+        assert_eq!(
+            reboot_spans(&lines),
+            [Duration::from_millis(12_500), Duration::from_secs(9)]
+        );
+    }
+
+    #[test]
+    fn console_clock_times_lines_across_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let console = dir.path().join("console.log");
+        std::fs::write(&console, "first\r\nhalf").unwrap();
+        let clock = ConsoleClock::start(console.clone());
+        std::thread::sleep(CLOCK_TICK * 3);
+        std::fs::write(&console, "first\r\nhalf a line\nthird\n").unwrap();
+        std::thread::sleep(CLOCK_TICK * 3);
+        let lines = clock.finish();
+        let text: Vec<&str> = lines.iter().map(|(_, l)| l.as_str()).collect();
+        assert_eq!(text, ["first", "half a line", "third"]);
+        assert!(lines[1].0 > lines[0].0, "{lines:?}");
+        let kept = std::fs::read_to_string(dir.path().join("console.run.timed")).unwrap();
+        assert!(kept.ends_with(" third\n"), "{kept}");
     }
 
     #[test]
