@@ -176,6 +176,12 @@ pub fn rename_durable(dir: &Path, from: &str, to: &str) -> Result<(), WriteError
         move |source| WriteError::Step { path, step, source }
     };
     fs::rename(dir.join(from), &target).map_err(step("rename"))?;
+    // The file itself too: vfat (the ESP) writes a renamed file's size and first cluster
+    // into its new directory entry only with the file's inode, so a power cut after the
+    // directory's fsync alone left the entry empty.
+    File::open(&target)
+        .and_then(|f| f.sync_all())
+        .map_err(step("fsync"))?;
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(step("fsync dir"))

@@ -193,7 +193,11 @@ pub fn mount_esp(
     if let Some(index) = modules {
         kmods::load(sys, log, index, ESP_MODULES);
     }
-    let flags = MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC;
+    // DIRSYNC: vfat keeps a renamed file's size and first cluster in its inode, and
+    // writes them into the new directory entry only when the inode is written back; a
+    // power cut before that left a blessed entry empty (0 bytes), and the loader found no
+    // entry at all. With DIRSYNC the rename writes the inode at once.
+    let flags = MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC | MountFlags::DIRSYNC;
     let device = device.display().to_string();
     let shown = device.clone();
     sys.mount(&device, target, "vfat", flags, ESP_MOUNT_OPTIONS)

@@ -180,6 +180,12 @@ pub fn commit_temp(file: fs::File, tmp: &Path, dir: &Path, name: &str) -> Result
     file.sync_all().map_err(err("sync", tmp))?;
     drop(file);
     fs::rename(tmp, &dest).map_err(err("rename into place", &dest))?;
+    // vfat writes a renamed file's size and first cluster into its new directory entry
+    // only with the file's inode: sync the file again under its new name, else a power
+    // cut leaves the entry empty (0 bytes) and the loader without it.
+    fs::File::open(&dest)
+        .and_then(|f| f.sync_all())
+        .map_err(err("sync after the rename", &dest))?;
     sync_dir(dir).map_err(err("sync the directory", dir))
 }
 
