@@ -299,10 +299,17 @@ pub fn health_reason(s: &proto::UpgradeStatusResponse) -> Option<String> {
         .find(|slot| slot.booted)
         .map(|slot| format!("; running {} from slot {}", slot.version, slot.slot))
         .unwrap_or_default();
+    // Only a version that failed as a version (its slot given up by the loader) is
+    // refused; an upgrade cut short (a power cut during the transfer) is not.
+    let refused = if s.failed.iter().any(|f| f.version == s.to_version) {
+        format!("; {} is refused here until forced", s.to_version)
+    } else {
+        String::new()
+    };
     Some(match s.outcome.as_str() {
         "failed" => format!(
-            "the {what} to {} failed at {}: {}; {} is refused here until forced{running}",
-            s.to_version, s.failed_phase, s.failed_reason, s.to_version
+            "the {what} to {} failed at {}: {}{refused}{running}",
+            s.to_version, s.failed_phase, s.failed_reason
         ),
         outcome => format!(
             "the {what} from {} to {} (slot {}) is {outcome}{running}",
@@ -341,9 +348,18 @@ mod tests {
         s.outcome = "failed".into();
         s.failed_phase = "stage2".into();
         s.failed_reason = "the kernel or stage 1 never reached stage 2".into();
+        s.failed = vec![proto::FailedVersion {
+            version: "0.3.0".into(),
+            ..proto::FailedVersion::default()
+        }];
         assert_eq!(
             health_reason(&s).unwrap(),
             "the upgrade to 0.3.0 failed at stage2: the kernel or stage 1 never reached stage 2; 0.3.0 is refused here until forced; running 0.2.0 from slot b"
+        );
+        s.failed.clear();
+        assert!(
+            !health_reason(&s).unwrap().contains("refused"),
+            "an interrupted upgrade is not a refused version"
         );
         s.outcome = "blessed".into();
         assert_eq!(
