@@ -454,6 +454,7 @@ fn upgrade_and_cut(node: &mut Node, bundle: &Path, cut: Cut) {
         assert!(Instant::now() < deadline, "no {cli_needle:?} in {seen:?}");
     }
     if let Cut::Console(needle, delay) = cut {
+        let deadline = Instant::now() + BOOT;
         let from = node.vm.console().len();
         loop {
             if node
@@ -498,7 +499,7 @@ fn power_cuts_during_an_upgrade_leave_a_good_slot() {
         Cut::Cli("entry", ms(0)),
         Cut::Cli("reboot", ms(0)),
         Cut::Console("BdsDxe: starting", ms(0)),
-        Cut::Console("keelson-init: STATE mounted", ms(0)),
+        Cut::Console(" on trial: ", ms(0)),
         Cut::Console("blessed", ms(0)),
     ];
     for (i, cut) in cuts.into_iter().enumerate() {
