@@ -468,6 +468,12 @@ fn a_node_that_came_back_on_the_old_slot_fell_back_and_says_why() {
         "phase": "stage2",
         "reason": "the kernel or stage 1 never reached stage 2",
     });
+    record["failed"] = serde_json::json!([{
+        "version": "0.3.0",
+        "phase": "stage2",
+        "reason": "the kernel or stage 1 never reached stage 2",
+        "at_ms": 1,
+    }]);
     std::fs::write(&record_path, serde_json::to_vec(&record).unwrap()).unwrap();
     let (out, took) = finish_within(child, Duration::from_secs(30));
     assert_fails(
