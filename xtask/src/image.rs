@@ -76,11 +76,9 @@ fn target_dir() -> PathBuf {
         .unwrap_or_else(|| workspace_root().join("target"))
 }
 
-/// Where init built with `features` is kept (`target/image-features/<features>`): it is
-/// built in the workspace's target directory (only init itself recompiles; a target
-/// directory of its own cost a second build of every dependency, 4.5 min) and copied
-/// out, so that the next default build, which rebuilds init, does not change the binary
-/// this build's `build-inputs.toml` names.
+/// Where init is built with `features`: a target directory of its own
+/// (`target/image-features/<features>`), so that a test build (`fault-injection`) never
+/// replaces the binaries that the default image's `build-inputs.toml` names.
 fn features_target_dir(features: &str) -> PathBuf {
     let name: String = features
         .chars()
@@ -125,26 +123,19 @@ pub fn build_binaries(
             "--profile",
             "image",
         ]);
-        let features = init_features.filter(|_| bin.package == INIT_PACKAGE);
-        if let Some(features) = features {
-            cmd.arg("--features").arg(features);
+        let mut target_dir = target_dir();
+        if let Some(features) = init_features.filter(|_| bin.package == INIT_PACKAGE) {
+            target_dir = features_target_dir(features);
+            cmd.arg("--features")
+                .arg(features)
+                .arg("--target-dir")
+                .arg(&target_dir);
         }
         run_cmd(&mut cmd)?;
-        let built = target_dir().join(target).join("image").join(&bin.bin);
-        let path = match features {
-            None => built,
-            Some(features) => {
-                let dir = features_target_dir(features).join(target);
-                std::fs::create_dir_all(&dir)
-                    .with_context(|| format!("creating {}", dir.display()))?;
-                let kept = dir.join(&bin.bin);
-                std::fs::copy(&built, &kept).with_context(|| {
-                    format!("copying {} to {}", built.display(), kept.display())
-                })?;
-                kept
-            }
-        };
-        out.insert(bin.bin.clone(), path);
+        out.insert(
+            bin.bin.clone(),
+            target_dir.join(target).join("image").join(&bin.bin),
+        );
     }
     Ok(out)
 }
