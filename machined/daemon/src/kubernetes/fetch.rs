@@ -516,7 +516,7 @@ fn redirect_target(
 }
 
 /// `location` made absolute against `base`.
-fn resolve_location(base: &Uri, location: &str) -> String {
+pub(crate) fn resolve_location(base: &Uri, location: &str) -> String {
     if location.contains("://") {
         return location.to_owned();
     }

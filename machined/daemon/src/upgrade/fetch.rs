@@ -68,7 +68,7 @@ async fn fetch(
                 .get(http::header::LOCATION)
                 .and_then(|l| l.to_str().ok())
                 .ok_or_else(|| format!("{current} answered {status} without a Location"))?;
-            current = resolve_location(&uri, location);
+            current = crate::kubernetes::fetch::resolve_location(&uri, location);
             continue;
         }
         if !status.is_success() {
@@ -94,25 +94,6 @@ async fn fetch(
     Err(format!(
         "{url}: more than {MAX_REDIRECTS} redirects; give the final location"
     ))
-}
-
-/// `location` made absolute against `base`.
-fn resolve_location(base: &Uri, location: &str) -> String {
-    if location.contains("://") {
-        return location.to_owned();
-    }
-    let scheme = base.scheme_str().unwrap_or("http");
-    let authority = base.authority().map_or("", |a| a.as_str());
-    if let Some(rest) = location.strip_prefix("//") {
-        return format!("{scheme}://{rest}");
-    }
-    if location.starts_with('/') {
-        return format!("{scheme}://{authority}{location}");
-    }
-    let path = base.path();
-    let dir = &path[..path.rfind('/').map_or(0, |i| i + 1)];
-    let dir = if dir.is_empty() { "/" } else { dir };
-    format!("{scheme}://{authority}{dir}{location}")
 }
 
 async fn request(
