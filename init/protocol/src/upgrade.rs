@@ -80,7 +80,16 @@ pub struct Attempt {
     /// the failure once the loader has no tries left for the slot.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unhealthy_reason: Option<String>,
+    /// The services of [`COMEBACK_SERVICES`] that were ready when the attempt started (a
+    /// control plane's etcd, the kubelet): the new slot is healthy only once they are
+    /// ready again, so that a version that breaks them is not blessed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub expect_ready: Vec<String>,
 }
+
+/// The services that machined starts itself (so PID 1 cannot know at boot whether they
+/// will run) and whose readiness before an upgrade the new slot must reach again.
+pub const COMEBACK_SERVICES: &[&str] = &[crate::etcd::SERVICE, crate::kubelet::SERVICE];
 
 impl Attempt {
     /// Records that `phase` was reached at `at_ms` (a phase already recorded is kept).

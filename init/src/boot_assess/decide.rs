@@ -400,16 +400,26 @@ pub enum ConfigState {
 
 /// Services whose readiness counts once they were started (by machined: a control
 /// plane's etcd, the kubelet).
-pub const READY_IF_STARTED: &[&str] = &[
-    keelson_node_protocol::etcd::SERVICE,
-    keelson_node_protocol::kubelet::SERVICE,
-];
+pub const READY_IF_STARTED: &[&str] = keelson_node_protocol::upgrade::COMEBACK_SERVICES;
+
+/// The services the trial's attempt says were ready before the upgrade (machined
+/// records them): the trial is healthy only once they are ready again. None for a trial
+/// without an attempt of its own (a fresh image's first boot).
+pub fn expected_ready(record: &UpgradeRecord, trial: &Trial) -> Vec<String> {
+    record
+        .attempt
+        .as_ref()
+        .filter(|a| a.to_slot == trial.slot.letter() && open(a))
+        .map(|a| a.expect_ready.clone())
+        .unwrap_or_default()
+}
 
 /// What keeps the node from being healthy; empty when it is. Healthy: the config applied,
-/// containerd and machined ready, etcd and the kubelet ready if they were started, and
-/// no service failing. In maintenance mode (no config) machined ready is enough: a node
-/// without a config cannot prove more, and a fresh image is blessed at its first boot.
-pub fn unmet(config: ConfigState, services: &[ServiceStatus]) -> Vec<String> {
+/// containerd and machined ready, etcd and the kubelet ready if they were started or if
+/// they were ready before the upgrade (`expected`), and no service failing. In
+/// maintenance mode (no config) machined ready is enough: a node without a config cannot
+/// prove more, and a fresh image is blessed at its first boot.
+pub fn unmet(config: ConfigState, services: &[ServiceStatus], expected: &[String]) -> Vec<String> {
     let mut unmet = Vec::new();
     let state = |name: &str| services.iter().find(|s| s.name == name).map(|s| s.state);
     let mut required = vec![crate::control::MACHINED_SERVICE];
@@ -426,10 +436,14 @@ pub fn unmet(config: ConfigState, services: &[ServiceStatus]) -> Vec<String> {
         }
     }
     for name in READY_IF_STARTED {
-        if let Some(s) = state(name)
-            && !matches!(s, State::Ready | State::Stopped)
-        {
-            unmet.push(format!("{name} not ready"));
+        let was_ready = expected.iter().any(|e| e == name);
+        match state(name) {
+            Some(State::Ready) => {}
+            None | Some(State::Stopped) if !was_ready => {}
+            _ if was_ready => {
+                unmet.push(format!("{name} not ready (it was before the upgrade)"));
+            }
+            _ => unmet.push(format!("{name} not ready")),
         }
     }
     for s in services {
@@ -482,10 +496,15 @@ pub fn bless(record: &mut UpgradeRecord, trial: &Trial, elapsed: Duration, now_m
     attempt.reach(PHASE_HEALTHY, now_ms);
     attempt.outcome = Outcome::Blessed;
     let slot = trial.slot.letter();
+    let again = if attempt.expect_ready.is_empty() {
+        String::new()
+    } else {
+        format!("; {} ready again", attempt.expect_ready.join(" and "))
+    };
     if trial.on_trial() {
         attempt.tries_used = Some(trial.tries_used());
         format!(
-            "slot {slot} blessed ({}, healthy after {} s, try {} of {})",
+            "slot {slot} blessed ({}, healthy after {} s, try {} of {}{again})",
             trial.version,
             elapsed.as_secs(),
             trial.tries_used(),
@@ -493,7 +512,7 @@ pub fn bless(record: &mut UpgradeRecord, trial: &Trial, elapsed: Duration, now_m
         )
     } else {
         format!(
-            "slot {slot} healthy ({}, after {} s): its upgrade or rollback is complete",
+            "slot {slot} healthy ({}, after {} s{again}): its upgrade or rollback is complete",
             trial.version,
             elapsed.as_secs()
         )

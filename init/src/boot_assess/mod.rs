@@ -22,7 +22,11 @@
 //!    directory fsynced) and the record says `healthy`, `blessed`. If the deadline
 //!    ([`CMDLINE_HEALTH_TIMEOUT`], default 300 s) passes first, the record says why and
 //!    stage 2 reboots through its clean shutdown: the loader's counter tries again or
-//!    falls back. A node without a config (maintenance mode) is healthy once machined
+//!    falls back. etcd and the kubelet count when they were started, and must be ready
+//!    again when machined's attempt says they were ready before the upgrade
+//!    ([`decide::expected_ready`]): machined starts them itself, later than containerd,
+//!    and a slot blessed before them would keep a version that breaks them. A node
+//!    without a config (maintenance mode) is healthy once machined
 //!    serves: it cannot prove more, and a fresh image is blessed at its first boot. A
 //!    blessed entry with this slot's upgrade still open (a rollback, or a blessing cut
 //!    short before its record) is assessed the same way, without a rename or a reboot.
@@ -521,7 +525,8 @@ impl BootAssess {
             return false;
         };
         let elapsed = self.started.elapsed();
-        let unmet = decide::unmet(config, services);
+        let expected = decide::expected_ready(&self.record, &trial);
+        let unmet = decide::unmet(config, services, &expected);
         let reboot = match decide::judge(&trial, &unmet, elapsed, self.deadline) {
             Verdict::Waiting => return false,
             Verdict::Healthy => {

@@ -275,13 +275,13 @@ fn health_needs_containerd_machined_and_what_was_started() {
         service("machined", State::Ready, 0),
         service("kubelet", State::Stopped, 0),
     ];
-    assert!(decide::unmet(ConfigState::Applied, &ready).is_empty());
+    assert!(decide::unmet(ConfigState::Applied, &ready, &[]).is_empty());
     let mut starting = ready.to_vec();
     starting[1].state = State::Starting;
     starting.push(service("etcd", State::Waiting, 0));
     starting.push(service("web", State::Backoff, 4));
     assert_eq!(
-        decide::unmet(ConfigState::Applied, &starting),
+        decide::unmet(ConfigState::Applied, &starting, &[]),
         [
             "machined not ready",
             "etcd not ready",
@@ -290,10 +290,53 @@ fn health_needs_containerd_machined_and_what_was_started() {
     );
     // Maintenance mode: machined alone.
     let machined = [service("machined", State::Ready, 0)];
-    assert!(decide::unmet(ConfigState::Maintenance, &machined).is_empty());
+    assert!(decide::unmet(ConfigState::Maintenance, &machined, &[]).is_empty());
     assert_eq!(
-        decide::unmet(ConfigState::Pending, &machined),
+        decide::unmet(ConfigState::Pending, &machined, &[]),
         ["no config applied and maintenance mode not serving"]
+    );
+}
+
+/// etcd and the kubelet ready before the upgrade (machined recorded them in the attempt):
+/// the new slot is not healthy until they are ready again, not merely once machined and
+/// containerd are, before machined even started them.
+#[test]
+fn what_was_ready_before_the_upgrade_must_be_ready_again() {
+    let mut record = upgrading_to_b();
+    if let Some(a) = record.attempt.as_mut() {
+        a.expect_ready = vec!["etcd".into(), "kubelet".into()];
+    }
+    let on_b = trial("keelson-b+2-1.conf");
+    let expected = decide::expected_ready(&record, &on_b);
+    assert_eq!(expected, ["etcd", "kubelet"]);
+    // A trial of the other slot (the attempt is not its own) expects nothing.
+    assert!(decide::expected_ready(&record, &trial("keelson-a+2-1.conf")).is_empty());
+
+    let mut services = vec![
+        service("containerd", State::Ready, 0),
+        service("machined", State::Ready, 0),
+    ];
+    assert_eq!(
+        decide::unmet(ConfigState::Applied, &services, &expected),
+        [
+            "etcd not ready (it was before the upgrade)",
+            "kubelet not ready (it was before the upgrade)"
+        ]
+    );
+    assert!(decide::unmet(ConfigState::Applied, &services, &[]).is_empty());
+    services.push(service("etcd", State::Ready, 0));
+    services.push(service("kubelet", State::Stopped, 0));
+    assert_eq!(
+        decide::unmet(ConfigState::Applied, &services, &expected),
+        ["kubelet not ready (it was before the upgrade)"]
+    );
+    services[3].state = State::Ready;
+    assert!(decide::unmet(ConfigState::Applied, &services, &expected).is_empty());
+
+    let line = decide::bless(&mut record, &on_b, Duration::from_secs(80), 9);
+    assert_eq!(
+        line,
+        "slot b blessed (0.2.0, healthy after 80 s, try 1 of 3; etcd and kubelet ready again)"
     );
 }
 

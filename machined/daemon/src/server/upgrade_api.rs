@@ -25,6 +25,7 @@ use tonic::{Status, Streaming};
 
 use crate::backend::{NodeBackend, Power};
 use crate::upgrade::{BundleSource, Progress, UpgradeOptions, Upgrader};
+use keelson_node_protocol::upgrade::COMEBACK_SERVICES;
 
 /// How long the server waits for the last message to be taken by the connection before
 /// it asks PID 1 to reboot anyway.
@@ -93,7 +94,8 @@ pub async fn upgrade(
     }
     let (out_tx, out_rx) = mpsc::channel(MESSAGES_IN_FLIGHT);
     let (taken_tx, taken_rx) = oneshot::channel();
-    let options = UpgradeOptions::from(&options);
+    let mut options = UpgradeOptions::from(&options);
+    options.expect_ready = ready_before(backend.clone()).await;
     tokio::spawn(async move {
         let rebooting = run_engine(&upgrader, source, options, out_tx, &user).await;
         if rebooting {
@@ -239,6 +241,27 @@ impl<S> Drop for Delivered<S> {
     }
 }
 
+/// The services of [`COMEBACK_SERVICES`] that PID 1 says are ready now: the slot the node
+/// boots next must bring them back before it is blessed. If PID 1 cannot be asked, none
+/// (the upgrade goes on; the new slot is then judged on containerd and machined alone).
+async fn ready_before(backend: Arc<dyn NodeBackend>) -> Vec<String> {
+    let services = match tokio::task::spawn_blocking(move || backend.services()).await {
+        Ok(asked) => asked.map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    match services {
+        Ok(services) => services
+            .into_iter()
+            .filter(|s| s.ready && COMEBACK_SERVICES.contains(&s.name.as_str()))
+            .map(|s| s.name)
+            .collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "upgrade: PID 1's services unknown; the new slot is judged without etcd and the kubelet");
+            Vec::new()
+        }
+    }
+}
+
 /// `Rollback`: the engine makes the other slot boot next, then PID 1 reboots (a second
 /// after its answer, so this answer reaches the client first).
 pub async fn rollback(
@@ -247,7 +270,8 @@ pub async fn rollback(
     user: &str,
 ) -> Result<proto::RollbackResponse, Status> {
     tracing::info!(user = ?user, "rollback asked");
-    let done = tokio::task::spawn_blocking(move || upgrader.rollback())
+    let expect_ready = ready_before(backend.clone()).await;
+    let done = tokio::task::spawn_blocking(move || upgrader.rollback(expect_ready))
         .await
         .map_err(|e| Status::internal(e.to_string()))?
         .map_err(|e| {

@@ -127,6 +127,9 @@ pub struct UpgradeOptions {
     /// Seconds the new slot has to become healthy; 0: the default (no key on the command
     /// line).
     pub health_timeout_secs: u64,
+    /// The services of [`record::COMEBACK_SERVICES`] ready when the upgrade was asked (the server
+    /// reads them from PID 1): the new slot is blessed only once they are ready again.
+    pub expect_ready: Vec<String>,
 }
 
 impl From<&proto::UpgradeOptions> for UpgradeOptions {
@@ -137,6 +140,7 @@ impl From<&proto::UpgradeOptions> for UpgradeOptions {
             force: o.force,
             allow_downgrade: o.allow_downgrade,
             health_timeout_secs: o.health_timeout_seconds,
+            expect_ready: Vec::new(),
         }
     }
 }
@@ -321,7 +325,8 @@ impl Upgrader {
     /// Makes the other slot the next to boot, if its entry is blessed and its files are
     /// on the ESP: its entry is rewritten under the same name with the next generation.
     /// The server then asks PID 1 to reboot.
-    pub fn rollback(&self) -> Result<RollbackDone, UpgradeError> {
+    /// `expect_ready`: as [`UpgradeOptions::expect_ready`].
+    pub fn rollback(&self, expect_ready: Vec<String>) -> Result<RollbackDone, UpgradeError> {
         let _busy = self
             .busy
             .clone()
@@ -366,6 +371,7 @@ impl Upgrader {
             to_version: version.clone(),
             to_slot: other.letter().into(),
             rollback: true,
+            expect_ready,
             ..Attempt::default()
         };
         rec.attempt = Some(attempt.clone());
@@ -460,6 +466,7 @@ impl Upgrader {
             from_slot: plan.target.other().letter().into(),
             to_version: manifest.version.clone(),
             to_slot: plan.target.letter().into(),
+            expect_ready: options.expect_ready.clone(),
             ..Attempt::default()
         });
         facts::write_record(&self.paths.state, &rec)?;

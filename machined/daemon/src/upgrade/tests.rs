@@ -365,11 +365,15 @@ async fn a_staged_upgrade_does_not_reboot() {
     let upgrader = Upgrader::new(node.paths.clone());
     let options = UpgradeOptions {
         stage: true,
+        expect_ready: vec!["etcd".into()],
         ..UpgradeOptions::default()
     };
     let (done, _) = run(&upgrader, good(&node).bytes, options).await;
     assert!(!done.unwrap().rebooting);
-    assert_eq!(record(&node).attempt.unwrap().outcome, Outcome::Staged);
+    let attempt = record(&node).attempt.unwrap();
+    assert_eq!(attempt.outcome, Outcome::Staged);
+    // What ran before is what the new slot must bring back (PID 1 reads it there).
+    assert_eq!(attempt.expect_ready, ["etcd"]);
     let text =
         fs::read_to_string(node.paths.esp.join("loader/entries/keelson-b+3-0.conf")).unwrap();
     assert!(!text.contains("health_timeout"), "{text}");
@@ -820,7 +824,10 @@ async fn a_second_upgrade_is_refused_while_one_runs() {
     assert!(matches!(err, UpgradeError::Busy), "{err:?}");
     assert_eq!(err.code(), tonic::Code::Unavailable);
     assert!(err.to_string().contains("an upgrade is already running"));
-    assert!(matches!(upgrader.rollback(), Err(UpgradeError::Busy)));
+    assert!(matches!(
+        upgrader.rollback(Vec::new()),
+        Err(UpgradeError::Busy)
+    ));
     tx.send(Ok(Bytes::copy_from_slice(&built.bytes[half..])))
         .await
         .unwrap();
@@ -875,22 +882,22 @@ fn a_rollback_makes_the_other_blessed_slot_the_newest() {
     let entries = node.paths.esp.join("loader/entries");
     let upgrader = Upgrader::new(node.paths.clone());
     // B's entry was given up: no rollback.
-    let err = upgrader.rollback().unwrap_err();
+    let err = upgrader.rollback(Vec::new()).unwrap_err();
     assert!(err.to_string().contains("on trial"), "{err}");
     assert_eq!(err.code(), tonic::Code::FailedPrecondition);
     // No entry for B at all.
     fs::remove_file(entries.join("keelson-b+0-3.conf")).unwrap();
-    let err = upgrader.rollback().unwrap_err();
+    let err = upgrader.rollback(Vec::new()).unwrap_err();
     assert!(err.to_string().contains("no boot entry"), "{err}");
     // A blessed B whose kernel is missing.
     write(&entries.join("keelson-b.conf"), entry(Slot::B, 0, "0.0.9"));
     fs::remove_file(node.paths.esp.join("keelson/b/vmlinuz")).unwrap();
-    let err = upgrader.rollback().unwrap_err();
+    let err = upgrader.rollback(Vec::new()).unwrap_err();
     assert!(err.to_string().contains("missing"), "{err}");
     assert!(record(&node).attempt.is_none());
     // A blessed B with its files: it gets the next generation and boots next.
     write(&node.paths.esp.join("keelson/b/vmlinuz"), "old kernel");
-    let done = upgrader.rollback().unwrap();
+    let done = upgrader.rollback(vec!["kubelet".into()]).unwrap();
     assert_eq!(
         done,
         RollbackDone {
@@ -906,6 +913,7 @@ fn a_rollback_makes_the_other_blessed_slot_the_newest() {
     );
     let attempt = record(&node).attempt.unwrap();
     assert!(attempt.rollback);
+    assert_eq!(attempt.expect_ready, ["kubelet"]);
     assert_eq!(attempt.outcome, Outcome::Booting);
     assert_eq!(attempt.to_slot, "b");
     let status = upgrader.status().unwrap();
@@ -918,7 +926,9 @@ fn a_rollback_makes_the_other_blessed_slot_the_newest() {
 fn a_node_not_booted_from_a_slot_is_told_so() {
     let node = node();
     write(&node.paths.cmdline, "console=ttyS0\n");
-    let err = Upgrader::new(node.paths.clone()).rollback().unwrap_err();
+    let err = Upgrader::new(node.paths.clone())
+        .rollback(Vec::new())
+        .unwrap_err();
     assert!(matches!(err, UpgradeError::NoBootedSlot { .. }), "{err:?}");
 }
 
