@@ -15,7 +15,9 @@
 //!   leader's VM elects another leader; a member power-cut during writes loses no
 //!   acknowledged write; after each, every acknowledged key is read back from every
 //!   member;
-//! - a reset that would break the quorum is refused;
+//! - a reset that would break the quorum is refused, and so is an upgrade (issue 18);
+//!   with the quorum whole, a control plane takes v2 and is blessed only once its etcd
+//!   member is ready again (the member then holds every key);
 //! - `etcd snapshot` taken with an `etcd:backup` certificate is accepted by `etcdctl
 //!   snapshot status`;
 //! - `etcd remove-member` of a powered-off member (and refused when the two left could
@@ -38,6 +40,7 @@ use keelson_configs::pki::Role;
 use keelson_configs::secrets::ClusterSecrets;
 use keelson_tests::cluster_env::{Cleanup, Env, Node, is_root, poll};
 use keelson_tests::ntp::Chrony;
+use keelson_tests::upgrade::V2;
 use keelson_tests::{Arch, api_client_config, show, test_image};
 use serde_json::Value;
 
@@ -566,11 +569,37 @@ fn stacked_etcd_forms_survives_faults_and_is_operated_through_the_api() {
     }
     etcd.wait_members(&cp1, &names, Duration::from_secs(300));
 
-    // A reset that would break the quorum is refused.
+    // A reset that would break the quorum is refused, and so is an upgrade (its reboot
+    // would), before the bundle is transferred.
+    let bundles = keelson_tests::upgrade::bundles().unwrap();
+    let v2 = bundles.v2.to_str().unwrap();
     etcd.signal(&cp3, "-STOP");
     let err = etcd.refused_on(&cp2, &["reset", "--yes"], "would break its quorum");
     assert!(err.contains(&cp3.name) && err.contains("--force"), "{err}");
+    let err = etcd.refused_on(&cp2, &["upgrade", "--image", v2], "for a quorum");
+    assert!(err.contains("--force"), "{err}");
     etcd.signal(&cp3, "-CONT");
+    etcd.wait_members(&cp1, &names, Duration::from_secs(300));
+
+    // With the quorum whole, a control plane takes v2: it reboots into it, and its slot is
+    // blessed only once its etcd member, ready before the upgrade, is ready again.
+    let said = etcd.ok_on(&cp1, &["upgrade", "--image", v2, "--wait", "0s"]);
+    assert!(said.contains("reboot"), "{said}");
+    let status = poll(Duration::from_secs(900), || {
+        let s = etcd.json_on(&cp1, &["upgrade", "status"]);
+        (s[0]["attempt"]["outcome"] == "blessed")
+            .then(|| s.clone())
+            .ok_or_else(|| format!("{} not blessed on v2: {s:#}", cp1.name))
+    });
+    let attempt = &status[0]["attempt"];
+    assert_eq!(attempt["to_version"], V2, "{status:#}");
+    assert_eq!(
+        attempt["expect_ready"],
+        serde_json::json!(["etcd"]),
+        "{status:#}"
+    );
+    etcd.wait_members(&cp1, &names, Duration::from_secs(300));
+    etcd.assert_has(&cp1, &acked);
 
     // A snapshot with an etcd:backup certificate, accepted by etcdctl.
     let secrets = ClusterSecrets::load(&env.cluster_dir(&name).join("secrets.toml")).unwrap();

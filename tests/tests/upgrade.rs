@@ -1,7 +1,9 @@
 //! Upgrades by A/B image swap (issue 18), end to end under QEMU: a node built at v1 (the
 //! suite's image) takes signed bundles through `machinectl upgrade`, writes the inactive
 //! slot, reboots through firmware and systemd-boot, and PID 1 blesses the new slot once
-//! the node is healthy. Faulty v3s (PID 1 exits, stage 1 hangs, the kernel panics, the
+//! the node is healthy. v1 to v2 is fetched by the node from a URL (an HTTP server on
+//! this host) and staged, then switched by a plain reboot; the others are streamed by
+//! machinectl and reboot at once. Faulty v3s (PID 1 exits, stage 1 hangs, the kernel panics, the
 //! node never becomes healthy) come back to v2 by the loader's boot counting, and the
 //! node remembers and refuses them. Bad bundles are refused before any write, checked by
 //! reading the inactive slot out of the VM's disk before and after. Power is cut at points
@@ -19,6 +21,7 @@ use std::time::{Duration, Instant};
 use keelson_configs::layout::{FW_CFG_CONFIG, Slot};
 use keelson_configs::pki::Role;
 use keelson_imager::inspect;
+use keelson_tests::http_server::HttpServer;
 use keelson_tests::upgrade::{self, Faulty, V2};
 use keelson_tests::{
     Arch, Guest, Running, api_client_config, free_loopback_port, machinectl, machinectl_binary,
@@ -34,11 +37,18 @@ const UPGRADE_WAIT: Duration = Duration::from_secs(20 * 60);
 /// EPHEMERAL at its 64 MiB placeholder).
 const DISK_BYTES: u64 = 4 << 30;
 
+/// Where the guest finds this host's bundle server: a forward of QEMU's user network
+/// (`guestfwd`, which `restrict=on` leaves working) to `127.0.0.1:<Node::fetch_port>`.
+const FETCH_ADDRESS: &str = "10.0.2.100:8080";
+
 /// A node under test: its VM, machinectl and an admin client config for it.
 struct Node {
     vm: Running,
     bin: PathBuf,
     admin: PathBuf,
+    /// The loopback port the guest's [`FETCH_ADDRESS`] reaches (nothing listens there
+    /// unless the test serves bundles).
+    fetch_port: u16,
     _dir: tempfile::TempDir,
 }
 
@@ -50,6 +60,7 @@ impl Node {
         let config_file = dir.path().join("node.toml");
         std::fs::write(&config_file, toml::to_string(&config).unwrap()).unwrap();
         let port = free_loopback_port().unwrap();
+        let fetch_port = free_loopback_port().unwrap();
         let admin = dir.path().join("machinectl.toml");
         api_client_config(&ca, &format!("127.0.0.1:{port}"), &Role::ALL, &admin).unwrap();
         let vm = Guest::new(arch)
@@ -58,13 +69,14 @@ impl Node {
             .disk_size(DISK_BYTES)
             .allow_reboot()
             .fw_cfg(FW_CFG_CONFIG, &config_file)
-            .api_forward(port, mac)
+            .qemu_args(user_net(port, fetch_port, mac))
             .boot()
             .unwrap();
         let mut node = Node {
             vm,
             bin,
             admin,
+            fetch_port,
             _dir: dir,
         };
         node.wait_version(None, BOOT);
@@ -193,6 +205,20 @@ impl Node {
 
 /// A copy of `bundle` with one byte of its root part flipped (the signature still
 /// matches the manifest; the part's sha256 does not).
+/// QEMU's restricted user network: the node API forwarded from `127.0.0.1:api_port`, and
+/// the guest's connections to [`FETCH_ADDRESS`] carried to `127.0.0.1:fetch_port` by
+/// socat (one per connection). Nothing else leaves the VM.
+fn user_net(api_port: u16, fetch_port: u16, mac: &str) -> Vec<String> {
+    vec![
+        "-netdev".into(),
+        format!(
+            "user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{api_port}-:50000,guestfwd=tcp:{FETCH_ADDRESS}-cmd:socat STDIO TCP:127.0.0.1:{fetch_port}"
+        ),
+        "-device".into(),
+        format!("virtio-net-pci,netdev=n0,mac={mac}"),
+    ]
+}
+
 fn tampered(bundle: &Path, out: &Path) {
     let mut bytes = std::fs::read(bundle).unwrap();
     let at = bytes.len() / 2;
@@ -296,9 +322,28 @@ fn v1_takes_v2_refuses_bad_bundles_and_rolls_back() {
     let out = node.upgrade(&bundles.v2, &["--dry-run"]);
     assert!(out.status.success(), "dry run: {}", show(&out));
 
-    // v1 → v2.
-    let out = node.upgrade(&bundles.v2, &[]);
-    assert!(out.status.success(), "v1 → v2: {}", show(&out));
+    // v1 → v2, fetched by the node over HTTP from a server on this host, and staged:
+    // nothing switches until the next reboot.
+    let served = dir.path().join("served");
+    std::fs::create_dir_all(&served).unwrap();
+    std::fs::copy(&bundles.v2, served.join("v2.bundle")).unwrap();
+    let server = HttpServer::start(None, [127, 0, 0, 1].into(), node.fetch_port, &served).unwrap();
+    let url = format!("http://{FETCH_ADDRESS}/v2.bundle");
+    let out = node.run(UPGRADE_WAIT, &["upgrade", "--image", &url, "--stage"]);
+    assert!(out.status.success(), "v1 → v2 staged: {}", show(&out));
+    assert!(show(&out).contains("staged in slot b"), "{}", show(&out));
+    assert!(
+        server.log().contains("GET /v2.bundle"),
+        "the node fetched the bundle: {}",
+        server.log()
+    );
+    drop(server);
+    let status = node.json(&["upgrade", "status"]);
+    assert_eq!(status[0]["attempt"]["outcome"], "staged", "{status}");
+    let v = node.wait_version(None, BOOT);
+    assert_eq!(v["version"], v1.as_str(), "still v1 until the reboot: {v}");
+    let out = node.run(Duration::from_secs(60), &["reboot"]);
+    assert!(out.status.success(), "reboot: {}", show(&out));
     let v = node.wait_version(Some(V2), BOOT);
     assert_eq!(v["slot"], "b", "{v}");
     node.wait_blessed("b");

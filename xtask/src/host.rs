@@ -42,6 +42,9 @@ const TOOLS: &[(&str, &str)] = &[
     ("kubectl", "kubernetes-client"),
     ("docker-registry", "docker-registry"),
     ("skopeo", "skopeo"),
+    // The upgrade test carries a guest's fetch of a bundle to a server on this host
+    // (QEMU's `guestfwd=...-cmd:socat ...`).
+    ("socat", "socat"),
 ];
 
 /// Firmware files we need, and the Debian package that provides each.

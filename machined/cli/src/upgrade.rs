@@ -744,6 +744,7 @@ pub fn status_json(address: &str, s: &proto::UpgradeStatusResponse) -> Vec<Value
             "failed_reason": s.failed_reason,
             "booted_entry": s.booted_entry,
             "tries_used": s.tries_used,
+            "expect_ready": s.expect_ready,
             "phases": phase_rows(&s.phases)
                 .into_iter()
                 .map(|(phase, at_ms, took_ms)| json!({"phase": phase, "at_ms": at_ms, "took_ms": took_ms}))
@@ -831,6 +832,13 @@ pub fn status_text(address: &str, s: &proto::UpgradeStatusResponse) -> String {
                 out,
                 "{address}: booted from {} after {} tries",
                 s.booted_entry, s.tries_used
+            );
+        }
+        if !s.expect_ready.is_empty() {
+            let _ = writeln!(
+                out,
+                "{address}: healthy only with {} ready again (ready before the {what})",
+                s.expect_ready.join(" and ")
             );
         }
         let mut phases = Records::new(&["phase", "at", "took"]);

@@ -121,6 +121,7 @@ impl From<UpgradeStatus> for proto::UpgradeStatusResponse {
                 .collect();
             out.booted_entry = a.booted_entry.unwrap_or_default();
             out.tries_used = a.tries_used.unwrap_or(0);
+            out.expect_ready = a.expect_ready;
         }
         out
     }
