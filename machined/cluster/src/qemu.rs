@@ -288,13 +288,14 @@ impl Machine {
                 // kernel's random pool waits on jitter entropy for the first second
                 // or more; nor the SHA extensions (with SSSE3 and SSE4.1, which their
                 // kernel code uses), so dm-verity hashed with generic C, emulated
-                // instruction by instruction. Current x86-64 servers have all of them.
-                // (`max` has them too, but its AVX paths are slower to emulate: the
-                // boot took 20% longer.)
+                // instruction by instruction; nor AES-NI and PCLMULQDQ, without which
+                // the TLS of an upgrade's transfer (AES-GCM) ran in ring's software
+                // AES. Current x86-64 servers have all of them. (`max` has them too,
+                // but its AVX paths are slower to emulate: the boot took 20% longer.)
                 let cpu = if self.accel == Accel::Kvm {
                     "host"
                 } else {
-                    "qemu64,+rdrand,+ssse3,+sse4.1,+sha-ni"
+                    "qemu64,+rdrand,+ssse3,+sse4.1,+sha-ni,+aes,+pclmulqdq"
                 };
                 cmd.args(["-cpu", cpu]);
             }
