@@ -23,4 +23,5 @@ pub mod values;
 
 pub use diagnostics::{Diagnostic, Location, Report, Severity};
 pub use schema::MachineConfig;
+pub use validate::MAX_CONFIG_BYTES;
 pub use validate::{Checked, Mode, check_bytes, check_file, check_str, load};

@@ -2,6 +2,8 @@
 //!
 //! The steps, each reporting every problem it finds:
 //!
+//! 0. the config must fit in [`MAX_CONFIG_BYTES`] (1 MiB), the limit every reader of a
+//!    config on the node holds;
 //! 1. the bytes must be UTF-8 (else "not UTF-8 at byte N");
 //! 2. the text must be TOML (every syntax error the parser recovers from is reported);
 //! 3. the document is walked along the crate's key tree (module `shape`): unknown keys with a
@@ -10,7 +12,8 @@
 //!    relate several values run on it: overlapping networks, duplicate interfaces, the
 //!    secrets each node type must and must not carry, the rules of the [`Mode`],
 //!    warnings when a kubelet prerequisite is turned off, etcd endpoints (each parsed,
-//!    none twice), and extension services (names, commands, environments, dependencies
+//!    none twice), the files to write (each under /var or /etc, see
+//!    [`check_machine_file_path`], none twice), and extension services (names, commands, environments, dependencies
 //!    on known services without cycles).
 //!
 //! A config is valid when no diagnostic is an error; warnings do not block it.
@@ -24,14 +27,39 @@ use ipnet::IpNet;
 use toml::de::DeTable;
 
 use crate::diagnostics::{Diagnostic, Location, Report, Severity};
+use crate::layout::STATE_MOUNT;
 use crate::schema::{
     BUILTIN_SERVICES, DEFAULT_KERNEL_MODULES, DEFAULT_SYSCTLS, MachineConfig, MachineType, Swap,
     parse_etcd_endpoint,
 };
 use crate::shape::{Sink, key_path};
+use crate::values::{ValueError, quote};
 
 /// How many TOML syntax errors are reported before the rest are left out.
 const MAX_SYNTAX_ERRORS: usize = 20;
+
+/// The largest machine config a node accepts (1 MiB), from every source: PID 1 at boot
+/// (fw_cfg, a config drive, a URL), a live change, and machined's `apply-config`. A
+/// config is a few kilobytes; the limit bounds what a hostile source can make a node
+/// parse and keep. [`check_str`] refuses a longer config whole.
+pub const MAX_CONFIG_BYTES: usize = 1024 * 1024;
+
+/// The directories `machine.files` may write beneath, as on Talos: EPHEMERAL and the
+/// generated `/etc`. The read-only root and STATE are out of bounds, with the two
+/// exceptions below.
+pub const FILE_ROOTS: [&str; 2] = ["/var", "/etc"];
+
+/// The CNI plugin directory, where a config may put plugins as a pod network's
+/// installer does: a writable overlay whose changes live on EPHEMERAL (PID 1's
+/// `CNI_BIN_DIR`).
+pub const CNI_PLUGIN_DIR: &str = "/opt/cni/bin";
+
+/// STATE's files that a config writes itself (paths inside STATE): a worker's node API
+/// certificate and key, which `machinectl cluster create` issues into its
+/// `machine.files` (the node protocol's `state::NODE_API_CERT` and `NODE_API_KEY`).
+/// Every other file in STATE is keelson's own (the configs, the try record, the machine
+/// id) and no config may write it.
+pub const STATE_FILES_FROM_CONFIG: [&str; 2] = ["node-api/server.crt", "node-api/server.key"];
 
 /// Where the node runs; some settings make sense only in some modes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
@@ -143,6 +171,21 @@ pub fn check_bytes(bytes: &[u8], file: &str, mode: Mode) -> Checked {
 
 /// Checks config text; `file` names it in diagnostics.
 pub fn check_str(src: &str, file: &str, mode: Mode) -> Checked {
+    if src.len() > MAX_CONFIG_BYTES {
+        return Checked {
+            config: None,
+            diagnostics: vec![Diagnostic {
+                severity: Severity::Error,
+                file: file.to_string(),
+                location: None,
+                path: String::new(),
+                message: too_big(src.len()),
+                hint: Some(
+                    "a machine config is a few kilobytes: move large content out of machine.files (fetch it from a service or an image instead)".into(),
+                ),
+            }],
+        };
+    }
     let mut sink = Sink::new(src, file);
     let (root, syntax_errors) = DeTable::parse_recoverable(src);
     if !syntax_errors.is_empty() {
@@ -712,10 +755,71 @@ fn etcd_endpoints(config: &MachineConfig, sink: &mut Sink<'_>) {
     }
 }
 
+/// What a config of `len` bytes is told: its size and [`MAX_CONFIG_BYTES`].
+pub fn too_big(len: usize) -> String {
+    format!("the config is {len} bytes, over the {MAX_CONFIG_BYTES}-byte (1 MiB) limit")
+}
+
+/// Checks that `machine.files` may write `path`: an absolute, normalized path beneath
+/// one of [`FILE_ROOTS`], in [`CNI_PLUGIN_DIR`], or one of [`STATE_FILES_FROM_CONFIG`]
+/// inside STATE (mounted at `state_mount`). PID 1 checks again before it writes.
+pub fn check_machine_file_path(path: &str, state_mount: &str) -> Result<(), ValueError> {
+    crate::values::check_file_path(path)?;
+    let beneath = |dir: &str| path.strip_prefix(dir).is_some_and(|r| r.starts_with('/'));
+    if FILE_ROOTS.iter().any(|root| beneath(root)) {
+        return Ok(());
+    }
+    if let Some(rest) = path
+        .strip_prefix(CNI_PLUGIN_DIR)
+        .and_then(|r| r.strip_prefix('/'))
+    {
+        if !rest.contains('/') {
+            return Ok(());
+        }
+        return Err(ValueError {
+            message: format!("{} is in a directory under {CNI_PLUGIN_DIR}", quote(path)),
+            hint: Some(format!(
+                "put CNI plugins directly in {CNI_PLUGIN_DIR}, like {CNI_PLUGIN_DIR}/my-plugin"
+            )),
+        });
+    }
+    if let Some(inside) = path
+        .strip_prefix(state_mount)
+        .and_then(|r| r.strip_prefix('/'))
+    {
+        if STATE_FILES_FROM_CONFIG.contains(&inside) {
+            return Ok(());
+        }
+        return Err(ValueError {
+            message: format!(
+                "{} is in STATE ({state_mount}), whose files keelson keeps itself",
+                quote(path)
+            ),
+            hint: Some(format!(
+                "a config writes only {} there; put other files under /var or /etc",
+                STATE_FILES_FROM_CONFIG
+                    .map(|f| format!("{state_mount}/{f}"))
+                    .join(" and ")
+            )),
+        });
+    }
+    Err(ValueError {
+        message: format!("{} is not under /var or /etc", quote(path)),
+        hint: Some(format!(
+            "machine.files writes only under /var (kept on EPHEMERAL) and /etc (made at every boot), \
+             and CNI plugins in {CNI_PLUGIN_DIR}; the rest of the root is read-only"
+        )),
+    })
+}
+
 fn files(config: &MachineConfig, sink: &mut Sink<'_>) {
     let mut seen: HashMap<&str, String> = HashMap::new();
     for (i, file) in config.machine.files.iter().enumerate() {
         let p = format!("machine.files[{i}].path");
+        if let Err(err) = check_machine_file_path(&file.path, STATE_MOUNT) {
+            sink.report(Severity::Error, &p, &[], err.message, err.hint);
+            continue;
+        }
         if let Some(first) = seen.get(file.path.as_str()).cloned() {
             sink.report(
                 Severity::Error,
@@ -763,7 +867,7 @@ fn services(config: &MachineConfig, sink: &mut Sink<'_>) {
                 Severity::Error,
                 &name_p,
                 &[],
-                format!("{} is not a valid service name", crate::values::quote(name)),
+                format!("{} is not a valid service name", quote(name)),
                 Some("use up to 63 lower-case letters, digits and '-', not starting or ending with '-', like node-agent".into()),
             );
         } else if BUILTIN_SERVICES.contains(&name) {
@@ -831,10 +935,7 @@ fn services(config: &MachineConfig, sink: &mut Sink<'_>) {
                     Severity::Error,
                     &env_p,
                     &[],
-                    format!(
-                        "{} is not a valid environment variable name",
-                        crate::values::quote(key)
-                    ),
+                    format!("{} is not a valid environment variable name", quote(key)),
                     Some(
                         "use letters, digits and '_', not starting with a digit, like LOG_LEVEL"
                             .into(),
@@ -879,10 +980,7 @@ fn services(config: &MachineConfig, sink: &mut Sink<'_>) {
                     Severity::Error,
                     &dep_p,
                     &[],
-                    format!(
-                        "{} is not a service of this node",
-                        crate::values::quote(dep)
-                    ),
+                    format!("{} is not a service of this node", quote(dep)),
                     Some(hint),
                 );
             }

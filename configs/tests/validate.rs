@@ -727,6 +727,48 @@ cp.toml:42:8: error: machine.files[0].path: "/proc/sys/vm/swappiness" is under /
 "##,
         ),
         (
+            "file outside /var and /etc",
+            edit(
+                CP,
+                &[(
+                    "path = \"/var/etc/motd\"",
+                    "path = \"/usr/local/bin/agent\"",
+                )],
+            ),
+            Mode::Metal,
+            r##"
+cp.toml:42:8: error: machine.files[0].path: "/usr/local/bin/agent" is not under /var or /etc (machine.files writes only under /var (kept on EPHEMERAL) and /etc (made at every boot), and CNI plugins in /opt/cni/bin; the rest of the root is read-only)
+"##,
+        ),
+        (
+            "file that is STATE's own",
+            edit(
+                CP,
+                &[(
+                    "path = \"/var/etc/motd\"",
+                    "path = \"/system/state/config.toml\"",
+                )],
+            ),
+            Mode::Metal,
+            r##"
+cp.toml:42:8: error: machine.files[0].path: "/system/state/config.toml" is in STATE (/system/state), whose files keelson keeps itself (a config writes only /system/state/node-api/server.crt and /system/state/node-api/server.key there; put other files under /var or /etc)
+"##,
+        ),
+        (
+            "file below the CNI plugins",
+            edit(
+                CP,
+                &[(
+                    "path = \"/var/etc/motd\"",
+                    "path = \"/opt/cni/bin/sub/plugin\"",
+                )],
+            ),
+            Mode::Metal,
+            r##"
+cp.toml:42:8: error: machine.files[0].path: "/opt/cni/bin/sub/plugin" is in a directory under /opt/cni/bin (put CNI plugins directly in /opt/cni/bin, like /opt/cni/bin/my-plugin)
+"##,
+        ),
+        (
             "duplicate file paths",
             edit(
                 CP,
@@ -1210,6 +1252,83 @@ fn bytes_that_are_not_utf8_are_reported_with_their_offset() {
         ["cp.toml:3:15: error: not UTF-8 at byte 39 (a machine config is UTF-8 TOML text)"]
     );
     assert!(!checked.is_valid());
+}
+
+/// A config with one `[[machine.files]]` entry per path, after the fixture's own.
+fn with_files(paths: &[&str]) -> String {
+    let entries: String = paths
+        .iter()
+        .map(|p| format!("\n[[machine.files]]\npath = \"{p}\"\ncontent = \"x\"\n"))
+        .collect();
+    edit(
+        CP,
+        &[("mode = \"0644\"\n", &format!("mode = \"0644\"\n{entries}"))],
+    )
+}
+
+#[test]
+fn files_are_written_only_under_var_and_etc_and_never_over_state() {
+    let allowed = [
+        "/var/lib/agent/agent.conf",
+        "/etc/cni/net.d/10-demo.conflist",
+        "/opt/cni/bin/demo-plugin",
+        "/system/state/node-api/server.crt",
+        "/system/state/node-api/server.key",
+    ];
+    let checked = check_str(&with_files(&allowed), "cp.toml", Mode::Metal);
+    assert_eq!(checked.diagnostics, [], "{allowed:?}");
+    // Each refused path is named by its key path, and one bad entry among good ones
+    // refuses the whole config.
+    let refused = [
+        ("/var", "is not under /var or /etc"),
+        ("/etc", "is not under /var or /etc"),
+        ("/variable/x", "is not under /var or /etc"),
+        ("/usr/lib/os-release", "is not under /var or /etc"),
+        ("/sbin/init", "is not under /var or /etc"),
+        ("/opt/other/x", "is not under /var or /etc"),
+        ("/run/keelson/init.sock", "is not under /var or /etc"),
+        ("/system/state/config.toml", "is in STATE"),
+        ("/system/state/config.staged.toml", "is in STATE"),
+        ("/system/state/machine-id", "is in STATE"),
+        ("/system/state/apply-try.json", "is in STATE"),
+        ("/system/state/node-api/other.pem", "is in STATE"),
+        ("var/lib/x", "is not an absolute path"),
+        ("/var/lib/../../sbin/init", "is not a normalized file path"),
+        ("/etc/./x", "is not a normalized file path"),
+    ];
+    for (path, why) in refused {
+        let checked = check_str(&with_files(&[allowed[0], path]), "cp.toml", Mode::Metal);
+        assert!(!checked.is_valid(), "{path} was accepted");
+        let errors: Vec<String> = checked.diagnostics.iter().map(|d| d.to_string()).collect();
+        assert_eq!(errors.len(), 1, "{path}: {errors:?}");
+        let want = format!("error: machine.files[2].path: {path:?} {why}");
+        assert!(
+            errors[0].contains(&want),
+            "{path}: {} lacks {want:?}",
+            errors[0]
+        );
+        assert!(errors[0].contains(" ("), "{path}: no hint in {}", errors[0]);
+    }
+}
+
+#[test]
+fn a_config_over_the_size_limit_is_refused_whole() {
+    assert_eq!(keelson_configs::MAX_CONFIG_BYTES, 1024 * 1024);
+    let mut big = CP.to_string();
+    big.push_str(&"#".repeat(keelson_configs::MAX_CONFIG_BYTES + 1 - big.len()));
+    let checked = check_bytes(big.as_bytes(), "cp.toml", Mode::Metal);
+    assert!(!checked.is_valid());
+    let shown: Vec<String> = checked.diagnostics.iter().map(|d| d.to_string()).collect();
+    assert_eq!(shown.len(), 1, "{shown:?}");
+    assert!(
+        shown[0].starts_with(
+            "cp.toml: error: the config is 1048577 bytes, over the 1048576-byte (1 MiB) limit ("
+        ),
+        "{shown:?}"
+    );
+    // At the limit exactly, it is checked as usual.
+    big.pop();
+    assert!(check_bytes(big.as_bytes(), "cp.toml", Mode::Metal).is_valid());
 }
 
 #[test]
