@@ -6,6 +6,11 @@
 //! certificate the node refuses (expired, from another CA), a role too low for the method.
 //! The ready TLS stream is then handed to a tonic channel.
 //!
+//! A node in maintenance mode has a self-signed certificate. [`Connector::insecure`]
+//! accepts it unverified and [`Connector::pinned`] only by its SHA-256 fingerprint; both
+//! keep the fingerprint each node presented ([`Connector::fingerprint_seen`]) so that
+//! machinectl can show it.
+//!
 //! No call waits forever. Every unary call has a deadline ([`call_deadline`]: 30 s, longer
 //! for the calls that wait on the node's own work, or the caller's own with
 //! [`Connector::with_timeout`]), counted from the request to the last byte of the answer.
@@ -14,6 +19,7 @@
 //! stops answering, as a node that was killed or cut off does. Both are reported as such,
 //! naming the node, the call and the time waited.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -32,7 +38,7 @@ use tonic::transport::{Channel, Endpoint};
 use crate::api::MAX_MESSAGE_SIZE;
 use crate::api::proto::machine_client::MachineClient;
 use crate::clientconfig::{Context, host_of};
-use crate::tls;
+use crate::tls::{self, Fingerprint, FingerprintMismatch};
 
 /// How long connecting and the TLS handshake may take (less when the caller's own
 /// deadline is shorter).
@@ -159,6 +165,18 @@ pub enum ClientError {
         /// The TLS alert, explained.
         reason: String,
     },
+    /// The node's certificate is not the one `--cert-fingerprint` named.
+    #[error(
+        "refused the node at {address}: its certificate's SHA-256 fingerprint is {seen}, not {expected} as --cert-fingerprint expects. Someone may be in the way of the connection, or the node made a new certificate (it makes one at every start in maintenance mode): compare with the fingerprint on the node's console and call again with that one"
+    )]
+    FingerprintMismatch {
+        /// `host:port`.
+        address: String,
+        /// The fingerprint of the certificate the node presented.
+        seen: Fingerprint,
+        /// The fingerprint given with `--cert-fingerprint`.
+        expected: Fingerprint,
+    },
     /// The node requires a client certificate but none was sent (`--insecure`).
     #[error(
         "the node at {address} requires a client certificate: it is configured, so --insecure is refused; connect with a context from `machinectl gen config`"
@@ -233,6 +251,9 @@ pub struct Connector {
     /// The caller's deadline for every unary call (and connecting), instead of
     /// [`call_deadline`]'s.
     timeout: Option<Duration>,
+    /// The fingerprint of the certificate each node presented, by `host:port` (shared by
+    /// clones).
+    seen: Arc<Mutex<BTreeMap<String, Fingerprint>>>,
 }
 
 fn find_rustls(err: &(dyn std::error::Error + 'static)) -> Option<rustls::Error> {
@@ -328,27 +349,58 @@ impl Connector {
             config,
             insecure: false,
             timeout: None,
+            seen: Arc::default(),
         })
     }
 
     /// Connects without a client certificate and without verifying the node
     /// (maintenance mode).
     pub fn insecure() -> Result<Connector, ClientError> {
-        let config = tls::insecure_client_config().map_err(|source| ClientError::Tls {
-            context: "--insecure".into(),
+        Self::maintenance("--insecure", tls::insecure_client_config())
+    }
+
+    /// Connects without a client certificate to a node whose certificate must have the
+    /// SHA-256 fingerprint `expected` (maintenance mode, `--cert-fingerprint`); any other
+    /// is refused as [`ClientError::FingerprintMismatch`].
+    pub fn pinned(expected: Fingerprint) -> Result<Connector, ClientError> {
+        Self::maintenance("--cert-fingerprint", tls::pinned_client_config(expected))
+    }
+
+    fn maintenance(
+        context: &str,
+        config: Result<Arc<rustls::ClientConfig>, tls::TlsError>,
+    ) -> Result<Connector, ClientError> {
+        let config = config.map_err(|source| ClientError::Tls {
+            context: context.into(),
             source,
         })?;
         Ok(Connector {
-            context: "--insecure".into(),
+            context: context.into(),
             config,
             insecure: true,
             timeout: None,
+            seen: Arc::default(),
         })
+    }
+
+    /// The SHA-256 fingerprint of the certificate the node at `address` (`host:port`)
+    /// presented at its last handshake, if one was made.
+    pub fn fingerprint_seen(&self, address: &str) -> Option<Fingerprint> {
+        self.seen.lock().ok()?.get(address).copied()
     }
 
     /// Turns a TLS error into the error an operator can act on.
     fn tls_error(&self, address: &str, host: &str, err: rustls::Error) -> ClientError {
         use rustls::CertificateError as C;
+        if let rustls::Error::InvalidCertificate(C::Other(other)) = &err
+            && let Some(mismatch) = other.0.downcast_ref::<FingerprintMismatch>()
+        {
+            return ClientError::FingerprintMismatch {
+                address: address.to_owned(),
+                seen: mismatch.seen,
+                expected: mismatch.expected,
+            };
+        }
         match err {
             rustls::Error::InvalidCertificate(C::UnknownIssuer | C::BadSignature)
             | rustls::Error::InvalidCertificate(C::Other(_)) => ClientError::WrongCa {
@@ -432,6 +484,7 @@ impl Connector {
             config,
             insecure: false,
             timeout: None,
+            seen: Arc::default(),
         }
     }
 
@@ -518,6 +571,15 @@ impl Connector {
             }
             Ok(Ok(s)) => s,
         };
+        if let Some(cert) = stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            && let Ok(mut seen) = self.seen.lock()
+        {
+            seen.insert(address.to_owned(), Fingerprint::of(cert.as_ref()));
+        }
         // In TLS 1.3 the client's handshake is over before the node has judged the client
         // certificate: a refusal arrives as an alert afterwards. The node speaks first on
         // HTTP/2 (its SETTINGS frame), so read that now: a refusal then surfaces here,

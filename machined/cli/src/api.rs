@@ -1,14 +1,21 @@
 //! `machinectl`'s node API commands: target resolution (context, `--endpoints`,
-//! `--nodes`, `--insecure`), one call per node, and printing.
+//! `--nodes`, `--insecure`, `--cert-fingerprint`), one call per node, and printing.
+//!
+//! With `--insecure` the certificate of each node is shown on stderr, once, before the
+//! call's output: its SHA-256 fingerprint, for the operator to compare with the one the
+//! node prints on its console in maintenance mode. `--cert-fingerprint` makes that
+//! comparison part of the handshake.
 //!
 //! Each command runs against every target node in turn; results carry the node's address
 //! as their first column. A node that fails is reported on stderr by name and the command
 //! goes on with the others; the exit code is 1 when any node failed.
 
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::io::{IsTerminal as _, Write as _};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
@@ -20,6 +27,7 @@ use super::output::{Format, Records, render};
 use keelson_api::api::proto;
 use keelson_api::client::{ClientError, Connector, NodeClient};
 use keelson_api::clientconfig::{self, ClientConfig, DEFAULT_API_PORT, with_default_port};
+use keelson_api::tls::Fingerprint;
 
 /// Where and how to connect: the global flags.
 #[derive(Debug, Clone, Default)]
@@ -34,6 +42,9 @@ pub struct Target {
     pub nodes: Vec<String>,
     /// `--insecure`.
     pub insecure: bool,
+    /// `--cert-fingerprint`: the node's certificate must have this SHA-256 fingerprint
+    /// (maintenance mode, as `--insecure` otherwise).
+    pub cert_fingerprint: Option<Fingerprint>,
     /// `--timeout`: every unary call's deadline instead of its method's default.
     pub timeout: Option<Duration>,
     /// `-o`.
@@ -292,15 +303,31 @@ pub struct Session {
     connector: Connector,
     addresses: Vec<String>,
     output: Format,
+    /// Whether to show each node's certificate fingerprint (`--insecure` without
+    /// `--cert-fingerprint`).
+    show_fingerprints: bool,
+    /// The nodes whose fingerprint was shown already.
+    shown: Mutex<BTreeSet<String>>,
 }
 
 impl Target {
+    /// Whether the nodes are in maintenance mode: reached without a client certificate,
+    /// with `--insecure` or `--cert-fingerprint`.
+    pub fn maintenance(&self) -> bool {
+        self.insecure || self.cert_fingerprint.is_some()
+    }
+
     /// Resolves the context and flags into a connector and node addresses.
     pub fn session(&self) -> anyhow::Result<Session> {
         if self.timeout.is_some_and(|t| t.is_zero()) {
             bail!("--timeout 0 would give every call up at once; give a deadline such as 30s");
         }
-        if self.insecure {
+        if self.maintenance() {
+            let flag = if self.cert_fingerprint.is_some() {
+                "--cert-fingerprint"
+            } else {
+                "--insecure"
+            };
             let nodes: Vec<String> = if self.nodes.is_empty() {
                 self.endpoints.clone()
             } else {
@@ -308,16 +335,22 @@ impl Target {
             };
             if nodes.is_empty() {
                 bail!(
-                    "--insecure needs the node's address: pass --nodes ADDRESS (a node in maintenance mode is not in any context yet)"
+                    "{flag} needs the node's address: pass --nodes ADDRESS (a node in maintenance mode is not in any context yet)"
                 );
             }
+            let connector = match self.cert_fingerprint {
+                Some(expected) => Connector::pinned(expected)?,
+                None => Connector::insecure()?,
+            };
             return Ok(Session {
-                connector: Connector::insecure()?.with_timeout(self.timeout),
+                connector: connector.with_timeout(self.timeout),
                 addresses: nodes
                     .iter()
                     .map(|n| with_default_port(n, DEFAULT_API_PORT))
                     .collect(),
                 output: self.output,
+                show_fingerprints: self.cert_fingerprint.is_none(),
+                shown: Mutex::default(),
             });
         }
         let path = clientconfig::default_path(self.machineconfig.as_deref())?;
@@ -364,6 +397,8 @@ impl Target {
             connector: Connector::for_context(name, &ctx)?.with_timeout(self.timeout),
             addresses,
             output: self.output,
+            show_fingerprints: false,
+            shown: Mutex::default(),
         })
     }
 }
@@ -383,7 +418,26 @@ impl Session {
     }
 
     pub(crate) async fn client(&self, address: &str) -> NodeResult<NodeClient> {
-        self.connector.connect(address).await
+        let client = self.connector.connect(address).await?;
+        if self.show_fingerprints {
+            self.show_fingerprint(address);
+        }
+        Ok(client)
+    }
+
+    /// Shows, once per node, the fingerprint of the unverified certificate it presented.
+    fn show_fingerprint(&self, address: &str) {
+        let Some(seen) = self.connector.fingerprint_seen(address) else {
+            return;
+        };
+        let first = self
+            .shown
+            .lock()
+            .map(|mut shown| shown.insert(address.to_owned()))
+            .unwrap_or(true);
+        if first {
+            eprintln!("{}", unverified_line(address, seen));
+        }
     }
 
     pub(crate) fn status(&self, address: &str, s: &tonic::Status) -> ClientError {
@@ -473,6 +527,13 @@ impl Session {
     }
 }
 
+/// The line `--insecure` prints for a node's unverified certificate.
+pub fn unverified_line(address: &str, seen: Fingerprint) -> String {
+    format!(
+        "machinectl: {address} presented a certificate with SHA-256 fingerprint {seen}, not verified (--insecure): compare it with the fingerprint on the node's console, and pass it as --cert-fingerprint to refuse any other"
+    )
+}
+
 pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -485,7 +546,7 @@ pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 /// and the newest upgrade's outcome (with its failure).
 pub fn version(target: &Target) -> anyhow::Result<ExitCode> {
     let session = target.session()?;
-    let insecure = target.insecure;
+    let insecure = target.maintenance();
     let mut columns = vec![
         "os",
         "version",

@@ -71,8 +71,19 @@ pub struct Cli {
 
     /// Connect without a client certificate and without verifying the node: only for a
     /// node in maintenance mode (no config yet), which serves version and apply-config.
+    /// The SHA-256 fingerprint of each node's certificate is shown on stderr: compare it
+    /// with the one the node prints on its console, or pin it with --cert-fingerprint.
     #[arg(short, long, global = true)]
     pub insecure: bool,
+
+    /// Accept only a node certificate with this SHA-256 fingerprint (64 hex digits,
+    /// colons optional, either case), the one a node in maintenance mode prints on its
+    /// console; any other is refused before anything is sent. It pins the maintenance-mode
+    /// certificate, so it implies --insecure (no client certificate, no context): use it
+    /// for the first apply-config. A configured node is verified by its context's CA
+    /// instead, and refuses a connection without a client certificate.
+    #[arg(long, global = true, value_name = "SHA256")]
+    pub cert_fingerprint: Option<keelson_api::tls::Fingerprint>,
 
     /// How long a call to a node may take, connecting included (e.g. 10s, 2m). Default:
     /// 30 s; 5 min for apply-config, reset and the etcd operations that change the cluster;
@@ -219,6 +230,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         endpoints: cli.endpoints.clone(),
         nodes: cli.nodes.clone(),
         insecure: cli.insecure,
+        cert_fingerprint: cli.cert_fingerprint,
         timeout: cli.timeout,
         output: o.output,
     };
