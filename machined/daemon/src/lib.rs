@@ -6,6 +6,7 @@
 //! |---|---|
 //! | [`server`] | modes, listener, authorization, handlers, apply-config |
 //! | [`backend`] | what machined asks of PID 1, over init's control socket |
+//! | [`console`] | the few lines also printed on the node's console (maintenance mode's certificate fingerprint) |
 //! | [`node`] | node facts from `/proc`, `/sys`, `/dev/kmsg` |
 //! | [`etcd`] | a control plane's etcd member: certificates, bootstrap, joins as a learner, the `etcd` operations, leaving at reset |
 //! | [`containerd`] | containers, images and image import through containerd's API |
@@ -14,6 +15,7 @@
 //! | [`timesync`] | SNTP time sync from the config's `time_servers`: steps the clock, keeps a status |
 
 pub mod backend;
+pub mod console;
 pub mod containerd;
 pub mod etcd;
 pub mod kubernetes;

@@ -4,7 +4,8 @@
 //!
 //! Logging goes through `tracing`: one plain line per event on stderr (which PID 1 keeps
 //! as the service's output, for `machinectl logs machined`), with its level and fields;
-//! no ANSI colours, and no timestamps since PID 1's console has its own.
+//! no ANSI colours, and no timestamps since PID 1's console has its own. The few events
+//! meant for the console (`keelson_machined::console`) are also written on `/dev/console`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -12,6 +13,7 @@ use std::sync::Arc;
 
 use clap::Parser;
 use keelson_machined::backend::{INIT_SOCKET, InitSocket};
+use keelson_machined::console;
 use keelson_machined::server::{self, Options};
 use keelson_machined::upgrade::{UpgradePaths, Upgrader};
 
@@ -35,13 +37,21 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .without_time()
-        .with_target(false)
-        .with_max_level(tracing::Level::INFO)
-        .init();
+    {
+        use tracing_subscriber::Layer as _;
+        use tracing_subscriber::layer::SubscriberExt as _;
+        use tracing_subscriber::util::SubscriberInitExt as _;
+        let log = tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(false)
+            .without_time()
+            .with_target(false)
+            .with_filter(tracing_subscriber::filter::LevelFilter::INFO);
+        tracing_subscriber::registry()
+            .with(log)
+            .with(console::layer(console::DEVICE.into()))
+            .init();
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

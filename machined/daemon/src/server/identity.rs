@@ -7,11 +7,15 @@
 //! - A worker carries only the CA certificate. It uses the certificate in
 //!   `STATE/node-api/` that the join flow stores there; it never gets the CA key.
 //! - A node in maintenance mode has no CA at all: it makes a throwaway self-signed
-//!   certificate, and clients connect with `--insecure`, as with Talos.
+//!   certificate, and clients connect with `--insecure`, as with Talos. So that the first
+//!   config goes to this node and no other, the certificate's SHA-256 fingerprint is
+//!   logged and printed on the console ([`crate::console`]); `machinectl --insecure` shows
+//!   the one it saw and `machinectl --cert-fingerprint` accepts no other.
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 
+use keelson_api::tls::Fingerprint;
 use keelson_configs::MachineConfig;
 use keelson_configs::pki::{self, CertAndKey, LeafRequest, Usage};
 
@@ -31,6 +35,9 @@ pub enum IdentityError {
         /// Where the certificate was looked for.
         path: String,
     },
+    /// The maintenance certificate just made could not be read back.
+    #[error("cannot read the maintenance certificate to print its fingerprint")]
+    Fingerprint(#[source] keelson_api::tls::TlsError),
     /// The worker's stored certificate could not be read.
     #[error("cannot read the node API certificate {path}")]
     Read {
@@ -165,8 +172,36 @@ pub fn server_identity(
 }
 
 /// A throwaway self-signed identity for maintenance mode: a one-off CA (its key dropped
-/// right away) and a server certificate for the node's names.
+/// right away) and a server certificate for the node's names. Its fingerprint is
+/// announced on the console ([`announce_maintenance`]): each start makes a new one.
 pub fn maintenance_identity(addresses: &BTreeSet<IpAddr>) -> Result<CertAndKey, IdentityError> {
+    let identity = make_maintenance_identity(addresses)?;
+    announce_maintenance(&identity)?;
+    Ok(identity)
+}
+
+/// Logs, and prints on the console, the SHA-256 fingerprint of a maintenance identity's
+/// certificate: its first, the end-entity certificate that clients are handed and
+/// `machinectl` fingerprints. Returns it.
+pub fn announce_maintenance(identity: &CertAndKey) -> Result<Fingerprint, IdentityError> {
+    let fingerprint = Fingerprint::of_pem(&identity.cert, "the maintenance certificate")
+        .map_err(IdentityError::Fingerprint)?;
+    tracing::info!(
+        target: crate::console::TARGET,
+        "{}",
+        fingerprint_line(fingerprint)
+    );
+    Ok(fingerprint)
+}
+
+/// The console line of maintenance mode's certificate fingerprint.
+pub fn fingerprint_line(fingerprint: Fingerprint) -> String {
+    format!(
+        "maintenance mode: the API's certificate SHA-256 fingerprint is {fingerprint} (machinectl --insecure shows the one it sees; machinectl --cert-fingerprint accepts only this one)"
+    )
+}
+
+fn make_maintenance_identity(addresses: &BTreeSet<IpAddr>) -> Result<CertAndKey, IdentityError> {
     let ca = pki::generate_ca("keelson maintenance").map_err(IdentityError::Issue)?;
     let mut sans: Vec<String> = vec!["localhost".into()];
     sans.extend(addresses.iter().map(ToString::to_string));
@@ -182,4 +217,116 @@ pub fn maintenance_identity(addresses: &BTreeSet<IpAddr>) -> Result<CertAndKey, 
     .map_err(IdentityError::Issue)?;
     leaf.cert.push_str(&ca.cert);
     Ok(leaf)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use std::sync::{Arc, Mutex};
+    use tracing_subscriber::layer::SubscriberExt as _;
+
+    /// A log that keeps what it is given.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A TLS 1.3 handshake in memory between `client` and `server`; the client's view of
+    /// the server's certificates, or the error that ended the handshake.
+    fn handshake(
+        client: Arc<rustls::ClientConfig>,
+        server: Arc<rustls::ServerConfig>,
+    ) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, rustls::Error> {
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let mut client = rustls::ClientConnection::new(client, name).unwrap();
+        let mut server = rustls::ServerConnection::new(server).unwrap();
+        for _ in 0..10 {
+            let mut wire = Vec::new();
+            while client.wants_write() {
+                client.write_tls(&mut wire).unwrap();
+            }
+            server.read_tls(&mut wire.as_slice()).unwrap();
+            server.process_new_packets()?;
+            let mut wire = Vec::new();
+            while server.wants_write() {
+                server.write_tls(&mut wire).unwrap();
+            }
+            client.read_tls(&mut wire.as_slice()).unwrap();
+            client.process_new_packets()?;
+            if !client.is_handshaking() && !server.is_handshaking() {
+                return Ok(client.peer_certificates().unwrap().to_vec());
+            }
+        }
+        panic!("the handshake did not end");
+    }
+
+    /// The fingerprint in the logged console line is the one a client computes from the
+    /// certificate the node serves, and the one `--cert-fingerprint` must be given.
+    #[test]
+    fn the_logged_fingerprint_is_the_one_clients_see() {
+        let log = Captured::default();
+        let writer = log.clone();
+        let subscriber = tracing_subscriber::registry().with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(move || writer.clone())
+                .with_ansi(false),
+        );
+        let addresses = BTreeSet::from([IpAddr::from([127, 0, 0, 1])]);
+        let identity = tracing::subscriber::with_default(subscriber, || {
+            maintenance_identity(&addresses).unwrap()
+        });
+        let logged = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+        let line = logged
+            .lines()
+            .find(|l| l.contains("maintenance mode: the API's certificate SHA-256 fingerprint is "))
+            .unwrap_or_else(|| panic!("no fingerprint line in {logged:?}"));
+        assert!(line.contains(crate::console::TARGET), "{line}");
+        let text = line
+            .split("fingerprint is ")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap();
+        let logged_fingerprint: Fingerprint = text.parse().unwrap();
+        assert_eq!(text, logged_fingerprint.to_string(), "AB:CD:... as logged");
+
+        let server =
+            keelson_api::tls::maintenance_server_config(&identity.cert, &identity.key).unwrap();
+        let seen = handshake(
+            keelson_api::tls::insecure_client_config().unwrap(),
+            server.clone(),
+        )
+        .unwrap();
+        assert_eq!(Fingerprint::of(seen[0].as_ref()), logged_fingerprint);
+        let pinned = keelson_api::tls::pinned_client_config(logged_fingerprint).unwrap();
+        handshake(pinned, server.clone()).unwrap();
+
+        // Another maintenance start makes another certificate, which the pin refuses.
+        let other = make_maintenance_identity(&addresses).unwrap();
+        let other_server =
+            keelson_api::tls::maintenance_server_config(&other.cert, &other.key).unwrap();
+        let pinned = keelson_api::tls::pinned_client_config(logged_fingerprint).unwrap();
+        let err = handshake(pinned, other_server).unwrap_err();
+        let rustls::Error::InvalidCertificate(rustls::CertificateError::Other(refusal)) = &err
+        else {
+            panic!("{err}");
+        };
+        let mismatch = refusal
+            .0
+            .downcast_ref::<keelson_api::tls::FingerprintMismatch>()
+            .unwrap_or_else(|| panic!("{err}"));
+        assert_eq!(mismatch.expected, logged_fingerprint);
+        assert_eq!(
+            mismatch.seen,
+            Fingerprint::of_pem(&other.cert, "other").unwrap()
+        );
+    }
 }
