@@ -43,8 +43,9 @@ pub mod http;
 pub const FW_CFG_BY_NAME: &str = "/sys/firmware/qemu_fw_cfg/by_name";
 /// Where a config drive is mounted while it is read.
 pub const DRIVE_MOUNT: &str = "/run/keelson/config-drive";
-/// The largest config accepted from any source.
-pub const MAX_CONFIG: usize = 1024 * 1024;
+/// The largest config accepted from any source: the one limit machined's
+/// `apply-config` and validation hold too ([`keelson_configs::MAX_CONFIG_BYTES`], 1 MiB).
+pub const MAX_CONFIG: usize = keelson_configs::MAX_CONFIG_BYTES;
 /// How often the node says that it waits for a config.
 pub const REMINDER: Duration = Duration::from_secs(30);
 
@@ -550,6 +551,30 @@ mod tests {
         );
         let huge = vec![b'#'; MAX_CONFIG + 1];
         assert!(accept(Source::Url("http://x/".into()), huge, &log).is_none());
+    }
+
+    #[test]
+    fn boot_holds_the_config_size_limit_machined_holds() {
+        // One constant for PID 1 and machined's apply-config: a config machined accepts
+        // is never refused at the next boot for its size, nor the other way round.
+        assert_eq!(MAX_CONFIG, keelson_configs::MAX_CONFIG_BYTES);
+        assert_eq!(MAX_CONFIG, 1024 * 1024);
+        let log = MemoryLog::default();
+        assert!(
+            accept(
+                Source::Url("http://x/".into()),
+                vec![b'#'; MAX_CONFIG + 1],
+                &log
+            )
+            .is_none()
+        );
+        let lines = log.lines();
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains("1048577 bytes: larger than the 1048576-byte limit")),
+            "{lines:?}"
+        );
     }
 
     fn fat32_head(label: &[u8; 11]) -> Vec<u8> {

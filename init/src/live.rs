@@ -9,7 +9,9 @@
 //! 2. **Plan** ([`plan`]): every change is checked against the running node before any is
 //!    made: each kernel module is in the module index (or built in, or loaded), each
 //!    sysctl exists in `/proc/sys` (or comes with a module the same request loads) and its
-//!    present value is read, each file's path is absolute and its present content kept.
+//!    present value is read, each file's path is one `machine.files` may write (under
+//!    /var or /etc, never STATE's own files: validation's rule, checked again) and its
+//!    present content kept; no file is written through a symbolic link.
 //!    Values already in effect are left out, so the plan holds only real changes.
 //! 3. **Apply** ([`apply`]): modules, sysctls (each read back), files, hostname, in that
 //!    order. When a step fails, the sysctls and files already changed are put back to
@@ -25,6 +27,8 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use keelson_configs::layout::STATE_MOUNT;
+use keelson_configs::validate::{check_machine_file_path, too_big};
 use keelson_configs::{MachineConfig, Mode, check_bytes};
 use keelson_netconf::resolv;
 
@@ -133,10 +137,7 @@ pub struct Plan {
 /// Check the config as boot does: the config, or the validator's error messages.
 pub fn judge(bytes: &[u8]) -> Result<MachineConfig, Vec<String>> {
     if bytes.len() > MAX_CONFIG {
-        return Err(vec![format!(
-            "the config is {} bytes, larger than the {MAX_CONFIG}-byte limit",
-            bytes.len()
-        )]);
+        return Err(vec![too_big(bytes.len())]);
     }
     let checked = check_bytes(bytes, "the applied config", Mode::Metal);
     let errors: Vec<String> = checked
@@ -325,12 +326,18 @@ fn plan_sysctls(env: &Env<'_>, new: &MachineConfig, plan: &mut Plan, errors: &mu
 /// undo, those already in place left out.
 fn plan_files(env: &Env<'_>, new: &MachineConfig, plan: &mut Plan, errors: &mut Vec<String>) {
     let machine = &new.machine;
-    for file in &machine.files {
+    for (i, file) in machine.files.iter().enumerate() {
+        // Validation refused it already; checked again before anything is read or written.
+        if let Err(e) = check_machine_file_path(&file.path, STATE_MOUNT) {
+            let hint = e
+                .hint
+                .as_ref()
+                .map(|h| format!(" ({h})"))
+                .unwrap_or_default();
+            errors.push(format!("machine.files[{i}].path: {e}{hint}"));
+            continue;
+        }
         let Some(relative) = file.path.strip_prefix('/') else {
-            errors.push(format!(
-                "machine.files: {:?} is not an absolute path",
-                file.path
-            ));
             continue;
         };
         let target = env.paths.root.join(relative);
@@ -372,11 +379,9 @@ fn plan_files(env: &Env<'_>, new: &MachineConfig, plan: &mut Plan, errors: &mut 
     }
 }
 
-/// Write a file with its parents and mode.
+/// Write a file with its parents and mode, never through a symbolic link
+/// ([`Syscalls::install_file`]).
 fn write_file(sys: &dyn Syscalls, target: &Path, content: &[u8], mode: u32) -> std::io::Result<()> {
-    if let Some(parent) = target.parent() {
-        sys.create_dir_all(parent)?;
-    }
     sys.install_file(target, content, mode)
 }
 
@@ -630,10 +635,9 @@ mod tests {
         let big = vec![b'#'; MAX_CONFIG + 1];
         assert_eq!(
             judge(&big).err(),
-            Some(vec![format!(
-                "the config is {} bytes, larger than the {MAX_CONFIG}-byte limit",
-                MAX_CONFIG + 1
-            )])
+            Some(vec![
+                "the config is 1048577 bytes, over the 1048576-byte (1 MiB) limit".to_string()
+            ])
         );
     }
 
@@ -832,14 +836,35 @@ mod tests {
         assert!(plan_ok(&env, &[Part::Files], &new).files.is_empty());
 
         // A file whose parent is a file is refused before anything is written.
-        std::fs::write(root.join("blocker"), "x").unwrap_or_else(|e| panic!("{e}"));
-        let blocked = files(&[("/blocker/c.conf", "c\n", None)], None);
+        std::fs::write(root.join("var/blocker"), "x").unwrap_or_else(|e| panic!("{e}"));
+        let blocked = files(&[("/var/blocker/c.conf", "c\n", None)], None);
         let errors = super::plan(&env, &[Part::Files], &blocked)
             .err()
             .unwrap_or_default();
         assert_eq!(errors.len(), 1, "{errors:?}");
         assert!(
-            errors[0].starts_with("machine.files: cannot read the present /blocker/c.conf: "),
+            errors[0].starts_with("machine.files: cannot read the present /var/blocker/c.conf: "),
+            "{errors:?}"
+        );
+
+        // A path outside /var and /etc, or STATE's own file, is refused by the plan too
+        // (validation refuses it first), whatever the config's source.
+        let mut outside = files(&[("/var/a", "x\n", None), ("/var/b", "x\n", None)], None);
+        outside.machine.files[0].path = "/usr/lib/os-release".into();
+        outside.machine.files[1].path = "/system/state/config.toml".into();
+        let errors = super::plan(&env, &[Part::Files], &outside)
+            .err()
+            .unwrap_or_default();
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert!(
+            errors[0].starts_with(
+                "machine.files[0].path: \"/usr/lib/os-release\" is not under /var or /etc ("
+            ),
+            "{errors:?}"
+        );
+        assert!(
+            errors[1]
+                .starts_with("machine.files[1].path: \"/system/state/config.toml\" is in STATE"),
             "{errors:?}"
         );
 

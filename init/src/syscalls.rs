@@ -16,6 +16,8 @@ use std::time::Duration;
 
 use keelson_node_protocol::control::ExitInfo;
 
+pub mod install;
+
 pub use rustix::mount::MountFlags;
 
 /// Which kind of device node [`Syscalls::mknod`] creates.
@@ -114,8 +116,9 @@ pub trait Syscalls {
     fn read_file(&self, path: &Path) -> io::Result<Vec<u8>>;
     /// Write `data` to an existing file (such as `/dev/kmsg` or a sysfs attribute).
     fn write_file(&self, path: &Path, data: &[u8]) -> io::Result<()>;
-    /// Write `data` to `path` whole (created or truncated) and give it the permission
-    /// bits `mode`: a file PID 1 installs (`/etc`, the config's files, a live change).
+    /// Write `data` to `path` (absolute) whole with the permission bits `mode`, its
+    /// missing parents made: a file PID 1 installs (`/etc`, the config's files, a live
+    /// change). Atomic, and never through a symbolic link ([`install`]).
     fn install_file(&self, path: &Path, data: &[u8], mode: u32) -> io::Result<()>;
     /// Remove the file or symlink at `path`.
     fn remove_file(&self, path: &Path) -> io::Result<()>;
@@ -329,9 +332,7 @@ impl Syscalls for Linux {
     }
 
     fn install_file(&self, path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::write(path, data)?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        Ok(install::install_file(Path::new("/"), path, data, mode)?)
     }
 
     fn remove_file(&self, path: &Path) -> io::Result<()> {

@@ -7,6 +7,7 @@ use std::path::Path;
 
 use keelson_configs::MachineConfig;
 use keelson_configs::layout::{self, PART_STATE};
+use keelson_configs::validate::check_machine_file_path;
 
 use crate::bootlog::Kept;
 use crate::config_source::Accepted;
@@ -84,14 +85,20 @@ impl<K: Kept> Node<'_, K> {
                     errno_name(&e)
                 )),
             },
-            Step::Files => write_files(sys, log, self.config_files(config, false)),
+            Step::Files => {
+                let state_mount = &self.boot.disk_options.state_mount;
+                write_files(sys, log, state_mount, self.config_files(config, false));
+            }
             Step::Etc => self.write_etc(config, &run.hostname),
             Step::SpawnContainerd => {
                 run.other_services = self.spawn_containerd(config, run.ends_maintenance);
             }
             Step::FormatNewState => self.finish_state(),
             Step::KeepMachineId => self.keep_machine_id(),
-            Step::StateFiles => write_files(sys, log, self.config_files(config, true)),
+            Step::StateFiles => {
+                let state_mount = &self.boot.disk_options.state_mount;
+                write_files(sys, log, state_mount, self.config_files(config, true));
+            }
             Step::KeepConfig => self.keep_config(&run.accepted),
             Step::OtherModules => self.load_config_modules(&config_modules(config, false)),
             Step::Sysctls => {
@@ -287,21 +294,89 @@ fn config_modules(config: &MachineConfig, for_containerd: bool) -> Vec<String> {
         .collect()
 }
 
-/// Write the config's `[[machine.files]]`, creating parent directories.
+/// Write the config's `[[machine.files]]`, creating parent directories; a path that
+/// validation would refuse (outside /var and /etc, or STATE's own file, in STATE mounted
+/// at `state_mount`) is refused again here, and no write follows a symbolic link
+/// ([`Syscalls::install_file`]).
 fn write_files<'f>(
     sys: &dyn Syscalls,
     log: &dyn Log,
+    state_mount: &Path,
     files: impl IntoIterator<Item = &'f keelson_configs::schema::File>,
 ) {
+    let state_mount = state_mount.to_string_lossy();
     for file in files {
+        if let Err(e) = check_machine_file_path(&file.path, &state_mount) {
+            let hint = e
+                .hint
+                .as_ref()
+                .map(|h| format!(" ({h})"))
+                .unwrap_or_default();
+            log.line(&format!("file {} not written: {e}{hint}", file.path));
+            continue;
+        }
         let path = Path::new(&file.path);
-        let result = path
-            .parent()
-            .map_or(Ok(()), |parent| sys.create_dir_all(parent))
-            .and_then(|()| sys.install_file(path, file.content.as_bytes(), file.mode.0));
+        let result = sys.install_file(path, file.content.as_bytes(), file.mode.0);
         match result {
             Ok(()) => log.line(&format!("file {} written ({:o})", file.path, file.mode.0)),
             Err(e) => log.line(&format!("file {} not written: {e}", file.path)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use keelson_configs::schema::File;
+    use keelson_configs::values::FileMode;
+
+    use super::*;
+    use crate::console::memory::MemoryLog;
+    use crate::syscalls::fake::{Call, Fake};
+
+    fn file(path: &str) -> File {
+        File {
+            path: path.into(),
+            content: "x\n".into(),
+            mode: FileMode(0o644),
+        }
+    }
+
+    #[test]
+    fn a_file_validation_would_refuse_is_not_written() {
+        // Validation refuses these first; PID 1 refuses them again, whatever the source.
+        let fake = Fake::new();
+        let log = MemoryLog::default();
+        let files = [
+            file("/var/lib/agent.conf"),
+            file("/usr/lib/os-release"),
+            file("/system/state/config.toml"),
+            file("/system/state/node-api/server.crt"),
+        ];
+        write_files(&fake, &log, Path::new("/system/state"), &files);
+        let installed: Vec<String> = fake
+            .calls()
+            .into_iter()
+            .filter_map(|c| match c {
+                Call::InstallFile(path, ..) => Some(path),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            installed,
+            ["/var/lib/agent.conf", "/system/state/node-api/server.crt"]
+        );
+        let lines = log.lines();
+        assert!(
+            lines.iter().any(|l| l.starts_with(
+                "keelson-init: file /usr/lib/os-release not written: \"/usr/lib/os-release\" is not under /var or /etc ("
+            )),
+            "{lines:?}"
+        );
+        assert!(
+            lines.iter().any(|l| l.contains(
+                "file /system/state/config.toml not written: \"/system/state/config.toml\" is in STATE"
+            )),
+            "{lines:?}"
+        );
     }
 }
