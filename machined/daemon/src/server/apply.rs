@@ -3,7 +3,8 @@
 //!
 //! Rules that always hold:
 //! - a config is validated ([`keelson_configs::check_bytes`]) before anything changes; a
-//!   refused config leaves the node and STATE untouched;
+//!   refused config leaves the node and STATE untouched; one over
+//!   [`MAX_CONFIG_BYTES`] (1 MiB, PID 1's limit at boot too) is refused before it is parsed;
 //! - one apply at a time: a second one while the first runs gets ABORTED;
 //! - STATE is written atomically (write, fsync, rename, fsync dir);
 //! - `no-reboot` changes nothing unless every change can be applied live, and says which
@@ -16,7 +17,8 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use keelson_configs::{MachineConfig, Mode, Severity};
+use keelson_configs::validate::too_big;
+use keelson_configs::{MAX_CONFIG_BYTES, MachineConfig, Mode, Severity};
 use sha2_lite::short_digest;
 
 use crate::backend::{LivePart, NodeBackend, Power};
@@ -341,6 +343,14 @@ impl Applier {
     }
 
     fn validate(&self, bytes: &[u8]) -> Result<(MachineConfig, String, Vec<String>), ApplyError> {
+        // PID 1's limit at boot too: a config applied here is never refused there for its size.
+        if bytes.len() > MAX_CONFIG_BYTES {
+            return Err(ApplyError::Invalid(format!(
+                "the node refused the config; nothing was changed: {}; a machine config is a \
+                 few kilobytes: move large content out of machine.files",
+                too_big(bytes.len())
+            )));
+        }
         let checked = keelson_configs::check_bytes(bytes, "config", self.mode);
         let warnings: Vec<String> = checked
             .diagnostics
@@ -757,6 +767,35 @@ mod sha2_lite {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[tokio::test]
+    async fn a_config_over_the_size_limit_is_refused_naming_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = Arc::new(crate::backend::RecordingBackend::default());
+        let applier = Applier::new(
+            StateStore::new(dir.path()),
+            backend,
+            Mode::Metal,
+            None,
+            None,
+        );
+        let big = ApplyRequest {
+            config: vec![b'#'; MAX_CONFIG_BYTES + 1],
+            mode: ApplyMode::Auto,
+            try_timeout: None,
+            dry_run: false,
+        };
+        let err = applier.install_first(big).await.unwrap_err();
+        assert!(matches!(err, ApplyError::Invalid(_)), "{err:?}");
+        let message = err.to_string();
+        assert!(
+            message.contains("the config is 1048577 bytes, over the 1048576-byte (1 MiB) limit"),
+            "{message}"
+        );
+        assert!(!StateStore::new(dir.path()).has_config());
+        // PID 1 refuses at boot what machined refuses: one constant, 1 MiB.
+        assert_eq!(MAX_CONFIG_BYTES, 1024 * 1024);
+    }
 
     #[test]
     fn keys_are_classified() {
