@@ -167,7 +167,7 @@ pub enum ClientError {
     },
     /// The node's certificate is not the one `--cert-fingerprint` named.
     #[error(
-        "refused the node at {address}: its certificate's SHA-256 fingerprint is {seen}, not {expected} as --cert-fingerprint expects. Someone may be in the way of the connection, or the node made a new certificate (it makes one at every start in maintenance mode): compare with the fingerprint on the node's console and call again with that one"
+        "refused the node at {address}: its certificate's SHA-256 fingerprint is {seen}, not {expected} as --cert-fingerprint expects. Someone may be in the way of the connection, or the node made a new certificate (it makes one at every start in maintenance mode; a configured node is reached through its context, not by fingerprint): compare with the fingerprint on the node's console and call again with that one"
     )]
     FingerprintMismatch {
         /// `host:port`.

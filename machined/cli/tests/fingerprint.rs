@@ -15,6 +15,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::Output;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use api_support::*;
 use keelson_configs::pki::Role;
@@ -197,4 +198,24 @@ fn the_maintenance_certificate_is_shown_and_pinned_by_its_fingerprint() {
         Some(cluster.controlplane.as_str())
     );
     assert_eq!(node.backend.calls(), [Call::ConfigInstalled]);
+
+    // Configured, the node serves a certificate from its node API CA: the maintenance
+    // pin no longer matches, and the refusal says to use the context.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = call(&["--cert-fingerprint", &fingerprint], &["version"]);
+        if !out.status.success() {
+            assert_fails(
+                &out,
+                &[
+                    &format!("refused the node at {address}"),
+                    "a configured node is reached through its context",
+                ],
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "still in maintenance mode");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_ok(&machinectl(&config, &["version"]));
 }
