@@ -28,6 +28,8 @@ use ipnet::{IpNet, Ipv4Net};
 use super::addrs;
 use super::routes::{DHCP_METRIC, RouteSpec};
 
+mod sift;
+
 /// The lease-time value meaning "forever".
 pub const INFINITE: u32 = u32::MAX;
 
@@ -707,9 +709,11 @@ pub fn encode(msg: &Message) -> Result<Vec<u8>, dhcproto::error::EncodeError> {
     Ok(bytes)
 }
 
-/// A message from the wire; `None` for anything that is not DHCP.
+/// A message from the wire, with only the options the client reads ([`sift`]); `None`
+/// for anything that is not DHCP.
 pub fn decode(bytes: &[u8]) -> Option<Message> {
-    Message::decode(&mut Decoder::new(bytes)).ok()
+    let sifted = sift::options_read(bytes)?;
+    Message::decode(&mut Decoder::new(&sifted)).ok()
 }
 
 /// The client's UDP port.
@@ -1198,6 +1202,25 @@ mod tests {
                 1, 0x52, 0x54, 0, 0x12, 0x34, 0x56
             ]))
         );
+    }
+
+    #[test]
+    fn options_whose_decoders_assert_on_their_length_are_never_decoded() {
+        // Found by the fuzz target dhcp_packet: a bulk lease query time (153) of length
+        // 0 panicked in dhcproto's decoder (a debug assertion), and so did Rapid Commit
+        // (80) with a value, a short Client FQDN (81) and Client Network Interface (94).
+        let mut bytes = blank().to_vec().unwrap();
+        bytes.truncate(240);
+        bytes[0] = 2; // BOOTREPLY
+        bytes.extend_from_slice(&[53, 1, 5, 153, 0, 80, 1, 1, 81, 0, 94, 0, 51, 4, 0, 0, 2, 88]);
+        bytes.push(255);
+        let msg = decode(&bytes).unwrap();
+        assert_eq!(msg.opts().msg_type(), Some(MessageType::Ack));
+        assert_eq!(
+            msg.opts().get(OptionCode::AddressLeaseTime),
+            Some(&DhcpOption::AddressLeaseTime(600))
+        );
+        assert!(msg.opts().get(OptionCode::RapidCommit).is_none());
     }
 
     /// An IPv4/UDP packet around `payload`.
