@@ -259,6 +259,12 @@ const FUZZ_TARGETS: &[(&str, &str, &str)] = &[
     ("configs", "check_config", "tests/data"),
     // PID 1's reader of the config URL's HTTP answer.
     ("init", "http_response", "fuzz/seeds/http_response"),
+    // PID 1's control socket: its line framing and the requests on it.
+    ("init", "control_frames", "fuzz/seeds/control_frames"),
+    // PID 1's sniffers of a device's first bytes: config-drive labels, ext4 superblocks.
+    ("init", "volume_head", "fuzz/seeds/volume_head"),
+    // PID 1's DHCP client: packets from any host on the link, and the leases they grant.
+    ("init/netconf", "dhcp_packet", "fuzz/seeds/dhcp_packet"),
     // machined's parser of upgrade bundles (an upload or a download, not yet trusted).
     (
         "machined/upgrade",
