@@ -8,6 +8,8 @@
 //! | [`CONFIG`] | PID 1 (a config from fw_cfg, a drive or a URL), machined (`apply-config`) | the machine config in effect |
 //! | [`CONFIG_STAGED`] | machined (`apply-config --mode staged`) | the config for the next boot, promoted by PID 1 before it reads the config |
 //! | [`STAGED_REFUSED`] | PID 1 | a staged config that failed validation, kept for the operator, never retried |
+//! | [`CONFIG_TRIED`] | machined (`apply-config --mode try`) | the config on trial, in effect live until it is confirmed or reverted; never read at boot |
+//! | [`TRY_RECORD`] | machined (`apply-config --mode try`) | the trial's record (JSON): the config to go back to, the parts applied live, the wall-clock deadline, the boot it belongs to, and a failed revert's reason |
 //! | [`MACHINE_ID`] | PID 1 | the machine id, made at the first boot |
 //! | [`NODE_API_CERT`], [`NODE_API_KEY`] | the config's `machine.files` (a worker) | the node API's server certificate and key |
 //!
@@ -31,6 +33,10 @@ pub const CONFIG: &str = "config.toml";
 pub const CONFIG_STAGED: &str = "config.staged.toml";
 /// A staged config that failed validation at boot.
 pub const STAGED_REFUSED: &str = "config.staged.refused.toml";
+/// The config applied live by `apply-config --mode try`, until it is confirmed or reverted.
+pub const CONFIG_TRIED: &str = "config.tried.toml";
+/// The record of a `try` apply: what to revert to, and when.
+pub const TRY_RECORD: &str = "apply-try.json";
 /// The machine id (32 hex digits and a newline).
 pub const MACHINE_ID: &str = "machine-id";
 /// The node API's server certificate (PEM), for a node that does not issue its own.
@@ -187,6 +193,28 @@ pub fn rename_durable(dir: &Path, from: &str, to: &str) -> Result<(), WriteError
         .map_err(step("fsync dir"))
 }
 
+/// Removes `path` and makes the removal durable (the directory fsynced); whether the file
+/// was there. A missing file is not an error: the removal is done either way.
+pub fn remove_durable(path: &Path) -> Result<bool, WriteError> {
+    let step = |step: &'static str| {
+        let path = path.to_path_buf();
+        move |source| WriteError::Step { path, step, source }
+    };
+    match fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(step("remove")(e)),
+    }
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(step("fsync dir"))?;
+    Ok(true)
+}
+
 /// Removes the temporary files that other processes left in `dir` (an interrupted
 /// write); the paths removed.
 pub fn remove_stale(dir: &Path) -> Vec<PathBuf> {
@@ -302,6 +330,23 @@ mod tests {
             &own.file_name().ok_or("no name")?.to_string_lossy()
         ));
         assert!(!is_temporary(CONFIG));
+        Ok(())
+    }
+
+    #[test]
+    fn a_removal_says_whether_the_file_was_there() -> Result {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join(CONFIG_STAGED);
+        fs::write(&path, b"next")?;
+        assert!(remove_durable(&path)?);
+        assert!(!path.exists());
+        assert!(!remove_durable(&path)?, "a missing file is removed already");
+        // A directory is not removed as a file: the error names it and the step.
+        fs::create_dir(&path)?;
+        let err = remove_durable(&path)
+            .err()
+            .ok_or("a directory was removed as a file")?;
+        assert!(err.to_string().contains("(remove)"), "{err}");
         Ok(())
     }
 

@@ -10,20 +10,30 @@
 //! - `no-reboot` changes nothing unless every change can be applied live, and says which
 //!   keys cannot and why;
 //! - `try` applies live without persisting and reverts after its timeout unless
-//!   `ConfirmConfig` comes first; nothing else is applied while it waits.
+//!   `ConfirmConfig` comes first; nothing else is applied while it waits. Its record in
+//!   STATE ([`super::try_record`]) outlives a restart of machined, which re-arms the
+//!   revert ([`Applier::resume_try`]); a revert that fails is kept and reported failed;
+//! - a config staged for the next boot is removed by every later apply (any mode but
+//!   `staged`, which replaces it) and by a confirm, before the new config is written, so
+//!   an older staged config never replaces a newer one at the next boot.
 
-use std::collections::BTreeSet;
+mod changes;
+mod trial;
+
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use keelson_configs::validate::too_big;
 use keelson_configs::{MAX_CONFIG_BYTES, MachineConfig, Mode, Severity};
-use sha2_lite::short_digest;
 
 use crate::backend::{LivePart, NodeBackend, Power};
 use crate::server::state::StateStore;
+use crate::server::try_record::TryRecord;
+use changes::Plan;
+pub use changes::{Where, changed_keys, classify, diff, redacted_text};
 use keelson_api::api::proto::ApplyMode;
+use trial::PendingTry;
 
 /// How long `try` waits for a confirmation when the request gives no timeout.
 pub const DEFAULT_TRY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -48,176 +58,6 @@ pub enum ApplyError {
     /// Applying or persisting failed; what was done about it is in the message.
     #[error("{0}")]
     Failed(String),
-}
-
-/// Where a changed key can be applied.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Where {
-    /// PID 1 applies this part live.
-    Live(LivePart),
-    /// machined applies it itself (its own server certificate).
-    Machined,
-    /// Only a reboot applies it; why.
-    Reboot(&'static str),
-}
-
-/// Which part of the node a changed key belongs to. Keys are dotted paths from
-/// [`changed_keys`]; the first matching prefix wins.
-pub fn classify(key: &str) -> Where {
-    const TABLE: &[(&str, Where)] = &[
-        ("machine.sysctls", Where::Live(LivePart::Sysctls)),
-        (
-            "machine.kernel_modules",
-            Where::Live(LivePart::KernelModules),
-        ),
-        (
-            "machine.disabled_kernel_modules",
-            Where::Live(LivePart::KernelModules),
-        ),
-        ("machine.files", Where::Live(LivePart::Files)),
-        ("machine.hostname", Where::Live(LivePart::Hostname)),
-        ("machine.kubelet", Where::Live(LivePart::Kubelet)),
-        ("machine.network", Where::Live(LivePart::Network)),
-        ("machine.time_servers", Where::Live(LivePart::TimeServers)),
-        ("machine.api", Where::Machined),
-        (
-            "machine.type",
-            Where::Reboot(
-                "a node changes between control plane and worker only at boot: its services and secrets differ",
-            ),
-        ),
-        (
-            "machine.install_disk",
-            Where::Reboot("the install disk is used only when the node installs itself"),
-        ),
-        ("machine.swap", Where::Reboot("swap is set up at boot")),
-        (
-            "machine.services",
-            Where::Reboot(
-                "extension services are registered with PID 1's supervisor at boot, after the built-in ones",
-            ),
-        ),
-        (
-            "cluster.secrets",
-            Where::Reboot(
-                "the cluster secrets (CAs, keys, tokens) are read at boot by every service that uses them",
-            ),
-        ),
-        (
-            "cluster",
-            Where::Reboot(
-                "cluster settings are read at boot by etcd, the kubelet and the control plane",
-            ),
-        ),
-        (
-            "version",
-            Where::Reboot("the config format version is read at boot"),
-        ),
-    ];
-    TABLE
-        .iter()
-        .find(|(prefix, _)| {
-            key == *prefix
-                || key
-                    .strip_prefix(prefix)
-                    .is_some_and(|rest| rest.starts_with('.') || rest.starts_with('['))
-        })
-        .map(|(_, w)| w.clone())
-        .unwrap_or(Where::Reboot("this setting is read at boot"))
-}
-
-fn to_value(config: &MachineConfig) -> toml::Value {
-    toml::Value::try_from(config).unwrap_or(toml::Value::Table(toml::Table::new()))
-}
-
-/// The dotted keys whose values differ between two configs. Tables are compared key by
-/// key; arrays of tables element by element (`machine.files[0]`); other arrays whole.
-pub fn changed_keys(old: Option<&MachineConfig>, new: &MachineConfig) -> Vec<String> {
-    let old = old.map(to_value);
-    let new = to_value(new);
-    let mut out = Vec::new();
-    diff_values("", old.as_ref(), Some(&new), &mut out);
-    out
-}
-
-fn join(prefix: &str, key: &str) -> String {
-    if prefix.is_empty() {
-        key.to_owned()
-    } else {
-        format!("{prefix}.{key}")
-    }
-}
-
-fn diff_values(
-    path: &str,
-    old: Option<&toml::Value>,
-    new: Option<&toml::Value>,
-    out: &mut Vec<String>,
-) {
-    match (old, new) {
-        (Some(toml::Value::Table(a)), Some(toml::Value::Table(b))) => {
-            let keys: BTreeSet<&String> = a.keys().chain(b.keys()).collect();
-            for k in keys {
-                diff_values(&join(path, k), a.get(k), b.get(k), out);
-            }
-        }
-        (Some(toml::Value::Array(a)), Some(toml::Value::Array(b)))
-            if a.iter().chain(b).all(toml::Value::is_table) =>
-        {
-            for i in 0..a.len().max(b.len()) {
-                diff_values(&format!("{path}[{i}]"), a.get(i), b.get(i), out);
-            }
-        }
-        (Some(a), Some(b)) if a == b => {}
-        (None, None) => {}
-        _ => out.push(path.to_owned()),
-    }
-}
-
-/// Keys whose values are secrets: shown in diffs only as a short digest.
-const SECRET_KEYS: [&str; 6] = [
-    "key",
-    "service_account_key",
-    "encryption_key",
-    "bootstrap_token",
-    "api_join_token",
-    "token",
-];
-
-fn redact(value: &mut toml::Value) {
-    match value {
-        toml::Value::Table(t) => {
-            for (k, v) in t.iter_mut() {
-                if SECRET_KEYS.contains(&k.as_str())
-                    && let toml::Value::String(s) = v
-                {
-                    *s = format!("<secret {}>", short_digest(s.as_bytes()));
-                } else {
-                    redact(v);
-                }
-            }
-        }
-        toml::Value::Array(a) => a.iter_mut().for_each(redact),
-        _ => {}
-    }
-}
-
-/// The config as TOML with its secrets replaced by digests, for diffs.
-pub fn redacted_text(config: &MachineConfig) -> String {
-    let mut value = to_value(config);
-    redact(&mut value);
-    toml::to_string_pretty(&value).unwrap_or_default()
-}
-
-/// A unified diff from `old` (none: an empty file) to `new`, secrets redacted.
-pub fn diff(old: Option<&MachineConfig>, new: &MachineConfig) -> String {
-    let a = old.map(redacted_text).unwrap_or_default();
-    let b = redacted_text(new);
-    similar::TextDiff::from_lines(&a, &b)
-        .unified_diff()
-        .context_radius(3)
-        .header("running", "new")
-        .to_string()
 }
 
 /// The outcome of an apply.
@@ -246,19 +86,13 @@ pub struct ApplyRequest {
     pub dry_run: bool,
 }
 
-#[derive(Debug, Clone)]
-struct PendingTry {
-    previous: Option<(MachineConfig, String)>,
-    parts: Vec<LivePart>,
-    deadline: Instant,
-    generation: u64,
-}
-
 #[derive(Debug, Default)]
 struct Running {
     /// The config in effect and its text as it was sent.
     config: Option<(MachineConfig, String)>,
     pending: Option<PendingTry>,
+    /// A try whose revert failed, until an apply or a boot replaces it.
+    failed: Option<TryRecord>,
     generation: u64,
 }
 
@@ -333,15 +167,6 @@ impl Applier {
             .and_then(|r| r.config.as_ref().map(|(c, _)| c.clone()))
     }
 
-    /// Seconds left before a `try` config reverts, if one waits.
-    pub fn pending_try(&self) -> Option<Duration> {
-        self.running.lock().ok().and_then(|r| {
-            r.pending
-                .as_ref()
-                .map(|p| p.deadline.saturating_duration_since(Instant::now()))
-        })
-    }
-
     fn validate(&self, bytes: &[u8]) -> Result<(MachineConfig, String, Vec<String>), ApplyError> {
         // PID 1's limit at boot too: a config applied here is never refused there for its size.
         if bytes.len() > MAX_CONFIG_BYTES {
@@ -388,15 +213,17 @@ impl Applier {
                 warnings,
             });
         }
+        let unstaged = self.unstage().await?;
         let store = self.store.clone();
         let t = text.clone();
         blocking(move || store.write_config(&t))
             .await?
             .map_err(|e| ApplyError::Failed(keelson_api::error_chain(&e)))?;
-        let mut messages = vec![
+        let mut messages: Vec<String> = unstaged.into_iter().collect();
+        messages.extend([
             format!("config written to {}", self.store.config_path().display()),
             "the node API now requires client certificates (mutual TLS); use the context from `machinectl gen config`".into(),
-        ];
+        ]);
         let backend = self.backend.clone();
         match blocking(move || backend.config_installed()).await? {
             Ok(m) if !m.is_empty() => messages.push(m),
@@ -420,12 +247,12 @@ impl Applier {
     pub async fn apply(self: &Arc<Self>, req: ApplyRequest) -> Result<Applied, ApplyError> {
         let _guard = self.lock.try_lock().map_err(|_| ApplyError::Busy)?;
         let (new, text, warnings) = self.validate(&req.config)?;
-        let (old, pending) = {
+        let (old, pending, failed) = {
             let r = self
                 .running
                 .lock()
                 .map_err(|_| ApplyError::Failed("internal error: state lock poisoned".into()))?;
-            (r.config.clone(), r.pending.clone())
+            (r.config.clone(), r.pending.clone(), r.failed.clone())
         };
         if let Some(p) = &pending {
             let left = p
@@ -437,26 +264,11 @@ impl Applier {
             )));
         }
         let old_config = old.as_ref().map(|(c, _)| c);
-        let keys = changed_keys(old_config, &new);
+        let plan = Plan::new(old_config, &new).and_parts_of(failed.as_ref());
         let diff = diff(old_config, &new);
-        let mut parts: Vec<LivePart> = Vec::new();
-        let mut machined_part = false;
-        let mut need_reboot: Vec<(String, &'static str)> = Vec::new();
-        for key in &keys {
-            match classify(key) {
-                Where::Live(p) => {
-                    if !parts.contains(&p) {
-                        parts.push(p);
-                    }
-                }
-                Where::Machined => machined_part = true,
-                Where::Reboot(why) => need_reboot.push((key.clone(), why)),
-            }
-        }
-        parts.sort();
         let mode = match req.mode {
             ApplyMode::Unspecified | ApplyMode::Auto => {
-                if need_reboot.is_empty() {
+                if plan.need_reboot.is_empty() {
                     ApplyMode::NoReboot
                 } else {
                     ApplyMode::Reboot
@@ -464,20 +276,16 @@ impl Applier {
             }
             m => m,
         };
-        let refusal = |what: &str| {
+        if matches!(mode, ApplyMode::NoReboot | ApplyMode::Try) && !plan.need_reboot.is_empty() {
             let mut msg = format!(
-                "--mode {what} refused: these changes cannot be applied without a reboot; nothing was changed:"
+                "--mode {} refused: these changes cannot be applied without a reboot; nothing was changed:",
+                keelson_api::api::apply_mode_name(mode)
             );
-            for (key, why) in &need_reboot {
+            for (key, why) in &plan.need_reboot {
                 msg.push_str(&format!("\n  {key}: {why}"));
             }
             msg.push_str("\nuse --mode reboot (or auto) to apply them with a reboot, or --mode staged for the next boot");
-            msg
-        };
-        if matches!(mode, ApplyMode::NoReboot | ApplyMode::Try) && !need_reboot.is_empty() {
-            return Err(ApplyError::Precondition(refusal(
-                keelson_api::api::apply_mode_name(mode),
-            )));
+            return Err(ApplyError::Precondition(msg));
         }
         let try_timeout = req.try_timeout.unwrap_or(DEFAULT_TRY_TIMEOUT);
         if mode == ApplyMode::Try && (try_timeout.is_zero() || try_timeout > MAX_TRY_TIMEOUT) {
@@ -486,126 +294,32 @@ impl Applier {
                 MAX_TRY_TIMEOUT.as_secs()
             )));
         }
-        let mut messages = Vec::new();
-        if req.dry_run {
-            messages.push(format!(
-                "dry run (--mode {}): nothing was changed",
-                keelson_api::api::apply_mode_name(mode)
-            ));
-            if keys.is_empty() {
-                messages.push("no changes: the node already runs this config".into());
-            }
+        let messages = if req.dry_run {
+            dry_run_messages(mode, &plan)
+        } else {
             match mode {
-                ApplyMode::NoReboot | ApplyMode::Try => {
-                    for p in &parts {
-                        messages.push(format!("would apply {} live", p.key()));
-                    }
-                }
-                ApplyMode::Reboot => messages.push("would write STATE and reboot".into()),
+                ApplyMode::NoReboot => self.apply_no_reboot(&plan, new, text, old).await?,
+                ApplyMode::Reboot => self.apply_reboot(&text).await?,
                 ApplyMode::Staged => {
-                    messages.push("would stage the config for the next boot".into())
+                    let store = self.store.clone();
+                    let t = text.clone();
+                    blocking(move || store.write_staged(&t))
+                        .await?
+                        .map_err(|e| {
+                            ApplyError::Failed(format!(
+                                "{}; nothing was changed",
+                                keelson_api::error_chain(&e)
+                            ))
+                        })?;
+                    vec![format!(
+                        "config staged in {}: it takes effect at the next boot",
+                        self.store.staged_path().display()
+                    )]
                 }
-                _ => {}
+                ApplyMode::Try => self.apply_try(&plan, new, text, old, try_timeout).await?,
+                ApplyMode::Unspecified | ApplyMode::Auto => Vec::new(),
             }
-            return Ok(Applied {
-                mode,
-                diff,
-                messages,
-                warnings,
-            });
-        }
-        match mode {
-            ApplyMode::NoReboot => {
-                if keys.is_empty() {
-                    messages.push("no changes: the node already runs this config".into());
-                } else {
-                    messages.extend(self.apply_live(&parts, &text, old.as_ref()).await?);
-                    self.persist(&text, &parts, old.as_ref()).await?;
-                    messages.push("config written to STATE".into());
-                    if machined_part {
-                        messages.push(self.run_api_hook(&new));
-                    }
-                    if parts.contains(&LivePart::Kubelet) {
-                        match &self.kubelet_hook {
-                            Some(kube) => messages.push(
-                                kube.reconfigure(&new)
-                                    .await
-                                    .unwrap_or_else(|e| format!("machine.kubelet: {e}")),
-                            ),
-                            None => messages.push(
-                                "machine.kubelet: no Kubernetes controller runs here; it takes effect when machined restarts".into(),
-                            ),
-                        }
-                    }
-                }
-                self.set_running(new, text);
-            }
-            ApplyMode::Reboot => {
-                let store = self.store.clone();
-                let t = text.clone();
-                blocking(move || store.write_config(&t))
-                    .await?
-                    .map_err(|e| {
-                        ApplyError::Failed(format!(
-                            "{}; nothing was changed",
-                            keelson_api::error_chain(&e)
-                        ))
-                    })?;
-                messages.push("config written to STATE".into());
-                let backend = self.backend.clone();
-                let m = blocking(move || backend.power(Power::Reboot))
-                    .await?
-                    .map_err(|e| {
-                        ApplyError::Failed(format!(
-                            "the config is in STATE, but the reboot was refused: {e}; reboot the node to apply it"
-                        ))
-                    })?;
-                messages.push(if m.is_empty() { "rebooting".into() } else { m });
-            }
-            ApplyMode::Staged => {
-                let store = self.store.clone();
-                let t = text.clone();
-                blocking(move || store.write_staged(&t))
-                    .await?
-                    .map_err(|e| {
-                        ApplyError::Failed(format!(
-                            "{}; nothing was changed",
-                            keelson_api::error_chain(&e)
-                        ))
-                    })?;
-                messages.push(format!(
-                    "config staged in {}: it takes effect at the next boot",
-                    self.store.staged_path().display()
-                ));
-            }
-            ApplyMode::Try => {
-                messages.extend(self.apply_live(&parts, &text, old.as_ref()).await?);
-                let generation = {
-                    let mut r = self.running.lock().map_err(|_| {
-                        ApplyError::Failed("internal error: state lock poisoned".into())
-                    })?;
-                    r.generation += 1;
-                    r.pending = Some(PendingTry {
-                        previous: old.clone(),
-                        parts: parts.clone(),
-                        deadline: Instant::now() + try_timeout,
-                        generation: r.generation,
-                    });
-                    r.config = Some((new, text));
-                    r.generation
-                };
-                let me = Arc::clone(self);
-                tokio::spawn(async move {
-                    tokio::time::sleep(try_timeout).await;
-                    me.revert_try(generation).await;
-                });
-                messages.push(format!(
-                    "applied for a try: it reverts in {} s unless `machinectl apply-config --confirm` comes first (not written to STATE)",
-                    try_timeout.as_secs()
-                ));
-            }
-            ApplyMode::Unspecified | ApplyMode::Auto => {}
-        }
+        };
         Ok(Applied {
             mode,
             diff,
@@ -614,10 +328,92 @@ impl Applier {
         })
     }
 
+    async fn apply_no_reboot(
+        &self,
+        plan: &Plan,
+        new: MachineConfig,
+        text: String,
+        old: Option<(MachineConfig, String)>,
+    ) -> Result<Vec<String>, ApplyError> {
+        let mut messages = Vec::new();
+        if plan.keys.is_empty() && plan.parts.is_empty() {
+            messages.push("no changes: the node already runs this config".into());
+            messages.extend(self.unstage().await?);
+        } else {
+            messages.extend(self.apply_live(&plan.parts, &text, old.as_ref()).await?);
+            messages.extend(self.persist(&text, &plan.parts, old.as_ref()).await?);
+            messages.push("config written to STATE".into());
+            self.forget_failed_try().await;
+            if plan.machined_part {
+                messages.push(self.run_api_hook(&new));
+            }
+            if plan.parts.contains(&LivePart::Kubelet) {
+                match &self.kubelet_hook {
+                    Some(kube) => messages.push(
+                        kube.reconfigure(&new)
+                            .await
+                            .unwrap_or_else(|e| format!("machine.kubelet: {e}")),
+                    ),
+                    None => messages.push(
+                        "machine.kubelet: no Kubernetes controller runs here; it takes effect when machined restarts".into(),
+                    ),
+                }
+            }
+        }
+        self.set_running(new, text);
+        Ok(messages)
+    }
+
+    async fn apply_reboot(&self, text: &str) -> Result<Vec<String>, ApplyError> {
+        let mut messages: Vec<String> = self.unstage().await?.into_iter().collect();
+        let store = self.store.clone();
+        let t = text.to_owned();
+        blocking(move || store.write_config(&t))
+            .await?
+            .map_err(|e| {
+                ApplyError::Failed(format!(
+                    "{}; nothing was changed",
+                    keelson_api::error_chain(&e)
+                ))
+            })?;
+        messages.push("config written to STATE".into());
+        self.forget_failed_try().await;
+        let backend = self.backend.clone();
+        let m = blocking(move || backend.power(Power::Reboot))
+            .await?
+            .map_err(|e| {
+                ApplyError::Failed(format!(
+                    "the config is in STATE, but the reboot was refused: {e}; reboot the node to apply it"
+                ))
+            })?;
+        messages.push(if m.is_empty() { "rebooting".into() } else { m });
+        Ok(messages)
+    }
+
     fn set_running(&self, config: MachineConfig, text: String) {
         if let Ok(mut r) = self.running.lock() {
             r.config = Some((config, text));
         }
+    }
+
+    /// Removes a config staged for the next boot (a later config replaces it); what was
+    /// done, if anything. A failure changes nothing else.
+    async fn unstage(&self) -> Result<Option<String>, ApplyError> {
+        let store = self.store.clone();
+        let removed = blocking(move || store.remove_staged())
+            .await?
+            .map_err(|e| {
+                ApplyError::Failed(format!(
+                    "cannot remove the config staged for the next boot, which would replace this one then: {}; nothing was changed",
+                    keelson_api::error_chain(&e)
+                ))
+            })?;
+        Ok(removed.then(|| {
+            format!(
+                "the config staged in {} was removed: this config replaces it",
+                self.store.staged_path().display()
+            )
+        }))
     }
 
     fn run_api_hook(&self, config: &MachineConfig) -> String {
@@ -644,7 +440,7 @@ impl Applier {
         match blocking(move || backend.apply_live(&p, &t)).await? {
             Ok(messages) => Ok(messages),
             Err(e) => {
-                let reverted = self.revert_live(parts, old).await;
+                let reverted = self.revert_after_failure(parts, old).await;
                 Err(ApplyError::Failed(format!(
                     "init could not apply the config live: {e}; {reverted}; STATE was not changed"
                 )))
@@ -656,31 +452,54 @@ impl Applier {
         &self,
         parts: &[LivePart],
         old: Option<&(MachineConfig, String)>,
-    ) -> String {
+    ) -> Result<(), String> {
         let Some((_, old_text)) = old else {
-            return "there was no previous config to revert to".into();
+            return Err("there was no previous config to revert to".into());
         };
         let backend = self.backend.clone();
         let (p, t) = (parts.to_vec(), old_text.clone());
         match blocking(move || backend.apply_live(&p, &t)).await {
-            Ok(Ok(_)) => "the previous config was re-applied".into(),
-            Ok(Err(e)) => format!("re-applying the previous config failed too ({e})"),
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(format!("init refused the previous config: {e}")),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// What a revert after a failed apply did, for its error.
+    async fn revert_after_failure(
+        &self,
+        parts: &[LivePart],
+        old: Option<&(MachineConfig, String)>,
+    ) -> String {
+        match self.revert_live(parts, old).await {
+            Ok(()) => "the previous config was re-applied".into(),
             Err(e) => format!("re-applying the previous config failed too ({e})"),
         }
     }
 
+    /// Keeps an applied config in STATE: a staged config removed first (a power cut
+    /// between the two leaves neither the staged config nor the new one, never the staged
+    /// one over the new one), then `config.toml` written. A failure re-applies the
+    /// previous config live.
     async fn persist(
         &self,
         text: &str,
         parts: &[LivePart],
         old: Option<&(MachineConfig, String)>,
-    ) -> Result<(), ApplyError> {
+    ) -> Result<Option<String>, ApplyError> {
+        let unstaged = match self.unstage().await {
+            Ok(m) => m,
+            Err(e) => {
+                let reverted = self.revert_after_failure(parts, old).await;
+                return Err(ApplyError::Failed(format!("{e}; {reverted}")));
+            }
+        };
         let store = self.store.clone();
         let t = text.to_owned();
         match blocking(move || store.write_config(&t)).await? {
-            Ok(()) => Ok(()),
+            Ok(()) => Ok(unstaged),
             Err(e) => {
-                let reverted = self.revert_live(parts, old).await;
+                let reverted = self.revert_after_failure(parts, old).await;
                 Err(ApplyError::Failed(format!(
                     "the config was applied live but could not be written to STATE: {}; {reverted}",
                     keelson_api::error_chain(&e)
@@ -688,79 +507,28 @@ impl Applier {
             }
         }
     }
-
-    async fn revert_try(&self, generation: u64) {
-        let _guard = self.lock.lock().await;
-        let pending = {
-            let Ok(mut r) = self.running.lock() else {
-                return;
-            };
-            match &r.pending {
-                Some(p) if p.generation == generation => {}
-                _ => return,
-            }
-            let pending = r.pending.take();
-            if let Some(p) = &pending {
-                r.config = p.previous.clone();
-            }
-            pending
-        };
-        let Some(p) = pending else { return };
-        let outcome = self.revert_live(&p.parts, p.previous.as_ref()).await;
-        tracing::warn!(
-            outcome = %outcome,
-            "apply-config --mode try was not confirmed in time"
-        );
-    }
-
-    /// Keeps a `try` config: writes it to STATE and cancels the revert.
-    pub async fn confirm(&self) -> Result<String, ApplyError> {
-        let _guard = self.lock.try_lock().map_err(|_| ApplyError::Busy)?;
-        let (text, generation) = {
-            let r = self
-                .running
-                .lock()
-                .map_err(|_| ApplyError::Failed("internal error: state lock poisoned".into()))?;
-            match (&r.pending, &r.config) {
-                (Some(p), Some((_, text))) => (text.clone(), p.generation),
-                _ => {
-                    return Err(ApplyError::Precondition(
-                        "no config applied with --mode try is waiting for confirmation".into(),
-                    ));
-                }
-            }
-        };
-        let store = self.store.clone();
-        blocking(move || store.write_config(&text))
-            .await?
-            .map_err(|e| {
-                ApplyError::Failed(format!(
-                    "cannot write the config to STATE: {}; it still reverts at its timeout",
-                    keelson_api::error_chain(&e)
-                ))
-            })?;
-        if let Ok(mut r) = self.running.lock()
-            && r.pending
-                .as_ref()
-                .is_some_and(|p| p.generation == generation)
-        {
-            r.pending = None;
-        }
-        Ok("the tried config is confirmed and written to STATE".into())
-    }
 }
 
-/// A short digest for redacted values (FNV-1a: enough to tell values apart in a diff,
-/// without pulling a hash crate in; it is not a security measure).
-mod sha2_lite {
-    pub fn short_digest(bytes: &[u8]) -> String {
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for b in bytes {
-            h ^= u64::from(*b);
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
-        format!("{:08x}", h >> 32)
+/// What a dry run would do.
+fn dry_run_messages(mode: ApplyMode, plan: &Plan) -> Vec<String> {
+    let mut messages = vec![format!(
+        "dry run (--mode {}): nothing was changed",
+        keelson_api::api::apply_mode_name(mode)
+    )];
+    if plan.keys.is_empty() {
+        messages.push("no changes: the node already runs this config".into());
     }
+    match mode {
+        ApplyMode::NoReboot | ApplyMode::Try => {
+            for p in &plan.parts {
+                messages.push(format!("would apply {} live", p.key()));
+            }
+        }
+        ApplyMode::Reboot => messages.push("would write STATE and reboot".into()),
+        ApplyMode::Staged => messages.push("would stage the config for the next boot".into()),
+        _ => {}
+    }
+    messages
 }
 
 #[cfg(test)]
@@ -795,46 +563,5 @@ mod tests {
         assert!(!StateStore::new(dir.path()).has_config());
         // PID 1 refuses at boot what machined refuses: one constant, 1 MiB.
         assert_eq!(MAX_CONFIG_BYTES, 1024 * 1024);
-    }
-
-    #[test]
-    fn keys_are_classified() {
-        let check = |key: &str, want: Where| assert_eq!(classify(key), want, "{key}");
-        check(
-            "machine.sysctls.\"vm.swappiness\"",
-            Where::Live(LivePart::Sysctls),
-        );
-        check("machine.sysctls", Where::Live(LivePart::Sysctls));
-        check("machine.files[0]", Where::Live(LivePart::Files));
-        check("machine.hostname", Where::Live(LivePart::Hostname));
-        check(
-            "machine.kubelet.extra_args.max-pods",
-            Where::Live(LivePart::Kubelet),
-        );
-        check("machine.api.cert_sans", Where::Machined);
-        assert!(matches!(classify("machine.type"), Where::Reboot(_)));
-        assert!(matches!(classify("machine.install_disk"), Where::Reboot(_)));
-        assert!(
-            matches!(classify("cluster.secrets.node_api_ca.key"), Where::Reboot(w) if w.contains("secrets"))
-        );
-        assert!(matches!(classify("cluster.name"), Where::Reboot(_)));
-        assert!(
-            matches!(classify("machine.services[0]"), Where::Reboot(w) if w.contains("extension services"))
-        );
-        assert!(matches!(classify("machine.hostnames"), Where::Reboot(_)));
-    }
-
-    #[test]
-    fn redaction_hides_keys_but_shows_change() {
-        let mut v: toml::Value = toml::from_str(
-            "[a]\nkey = \"-----BEGIN PRIVATE KEY-----\"\ncert = \"C\"\n[[b]]\napi_join_token = \"t\"\n",
-        )
-        .unwrap();
-        redact(&mut v);
-        let text = toml::to_string(&v).unwrap();
-        assert!(!text.contains("BEGIN PRIVATE KEY"), "{text}");
-        assert!(text.contains("cert = \"C\""), "{text}");
-        assert!(text.contains("<secret "), "{text}");
-        assert_ne!(short_digest(b"a"), short_digest(b"b"));
     }
 }

@@ -19,6 +19,7 @@ pub mod identity;
 pub mod kube_api;
 pub mod service;
 pub mod state;
+pub mod try_record;
 pub mod upgrade_api;
 
 use std::collections::BTreeSet;
@@ -318,6 +319,7 @@ impl Bound {
                         applier = applier.with_kubelet_hook(kube.clone());
                     }
                     let applier = Arc::new(applier);
+                    applier.resume_try();
                     let svc = NodeService::new(
                         options.paths.clone(),
                         options.read_root.clone(),

@@ -225,6 +225,7 @@ impl Machine for NodeService {
         })
         .await?;
         let mut checks = checks;
+        checks.extend(self.applier.try_check());
         if let Some(etcd) = &self.etcd {
             checks.push(etcd.health().await);
         }
