@@ -19,9 +19,10 @@
 //!   try, reboot) or a reboot puts the node in a known state.
 //! - **machined's start** ([`decide`]): a pending record of this boot is re-armed for the
 //!   time left, reverted at once when the deadline has passed; a record of an earlier
-//!   boot is removed (that boot ran `config.toml`: the try ended with it); a failed
-//!   record is reported again; a record whose boot cannot be told (no boot id, no boot
-//!   clock) is reverted at once, which is always safe: it puts back the config in STATE.
+//!   boot is removed (that boot ran `config.toml`: the try ended with it, and a failed
+//!   revert with it); a failed record of this boot is reported again; a pending record
+//!   whose boot cannot be told (no boot id, no boot clock) is reverted at once, which is
+//!   always safe: it puts back the config in STATE.
 //!
 //! Time. The deadline is kept twice: as wall-clock time (milliseconds since the Unix
 //! epoch), which is what `health` shows and what an operator reads in the file, and on
@@ -30,8 +31,10 @@
 //! was off, which is exactly when a restarted machined re-arms a try. Timed by the wall
 //! clock, a step forward would revert early and a step back would keep an unconfirmed
 //! config for as long as the step. The boot clock never jumps, and a record is only
-//! re-armed in the boot that wrote it, where that clock means the same. While machined
-//! runs, the timer is tokio's (monotonic) and the record is not read.
+//! re-armed in the boot that wrote it, where that clock means the same. After a step, the
+//! wall-clock deadline `health` shows is off by the step; the seconds left it shows are
+//! right. While machined runs, the timer is tokio's (monotonic) and the record is not
+//! read.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -193,17 +196,18 @@ pub enum Resume {
 
 /// Decides what a record found at machined's start means `now` (see the module doc).
 pub fn decide(record: &TryRecord, now: &Now) -> Resume {
+    let same_boot = match now.boot_id.as_deref() {
+        Some(boot_id) if !record.boot_id.is_empty() => Some(record.boot_id == boot_id),
+        _ => None,
+    };
+    if same_boot == Some(false) {
+        return Resume::EndedByBoot;
+    }
     if matches!(record.outcome, TryOutcome::Failed { .. }) {
         return Resume::Failed;
     }
-    let Some(boot_id) = now.boot_id.as_deref() else {
+    if same_boot.is_none() {
         return Resume::RevertNow;
-    };
-    if record.boot_id.is_empty() {
-        return Resume::RevertNow;
-    }
-    if record.boot_id != boot_id {
-        return Resume::EndedByBoot;
     }
     match (record.deadline_boot_ms, now.boot_ms) {
         (Some(deadline), Some(boot)) if deadline > boot => {
@@ -294,11 +298,16 @@ mod tests {
             decide(&unknown, &now(Some(25_000), Some("boot-1"))),
             Resume::RevertNow
         );
-        // A failed revert stays failed.
+        // A failed revert stays failed, until a boot runs the config in STATE.
         let failed = record.clone().failed("refused".into(), &later);
         assert_eq!(
             decide(&failed, &now(Some(25_000), Some("boot-1"))),
             Resume::Failed
+        );
+        assert_eq!(decide(&failed, &now(None, None)), Resume::Failed);
+        assert_eq!(
+            decide(&failed, &now(Some(1_000), Some("boot-2"))),
+            Resume::EndedByBoot
         );
     }
 
