@@ -329,3 +329,79 @@ fn a_staged_config_is_removed_by_every_later_apply() {
     });
     assert_eq!(std::fs::read_to_string(state.join(STAGED)).unwrap(), staged);
 }
+
+/// An apply's error message, as the admin sees it.
+fn apply_error(cluster: &Cluster, node: &Node, config: &str, mode: proto::ApplyMode) -> String {
+    let connector = cluster.connector(node.address, Role::Admin);
+    let address = node.address.to_string();
+    rt().block_on(async {
+        let mut c = connector.connect(&address).await.unwrap();
+        c.apply_config(request(config, mode, 60))
+            .await
+            .unwrap_err()
+            .message()
+            .to_owned()
+    })
+}
+
+#[test]
+fn a_try_that_init_refuses_leaves_no_record_and_the_staged_config() {
+    let cluster = Cluster::new();
+    let node = Node::start(Some(&cluster.controlplane));
+    let state = node.state.path().to_path_buf();
+    let staged = cluster.with_sysctl("vm.swappiness", "41");
+    apply(&cluster, &node, &staged, proto::ApplyMode::Staged, 0);
+    node.backend.fail_apply(Some("no such sysctl"));
+    let err = apply_error(
+        &cluster,
+        &node,
+        &cluster.with_sysctl("vm.swappiness", "42"),
+        proto::ApplyMode::Try,
+    );
+    assert!(
+        err.contains("init could not apply the config live"),
+        "{err}"
+    );
+    assert!(!exists(&state, RECORD) && !exists(&state, TRIED));
+    assert_eq!(std::fs::read_to_string(state.join(STAGED)).unwrap(), staged);
+    assert_eq!(try_check(&cluster, &node), None);
+}
+
+#[test]
+fn a_staged_config_that_cannot_be_removed_stops_the_apply() {
+    let cluster = Cluster::new();
+    let node = Node::start(Some(&cluster.controlplane));
+    let state = node.state.path().to_path_buf();
+    // Not a file: its removal fails, as on a read-only or failing STATE.
+    std::fs::create_dir_all(state.join(STAGED).join("inside")).unwrap();
+    let later = cluster.with_sysctl("vm.swappiness", "43");
+    for mode in [proto::ApplyMode::NoReboot, proto::ApplyMode::Try] {
+        let err = apply_error(&cluster, &node, &later, mode);
+        assert!(
+            err.starts_with("cannot remove the config staged for the next boot, which would replace this one then: "),
+            "{err}"
+        );
+        assert!(
+            err.ends_with("the previous config was re-applied; STATE was not changed"),
+            "{err}"
+        );
+    }
+    let err = apply_error(&cluster, &node, &later, proto::ApplyMode::Reboot);
+    assert!(err.ends_with("; nothing was changed"), "{err}");
+    assert_eq!(
+        node.state_config().as_deref(),
+        Some(cluster.controlplane.as_str())
+    );
+    assert!(!exists(&state, RECORD) && !exists(&state, TRIED));
+    assert!(!node.backend.calls().contains(&Call::Power(Power::Reboot)));
+    // Each live apply was taken back.
+    let applies = live_applies(&node);
+    assert_eq!(applies.len(), 4, "{applies:?}");
+    assert!(
+        applies
+            .iter()
+            .skip(1)
+            .step_by(2)
+            .all(|(_, text)| *text == cluster.controlplane)
+    );
+}

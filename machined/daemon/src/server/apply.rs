@@ -213,7 +213,10 @@ impl Applier {
                 warnings,
             });
         }
-        let unstaged = self.unstage().await?;
+        let unstaged = self
+            .unstage()
+            .await
+            .map_err(|e| ApplyError::Failed(format!("{e}; nothing was changed")))?;
         let store = self.store.clone();
         let t = text.clone();
         blocking(move || store.write_config(&t))
@@ -338,7 +341,11 @@ impl Applier {
         let mut messages = Vec::new();
         if plan.keys.is_empty() && plan.parts.is_empty() {
             messages.push("no changes: the node already runs this config".into());
-            messages.extend(self.unstage().await?);
+            messages.extend(
+                self.unstage()
+                    .await
+                    .map_err(|e| ApplyError::Failed(format!("{e}; nothing was changed")))?,
+            );
         } else {
             messages.extend(self.apply_live(&plan.parts, &text, old.as_ref()).await?);
             messages.extend(self.persist(&text, &plan.parts, old.as_ref()).await?);
@@ -365,7 +372,12 @@ impl Applier {
     }
 
     async fn apply_reboot(&self, text: &str) -> Result<Vec<String>, ApplyError> {
-        let mut messages: Vec<String> = self.unstage().await?.into_iter().collect();
+        let mut messages: Vec<String> = self
+            .unstage()
+            .await
+            .map_err(|e| ApplyError::Failed(format!("{e}; nothing was changed")))?
+            .into_iter()
+            .collect();
         let store = self.store.clone();
         let t = text.to_owned();
         blocking(move || store.write_config(&t))
@@ -397,16 +409,17 @@ impl Applier {
     }
 
     /// Removes a config staged for the next boot (a later config replaces it); what was
-    /// done, if anything. A failure changes nothing else.
-    async fn unstage(&self) -> Result<Option<String>, ApplyError> {
+    /// done, if anything; or why it could not be removed.
+    async fn unstage(&self) -> Result<Option<String>, String> {
         let store = self.store.clone();
         let removed = blocking(move || store.remove_staged())
-            .await?
+            .await
+            .map_err(|e| e.to_string())?
             .map_err(|e| {
-                ApplyError::Failed(format!(
-                    "cannot remove the config staged for the next boot, which would replace this one then: {}; nothing was changed",
+                format!(
+                    "cannot remove the config staged for the next boot, which would replace this one then: {}",
                     keelson_api::error_chain(&e)
-                ))
+                )
             })?;
         Ok(removed.then(|| {
             format!(
@@ -491,7 +504,9 @@ impl Applier {
             Ok(m) => m,
             Err(e) => {
                 let reverted = self.revert_after_failure(parts, old).await;
-                return Err(ApplyError::Failed(format!("{e}; {reverted}")));
+                return Err(ApplyError::Failed(format!(
+                    "{e}; {reverted}; STATE was not changed"
+                )));
             }
         };
         let store = self.store.clone();

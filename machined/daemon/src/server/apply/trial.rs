@@ -152,8 +152,8 @@ impl Applier {
         }
     }
 
-    /// `try`: the staged config removed, the tried config and its record written to
-    /// STATE, then the config applied live and the revert armed.
+    /// `try`: the tried config and its record written to STATE, the config applied live,
+    /// a staged config removed, and the revert armed. A failure takes everything back.
     pub(super) async fn apply_try(
         self: &Arc<Self>,
         plan: &Plan,
@@ -162,25 +162,31 @@ impl Applier {
         old: Option<(MachineConfig, String)>,
         timeout: Duration,
     ) -> Result<Vec<String>, ApplyError> {
-        let mut messages: Vec<String> = self.unstage().await?.into_iter().collect();
         let record = TryRecord::new(plan.parts.clone(), &Now::read(), timeout);
         let (store, t, json) = (self.store.clone(), text.clone(), record.to_json());
         blocking(move || store.write_try(&t, &json))
             .await?
             .map_err(|e| {
                 ApplyError::Failed(format!(
-                    "cannot record the try in STATE: {}; nothing was applied",
+                    "cannot record the try in STATE: {}; nothing was changed",
                     keelson_api::error_chain(&e)
                 ))
             })?;
-        match self.apply_live(&plan.parts, &text, old.as_ref()).await {
-            Ok(m) => messages.extend(m),
+        let mut messages = match self.apply_live(&plan.parts, &text, old.as_ref()).await {
+            Ok(m) => m,
             Err(e) => {
-                let store = self.store.clone();
-                if let Ok(Err(removed)) = blocking(move || store.remove_try()).await {
-                    tracing::warn!(error = %keelson_api::error_chain(&removed), "a try that was not applied keeps its record");
-                }
+                self.unrecord_try().await;
                 return Err(e);
+            }
+        };
+        match self.unstage().await {
+            Ok(unstaged) => messages.extend(unstaged),
+            Err(e) => {
+                let reverted = self.revert_after_failure(&plan.parts, old.as_ref()).await;
+                self.unrecord_try().await;
+                return Err(ApplyError::Failed(format!(
+                    "{e}; {reverted}; STATE was not changed"
+                )));
             }
         }
         let generation = {
@@ -205,6 +211,21 @@ impl Applier {
             timeout.as_secs()
         ));
         Ok(messages)
+    }
+
+    /// Takes back the record of a try that was not applied: a failed revert's record is
+    /// kept as it was, any other removed.
+    async fn unrecord_try(&self) {
+        let failed = self.running.lock().ok().and_then(|r| r.failed.clone());
+        let store = self.store.clone();
+        let undone = blocking(move || match failed {
+            Some(record) => store.write_try_record(&record.to_json()),
+            None => store.remove_try(),
+        })
+        .await;
+        if let Ok(Err(e)) = undone {
+            tracing::warn!(error = %keelson_api::error_chain(&e), "the record of a try that was not applied could not be taken back");
+        }
     }
 
     /// Drops a failed try's record: a config now in effect replaced it.
