@@ -1,7 +1,9 @@
 //! A node's life through the node API, end to end under QEMU, on one boot chain (every
 //! TCG boot costs minutes): a node without a config serves maintenance mode (`version`
-//! with `--insecure`, everything else refused), takes its first config with
-//! `apply-config --insecure`, comes up configured and refuses unauthenticated calls;
+//! with `--insecure`, everything else refused), shows its certificate's SHA-256
+//! fingerprint on the console (the one `--insecure` says it saw), takes its first config
+//! with `apply-config --cert-fingerprint` pinned to it (another fingerprint is refused),
+//! comes up configured and refuses unauthenticated calls;
 //! then `apply-config` in its modes against the real PID 1: `no-reboot` (the new sysctl
 //! visible right after the call), a config with an error (refused with the validator's
 //! messages, nothing changed), `--dry-run` (the diff, nothing changed), `try` (reverts
@@ -156,8 +158,39 @@ fn a_node_from_maintenance_mode_through_apply_config_reboot_and_reset() {
     let out = run(&bin, &admin, &["version"]);
     assert!(!out.status.success(), "{}", show(&out));
 
-    // The first config, pushed over the network.
-    let out = insecure(&["apply-config", "--file", first.to_str().unwrap()]);
+    // The node's console shows its certificate's fingerprint; --insecure shows the one it
+    // saw, and the same one, pinned, lets the first config in while another is refused.
+    const SHOWN: &str = "maintenance mode: the API's certificate SHA-256 fingerprint is ";
+    vm.wait_for(SHOWN, Duration::from_secs(60)).unwrap();
+    let console = vm.console();
+    let fingerprint = console
+        .lines()
+        .filter_map(|l| l.split(SHOWN).nth(1))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .last()
+        .unwrap()
+        .to_string();
+    assert_eq!(fingerprint.len(), 32 * 3 - 1, "{fingerprint}");
+    let out = insecure(&["version"]);
+    assert!(stderr(&out).contains(&fingerprint), "{}", show(&out));
+    let pinned = |fp: &str, args: &[&str]| {
+        let mut all = vec!["--cert-fingerprint", fp, "--nodes", endpoint.as_str()];
+        all.extend_from_slice(args);
+        run(&bin, &admin, &all)
+    };
+    let wrong = "00".repeat(32);
+    let out = pinned(&wrong, &["apply-config", "--file", first.to_str().unwrap()]);
+    assert!(
+        !out.status.success() && stderr(&out).contains(&fingerprint),
+        "another fingerprint is refused, naming the one seen: {}",
+        show(&out)
+    );
+
+    // The first config, pushed over the network to the pinned certificate.
+    let out = pinned(
+        &fingerprint,
+        &["apply-config", "--file", first.to_str().unwrap()],
+    );
     assert!(out.status.success(), "{}", show(&out));
     vm.wait_for(
         "keelson-init: config installed through the node API",
