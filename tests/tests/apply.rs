@@ -167,7 +167,7 @@ fn a_node_from_maintenance_mode_through_apply_config_reboot_and_reset() {
         .lines()
         .filter_map(|l| l.split(SHOWN).nth(1))
         .filter_map(|rest| rest.split_whitespace().next())
-        .last()
+        .next_back()
         .unwrap()
         .to_string();
     assert_eq!(fingerprint.len(), 32 * 3 - 1, "{fingerprint}");
