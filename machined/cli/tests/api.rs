@@ -546,11 +546,11 @@ fn apply_config_try_reverts_unless_confirmed() {
             "--mode",
             "try",
             "--timeout",
-            "1s",
+            "5s",
         ],
     );
     assert_ok(&out);
-    assert!(stdout(&out).contains("reverts in 1 s"), "{}", text(&out));
+    assert!(stdout(&out).contains("reverts in 5 s"), "{}", text(&out));
     assert_eq!(
         node.backend.calls(),
         [Call::ApplyLive(vec![LivePart::Sysctls], tried.clone())]
@@ -561,7 +561,7 @@ fn apply_config_try_reverts_unless_confirmed() {
         &["apply-config", "--file", f, "--mode", "no-reboot"],
     );
     assert_fails(&out, &["waiting for confirmation"]);
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(20);
     while node.backend.calls().len() < 2 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -593,13 +593,13 @@ fn apply_config_try_reverts_unless_confirmed() {
             "--mode",
             "try",
             "--timeout",
-            "2s",
+            "4s",
         ],
     );
     assert_ok(&out);
     assert_ok(&machinectl(&config, &["apply-config", "--confirm"]));
     assert_eq!(node.state_config().as_deref(), Some(tried.as_str()));
-    std::thread::sleep(Duration::from_millis(2500));
+    std::thread::sleep(Duration::from_millis(4500));
     assert_eq!(node.backend.calls().len(), 3, "{:?}", node.backend.calls());
 }
 
