@@ -7,7 +7,7 @@
 //! then `apply-config` in its modes against the real PID 1: `no-reboot` (the new sysctl
 //! visible right after the call), a config with an error (refused with the validator's
 //! messages, nothing changed), `--dry-run` (the diff, nothing changed), `try` (reverts
-//! by itself after its timeout), `staged` (promoted at the next boot), a reboot (the node
+//! by itself after its timeout, across a kill of machined), `staged` (promoted at the next boot), a reboot (the node
 //! runs the last applied config, read from STATE), `service NAME kill` (the supervisor
 //! restarts it), and `reset` (STATE and EPHEMERAL wiped, back to maintenance mode).
 //!
@@ -293,7 +293,8 @@ fn a_node_from_maintenance_mode_through_apply_config_reboot_and_reset() {
     assert!(changed('-', "10") && changed('+', "30"), "{}", show(&out));
     assert_eq!(sysctl(&bin, &admin, "vm.swappiness"), "10");
 
-    // try: in effect at once, reverted by itself after the timeout.
+    // try: in effect at once, reverted by itself after the timeout, even though machined
+    // is killed and restarted in between (the try's record in STATE re-arms the revert).
     let forty = variant(&base, &[("vm.swappiness", "40")], dir.path(), "forty.toml");
     let out = run(
         &bin,
@@ -305,13 +306,39 @@ fn a_node_from_maintenance_mode_through_apply_config_reboot_and_reset() {
             "--mode",
             "try",
             "--timeout",
-            "20s",
+            "40s",
         ],
     );
     assert!(out.status.success(), "{}", show(&out));
-    assert_eq!(sysctl(&bin, &admin, "vm.swappiness"), "40");
     let tried = Instant::now();
-    let deadline = tried + Duration::from_secs(120);
+    assert_eq!(sysctl(&bin, &admin, "vm.swappiness"), "40");
+    let out = run(
+        &bin,
+        &admin,
+        &[
+            "--context",
+            "operator",
+            "service",
+            "machined",
+            "kill",
+            "--signal",
+            "KILL",
+        ],
+    );
+    assert!(out.status.success(), "{}", show(&out));
+    vm.wait_for(
+        "keelson-init: service machined killed by signal 9 (SIGKILL)",
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    until_ok(
+        &vm,
+        Duration::from_secs(120),
+        "version after machined's restart",
+        || run(&bin, &admin, &["version"]),
+    );
+    assert_eq!(sysctl(&bin, &admin, "vm.swappiness"), "40");
+    let deadline = tried + Duration::from_secs(180);
     loop {
         let now = sysctl(&bin, &admin, "vm.swappiness");
         if now == "10" {
@@ -325,7 +352,7 @@ fn a_node_from_maintenance_mode_through_apply_config_reboot_and_reset() {
         std::thread::sleep(Duration::from_secs(2));
     }
     assert!(
-        tried.elapsed() >= Duration::from_secs(15),
+        tried.elapsed() >= Duration::from_secs(35),
         "reverted before its timeout ({:?})",
         tried.elapsed()
     );
