@@ -263,6 +263,8 @@ const FUZZ_TARGETS: &[(&str, &str, &str)] = &[
     ("init", "control_frames", "fuzz/seeds/control_frames"),
     // PID 1's sniffers of a device's first bytes: config-drive labels, ext4 superblocks.
     ("init", "volume_head", "fuzz/seeds/volume_head"),
+    // PID 1's reader of the boot disk's GPT, and the first boot's plan for it.
+    ("init", "gpt_table", "fuzz/seeds/gpt_table"),
     // PID 1's DHCP client: packets from any host on the link, and the leases they grant.
     ("init/netconf", "dhcp_packet", "fuzz/seeds/dhcp_packet"),
     // machined's parser of upgrade bundles (an upload or a download, not yet trusted).

@@ -197,7 +197,9 @@ pub fn plan(layout: &Layout, disk: &str) -> Result<Plan, Error> {
         disk: disk.to_string(),
         why,
     };
-    let min_sectors = layout.first_usable + 2 * layout.entry_sectors() + 2;
+    let min_sectors = layout
+        .first_usable
+        .saturating_add(2 * layout.entry_sectors() + 2);
     if layout.disk_sectors < min_sectors {
         return Err(unsupported(format!(
             "the disk has {} sectors, too few for a GPT",
@@ -351,8 +353,10 @@ fn open(mut file: File, path: &Path, sector: u64) -> Result<(gpt::GptDisk<File>,
         disk: disk.clone(),
         why,
     };
-    // The crate asserts (panics) on an entry size other than 128: check the primary
-    // header ourselves first. Only a disk whose primary header is sound is edited.
+    // The crate asserts (panics) on an entry size other than 128, and reads the backup
+    // header's entries when the primary's CRC is wrong: check the primary header
+    // ourselves first (its CRC too), so that the crate reads only a sound primary's
+    // entries. Only a disk whose primary header is sound is edited.
     let mut header = [0u8; 92];
     file.seek(SeekFrom::Start(sector))
         .and_then(|_| file.read_exact(&mut header))
@@ -368,9 +372,21 @@ fn open(mut file: File, path: &Path, sector: u64) -> Result<(gpt::GptDisk<File>,
             "partition entries of {entry_size} bytes (only 128 is supported)"
         )));
     }
+    // The crate reads every entry the header counts, 128 bytes a read.
+    let entries = u32::from_le_bytes([header[80], header[81], header[82], header[83]]);
+    if u64::from(entries) > ENTRIES {
+        return Err(unsupported(format!(
+            "{entries} partition entries (at most {ENTRIES} are supported): rewrite the table with {ENTRIES} (sgdisk --resize-table={ENTRIES})"
+        )));
+    }
     let disk_bytes = file.seek(SeekFrom::End(0)).map_err(io_err("size"))?;
     let lb =
         gpt::disk::LogicalBlockSize::try_from(sector).map_err(io_err("use the sector size of"))?;
+    gpt::header::read_header_from_arbitrary_device(&mut file, lb).map_err(|e| {
+        unsupported(format!(
+            "the primary GPT header is damaged ({e}): repair it (sgdisk) before booting"
+        ))
+    })?;
     let table = gpt::GptConfig::new()
         .writable(true)
         .logical_block_size(lb)
@@ -536,6 +552,74 @@ mod tests {
         }
     }
 
+    /// CRC-32 (IEEE), as GPT headers carry it.
+    fn crc32(bytes: &[u8]) -> u32 {
+        let mut crc = !0u32;
+        for &b in bytes {
+            crc ^= u32::from(b);
+            for _ in 0..8 {
+                crc = if crc & 1 != 0 {
+                    (crc >> 1) ^ 0xEDB8_8320
+                } else {
+                    crc >> 1
+                };
+            }
+        }
+        !crc
+    }
+
+    /// A GPT header sector of a 64-sector disk at `lba`, its CRC right or not; its
+    /// entries start at sector 2 (primary) or 31 (backup).
+    fn header(lba: u64, entries: u32, entry_size: u32, crc_right: bool) -> Vec<u8> {
+        let mut h = b"EFI PART".to_vec();
+        h.extend_from_slice(&0x0001_0000u32.to_le_bytes());
+        h.extend_from_slice(&92u32.to_le_bytes());
+        h.extend_from_slice(&[0; 8]); // CRC, reserved
+        for n in [lba, 64 - lba, 34, 30, if lba == 1 { 2 } else { 31 }] {
+            h.extend_from_slice(&n.to_le_bytes());
+        }
+        // The disk GUID (after first/last usable) goes before the entries' start.
+        h.splice(56..56, [7u8; 16]);
+        // The entries' CRC: those of a 4-entry table, all empty (zeros).
+        for n in [entries, entry_size, crc32(&[0; 4 * 128])] {
+            h.extend_from_slice(&n.to_le_bytes());
+        }
+        assert_eq!(h.len(), 92);
+        let crc = crc32(&h) ^ u32::from(!crc_right);
+        h[16..20].copy_from_slice(&crc.to_le_bytes());
+        h.resize(512, 0);
+        h
+    }
+
+    /// A 64-sector disk image with these primary and backup header sectors.
+    fn disk(primary: &[u8], backup: &[u8]) -> tempfile::NamedTempFile {
+        let mut image = vec![0u8; 64 * 512];
+        image[512..1024].copy_from_slice(primary);
+        image[63 * 512..].copy_from_slice(backup);
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        file.write_all(&image).unwrap();
+        file
+    }
+
+    #[test]
+    fn a_damaged_primary_header_is_refused_before_the_backup_is_read() {
+        // Found by the fuzz target gpt_table: the gpt crate fell back to a sound backup
+        // header and asserted (panicked) on its entry size of 256.
+        let image = disk(&header(1, 4, 128, false), &header(63, 4, 256, true));
+        let err = read_layout(image.path(), 512).unwrap_err().to_string();
+        assert!(err.contains("the primary GPT header is damaged"), "{err}");
+        let image = disk(&header(1, 4, 128, true), &header(63, 4, 256, true));
+        let read = read_layout(image.path(), 512);
+        assert!(read.is_ok(), "{read:?}");
+    }
+
+    #[test]
+    fn a_table_of_more_entries_than_written_is_refused() {
+        let image = disk(&header(1, 1 << 20, 128, true), &[0; 512]);
+        let err = read_layout(image.path(), 512).unwrap_err().to_string();
+        assert!(err.contains("1048576 partition entries"), "{err}");
+    }
+
     fn check(layout: Layout, expected: Result<Plan, &str>) {
         let got = plan(&layout, "/dev/vda").map_err(|e| e.to_string());
         assert_eq!(got, expected.map_err(str::to_string));
@@ -666,6 +750,15 @@ mod tests {
             image(50, false, false),
             Err(
                 "no room on the disk for STATE (100 MiB needed, 43 MiB free in one piece): use a larger disk",
+            ),
+        );
+        // A header's first usable sector is read from the disk: no overflow.
+        let mut far = image(171, true, true);
+        far.first_usable = u64::MAX;
+        check(
+            far,
+            Err(
+                "refusing to edit the GPT of /dev/vda: the disk has 350208 sectors, too few for a GPT",
             ),
         );
     }
