@@ -73,8 +73,9 @@
 //! | AwaitingConfig(maintenance serving, DHCP on, no URL) | power button /dev/input/event0 (power off) | ShuttingDown(power off) | say `power off requested (power button /dev/input/event0): stopping services`; stop services; arm deadline |
 //! | Up | reboot asked | ShutdownAsked(reboot, then Up) | arm shutdown; say `reboot asked through the control socket: it begins in 1 s`; answer `reboot: stopping services` |
 //! | Up | power off asked | ShutdownAsked(power off, then Up) | arm shutdown; say `power off asked through the control socket: it begins in 1 s`; answer `power off: stopping services` |
-//! | AwaitingConfig(maintenance serving, DHCP on, no URL) | reset asked (wipes STATE, EPHEMERAL) | ShutdownAsked(reset, then AwaitingConfig(maintenance serving, DHCP on, no URL)) | arm shutdown; say `reset asked through the control socket: it begins in 1 s`; answer `reset: stopping services, wiping STATE and EPHEMERAL, then rebooting to wait for a config` |
+//! | AwaitingConfig(maintenance serving, DHCP on, no URL) | reset asked (wipes STATE, EPHEMERAL) | ShutdownAsked(reset, then AwaitingConfig(maintenance serving, DHCP on, no URL)) | arm shutdown; say `reset asked through the control socket: it begins in 1 s`; answer `reset: stopping services, then wiping EPHEMERAL and STATE once both are unmounted (neither if one stays mounted: see the console), then rebooting to wait for a config` |
 //! | Up | reset asked (wipes nothing) | (same) | refuse `reset refused: neither STATE nor EPHEMERAL was prepared at this boot (see the boot log), so there is nothing to wipe; reboot the node instead` |
+//! | Up | reset asked (wipes STATE) | (same) | refuse `reset refused: EPHEMERAL was not prepared at this boot (see the boot log), and a reset wipes STATE and EPHEMERAL both or neither: nothing was wiped; reboot the node to have EPHEMERAL prepared again, or wipe both partitions from another system` |
 //! | ShutdownAsked(reboot, then Up) | shutdown timer | ShuttingDown(reboot) | say `reboot requested (control socket): stopping services`; stop services; arm deadline |
 //! | ShutdownAsked(reset, then Up) | shutdown timer | ShuttingDown(reset) | say `reboot requested (reset through the control socket): stopping services`; stop services; arm deadline |
 //! | ShutdownAsked(reset, then Up) | SIGPWR (power off) | ShuttingDown(power off, reset) | say `power off requested (SIGPWR): stopping services`; stop services; arm deadline |
@@ -637,15 +638,11 @@ fn ask_shutdown<C>(
     reset: bool,
     wipes: &[&str],
 ) -> (Phase<C>, Vec<Action>) {
-    if reset && wipes.is_empty() {
-        let refused = "reset refused: neither STATE nor EPHEMERAL was prepared at this boot (see the boot log), so there is nothing to wipe; reboot the node instead";
-        return (phase, vec![Action::Reply(Err(refused.into()))]);
+    if reset && let Some(refused) = reset_refusal(wipes) {
+        return (phase, vec![Action::Reply(Err(refused))]);
     }
     let answer = if reset {
-        format!(
-            "reset: stopping services, wiping {}, then rebooting to wait for a config",
-            wipes.join(" and ")
-        )
+        RESET_ANSWER.to_string()
     } else {
         format!("{}: stopping services", kind.describe())
     };
@@ -665,6 +662,26 @@ fn ask_shutdown<C>(
         Action::Reply(Ok(answer)),
     ];
     (next, actions)
+}
+
+/// A reset's answer: what it does, and that a partition left mounted wipes neither.
+const RESET_ANSWER: &str = "reset: stopping services, then wiping EPHEMERAL and STATE once both are unmounted (neither if one stays mounted: see the console), then rebooting to wait for a config";
+
+/// Why a reset that would wipe `wipes` is refused: it wipes STATE and EPHEMERAL both or
+/// neither, so each must have been prepared at this boot.
+fn reset_refusal(wipes: &[&str]) -> Option<String> {
+    use keelson_configs::layout::{PART_EPHEMERAL, PART_STATE};
+    let missing: Vec<&str> = [PART_STATE, PART_EPHEMERAL]
+        .into_iter()
+        .filter(|name| !wipes.contains(name))
+        .collect();
+    match missing.as_slice() {
+        [] => None,
+        [_, _] => Some("reset refused: neither STATE nor EPHEMERAL was prepared at this boot (see the boot log), so there is nothing to wipe; reboot the node instead".into()),
+        [one, ..] => Some(format!(
+            "reset refused: {one} was not prepared at this boot (see the boot log), and a reset wipes STATE and EPHEMERAL both or neither: nothing was wiped; reboot the node to have {one} prepared again, or wipe both partitions from another system"
+        )),
+    }
 }
 
 /// Who began a shutdown asked through the control socket.

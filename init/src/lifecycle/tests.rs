@@ -356,7 +356,7 @@ fn table() -> Vec<Row> {
                 A::ArmShutdown,
                 say("reset asked through the control socket: it begins in 1 s"),
                 A::Reply(Ok(
-                    "reset: stopping services, wiping STATE and EPHEMERAL, then rebooting to wait for a config".into(),
+                    "reset: stopping services, then wiping EPHEMERAL and STATE once both are unmounted (neither if one stays mounted: see the console), then rebooting to wait for a config".into(),
                 )),
             ],
         ),
@@ -365,6 +365,14 @@ fn table() -> Vec<Row> {
             ask(Reboot, true, &[]),
             vec![A::Reply(Err(
                 "reset refused: neither STATE nor EPHEMERAL was prepared at this boot (see the boot log), so there is nothing to wipe; reboot the node instead".into(),
+            ))],
+        ),
+        // Both or neither: a reset that could wipe only STATE wipes nothing.
+        stays(
+            up(),
+            ask(Reboot, true, &["STATE"]),
+            vec![A::Reply(Err(
+                "reset refused: EPHEMERAL was not prepared at this boot (see the boot log), and a reset wipes STATE and EPHEMERAL both or neither: nothing was wiped; reboot the node to have EPHEMERAL prepared again, or wipe both partitions from another system".into(),
             ))],
         ),
         row(
@@ -540,7 +548,7 @@ fn a_boot_with_a_local_config_goes_up_and_down() {
         (ready(true, false), "StartingServices"),
         (ready(true, true), "Up"),
         (
-            ask(Reboot, true, &["STATE"]),
+            ask(Reboot, true, &["STATE", "EPHEMERAL"]),
             "ShutdownAsked(reset, then Up)",
         ),
         (Input::ShutdownTimer, "ShuttingDown(reset)"),

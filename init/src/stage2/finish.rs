@@ -57,7 +57,8 @@ impl<K: Kept> Node<'_, K> {
         }
         if reset {
             self.ping_watchdog();
-            wipe_partitions(sys, log, &self.boot.wipe);
+            // Each failure is on the console already; the node goes down either way.
+            let _ = wipe_partitions(sys, log, &self.boot.wipe);
         }
         // Stopped just before reboot(2): a machine that powers off stays off.
         let watchdog = self.watchdog.take();

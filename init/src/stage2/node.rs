@@ -559,7 +559,8 @@ mod tests {
     use crate::syscalls::fake::Fake;
     use keelson_node_protocol::control::{ConfigInstalled, Poweroff, Reset, decode};
 
-    /// A node waiting for a config, with no service, whose reset would wipe STATE.
+    /// A node waiting for a config, with no service, whose reset would wipe STATE and
+    /// EPHEMERAL.
     fn waiting_node<'a>(
         sys: &'a Fake,
         log: &'a BootLog<&'a MemoryLog>,
@@ -573,11 +574,18 @@ mod tests {
             state_pending: None,
             disk_options: disks::Options::default(),
             etc_ok: false,
-            wipe: vec![Wipe {
-                name: "STATE",
-                device: "/dev/vda4".into(),
-                target: "/system/state".into(),
-            }],
+            wipe: vec![
+                Wipe {
+                    name: "STATE",
+                    device: "/dev/vda4".into(),
+                    target: "/system/state".into(),
+                },
+                Wipe {
+                    name: "EPHEMERAL",
+                    device: "/dev/vda5".into(),
+                    target: "/var".into(),
+                },
+            ],
             assess: crate::boot_assess::BootAssess::off(),
         };
         let mut node = Node::new(sys, log, unbounded_channel().0, boot);
@@ -652,10 +660,7 @@ mod tests {
             let reset = node.control(Reset {}.into());
             assert_eq!(
                 answer(&reset),
-                Ok(
-                    "reset: stopping services, wiping STATE, then rebooting to wait for a config"
-                        .into()
-                )
+                Ok("reset: stopping services, then wiping EPHEMERAL and STATE once both are unmounted (neither if one stays mounted: see the console), then rebooting to wait for a config".into())
             );
             let again = node.control(Poweroff {}.into());
             assert_eq!(answer(&again), Err("a reboot is already under way".into()));

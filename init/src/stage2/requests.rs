@@ -111,7 +111,7 @@ impl<K: Kept> Node<'_, K> {
     /// Answer a reboot, power-off or reset now and begin it shortly after, so that the
     /// answer reaches machined before the shutdown stops it (the lifecycle decides).
     fn shutdown_asked(&mut self, kind: ShutdownKind, reset: bool) -> Result<Said, Refusal> {
-        let wipes = self.boot.wipe.iter().map(|w| w.name).collect();
+        let wipes = super::reset::wipe_names(&self.boot.wipe, self.boot.state_pending.is_some());
         match self.input(Input::ShutdownAsked { kind, reset, wipes }) {
             Some(Ok(message)) => Ok(Said { message }),
             Some(Err(refusal)) => Err(Refusal::new(refusal)),

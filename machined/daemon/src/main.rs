@@ -52,6 +52,7 @@ fn main() -> ExitCode {
             .with(console::layer(console::DEVICE.into()))
             .init();
     }
+    raise_open_file_limit();
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -84,6 +85,35 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Raises the soft limit on open files to the hard one: every API connection, handshake
+/// and follow stream holds a descriptor, and the default soft limit (1024) is lower than
+/// what the listener's limits allow. Logs the limit it runs with.
+fn raise_open_file_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok(limits) => limits,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the open-file limit (RLIMIT_NOFILE)");
+            return;
+        }
+    };
+    if soft < hard
+        && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+    {
+        tracing::warn!(
+            error = %e,
+            soft,
+            hard,
+            "cannot raise the open-file limit (RLIMIT_NOFILE) to its hard limit; keeping the soft one"
+        );
+        return;
+    }
+    tracing::info!(
+        open_files = hard.max(soft),
+        "open-file limit (RLIMIT_NOFILE)"
+    );
 }
 
 /// Resolves on SIGTERM or SIGINT (PID 1 stops services with SIGTERM).

@@ -8,15 +8,19 @@
 //! connections are closed and the same listener continues in mutual-TLS mode: an
 //! unauthenticated call is never accepted again, and after a restart STATE says so.
 //!
-//! Each accepted TCP connection gets a TLS handshake (bounded in time and in number),
-//! then HTTP/2 (hyper) in front of the gRPC router, with [`auth::Authorize`] checking
-//! each request's method against the caller's role before its body is decoded.
+//! Each accepted TCP connection gets a TLS handshake (bounded in time and in number, per
+//! source address too, and holding no place among established connections: see
+//! [`listener`]), then HTTP/2 (hyper) in front of the gRPC router, with
+//! [`auth::Authorize`] checking each request's method against the caller's role before
+//! its body is decoded.
 
 pub mod apply;
 pub mod auth;
 pub mod etcd_api;
+pub mod follow_limit;
 pub mod identity;
 pub mod kube_api;
+pub mod listener;
 pub mod service;
 pub mod state;
 pub mod try_record;
@@ -29,13 +33,10 @@ use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
 use keelson_configs::{MachineConfig, Mode};
 use rustls::ServerConfig;
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, mpsc};
-use tokio::task::JoinSet;
+use tokio::sync::mpsc;
 
 use crate::backend::NodeBackend;
 use crate::etcd::{EtcdNode, EtcdPaths};
@@ -44,22 +45,11 @@ use crate::node::NodePaths;
 use crate::timesync::{Clock, SystemClock, TimeSync};
 use crate::upgrade::{ClusterGuard, EtcdGuard, Upgrader};
 use apply::Applier;
-use auth::{Authorize, Peer};
-use keelson_api::api::{MAX_MESSAGE_SIZE, proto::machine_server::MachineServer};
 use keelson_api::tls;
+use listener::accept_loop;
 use service::NodeService;
 use state::StateStore;
 
-/// How long a TLS handshake may take.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How many handshakes may run at once; more connections wait in the kernel's backlog.
-const MAX_HANDSHAKES: usize = 64;
-/// How many connections may be open at once; more are closed right after accept.
-const MAX_CONNECTIONS: usize = 256;
-/// HTTP/2 streams per connection.
-const MAX_STREAMS: u32 = 64;
-/// How long maintenance connections may finish after the first config is installed.
-const MAINTENANCE_DRAIN: Duration = Duration::from_secs(3);
 /// How long the API waits for the clock's first sync before it serves.
 const FIRST_SYNC: Duration = Duration::from_secs(5);
 /// How often a control plane checks whether its addresses changed (DHCP), to reissue its
@@ -410,121 +400,5 @@ async fn watch_addresses(mut known: BTreeSet<IpAddr>, applier: Arc<Applier>, hoo
             }
         }
         known = now;
-    }
-}
-
-/// Accepts connections until the future is dropped; then every connection it started is
-/// aborted (after a short drain for maintenance connections, so the answer to the
-/// installing call gets out).
-async fn accept_loop(listener: &TcpListener, tls: SharedTls, svc: NodeService, maintenance: bool) {
-    let routes = tonic::service::Routes::new(
-        MachineServer::new(svc)
-            .max_decoding_message_size(MAX_MESSAGE_SIZE)
-            .max_encoding_message_size(MAX_MESSAGE_SIZE),
-    );
-    let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
-    let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let mut tasks = ConnectionSet {
-        set: JoinSet::new(),
-        drain: maintenance,
-    };
-    loop {
-        // Reap finished connection tasks so the set does not grow.
-        while tasks.set.try_join_next().is_some() {}
-        let (tcp, peer_addr) = match listener.accept().await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let Ok(conn_permit) = connections.clone().try_acquire_owned() else {
-            tracing::warn!(
-                peer = %peer_addr,
-                open = MAX_CONNECTIONS,
-                "too many connections open: closing the new one"
-            );
-            continue;
-        };
-        let _ = tcp.set_nodelay(true);
-        let acceptor = tokio_rustls::TlsAcceptor::from(
-            tls.read()
-                .map(|c| c.clone())
-                .unwrap_or_else(|p| p.into_inner().clone()),
-        );
-        let handshakes = handshakes.clone();
-        let routes = routes.clone();
-        tasks.set.spawn(async move {
-            let _conn_permit = conn_permit;
-            let stream = {
-                let Ok(_permit) = handshakes.acquire_owned().await else {
-                    return;
-                };
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(stream)) => stream,
-                    Ok(Err(e)) => {
-                        tracing::warn!(peer = %peer_addr, error = %e, "TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::warn!(peer = %peer_addr, "TLS handshake timed out");
-                        return;
-                    }
-                }
-            };
-            let peer = if maintenance {
-                Peer::Anonymous
-            } else {
-                match stream
-                    .get_ref()
-                    .1
-                    .peer_certificates()
-                    .and_then(|c| c.first())
-                {
-                    Some(cert) => Peer::Client(tls::caller_of(cert)),
-                    // The verifier requires a certificate; never serve without one.
-                    None => return,
-                }
-            };
-            let svc = TowerToHyperService::new(Authorize::new(routes, peer));
-            let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-            builder
-                .timer(TokioTimer::new())
-                .max_concurrent_streams(MAX_STREAMS)
-                .max_header_list_size(16 * 1024)
-                .keep_alive_interval(Some(Duration::from_secs(30)))
-                .keep_alive_timeout(Duration::from_secs(20));
-            if let Err(e) = builder.serve_connection(TokioIo::new(stream), svc).await {
-                let text = e.to_string();
-                if !text.contains("connection closed") {
-                    tracing::warn!(peer = %peer_addr, error = %text, "connection failed");
-                }
-            }
-        });
-    }
-}
-
-/// The connection tasks of one mode; dropping it ends them.
-struct ConnectionSet {
-    set: JoinSet<()>,
-    drain: bool,
-}
-
-impl Drop for ConnectionSet {
-    fn drop(&mut self) {
-        if !self.drain || self.set.is_empty() {
-            self.set.abort_all();
-            return;
-        }
-        // Let the installing call's answer get out, then end every maintenance connection.
-        let mut set = std::mem::take(&mut self.set);
-        tokio::spawn(async move {
-            let _ = tokio::time::timeout(MAINTENANCE_DRAIN, async {
-                while set.join_next().await.is_some() {}
-            })
-            .await;
-            set.abort_all();
-        });
     }
 }

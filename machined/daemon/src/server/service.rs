@@ -21,6 +21,7 @@ use crate::kubernetes::KubeNode;
 use crate::node::{NodePaths, files, health, kmsg, tables, version};
 use crate::server::apply::{Applier, ApplyError, ApplyRequest};
 use crate::server::auth::Authorized;
+use crate::server::follow_limit::{FollowLimit, FollowPermit};
 use crate::server::{etcd_api, kube_api, upgrade_api};
 use crate::timesync::TimeSync;
 use crate::upgrade::Upgrader;
@@ -59,6 +60,8 @@ pub struct NodeService {
     import_lock: tokio::sync::Mutex<()>,
     /// The upgrade engine (none in servers that tests run in-process).
     upgrader: Option<Upgrader>,
+    /// The follow streams open, by caller.
+    follows: FollowLimit,
 }
 
 impl std::fmt::Debug for NodeService {
@@ -94,6 +97,7 @@ impl NodeService {
             kube: None,
             import_lock: tokio::sync::Mutex::new(()),
             upgrader: None,
+            follows: FollowLimit::default(),
         }
     }
 }
@@ -116,6 +120,32 @@ impl NodeService {
     pub fn with_kube(mut self, kube: Option<KubeNode>) -> NodeService {
         self.kube = kube;
         self
+    }
+
+    /// A place for a follow stream of the caller's (none for a request that does not
+    /// follow), or RESOURCE_EXHAUSTED when it holds its limit.
+    fn follow_permit<T: Follows>(&self, req: &Request<T>) -> Result<Option<FollowPermit>, Status> {
+        if !req.get_ref().follows() {
+            return Ok(None);
+        }
+        self.follows.acquire(&caller(req)).map(Some)
+    }
+}
+
+/// A streaming request that may follow new output.
+trait Follows {
+    fn follows(&self) -> bool;
+}
+
+impl Follows for proto::LogsRequest {
+    fn follows(&self) -> bool {
+        self.follow
+    }
+}
+
+impl Follows for proto::DmesgRequest {
+    fn follows(&self) -> bool {
+        self.follow
     }
 }
 
@@ -327,6 +357,7 @@ impl Machine for NodeService {
         &self,
         req: Request<proto::LogsRequest>,
     ) -> Result<Response<Self::LogsStream>, Status> {
+        let follow = self.follow_permit(&req)?;
         let req = req.into_inner();
         if req.service.is_empty() {
             return Err(Status::invalid_argument("no service name given"));
@@ -352,6 +383,7 @@ impl Machine for NodeService {
         let (tx, rx) = mpsc::channel(4);
         let backend = self.backend.clone();
         tokio::spawn(async move {
+            let _follow = follow;
             for chunk in first.chunks(LOG_BATCH) {
                 if tx
                     .send(Ok(proto::LogLines {
@@ -406,6 +438,7 @@ impl Machine for NodeService {
         &self,
         req: Request<proto::DmesgRequest>,
     ) -> Result<Response<Self::DmesgStream>, Status> {
+        let follow = self.follow_permit(&req)?;
         let req = req.into_inner();
         let path = self.paths.kmsg.clone();
         let (mut log, mut first) = blocking(move || {
@@ -423,6 +456,7 @@ impl Machine for NodeService {
         }
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(async move {
+            let _follow = follow;
             let mut batch = first;
             loop {
                 while !batch.is_empty() {
