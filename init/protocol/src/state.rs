@@ -12,6 +12,7 @@
 //! | [`TRY_RECORD`] | machined (`apply-config --mode try`) | the trial's record (JSON): the config to go back to, the parts applied live, the wall-clock deadline, the boot it belongs to, and a failed revert's reason |
 //! | [`MACHINE_ID`] | PID 1 | the machine id, made at the first boot |
 //! | [`NODE_API_CERT`], [`NODE_API_KEY`] | the config's `machine.files` (a worker) | the node API's server certificate and key |
+//! | [`AUDIT_LOG`] | machined (`apply-config`, `confirm`, `reset`) | who asked for which config change, when, and the outcome: JSON lines, the last 1000 kept |
 //!
 //! Every write is atomic ([`write_atomic`]): the new content goes to a temporary file in
 //! the same directory, created with its final mode (0600 for STATE: the config carries
@@ -43,6 +44,9 @@ pub const MACHINE_ID: &str = "machine-id";
 pub const NODE_API_CERT: &str = "node-api/server.crt";
 /// Its private key (PEM).
 pub const NODE_API_KEY: &str = "node-api/server.key";
+/// machined's audit trail of config changes (JSON lines, bounded), apart from the
+/// service logs so that a flood of other lines cannot push it out.
+pub const AUDIT_LOG: &str = "audit.log";
 
 /// Mode of every file in STATE.
 pub const PRIVATE_FILE_MODE: u32 = 0o600;

@@ -2,8 +2,10 @@
 //! PID 1, persist to STATE atomically, and the `try` mode's automatic revert.
 //!
 //! Rules that always hold:
-//! - a config is validated ([`keelson_configs::check_bytes`]) before anything changes; a
-//!   refused config leaves the node and STATE untouched; one over
+//! - a config is validated ([`keelson_configs::check_bytes`]), and the node API's TLS
+//!   configuration built from it ([`super::identity::server_tls`], with the candidate's
+//!   `machine.files`), before anything changes; a refused config leaves the node and
+//!   STATE untouched; one over
 //!   [`MAX_CONFIG_BYTES`] (1 MiB, PID 1's limit at boot too) is refused before it is parsed;
 //! - one apply at a time: a second one while the first runs gets ABORTED;
 //! - STATE is written atomically (write, fsync, rename, fsync dir);
@@ -159,6 +161,11 @@ impl Applier {
         self
     }
 
+    /// STATE's directory (where the audit log is kept too).
+    pub fn state_dir(&self) -> &std::path::Path {
+        self.store.dir()
+    }
+
     /// The config in effect.
     pub fn current(&self) -> Option<MachineConfig> {
         self.running
@@ -185,6 +192,17 @@ impl Applier {
             .collect();
         match checked.into_result() {
             Ok(config) => {
+                // The API it would serve with, built as machined builds it at start: a
+                // config no client could reach the node with is refused here.
+                let addresses = crate::server::identity::interface_addresses();
+                crate::server::identity::server_tls(&config, &self.store, &addresses).map_err(
+                    |e| {
+                        ApplyError::Invalid(format!(
+                            "the node refused the config; nothing was changed: the node API could not serve with it: {}",
+                            keelson_api::error_chain(&e)
+                        ))
+                    },
+                )?;
                 let text = String::from_utf8_lossy(bytes).into_owned();
                 Ok((config, text, warnings))
             }

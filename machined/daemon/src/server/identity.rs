@@ -4,8 +4,14 @@
 //!   whenever its addresses or `machine.api.cert_sans` change) it issues itself a server
 //!   certificate for its hostname, every address it has, loopback and the configured extra
 //!   names.
-//! - A worker carries only the CA certificate. It uses the certificate in
-//!   `STATE/node-api/` that the join flow stores there; it never gets the CA key.
+//! - A worker carries only the CA certificate. It uses the certificate and key in
+//!   `STATE/node-api/`, which its config's `machine.files` puts there
+//!   (`machinectl cluster create` does); it never gets the CA key.
+//! - [`tls_from`] builds the TLS configuration from a config and the files it would find
+//!   ([`WorkerFiles`]), reading nothing: machined serves with it, and `apply-config`
+//!   builds it from a candidate config before anything is written, so a config whose CA
+//!   key is not its certificate's, or a worker's without a certificate issued from that
+//!   CA, is refused instead of leaving a node whose API no client can reach.
 //! - A node in maintenance mode has no CA at all: it makes a throwaway self-signed
 //!   certificate, and clients connect with `--insecure`, as with Talos. So that the first
 //!   config goes to this node and no other, the certificate's SHA-256 fingerprint is
@@ -15,9 +21,14 @@
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 
-use keelson_api::tls::Fingerprint;
+use std::sync::Arc;
+
+use keelson_api::tls::{self, Fingerprint};
 use keelson_configs::MachineConfig;
 use keelson_configs::pki::{self, CertAndKey, LeafRequest, Usage};
+use keelson_node_protocol::state as state_layout;
+use rustls::ServerConfig;
+use rustls::client::danger::ServerCertVerifier as _;
 
 use crate::server::state::StateStore;
 
@@ -27,17 +38,44 @@ pub enum IdentityError {
     /// Issuing failed.
     #[error("cannot issue the node API server certificate")]
     Issue(#[source] pki::PkiError),
-    /// A worker without a certificate from the join flow.
+    /// A worker without its node API certificate or key.
     #[error(
-        "this node's config carries no node API CA key (a worker) and STATE holds no node API certificate ({path}); a worker gets its certificate through the join flow, which this release does not implement yet"
+        "cluster.secrets.node_api_ca carries no key (a worker), and neither machine.files nor STATE holds the node API server {missing}; a worker serves the node API with a certificate issued from cluster.secrets.node_api_ca: add it and its key to machine.files at those paths (`machinectl cluster create` does)"
     )]
     NoWorkerCertificate {
-        /// Where the certificate was looked for.
-        path: String,
+        /// The paths missing.
+        missing: String,
+    },
+    /// The node API CA's certificate and key do not go together.
+    #[error(
+        "cluster.secrets.node_api_ca: the node API certificate cannot be issued from this CA; give the certificate and key of one CA from secrets.toml"
+    )]
+    Ca(#[source] pki::PkiError),
+    /// The server certificate or key cannot be used.
+    #[error(
+        "the node API server certificate from {from} cannot be used with its key and cluster.secrets.node_api_ca; give a PEM certificate issued from that CA and its own PEM key"
+    )]
+    Tls {
+        /// Where the certificate comes from.
+        from: String,
+        /// What TLS reported.
+        #[source]
+        source: tls::TlsError,
+    },
+    /// The server certificate does not chain to the node API CA.
+    #[error(
+        "the node API server certificate from {from} is not issued from cluster.secrets.node_api_ca, so no client would trust it; give a certificate issued from that CA"
+    )]
+    NotFromCa {
+        /// Where the certificate comes from.
+        from: String,
+        /// What the verifier reported.
+        #[source]
+        source: rustls::Error,
     },
     /// The maintenance certificate just made could not be read back.
     #[error("cannot read the maintenance certificate to print its fingerprint")]
-    Fingerprint(#[source] keelson_api::tls::TlsError),
+    Fingerprint(#[source] tls::TlsError),
     /// The worker's stored certificate could not be read.
     #[error("cannot read the node API certificate {path}")]
     Read {
@@ -110,64 +148,231 @@ pub struct ServerIdentity {
     pub sans: Vec<String>,
 }
 
-/// Makes the server identity of a configured node.
-pub fn server_identity(
+/// One PEM text a worker's identity is made of, and where it was found (for errors).
+#[derive(Debug, Clone)]
+pub struct Found {
+    /// The PEM text.
+    pub text: String,
+    /// Where it comes from: `machine.files[N] (PATH)` or a file in STATE.
+    pub from: String,
+}
+
+/// A worker's node API certificate and key, where the node finds them.
+#[derive(Debug, Clone, Default)]
+pub struct WorkerFiles {
+    /// The certificate (PEM), if found.
+    pub cert: Option<Found>,
+    /// The key (PEM), if found.
+    pub key: Option<Found>,
+}
+
+impl WorkerFiles {
+    /// What a node running `config` finds: each of the config's `machine.files` entries
+    /// for STATE's `node-api/` (PID 1 writes them there before machined starts, and on a
+    /// live apply), else the file STATE holds now.
+    pub fn find(config: &MachineConfig, store: &StateStore) -> Result<WorkerFiles, IdentityError> {
+        let (cert_path, key_path) = store.node_api_cert_paths();
+        Ok(WorkerFiles {
+            cert: found(config, state_layout::NODE_API_CERT, &cert_path)?,
+            key: found(config, state_layout::NODE_API_KEY, &key_path)?,
+        })
+    }
+}
+
+/// `name` (a path inside STATE) from the config's `machine.files` (the last entry for
+/// it wins, as PID 1 writes them in order), else from `in_state`.
+fn found(
+    config: &MachineConfig,
+    name: &str,
+    in_state: &std::path::Path,
+) -> Result<Option<Found>, IdentityError> {
+    let wanted = on_node(name);
+    if let Some((i, file)) = config
+        .machine
+        .files
+        .iter()
+        .enumerate()
+        .rev()
+        .find(|(_, f)| f.path == wanted)
+    {
+        return Ok(Some(Found {
+            text: file.content.clone(),
+            from: format!("machine.files[{i}] ({wanted})"),
+        }));
+    }
+    match std::fs::read_to_string(in_state) {
+        Ok(text) => Ok(Some(Found {
+            text,
+            from: in_state.display().to_string(),
+        })),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(IdentityError::Read {
+            path: in_state.display().to_string(),
+            source,
+        }),
+    }
+}
+
+/// The node API's TLS configuration for a configured node, and the names its certificate
+/// carries: what machined serves with at start and after `machine.api` changes, and what
+/// `apply-config` builds from a candidate config before it writes anything.
+pub fn server_tls(
     config: &MachineConfig,
     store: &StateStore,
+    addresses: &BTreeSet<IpAddr>,
+) -> Result<(Arc<ServerConfig>, Vec<String>), IdentityError> {
+    let worker = if config.cluster.secrets.node_api_ca.key.is_none() {
+        WorkerFiles::find(config, store)?
+    } else {
+        WorkerFiles::default()
+    };
+    tls_from(config, &worker, addresses)
+}
+
+/// [`server_tls`] from the files given: no file is read. The server certificate must
+/// chain to `cluster.secrets.node_api_ca` (clients verify it against that CA) and match
+/// its key.
+pub fn tls_from(
+    config: &MachineConfig,
+    worker: &WorkerFiles,
+    addresses: &BTreeSet<IpAddr>,
+) -> Result<(Arc<ServerConfig>, Vec<String>), IdentityError> {
+    let id = identity_from(config, worker, addresses)?;
+    let from = worker.cert.as_ref().map_or_else(
+        || "cluster.secrets.node_api_ca".to_owned(),
+        |f| f.from.clone(),
+    );
+    let tls = tls::server_config(&id.cert.cert, &id.cert.key, &id.client_ca).map_err(|source| {
+        IdentityError::Tls {
+            from: from.clone(),
+            source,
+        }
+    })?;
+    check_chain(&id, &from)?;
+    Ok((tls, id.sans))
+}
+
+/// The server identity of a configured node, from the files given: a control plane issues its certificate from
+/// the CA (whose key must be the CA certificate's), a worker uses the files found.
+pub fn identity_from(
+    config: &MachineConfig,
+    worker: &WorkerFiles,
     addresses: &BTreeSet<IpAddr>,
 ) -> Result<ServerIdentity, IdentityError> {
     let ca = &config.cluster.secrets.node_api_ca;
     let client_ca = ca.cert.as_str().to_owned();
     let sans = server_sans(config, addresses);
-    match &ca.key {
-        Some(key) => {
-            let ca = CertAndKey {
-                cert: ca.cert.as_str().to_owned(),
-                key: key.as_str().to_owned(),
-            };
-            let cn = config
-                .machine
-                .hostname
-                .clone()
-                .unwrap_or_else(|| "keelson-node".into());
-            let cert = pki::issue(
-                &ca,
-                &LeafRequest {
-                    common_name: cn,
-                    organizations: Vec::new(),
-                    sans: sans.clone(),
-                    usage: Usage::Server,
-                },
-            )
-            .map_err(IdentityError::Issue)?;
-            Ok(ServerIdentity {
-                cert,
-                client_ca,
-                sans,
-            })
+    let Some(key) = &ca.key else {
+        let (Some(cert), Some(key)) = (&worker.cert, &worker.key) else {
+            return Err(IdentityError::NoWorkerCertificate {
+                missing: [
+                    (&worker.cert, state_layout::NODE_API_CERT),
+                    (&worker.key, state_layout::NODE_API_KEY),
+                ]
+                .into_iter()
+                .filter(|(f, _)| f.is_none())
+                .map(|(_, name)| on_node(name))
+                .collect::<Vec<_>>()
+                .join(" and "),
+            });
+        };
+        return Ok(ServerIdentity {
+            cert: CertAndKey {
+                cert: cert.text.clone(),
+                key: key.text.clone(),
+            },
+            client_ca,
+            sans,
+        });
+    };
+    let ca = CertAndKey {
+        cert: ca.cert.as_str().to_owned(),
+        key: key.as_str().to_owned(),
+    };
+    pki::check_ca(&ca).map_err(IdentityError::Ca)?;
+    let cn = config
+        .machine
+        .hostname
+        .clone()
+        .unwrap_or_else(|| "keelson-node".into());
+    let cert = pki::issue(
+        &ca,
+        &LeafRequest {
+            common_name: cn,
+            organizations: Vec::new(),
+            sans: sans.clone(),
+            usage: Usage::Server,
+        },
+    )
+    .map_err(IdentityError::Issue)?;
+    Ok(ServerIdentity {
+        cert,
+        client_ca,
+        sans,
+    })
+}
+
+/// Where `name` (a path inside STATE) is on the node.
+fn on_node(name: &str) -> String {
+    format!("{}/{name}", keelson_configs::layout::STATE_MOUNT)
+}
+
+/// Checks that the server certificate chains to the node API CA, as clients check it.
+/// Its names and dates are not judged here: clients reach the node by names the node
+/// cannot know, and the clock may not be synced yet at boot.
+fn check_chain(id: &ServerIdentity, from: &str) -> Result<(), IdentityError> {
+    let tls_error = |source| IdentityError::Tls {
+        from: from.to_owned(),
+        source,
+    };
+    let chain =
+        tls::parse_certs(&id.cert.cert, "the node API server certificate").map_err(tls_error)?;
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in tls::parse_certs(&id.client_ca, "the node API CA").map_err(tls_error)? {
+        roots.add(ca).map_err(|source| IdentityError::NotFromCa {
+            from: from.to_owned(),
+            source,
+        })?;
+    }
+    let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+        Arc::new(roots),
+        tls::provider(),
+    )
+    .build()
+    .map_err(|e| IdentityError::NotFromCa {
+        from: from.to_owned(),
+        source: rustls::Error::General(e.to_string()),
+    })?;
+    let Some((leaf, intermediates)) = chain.split_first() else {
+        return Ok(());
+    };
+    let name = rustls::pki_types::ServerName::try_from("localhost").map_err(|e| {
+        IdentityError::NotFromCa {
+            from: from.to_owned(),
+            source: rustls::Error::General(e.to_string()),
         }
-        None => {
-            let (cert_path, key_path) = store.node_api_cert_paths();
-            if !cert_path.is_file() {
-                return Err(IdentityError::NoWorkerCertificate {
-                    path: cert_path.display().to_string(),
-                });
-            }
-            let read = |p: &std::path::Path| {
-                std::fs::read_to_string(p).map_err(|source| IdentityError::Read {
-                    path: p.display().to_string(),
-                    source,
-                })
-            };
-            Ok(ServerIdentity {
-                cert: CertAndKey {
-                    cert: read(&cert_path)?,
-                    key: read(&key_path)?,
-                },
-                client_ca,
-                sans,
-            })
-        }
+    })?;
+    use rustls::CertificateError as E;
+    match verifier.verify_server_cert(
+        leaf,
+        intermediates,
+        &name,
+        &[],
+        rustls::pki_types::UnixTime::now(),
+    ) {
+        Ok(_) => Ok(()),
+        Err(rustls::Error::InvalidCertificate(
+            E::NotValidForName
+            | E::NotValidForNameContext { .. }
+            | E::Expired
+            | E::ExpiredContext { .. }
+            | E::NotValidYet
+            | E::NotValidYetContext { .. },
+        )) => Ok(()),
+        Err(source) => Err(IdentityError::NotFromCa {
+            from: from.to_owned(),
+            source,
+        }),
     }
 }
 
@@ -244,7 +449,7 @@ mod tests {
     /// the server's certificates, or the error that ended the handshake.
     fn handshake(
         client: Arc<rustls::ClientConfig>,
-        server: Arc<rustls::ServerConfig>,
+        server: Arc<ServerConfig>,
     ) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, rustls::Error> {
         let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
         let mut client = rustls::ClientConnection::new(client, name).unwrap();
@@ -298,22 +503,16 @@ mod tests {
         let logged_fingerprint: Fingerprint = text.parse().unwrap();
         assert_eq!(text, logged_fingerprint.to_string(), "AB:CD:... as logged");
 
-        let server =
-            keelson_api::tls::maintenance_server_config(&identity.cert, &identity.key).unwrap();
-        let seen = handshake(
-            keelson_api::tls::insecure_client_config().unwrap(),
-            server.clone(),
-        )
-        .unwrap();
+        let server = tls::maintenance_server_config(&identity.cert, &identity.key).unwrap();
+        let seen = handshake(tls::insecure_client_config().unwrap(), server.clone()).unwrap();
         assert_eq!(Fingerprint::of(seen[0].as_ref()), logged_fingerprint);
-        let pinned = keelson_api::tls::pinned_client_config(logged_fingerprint).unwrap();
+        let pinned = tls::pinned_client_config(logged_fingerprint).unwrap();
         handshake(pinned, server.clone()).unwrap();
 
         // Another maintenance start makes another certificate, which the pin refuses.
         let other = make_maintenance_identity(&addresses).unwrap();
-        let other_server =
-            keelson_api::tls::maintenance_server_config(&other.cert, &other.key).unwrap();
-        let pinned = keelson_api::tls::pinned_client_config(logged_fingerprint).unwrap();
+        let other_server = tls::maintenance_server_config(&other.cert, &other.key).unwrap();
+        let pinned = tls::pinned_client_config(logged_fingerprint).unwrap();
         let err = handshake(pinned, other_server).unwrap_err();
         let rustls::Error::InvalidCertificate(rustls::CertificateError::Other(refusal)) = &err
         else {
@@ -321,7 +520,7 @@ mod tests {
         };
         let mismatch = refusal
             .0
-            .downcast_ref::<keelson_api::tls::FingerprintMismatch>()
+            .downcast_ref::<tls::FingerprintMismatch>()
             .unwrap_or_else(|| panic!("{err}"));
         assert_eq!(mismatch.expected, logged_fingerprint);
         assert_eq!(

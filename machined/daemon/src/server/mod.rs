@@ -15,6 +15,7 @@
 //! its body is decoded.
 
 pub mod apply;
+pub mod audit;
 pub mod auth;
 pub mod etcd_api;
 pub mod follow_limit;
@@ -191,9 +192,7 @@ fn mtls_config(
     store: &StateStore,
     addresses: &BTreeSet<IpAddr>,
 ) -> Result<(Arc<ServerConfig>, Vec<String>), ServerError> {
-    let id = identity::server_identity(config, store, addresses)?;
-    let tls = tls::server_config(&id.cert.cert, &id.cert.key, &id.client_ca)?;
-    Ok((tls, id.sans))
+    Ok(identity::server_tls(config, store, addresses)?)
 }
 
 impl Bound {

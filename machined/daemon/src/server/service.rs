@@ -22,7 +22,7 @@ use crate::node::{NodePaths, files, health, kmsg, tables, version};
 use crate::server::apply::{Applier, ApplyError, ApplyRequest};
 use crate::server::auth::Authorized;
 use crate::server::follow_limit::{FollowLimit, FollowPermit};
-use crate::server::{etcd_api, kube_api, upgrade_api};
+use crate::server::{audit, etcd_api, kube_api, upgrade_api};
 use crate::timesync::TimeSync;
 use crate::upgrade::Upgrader;
 use keelson_api::api::proto;
@@ -604,8 +604,13 @@ impl Machine for NodeService {
             .get::<Authorized>()
             .map(|a| a.user.clone())
             .unwrap_or_default();
+        let who = audit::Caller::of(&req);
         let req = req.into_inner();
         let mode = req.mode();
+        let mut entry = audit::AuditEntry::now(&who, "apply-config", "", "");
+        entry.config_sha256 = Some(audit::sha256_hex(&req.config));
+        entry.dry_run = req.dry_run;
+        entry.mode = keelson_api::api::apply_mode_name(mode).to_owned();
         let request = ApplyRequest {
             config: req.config,
             mode,
@@ -613,21 +618,19 @@ impl Machine for NodeService {
                 .then(|| Duration::from_secs(u64::from(req.try_timeout_seconds))),
             dry_run: req.dry_run,
         };
-        let applied = if self.maintenance {
-            let applied = self
-                .applier
-                .install_first(request)
-                .await
-                .map_err(apply_status)?;
-            if !req.dry_run
-                && let Some(tx) = &self.installed
-            {
-                let _ = tx.try_send(());
-            }
-            applied
+        let result = if self.maintenance {
+            self.applier.install_first(request).await
         } else {
-            self.applier.apply(request).await.map_err(apply_status)?
+            self.applier.apply(request).await
         };
+        self.audit(entry, &result).await;
+        let applied = result.map_err(apply_status)?;
+        if self.maintenance
+            && !req.dry_run
+            && let Some(tx) = &self.installed
+        {
+            let _ = tx.try_send(());
+        }
         tracing::info!(
             user = ?user,
             mode = keelson_api::api::apply_mode_name(applied.mode),
@@ -645,9 +648,12 @@ impl Machine for NodeService {
 
     async fn confirm_config(
         &self,
-        _req: Request<proto::ConfirmConfigRequest>,
+        req: Request<proto::ConfirmConfigRequest>,
     ) -> Result<Response<proto::ConfirmConfigResponse>, Status> {
-        let message = self.applier.confirm().await.map_err(apply_status)?;
+        let entry = audit::AuditEntry::now(&audit::Caller::of(&req), "confirm", "", "");
+        let result = self.applier.confirm().await;
+        self.audit(entry, &result).await;
+        let message = result.map_err(apply_status)?;
         Ok(Response::new(proto::ConfirmConfigResponse { message }))
     }
 
@@ -677,20 +683,18 @@ impl Machine for NodeService {
         &self,
         req: Request<proto::ResetRequest>,
     ) -> Result<Response<proto::PowerResponse>, Status> {
+        let who = audit::Caller::of(&req);
         let force = req.into_inner().force;
-        // A control plane leaves etcd first, unless it is the last member; a leave that
-        // would break the quorum refuses the reset (without --force).
-        let left = match &self.etcd {
-            Some(etcd) => etcd.leave_for(force).await.map_err(etcd_api::status)?,
-            None => ResetLeave::NotAMember,
-        };
-        let backend = self.backend.clone();
-        let mut message = blocking(move || backend.reset())
-            .await?
-            .map_err(backend_status)?;
-        if let ResetLeave::Left(how) = left {
-            message = format!("{how}; {message}");
+        // Recorded before it runs: a reset that goes through wipes STATE and its log.
+        let state_dir = self.applier.state_dir().to_path_buf();
+        let entry = audit::AuditEntry::now(&who, "reset", "requested", "");
+        audit::record_logged(state_dir.clone(), entry).await;
+        let result = self.reset_node(force).await;
+        if let Err(status) = &result {
+            let entry = audit::AuditEntry::now(&who, "reset", "failed", status.message());
+            audit::record_logged(state_dir, entry).await;
         }
+        let message = result?;
         Ok(Response::new(proto::PowerResponse { message }))
     }
 
@@ -932,6 +936,36 @@ impl Machine for NodeService {
         )
         .await?;
         Ok(Response::new(proto::ImageImportResponse { images }))
+    }
+}
+
+impl NodeService {
+    /// Records an apply-config or confirm in the audit log ([`audit`]) with its outcome.
+    async fn audit<T>(&self, mut entry: audit::AuditEntry, result: &Result<T, ApplyError>) {
+        (entry.outcome, entry.detail) = match result {
+            Ok(_) => ("ok".to_owned(), String::new()),
+            Err(e @ ApplyError::Failed(_)) => ("failed".to_owned(), audit::cut(&e.to_string())),
+            Err(e) => ("refused".to_owned(), audit::cut(&e.to_string())),
+        };
+        audit::record_logged(self.applier.state_dir().to_path_buf(), entry).await;
+    }
+
+    /// `reset`: a control plane leaves etcd, then PID 1 wipes the node; its message.
+    async fn reset_node(&self, force: bool) -> Result<String, Status> {
+        // A control plane leaves etcd first, unless it is the last member; a leave that
+        // would break the quorum refuses the reset (without --force).
+        let left = match &self.etcd {
+            Some(etcd) => etcd.leave_for(force).await.map_err(etcd_api::status)?,
+            None => ResetLeave::NotAMember,
+        };
+        let backend = self.backend.clone();
+        let mut message = blocking(move || backend.reset())
+            .await?
+            .map_err(backend_status)?;
+        if let ResetLeave::Left(how) = left {
+            message = format!("{how}; {message}");
+        }
+        Ok(message)
     }
 }
 
