@@ -71,6 +71,17 @@ pub fn parse(head: &[u8]) -> Option<Superblock> {
 
 /// Read the superblock of the partition at `device`, if it holds an ext filesystem.
 pub fn probe(sys: &dyn Syscalls, device: &Path) -> io::Result<Option<Superblock>> {
+    Ok(parse(&read_head(sys, device)?))
+}
+
+/// Whether a partition's head is blank (all zeros): nothing was ever written there, as
+/// on a new partition, unlike a filesystem whose superblock is damaged.
+pub fn is_blank(head: &[u8]) -> bool {
+    head.iter().all(|&b| b == 0)
+}
+
+/// The first [`PROBE_LEN`] bytes of the partition at `device` (fewer if it is smaller).
+pub fn read_head(sys: &dyn Syscalls, device: &Path) -> io::Result<Vec<u8>> {
     let mut head = vec![0u8; PROBE_LEN];
     let mut reader = sys.open_read(device)?;
     let mut got = 0;
@@ -80,7 +91,8 @@ pub fn probe(sys: &dyn Syscalls, device: &Path) -> io::Result<Option<Superblock>
             n => got += n,
         }
     }
-    Ok(parse(&head[..got]))
+    head.truncate(got);
+    Ok(head)
 }
 
 #[cfg(test)]

@@ -21,7 +21,10 @@
 //! left unformatted: [`prepare`] reports it as [`Error::Deferred`], and stage 2 formats
 //! and mounts it with [`finish_deferred`] once containerd is spawned (containerd needs
 //! only EPHEMERAL; a new STATE holds nothing to read, and its `mke2fs` then runs on the
-//! CPU containerd's start leaves idle).
+//! CPU containerd's start leaves idle). Only a blank STATE (its head all zeros) is new: one
+//! that holds bytes but no ext4 superblock is a damaged filesystem that may hold the
+//! node's config, reported as [`Error::Unrecognized`] and never formatted, so that stage
+//! 2 does not take a configured node for a new one (and serve maintenance mode).
 
 pub mod ext4;
 pub mod table;
@@ -55,6 +58,17 @@ pub enum Error {
         device: String,
         /// Its size in bytes.
         size: u64,
+    },
+    /// STATE holds data but no ext4 superblock: a damaged filesystem, not a new
+    /// partition, so it is neither formatted nor mounted.
+    #[error(
+        "{name} ({device}) holds data but no ext4 superblock: its filesystem may be damaged, and it may hold this node's config and identity, so it is neither formatted nor mounted; repair it from another system (e2fsck -b with a backup superblock), or wipe its first MiB (its content is lost) to have it formatted at the next boot"
+    )]
+    Unrecognized {
+        /// The partition's name.
+        name: &'static str,
+        /// Its device.
+        device: String,
     },
     /// The boot disk cannot be found.
     #[error("cannot find the boot disk: {why}")]
@@ -574,11 +588,17 @@ fn prepare_partition(
             size,
         });
     }
-    let superblock = ext4::probe(sys, &device_path).map_err(|source| Error::Probe {
+    let head = ext4::read_head(sys, &device_path).map_err(|source| Error::Probe {
         device: device.clone(),
         source,
     })?;
+    let superblock = ext4::parse(&head);
     let formatted = superblock.is_none();
+    // A STATE is new only when blank: bytes without a superblock may be a configured
+    // node's damaged filesystem, which a format would erase.
+    if formatted && defer_if_new && !ext4::is_blank(&head) {
+        return Err(Error::Unrecognized { name, device });
+    }
     if formatted && defer_if_new {
         return Err(Error::Deferred { name, device, size });
     }

@@ -235,6 +235,39 @@ fn a_new_state_can_be_left_for_later_and_is_formatted_then()
 }
 
 #[test]
+fn a_state_with_data_but_no_superblock_is_not_taken_for_a_new_one()
+-> Result<(), Box<dyn std::error::Error>> {
+    let fx = Fixture::new("damaged", 1024)?;
+    let mut fake = Fake::new().reading_real(&fx.dir);
+    fake.read_data
+        .insert("/dev/urandom".into(), FAKE_URANDOM.to_vec());
+    let vda4 = fx.dev("vda4");
+    // A configured STATE whose superblock's magic was lost: its label is still there.
+    let mut damaged = ext4_head(25600, "STATE");
+    damaged[1080..1082].copy_from_slice(&[0, 0]);
+    fake.read_data.insert(PathBuf::from(&vda4), damaged);
+    let log = MemoryLog::default();
+    let opts = Options {
+        defer_new_state: true,
+        ..fx.options()
+    };
+    let report = prepare(&fake, &log, None, &opts)?;
+    let Err(Error::Unrecognized { name, device }) = &report.state else {
+        panic!("STATE should be unrecognized: {:?}", report.state);
+    };
+    assert_eq!((*name, device.as_str()), ("STATE", vda4.as_str()));
+    assert!(!fake.calls().contains(&mke2fs("STATE", &vda4)));
+    assert!(
+        lines(&log)
+            .iter()
+            .any(|l| l.starts_with(&format!("STATE ({vda4}) holds data but no ext4 superblock"))),
+        "{:?}",
+        lines(&log)
+    );
+    Ok(())
+}
+
+#[test]
 fn first_boot_grows_ephemeral_formats_and_mounts_both() -> Result<(), Box<dyn std::error::Error>> {
     let fx = Fixture::new("first", 1024)?;
     let mut fake = Fake::new().reading_real(&fx.dir);

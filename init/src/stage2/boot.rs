@@ -68,6 +68,9 @@ pub(super) fn prepare(
         match disks::prepare(sys, log, modules.as_ref(), &disk_options) {
             Ok(report) => {
                 boot_disk = Some(report.boot.disk.clone());
+                if let Some(line) = state_unavailable(&report.state) {
+                    log.line(&line);
+                }
                 let pending = match &report.state {
                     Err(disks::Error::Deferred { device, size, .. }) => {
                         Some((device.clone(), *size))
@@ -128,6 +131,32 @@ pub(super) fn prepare(
         wipe,
         assess,
     }
+}
+
+/// What the console says when STATE is there but cannot be read (`None` otherwise):
+/// its filesystem cannot be probed, is damaged or does not mount, so the node may be
+/// configured and must not serve maintenance mode, where anyone on the network could
+/// push it a config. `Node::start_maintenance` refuses without a mounted STATE; this says
+/// why and what to do. A STATE that does not exist yet or is blank (a new node) is not
+/// this: it is formatted, and the node serves maintenance mode.
+pub fn state_unavailable(state: &Result<disks::Mounted, disks::Error>) -> Option<String> {
+    let Err(
+        e @ (disks::Error::Probe { .. }
+        | disks::Error::Mount { .. }
+        | disks::Error::Unrecognized { .. }),
+    ) = state
+    else {
+        return None;
+    };
+    let device = match e {
+        disks::Error::Probe { device, .. }
+        | disks::Error::Mount { device, .. }
+        | disks::Error::Unrecognized { device, .. } => device.as_str(),
+        _ => "?",
+    };
+    Some(format!(
+        "STATE unavailable ({device}: see the line above): this node may be configured, so it does not serve maintenance mode, which would let anyone on the network push it a config; repair STATE from another system and reboot"
+    ))
 }
 
 /// The banner of the boot.
@@ -281,6 +310,45 @@ mod tests {
     use super::*;
     use crate::console::memory::MemoryLog;
     use crate::syscalls::fake::Fake;
+
+    #[test]
+    fn a_state_that_exists_but_cannot_be_read_is_said_unavailable() {
+        let mounted = disks::Mounted {
+            device: "/dev/vda4".into(),
+            target: "/system/state".into(),
+            formatted: false,
+            resized: false,
+            size: 100 << 20,
+        };
+        assert_eq!(state_unavailable(&Ok(mounted)), None);
+        let new = disks::Error::Deferred {
+            name: "STATE",
+            device: "/dev/vda4".into(),
+            size: 100 << 20,
+        };
+        assert_eq!(
+            state_unavailable(&Err(new)),
+            None,
+            "a new STATE is not configured"
+        );
+        let damaged = disks::Error::Mount {
+            name: "STATE",
+            device: "/dev/vda4".into(),
+            target: "/system/state".into(),
+            hint: "",
+            source: io::Error::from_raw_os_error(117),
+        };
+        let said = state_unavailable(&Err(damaged)).unwrap_or_default();
+        assert!(
+            said.starts_with("STATE unavailable (/dev/vda4: see the line above): this node may be configured, so it does not serve maintenance mode"),
+            "{said}"
+        );
+        let unrecognized = disks::Error::Unrecognized {
+            name: "STATE",
+            device: "/dev/vda4".into(),
+        };
+        assert!(state_unavailable(&Err(unrecognized)).is_some());
+    }
 
     #[test]
     fn os_release_versions() {
