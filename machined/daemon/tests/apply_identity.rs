@@ -6,7 +6,8 @@
 //! Refused: a worker config pushed in maintenance mode without a node API certificate
 //! (neither in its `machine.files` nor in STATE), a CA whose key is not its
 //! certificate's, a worker certificate that does not parse, and one issued from another
-//! CA. Accepted: a worker config whose `machine.files` carry a certificate from its CA.
+//! CA. Accepted: a worker config whose `machine.files` carry a certificate from its CA,
+//! and one without them on a worker whose STATE holds its certificate.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -89,7 +90,7 @@ fn worker_cert(ca: &CertAndKey) -> CertAndKey {
         &LeafRequest {
             common_name: "worker-1".into(),
             organizations: Vec::new(),
-            sans: vec!["worker-1".into(), "localhost".into()],
+            sans: vec!["worker-1".into(), "localhost".into(), "127.0.0.1".into()],
             usage: Usage::Server,
         },
     )
@@ -349,5 +350,43 @@ fn the_first_config_of_maintenance_mode_is_audited_as_anonymous() {
         entries[0].detail.contains("node_api_ca"),
         "{:?}",
         entries[0]
+    );
+}
+
+#[test]
+fn a_worker_whose_certificate_is_in_state_takes_a_config_without_it() {
+    let c = configs();
+    let cert = worker_cert(&c.secrets.node_api_ca);
+    let state = tempfile::tempdir().unwrap();
+    std::fs::create_dir(state.path().join("node-api")).unwrap();
+    std::fs::write(state.path().join("node-api/server.crt"), &cert.cert).unwrap();
+    std::fs::write(state.path().join("node-api/server.key"), &cert.key).unwrap();
+    std::fs::write(state.path().join("config.toml"), &c.worker).unwrap();
+    let node = Node::start_in(state, backend());
+    let admin = admin(&c);
+    let connector = Connector::for_context(
+        "admin",
+        &keelson_api::clientconfig::Context {
+            endpoints: vec![node.address.to_string()],
+            nodes: Vec::new(),
+            ca: c.secrets.node_api_ca.cert.clone(),
+            cert: admin.cert,
+            key: admin.key,
+        },
+    )
+    .unwrap();
+    let address = node.address.to_string();
+    let messages = rt().block_on(async {
+        let mut client = connector.connect(&address).await.unwrap();
+        client
+            .apply_config(request(&c.worker, true))
+            .await
+            .unwrap()
+            .into_inner()
+            .messages
+    });
+    assert!(
+        messages.iter().any(|m| m.contains("dry run")),
+        "{messages:?}"
     );
 }
