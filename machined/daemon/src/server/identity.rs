@@ -252,8 +252,9 @@ pub fn tls_from(
     Ok((tls, id.sans))
 }
 
-/// The server identity of a configured node, from the files given: a control plane issues its certificate from
-/// the CA (whose key must be the CA certificate's), a worker uses the files found.
+/// The server identity of a configured node, from the files given: a control plane
+/// issues its certificate from the CA (whose key must be the CA certificate's), a worker
+/// uses the files found.
 pub fn identity_from(
     config: &MachineConfig,
     worker: &WorkerFiles,
