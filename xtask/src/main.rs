@@ -275,7 +275,7 @@ const FUZZ_TARGETS: &[(&str, &str, &str)] = &[
     ),
 ];
 
-/// A short run of each fuzz target (`configs/fuzz`, `init/fuzz`): each must build and
+/// A short run of each fuzz target of [`FUZZ_TARGETS`]: each must build and
 /// find no crash within `duration`. cargo-fuzz needs nightly features; `RUSTC_BOOTSTRAP`
 /// unlocks them on the stable toolchain this project pins.
 fn fuzz(duration: Duration) -> Result<()> {
