@@ -326,12 +326,7 @@ impl Applier {
                     let t = text.clone();
                     blocking(move || store.write_staged(&t))
                         .await?
-                        .map_err(|e| {
-                            ApplyError::Failed(format!(
-                                "{}; nothing was changed",
-                                keelson_api::error_chain(&e)
-                            ))
-                        })?;
+                        .map_err(unchanged)?;
                     vec![format!(
                         "config staged in {}: it takes effect at the next boot",
                         self.store.staged_path().display()
@@ -400,12 +395,7 @@ impl Applier {
         let t = text.to_owned();
         blocking(move || store.write_config(&t))
             .await?
-            .map_err(|e| {
-                ApplyError::Failed(format!(
-                    "{}; nothing was changed",
-                    keelson_api::error_chain(&e)
-                ))
-            })?;
+            .map_err(unchanged)?;
         messages.push("config written to STATE".into());
         self.forget_failed_try().await;
         let backend = self.backend.clone();
@@ -562,6 +552,14 @@ fn dry_run_messages(mode: ApplyMode, plan: &Plan) -> Vec<String> {
         _ => {}
     }
     messages
+}
+
+/// A failed write of STATE before anything changed, with the error's whole chain.
+fn unchanged(e: impl std::error::Error + 'static) -> ApplyError {
+    ApplyError::Failed(format!(
+        "{}; nothing was changed",
+        keelson_api::error_chain(&e)
+    ))
 }
 
 #[cfg(test)]
