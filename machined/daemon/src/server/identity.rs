@@ -106,21 +106,31 @@ pub fn interface_addresses() -> BTreeSet<IpAddr> {
     out
 }
 
+/// The kernel's hostname before anything set one.
+const UNSET_HOSTNAME: &str = "(none)";
+
 /// The names the server certificate carries: hostname, `localhost`, loopback, the given
-/// addresses, the config's static addresses and `machine.api.cert_sans`.
+/// addresses, the config's static addresses and `machine.api.cert_sans`. The hostname is
+/// the config's when it names one (PID 1 sets it from there; in maintenance mode, when a
+/// candidate config is judged, the kernel's is still unset), else the kernel's if set.
 pub fn server_sans(config: &MachineConfig, addresses: &BTreeSet<IpAddr>) -> Vec<String> {
     let mut names: BTreeSet<String> = BTreeSet::new();
     names.insert("localhost".into());
     names.insert("127.0.0.1".into());
     names.insert("::1".into());
-    if let Ok(h) = nix::unistd::gethostname()
-        && let Some(h) = h.to_str()
-        && !h.is_empty()
-    {
-        names.insert(h.to_owned());
-    }
-    if let Some(h) = &config.machine.hostname {
-        names.insert(h.clone());
+    match &config.machine.hostname {
+        Some(h) => {
+            names.insert(h.clone());
+        }
+        None => {
+            if let Ok(h) = nix::unistd::gethostname()
+                && let Some(h) = h.to_str()
+                && !h.is_empty()
+                && h != UNSET_HOSTNAME
+            {
+                names.insert(h.to_owned());
+            }
+        }
     }
     for ip in addresses {
         names.insert(ip.to_string());
