@@ -585,11 +585,13 @@ fn stacked_etcd_forms_survives_faults_and_is_operated_through_the_api() {
     // blessed only once its etcd member, ready before the upgrade, is ready again.
     let said = etcd.ok_on(&cp1, &["upgrade", "--image", v2, "--wait", "0s"]);
     assert!(said.contains("reboot"), "{said}");
+    // While it reboots the node does not answer: each poll asks again.
     let status = poll(Duration::from_secs(900), || {
-        let s = etcd.json_on(&cp1, &["upgrade", "status"]);
-        (s[0]["attempt"]["outcome"] == "blessed")
+        let out = etcd.on(&cp1, &["upgrade", "status", "-o", "json"]);
+        let s: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        (out.status.success() && s[0]["attempt"]["outcome"] == "blessed")
             .then(|| s.clone())
-            .ok_or_else(|| format!("{} not blessed on v2: {s:#}", cp1.name))
+            .ok_or_else(|| format!("{} not blessed on v2: {}", cp1.name, show(&out)))
     });
     let attempt = &status[0]["attempt"];
     assert_eq!(attempt["to_version"], V2, "{status:#}");
