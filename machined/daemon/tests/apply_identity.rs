@@ -228,18 +228,7 @@ fn a_node_api_ca_whose_key_is_not_its_certificates_is_refused() {
 
     // On a configured control plane: STATE keeps the config in effect.
     let node = Node::start(Some(&c.controlplane));
-    let admin = admin(&c);
-    let connector = Connector::for_context(
-        "admin",
-        &keelson_api::clientconfig::Context {
-            endpoints: vec![node.address.to_string()],
-            nodes: Vec::new(),
-            ca: c.secrets.node_api_ca.cert.clone(),
-            cert: admin.cert,
-            key: admin.key,
-        },
-    )
-    .unwrap();
+    let connector = admin_connector(&c, &node);
     let address = node.address.to_string();
     let status = rt().block_on(async {
         let mut client = connector.connect(&address).await.unwrap();
@@ -263,6 +252,22 @@ fn a_node_api_ca_whose_key_is_not_its_certificates_is_refused() {
         "{:?}",
         node.backend.calls()
     );
+}
+
+/// A connector to `node` with [`admin`]'s certificate, trusting the node API CA.
+fn admin_connector(c: &Configs, node: &Node) -> Connector {
+    let admin = admin(c);
+    Connector::for_context(
+        "admin",
+        &keelson_api::clientconfig::Context {
+            endpoints: vec![node.address.to_string()],
+            nodes: Vec::new(),
+            ca: c.secrets.node_api_ca.cert.clone(),
+            cert: admin.cert,
+            key: admin.key,
+        },
+    )
+    .unwrap()
 }
 
 fn admin(c: &Configs) -> CertAndKey {
@@ -363,18 +368,7 @@ fn a_worker_whose_certificate_is_in_state_takes_a_config_without_it() {
     std::fs::write(state.path().join("node-api/server.key"), &cert.key).unwrap();
     std::fs::write(state.path().join("config.toml"), &c.worker).unwrap();
     let node = Node::start_in(state, backend());
-    let admin = admin(&c);
-    let connector = Connector::for_context(
-        "admin",
-        &keelson_api::clientconfig::Context {
-            endpoints: vec![node.address.to_string()],
-            nodes: Vec::new(),
-            ca: c.secrets.node_api_ca.cert.clone(),
-            cert: admin.cert,
-            key: admin.key,
-        },
-    )
-    .unwrap();
+    let connector = admin_connector(&c, &node);
     let address = node.address.to_string();
     let messages = rt().block_on(async {
         let mut client = connector.connect(&address).await.unwrap();
