@@ -450,3 +450,168 @@ fn a_node_from_maintenance_mode_through_apply_config_reboot_and_reset() {
         tail(third_boot, 80)
     );
 }
+
+/// How many times the power is cut during applies.
+const APPLY_CUTS: usize = 20;
+const CUT_MAC: &str = "52:54:00:4b:45:07";
+
+/// The config STATE holds, byte for byte (`read` as admin), once the node answers.
+fn state_config(bin: &Path, admin: &Path, vm: &Running) -> String {
+    let out = until_ok(vm, BOOT, "read STATE's config", || {
+        run(bin, admin, &["read", "/system/state/config.toml"])
+    });
+    stdout(&out)
+}
+
+/// The power is cut at [`APPLY_CUTS`] random points during `apply-config` calls in the
+/// modes that write STATE (`no-reboot`, `staged`, `reboot`): every time, the node boots
+/// the config STATE held before the call or the one it sent, whole, answers on its API,
+/// and runs what that config says. The seed is printed; `KEELSON_TEST_SEED` replays it.
+#[test]
+fn power_cuts_during_applies_leave_the_old_or_the_new_config() {
+    let seed = std::env::var("KEELSON_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    eprintln!("apply power cuts: seed {seed} (KEELSON_TEST_SEED={seed} replays it)");
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let bin = machinectl_binary().unwrap();
+    let (base, ca) = cluster();
+    let dir = tempfile::tempdir().unwrap();
+    // Swappiness 1..=20 tells the configs apart; the boot config's 50 is none of them,
+    // so a torn STATE config that init refused (falling back to fw_cfg) cannot pass.
+    let boot = variant(&base, &[("vm.swappiness", "50")], dir.path(), "boot.toml");
+    let port = free_loopback_port().unwrap();
+    let admin = dir.path().join("machinectl.toml");
+    api_client_config(&ca, &format!("127.0.0.1:{port}"), &Role::ALL, &admin).unwrap();
+    let mut vm = Guest::new(Arch::Amd64)
+        .image(test_image(Arch::Amd64).unwrap())
+        .memory(2048)
+        .allow_reboot()
+        .api_forward(port, CUT_MAC)
+        .fw_cfg(keelson_configs::layout::FW_CFG_CONFIG, &boot)
+        .boot()
+        .unwrap();
+    let mut held = state_config(&bin, &admin, &vm);
+    assert_eq!(held, std::fs::read_to_string(&boot).unwrap());
+
+    // One uncut no-reboot apply: how long a call takes, to spread the cuts over it.
+    let first = variant(&base, &[("vm.swappiness", "21")], dir.path(), "c21.toml");
+    let started = Instant::now();
+    let out = run(
+        &bin,
+        &admin,
+        &[
+            "apply-config",
+            "--file",
+            first.to_str().unwrap(),
+            "--mode",
+            "no-reboot",
+        ],
+    );
+    let call = started.elapsed();
+    assert!(out.status.success(), "{}", show(&out));
+    held = state_config(&bin, &admin, &vm);
+    assert_eq!(held, std::fs::read_to_string(&first).unwrap());
+    eprintln!("an uncut no-reboot apply took {:.2} s", call.as_secs_f64());
+
+    let modes = ["no-reboot", "staged", "reboot"];
+    let mut mid_call = 0;
+    for i in 0..APPLY_CUTS {
+        let mode = modes[i % modes.len()];
+        let value = (i + 1).to_string();
+        let file = variant(
+            &base,
+            &[("vm.swappiness", value.as_str())],
+            dir.path(),
+            &format!("c{value}.toml"),
+        );
+        let new = std::fs::read_to_string(&file).unwrap();
+        // From the CLI's start to a little after an uncut call's end.
+        let delay = call.mul_f64(rng.f64() * 1.3);
+        let mut child = std::process::Command::new(&bin)
+            .arg("--machineconfig")
+            .arg(&admin)
+            .args([
+                "apply-config",
+                "--file",
+                file.to_str().unwrap(),
+                "--mode",
+                mode,
+            ])
+            .env_remove("MACHINECONFIG")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(delay);
+        let running = child.try_wait().unwrap().is_none();
+        mid_call += usize::from(running);
+        vm.power_cycle().unwrap();
+        let _ = child.kill();
+        let _ = child.wait();
+        vm.wait_for("service machined ready", BOOT).unwrap();
+        let now = state_config(&bin, &admin, &vm);
+        let which = if now == held {
+            "old"
+        } else if now == new {
+            "new"
+        } else {
+            panic!(
+                "cut {i} ({mode}, {:.2} s in, seed {seed}): STATE holds neither the old nor the new config:\n{now}\n--- console ---\n{}",
+                delay.as_secs_f64(),
+                tail(&vm.console(), 60)
+            );
+        };
+        let console = vm.console();
+        let refused = console
+            .lines()
+            .any(|l| l.contains("config from STATE") && l.contains("refused"));
+        assert!(
+            console.contains("applying the config from STATE") && !refused,
+            "cut {i}: the node did not boot STATE's config\n{}",
+            tail(&console, 60)
+        );
+        // What STATE holds is what runs (a staged config is promoted at this boot).
+        let want = if which == "new" {
+            value.clone()
+        } else {
+            sysctl_of(&held)
+        };
+        assert_eq!(
+            sysctl(&bin, &admin, "vm.swappiness"),
+            want,
+            "cut {i} ({mode}): STATE holds the {which} config"
+        );
+        eprintln!(
+            "cut {i}: {mode} apply cut {:.2} s in ({}): the node runs the {which} config",
+            delay.as_secs_f64(),
+            if running {
+                "mid-call"
+            } else {
+                "after the call"
+            }
+        );
+        held = now;
+    }
+    // Most cuts fell inside a call, not after it.
+    assert!(
+        mid_call >= APPLY_CUTS / 2,
+        "only {mid_call} of {APPLY_CUTS} cuts fell inside a call (seed {seed})"
+    );
+}
+
+/// The `vm.swappiness` a config text sets.
+fn sysctl_of(config: &str) -> String {
+    let table: toml::Table = toml::from_str(config).unwrap();
+    table["machine"]["sysctls"]["vm.swappiness"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
