@@ -2,8 +2,9 @@
 //! the configs (as `gen config` does, one per node with its static address), make a qcow2
 //! overlay and fresh UEFI variables per node, set up the network, start every VM
 //! detached ([`launch`]; config through `fw_cfg`), then wait until every node's API
-//! answers and it is healthy; then (unless asked not to) bootstrap etcd and wait for it
-//! on every control plane ([`bootstrap`]).
+//! answers and it is healthy, power-cycling a node that shows no stage-1 line within a
+//! deadline of its power-on ([`stage1_watch`]); then (unless asked not to) bootstrap
+//! etcd and wait for it on every control plane ([`bootstrap`]).
 //!
 //! Order matters for clean-up: the directory and the record come first, and every later
 //! resource is either inside the directory, named after the cluster (the namespace), or a
@@ -33,6 +34,7 @@ use super::launch::{self, Boot};
 use super::netns;
 use super::plan::{self, NetworkKind, Plan};
 use super::record::{Record, clusters_dir, node_dir, socket_dir};
+use super::stage1_watch::{self, MAX_POWER_CYCLES, Step, Watch};
 use super::{ClusterError, io_error, node_tail, process_marker};
 use keelson_api::api::proto;
 use keelson_api::atomic;
@@ -264,6 +266,8 @@ pub fn create(
     progress(Progress::Accel(accel, why));
     record.accel = accel.name().into();
     record.save(&dir)?;
+    let stage1_deadline =
+        stage1_watch::deadline(options.arch, accel).map_err(ClusterError::Usage)?;
 
     // Configs and secrets, as `gen config` makes them, one per node.
     let secrets = ClusterSecrets::generate().map_err(|e| ClusterError::Generate(e.to_string()))?;
@@ -324,17 +328,33 @@ pub fn create(
 
     // The VMs.
     let mut children = Vec::new();
+    let mut watches = Vec::new();
     for (i, node) in plan.nodes.iter().enumerate() {
-        let child = launch::launch(&dir, &record, i, Boot::First)?.child;
+        let frozen = stage1_watch::frozen_at_first_power_on(&node.name);
+        let boot = if frozen {
+            Boot::FirstFrozen
+        } else {
+            Boot::First
+        };
+        let child = launch::launch(&dir, &record, i, boot)?.child;
+        watches.push(Watch::new(stage1_deadline, Instant::now()));
         if let Some(n) = record.nodes.get_mut(i) {
             n.pid = Some(child.id());
         }
         record.save(&dir)?;
         progress(Progress::Step(format!(
-            "started {} (pid {}), console {}",
+            "started {} (pid {}), console {}{}",
             node.name,
             child.id(),
-            node_dir(&dir, &node.name).join("console.log").display()
+            node_dir(&dir, &node.name).join("console.log").display(),
+            if frozen {
+                format!(
+                    ", its CPUs held at reset ({}: the test hook of a node frozen before stage 1)",
+                    stage1_watch::FREEZE_ENV
+                )
+            } else {
+                String::new()
+            }
         )));
         children.push(child);
     }
@@ -353,15 +373,17 @@ pub fn create(
         .save(&dir.join("machinectl.toml"))
         .map_err(ClusterError::ClientConfig)?;
 
+    let mut vms = Vms { children, watches };
     wait_healthy(
         &options.name,
         &dir,
-        &record,
+        &mut record,
         &context,
-        &mut children,
+        &mut vms,
         wait,
         progress,
     )?;
+    let mut children = vms.children;
 
     let mut merged = if options.client_config.exists() {
         ClientConfig::load(&options.client_config).map_err(ClusterError::ClientConfig)?
@@ -598,13 +620,67 @@ fn start_helper(options: &CreateOptions, dir: &Path) -> Result<u32, ClusterError
     }
 }
 
-/// Polls every node until its API answers and it is healthy, reporting progress.
+/// The QEMUs `create` or `start` waits on, and each one's stage-1 watch, by node index
+/// (`start`: in the order it started them).
+pub(crate) struct Vms {
+    /// Each node's QEMU.
+    pub children: Vec<Child>,
+    /// Each node's stage-1 watch.
+    pub watches: Vec<Watch>,
+}
+
+/// Watches node `index` (of the record) until its stage 1 starts: a node hung before it
+/// is power-cycled, and the progress says so, at most [`MAX_POWER_CYCLES`] times; hung
+/// after that, it is an error naming the node and its console log.
+pub(crate) fn watch_stage1(
+    cluster: &str,
+    dir: &Path,
+    record: &mut Record,
+    index: usize,
+    child: &mut Child,
+    watch: &mut Watch,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<(), ClusterError> {
+    if watch.booted() {
+        return Ok(());
+    }
+    let Some(name) = record.nodes.get(index).map(|n| n.name.clone()) else {
+        return Ok(());
+    };
+    let console_path = node_dir(dir, &name).join("console.log");
+    let console = std::fs::read(&console_path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
+    match watch.check(&console, Instant::now()) {
+        Step::Booted | Step::Waiting => Ok(()),
+        Step::PowerCycle { cycle, hang } => {
+            progress(Progress::Step(format!(
+                "node {name} {}; power-cycling it ({cycle} of {MAX_POWER_CYCLES})",
+                stage1_watch::describe(hang, &console)
+            )));
+            launch::power_cycle(dir, record, index, child, cycle)?;
+            watch.power_cycled(Instant::now());
+            Ok(())
+        }
+        Step::GiveUp(hang) => Err(ClusterError::Hung {
+            cluster: cluster.to_owned(),
+            node: name,
+            what: stage1_watch::describe(hang, &console),
+            boots: watch.cycles() + 1,
+            cycles: watch.cycles(),
+            console: console_path,
+        }),
+    }
+}
+
+/// Polls every node until its API answers and it is healthy, reporting progress;
+/// power-cycles a node hung before stage 1.
 fn wait_healthy(
     cluster: &str,
     dir: &Path,
-    record: &Record,
+    record: &mut Record,
     context: &Context,
-    children: &mut [Child],
+    vms: &mut Vms,
     wait: Duration,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<(), ClusterError> {
@@ -623,7 +699,10 @@ fn wait_healthy(
         .map(|_| NodeState::Booting("starting".into()))
         .collect();
     loop {
-        check_running(cluster, dir, record, children)?;
+        check_running(cluster, dir, record, &mut vms.children)?;
+        for (i, (child, watch)) in vms.children.iter_mut().zip(&mut vms.watches).enumerate() {
+            watch_stage1(cluster, dir, record, i, child, watch, progress)?;
+        }
         let polls: Vec<_> = record
             .nodes
             .iter()
@@ -641,6 +720,11 @@ fn wait_healthy(
             set.join_all().await
         });
         for (i, state) in results {
+            if !matches!(state, NodeState::Booting(_))
+                && let Some(watch) = vms.watches.get_mut(i)
+            {
+                watch.answered();
+            }
             if let Some(s) = states.get_mut(i) {
                 *s = state;
             }

@@ -9,6 +9,11 @@
 //! is unchanged) and rotates its logs: the last boot's `console.log` and `qemu.stderr`
 //! become `console.log.N` and `qemu.stderr.N` (N = 1, 2, ... in boot order), and the new
 //! boot writes fresh ones.
+//!
+//! A power cycle ([`power_cycle`], for a node hung before stage 1: [`stage1_watch`]) is
+//! a cold reset: QEMU killed and started again with the same disk, UEFI variables and
+//! network. Its console log and QEMU's stderr go on in the same files, the new boot's
+//! output after a `===== power cycle N =====` line.
 
 use std::fs::File;
 use std::os::unix::process::CommandExt as _;
@@ -22,6 +27,7 @@ use super::netns;
 use super::plan::{self, NetworkKind};
 use super::qemu::{Accel, Machine};
 use super::record::{NodeRecord, RECORD_FILE, Record, node_dir, socket_dir};
+use super::stage1_watch;
 use super::{ClusterError, io_error};
 
 /// Which boot of the node this is.
@@ -29,8 +35,14 @@ use super::{ClusterError, io_error};
 pub enum Boot {
     /// The first (`create`): fresh UEFI variables, an empty console log.
     First,
+    /// The first, with the CPUs held at reset (QEMU's `-S`), so that the node never
+    /// shows a stage-1 line: the test hook [`stage1_watch::FREEZE_ENV`].
+    FirstFrozen,
     /// A later one (`start`): the UEFI variables kept, the logs rotated.
     Again,
+    /// The Nth power cycle of a hung node: the UEFI variables kept, the logs appended to
+    /// after a marker line.
+    PowerCycle(u32),
 }
 
 /// A node's QEMU, started.
@@ -154,17 +166,11 @@ pub fn launch(
     index: usize,
     boot: Boot,
 ) -> Result<Launched, ClusterError> {
-    let machine = node_machine(dir, record, index)?;
-    let ndir = machine.dir.clone();
-    let (mut cmd, previous_console) = match boot {
-        Boot::First => (machine.command()?, None),
-        Boot::Again => {
-            let vars = machine.vars_path();
-            std::fs::metadata(&vars).map_err(io_error("find the node's UEFI variables", &vars))?;
-            let previous = rotate_logs(&ndir)?;
-            (machine.command_line()?, previous)
-        }
-    };
+    let (mut cmd, previous_console) = boot_command(dir, record, index, boot)?;
+    let ndir = node_dir(
+        dir,
+        record.nodes.get(index).map_or("?", |n| n.name.as_str()),
+    );
     if record.network == NetworkKind::User {
         // A QEMU that was killed leaves its socket behind, and a bound path cannot be
         // bound again.
@@ -176,7 +182,13 @@ pub fn launch(
         }
     }
     let stderr_path = ndir.join("qemu.stderr");
-    let stderr = File::create(&stderr_path).map_err(io_error("create", &stderr_path))?;
+    let stderr = if let Boot::PowerCycle(n) = boot {
+        append_marker(&stderr_path, n)?;
+        File::options().append(true).open(&stderr_path)
+    } else {
+        File::create(&stderr_path)
+    }
+    .map_err(io_error("create", &stderr_path))?;
     cmd.stdout(Stdio::null()).stderr(stderr);
     let ns_file = match (record.network, &record.namespace) {
         (NetworkKind::Namespace, Some(ns)) => {
@@ -213,6 +225,85 @@ pub fn launch(
         child,
         previous_console,
     })
+}
+
+/// Node `index`'s QEMU command line for `boot`, its files made ready (fresh UEFI
+/// variables and console, rotated logs, or a power cycle's marker); and where the last
+/// boot's console went.
+fn boot_command(
+    dir: &Path,
+    record: &Record,
+    index: usize,
+    boot: Boot,
+) -> Result<(std::process::Command, Option<PathBuf>), ClusterError> {
+    let mut machine = node_machine(dir, record, index)?;
+    let ndir = machine.dir.clone();
+    let keep_vars = |machine: &Machine| {
+        let vars = machine.vars_path();
+        std::fs::metadata(&vars)
+            .map(drop)
+            .map_err(io_error("find the node's UEFI variables", &vars))
+    };
+    Ok(match boot {
+        Boot::First => (machine.command()?, None),
+        Boot::FirstFrozen => {
+            machine.extra.push("-S".into());
+            (machine.command()?, None)
+        }
+        Boot::Again => {
+            keep_vars(&machine)?;
+            let previous = rotate_logs(&ndir)?;
+            (machine.command_line()?, previous)
+        }
+        Boot::PowerCycle(n) => {
+            keep_vars(&machine)?;
+            append_marker(&machine.console_path(), n)?;
+            machine.console_append = true;
+            (machine.command_line()?, None)
+        }
+    })
+}
+
+/// Power-cycles node `index`: kills its QEMU (`child`) and starts it again as its
+/// `cycle`th power cycle ([`Boot::PowerCycle`]), recording the new pid.
+pub fn power_cycle(
+    dir: &Path,
+    record: &mut Record,
+    index: usize,
+    child: &mut Child,
+    cycle: u32,
+) -> Result<(), ClusterError> {
+    // SIGKILL: a power cut; the guest gets no word.
+    let _ = child.kill();
+    let _ = child.wait();
+    *child = launch(dir, record, index, Boot::PowerCycle(cycle))?.child;
+    if let Some(node) = record.nodes.get_mut(index) {
+        node.pid = Some(child.id());
+    }
+    record.save(dir)
+}
+
+/// Appends the `n`th power cycle's marker line to a log, on a line of its own.
+fn append_marker(path: &Path, n: u32) -> Result<(), ClusterError> {
+    use std::io::{Read as _, Seek as _, Write as _};
+    let mut file = File::options()
+        .create(true)
+        .read(true)
+        .append(true)
+        .open(path)
+        .map_err(io_error("open", path))?;
+    let mut last = [0u8; 1];
+    let ends_open = file.seek(std::io::SeekFrom::End(-1)).is_ok()
+        && file.read_exact(&mut last).is_ok()
+        && last[0] != b'\n';
+    let marker = stage1_watch::power_cycle_marker(n);
+    let text = if ends_open {
+        format!("\n{marker}\n")
+    } else {
+        format!("{marker}\n")
+    };
+    file.write_all(text.as_bytes())
+        .map_err(io_error("write to", path))
 }
 
 /// Moves the last boot's `console.log` and `qemu.stderr` to `.N`, the first N free for
@@ -344,6 +435,68 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("recreate the cluster"), "{err}");
+    }
+
+    #[test]
+    fn a_frozen_first_boot_holds_its_cpus_and_a_power_cycle_keeps_the_node_and_its_console() {
+        let dir = tempfile::tempdir().unwrap();
+        let record = created(NetworkKind::User);
+        let ndir = node_dir(dir.path(), "demo-controlplane-1");
+        std::fs::create_dir_all(&ndir).unwrap();
+        let (first, _) = boot_command(dir.path(), &record, 0, Boot::First).unwrap();
+        let (frozen, _) = boot_command(dir.path(), &record, 0, Boot::FirstFrozen).unwrap();
+        let (first, frozen) = (args(&first), args(&frozen));
+        assert!(!first.iter().any(|a| a == "-S"), "{first:?}");
+        assert_eq!(
+            frozen.iter().filter(|a| *a == "-S").count(),
+            1,
+            "{frozen:?}"
+        );
+        assert_eq!(
+            frozen.iter().filter(|a| *a != "-S").collect::<Vec<_>>(),
+            first.iter().collect::<Vec<_>>()
+        );
+
+        // The frozen boot printed a little; the firmware wrote its variables.
+        std::fs::write(ndir.join("console.log"), "BdsDxe: loading").unwrap();
+        std::fs::write(ndir.join("efivars.fd"), "written by the firmware").unwrap();
+        let (cycled, previous) = boot_command(dir.path(), &record, 0, Boot::PowerCycle(1)).unwrap();
+        assert_eq!(previous, None);
+        let cycled = args(&cycled);
+        let console = ndir.join("console.log");
+        // The same machine, its console appended to.
+        let without_console = |a: &[String]| {
+            let line = a.join(" ");
+            line.replace(&format!("-serial file:{}", console.display()), "")
+                .replace(
+                    &format!(
+                        "-chardev file,id=console,path={},append=on -serial chardev:console",
+                        console.display()
+                    ),
+                    "",
+                )
+        };
+        assert_eq!(without_console(&cycled), without_console(&first));
+        assert!(
+            cycled.join(" ").contains(&format!(
+                "-chardev file,id=console,path={},append=on -serial chardev:console",
+                console.display()
+            )),
+            "{cycled:?}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(&console).unwrap(),
+            "BdsDxe: loading\n===== power cycle 1 =====\n"
+        );
+        assert_eq!(
+            std::fs::read_to_string(ndir.join("efivars.fd")).unwrap(),
+            "written by the firmware"
+        );
+        boot_command(dir.path(), &record, 0, Boot::PowerCycle(2)).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&console).unwrap(),
+            "BdsDxe: loading\n===== power cycle 1 =====\n===== power cycle 2 =====\n"
+        );
     }
 
     #[test]

@@ -15,6 +15,7 @@
 //! | [`bootstrap`] | bootstrapping etcd on the first control plane, waiting for it on every control plane |
 //! | [`launch`] | one node's QEMU command line from the record, started detached (first boot or again) |
 //! | [`start`](mod@start) | booting again nodes whose VM is down, waiting for their APIs |
+//! | [`stage1_watch`] | a VM without a stage-1 line within a deadline of power-on is hung: power-cycled, at most twice |
 //! | [`manage`] | `destroy`, `list`, `show` |
 //!
 //! Networking. As root the nodes share a bridge inside the network namespace
@@ -33,6 +34,7 @@ pub mod netns;
 pub mod plan;
 pub mod qemu;
 pub mod record;
+pub mod stage1_watch;
 pub mod start;
 
 use std::path::{Path, PathBuf};
@@ -139,6 +141,24 @@ pub enum ClusterError {
         status: String,
         /// The console's last lines (and QEMU's stderr).
         tail: String,
+    },
+    /// A node hung before stage 1 at every power-on.
+    #[error(
+        "node {node} {what}, at the last of its {boots} power-ons ({cycles} power cycles did not help); its console log is {console} (each boot after a `===== power cycle N =====` line), QEMU's stderr beside it\n(the cluster is left for inspection: `machinectl cluster show --name {cluster}`; remove it with `machinectl cluster destroy --name {cluster}`)"
+    )]
+    Hung {
+        /// Cluster name.
+        cluster: String,
+        /// Node name.
+        node: String,
+        /// What it did (`stage1_watch::describe`).
+        what: String,
+        /// How many times it was powered on.
+        boots: u32,
+        /// How many times it was power-cycled.
+        cycles: u32,
+        /// Its console log.
+        console: PathBuf,
     },
     /// The first control plane refused the bootstrap for good.
     #[error(

@@ -224,6 +224,9 @@ pub struct Machine {
     /// Put the serial console on QEMU's standard input/output (interactive runs)
     /// instead of the console file.
     pub console_stdio: bool,
+    /// Append to the console file rather than start it afresh (a power-cycled node's
+    /// console log keeps every boot).
+    pub console_append: bool,
 }
 
 impl Machine {
@@ -240,6 +243,7 @@ impl Machine {
             fw_cfg: Vec::new(),
             extra: Vec::new(),
             console_stdio: false,
+            console_append: false,
         }
     }
 
@@ -317,6 +321,12 @@ impl Machine {
         cmd.args(["-display", "none", "-nodefaults", "-no-user-config"]);
         if self.console_stdio {
             cmd.args(["-serial", "stdio"]);
+        } else if self.console_append {
+            cmd.arg("-chardev").arg(format!(
+                "file,id=console,path={},append=on",
+                console.display()
+            ));
+            cmd.args(["-serial", "chardev:console"]);
         } else {
             cmd.arg("-serial")
                 .arg(format!("file:{}", console.display()));

@@ -1,22 +1,23 @@
 //! `machinectl cluster start`: boot again nodes whose VM is down (killed, powered off,
 //! crashed), each as it was first booted ([`launch`]: the same disk, so
 //! the node comes back with its state, an etcd member with its data), then wait until
-//! each one's node API answers `version`.
+//! each one's node API answers `version`. A node that shows no stage-1 line within a
+//! deadline of its power-on is power-cycled, at most twice ([`stage1_watch`]).
 //!
 //! Every named node is checked before any starts: a name the cluster does not have, or
 //! a node whose VM runs, refuses the whole command. So does a cluster whose network is
 //! gone (its namespace, or its helper: the API forwarder or the switch).
 
 use std::path::{Path, PathBuf};
-use std::process::Child;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::create::{NodeState, Progress, poll_node, short};
+use super::create::{NodeState, Progress, Vms, poll_node, short, watch_stage1};
 use super::launch::{self, Boot};
 use super::manage::node_pid;
 use super::plan::NetworkKind;
 use super::record::{Record, clusters_dir, node_dir, processes_mentioning};
+use super::stage1_watch::{self, Watch};
 use super::{ClusterError, netns, node_tail, process_marker};
 use keelson_api::client::Connector;
 use keelson_api::clientconfig::ClientConfig;
@@ -61,8 +62,13 @@ pub fn start(
     let connector = connector(&dir, &record)?;
 
     let mut launched = Vec::new();
+    let mut watches = Vec::new();
     for &i in &chosen {
+        let machine = launch::node_machine(&dir, &record, i)?;
+        let deadline =
+            stage1_watch::deadline(machine.arch, machine.accel).map_err(ClusterError::Usage)?;
         let started = launch::launch(&dir, &record, i, Boot::Again)?;
+        watches.push(Watch::new(deadline, Instant::now()));
         let node = &mut record.nodes[i];
         node.pid = Some(started.child.id());
         let console = node_dir(&dir, &node.name).join("console.log");
@@ -81,15 +87,27 @@ pub fn start(
         launched.push((i, started));
     }
 
-    let mut children: Vec<(usize, Child)> = Vec::new();
+    let mut indexes = Vec::new();
+    let mut children = Vec::new();
     let mut previous = Vec::new();
     for (i, l) in launched {
         previous.push(l.previous_console);
-        children.push((i, l.child));
+        indexes.push(i);
+        children.push(l.child);
     }
-    let answered = wait_answering(&dir, &record, &connector, &mut children, wait, progress)?;
-    Ok(children
+    let mut vms = Vms { children, watches };
+    let answered = wait_answering(
+        &dir,
+        &mut record,
+        &connector,
+        &indexes,
+        &mut vms,
+        wait,
+        progress,
+    )?;
+    Ok(indexes
         .iter()
+        .zip(&vms.children)
         .zip(previous)
         .zip(answered)
         .map(|(((i, child), previous_console), (state, after))| {
@@ -214,14 +232,20 @@ fn connector(dir: &Path, record: &Record) -> Result<Arc<Connector>, ClusterError
         })
 }
 
-/// Polls each started node until its API answers `version` (then its health is noted),
-/// failing when a VM stops or at the deadline. Returns each node's state and how long it
-/// took, in `children`'s order.
+fn name(record: &Record, i: usize) -> &str {
+    record.nodes.get(i).map_or("?", |n| n.name.as_str())
+}
+
+/// Polls each started node (`indexes`: the record's index of each of `vms`) until its
+/// API answers `version` (then its health is noted), power-cycling a node hung before
+/// stage 1, failing when a VM stops or at the deadline. Returns each node's state and
+/// how long it took, in `indexes`' order.
 fn wait_answering(
     dir: &Path,
-    record: &Record,
+    record: &mut Record,
     connector: &Arc<Connector>,
-    children: &mut [(usize, Child)],
+    indexes: &[usize],
+    vms: &mut Vms,
     wait: Duration,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Vec<(NodeState, Duration)>, ClusterError> {
@@ -230,27 +254,34 @@ fn wait_answering(
         .build()
         .map_err(super::io_error("start the async runtime for", dir))?;
     let started = Instant::now();
-    let name = |i: usize| record.nodes.get(i).map_or("?", |n| n.name.as_str());
-    let mut states: Vec<(NodeState, Duration)> = children
+    let cluster = record.name.clone();
+    let mut states: Vec<(NodeState, Duration)> = indexes
         .iter()
         .map(|_| (NodeState::Booting("starting".into()), Duration::ZERO))
         .collect();
     let answers = |s: &NodeState| !matches!(s, NodeState::Booting(_));
     loop {
-        for (i, child) in children.iter_mut() {
+        for (&i, child) in indexes.iter().zip(vms.children.iter_mut()) {
             if let Ok(Some(status)) = child.try_wait() {
                 return Err(ClusterError::NodeDied {
                     cluster: record.name.clone(),
-                    node: name(*i).to_owned(),
+                    node: name(record, i).to_owned(),
                     status: status.to_string(),
-                    tail: node_tail(&node_dir(dir, name(*i)), super::CONSOLE_TAIL_LINES),
+                    tail: node_tail(&node_dir(dir, name(record, i)), super::CONSOLE_TAIL_LINES),
                 });
             }
         }
-        let polls: Vec<Option<String>> = children
+        for ((&i, child), watch) in indexes
+            .iter()
+            .zip(vms.children.iter_mut())
+            .zip(vms.watches.iter_mut())
+        {
+            watch_stage1(&cluster, dir, record, i, child, watch, progress)?;
+        }
+        let polls: Vec<Option<String>> = indexes
             .iter()
             .zip(&states)
-            .map(|((i, _), (s, _))| {
+            .map(|(i, (s, _))| {
                 (!answers(s)).then(|| record.nodes.get(*i).map(|n| n.api.clone()))?
             })
             .collect();
@@ -265,31 +296,36 @@ fn wait_answering(
             set.join_all().await
         });
         for (k, state) in results {
+            if answers(&state)
+                && let Some(watch) = vms.watches.get_mut(k)
+            {
+                watch.answered();
+            }
             if let Some(s) = states.get_mut(k) {
                 *s = (state, started.elapsed());
             }
         }
         progress(Progress::Nodes(
             started.elapsed(),
-            children
+            indexes
                 .iter()
                 .zip(&states)
-                .map(|((i, _), (s, _))| (name(*i).to_owned(), s.clone()))
+                .map(|(i, (s, _))| (name(record, *i).to_owned(), s.clone()))
                 .collect(),
         ));
         if states.iter().all(|(s, _)| answers(s)) {
             return Ok(states);
         }
         if started.elapsed() > wait {
-            let report = children
+            let report = indexes
                 .iter()
                 .zip(&states)
                 .filter(|(_, (s, _))| !answers(s))
-                .map(|((i, _), (s, _))| {
-                    let ndir = node_dir(dir, name(*i));
+                .map(|(i, (s, _))| {
+                    let ndir = node_dir(dir, name(record, *i));
                     format!(
                         "{}: {}; console {}, ending with:\n{}",
-                        name(*i),
+                        name(record, *i),
                         short(&s.to_string()),
                         ndir.join("console.log").display(),
                         node_tail(&ndir, 10)
