@@ -1,15 +1,26 @@
 //! The boot log: one line per event, on the console and in the kernel log.
 //!
-//! Every line goes straight to `/dev/console` (unthrottled, visible whatever the kernel's
-//! log level) prefixed with `keelson-init: `, and to `/dev/kmsg` at `KERN_DEBUG` so it is
+//! Every line goes to `/dev/console` (unthrottled, visible whatever the kernel's log
+//! level) prefixed with `keelson-init: `, and to `/dev/kmsg` at `KERN_DEBUG` so it is
 //! kept in the kernel's ring buffer (for `dmesg` and, later, the API) without the kernel
 //! echoing it to the console a second time at the default log level. Before `/dev` is
 //! mounted, lines go to standard error, which the kernel opened on its console for us.
+//!
+//! The console is opened non-blocking, and a write waits for it with `poll` at most the
+//! [`Console`]'s patience: [`WRITE_PATIENCE`] where PID 1 writes it directly (stage 1, a
+//! fatal error, the panic hook), so that a stalled console can never hang PID 1; without
+//! limit on stage 2's console writer thread ([`writer`]), which alone waits for it while
+//! its bounded queue ([`queue`]) drops and counts what does not fit.
 
-use std::cell::RefCell;
+pub mod queue;
+pub mod writer;
+
+use std::cell::{Cell, RefCell};
 use std::fs::File;
 use std::io::Write;
+use std::os::fd::AsRawFd;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 /// The prefix of every line we print.
 pub const PREFIX: &str = "keelson-init: ";
@@ -33,30 +44,130 @@ pub trait Log {
     fn flush(&self) {}
 }
 
+/// How long a direct write waits for a stalled console before it gives the line up (and
+/// the next lines do not wait at all until the console takes one whole line again).
+pub const WRITE_PATIENCE: Duration = Duration::from_secs(2);
+
 /// The real log: `/dev/console` and `/dev/kmsg`.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Console {
     console: RefCell<Option<File>>,
     kmsg: RefCell<Option<File>>,
+    /// How long a write waits for the console; `None`: as long as it takes.
+    patience: Option<Duration>,
+    /// A write gave up: the next ones try without waiting until one goes through whole.
+    stalled: Cell<bool>,
+}
+
+impl Default for Console {
+    fn default() -> Console {
+        Console {
+            console: RefCell::new(None),
+            kmsg: RefCell::new(None),
+            patience: Some(WRITE_PATIENCE),
+            stalled: Cell::new(false),
+        }
+    }
 }
 
 impl Console {
-    /// A log that writes to standard error until [`Console::reopen`] finds `/dev`.
+    /// A log that writes to standard error until [`Console::reopen`] finds `/dev`, and
+    /// waits at most [`WRITE_PATIENCE`] for the console.
     pub fn new() -> Console {
         let console = Console::default();
         console.reopen();
         console
     }
 
-    fn to_console(&self, text: &str) {
-        let written = match self.console.borrow_mut().as_mut() {
-            Some(console) => console.write_all(text.as_bytes()).is_ok(),
-            None => false,
-        };
-        if !written {
-            let _ = std::io::stderr().write_all(text.as_bytes());
+    /// A log writing to `console` (made non-blocking) and no kernel log, with `patience`
+    /// (`None`: waits as long as the console takes, for the console writer thread).
+    pub fn on(console: File, patience: Option<Duration>) -> Console {
+        let _ = rustix::fs::fcntl_setfl(&console, rustix::fs::OFlags::NONBLOCK);
+        Console {
+            console: RefCell::new(Some(console)),
+            patience,
+            ..Console::default()
         }
     }
+
+    /// The same log waiting as long as the console takes (for the console writer thread,
+    /// which no one waits for).
+    pub fn without_patience(self) -> Console {
+        Console {
+            patience: None,
+            ..self
+        }
+    }
+
+    fn to_console(&self, text: &str) {
+        let mut console = self.console.borrow_mut();
+        let Some(console) = console.as_mut() else {
+            let _ = std::io::stderr().write_all(text.as_bytes());
+            return;
+        };
+        // A direct write after stage 2's writer started (a fatal error): what the writer
+        // holds goes first, so the console keeps the order of the lines.
+        if self.patience.is_some()
+            && !self.stalled.get()
+            && !writer::flush_installed(WRITE_PATIENCE)
+        {
+            self.stalled.set(true);
+        }
+        let patience = match self.patience {
+            Some(_) if self.stalled.get() => Some(Duration::ZERO),
+            patience => patience,
+        };
+        let deadline = patience.map(|p| Instant::now() + p);
+        self.stalled
+            .set(write_waiting(console, text.as_bytes(), deadline).is_err());
+    }
+}
+
+/// Write all of `bytes` to the non-blocking `file`, waiting with `poll` for it to take
+/// more, until `deadline` (`None`: as long as it takes). An error when the deadline
+/// passed or the write failed.
+pub fn write_waiting(
+    file: &mut File,
+    mut bytes: &[u8],
+    deadline: Option<Instant>,
+) -> std::io::Result<()> {
+    while !bytes.is_empty() {
+        match file.write(bytes) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => bytes = bytes.get(n..).unwrap_or_default(),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                let timeout = match deadline {
+                    None => -1,
+                    Some(deadline) => {
+                        let left = deadline.saturating_duration_since(Instant::now());
+                        if left.is_zero() {
+                            return Err(e);
+                        }
+                        i32::try_from(left.as_millis().max(1)).unwrap_or(i32::MAX)
+                    }
+                };
+                let mut fd = libc::pollfd {
+                    fd: file.as_raw_fd(),
+                    events: libc::POLLOUT,
+                    revents: 0,
+                };
+                // SAFETY: `fd` is one valid pollfd that lives across the call, and the
+                // count passed is 1.
+                let polled = unsafe { libc::poll(&mut fd, 1, timeout) };
+                if polled < 0 {
+                    let err = std::io::Error::last_os_error();
+                    if err.kind() != std::io::ErrorKind::Interrupted {
+                        return Err(err);
+                    }
+                } else if fd.revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
+                    return Err(std::io::ErrorKind::BrokenPipe.into());
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 impl Log for Console {
@@ -76,22 +187,27 @@ impl Log for Console {
         self.to_console(&format!("{text}\n"));
     }
 
-    /// Open `/dev/console` and `/dev/kmsg` (after `/dev` was mounted).
+    /// Open `/dev/console` (non-blocking) and `/dev/kmsg` (after `/dev` was mounted).
     fn reopen(&self) {
         let open = |path: &str| crate::syscalls::open_for_writing(Path::new(path)).ok();
-        *self.console.borrow_mut() = open("/dev/console");
+        let console = open("/dev/console");
+        if let Some(console) = &console {
+            let _ = rustix::fs::fcntl_setfl(console, rustix::fs::OFlags::NONBLOCK);
+        }
+        *self.console.borrow_mut() = console;
         *self.kmsg.borrow_mut() = open("/dev/kmsg");
+        self.stalled.set(false);
     }
 }
 
 /// Write a last message straight to the console, for the panic hook (which cannot rely
-/// on the `Console` owned by the code that panicked).
+/// on the `Console` owned by the code that panicked). As every direct write, it lets stage
+/// 2's console writer print what it holds first (at most [`WRITE_PATIENCE`]), then waits at
+/// most [`WRITE_PATIENCE`] for the console to take `message`.
 pub fn emergency(message: &str) {
     let text = format!("{PREFIX}{message}\n");
     match crate::syscalls::open_for_writing(Path::new("/dev/console")) {
-        Ok(mut console) => {
-            let _ = console.write_all(text.as_bytes());
-        }
+        Ok(console) => Console::on(console, Some(WRITE_PATIENCE)).to_console(&text),
         Err(_) => {
             let _ = std::io::stderr().write_all(text.as_bytes());
         }

@@ -5,11 +5,14 @@
 //! - keeps it in the boot log, a byte-bounded ring ([`Records::tail`]) that the control
 //!   socket's `bootlog` serves, so `machinectl logs init` reads the records the console
 //!   showed, and the boot bench reads the phases' durations from the same lines;
-//! - hands it to the console writer, a thread that owns `/dev/console` and `/dev/kmsg`,
-//!   through a bounded queue ([`CONSOLE_QUEUE`] lines). The event loop never waits for the
-//!   console: when the queue is full (a slow serial console, a flood of service output)
-//!   the line is counted and dropped from the console alone, and the writer says how many
-//!   were dropped once it catches up. The boot log keeps them.
+//! - hands it to the console writer ([`crate::console::writer`]), a thread that owns
+//!   `/dev/console` and `/dev/kmsg`, through a queue bounded in bytes
+//!   ([`QUEUE_BYTES`]). The event loop never waits for the console: when the queue is
+//!   full (a slow serial console, a flood of service output) the line is counted and
+//!   dropped from the console alone, and the console says how many were dropped where they
+//!   were (`keelson-init: console: N lines dropped (console too slow)`); a line that a
+//!   service or PID 1 repeats is shown a few times, then counted (`… last line repeated N
+//!   times`). The boot log keeps PID 1's lines, each service's ring its own.
 //!
 //! A record's console line is `keelson-init: <message>` followed by its fields as
 //! ` key=value`; warnings and errors carry the kernel log level of their kind in
@@ -29,7 +32,6 @@
 use std::collections::BTreeMap;
 use std::fmt::{self, Write as _};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -38,10 +40,12 @@ use tracing::span::{Attributes, Id, Record};
 use tracing::{Event, Level, Metadata, Subscriber};
 
 use crate::bootlog::{BOOT_LOG_BYTES, Kept, RingBuffer};
-use crate::console::{Log, PREFIX};
+use crate::console::queue::{Line, Source};
+use crate::console::writer::ConsoleWriter;
+use crate::console::{Console, Log, PREFIX};
 
-/// Lines the console writer may have queued before new ones are dropped from the console.
-pub const CONSOLE_QUEUE: usize = 1024;
+pub use crate::console::queue::QUEUE_BYTES;
+
 /// The target of lines printed as they are and kept (test markers).
 pub const RAW: &str = "keelson::raw";
 /// The target of a service's output line: printed as it is, not kept here.
@@ -49,23 +53,11 @@ pub const SERVICE_OUTPUT: &str = "keelson::service";
 /// How long a flush (before a reboot) waits for the console at most.
 pub const FLUSH_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// What the console writer is asked to do.
-#[derive(Debug)]
-enum ToConsole {
-    /// Print a line (with its newline) and, with a level, send it to `/dev/kmsg`.
-    Line { text: String, kmsg: Option<u8> },
-    /// `/dev` is mounted: open the console and `/dev/kmsg`.
-    Reopen,
-    /// Answer once every line before this one is written.
-    Flush(SyncSender<()>),
-}
-
 /// The records of stage 2: the boot log, and the console's queue.
 #[derive(Debug)]
 pub struct Records {
     kept: Mutex<RingBuffer>,
-    console: SyncSender<ToConsole>,
-    dropped: Arc<AtomicU64>,
+    console: ConsoleWriter,
 }
 
 impl Records {
@@ -76,21 +68,23 @@ impl Records {
 
     /// Lines dropped from the console (never from the boot log) so far.
     pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
+        self.console.dropped()
+    }
+
+    /// Bytes waiting for the console now (at most [`QUEUE_BYTES`]).
+    pub fn queued_bytes(&self) -> usize {
+        self.console.queued_bytes()
     }
 
     /// Open the console devices, after `/dev` was mounted.
     pub fn reopen(&self) {
-        let _ = self.console.try_send(ToConsole::Reopen);
+        self.console.reopen();
     }
 
     /// Wait until every line so far is on the console (before a reboot or power-off),
-    /// at most `limit`.
+    /// at most `limit`, however stuck the console is.
     pub fn flush(&self, limit: std::time::Duration) {
-        let (done, wait) = sync_channel(1);
-        if self.console.send(ToConsole::Flush(done)).is_ok() {
-            let _ = wait.recv_timeout(limit);
-        }
+        self.console.flush(limit);
     }
 
     fn keep(&self, line: &str) {
@@ -99,65 +93,32 @@ impl Records {
         }
     }
 
-    fn print(&self, text: String, kmsg: Option<u8>) {
-        match self.console.try_send(ToConsole::Line { text, kmsg }) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
-            }
-            // The writer is gone (it never exits while the sender lives): nothing to do.
-            Err(TrySendError::Disconnected(_)) => {}
-        }
+    fn print(&self, line: Line, source: Source<'_>) {
+        self.console.push(line, source);
     }
 }
 
-/// Start the console writer on `out` and make our subscriber the global one; the
-/// records' handle. A second call (only in tests) keeps the first subscriber.
-pub fn install<L: Log + Send + 'static>(out: L) -> std::io::Result<Arc<Records>> {
-    let records = start(out, CONSOLE_QUEUE)?;
+/// Start the console writer on `out` (waiting as long as the console takes, on its own
+/// thread) and make our subscriber the global one; the records' handle. A second call
+/// (only in tests) keeps the first subscriber.
+pub fn install(out: Console) -> std::io::Result<Arc<Records>> {
+    let records = start(out.without_patience(), QUEUE_BYTES)?;
+    records.console.install();
     let _ = tracing::subscriber::set_global_default(RecordSubscriber::new(records.clone()));
     Ok(records)
 }
 
-/// The records and their console writer thread, with a queue of `queue` lines.
-fn start<L: Log + Send + 'static>(out: L, queue: usize) -> std::io::Result<Arc<Records>> {
-    let (tx, rx) = sync_channel(queue);
-    let dropped = Arc::new(AtomicU64::new(0));
-    let counted = dropped.clone();
-    std::thread::Builder::new()
-        .name("console".into())
-        .spawn(move || write_console(out, rx, &counted))?;
+/// The records and their console writer thread, with a queue of `capacity` bytes.
+fn start<L: Log + Send + 'static>(out: L, capacity: usize) -> std::io::Result<Arc<Records>> {
     Ok(Arc::new(Records {
         kept: Mutex::new(RingBuffer::new(BOOT_LOG_BYTES)),
-        console: tx,
-        dropped,
+        console: ConsoleWriter::start(out, capacity)?,
     }))
 }
 
-/// The console writer's loop: one line at a time, saying so when lines were dropped.
-fn write_console<L: Log>(out: L, rx: Receiver<ToConsole>, dropped: &AtomicU64) {
-    let mut reported = 0;
-    while let Ok(message) = rx.recv() {
-        let now = dropped.load(Ordering::Relaxed);
-        if now > reported {
-            out.line(&format!(
-                "{} console line(s) dropped: the console is slower than the log (the boot log keeps them: machinectl logs init)",
-                now - reported
-            ));
-            reported = now;
-        }
-        match message {
-            ToConsole::Line { text, kmsg: None } => out.raw(&text),
-            ToConsole::Line {
-                text,
-                kmsg: Some(level),
-            } => out.line_at(level, &text),
-            ToConsole::Reopen => out.reopen(),
-            ToConsole::Flush(done) => {
-                let _ = done.try_send(());
-            }
-        }
-    }
+/// The service that printed a line (`containerd` of `containerd: ...`).
+fn service_of(line: &str) -> &str {
+    line.split_once(": ").map_or("service", |(name, _)| name)
 }
 
 /// An open span: what its close reports.
@@ -222,15 +183,21 @@ impl Subscriber for RecordSubscriber {
         event.record(&mut fields);
         let meta = event.metadata();
         match meta.target() {
-            SERVICE_OUTPUT => self.records.print(fields.message, None),
+            SERVICE_OUTPUT => {
+                let source = Source::Service(service_of(&fields.message));
+                self.records
+                    .print(Line::as_is(fields.message.clone()), source);
+            }
             RAW => {
                 self.records.keep(&fields.message);
-                self.records.print(fields.message, None);
+                self.records
+                    .print(Line::as_is(fields.message), Source::Marker);
             }
             _ => {
                 let message = fields.line();
                 self.records.keep(&format!("{PREFIX}{message}"));
-                self.records.print(message, Some(kmsg_level(*meta.level())));
+                let level = kmsg_level(*meta.level());
+                self.records.print(Line::own(message, level), Source::Init);
             }
         }
     }
@@ -263,7 +230,7 @@ impl Subscriber for RecordSubscriber {
         let Some(span) = closed else { return false };
         let message = phase_line(span.name, span.started.elapsed(), Some(&span.fields));
         self.records.keep(&format!("{PREFIX}{message}"));
-        self.records.print(message, Some(7));
+        self.records.print(Line::own(message, 7), Source::Init);
         true
     }
 }
@@ -377,6 +344,7 @@ impl Kept for RecordLog {
 mod tests {
     use super::*;
     use std::sync::Mutex as StdMutex;
+    use std::sync::mpsc::{Receiver, channel};
     use std::time::Duration;
 
     /// A console that keeps what it was given, shared with the test.
@@ -417,7 +385,7 @@ mod tests {
     #[test]
     fn records_reach_the_console_and_the_boot_log_alike() {
         let console = Shared::default();
-        with_records(console.clone(), 16, |records| {
+        with_records(console.clone(), QUEUE_BYTES, |records| {
             let log = RecordLog::new(records.clone());
             log.line("service containerd ready");
             log.raw("KEELSON STAGE2 READY");
@@ -447,7 +415,7 @@ mod tests {
     #[test]
     fn a_phase_span_leaves_its_duration() {
         let console = Shared::default();
-        with_records(console.clone(), 16, |records| {
+        with_records(console.clone(), QUEUE_BYTES, |records| {
             {
                 let span = tracing::info_span!("disks", state = "/dev/vda4");
                 let _entered = span.enter();
@@ -467,7 +435,7 @@ mod tests {
     #[test]
     fn a_cloned_span_closes_with_its_last_handle() {
         let console = Shared::default();
-        with_records(console, 16, |records| {
+        with_records(console, QUEUE_BYTES, |records| {
             let span = tracing::info_span!("up");
             let other = span.clone();
             drop(span);
@@ -484,49 +452,120 @@ mod tests {
         });
     }
 
+    /// A pipe whose write end is a console (waiting as long as it takes, as the writer
+    /// thread's) and whose read end is the test's.
+    fn pipe_console() -> (Console, std::fs::File) {
+        let (read, write) = rustix::pipe::pipe().unwrap_or_else(|e| panic!("pipe: {e}"));
+        (
+            Console::on(std::fs::File::from(write), None),
+            std::fs::File::from(read),
+        )
+    }
+
+    /// Read `pipe` on a thread until a line `last` arrives; the text read.
+    fn read_until(mut pipe: std::fs::File, last: &'static str) -> Receiver<String> {
+        let (tx, rx) = channel();
+        std::thread::spawn(move || {
+            let mut text = Vec::new();
+            let mut buf = [0u8; 8192];
+            while !String::from_utf8_lossy(&text).contains(&format!("\n{last}\n")) {
+                match std::io::Read::read(&mut pipe, &mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => text.extend_from_slice(&buf[..n]),
+                }
+            }
+            let _ = tx.send(String::from_utf8_lossy(&text).into_owned());
+        });
+        rx
+    }
+
     #[test]
-    fn a_stalled_console_never_blocks_and_says_what_it_dropped() {
-        // A console that takes 50 ms a line and a queue of 2: the loop goes on at once.
-        #[derive(Debug, Clone, Default)]
-        struct Slow(Shared);
-        impl Log for Slow {
-            fn line(&self, message: &str) {
-                self.0.line(message);
-            }
-            fn raw(&self, text: &str) {
-                std::thread::sleep(Duration::from_millis(50));
-                self.0.raw(text);
-            }
-        }
-        let console = Shared::default();
-        let records = start(Slow(console.clone()), 2).unwrap_or_else(|e| panic!("{e}"));
+    fn a_console_nobody_reads_never_blocks_and_its_queue_stays_bounded() {
+        let (console, reader) = pipe_console();
+        let records = start(console, QUEUE_BYTES).unwrap_or_else(|e| panic!("{e}"));
         let subscriber = RecordSubscriber::new(records.clone());
-        let began = Instant::now();
+        // 1.2 MB of service output for a pipe of 64 KiB that nobody reads.
+        let lines = 10_000;
         tracing::subscriber::with_default(subscriber, || {
-            for i in 0..100 {
-                tracing::info!(target: RAW, "line {i}");
+            for i in 0..lines {
+                let text = format!("svc: line {i:05} {}", "x".repeat(100));
+                tracing::info!(target: SERVICE_OUTPUT, "{text}");
+                assert!(records.queued_bytes() <= QUEUE_BYTES);
             }
         });
+        assert!(records.dropped() > 0);
+        // A flush gives up at its limit, however stuck the console.
+        let began = Instant::now();
+        records.flush(Duration::from_millis(50));
         assert!(
-            began.elapsed() < Duration::from_secs(2),
+            began.elapsed() < Duration::from_secs(5),
             "{:?}",
             began.elapsed()
         );
-        // The boot log has every line; the console lost some and says so.
-        assert_eq!(records.tail(1000).len(), 100);
-        assert!(records.dropped() > 0);
-        // Once the console caught up, the next line says how many it missed.
-        records.flush(Duration::from_secs(10));
-        tracing::subscriber::with_default(
-            RecordSubscriber::new(records.clone()),
-            || tracing::info!(target: RAW, "after"),
+
+        // The reader resumes: what was queued comes out in order, then the count.
+        let text = read_until(reader, "after");
+        records.flush(Duration::from_secs(30));
+        tracing::subscriber::with_default(RecordSubscriber::new(records.clone()), || {
+            tracing::info!(target: RAW, "after");
+        });
+        records.flush(Duration::from_secs(30));
+        let text = text
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("the console never showed 'after': {e}"));
+        let shown: Vec<&str> = text.lines().filter(|l| l.starts_with("svc: ")).collect();
+        let numbers: Vec<&str> = shown.iter().map(|l| &l[10..15]).collect();
+        assert!(numbers.windows(2).all(|w| w[0] < w[1]), "out of order");
+        let counted: u64 = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("keelson-init: console: "))
+            .filter_map(|l| l.strip_suffix(" lines dropped (console too slow)"))
+            .map(|n| n.parse::<u64>().unwrap_or_else(|e| panic!("{n}: {e}")))
+            .sum();
+        assert_eq!(counted, records.dropped());
+        assert_eq!(shown.len() as u64 + counted, lines);
+        assert_eq!(text.lines().last(), Some("after"));
+    }
+
+    #[test]
+    fn a_flush_with_a_full_queue_and_a_stuck_console_returns_at_its_limit() {
+        let (console, _reader) = pipe_console();
+        let records = start(console, 4096).unwrap_or_else(|e| panic!("{e}"));
+        tracing::subscriber::with_default(RecordSubscriber::new(records.clone()), || {
+            for i in 0..2000 {
+                tracing::info!("a line of PID 1 number {i} {}", "y".repeat(100));
+            }
+        });
+        // On a thread, so that a flush that waits for room in the queue fails the test
+        // instead of hanging it.
+        let (done, finished) = channel();
+        let flushing = records.clone();
+        std::thread::spawn(move || {
+            flushing.flush(Duration::from_millis(100));
+            let _ = done.send(());
+        });
+        assert!(finished.recv_timeout(Duration::from_secs(10)).is_ok());
+    }
+
+    #[test]
+    fn a_service_repeating_a_line_is_shown_a_few_times_then_counted() {
+        let console = Shared::default();
+        with_records(console.clone(), QUEUE_BYTES, |records| {
+            for _ in 0..50 {
+                tracing::info!(target: SERVICE_OUTPUT, "machined: refused 10.1.2.3: no certificate");
+            }
+            tracing::info!(target: SERVICE_OUTPUT, "machined: listening");
+            records.flush(Duration::from_secs(5));
+        });
+        assert_eq!(
+            console.lines(),
+            [
+                "machined: refused 10.1.2.3: no certificate",
+                "machined: refused 10.1.2.3: no certificate",
+                "machined: refused 10.1.2.3: no certificate",
+                "machined: … last line repeated 47 times",
+                "machined: listening",
+            ]
         );
-        records.flush(Duration::from_secs(10));
-        let lines = console.lines();
-        assert!(
-            lines.iter().any(|l| l.contains("console line(s) dropped")),
-            "{lines:?}"
-        );
-        assert_eq!(lines.last().map(String::as_str), Some("after"));
     }
 }
