@@ -1,6 +1,8 @@
 //! End-to-end test support: one guest builder that boots built images under QEMU
 //! (`Guest::new(Arch::Amd64).boot()`), and waits on the serial console, reporting what
-//! it waited for and the console's tail when it times out.
+//! it waited for and the console's tail when it times out. A guest that shows no stage-1
+//! line within a deadline of its power-on is hung and power-cycled, at most twice, as
+//! `machinectl cluster create` does (`keelson_cluster::stage1_watch`).
 //!
 //! The images come from `cargo xtask image` (or `cargo xtask test`, which builds them
 //! once for the whole suite) under `target/images/<arch>/`; tests never build their own.
@@ -18,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use keelson_cluster::qemu::{self, Accel, Machine};
+use keelson_cluster::stage1_watch::{self, MAX_POWER_CYCLES, Step, Watch};
 use keelson_configs::generate::{GenerateOptions, generate};
 pub use keelson_configs::layout::Arch;
 use keelson_configs::pki::{self, CertAndKey, Role};
@@ -380,6 +383,8 @@ impl Guest {
             overlay
         };
         let accel = qemu::probe_accel(self.arch, dir.path());
+        let stage1_deadline =
+            stage1_watch::deadline(self.arch, accel).map_err(anyhow::Error::msg)?;
         let mut machine = Machine::new(self.arch, accel, disk, dir.path().to_path_buf());
         machine.memory_mib = self.memory_mib;
         machine.no_reboot = self.no_reboot;
@@ -429,7 +434,7 @@ impl Guest {
             started: Instant::now(),
             accel,
             recipe,
-            restarted: false,
+            watch: Watch::new(stage1_deadline, Instant::now()),
         })
     }
 }
@@ -460,14 +465,6 @@ impl Recipe {
     }
 }
 
-/// Whether the guest's kernel stalled before it ran PID 1: an RCU stall report and no
-/// line of ours yet. Under TCG a secondary vCPU's timer interrupt is now and then never
-/// delivered during the kernel's early boot (seen once in CI, the CPU never ticked again
-/// in 400 s); nothing of ours has run, and nothing has been written to the disk.
-pub fn stalled_before_pid1(console: &str) -> bool {
-    console.contains("rcu_preempt detected stalls") && !console.contains("keelson-init")
-}
-
 /// A running VM. Dropping it kills QEMU and removes its scratch files.
 #[derive(Debug)]
 pub struct Running {
@@ -478,7 +475,8 @@ pub struct Running {
     started: Instant,
     accel: Accel,
     recipe: Recipe,
-    restarted: bool,
+    /// Whether stage 1 started since the last power-on, and the power cycles so far.
+    watch: Watch,
 }
 
 impl Running {
@@ -525,8 +523,7 @@ impl Running {
             if shows_line(&console, needle) {
                 return Ok(());
             }
-            if !self.restarted && stalled_before_pid1(&console) {
-                self.boot_again()?;
+            if self.watch_stage1(&console)? {
                 continue;
             }
             if let Some(status) = self.child.try_wait()? {
@@ -550,21 +547,56 @@ impl Running {
         }
     }
 
-    /// Kill a guest whose kernel stalled before PID 1 ran and start it again, once, with
-    /// the same disk and a fresh console; the test's deadline keeps running.
-    fn boot_again(&mut self) -> Result<()> {
-        self.restarted = true;
+    /// Applies the stage-1 rule to the console so far: a guest without its stage-1 line
+    /// within the deadline of its power-on (or whose kernel stalled before it) is
+    /// power-cycled, said on stderr, at most twice; hung after that, an error. Returns
+    /// whether it was power-cycled now. The test's own deadline keeps running.
+    fn watch_stage1(&mut self, console: &str) -> Result<bool> {
+        match self.watch.check(console, Instant::now()) {
+            Step::Booted | Step::Waiting => Ok(false),
+            Step::PowerCycle { cycle, hang } => {
+                eprintln!(
+                    "guest: the VM ({}, console {}) {}; power-cycling it ({cycle} of {MAX_POWER_CYCLES}; its console so far goes to {})",
+                    self.accel.name(),
+                    self.console.display(),
+                    stage1_watch::describe(hang, console),
+                    self.hung_log().display()
+                );
+                self.power_cycle_hung(cycle)?;
+                Ok(true)
+            }
+            Step::GiveUp(hang) => bail!(
+                "the guest {}, at the last of its {} power-ons ({} power cycles did not help; the earlier consoles are in {})\n{}",
+                stage1_watch::describe(hang, console),
+                self.watch.cycles() + 1,
+                self.watch.cycles(),
+                self.hung_log().display(),
+                self.tail()
+            ),
+        }
+    }
+
+    /// Where the consoles of a hung guest's earlier power-ons are kept.
+    fn hung_log(&self) -> PathBuf {
+        self.dir.path().join("console.hung.log")
+    }
+
+    /// Kills a guest hung before stage 1 and starts it again with the same disk and
+    /// firmware variables and an empty console (the hung one appended to
+    /// `console.hung.log`, then a `===== power cycle N =====` line).
+    fn power_cycle_hung(&mut self, cycle: u32) -> Result<()> {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let stalled = self.dir.path().join("console.stalled.log");
-        let _ = std::fs::rename(&self.console, &stalled);
+        let hung = self.console();
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.hung_log())?;
+        use std::io::Write as _;
+        writeln!(file, "{hung}\n{}", stage1_watch::power_cycle_marker(cycle))?;
         std::fs::File::create(&self.console)?;
-        eprintln!(
-            "guest: the kernel stalled before PID 1 ran (RCU stall under {}; console kept at {}): booting it again, once",
-            self.accel.name(),
-            stalled.display()
-        );
         self.child = self.recipe.spawn(self.dir.path())?;
+        self.watch.power_cycled(Instant::now());
         Ok(())
     }
 
@@ -585,6 +617,8 @@ impl Running {
         writeln!(file, "{before}\n===== power cut =====")?;
         std::fs::File::create(&self.console)?;
         self.child = self.recipe.spawn(self.dir.path())?;
+        // A new power-on: stage 1 is watched for again, with the power cycles it may take.
+        self.watch = Watch::new(self.watch.deadline(), Instant::now());
         Ok(())
     }
 
@@ -617,6 +651,8 @@ impl Running {
             if self.child.try_wait()?.is_some() {
                 return Ok(());
             }
+            let console = self.console();
+            self.watch_stage1(&console)?;
             if Instant::now() >= deadline {
                 bail!(
                     "timed out after {:.1}s waiting for the VM to stop\n{}",
@@ -651,19 +687,7 @@ impl Drop for Running {
 
 #[cfg(test)]
 mod tests {
-    use super::{shows_line, stalled_before_pid1};
-
-    #[test]
-    fn a_stall_counts_only_before_pid1() {
-        let stall = "[  22.23] rcu: INFO: rcu_preempt detected stalls on CPUs/tasks:\n";
-        assert!(stalled_before_pid1(&format!(
-            "EFI stub: Loaded initrd\n{stall}"
-        )));
-        assert!(!stalled_before_pid1(&format!(
-            "keelson-init: stage 1 started\n{stall}"
-        )));
-        assert!(!stalled_before_pid1("EFI stub: Loaded initrd\n"));
-    }
+    use super::shows_line;
 
     #[test]
     fn a_line_counts_once_it_is_complete() {

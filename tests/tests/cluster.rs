@@ -15,7 +15,12 @@
 //!   new cluster, and `destroy` removes everything it had made;
 //! - rootless: one node created and destroyed by an unprivileged user (as root the test
 //!   makes the system user `keelson-e2e` if missing and runs machinectl through
-//!   `runuser`; without root it runs as the current user).
+//!   `runuser`; without root it runs as the current user);
+//! - a node frozen before stage 1 at its first power-on (the test hook
+//!   `KEELSON_TEST_FREEZE_BEFORE_STAGE1`: its first QEMU's CPUs held at reset): `create`
+//!   says it printed nothing by its stage-1 deadline, power-cycles it once, and the
+//!   cluster ends healthy, the node's console log holding the power cycle's marker and
+//!   then its stage 1.
 //!
 //! VM tests take one lock so that at most one cluster boots at a time on a small host.
 //! Images: `KEELSON_TEST_IMAGE_AMD64` / `KEELSON_TEST_IMAGE_ARM64` when set, else the
@@ -30,6 +35,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use keelson_cluster::record::processes_mentioning;
+use keelson_cluster::stage1_watch::{self, STAGE1_LINE};
 use keelson_tests::cluster_env::{Cleanup, Env, is_root};
 use keelson_tests::{Arch, show, test_image};
 
@@ -383,5 +389,100 @@ fn a_create_killed_halfway_is_refused_again_and_destroyed_clean() {
     let listed = env.json(&["cluster", "list"]);
     assert_eq!(listed[0]["name"], name.as_str(), "{listed:#}");
 
+    env.destroy_and_check(&name);
+}
+
+#[test]
+fn a_node_frozen_before_stage_1_is_power_cycled_into_a_healthy_cluster() {
+    let _lock = VM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let env = Env::new(None);
+    let name = format!("e2efrz{}", std::process::id());
+    let _cleanup = Cleanup(&env, name.clone());
+    let frozen = format!("{name}-controlplane-1");
+    // As `Env::create`, with the test hook in machinectl's environment.
+    let started = Instant::now();
+    let out = Command::new("timeout")
+        .arg((30 * 60).to_string())
+        .arg(&env.bin)
+        .arg("--machineconfig")
+        .arg(env.client_config())
+        .args(["cluster", "create", "--name", &name, "--wait", "25m"])
+        .args([
+            "--workers",
+            "0",
+            "--cpus",
+            "1",
+            "--memory",
+            "1024",
+            "--image",
+        ])
+        .arg(test_image(Arch::Amd64).unwrap())
+        .env("XDG_STATE_HOME", env.state())
+        .env("HOME", env.dir.path())
+        .env("KEELSON_ACCEL", "")
+        .env(stage1_watch::FREEZE_ENV, &frozen)
+        .env_remove(stage1_watch::DEADLINE_ENV)
+        .env_remove("MACHINECONFIG")
+        .current_dir(env.dir.path())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    eprintln!(
+        "cluster {name}: create took {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+    assert!(out.status.success(), "cluster create: {}", show(&out));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains(&format!("started {frozen} (pid "))
+            && said.contains("its CPUs held at reset"),
+        "{}",
+        show(&out)
+    );
+    // Frozen from reset, it printed nothing at all; one power cycle was enough.
+    let cycled = said
+        .lines()
+        .find(|l| l.contains("power-cycling it"))
+        .unwrap_or_else(|| panic!("create never power-cycled {frozen}: {}", show(&out)));
+    assert!(
+        cycled.starts_with(&format!("cluster: node {frozen} printed nothing for "))
+            && cycled.ends_with(" s after power-on; power-cycling it (1 of 2)"),
+        "{cycled}"
+    );
+    assert!(!said.contains("(2 of 2)"), "{}", show(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(&format!("cluster {name} is healthy")),
+        "{}",
+        show(&out)
+    );
+    assert!(
+        stdout.contains("etcd healthy on 1 control plane(s)"),
+        "{}",
+        show(&out)
+    );
+
+    // The node's one console log: the power cycle's marker, then this boot's stage 1.
+    let shown = env.json(&["cluster", "show", "--name", &name]);
+    let node = &shown.as_array().unwrap()[0];
+    assert_eq!(node["node"], frozen.as_str(), "{shown:#}");
+    assert_eq!(node["state"], "up", "{shown:#}");
+    let console = std::fs::read_to_string(node["console"].as_str().unwrap()).unwrap();
+    let marker = stage1_watch::power_cycle_marker(1);
+    let after = console
+        .split_once(&marker)
+        .map(|(before, after)| {
+            assert!(
+                before.trim().is_empty(),
+                "the frozen boot printed:\n{before}"
+            );
+            after
+        })
+        .unwrap_or_else(|| panic!("no {marker:?} in the console:\n{console}"));
+    assert!(after.contains(STAGE1_LINE), "{after}");
+    assert!(!console.contains(&stage1_watch::power_cycle_marker(2)));
+
+    versions(&env, "x86_64", 1);
+    healthy(&env);
     env.destroy_and_check(&name);
 }
