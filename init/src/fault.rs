@@ -6,13 +6,22 @@
 //!   kernel panics ("Attempted to kill init") and `panic=` restarts the machine;
 //! - `stage1-hang`: stage 1 arms the watchdog, then sleeps forever: the watchdog resets
 //!   the machine;
-//! - `unhealthy`: stage 2 never starts machined, so the node never becomes healthy.
+//! - `unhealthy`: stage 2 never starts machined, so the node never becomes healthy;
+//! - `reset-pause`: a reset stops for [`crate::stage2::reset::FAULT_PAUSE`] after it has
+//!   wiped EPHEMERAL and before STATE, and says so ([`RESET_PAUSE_MARKER`]), so that a
+//!   test cuts the power between the two wipes.
+//!
+//! The key may also come from QEMU's firmware config ([`FW_CFG_FAULT`], as
+//! `-fw_cfg name=opt/keelson/fault,string=reset-pause`), read where a fault acts after
+//! the boot: a test then boots the test image unchanged, whose boot entry's command line
+//! it cannot edit.
 //!
 //! Only a build with the cargo feature `fault-injection` acts on them (`cargo xtask
 //! image --init-features fault-injection`); any other build says once that it ignores
 //! the key. The exit of `init-fails` is the one place PID 1 exits, and it is compiled
 //! only into that build.
 
+use std::path::Path;
 use std::time::Duration;
 
 use keelson_configs::layout::{cmdline_value, parse_cmdline};
@@ -24,6 +33,11 @@ use crate::syscalls::Syscalls;
 pub const CMDLINE_FAULT: &str = "keelson.fault";
 /// Whether this build injects faults (the cargo feature `fault-injection`).
 pub const ENABLED: bool = cfg!(feature = "fault-injection");
+/// The firmware config entry that may name the fault too (its `raw` file under
+/// `/sys/firmware/qemu_fw_cfg/by_name/`).
+pub const FW_CFG_FAULT: &str = "opt/keelson/fault";
+/// The line `reset-pause` prints once EPHEMERAL is wiped, for the test to cut the power.
+pub const RESET_PAUSE_MARKER: &str = "KEELSON FAULT RESET PAUSED";
 
 /// A fault a test build injects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,11 +48,18 @@ pub enum Fault {
     Stage1Hang,
     /// Stage 2 never starts machined: the node never becomes healthy.
     Unhealthy,
+    /// A reset pauses between EPHEMERAL's wipe and STATE's.
+    ResetPause,
 }
 
 impl Fault {
     /// Every fault, in the order the messages list them.
-    pub const ALL: [Fault; 3] = [Fault::InitFails, Fault::Stage1Hang, Fault::Unhealthy];
+    pub const ALL: [Fault; 4] = [
+        Fault::InitFails,
+        Fault::Stage1Hang,
+        Fault::Unhealthy,
+        Fault::ResetPause,
+    ];
 
     /// Its value on the command line.
     pub fn name(self) -> &'static str {
@@ -46,6 +67,7 @@ impl Fault {
             Fault::InitFails => "init-fails",
             Fault::Stage1Hang => "stage1-hang",
             Fault::Unhealthy => "unhealthy",
+            Fault::ResetPause => "reset-pause",
         }
     }
 
@@ -59,6 +81,9 @@ impl Fault {
                 "stage 1 sleeps forever with the watchdog armed (the watchdog resets the machine)"
             }
             Fault::Unhealthy => "machined is never started (the node never becomes healthy)",
+            Fault::ResetPause => {
+                "a reset pauses after it has wiped EPHEMERAL, before STATE (for a power cut)"
+            }
         }
     }
 
@@ -140,6 +165,48 @@ pub fn stage2(sys: &dyn Syscalls, log: &dyn Log, cmdline: &str) {
     let _ = sys;
 }
 
+/// The command line with the fault named in the firmware config ([`FW_CFG_FAULT`]) put
+/// after it, when there is one (the command line's own key then loses: the last one wins).
+pub fn with_firmware(sys: &dyn Syscalls, cmdline: &str) -> String {
+    let raw = Path::new(crate::config_source::FW_CFG_BY_NAME)
+        .join(FW_CFG_FAULT)
+        .join("raw");
+    match sys.read_file(&raw) {
+        Ok(bytes) => {
+            let value = String::from_utf8_lossy(&bytes);
+            let value = value.trim();
+            if value.is_empty() || value.contains(char::is_whitespace) {
+                cmdline.to_string()
+            } else {
+                format!("{cmdline} {CMDLINE_FAULT}={value}")
+            }
+        }
+        Err(_) => cmdline.to_string(),
+    }
+}
+
+/// A reset, once EPHEMERAL is wiped: with `reset-pause` asked on `cmdline` (which
+/// [`with_firmware`] made before the filesystems were unmounted), say so, and in a build
+/// that injects faults print [`RESET_PAUSE_MARKER`] and wait
+/// [`crate::stage2::reset::FAULT_PAUSE`] before STATE's wipe.
+pub fn reset_pause(sys: &dyn Syscalls, log: &dyn Log, cmdline: &str) {
+    if requested(cmdline) != Some(Ok(Fault::ResetPause)) {
+        return;
+    }
+    if let Some(line) = describe(cmdline, ENABLED) {
+        log.line(&line);
+    }
+    if active(cmdline) == Some(Fault::ResetPause) {
+        let pause = crate::stage2::reset::FAULT_PAUSE;
+        log.raw(&format!(
+            "{RESET_PAUSE_MARKER}: EPHEMERAL is wiped, STATE is not; waiting {} s",
+            pause.as_secs()
+        ));
+        log.flush();
+        sys.sleep(pause);
+    }
+}
+
 /// Whether stage 2 leaves machined out (the `unhealthy` fault, in a build that injects
 /// faults).
 pub fn hides_machined(cmdline: &str) -> bool {
@@ -209,7 +276,7 @@ mod tests {
         assert_eq!(
             describe("keelson.fault=hang", true).as_deref(),
             Some(
-                "keelson.fault=\"hang\" ignored: not a fault (one of init-fails, stage1-hang, unhealthy)"
+                "keelson.fault=\"hang\" ignored: not a fault (one of init-fails, stage1-hang, unhealthy, reset-pause)"
             )
         );
     }
@@ -221,5 +288,29 @@ mod tests {
         assert_eq!(hides_machined(cmdline), ENABLED);
         assert!(!hides_machined("keelson.fault=init-fails"));
         assert_eq!(active("keelson.fault=nothing"), None);
+    }
+
+    #[test]
+    fn the_reset_pause_may_come_from_the_firmware_config() {
+        use crate::console::memory::MemoryLog;
+        use crate::syscalls::fake::{Call, Fake};
+        let raw = "/sys/firmware/qemu_fw_cfg/by_name/opt/keelson/fault/raw";
+        let fake = Fake::new().with_file(raw, "reset-pause\n");
+        let cmdline = with_firmware(&fake, "console=ttyS0");
+        assert_eq!(cmdline, "console=ttyS0 keelson.fault=reset-pause");
+        assert_eq!(requested(&cmdline), Some(Ok(Fault::ResetPause)));
+        assert_eq!(
+            with_firmware(&Fake::new(), "console=ttyS0"),
+            "console=ttyS0"
+        );
+        let log = MemoryLog::default();
+        reset_pause(&fake, &log, "console=ttyS0");
+        assert!(log.lines().is_empty(), "not asked: nothing said");
+        reset_pause(&fake, &log, &cmdline);
+        let pause = Call::Sleep(crate::stage2::reset::FAULT_PAUSE);
+        assert_eq!(fake.calls().contains(&pause), ENABLED);
+        let said = log.lines().join("\n");
+        assert!(said.contains("reset-pause"), "{said}");
+        assert_eq!(said.contains(RESET_PAUSE_MARKER), ENABLED, "{said}");
     }
 }

@@ -7,6 +7,7 @@
 //! | [`control`] | the control socket: its path, its framing and size limits, every request with its own typed answer, and the wire types they carry (service statuses, live config parts, PID 1's figures) |
 //! | [`etcd`] | how etcd is started: the file of member settings machined writes before it asks PID 1 to start etcd |
 //! | [`kubelet`] | how the kubelet is started: its flags file machined writes before it asks PID 1 to start it, and where its binary is |
+//! | [`reset`] | a reset that did not finish: PID 1's record in STATE, which machined's `health` reports |
 //! | [`state`] | the STATE layout (where the config, the staged config, the machine id and the node API certificate live) and the one atomic-write helper both sides write STATE with |
 //!
 //! It depends on serde alone, so PID 1's static build stays small.
@@ -14,5 +15,6 @@
 pub mod control;
 pub mod etcd;
 pub mod kubelet;
+pub mod reset;
 pub mod state;
 pub mod upgrade;

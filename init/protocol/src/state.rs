@@ -12,6 +12,7 @@
 //! | [`TRY_RECORD`] | machined (`apply-config --mode try`) | the trial's record (JSON): the config to go back to, the parts applied live, the wall-clock deadline, the boot it belongs to, and a failed revert's reason |
 //! | [`MACHINE_ID`] | PID 1 | the machine id, made at the first boot |
 //! | [`NODE_API_CERT`], [`NODE_API_KEY`] | the config's `machine.files` (a worker) | the node API's server certificate and key |
+//! | [`crate::reset::RESET_RECORD`] | PID 1 (a reset) | a reset that began and did not finish: when, and why its wipe was refused or failed (JSON); a reset that finishes wipes it with STATE |
 //! | [`AUDIT_LOG`] | machined (`apply-config`, `confirm`, `reset`) | who asked for which config change, when, and the outcome: JSON lines, the last 1000 kept |
 //!
 //! Every write is atomic ([`write_atomic`]): the new content goes to a temporary file in

@@ -12,7 +12,7 @@ use crate::shutdown::{self, ShutdownKind};
 use crate::supervisor::reaper;
 
 use super::node::Node;
-use super::reset::wipe_partitions;
+use super::reset;
 
 impl<K: Kept> Node<'_, K> {
     /// After the main loop: stop every process, unmount, wipe for a reset, go down.
@@ -24,6 +24,11 @@ impl<K: Kept> Node<'_, K> {
         }
         if let Some(stop) = self.network.take() {
             let _ = stop.send(());
+        }
+        // Read while /sys is there: the test fault may come from the firmware config.
+        let cmdline = crate::fault::with_firmware(sys, &self.boot.cmdline);
+        if reset {
+            reset::record_begun(log, self.boot.state_dir.as_deref());
         }
         // Let netconf give its DHCP leases back, and the aborted tasks close their files.
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -57,8 +62,9 @@ impl<K: Kept> Node<'_, K> {
         }
         if reset {
             self.ping_watchdog();
-            // Each failure is on the console already; the node goes down either way.
-            let _ = wipe_partitions(sys, log, &self.boot.wipe);
+            // Each failure is on the console and in STATE's record already; the node goes
+            // down either way.
+            let _ = reset::finish_reset(sys, log, &self.boot.wipe, &cmdline);
         }
         // Stopped just before reboot(2): a machine that powers off stays off.
         let watchdog = self.watchdog.take();

@@ -19,9 +19,29 @@
 //! 3. Only then each is formatted anew (`mke2fs`, as the first boot makes them):
 //!    EPHEMERAL first, then STATE; if EPHEMERAL's format fails, STATE is left alone.
 //!
-//! The answer to the request is given before the services stop (machined, which relays
-//! it, is one of them), so a partition that cannot be unmounted at the end is reported
-//! on the console, not in the answer; the answer says so.
+//! # A failure the caller learns of
+//!
+//! The answer to the request is given before the services stop, and it cannot wait for
+//! the wipe's outcome: the wipe needs both partitions unmounted, and they are held until
+//! every process is stopped, machined (which relays the answer, keeps STATE's audit log
+//! open and reads `/var`) among them, with containerd, the kubelet and etcd, whose files
+//! on `/var` are what a reset is for. A machined kept up until the wipe is decided would
+//! keep STATE busy itself, and then every reset would fail. So what can be known before
+//! anything stops is refused at once, in the answer (a partition not prepared at this
+//! boot: step 1 above), and what is known only at the end reaches the operator through
+//! STATE, which a failed reset leaves as it was ([`keelson_node_protocol::reset`]):
+//!
+//! - once the services have stopped, [`record_begun`] writes STATE's `reset.json`: the
+//!   reset has begun (when, and the config it began with);
+//! - when the wipe is refused or EPHEMERAL's format fails, [`finish_reset`] adds why to
+//!   the record (the partition, its device, the kernel's answer, what was wiped), with
+//!   STATE mounted again for the write if the shutdown had unmounted it;
+//! - a reset that finishes formats STATE, and the record goes with it.
+//!
+//! After the restart, machined's `health` reports the record as a failed check (`last
+//! reset failed at ...: EPHEMERAL on /dev/vda6: ... EBUSY (16); nothing was wiped ...`),
+//! as a record without a failure (`the reset begun at ... did not finish`: a power cut
+//! between the wipes), until a config is applied or a reset finishes.
 //!
 //! # A power cut between the two wipes
 //!
@@ -36,12 +56,17 @@
 
 use std::io;
 use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use keelson_configs::layout::{PART_EPHEMERAL, PART_STATE};
+use keelson_configs::layout::{self, PART_EPHEMERAL, PART_STATE};
+use keelson_node_protocol::reset::{RESET_RECORD, ResetFailure, ResetRecord};
 
+use crate::config_source::http::sha256_hex;
 use crate::console::Log;
 use crate::disks;
-use crate::syscalls::{Syscalls, errno_name};
+use crate::fault;
+use crate::state;
+use crate::syscalls::{MountFlags, Syscalls, errno_name};
 
 /// Why a reset wiped nothing, or only EPHEMERAL.
 #[derive(Debug, thiserror::Error)]
@@ -124,8 +149,13 @@ fn wipe_order(name: &str) -> u8 {
 /// A reset's last step, once everything is unmounted: both partitions unmounted
 /// (unmounted again if need be), then each formatted anew, EPHEMERAL first. A
 /// partition that stays mounted wipes neither; each failure is logged and the first
-/// returned.
-pub fn wipe_partitions(sys: &dyn Syscalls, log: &dyn Log, wipes: &[Wipe]) -> Result<(), Error> {
+/// returned. `after_wipe` runs after each format (the test fault's pause).
+pub fn wipe_partitions(
+    sys: &dyn Syscalls,
+    log: &dyn Log,
+    wipes: &[Wipe],
+    after_wipe: &dyn Fn(&Wipe),
+) -> Result<(), Error> {
     let mut mounted: Vec<Error> = wipes.iter().filter_map(|w| still_mounted(sys, w)).collect();
     for e in &mounted {
         log.line(&e.to_string());
@@ -154,6 +184,7 @@ pub fn wipe_partitions(sys: &dyn Syscalls, log: &dyn Log, wipes: &[Wipe]) -> Res
             "reset: {} ({}) wiped: a new empty ext4 filesystem",
             w.name, w.device
         ));
+        after_wipe(w);
     }
     Ok(())
 }
@@ -177,7 +208,154 @@ fn still_mounted(sys: &dyn Syscalls, w: &Wipe) -> Option<Error> {
     }
 }
 
+/// Milliseconds since the Unix epoch (0 if the clock is before it).
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// The SHA-256 of the config in STATE at `dir`, if there is one.
+fn config_sha256(dir: &Path) -> Option<String> {
+    state::read(dir, layout::STATE_CONFIG)
+        .ok()
+        .flatten()
+        .map(|bytes| sha256_hex(&bytes))
+}
+
+/// Once the services have stopped: keep in STATE (at `state_dir`, when mounted) that a
+/// reset has begun, so that a reset cut short is reported after the restart (see the
+/// module doc). A failed write is said, and the reset goes on.
+pub fn record_begun(log: &dyn Log, state_dir: Option<&Path>) {
+    let Some(dir) = state_dir else { return };
+    let record = ResetRecord {
+        begun_at_ms: now_ms(),
+        config_sha256: config_sha256(dir),
+        failure: None,
+    };
+    if let Err(e) = state::write_atomic(dir, RESET_RECORD, &record.to_bytes()) {
+        log.line(&format!(
+            "reset: its beginning not kept in STATE ({}): should it not finish, health will not say so",
+            crate::error_chain(&e)
+        ));
+    }
+}
+
+/// A reset's end, once everything is unmounted: [`wipe_partitions`] (paused after
+/// EPHEMERAL's wipe by the test fault `reset-pause`, see [`fault`]), and a failure that
+/// left STATE as it was kept in its record ([`record_failure`]).
+pub fn finish_reset(
+    sys: &dyn Syscalls,
+    log: &dyn Log,
+    wipes: &[Wipe],
+    cmdline: &str,
+) -> Result<(), Error> {
+    let pause = |w: &Wipe| {
+        if w.name == PART_EPHEMERAL {
+            fault::reset_pause(sys, log, cmdline);
+        }
+    };
+    let result = wipe_partitions(sys, log, wipes, &pause);
+    if let Err(error) = &result
+        && let Some(failure) = failure_of(error, wipes)
+        && let Some(state) = wipes.iter().find(|w| w.name == PART_STATE)
+    {
+        record_failure(sys, log, state, failure);
+    }
+    result
+}
+
+/// What the record says of `error`; `None` when STATE may have been formatted (its own
+/// format failed), so that nothing is written to it.
+fn failure_of(error: &Error, wipes: &[Wipe]) -> Option<ResetFailure> {
+    match error {
+        Error::StillMounted {
+            name,
+            device,
+            target,
+            source,
+        } => Some(ResetFailure {
+            at_ms: now_ms(),
+            partition: (*name).to_string(),
+            device: device.clone(),
+            errno: Some(errno_name(source)),
+            reason: format!("could not unmount {target}"),
+            wiped: Vec::new(),
+        }),
+        Error::Format { name, .. } if *name == PART_STATE => None,
+        Error::Format { name, source, .. } => Some(ResetFailure {
+            at_ms: now_ms(),
+            partition: (*name).to_string(),
+            device: wipes
+                .iter()
+                .find(|w| w.name == *name)
+                .map_or_else(|| "?".into(), |w| w.device.clone()),
+            errno: match source.as_ref() {
+                disks::Error::RunFormat { source, .. } => Some(errno_name(source)),
+                _ => None,
+            },
+            reason: crate::error_chain(source.as_ref()),
+            wiped: Vec::new(),
+        }),
+    }
+}
+
+/// STATE's mount flags for the record's write.
+const STATE_FLAGS: MountFlags = MountFlags::NOSUID
+    .union(MountFlags::NODEV)
+    .union(MountFlags::NOEXEC);
+
+/// Add `failure` to STATE's reset record: STATE (`state`) mounted again at its mount
+/// point if the shutdown had unmounted it (and unmounted after), or written where it
+/// stayed mounted. Each step that fails is said; the node goes down either way.
+pub fn record_failure(sys: &dyn Syscalls, log: &dyn Log, state: &Wipe, failure: ResetFailure) {
+    let dir = Path::new(&state.target);
+    let mounted_here = !sys.is_mount_point(dir).unwrap_or(false);
+    if mounted_here && let Err(e) = sys.mount(&state.device, dir, "ext4", STATE_FLAGS, "") {
+        log.line(&format!(
+            "reset: the failure not kept in STATE: {} ({}) cannot be mounted again at {}: {}; health will not report it",
+            state.name,
+            state.device,
+            state.target,
+            errno_name(&e)
+        ));
+        return;
+    }
+    let mut record = match state::read(dir, RESET_RECORD) {
+        Ok(Some(bytes)) => ResetRecord::parse(&bytes).unwrap_or_default(),
+        _ => ResetRecord::default(),
+    };
+    if record.begun_at_ms == 0 {
+        record.begun_at_ms = failure.at_ms;
+        record.config_sha256 = config_sha256(dir);
+    }
+    record.failure = Some(failure);
+    match state::write_atomic(dir, RESET_RECORD, &record.to_bytes()) {
+        Ok(()) => log.line(&format!(
+            "reset: the failure kept in STATE ({RESET_RECORD}): `machinectl health` reports it once the node is back"
+        )),
+        Err(e) => log.line(&format!(
+            "reset: the failure not kept in STATE: {}; health will not report it",
+            crate::error_chain(&e)
+        )),
+    }
+    sys.sync();
+    if mounted_here && let Err(e) = sys.unmount(dir, false) {
+        log.line(&format!(
+            "reset: {} not unmounted after the record's write: {}",
+            state.target,
+            errno_name(&e)
+        ));
+    }
+}
+
+/// How long the test fault `reset-pause` holds the reset after EPHEMERAL's wipe: long
+/// enough for a test to cut the power, shorter than the watchdog's default timeout.
+pub const FAULT_PAUSE: Duration = Duration::from_secs(30);
+
 #[cfg(test)]
+// Tests keep STATE's record in a directory on disk.
+#[allow(clippy::disallowed_methods)]
 mod tests {
     use std::path::PathBuf;
 
@@ -224,7 +402,7 @@ mod tests {
         let (mut fake, wipes) = both_mounted();
         fake.unmount_errors.insert(PathBuf::from("/var"), 16);
         let log = MemoryLog::default();
-        let result = wipe_partitions(&fake, &log, &wipes);
+        let result = wipe_partitions(&fake, &log, &wipes, &|_| {});
         assert!(
             matches!(
                 result,
@@ -252,7 +430,7 @@ mod tests {
     fn both_are_unmounted_then_wiped_ephemeral_first() {
         let (fake, wipes) = both_mounted();
         let log = MemoryLog::default();
-        assert!(wipe_partitions(&fake, &log, &wipes).is_ok());
+        assert!(wipe_partitions(&fake, &log, &wipes, &|_| {}).is_ok());
         assert_eq!(formatted(&fake), ["/dev/vda5", "/dev/vda4"]);
         assert!(
             fake.calls()
@@ -278,7 +456,7 @@ mod tests {
             },
         );
         let log = MemoryLog::default();
-        let result = wipe_partitions(&fake, &log, &wipes);
+        let result = wipe_partitions(&fake, &log, &wipes, &|_| {});
         assert!(
             matches!(
                 result,
@@ -305,5 +483,107 @@ mod tests {
         assert_eq!(wipe_names(&wipes, false), ["STATE", "EPHEMERAL"]);
         assert_eq!(wipe_names(&wipes[1..], true), ["EPHEMERAL", "STATE"]);
         assert_eq!(wipe_names(&wipes[1..], false), ["EPHEMERAL"]);
+    }
+
+    /// STATE's reset record at `dir`.
+    fn record_in(dir: &Path) -> ResetRecord {
+        let bytes = std::fs::read(dir.join(RESET_RECORD)).unwrap_or_default();
+        ResetRecord::parse(&bytes).unwrap_or_default()
+    }
+
+    #[test]
+    fn a_busy_var_is_kept_in_states_record_with_state_mounted_again() -> io::Result<()> {
+        let state = tempfile::tempdir()?;
+        std::fs::write(state.path().join(layout::STATE_CONFIG), "the config")?;
+        let log = MemoryLog::default();
+        record_begun(&log, Some(state.path()));
+        let begun = record_in(state.path());
+        assert!(
+            begun.begun_at_ms > 0 && begun.failure.is_none(),
+            "{begun:?}"
+        );
+        assert_eq!(
+            begun.config_sha256.as_deref(),
+            Some(sha256_hex(b"the config").as_str())
+        );
+        // The shutdown unmounted STATE; /var stays busy.
+        let (mut fake, mut wipes) = both_mounted();
+        wipes[0].target = state.path().display().to_string();
+        fake.mount_points
+            .borrow_mut()
+            .remove(Path::new("/system/state"));
+        fake.unmount_errors.insert(PathBuf::from("/var"), 16);
+        let result = finish_reset(&fake, &log, &wipes, "");
+        assert!(
+            matches!(result, Err(Error::StillMounted { .. })),
+            "{result:?}"
+        );
+        assert_eq!(formatted(&fake), Vec::<String>::new());
+        let record = record_in(state.path());
+        assert_eq!(record.begun_at_ms, begun.begun_at_ms);
+        let failure = record.failure.clone().unwrap_or_default();
+        assert_eq!(
+            (failure.partition.as_str(), failure.device.as_str()),
+            ("EPHEMERAL", "/dev/vda5")
+        );
+        assert_eq!(failure.errno.as_deref(), Some("EBUSY (16)"));
+        assert!(
+            record.health_reason().contains(
+                "EPHEMERAL on /dev/vda5: could not unmount /var (EBUSY (16)); nothing was wiped"
+            ),
+            "{}",
+            record.health_reason()
+        );
+        let calls = fake.calls();
+        let target = state.path().display().to_string();
+        let mounted = calls.iter().position(|c| {
+            matches!(c, Call::Mount { source, target: t, .. } if source == "/dev/vda4" && *t == target)
+        });
+        let unmounted = calls
+            .iter()
+            .position(|c| *c == Call::Unmount(target.clone(), false));
+        assert!(
+            mounted.is_some() && unmounted > mounted,
+            "STATE mounted for the write, then unmounted: {calls:?}"
+        );
+        assert!(
+            log.lines()
+                .iter()
+                .any(|l| l.contains("the failure kept in STATE (reset.json)")),
+            "{:?}",
+            log.lines()
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn a_failed_state_format_writes_nothing_to_state() {
+        let (_, wipes) = both_mounted();
+        let error = Error::Format {
+            name: PART_STATE,
+            left: "nothing else".into(),
+            source: Box::new(disks::Error::NoBootDisk { why: "x".into() }),
+        };
+        assert_eq!(failure_of(&error, &wipes), None);
+        let error = Error::Format {
+            name: PART_EPHEMERAL,
+            left: "STATE".into(),
+            source: Box::new(disks::Error::NoBootDisk { why: "x".into() }),
+        };
+        let failure = failure_of(&error, &wipes).unwrap_or_default();
+        assert_eq!(failure.device, "/dev/vda5");
+        assert!(failure.wiped.is_empty());
+    }
+
+    #[test]
+    fn a_finished_reset_records_no_failure() -> io::Result<()> {
+        let state = tempfile::tempdir()?;
+        let log = MemoryLog::default();
+        let (fake, mut wipes) = both_mounted();
+        wipes[0].target = state.path().display().to_string();
+        assert!(finish_reset(&fake, &log, &wipes, "").is_ok());
+        assert!(!state.path().join(RESET_RECORD).exists());
+        assert_eq!(formatted(&fake), ["/dev/vda5", "/dev/vda4"]);
+        Ok(())
     }
 }

@@ -8,6 +8,12 @@
 //! endpoint's host: a worker that cannot reach its control plane is not healthy, and the
 //! connection leaves the peer in both nodes' neighbour tables (`machinectl get
 //! neighbours`).
+//!
+//! A reset that did not finish is reported too ([`last_reset`]): PID 1 keeps its record
+//! in STATE, since the reset's answer went back before its wipe could be decided
+//! (`keelson_node_protocol::reset`). It fails the `last reset` check until a config is
+//! applied (STATE's config is then not the one the record names) or a reset finishes
+//! (which wipes STATE and the record with it).
 
 use std::net::{TcpStream, ToSocketAddrs as _};
 use std::path::Path;
@@ -16,6 +22,8 @@ use std::time::Duration;
 use keelson_configs::MachineConfig;
 use keelson_configs::layout::API_PORT;
 use keelson_configs::schema::Swap;
+use keelson_node_protocol::reset::{RESET_RECORD, ResetRecord};
+use keelson_node_protocol::state::CONFIG;
 
 use super::NodePaths;
 use crate::backend::{BackendError, ServiceView};
@@ -156,6 +164,47 @@ pub fn checks(
     out
 }
 
+/// The `last reset` check: failed while STATE at `state_dir` keeps the record of a reset
+/// that did not finish and its config is still the one the reset began with; `None`
+/// otherwise.
+pub fn last_reset(state_dir: &Path) -> Option<Check> {
+    const NAME: &str = "last reset";
+    let path = state_dir.join(RESET_RECORD);
+    let bytes = match std::fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            return Some(check(
+                NAME,
+                false,
+                format!(
+                    "cannot read {}: {e}: a reset may have failed; see the boot log",
+                    path.display()
+                ),
+            ));
+        }
+    };
+    let record = match ResetRecord::parse(&bytes) {
+        Ok(record) => record,
+        Err(e) => {
+            return Some(check(
+                NAME,
+                false,
+                format!(
+                    "{} is unreadable ({e}): a reset began and did not finish; reset the node again",
+                    path.display()
+                ),
+            ));
+        }
+    };
+    let config = std::fs::read(state_dir.join(CONFIG))
+        .ok()
+        .map(|c| crate::server::audit::sha256_hex(&c));
+    record
+        .is_current(config.as_deref())
+        .then(|| check(NAME, false, record.health_reason()))
+}
+
 /// How long the control-plane probe waits for a TCP connection.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -275,5 +324,43 @@ mod tests {
             }
             Err(_) => assert!(control_plane_reachable("127.0.0.1").ok),
         }
+    }
+
+    #[test]
+    fn a_reset_that_did_not_finish_fails_health_until_a_config_is_applied() {
+        use keelson_node_protocol::reset::ResetFailure;
+        let state = tempfile::tempdir().unwrap();
+        assert_eq!(last_reset(state.path()), None, "no record, no check");
+        std::fs::write(state.path().join(CONFIG), "old config").unwrap();
+        let record = ResetRecord {
+            begun_at_ms: 1_796_559_145_000,
+            config_sha256: Some(crate::server::audit::sha256_hex(b"old config")),
+            failure: Some(ResetFailure {
+                at_ms: 1_796_559_146_000,
+                partition: "EPHEMERAL".into(),
+                device: "/dev/vda6".into(),
+                errno: Some("EBUSY (16)".into()),
+                reason: "could not unmount /var".into(),
+                wiped: Vec::new(),
+            }),
+        };
+        std::fs::write(state.path().join(RESET_RECORD), record.to_bytes()).unwrap();
+        let c = last_reset(state.path()).unwrap();
+        assert!(!c.ok);
+        assert_eq!(c.name, "last reset");
+        assert_eq!(
+            c.reason,
+            "last reset failed at 2026-12-06T12:12:26Z: EPHEMERAL on /dev/vda6: could not unmount /var (EBUSY (16)); nothing was wiped, and the node kept its config and identity; reset it again, or wipe both partitions from another system"
+        );
+        std::fs::write(state.path().join(RESET_RECORD), b"{ torn").unwrap();
+        assert!(
+            last_reset(state.path())
+                .unwrap()
+                .reason
+                .contains("is unreadable")
+        );
+        std::fs::write(state.path().join(RESET_RECORD), record.to_bytes()).unwrap();
+        std::fs::write(state.path().join(CONFIG), "a later config").unwrap();
+        assert_eq!(last_reset(state.path()), None, "applied since: old news");
     }
 }

@@ -249,9 +249,12 @@ impl Machine for NodeService {
         let paths = self.paths.clone();
         let backend = self.backend.clone();
         let config = self.applier.current();
+        let state_dir = self.applier.state_dir().to_path_buf();
         let checks = blocking(move || {
             let services = backend.services();
-            health::checks(&paths, config.as_ref(), services)
+            let mut checks = health::checks(&paths, config.as_ref(), services);
+            checks.extend(health::last_reset(&state_dir));
+            checks
         })
         .await?;
         let mut checks = checks;
