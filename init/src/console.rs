@@ -242,3 +242,60 @@ pub mod memory {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    /// A console on a pipe that nobody reads yet, waiting at most `patience`; the read end.
+    fn stuck(patience: Duration) -> (Console, File) {
+        let (read, write) = rustix::pipe::pipe().unwrap_or_else(|e| panic!("pipe: {e}"));
+        (
+            Console::on(File::from(write), Some(patience)),
+            File::from(read),
+        )
+    }
+
+    #[test]
+    fn a_direct_write_to_a_stuck_console_gives_up_at_its_patience() {
+        let (console, mut reader) = stuck(Duration::from_millis(100));
+        // More than the pipe holds (64 KiB): the write waits for it, then gives the rest up.
+        let began = Instant::now();
+        console.raw(&"x".repeat(200 * 1024));
+        let first = began.elapsed();
+        assert!(first >= Duration::from_millis(100), "{first:?}");
+        assert!(first < Duration::from_secs(5), "{first:?}");
+        // Stalled: the next lines do not wait at all while the console takes nothing.
+        let began = Instant::now();
+        for _ in 0..100 {
+            console.line("still stuck");
+        }
+        assert!(
+            began.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            began.elapsed()
+        );
+        // Once the reader drains the pipe, a whole line goes through and ends the stall.
+        let mut drained = vec![0u8; 256 * 1024];
+        let _ = reader.read(&mut drained);
+        console.line("back");
+        assert!(!console.stalled.get());
+    }
+
+    #[test]
+    fn a_write_waits_for_a_slow_reader_within_its_patience() {
+        let (console, mut reader) = stuck(Duration::from_secs(30));
+        let reading = std::thread::spawn(move || {
+            let mut text = Vec::new();
+            let _ = reader.read_to_end(&mut text);
+            text.len()
+        });
+        // Three times the pipe's size: written whole as the reader drains it.
+        console.raw(&"y".repeat(3 * 64 * 1024 - 1));
+        assert!(!console.stalled.get());
+        drop(console);
+        let read = reading.join().unwrap_or_else(|_| panic!("reader panicked"));
+        assert_eq!(read, 3 * 64 * 1024);
+    }
+}
