@@ -182,6 +182,8 @@ pub fn create(
         )));
     }
     qemu::firmware(options.arch)?;
+    // A bad KEELSON_STAGE1_DEADLINE is refused before anything is made.
+    stage1_watch::deadline(options.arch, Accel::Tcg).map_err(ClusterError::Usage)?;
     let load = |paths: &[PathBuf]| {
         paths
             .iter()
