@@ -1,6 +1,7 @@
 //! PID 1's control socket, [`SOCKET`] (`/run/keelson/init.sock`), for machined: a Unix
-//! stream socket, mode 0600 (root only), one JSON request per line and one answer per
-//! line, any number of them on a connection, answered in order.
+//! stream socket, mode 0600 (root's: machined, which runs as its own user, reaches it
+//! with `CAP_DAC_OVERRIDE`), one JSON request per line and one answer per line, any
+//! number of them on a connection, answered in order.
 //!
 //! What is said on it is the node protocol's ([`keelson_node_protocol::control`], whose
 //! module doc lists every request and its answer): each request is its own type, and
@@ -14,14 +15,15 @@
 //! # Who may speak
 //!
 //! Only machined, the process the supervisor started: each connection's peer
-//! credentials (`SO_PEERCRED`, read by the kernel at `connect`) must name root (uid 0)
-//! and the pid that the service [`MACHINED_SERVICE`] runs as now, which the main loop
-//! publishes through a [`MachinedPid`] before it waits for each event. Nothing else
-//! speaks on the socket (the tests speak to machined's API, and machined's own tests to
-//! a fake socket), so while machined does not run every connection is refused: a root
-//! process in a container, or one that outlived a machined it was not, gets nothing. A
-//! refused connection gets one refusal line, is closed before anything it sent is read,
-//! and is logged once with the peer's pid and uid and why.
+//! credentials (`SO_PEERCRED`, read by the kernel at `connect`) must name machined's own
+//! uid ([`PEER_UID`], `services::MACHINED_USER`) and the pid that the service
+//! [`MACHINED_SERVICE`] runs as now, which the main loop publishes through a
+//! [`MachinedPid`] before it waits for each event. Nothing else speaks on the socket (the
+//! tests speak to machined's API, and machined's own tests to a fake socket), so while
+//! machined does not run every connection is refused: a root process in a container, or
+//! one that outlived a machined it was not, gets nothing. A refused connection gets one
+//! refusal line, is closed before anything it sent is read, and is logged once with the
+//! peer's pid and uid and why.
 //!
 //! # Framing
 //!
@@ -50,8 +52,8 @@ pub use keelson_node_protocol::control::{
 
 /// The service whose process may speak on the socket (`services::machined`'s name).
 pub const MACHINED_SERVICE: &str = "machined";
-/// The uid the peer must run as: root's.
-pub const PEER_UID: u32 = 0;
+/// The uid the peer must run as: machined's own user's (`services::MACHINED_USER`).
+pub const PEER_UID: u32 = crate::services::MACHINED_USER.uid;
 /// How many bytes of a line over [`MAX_REQUEST`] are read and dropped, at most, looking
 /// for its newline before the connection is closed.
 pub const DISCARD_LIMIT: u64 = 64 * 1024 * 1024;
@@ -99,7 +101,8 @@ pub struct AllowedPeer {
 }
 
 impl AllowedPeer {
-    /// The node's rule: root, and the pid of the machined the supervisor started.
+    /// The node's rule: machined's uid, and the pid of the machined the supervisor
+    /// started.
     pub fn machined(machined: MachinedPid) -> AllowedPeer {
         AllowedPeer {
             uid: PEER_UID,
@@ -460,42 +463,52 @@ mod tests {
     }
 
     #[test]
-    fn the_judge_wants_root_and_machined_pid() {
+    fn the_judge_wants_machined_uid_and_pid() {
+        const M: u32 = 50;
+        assert_eq!(PEER_UID, M);
         let machined = MachinedPid::default();
         let allowed = AllowedPeer::machined(machined.clone());
-        assert_eq!(allowed.judge(0, Some(42)), Err(PeerRefused::NoMachined));
+        assert_eq!(allowed.judge(M, Some(42)), Err(PeerRefused::NoMachined));
         machined.set(Some(42));
         let cases = [
-            ((0, Some(42)), Ok(())),
+            ((M, Some(42)), Ok(())),
             (
                 (1000, Some(42)),
                 Err(PeerRefused::WrongUid {
                     uid: 1000,
-                    expected: 0,
+                    expected: M,
+                }),
+            ),
+            // root is not machined: a root process in a container gets nothing.
+            (
+                (0, Some(42)),
+                Err(PeerRefused::WrongUid {
+                    uid: 0,
+                    expected: M,
                 }),
             ),
             (
-                (0, Some(43)),
+                (M, Some(43)),
                 Err(PeerRefused::NotMachined {
                     pid: 43,
                     machined: 42,
                 }),
             ),
-            ((0, None), Err(PeerRefused::NoPid)),
+            ((M, None), Err(PeerRefused::NoPid)),
             (
-                (0, Some(0)),
+                (M, Some(0)),
                 Err(PeerRefused::NotMachined {
                     pid: 0,
                     machined: 42,
                 }),
             ),
-            ((0, Some(-1)), Err(PeerRefused::NoPid)),
+            ((M, Some(-1)), Err(PeerRefused::NoPid)),
         ];
         for ((uid, pid), expected) in cases {
             assert_eq!(allowed.judge(uid, pid), expected, "uid {uid} pid {pid:?}");
         }
         machined.set(None);
-        assert_eq!(allowed.judge(0, Some(42)), Err(PeerRefused::NoMachined));
+        assert_eq!(allowed.judge(M, Some(42)), Err(PeerRefused::NoMachined));
     }
 
     #[test]

@@ -41,7 +41,7 @@ use keelson_configs::layout;
 use keelson_node_protocol::etcd as etcd_proto;
 use keelson_node_protocol::kubelet as kubelet_proto;
 
-use crate::supervisor::{Readiness, ServiceSpec};
+use crate::supervisor::{CapabilitySet, Credentials, Readiness, RunAs, ServiceSpec};
 
 /// containerd's service name.
 pub const CONTAINERD: &str = "containerd";
@@ -55,6 +55,27 @@ pub const CONTAINERD_SOCKET: &str = "/run/containerd/containerd.sock";
 pub const CONTAINERD_CONFIG: &str = "/etc/containerd/config.toml";
 /// The node API daemon.
 pub const MACHINED: &str = "/usr/sbin/machined";
+
+/// machined's own user (ARCHITECTURE.md, "machined's privileges"): uid and gid 50 (as
+/// Talos runs its API daemon), named in no file (there is no `/etc/passwd` on a node),
+/// with three capabilities:
+/// - `CAP_DAC_OVERRIDE`: the files it reads and writes are root's, 0600/0700: STATE
+///   (the config, its records), `/var/lib/{keelson,etcd,kubelet,machined}`,
+///   `/etc/kubernetes`, the ESP, the inactive root slot's block device, containerd's
+///   and PID 1's sockets, `/dev/console`, and admins' `read`s of secret files;
+/// - `CAP_SYS_TIME`: time sync steps the clock (`clock_settime`);
+/// - `CAP_SYSLOG`: `dmesg` reads `/dev/kmsg`, which `kernel.dmesg_restrict` keeps
+///   from any other unprivileged process.
+///
+/// Everything else is gone, bounding set included: no mount, module, raw I/O, ptrace,
+/// setuid, network administration, reboot, kill of another user's process or BPF.
+pub const MACHINED_USER: Credentials = Credentials {
+    uid: 50,
+    gid: 50,
+    capabilities: CapabilitySet::DAC_OVERRIDE
+        .union(CapabilitySet::SYS_TIME)
+        .union(CapabilitySet::SYSLOG),
+};
 
 /// The environment every service gets.
 pub fn service_env() -> Vec<(String, String)> {
@@ -84,6 +105,7 @@ pub fn catalog(
         ready_timeout: Duration::from_secs(120),
         autostart: true,
         stop_timeout: Duration::from_secs(20),
+        run_as: RunAs::Root,
     }];
     if config.machine.kind == MachineType::ControlPlane {
         out.push(etcd(config));
@@ -156,6 +178,7 @@ pub fn etcd(config: &MachineConfig) -> ServiceSpec {
         ready_timeout: Duration::from_secs(120),
         autostart: false,
         stop_timeout: Duration::from_secs(30),
+        run_as: RunAs::Root,
     }
 }
 
@@ -189,6 +212,7 @@ pub fn kubelet(config: &MachineConfig, exists: &dyn Fn(&Path) -> bool) -> Servic
         ready_timeout: Duration::from_secs(120),
         autostart: false,
         stop_timeout: Duration::from_secs(30),
+        run_as: RunAs::Root,
     }
 }
 
@@ -219,6 +243,7 @@ pub fn extension(service: &ExtensionService) -> ServiceSpec {
         ready_timeout: Duration::from_secs(30),
         autostart: true,
         stop_timeout: EXTENSION_STOP_TIMEOUT,
+        run_as: RunAs::Root,
     }
 }
 
@@ -238,6 +263,7 @@ pub fn machined() -> ServiceSpec {
         ready_timeout: Duration::from_secs(30),
         autostart: true,
         stop_timeout: Duration::from_secs(10),
+        run_as: RunAs::User(MACHINED_USER),
     }
 }
 
@@ -255,6 +281,39 @@ mod tests {
 
     pub(crate) fn controlplane() -> MachineConfig {
         config(include_str!("../../configs/tests/data/controlplane.toml"))
+    }
+
+    #[test]
+    fn machined_runs_as_its_own_user_and_every_other_service_as_root() {
+        let cfg = controlplane();
+        let mut with_extension = cfg.clone();
+        with_extension.machine.services = vec![ExtensionService {
+            name: "ext".into(),
+            command: vec!["/usr/bin/true".into()],
+            depends_on: Vec::new(),
+            environment: Default::default(),
+        }];
+        let runs: Vec<(String, RunAs)> = catalog(&with_extension, &|_| true, &mut |_| {})
+            .into_iter()
+            .map(|s| (s.name, s.run_as))
+            .collect();
+        let machined = RunAs::User(Credentials {
+            uid: 50,
+            gid: 50,
+            capabilities: CapabilitySet::DAC_OVERRIDE
+                | CapabilitySet::SYS_TIME
+                | CapabilitySet::SYSLOG,
+        });
+        assert_eq!(
+            runs,
+            [
+                ("containerd".to_owned(), RunAs::Root),
+                ("etcd".to_owned(), RunAs::Root),
+                ("kubelet".to_owned(), RunAs::Root),
+                ("machined".to_owned(), machined),
+                ("ext".to_owned(), RunAs::Root),
+            ]
+        );
     }
 
     #[test]

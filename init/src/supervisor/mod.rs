@@ -50,7 +50,9 @@ pub mod runner;
 mod spec;
 mod status;
 
-pub use self::spec::{Backoff, Readiness, START_AFTER_LIMIT, ServiceSpec};
+pub use self::spec::{
+    Backoff, CapabilitySet, Credentials, Readiness, RunAs, START_AFTER_LIMIT, ServiceSpec,
+};
 pub use self::status::{ExitInfo, ServiceStatus, State, signal_name};
 
 use std::time::{Duration, Instant};
@@ -768,6 +770,7 @@ mod tests {
             ready_timeout: Duration::from_secs(60),
             autostart: true,
             stop_timeout: Duration::from_secs(10),
+            run_as: RunAs::Root,
         }
     }
 

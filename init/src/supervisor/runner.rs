@@ -5,6 +5,13 @@
 //! ring buffer, runs readiness checks ([`super::readiness`]) and timers as tasks that
 //! report back as [`ServiceEvent`]s through a typed sender, and reaps through
 //! [`super::reaper`]. It is the one place in init that starts programs with `Command`.
+//!
+//! A service with a user of its own ([`RunAs::User`]) becomes that user between `fork`
+//! and `exec` ([`become_user`]): its bounding set cut to its capabilities while it is
+//! still root, then its groups, gid and uid with the capabilities kept across the uid
+//! change, then its capability sets and ambient set, then `no_new_privs`. A step that
+//! fails fails the spawn (`exec` is never reached), so a service never runs with more
+//! than its spec says.
 
 use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;
@@ -16,7 +23,8 @@ use tokio::io::AsyncReadExt;
 
 use super::reaper::{ReapScope, reap};
 use super::{
-    Action, ExitInfo, ServiceId, ServiceSpec, StopSignal, Supervisor, TimerKind, readiness,
+    Action, Credentials, ExitInfo, RunAs, ServiceId, ServiceSpec, StopSignal, Supervisor,
+    TimerKind, readiness,
 };
 use crate::bootlog::MAX_LINE;
 use crate::console::Log;
@@ -305,6 +313,13 @@ pub fn spawn(spec: &ServiceSpec) -> Result<(u32, OwnedFd), SpawnError> {
         .stdout(Stdio::from(write))
         .stderr(Stdio::from(write2));
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    if let RunAs::User(user) = spec.run_as {
+        // SAFETY: `become_user` runs in the forked child before `exec`; it makes only
+        // system calls (no allocation, no lock), which is what such a child may do.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || become_user(&user));
+        }
+    }
     let child = cmd.spawn().map_err(|e| SpawnError::Exec {
         program,
         reason: e.to_string(),
@@ -313,6 +328,52 @@ pub fn spawn(spec: &ServiceSpec) -> Result<(u32, OwnedFd), SpawnError> {
     // sees end-of-file when the service's last process closes its copy.
     drop(cmd);
     Ok((child.id(), read))
+}
+
+/// Become `user` (in the forked child, before `exec`): the bounding set cut to its
+/// capabilities (which needs `CAP_SETPCAP`, so first), the capabilities kept across the
+/// uid change (`PR_SET_KEEPCAPS`, which `exec` clears), no supplementary group, its gid
+/// and uid (real, effective and saved), its capabilities permitted, effective,
+/// inheritable and ambient (the ambient set is what a non-root user keeps across
+/// `exec`), then `no_new_privs`. Only system calls, as a forked child must; `std`'s
+/// `Command::uid` is not used because it changes the uid before this runs, and the
+/// capabilities would be gone.
+fn become_user(user: &Credentials) -> std::io::Result<()> {
+    use rustix::process::{Gid, Uid};
+    use rustix::thread::{self, CapabilitySet, CapabilitySets};
+    for bit in 0..u64::BITS {
+        let capability = CapabilitySet::from_bits_retain(1 << bit);
+        if user.capabilities.contains(capability) {
+            continue;
+        }
+        match thread::remove_capability_from_bounding_set(capability) {
+            // Past the kernel's last capability.
+            Err(rustix::io::Errno::INVAL) => break,
+            other => other?,
+        }
+    }
+    thread::set_keep_capabilities(true)?;
+    thread::set_thread_groups(&[])?;
+    let gid = Gid::from_raw(user.gid);
+    thread::set_thread_res_gid(gid, gid, gid)?;
+    let uid = Uid::from_raw(user.uid);
+    thread::set_thread_res_uid(uid, uid, uid)?;
+    thread::set_capabilities(
+        None,
+        CapabilitySets {
+            effective: user.capabilities,
+            permitted: user.capabilities,
+            inheritable: user.capabilities,
+        },
+    )?;
+    for bit in 0..u64::BITS {
+        let capability = CapabilitySet::from_bits_retain(1 << bit);
+        if user.capabilities.contains(capability) {
+            thread::configure_capability_in_ambient_set(capability, true)?;
+        }
+    }
+    thread::set_no_new_privs(true)?;
+    Ok(())
 }
 
 /// A service's arguments file, read at each start: one argument per line, taken as it
@@ -372,7 +433,7 @@ mod tests {
     use super::*;
     use crate::console::memory::MemoryLog;
     use crate::signals::{SignalKind, forward_signals};
-    use crate::supervisor::{Backoff, Readiness, ServiceStatus, State};
+    use crate::supervisor::{Backoff, CapabilitySet, Readiness, ServiceStatus, State};
     use std::io;
     use std::path::PathBuf;
     use std::time::Duration;
@@ -422,6 +483,7 @@ mod tests {
             ready_timeout: Duration::from_secs(5),
             autostart: true,
             stop_timeout: Duration::from_secs(2),
+            run_as: RunAs::Root,
         }
     }
 
@@ -625,6 +687,77 @@ mod tests {
             );
             Ok(())
         })
+    }
+
+    /// The lines of `/proc/self/status` that say who a process is, as a service with
+    /// `run_as` sees them: the spec spawned through [`spawn`], running `cat`.
+    fn identity_of(run_as: RunAs) -> Vec<String> {
+        let mut spec = program("cat", &["/proc/self/status"]);
+        spec.run_as = run_as;
+        let (pid, output) = spawn(&spec).expect("spawn cat");
+        let mut text = String::new();
+        io::Read::read_to_string(&mut std::fs::File::from(output), &mut text).unwrap();
+        let pid = Pid::from_raw(pid as i32).unwrap_or(Pid::INIT);
+        let status = rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::empty());
+        assert!(status.is_ok_and(|s| s.is_some_and(|(_, s)| s.exit_status() == Some(0))));
+        let wanted = [
+            "Uid:",
+            "Gid:",
+            "Groups:",
+            "CapInh:",
+            "CapPrm:",
+            "CapEff:",
+            "CapBnd:",
+            "CapAmb:",
+            "NoNewPrivs:",
+        ];
+        text.lines()
+            .filter(|l| wanted.iter().any(|w| l.starts_with(w)))
+            .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+            .collect()
+    }
+
+    /// Whether this test process may give a child another user and capabilities.
+    fn may_change_users() -> bool {
+        use rustix::thread::{CapabilitySet, capabilities};
+        let needed = CapabilitySet::SETUID | CapabilitySet::SETGID | CapabilitySet::SETPCAP;
+        capabilities(None).is_ok_and(|c| c.effective.contains(needed))
+    }
+
+    #[test]
+    fn a_service_with_its_own_user_runs_with_its_ids_and_capabilities_only() {
+        if !may_change_users() {
+            eprintln!("skipped: the test runs without CAP_SETUID, CAP_SETGID and CAP_SETPCAP");
+            return;
+        }
+        // machined's (`services::MACHINED_USER`).
+        let user = Credentials {
+            uid: 50,
+            gid: 50,
+            capabilities: CapabilitySet::DAC_OVERRIDE
+                | CapabilitySet::SYS_TIME
+                | CapabilitySet::SYSLOG,
+        };
+        // CAP_DAC_OVERRIDE (1), CAP_SYS_TIME (25), CAP_SYSLOG (34).
+        let caps = format!("{:016x}", (1u64 << 1) | (1 << 25) | (1 << 34));
+        assert_eq!(
+            identity_of(RunAs::User(user)),
+            [
+                format!("Uid: {0} {0} {0} {0}", user.uid),
+                format!("Gid: {0} {0} {0} {0}", user.gid),
+                "Groups:".to_owned(),
+                format!("CapInh: {caps}"),
+                format!("CapPrm: {caps}"),
+                format!("CapEff: {caps}"),
+                format!("CapBnd: {caps}"),
+                format!("CapAmb: {caps}"),
+                "NoNewPrivs: 1".to_owned(),
+            ]
+        );
+        // A root service is left as PID 1 made it.
+        let root = identity_of(RunAs::Root);
+        assert!(root.contains(&"Uid: 0 0 0 0".to_owned()), "{root:?}");
+        assert!(root.contains(&"NoNewPrivs: 0".to_owned()), "{root:?}");
     }
 
     #[test]

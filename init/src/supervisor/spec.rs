@@ -1,8 +1,38 @@
-//! What the supervisor runs: each service's spec (program, dependencies, readiness) and
-//! the restart policy.
+//! What the supervisor runs: each service's spec (program, dependencies, readiness, the
+//! user and capabilities it runs with) and the restart policy.
 
 use std::path::PathBuf;
 use std::time::Duration;
+
+pub use rustix::thread::CapabilitySet;
+
+/// Who a service runs as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunAs {
+    /// root, with PID 1's capabilities (containerd, etcd, the kubelet, extension
+    /// services: they manage the node's containers, mounts and network).
+    Root,
+    /// A user of its own with only the capabilities it needs ([`Credentials`]).
+    User(Credentials),
+}
+
+/// A service's own user: what the runner sets between `fork` and `exec`
+/// ([`super::runner`]).
+///
+/// The process runs as `uid`/`gid` (real, effective and saved) with no supplementary
+/// group; `capabilities` are its permitted, effective, inheritable and ambient sets (the
+/// ambient set is what carries them across `exec` for a non-root user) and its bounding
+/// set, so that nothing it runs can ever hold another; and `no_new_privs` is set, so no
+/// program it runs gains privilege from a setuid bit or file capabilities.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Credentials {
+    /// Its user id.
+    pub uid: u32,
+    /// Its group id, its only group.
+    pub gid: u32,
+    /// The capabilities it keeps; every other one is dropped, bounding set included.
+    pub capabilities: CapabilitySet,
+}
 
 /// How a service tells that it is ready.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,6 +86,8 @@ pub struct ServiceSpec {
     pub autostart: bool,
     /// Time between `SIGTERM` and `SIGKILL` when it is stopped.
     pub stop_timeout: Duration,
+    /// The user and capabilities it runs with.
+    pub run_as: RunAs,
 }
 
 /// The longest a service waits for its `start_after` services.

@@ -264,6 +264,17 @@ pub async fn fetch_verified(
     fetch_trusting(url, expected_sha256_hex, dest, limits, &roots).await
 }
 
+/// Makes a kept binary 0755 unless it is already: a binary fetched at an earlier boot
+/// may be root's (machined ran as root before it had a user of its own), and only its
+/// owner, or `CAP_FOWNER`, which machined does not have, may change its mode.
+async fn make_executable(path: &Path) -> io::Result<()> {
+    let mode = tokio::fs::metadata(path).await?.permissions().mode();
+    if mode & 0o7777 == 0o755 {
+        return Ok(());
+    }
+    tokio::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).await
+}
+
 /// [`fetch_verified`] with HTTPS servers trusted through `roots`.
 async fn fetch_trusting(
     url: &str,
@@ -290,7 +301,7 @@ async fn fetch_trusting(
     };
     match sha256_of_file(dest).await.map_err(local("read", dest))? {
         Some((sum, bytes)) if sum == expected => {
-            tokio::fs::set_permissions(dest, std::fs::Permissions::from_mode(0o755))
+            make_executable(dest)
                 .await
                 .map_err(local("make executable", dest))?;
             return Ok(Fetched {

@@ -119,8 +119,17 @@ impl Spool {
             move |source| UpgradeError::Spool { what, path, source }
         };
         fs::create_dir_all(dir).map_err(err("create the directory of", dir))?;
-        fs::set_permissions(dir, fs::Permissions::from_mode(SPOOL_DIR_MODE))
-            .map_err(err("set the mode of the directory of", dir))?;
+        // Its mode is changed only when it must be: a directory made at an earlier boot
+        // may be root's (machined ran as root before it had a user of its own), and only
+        // its owner, or `CAP_FOWNER`, which machined does not have, may change it.
+        let mode = fs::metadata(dir)
+            .map_err(err("read the mode of the directory of", dir))?
+            .permissions()
+            .mode();
+        if mode & 0o7777 != SPOOL_DIR_MODE {
+            fs::set_permissions(dir, fs::Permissions::from_mode(SPOOL_DIR_MODE))
+                .map_err(err("set the mode of the directory of", dir))?;
+        }
         let path = dir.join(SPOOL_FILE);
         let file = fs::OpenOptions::new()
             .read(true)
