@@ -412,6 +412,20 @@ impl OpenSsl {
         assert!(out.status.success(), "openssl {args:?}: {}", text(&out));
     }
 
+    /// What `openssl verify` says of the certificate `NAME.crt` as a TLS client's against
+    /// the node API CA.
+    fn verify(&self, name: &str) -> String {
+        let out = Command::new("openssl")
+            .args(["verify", "-purpose", "sslclient", "-CAfile"])
+            .arg(self.path("node-api-ca.crt"))
+            .arg(self.path(&format!("{name}.crt")))
+            .env("OPENSSL_CONF", self.path("openssl.cnf"))
+            .stdin(Stdio::null())
+            .output()
+            .expect("run openssl (Debian package openssl)");
+        text(&out)
+    }
+
     /// Writes an existing CA as `NAME-ca.crt` and `NAME-ca.key`.
     fn import_ca(&self, name: &str, ca: &CertAndKey) {
         std::fs::write(self.path(&format!("{name}-ca.crt")), &ca.cert).unwrap();
@@ -567,11 +581,13 @@ const MEMBERS: &[(&str, &str)] = &[
 ];
 
 /// An identity the TLS handshake must refuse: an admin-named certificate from `signer`'s CA
-/// (`None`: no client certificate at all), valid `validity`.
+/// (`None`: no client certificate at all), valid `validity`; `openssl verify` refuses it
+/// with `why` (so it is refused for that reason, the rest of it being a member's).
 struct Stranger {
     name: &'static str,
     signer: Option<&'static str>,
     validity: Validity,
+    why: &'static str,
 }
 
 const STRANGERS: &[Stranger] = &[
@@ -579,31 +595,37 @@ const STRANGERS: &[Stranger] = &[
         name: "no certificate",
         signer: None,
         validity: Validity::Now,
+        why: "",
     },
     Stranger {
         name: "foreign CA",
         signer: Some("foreign"),
         validity: Validity::Now,
+        why: "unable to get local issuer certificate",
     },
     Stranger {
         name: "expired",
         signer: Some("node-api"),
         validity: Validity::Between("20200101000000Z", "20210101000000Z"),
+        why: "certificate has expired",
     },
     Stranger {
         name: "not yet valid",
         signer: Some("node-api"),
         validity: Validity::Between("20900101000000Z", "20910101000000Z"),
+        why: "certificate is not yet valid",
     },
     Stranger {
         name: "kubernetes CA",
         signer: Some("kubernetes"),
         validity: Validity::Now,
+        why: "unable to get local issuer certificate",
     },
     Stranger {
         name: "etcd CA",
         signer: Some("etcd"),
         validity: Validity::Now,
+        why: "unable to get local issuer certificate",
     },
 ];
 
@@ -777,11 +799,19 @@ fn openssl_certificates(cluster: &Cluster, creds: &Path) {
     ssl.new_ca("foreign");
     for (name, subject) in MEMBERS {
         ssl.client(name, "node-api", subject, Validity::Now);
+        let verified = ssl.verify(name);
+        assert!(verified.contains(": OK"), "{name}: {verified}");
     }
     for stranger in STRANGERS {
         if let Some(ca) = stranger.signer {
             let subject = "/O=keelson:admin/CN=admin-user";
             ssl.client(stranger.name, ca, subject, stranger.validity);
+            let verified = ssl.verify(stranger.name);
+            assert!(
+                verified.contains(stranger.why) && !verified.contains(": OK"),
+                "{}: {verified}",
+                stranger.name
+            );
         }
     }
 }
