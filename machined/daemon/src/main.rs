@@ -52,6 +52,7 @@ fn main() -> ExitCode {
             .with(console::layer(console::DEVICE.into()))
             .init();
     }
+    log_privileges();
     raise_open_file_limit();
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -85,6 +86,30 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Logs the user and capabilities machined runs with, as `/proc/self/status` says them:
+/// PID 1 starts it as its own user with three capabilities (ARCHITECTURE.md, "machined's
+/// privileges"), so a call refused for want of privilege can be told from the log.
+fn log_privileges() {
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        return;
+    };
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .unwrap_or("?")
+            .to_owned()
+    };
+    tracing::info!(
+        uid = %field("Uid:"),
+        gid = %field("Gid:"),
+        capabilities = %field("CapEff:"),
+        no_new_privs = %field("NoNewPrivs:"),
+        "running as"
+    );
 }
 
 /// Raises the soft limit on open files to the hard one: every API connection, handshake
