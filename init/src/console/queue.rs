@@ -13,6 +13,9 @@
 //!   the same line comes back after the window, once the source stays quiet past the
 //!   window ([`ConsoleQueue::expire`]), or before a flush ([`ConsoleQueue::end_repeats`]).
 //!   Stable markers ([`Source::Marker`]) are never limited: tests wait for them.
+//! - Services' lines may fill [`SERVICE_SHARE`] of the queue at most: the rest is kept
+//!   for PID 1's own lines and markers, so that a service's flood (machined logging every
+//!   refused connection) cannot push out `dhcp lease` or the last `reboot: now`.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -26,6 +29,8 @@ pub const QUEUE_BYTES: usize = 64 * 1024;
 pub const REPEATS_SHOWN: u32 = 3;
 /// How long repeats of one line count as one burst.
 pub const REPEAT_WINDOW: Duration = Duration::from_secs(10);
+/// The quarters of the queue that services' lines may fill (the last quarter is PID 1's).
+pub const SERVICE_SHARE: usize = 3;
 /// Sources whose last line the limiter remembers (services and PID 1; the oldest is
 /// forgotten, its count said, when more print).
 const SOURCES: usize = 32;
@@ -141,10 +146,10 @@ impl ConsoleQueue {
     /// Queue `line` from `source` at `now`, unless it is a repeat over the limit or does
     /// not fit (then it is counted).
     pub fn push(&mut self, line: Line, source: Source<'_>, now: Instant) {
-        let name = match source {
+        let (name, limit) = match source {
             Source::Marker => return self.enqueue(line),
-            Source::Init => INIT,
-            Source::Service(name) => name,
+            Source::Init => (INIT, self.capacity),
+            Source::Service(name) => (name, self.capacity / 4 * SERVICE_SHARE),
         };
         let index = match self.repeats.iter().position(|r| r.source == name) {
             Some(index) => index,
@@ -186,7 +191,7 @@ impl ConsoleQueue {
                 self.enqueue(repeated_line(name, suppressed));
             }
         }
-        self.enqueue(line);
+        self.enqueue_within(line, limit);
     }
 
     /// Say the count of every source that repeated a line and stayed quiet past the window.
@@ -254,9 +259,15 @@ impl ConsoleQueue {
         self.dropped_total
     }
 
+    /// Queue `line` if it fits in the whole queue.
     fn enqueue(&mut self, line: Line) {
+        self.enqueue_within(line, self.capacity);
+    }
+
+    /// Queue `line` if the queue then holds at most `limit` bytes; else count it dropped.
+    fn enqueue_within(&mut self, line: Line, limit: usize) {
         let cost = line.cost();
-        if self.bytes + cost > self.capacity {
+        if self.bytes + cost > limit {
             self.dropped_pending += 1;
             self.dropped_total += 1;
             return;
@@ -317,6 +328,31 @@ mod tests {
             ]
         );
         assert!(queue.is_empty());
+    }
+
+    #[test]
+    fn a_flood_of_service_lines_leaves_room_for_pid_1s_own() {
+        let now = Instant::now();
+        let mut queue = ConsoleQueue::new(400);
+        for i in 0..1000 {
+            let line = Line::as_is(format!("machined: refused 10.0.{i}.1"));
+            queue.push(line, Source::Service("machined"), now);
+        }
+        // Services fill 3/4 of 400 bytes at most: 10 lines of 27 bytes and one of 28.
+        assert_eq!(queue.bytes(), 298);
+        queue.push(Line::own("dhcp lease 10.0.2.15/24", 7), Source::Init, now);
+        queue.push(Line::as_is("KEELSON STAGE2 READY"), Source::Marker, now);
+        queue.push(Line::own("reboot: now", 7), Source::Init, now);
+        let lines = drain(&mut queue);
+        assert_eq!(
+            lines[lines.len() - 4..],
+            [
+                "keelson-init: console: 989 lines dropped (console too slow)",
+                "keelson-init: dhcp lease 10.0.2.15/24",
+                "KEELSON STAGE2 READY",
+                "keelson-init: reboot: now",
+            ]
+        );
     }
 
     #[test]
