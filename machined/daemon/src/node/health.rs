@@ -106,24 +106,7 @@ pub fn checks(
     }
     for (key, want) in config.machine.effective_sysctls() {
         let file = paths.proc.join("sys").join(key.replace('.', "/"));
-        let (ok, reason) = match std::fs::read_to_string(&file) {
-            Ok(have) => {
-                let have = have.split_whitespace().collect::<Vec<_>>().join(" ");
-                let want_norm = want.split_whitespace().collect::<Vec<_>>().join(" ");
-                if have == want_norm {
-                    (true, format!("= {have}"))
-                } else {
-                    (false, format!("is {have}, the config wants {want}"))
-                }
-            }
-            Err(e) => (
-                false,
-                format!(
-                    "cannot read {}: {e} (is the module that provides it loaded?)",
-                    file.display()
-                ),
-            ),
-        };
+        let (ok, reason) = sysctl_verdict(&file, &want, std::fs::read_to_string(&file));
         out.push(check(format!("sysctl {key}"), ok, reason));
     }
     if config.machine.swap == Swap::Off {
@@ -238,10 +221,57 @@ fn control_plane_reachable(host: &str) -> Check {
     )
 }
 
+/// Whether a sysctl the config sets has its value, from what reading its file gave.
+/// A sysctl the kernel keeps root-only (mode 0600: `net.core.bpf_jit_harden`,
+/// `vm.mmap_rnd_bits`, ...) cannot be read by machined, which runs as its own user, and
+/// the kernel's sysctl files ignore `CAP_DAC_OVERRIDE`: PID 1 read it back when it wrote
+/// it, so it passes, saying so.
+fn sysctl_verdict(file: &Path, want: &str, read: std::io::Result<String>) -> (bool, String) {
+    match read {
+        Ok(have) => {
+            let have = have.split_whitespace().collect::<Vec<_>>().join(" ");
+            let want_norm = want.split_whitespace().collect::<Vec<_>>().join(" ");
+            if have == want_norm {
+                (true, format!("= {have}"))
+            } else {
+                (false, format!("is {have}, the config wants {want}"))
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => (
+            true,
+            "root-only: machined cannot read it back (PID 1 read it back when it set it)"
+                .to_owned(),
+        ),
+        Err(e) => (
+            false,
+            format!(
+                "cannot read {}: {e} (is the module that provides it loaded?)",
+                file.display()
+            ),
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn a_root_only_sysctl_passes_and_says_why() {
+        let file = Path::new("/proc/sys/net/core/bpf_jit_harden");
+        let denied = std::io::Error::from(std::io::ErrorKind::PermissionDenied);
+        let (ok, reason) = sysctl_verdict(file, "2", Err(denied));
+        assert!(ok, "{reason}");
+        assert!(reason.contains("root-only"), "{reason}");
+        let missing = std::io::Error::from(std::io::ErrorKind::NotFound);
+        assert!(!sysctl_verdict(file, "2", Err(missing)).0);
+        assert_eq!(
+            sysctl_verdict(file, "2", Ok("2\n".into())),
+            (true, "= 2".into())
+        );
+        assert!(!sysctl_verdict(file, "2", Ok("0\n".into())).0);
+    }
 
     #[test]
     fn services_and_maintenance_mode() {
