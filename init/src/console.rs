@@ -283,6 +283,52 @@ mod tests {
         assert!(!console.stalled.get());
     }
 
+    /// A pseudo-terminal: its master (the test's end, like a serial line's far side) and
+    /// a console on its slave (a terminal, as `/dev/console` is), waiting at most
+    /// `patience`.
+    fn terminal(patience: Duration) -> (File, Console) {
+        use std::os::fd::FromRawFd;
+        // SAFETY: posix_openpt takes no pointer; the descriptor it returns is checked.
+        let master = unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY) };
+        assert!(master >= 0, "{}", std::io::Error::last_os_error());
+        // SAFETY: `master` is an open descriptor that nothing else owns.
+        let master = unsafe { File::from_raw_fd(master) };
+        // SAFETY: both take the open master descriptor only.
+        let unlocked = unsafe {
+            libc::grantpt(master.as_raw_fd()) == 0 && libc::unlockpt(master.as_raw_fd()) == 0
+        };
+        assert!(unlocked, "{}", std::io::Error::last_os_error());
+        let mut name = [0 as libc::c_char; 128];
+        // SAFETY: `name` is writable for the length passed.
+        let named = unsafe { libc::ptsname_r(master.as_raw_fd(), name.as_mut_ptr(), name.len()) };
+        assert_eq!(named, 0);
+        // SAFETY: ptsname_r wrote a NUL-terminated name into `name`.
+        let path = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) }.to_owned();
+        let slave = rustix::fs::open(
+            path.as_c_str(),
+            rustix::fs::OFlags::WRONLY | rustix::fs::OFlags::NOCTTY,
+            rustix::fs::Mode::empty(),
+        )
+        .unwrap_or_else(|e| panic!("{path:?}: {e}"));
+        (master, Console::on(File::from(slave), Some(patience)))
+    }
+
+    #[test]
+    fn a_terminal_nobody_reads_never_holds_a_writer_past_its_patience() {
+        let (_master, console) = terminal(Duration::from_millis(100));
+        // A serial line whose far side stopped reading: the terminal's buffers fill, then
+        // each write gives up at its patience instead of waiting for ever. On a thread, so
+        // that a write that blocks fails the test instead of hanging it.
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for i in 0..2000 {
+                console.line(&format!("line {i} {}", "z".repeat(200)));
+            }
+            let _ = done.send(console.stalled.get());
+        });
+        assert_eq!(finished.recv_timeout(Duration::from_secs(20)), Ok(true));
+    }
+
     #[test]
     fn a_write_waits_for_a_slow_reader_within_its_patience() {
         let (console, mut reader) = stuck(Duration::from_secs(30));
