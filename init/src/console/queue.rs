@@ -211,6 +211,16 @@ impl ConsoleQueue {
         }
     }
 
+    /// When the next count of repeats is due ([`ConsoleQueue::expire`]); `None` when no
+    /// source is counting.
+    pub fn next_expiry(&self) -> Option<Instant> {
+        self.repeats
+            .iter()
+            .filter(|r| r.suppressed > 0)
+            .map(|r| r.since + REPEAT_WINDOW)
+            .min()
+    }
+
     /// Say every pending repeat count now (before a flush).
     pub fn end_repeats(&mut self) {
         let mut said = Vec::new();
@@ -404,6 +414,7 @@ mod tests {
             queue.push(same(), Source::Init, start);
         }
         // Still within the window: nothing to say yet.
+        assert_eq!(queue.next_expiry(), Some(start + REPEAT_WINDOW));
         queue.expire(start + REPEAT_WINDOW / 2);
         assert_eq!(drain(&mut queue).len(), 3);
         // The same line after the window: the count, then the line again.

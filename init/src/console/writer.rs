@@ -27,10 +27,6 @@ use std::time::{Duration, Instant};
 use super::Log;
 use super::queue::{ConsoleQueue, Line, Source};
 
-/// How often the writer wakes without new lines, to say the counts of repeats that ended
-/// ([`ConsoleQueue::expire`]).
-const EXPIRY_TICK: Duration = Duration::from_secs(1);
-
 /// The writer installed for stage 2, for the panic hook.
 static INSTALLED: OnceLock<Arc<Shared>> = OnceLock::new();
 
@@ -164,7 +160,8 @@ pub fn flush_installed(limit: Duration) -> bool {
     }
 }
 
-/// The thread: take a line, print it, and again; say the counts of ended repeats.
+/// The thread: take a line, print it, and again; say the counts of repeats when due. It
+/// sleeps while there is nothing to print or count (no wake-up of an idle node).
 fn print_lines(out: &dyn Log, shared: &Shared) {
     loop {
         let (line, reopen) = {
@@ -179,9 +176,19 @@ fn print_lines(out: &dyn Log, shared: &Shared) {
                     break (line, reopen);
                 }
                 shared.drained.notify_all();
-                state = match shared.lines.wait_timeout(state, EXPIRY_TICK) {
-                    Ok((state, _)) => state,
-                    Err(poisoned) => poisoned.into_inner().0,
+                // Asleep until a line comes, or a count of repeats is due.
+                state = match state.queue.next_expiry() {
+                    Some(due) => {
+                        let left = due.saturating_duration_since(Instant::now());
+                        match shared.lines.wait_timeout(state, left) {
+                            Ok((state, _)) => state,
+                            Err(poisoned) => poisoned.into_inner().0,
+                        }
+                    }
+                    None => shared
+                        .lines
+                        .wait(state)
+                        .unwrap_or_else(PoisonError::into_inner),
                 };
             }
         };
