@@ -7,7 +7,7 @@
 //! - `stage1-hang`: stage 1 arms the watchdog, then sleeps forever: the watchdog resets
 //!   the machine;
 //! - `unhealthy`: stage 2 never starts machined, so the node never becomes healthy;
-//! - `reset-pause`: a reset stops for [`crate::stage2::reset::FAULT_PAUSE`] after it has
+//! - `reset-pause`: a reset stops for [`RESET_PAUSE`] after it has
 //!   wiped EPHEMERAL and before STATE, and says so ([`RESET_PAUSE_MARKER`]), so that a
 //!   test cuts the power between the two wipes.
 //!
@@ -36,6 +36,9 @@ pub const ENABLED: bool = cfg!(feature = "fault-injection");
 /// The firmware config entry that may name the fault too (its `raw` file under
 /// `/sys/firmware/qemu_fw_cfg/by_name/`).
 pub const FW_CFG_FAULT: &str = "opt/keelson/fault";
+/// How long `reset-pause` holds a reset after EPHEMERAL's wipe: long enough for a test
+/// to cut the power, shorter than the watchdog's default timeout.
+pub const RESET_PAUSE: Duration = Duration::from_secs(30);
 /// The line `reset-pause` prints once EPHEMERAL is wiped, for the test to cut the power.
 pub const RESET_PAUSE_MARKER: &str = "KEELSON FAULT RESET PAUSED";
 
@@ -188,7 +191,7 @@ pub fn with_firmware(sys: &dyn Syscalls, cmdline: &str) -> String {
 /// A reset, once EPHEMERAL is wiped: with `reset-pause` asked on `cmdline` (which
 /// [`with_firmware`] made before the filesystems were unmounted), say so, and in a build
 /// that injects faults print [`RESET_PAUSE_MARKER`] and wait
-/// [`crate::stage2::reset::FAULT_PAUSE`] before STATE's wipe.
+/// [`RESET_PAUSE`] before STATE's wipe.
 pub fn reset_pause(sys: &dyn Syscalls, log: &dyn Log, cmdline: &str) {
     if requested(cmdline) != Some(Ok(Fault::ResetPause)) {
         return;
@@ -197,7 +200,7 @@ pub fn reset_pause(sys: &dyn Syscalls, log: &dyn Log, cmdline: &str) {
         log.line(&line);
     }
     if active(cmdline) == Some(Fault::ResetPause) {
-        let pause = crate::stage2::reset::FAULT_PAUSE;
+        let pause = RESET_PAUSE;
         log.raw(&format!(
             "{RESET_PAUSE_MARKER}: EPHEMERAL is wiped, STATE is not; waiting {} s",
             pause.as_secs()
@@ -307,7 +310,7 @@ mod tests {
         reset_pause(&fake, &log, "console=ttyS0");
         assert!(log.lines().is_empty(), "not asked: nothing said");
         reset_pause(&fake, &log, &cmdline);
-        let pause = Call::Sleep(crate::stage2::reset::FAULT_PAUSE);
+        let pause = Call::Sleep(RESET_PAUSE);
         assert_eq!(fake.calls().contains(&pause), ENABLED);
         let said = log.lines().join("\n");
         assert!(said.contains("reset-pause"), "{said}");

@@ -15,7 +15,8 @@
 //!    filesystem, grow it online with `resize2fs`.
 //!
 //! A partition that cannot be prepared is reported with its device, filesystem, errno
-//! and what to do; the other one is still prepared.
+//! and what to do; the other one is still prepared. A configured node's STATE that
+//! fails for a reason that may pass is tried again for a bounded time ([`retry`]).
 //!
 //! With [`Options::defer_new_state`] a STATE that has no filesystem yet (a first boot) is
 //! left unformatted: [`prepare`] reports it as [`Error::Deferred`], and stage 2 formats
@@ -27,6 +28,7 @@
 //! 2 does not take a configured node for a new one (and serve maintenance mode).
 
 pub mod ext4;
+pub mod retry;
 pub mod table;
 
 use std::io;
@@ -442,6 +444,28 @@ pub fn prepare(
         state,
         ephemeral,
     })
+}
+
+/// STATE alone, prepared again on `disk` (its table read again), for [`retry`]: a
+/// configured node's STATE that failed for a reason that may pass.
+pub fn prepare_state(
+    sys: &dyn Syscalls,
+    log: &dyn Log,
+    opts: &Options,
+    disk: &str,
+) -> Result<Mounted, Error> {
+    let disk_path = opts.dev.join(disk);
+    let sector = table::sector_size(&opts.sysfs, disk);
+    let layout = table::read_layout(&disk_path, sector)?;
+    prepare_partition(
+        sys,
+        log,
+        opts,
+        disk,
+        &layout,
+        (PART_STATE, &opts.state_mount, STATE_FLAGS),
+        opts.defer_new_state,
+    )
 }
 
 /// What to do when mounting failed with `err`.

@@ -526,3 +526,50 @@ fn the_boot_disk_comes_from_the_root_device_or_the_slot() -> Result<(), Box<dyn 
     );
     Ok(())
 }
+
+#[test]
+fn a_configured_nodes_busy_state_is_probed_and_mounted_again_then_given_up()
+-> Result<(), Box<dyn std::error::Error>> {
+    let fx = Fixture::new("retry", 1024)?;
+    prepare(
+        &Fake::new().reading_real(&fx.dir),
+        &MemoryLog::default(),
+        None,
+        &fx.options(),
+    )?;
+    let vda4 = fx.dev("vda4");
+    let mut fake = Fake::new()
+        .reading_real(&fx.dir)
+        .with_file("/var", "")
+        .with_file("/system", "")
+        .with_file("/system/state", "");
+    fake.read_data
+        .insert(PathBuf::from(&vda4), ext4_head(25600, "STATE"));
+    fake.mount_errors.insert("ext4".into(), 16);
+    let log = MemoryLog::default();
+    let mut report = prepare(&fake, &log, None, &fx.options())?;
+    let mut waits = Vec::new();
+    retry::retry_report(&fake, &log, &fx.options(), &mut report, &mut |d| {
+        waits.push(d)
+    });
+    assert_eq!(waits, retry::STATE_RETRY_DELAYS);
+    assert!(
+        matches!(&report.state, Err(Error::Mount { source, .. }) if source.raw_os_error() == Some(16)),
+        "{:?}",
+        report.state
+    );
+    let state_mounts = fake
+        .calls()
+        .iter()
+        .filter(|c| matches!(c, Call::Mount { source, .. } if *source == vda4))
+        .count();
+    assert_eq!(state_mounts, 6, "the first mount and five more");
+    assert!(
+        lines(&log)
+            .iter()
+            .any(|l| l.ends_with("after 6 tries over 23 s: given up for this boot")),
+        "{:?}",
+        lines(&log)
+    );
+    Ok(())
+}

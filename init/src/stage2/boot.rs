@@ -3,6 +3,7 @@
 //! `Boot` that the main loop owns.
 
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use keelson_configs::Mode;
 use keelson_configs::layout::{self, CMDLINE_VERITY_ROOTHASH, cmdline_value, parse_cmdline};
@@ -15,6 +16,7 @@ use crate::etc_files;
 use crate::kmods;
 use crate::state;
 use crate::syscalls::{Syscalls, errno_name};
+use crate::watchdog::Watchdog;
 
 use super::mounts_table::mount_etc;
 use super::reset::{Wipe, wipes};
@@ -35,6 +37,9 @@ pub(super) struct Boot {
     /// A new STATE not formatted yet (device, size): formatted in the boot plan's step
     /// or before the node waits for a config.
     pub state_pending: Option<(String, u64)>,
+    /// STATE is there but could not be read or mounted ([`StateUnavailable`]): the node
+    /// may be configured and serves no maintenance mode.
+    pub state_unavailable: Option<StateUnavailable>,
     /// How the disks were prepared (the deferred STATE's format needs them again).
     pub disk_options: disks::Options,
     /// `/etc` is the writable tmpfs.
@@ -45,12 +50,26 @@ pub(super) struct Boot {
     pub assess: BootAssess,
 }
 
+impl Boot {
+    /// What the console says while the node waits for a config, at first and every
+    /// [`config_source::REMINDER`]: the ways to give one, or, when STATE is unavailable
+    /// (no maintenance mode), what is wrong and what to do.
+    pub fn waiting_lines(&self, url: Option<&str>) -> Vec<String> {
+        match &self.state_unavailable {
+            Some(unavailable) => unavailable.reminder(),
+            None => crate::config_source::waiting_message(url),
+        }
+    }
+}
+
 /// Steps 3 to 5 before the main loop: the banner, the disks, STATE's leftovers and
-/// staged config, `/etc`, the machine id.
+/// staged config, `/etc`, the machine id. `watchdog` is fed while a configured node's
+/// STATE is waited for ([`disks::retry`]).
 pub(super) fn prepare(
     sys: &dyn Syscalls,
     log: &dyn Log,
     modules: Option<kmods::ModuleIndex>,
+    mut watchdog: Option<&mut Watchdog>,
 ) -> Boot {
     let cmdline = sys
         .read_file(Path::new("/proc/cmdline"))
@@ -64,12 +83,16 @@ pub(super) fn prepare(
         ..disks::Options::default()
     };
     let mut boot_disk = None;
+    let mut unavailable = None;
     let (state_dir, wipe, state_pending) =
         match disks::prepare(sys, log, modules.as_ref(), &disk_options) {
-            Ok(report) => {
+            Ok(mut report) => {
                 boot_disk = Some(report.boot.disk.clone());
-                if let Some(line) = state_unavailable(&report.state) {
-                    log.line(&line);
+                let mut wait = |delay| wait_fed(sys, log, watchdog.as_deref_mut(), delay);
+                disks::retry::retry_report(sys, log, &disk_options, &mut report, &mut wait);
+                unavailable = StateUnavailable::of(&report.state);
+                if let Some(u) = &unavailable {
+                    log.line(&u.line());
                 }
                 let pending = match &report.state {
                     Err(disks::Error::Deferred { device, size, .. }) => {
@@ -126,6 +149,7 @@ pub(super) fn prepare(
         machine_id_unkept,
         state_dir,
         state_pending,
+        state_unavailable: unavailable,
         disk_options,
         etc_ok,
         wipe,
@@ -133,30 +157,77 @@ pub(super) fn prepare(
     }
 }
 
-/// What the console says when STATE is there but cannot be read (`None` otherwise):
-/// its filesystem cannot be probed, is damaged or does not mount, so the node may be
-/// configured and must not serve maintenance mode, where anyone on the network could
-/// push it a config. `Node::start_maintenance` refuses without a mounted STATE; this says
-/// why and what to do. A STATE that does not exist yet or is blank (a new node) is not
-/// this: it is formatted, and the node serves maintenance mode.
-pub fn state_unavailable(state: &Result<disks::Mounted, disks::Error>) -> Option<String> {
-    let Err(
-        e @ (disks::Error::Probe { .. }
-        | disks::Error::Mount { .. }
-        | disks::Error::Unrecognized { .. }),
-    ) = state
-    else {
-        return None;
-    };
-    let device = match e {
-        disks::Error::Probe { device, .. }
-        | disks::Error::Mount { device, .. }
-        | disks::Error::Unrecognized { device, .. } => device.as_str(),
-        _ => "?",
-    };
-    Some(format!(
-        "STATE unavailable ({device}: see the line above): this node may be configured, so it does not serve maintenance mode, which would let anyone on the network push it a config; repair STATE from another system and reboot"
-    ))
+/// Sleep `delay` in steps of a second, feeding `watchdog` between them.
+fn wait_fed(
+    sys: &dyn Syscalls,
+    log: &dyn Log,
+    mut watchdog: Option<&mut Watchdog>,
+    delay: Duration,
+) {
+    let step = Duration::from_secs(1);
+    let mut left = delay;
+    while !left.is_zero() {
+        let now = step.min(left);
+        sys.sleep(now);
+        left -= now;
+        if let Some(w) = watchdog.as_deref_mut() {
+            w.ping_if_due(Instant::now(), log);
+        }
+    }
+}
+
+/// STATE is there but cannot be read: its filesystem cannot be probed, is damaged or
+/// does not mount (after [`disks::retry`]'s tries), so the node may be configured and
+/// must not serve maintenance mode, where anyone on the network could push it a config.
+/// `Node::start_maintenance` refuses without a mounted STATE; this says why and what to
+/// do, at boot ([`StateUnavailable::line`]) and in place of the wait's reminder
+/// ([`StateUnavailable::reminder`]). A STATE that does not exist yet or is blank (a new
+/// node) is not this: it is formatted, and the node serves maintenance mode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateUnavailable {
+    /// STATE's device.
+    pub device: String,
+    /// Why, as the disks step said it.
+    pub why: String,
+}
+
+impl StateUnavailable {
+    /// STATE's outcome as unavailable, or `None` (mounted, new, or not there at all).
+    pub fn of(state: &Result<disks::Mounted, disks::Error>) -> Option<StateUnavailable> {
+        let Err(
+            e @ (disks::Error::Probe { device, .. }
+            | disks::Error::Mount { device, .. }
+            | disks::Error::Unrecognized { device, .. }),
+        ) = state
+        else {
+            return None;
+        };
+        Some(StateUnavailable {
+            device: device.clone(),
+            why: crate::error_chain(e),
+        })
+    }
+
+    /// The boot's line.
+    pub fn line(&self) -> String {
+        format!(
+            "STATE unavailable ({}: see the line above): this node may be configured, so it does not serve maintenance mode, which would let anyone on the network push it a config; repair STATE from another system and reboot",
+            self.device
+        )
+    }
+
+    /// The reminder said every 30 s while the node waits, instead of maintenance mode's
+    /// ways to give a config (`apply-config --insecure` is not served here).
+    pub fn reminder(&self) -> Vec<String> {
+        vec![
+            format!(
+                "STATE on {} could not be mounted: {}",
+                self.device, self.why
+            ),
+            "this node may be configured, so it is not in maintenance mode and takes no config over the API (no apply-config --insecure) until STATE is repaired".to_string(),
+            "repair STATE from another system (e2fsck) and reboot, or reflash the disk to start it as a new node; a reset cannot run without STATE".to_string(),
+        ]
+    }
 }
 
 /// The banner of the boot.
@@ -320,25 +391,20 @@ mod tests {
             resized: false,
             size: 100 << 20,
         };
-        assert_eq!(state_unavailable(&Ok(mounted)), None);
+        assert_eq!(StateUnavailable::of(&Ok(mounted)), None);
         let new = disks::Error::Deferred {
             name: "STATE",
             device: "/dev/vda4".into(),
             size: 100 << 20,
         };
         assert_eq!(
-            state_unavailable(&Err(new)),
+            StateUnavailable::of(&Err(new)),
             None,
             "a new STATE is not configured"
         );
-        let damaged = disks::Error::Mount {
-            name: "STATE",
-            device: "/dev/vda4".into(),
-            target: "/system/state".into(),
-            hint: "",
-            source: io::Error::from_raw_os_error(117),
-        };
-        let said = state_unavailable(&Err(damaged)).unwrap_or_default();
+        let said = StateUnavailable::of(&Err(damaged()))
+            .map(|u| u.line())
+            .unwrap_or_default();
         assert!(
             said.starts_with("STATE unavailable (/dev/vda4: see the line above): this node may be configured, so it does not serve maintenance mode"),
             "{said}"
@@ -347,7 +413,54 @@ mod tests {
             name: "STATE",
             device: "/dev/vda4".into(),
         };
-        assert!(state_unavailable(&Err(unrecognized)).is_some());
+        assert!(StateUnavailable::of(&Err(unrecognized)).is_some());
+    }
+
+    /// STATE's mount refused: its filesystem is damaged.
+    fn damaged() -> disks::Error {
+        disks::Error::Mount {
+            name: "STATE",
+            device: "/dev/vda4".into(),
+            target: "/system/state".into(),
+            hint: "the filesystem is damaged",
+            source: io::Error::from_raw_os_error(117),
+        }
+    }
+
+    #[test]
+    fn a_node_without_its_state_is_reminded_what_is_wrong_not_told_to_push_a_config() {
+        let mut boot = Boot {
+            modules: None,
+            cmdline: String::new(),
+            machine_id: "0123456789abcdef0123456789abcdef".into(),
+            machine_id_unkept: false,
+            state_dir: None,
+            state_pending: None,
+            state_unavailable: None,
+            disk_options: disks::Options::default(),
+            etc_ok: false,
+            wipe: Vec::new(),
+            assess: BootAssess::off(),
+        };
+        let new_node = boot.waiting_lines(None).join("\n");
+        assert!(
+            new_node.contains("machinectl apply-config --insecure --nodes"),
+            "{new_node}"
+        );
+        boot.state_unavailable = StateUnavailable::of(&Err(damaged()));
+        let lines = boot.waiting_lines(None);
+        assert_eq!(
+            lines[0],
+            "STATE on /dev/vda4 could not be mounted: cannot mount STATE (/dev/vda4, ext4) at /system/state: EUCLEAN (117): the filesystem is damaged"
+        );
+        let said = lines.join("\n");
+        assert!(
+            !said.contains("machinectl apply-config --insecure --nodes"),
+            "{said}"
+        );
+        assert!(said.contains("is not in maintenance mode"), "{said}");
+        assert!(said.contains("repair STATE"), "{said}");
+        assert!(said.contains("reflash"), "{said}");
     }
 
     #[test]

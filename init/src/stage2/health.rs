@@ -112,6 +112,7 @@ mod tests {
             machine_id_unkept: false,
             state_dir: None,
             state_pending: None,
+            state_unavailable: None,
             disk_options: disks::Options::default(),
             etc_ok: false,
             wipe: Vec::new(),

@@ -156,7 +156,7 @@ fn run_with<K: Kept>(sys: &dyn Syscalls, log: &K) -> Result<Infallible, Error> {
     drop(mounting);
     log.raw(READY_MARKER);
     let preparing = tracing::info_span!("disks_and_etc");
-    let boot = boot::prepare(sys, log, index);
+    let boot = boot::prepare(sys, log, index, watchdog.as_mut());
     drop(preparing);
     // The disks may have taken a while (a first boot formats EPHEMERAL).
     if let Some(watchdog) = &mut watchdog {

@@ -316,7 +316,7 @@ impl<'a, K: Kept> Node<'a, K> {
             Action::FormatNewState => self.finish_state(),
             Action::KeepMachineId => self.keep_machine_id(),
             Action::SayWaiting => {
-                for line in config_source::waiting_message(self.url().as_deref()) {
+                for line in self.boot.waiting_lines(self.url().as_deref()) {
                     log.line(&line);
                 }
             }
@@ -572,6 +572,7 @@ mod tests {
             machine_id_unkept: false,
             state_dir: None,
             state_pending: None,
+            state_unavailable: None,
             disk_options: disks::Options::default(),
             etc_ok: false,
             wipe: vec![

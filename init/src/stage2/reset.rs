@@ -56,7 +56,7 @@
 
 use std::io;
 use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use keelson_configs::layout::{self, PART_EPHEMERAL, PART_STATE};
 use keelson_node_protocol::reset::{RESET_RECORD, ResetFailure, ResetRecord};
@@ -348,10 +348,6 @@ pub fn record_failure(sys: &dyn Syscalls, log: &dyn Log, state: &Wipe, failure: 
         ));
     }
 }
-
-/// How long the test fault `reset-pause` holds the reset after EPHEMERAL's wipe: long
-/// enough for a test to cut the power, shorter than the watchdog's default timeout.
-pub const FAULT_PAUSE: Duration = Duration::from_secs(30);
 
 #[cfg(test)]
 // Tests keep STATE's record in a directory on disk.
