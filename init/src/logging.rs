@@ -12,7 +12,8 @@
 //!   dropped from the console alone, and the console says how many were dropped where they
 //!   were (`keelson-init: console: N lines dropped (console too slow)`); a line that a
 //!   service or PID 1 repeats is shown a few times, then counted (`… last line repeated N
-//!   times`). The boot log keeps PID 1's lines, each service's ring its own.
+//!   times`); services' lines may fill three quarters of the queue, the rest waits for
+//!   PID 1's own. The boot log keeps PID 1's lines, each service's ring its own.
 //!
 //! A record's console line is `keelson-init: <message>` followed by its fields as
 //! ` key=value`; warnings and errors carry the kernel log level of their kind in

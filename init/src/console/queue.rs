@@ -8,10 +8,11 @@
 //!   order. The first line taken out after a gap is preceded by one line saying how many
 //!   were dropped there ([`dropped_line`]); so is an empty queue after a gap.
 //! - A line that a source (a service, or PID 1 itself) repeats identically is shown
-//!   [`REPEATS_SHOWN`] times within [`REPEAT_WINDOW`]; further repeats are counted, and one
-//!   line ([`repeated_line`]) says how many once the source prints something else, once
-//!   the same line comes back after the window, once the source stays quiet past the
-//!   window ([`ConsoleQueue::expire`]), or before a flush ([`ConsoleQueue::end_repeats`]).
+//!   [`REPEATS_SHOWN`] times within [`REPEAT_WINDOW`]; further repeats are counted, and
+//!   one line (`… last line repeated N times`) says how many once the source prints
+//!   something else, once the same line comes back after the window, once the source
+//!   stays quiet past the window ([`ConsoleQueue::expire`]), or before a flush
+//!   ([`ConsoleQueue::end_repeats`]).
 //!   Stable markers ([`Source::Marker`]) are never limited: tests wait for them.
 //! - Services' lines may fill [`SERVICE_SHARE`] of the queue at most: the rest is kept
 //!   for PID 1's own lines and markers, so that a service's flood (machined logging every

@@ -12,9 +12,10 @@
 //! logged from everywhere, also from stage 2's synchronous steps before the loop starts
 //! (early mounts, disks: a first boot formats EPHEMERAL for seconds) and after it ends
 //! (the shutdown's last lines), and from the panic hook; a thread prints them as they
-//! come, whereas the loop would hold them until it next polls. PID 1 already ran this
-//! thread (and netconf's and the prefetcher's); it only ever blocks on the console and on
-//! its condition variable. The thread prints through a [`Log`] (the console: `/dev/console`
+//! come, whereas the loop would hold them until it next polls, and a panic could not
+//! flush them at all. PID 1 already ran this thread (and the prefetcher's); it only ever
+//! blocks on the console and on its condition variable, and holds the mutex only to take
+//! a line out, never while it writes. The thread prints through a [`Log`] (the console: `/dev/console`
 //! opened non-blocking and waited on with `poll`, see [`crate::console::Console`]).
 //!
 //! [`ConsoleWriter::flush`] waits for the queue to empty, at most a deadline: before a
