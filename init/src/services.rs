@@ -9,6 +9,10 @@
 //! | `machined` | `/usr/sbin/machined` | | running | at boot when its binary exists, after containerd (ordering only, see below) |
 //! | extension services (`[[machine.services]]`) | their `command` | their `depends_on` | running | at boot, after the built-in ones |
 //!
+//! Every service runs as root but machined, which runs as its own user with three
+//! capabilities ([`MACHINED_USER`]): it is the one that parses what comes from the
+//! network.
+//!
 //! machined's first start waits for containerd (`start_after`): until containerd is
 //! ready, or has failed, or for at most [`crate::supervisor::START_AFTER_LIMIT`]. Under
 //! TCG both CPUs are busy until containerd answers, and machined's own start took CPU

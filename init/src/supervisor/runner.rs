@@ -7,7 +7,7 @@
 //! [`super::reaper`]. It is the one place in init that starts programs with `Command`.
 //!
 //! A service with a user of its own ([`RunAs::User`]) becomes that user between `fork`
-//! and `exec` ([`become_user`]): its bounding set cut to its capabilities while it is
+//! and `exec` (`become_user`): its bounding set cut to its capabilities while it is
 //! still root, then its groups, gid and uid with the capabilities kept across the uid
 //! change, then its capability sets and ambient set, then `no_new_privs`. A step that
 //! fails fails the spawn (`exec` is never reached), so a service never runs with more
@@ -758,6 +758,26 @@ mod tests {
         let root = identity_of(RunAs::Root);
         assert!(root.contains(&"Uid: 0 0 0 0".to_owned()), "{root:?}");
         assert!(root.contains(&"NoNewPrivs: 0".to_owned()), "{root:?}");
+    }
+
+    #[test]
+    fn a_user_that_cannot_be_made_is_a_spawn_failure_never_a_wider_run() {
+        if !may_change_users() {
+            eprintln!("skipped: the test runs without CAP_SETUID, CAP_SETGID and CAP_SETPCAP");
+            return;
+        }
+        // No kernel has a capability 63: the child cannot be given it, so it never runs.
+        let mut spec = program("cat", &["/proc/self/status"]);
+        spec.run_as = RunAs::User(Credentials {
+            uid: 50,
+            gid: 50,
+            capabilities: CapabilitySet::SYS_TIME | CapabilitySet::from_bits_retain(1 << 63),
+        });
+        let err = spawn(&spec).err();
+        assert!(
+            matches!(&err, Some(SpawnError::Exec { reason, .. }) if reason.contains("os error")),
+            "{err:?}"
+        );
     }
 
     #[test]
