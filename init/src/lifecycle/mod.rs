@@ -73,7 +73,7 @@
 //! | AwaitingConfig(maintenance serving, DHCP on, no URL) | power button /dev/input/event0 (power off) | ShuttingDown(power off) | say `power off requested (power button /dev/input/event0): stopping services`; stop services; arm deadline |
 //! | Up | reboot asked | ShutdownAsked(reboot, then Up) | arm shutdown; say `reboot asked through the control socket: it begins in 1 s`; answer `reboot: stopping services` |
 //! | Up | power off asked | ShutdownAsked(power off, then Up) | arm shutdown; say `power off asked through the control socket: it begins in 1 s`; answer `power off: stopping services` |
-//! | AwaitingConfig(maintenance serving, DHCP on, no URL) | reset asked (wipes STATE, EPHEMERAL) | ShutdownAsked(reset, then AwaitingConfig(maintenance serving, DHCP on, no URL)) | arm shutdown; say `reset asked through the control socket: it begins in 1 s`; answer `reset: stopping services, then wiping EPHEMERAL and STATE once both are unmounted (neither if one stays mounted: see the console), then rebooting to wait for a config` |
+//! | AwaitingConfig(maintenance serving, DHCP on, no URL) | reset asked (wipes STATE, EPHEMERAL) | ShutdownAsked(reset, then AwaitingConfig(maintenance serving, DHCP on, no URL)) | arm shutdown; say `reset asked through the control socket: it begins in 1 s`; answer `reset: stopping services, then wiping EPHEMERAL and STATE once both are unmounted (neither if one stays mounted: `machinectl health` says why once the node is back), then rebooting to wait for a config` |
 //! | Up | reset asked (wipes nothing) | (same) | refuse `reset refused: neither STATE nor EPHEMERAL was prepared at this boot (see the boot log), so there is nothing to wipe; reboot the node instead` |
 //! | Up | reset asked (wipes STATE) | (same) | refuse `reset refused: EPHEMERAL was not prepared at this boot (see the boot log), and a reset wipes STATE and EPHEMERAL both or neither: nothing was wiped; reboot the node to have EPHEMERAL prepared again, or wipe both partitions from another system` |
 //! | ShutdownAsked(reboot, then Up) | shutdown timer | ShuttingDown(reboot) | say `reboot requested (control socket): stopping services`; stop services; arm deadline |
@@ -665,7 +665,7 @@ fn ask_shutdown<C>(
 }
 
 /// A reset's answer: what it does, and that a partition left mounted wipes neither.
-const RESET_ANSWER: &str = "reset: stopping services, then wiping EPHEMERAL and STATE once both are unmounted (neither if one stays mounted: see the console), then rebooting to wait for a config";
+const RESET_ANSWER: &str = "reset: stopping services, then wiping EPHEMERAL and STATE once both are unmounted (neither if one stays mounted: `machinectl health` says why once the node is back), then rebooting to wait for a config";
 
 /// Why a reset that would wipe `wipes` is refused: it wipes STATE and EPHEMERAL both or
 /// neither, so each must have been prepared at this boot.

@@ -356,7 +356,7 @@ fn table() -> Vec<Row> {
                 A::ArmShutdown,
                 say("reset asked through the control socket: it begins in 1 s"),
                 A::Reply(Ok(
-                    "reset: stopping services, then wiping EPHEMERAL and STATE once both are unmounted (neither if one stays mounted: see the console), then rebooting to wait for a config".into(),
+                    "reset: stopping services, then wiping EPHEMERAL and STATE once both are unmounted (neither if one stays mounted: `machinectl health` says why once the node is back), then rebooting to wait for a config".into(),
                 )),
             ],
         ),

@@ -661,7 +661,7 @@ mod tests {
             let reset = node.control(Reset {}.into());
             assert_eq!(
                 answer(&reset),
-                Ok("reset: stopping services, then wiping EPHEMERAL and STATE once both are unmounted (neither if one stays mounted: see the console), then rebooting to wait for a config".into())
+                Ok("reset: stopping services, then wiping EPHEMERAL and STATE once both are unmounted (neither if one stays mounted: `machinectl health` says why once the node is back), then rebooting to wait for a config".into())
             );
             let again = node.control(Poweroff {}.into());
             assert_eq!(answer(&again), Err("a reboot is already under way".into()));
