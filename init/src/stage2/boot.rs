@@ -124,6 +124,7 @@ pub(super) fn prepare(
             ));
         }
         promote_staged(log, dir);
+        super::reset::say_unfinished(log, dir);
     }
     // Right after STATE: the ESP, loader hygiene, a fallen-back slot, the trial recorded.
     let assess = BootAssess::start(

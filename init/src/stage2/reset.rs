@@ -41,7 +41,8 @@
 //! After the restart, machined's `health` reports the record as a failed check (`last
 //! reset failed at ...: EPHEMERAL on /dev/vda6: ... EBUSY (16); nothing was wiped ...`),
 //! as a record without a failure (`the reset begun at ... did not finish`: a power cut
-//! between the wipes), until a config is applied or a reset finishes.
+//! between the wipes), until a config is applied or a reset finishes; the boot says it
+//! on the console too ([`say_unfinished`]). The reset's answer points there.
 //!
 //! # A power cut between the two wipes
 //!
@@ -300,6 +301,23 @@ fn failure_of(error: &Error, wipes: &[Wipe]) -> Option<ResetFailure> {
     }
 }
 
+/// At boot, once STATE is mounted at `dir`: say on the console a reset that did not
+/// finish, as `health` reports it (nothing once a config was applied since).
+pub fn say_unfinished(log: &dyn Log, dir: &Path) {
+    let Ok(Some(bytes)) = state::read(dir, RESET_RECORD) else {
+        return;
+    };
+    match ResetRecord::parse(&bytes) {
+        Ok(record) if record.is_current(config_sha256(dir).as_deref()) => {
+            log.line(&record.health_reason());
+        }
+        Ok(_) => {}
+        Err(e) => log.line(&format!(
+            "STATE's {RESET_RECORD} is unreadable ({e}): a reset began and did not finish; reset the node again"
+        )),
+    }
+}
+
 /// STATE's mount flags for the record's write.
 const STATE_FLAGS: MountFlags = MountFlags::NOSUID
     .union(MountFlags::NODEV)
@@ -549,6 +567,16 @@ mod tests {
             "{:?}",
             log.lines()
         );
+        let boot = MemoryLog::default();
+        say_unfinished(&boot, state.path());
+        assert_eq!(
+            boot.lines(),
+            [format!("keelson-init: {}", record.health_reason())]
+        );
+        std::fs::write(state.path().join(layout::STATE_CONFIG), "a later config")?;
+        let boot = MemoryLog::default();
+        say_unfinished(&boot, state.path());
+        assert!(boot.lines().is_empty(), "applied since: old news");
         Ok(())
     }
 
