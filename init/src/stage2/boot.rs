@@ -55,10 +55,20 @@ impl Boot {
     /// [`config_source::REMINDER`]: the ways to give one, or, when STATE is unavailable
     /// (no maintenance mode), what is wrong and what to do.
     pub fn waiting_lines(&self, url: Option<&str>) -> Vec<String> {
-        match &self.state_unavailable {
-            Some(unavailable) => unavailable.reminder(),
-            None => crate::config_source::waiting_message(url),
+        if let Some(unavailable) = &self.state_unavailable {
+            return unavailable.reminder();
         }
+        let mut lines = crate::config_source::waiting_message(url);
+        if self.state_dir.is_none() && self.state_pending.is_none() {
+            // No STATE at all (no boot disk, no partition, a format that failed):
+            // maintenance mode is not served, the other ways still are.
+            lines.retain(|l| !l.contains("apply-config --insecure"));
+            lines.push(
+                "  (not maintenance mode's apply-config --insecure: STATE is not mounted, see the boot log, so a config pushed over the API could not be kept)"
+                    .to_string(),
+            );
+        }
+        lines
     }
 }
 
@@ -443,11 +453,20 @@ mod tests {
             wipe: Vec::new(),
             assess: BootAssess::off(),
         };
+        let no_state = boot.waiting_lines(None).join("\n");
+        assert!(
+            !no_state.contains("machinectl apply-config --insecure --nodes")
+                && no_state.contains("STATE is not mounted")
+                && no_state.contains("fw_cfg"),
+            "{no_state}"
+        );
+        boot.state_dir = Some(PathBuf::from("/system/state"));
         let new_node = boot.waiting_lines(None).join("\n");
         assert!(
             new_node.contains("machinectl apply-config --insecure --nodes"),
             "{new_node}"
         );
+        boot.state_dir = None;
         boot.state_unavailable = StateUnavailable::of(&Err(damaged()));
         let lines = boot.waiting_lines(None);
         assert_eq!(

@@ -712,10 +712,14 @@ mod tests {
             };
             assert!(matches!(node.phase, Phase::AwaitingConfig(a) if a == awaiting));
             assert!(node.network.is_none());
-            let mut expected: Vec<String> = config_source::waiting_message(None)
+            // Not maintenance mode's `apply-config --insecure`: it is not served.
+            let mut expected: Vec<String> = node
+                .boot
+                .waiting_lines(None)
                 .iter()
                 .map(|l| format!("keelson-init: {l}"))
                 .collect();
+            assert!(!expected.iter().any(|l| l.contains("machinectl apply-config")));
             expected.push(
                 "keelson-init: maintenance mode unavailable: STATE is not mounted, so a config pushed over the API could not be kept".into(),
             );
