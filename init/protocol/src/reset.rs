@@ -35,7 +35,8 @@ pub struct ResetRecord {
     #[serde(default)]
     pub config_sha256: Option<String>,
     /// Why the wipe was refused or failed, once PID 1 knew; `None`: the node went down
-    /// before the reset finished (a power cut, a crash).
+    /// before the reset finished (a power cut, a crash), or the failure could not be
+    /// written (a STATE that stayed mounted read-only).
     #[serde(default)]
     pub failure: Option<ResetFailure>,
 }
@@ -82,7 +83,7 @@ impl ResetRecord {
     pub fn health_reason(&self) -> String {
         let Some(f) = &self.failure else {
             return format!(
-                "the reset begun at {} did not finish: the node went down before STATE was wiped (a power cut or a crash), so it kept its config and identity; EPHEMERAL (/var) may have been wiped; reset the node again",
+                "the reset begun at {} did not finish: the node went down before STATE was wiped (a power cut, a crash, or a failure it could not write to STATE: see that boot's console), so it kept its config and identity; EPHEMERAL (/var) may have been wiped; reset the node again",
                 utc(self.begun_at_ms)
             );
         };
