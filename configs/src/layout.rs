@@ -203,6 +203,10 @@ pub const CMDLINE_CONFIG_URL: &str = "keelson.config";
 /// Kernel command-line key: the sha256 (64 hex digits) that the config fetched from
 /// [`CMDLINE_CONFIG_URL`] must have, pinning a plain-HTTP config.
 pub const CMDLINE_CONFIG_SHA256: &str = "keelson.config.sha256";
+/// Kernel command-line key: the CA that an `https://` [`CMDLINE_CONFIG_URL`]'s server
+/// certificate must be signed by, instead of the public roots (the certificate in base64,
+/// or the path of a PEM file; see init's `config_source::tls`).
+pub const CMDLINE_CONFIG_CA: &str = "keelson.config.ca";
 /// The TCP port of the node API (machined), as Talos uses 50000.
 pub const API_PORT: u16 = 50000;
 

@@ -8,12 +8,16 @@
 //!    (NoCloud: the config is its `user-data` file) or `config-2` (OpenStack config
 //!    drive: `openstack/latest/user_data`). Labels are read from the superblocks (no
 //!    blkid, no udev); the filesystem is mounted read-only for the read, then unmounted.
-//! 4. **A URL** on the kernel command line, `keelson.config=http://host/node.toml`,
-//!    fetched once the network is up (plain HTTP/1.1, see [`http`]) in a task that
-//!    sends the answer to the main loop as a [`Fetched`] ([`fetch_later`]). With
-//!    `keelson.config.sha256=<64 hex digits>` beside it, only a body with that sha256 is
-//!    taken: any other is refused (the URL, both sums, what to do) and fetched again
-//!    later, as a failed fetch is ([`cmdline_sha256`]).
+//! 4. **A URL** on the kernel command line, `keelson.config=http://host/node.toml` or
+//!    `https://...`, fetched once the network is up (HTTP/1.1, see [`http`]) in a task
+//!    that sends the answer to the main loop as a [`Fetched`] ([`fetch_later`]). An
+//!    `https://` server's certificate must be for the URL's host and signed by a public
+//!    CA (Mozilla's roots, compiled in), or, with `keelson.config.ca=<the CA's
+//!    certificate in base64, or the path of its PEM file>` beside it, by that CA alone
+//!    ([`tls`], [`cmdline_trust`]). With `keelson.config.sha256=<64 hex digits>` beside
+//!    it, only a body with that sha256 is taken, over either scheme: any other is refused
+//!    (the URL, both sums, what to do) and fetched again later, as a failed fetch is
+//!    ([`cmdline_sha256`]).
 //!
 //! The first source that holds a valid config wins. Every config is checked with
 //! `keelson_configs::check_bytes` in metal mode: one that fails is refused whole, each
@@ -27,7 +31,9 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use keelson_configs::layout::{self, CMDLINE_CONFIG_SHA256, CMDLINE_CONFIG_URL, FW_CFG_CONFIG};
+use keelson_configs::layout::{
+    self, CMDLINE_CONFIG_CA, CMDLINE_CONFIG_SHA256, CMDLINE_CONFIG_URL, FW_CFG_CONFIG,
+};
 use keelson_configs::{MachineConfig, Mode, check_bytes};
 
 use crate::blockdev::BlockDev;
@@ -38,6 +44,7 @@ use crate::sender::Sender;
 use crate::syscalls::{MountFlags, Syscalls, errno_name};
 
 pub mod http;
+pub mod tls;
 
 /// Where the kernel publishes fw_cfg entries by name.
 pub const FW_CFG_BY_NAME: &str = "/sys/firmware/qemu_fw_cfg/by_name";
@@ -397,6 +404,14 @@ pub fn cmdline_sha256(cmdline: &str) -> Option<String> {
     layout::cmdline_value(&args, CMDLINE_CONFIG_SHA256).map(str::to_string)
 }
 
+/// Whom an `https://` config URL's server must be signed by: the CA of
+/// `keelson.config.ca=`, as written ([`tls::Trust::roots`] judges it at each fetch), else
+/// the public roots.
+pub fn cmdline_trust(cmdline: &str) -> tls::Trust {
+    let args = layout::parse_cmdline(cmdline);
+    tls::Trust::from_cmdline_value(layout::cmdline_value(&args, CMDLINE_CONFIG_CA))
+}
+
 /// What the console says while the node waits for a config.
 pub fn waiting_message(url: Option<&str>) -> Vec<String> {
     let mut lines = vec![
@@ -406,8 +421,9 @@ pub fn waiting_message(url: Option<&str>) -> Vec<String> {
          or a config-2 drive with openstack/latest/user_data"
             .to_string(),
         format!(
-            "  the kernel argument {CMDLINE_CONFIG_URL}=http://<host>/<node>.toml \
-             (pinned by {CMDLINE_CONFIG_SHA256}=<its sha256>)"
+            "  the kernel argument {CMDLINE_CONFIG_URL}=http(s)://<host>/<node>.toml \
+             (pinned by {CMDLINE_CONFIG_SHA256}=<its sha256>; a private CA by \
+             {CMDLINE_CONFIG_CA}=<its certificate in base64>)"
         ),
         format!(
             "  machinectl apply-config --insecure --nodes <this node's address> --file node.toml (port {})",
@@ -437,11 +453,18 @@ pub const FETCH_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// After `delay`, fetch `url` ([`http::fetch`], within [`FETCH_TIMEOUT`] and
 /// [`MAX_CONFIG`], its body checked against `pin`: the value of
-/// `keelson.config.sha256=`, [`cmdline_sha256`]) in a task and send what came back on `to`.
-pub fn fetch_later(url: String, pin: Option<String>, delay: Duration, to: Sender<Fetched>) {
+/// `keelson.config.sha256=`, [`cmdline_sha256`]; an `https://` server's certificate against
+/// `trust`, [`cmdline_trust`]) in a task and send what came back on `to`.
+pub fn fetch_later(
+    url: String,
+    pin: Option<String>,
+    trust: tls::Trust,
+    delay: Duration,
+    to: Sender<Fetched>,
+) {
     tokio::spawn(async move {
         tokio::time::sleep(delay).await;
-        let result = http::fetch(&url, pin.as_deref(), MAX_CONFIG, FETCH_TIMEOUT)
+        let result = http::fetch(&url, pin.as_deref(), &trust, MAX_CONFIG, FETCH_TIMEOUT)
             .await
             .map_err(|e| e.to_string());
         let _ = to.send(Fetched { url, result });
@@ -633,6 +656,19 @@ mod tests {
             cmdline_sha256("keelson.config.sha256=abc"),
             Some("abc".into())
         );
+        // The CA: inline base64 (its padding kept), or a path; none: the public roots.
+        assert_eq!(
+            cmdline_trust("keelson.config=https://h/c.toml keelson.config.ca=MIIBkTCB+w=="),
+            tls::Trust::Inline("MIIBkTCB+w==".into())
+        );
+        assert_eq!(
+            cmdline_trust("keelson.config.ca=/run/ca.pem"),
+            tls::Trust::File("/run/ca.pem".into())
+        );
+        assert_eq!(
+            cmdline_trust("keelson.config=https://h/c.toml"),
+            tls::Trust::PublicRoots
+        );
     }
 
     #[test]
@@ -647,7 +683,13 @@ mod tests {
             // Nothing listens on port 9 of 127.0.0.1 (discard), and a bad pin is refused
             // before any connection.
             let url = "http://127.0.0.1:9/node.toml".to_string();
-            fetch_later(url.clone(), Some("abc".into()), Duration::ZERO, to.clone());
+            fetch_later(
+                url.clone(),
+                Some("abc".into()),
+                tls::Trust::PublicRoots,
+                Duration::ZERO,
+                to.clone(),
+            );
             let fetched = rx.recv().await;
             let why = fetched.as_ref().and_then(|f| f.result.as_ref().err());
             assert!(
@@ -655,7 +697,13 @@ mod tests {
                 "{fetched:?}"
             );
             assert_eq!(fetched.map(|f| f.url), Some(url.clone()));
-            fetch_later(url.clone(), None, Duration::ZERO, to);
+            fetch_later(
+                url.clone(),
+                None,
+                tls::Trust::PublicRoots,
+                Duration::ZERO,
+                to,
+            );
             let fetched = rx.recv().await;
             let why = fetched.as_ref().and_then(|f| f.result.as_ref().err());
             assert!(

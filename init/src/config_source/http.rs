@@ -1,6 +1,6 @@
-//! The config URL's HTTP/1.1 client: one GET over plain TCP, its answer read within
-//! bounds, and the body checked against `keelson.config.sha256=` when the kernel command
-//! line pins it ([`fetch`]).
+//! The config URL's HTTP/1.1 client: one GET over plain TCP (`http://`) or TLS
+//! (`https://`, see [`super::tls`]), its answer read within bounds, and the body checked
+//! against `keelson.config.sha256=` when the kernel command line pins it ([`fetch`]).
 //!
 //! Every byte here comes from the network, and PID 1 reboots on a panic: a server that
 //! could make this code panic would reboot the node at every boot. So nothing here
@@ -18,24 +18,29 @@
 //!   per boot); the fuzz target `init/fuzz/fuzz_targets/http_response.rs` runs it in the
 //!   test command's fuzzing stage.
 //! - The URL parser ([`parse_http_url`]) is ours too: it accepts only
-//!   `http://host[:port]/path` in visible ASCII.
+//!   `http://host[:port]/path` and `https://host[:port]/path` in visible ASCII.
+//! - Over TLS, a server that closes without TLS's `close_notify` may have been cut short
+//!   by someone in between: that is a refusal ([`Error::UncleanClose`]) unless the
+//!   answer's framing (`Content-Length`, chunked) already said it was whole.
 //!
 //! Bounds: the header [`MAX_HEAD`] bytes (at most [`MAX_HEADERS`] headers), a chunk-size
 //! line [`MAX_CHUNK_LINE`], the trailer [`MAX_HEAD`], the body the caller's limit (the
 //! config size limit), the whole fetch the caller's timeout.
 //!
 //! **The pin.** `keelson.config.sha256=<64 hex digits>` next to `keelson.config=` pins a
-//! plain-HTTP config: a body whose sha256 differs is refused ([`Error::PinMismatch`],
-//! naming both sums), before it is judged as a config, and the fetch is retried as any
-//! failed fetch is. A pin that is not 64 hex digits refuses every fetch
-//! ([`Error::BadPin`]): a typo must not turn the pin off.
+//! plain-HTTP config (an `https://` one too, on top of its certificate): a body whose
+//! sha256 differs is refused ([`Error::PinMismatch`], naming both sums), before it is
+//! judged as a config, and the fetch is retried as any failed fetch is. A pin that is not
+//! 64 hex digits refuses every fetch ([`Error::BadPin`]): a typo must not turn the pin off.
 
 use std::io;
 use std::time::Duration;
 
 use keelson_configs::layout::CMDLINE_CONFIG_SHA256;
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::tls::{self, Trust};
 
 /// The largest response header accepted (also the largest chunked trailer).
 pub const MAX_HEAD: usize = 64 * 1024;
@@ -49,8 +54,8 @@ const QUOTE: usize = 40;
 /// Why a config URL gave no config. The caller names the URL.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The URL is not `http://`.
-    #[error("only http:// URLs are fetched by PID 1 (https needs machined's apply-config)")]
+    /// The URL is neither `http://` nor `https://`.
+    #[error("only http:// and https:// URLs are fetched")]
     NotHttp,
     /// No host, or credentials in the URL.
     #[error("no host, or credentials in the URL")]
@@ -93,12 +98,22 @@ pub enum Error {
         /// Why.
         error: io::Error,
     },
+    /// The TLS side of an `https://` URL: its CA, its handshake.
+    #[error(transparent)]
+    Tls(#[from] tls::Error),
     /// Writing the request failed.
     #[error("cannot send the request: {0}")]
     Send(io::Error),
     /// Reading the answer failed.
     #[error("reading the answer: {0}")]
     Read(io::Error),
+    /// A TLS connection closed without `close_notify` while the body was read to its end.
+    #[error(
+        "the server closed the TLS connection without close_notify after {0} bytes of a body \
+         that ends with the connection, so it may be cut short and is refused: the server \
+         should send Content-Length, or end TLS with close_notify"
+    )]
+    UncleanClose(usize),
     /// The whole fetch took too long.
     #[error("no whole answer within {0} s")]
     Timeout(u64),
@@ -177,21 +192,40 @@ pub enum Error {
     TruncatedChunked(usize),
 }
 
-/// Parts of an `http://host[:port]/path` URL.
+/// Parts of an `http://host[:port]/path` or `https://host[:port]/path` URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HttpUrl {
+    /// `https://`: TLS.
+    pub tls: bool,
     /// Host name or address (IPv6 in brackets).
     pub host: String,
-    /// Port (80 by default).
+    /// Port (80 by default, 443 with TLS).
     pub port: u16,
     /// Path with query, starting with `/`.
     pub path: String,
 }
 
-/// Parse a plain-HTTP URL (HTTPS is refused: PID 1 carries no TLS stack, and the config
-/// says which CA to trust only once it is read).
+impl HttpUrl {
+    /// The port a URL without one means.
+    fn default_port(tls: bool) -> u16 {
+        if tls { 443 } else { 80 }
+    }
+
+    /// The host without an IPv6 address's brackets: what is connected to, and what a
+    /// certificate names.
+    pub fn bare_host(&self) -> &str {
+        self.host.trim_start_matches('[').trim_end_matches(']')
+    }
+}
+
+/// Parse an `http://` or `https://` URL.
 pub fn parse_http_url(url: &str) -> Result<HttpUrl, Error> {
-    let rest = url.strip_prefix("http://").ok_or(Error::NotHttp)?;
+    let (tls, rest) = match (url.strip_prefix("http://"), url.strip_prefix("https://")) {
+        (Some(rest), _) => (false, rest),
+        (None, Some(rest)) => (true, rest),
+        (None, None) => return Err(Error::NotHttp),
+    };
+    let default_port = HttpUrl::default_port(tls);
     if !rest.bytes().all(|b| b.is_ascii_graphic()) {
         return Err(Error::BadUrlCharacter);
     }
@@ -207,20 +241,21 @@ pub fn parse_http_url(url: &str) -> Result<HttpUrl, Error> {
         let (h, after) = v6.split_once(']').ok_or(Error::UnclosedIpv6)?;
         let port = match after.strip_prefix(':') {
             Some(p) => port(p)?,
-            None if after.is_empty() => 80,
+            None if after.is_empty() => default_port,
             None => return Err(Error::JunkAfterIpv6),
         };
         (format!("[{h}]"), port)
     } else {
         match authority.rsplit_once(':') {
             Some((h, p)) => (h.to_string(), port(p)?),
-            None => (authority.to_string(), 80),
+            None => (authority.to_string(), default_port),
         }
     };
     if host.is_empty() || host == "[]" {
         return Err(Error::NoHost);
     }
     Ok(HttpUrl {
+        tls,
         host,
         port,
         path: path.to_string(),
@@ -244,16 +279,18 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
         .collect()
 }
 
-/// Fetch `url` ([`get`]) and, when `pin` is given (the value of `keelson.config.sha256=`),
-/// refuse a body with another sha256. A malformed pin refuses before connecting.
+/// Fetch `url` ([`get`], an `https://` server's certificate checked against `trust`) and,
+/// when `pin` is given (the value of `keelson.config.sha256=`), refuse a body with another
+/// sha256. A malformed pin, or a CA named for an `http://` URL, refuses before connecting.
 pub async fn fetch(
     url: &str,
     pin: Option<&str>,
+    trust: &Trust,
     limit: usize,
     timeout: Duration,
 ) -> Result<Vec<u8>, Error> {
     let pinned = pin.map(parse_pin).transpose()?;
-    let body = get(url, limit, timeout).await?;
+    let body = get(url, trust, limit, timeout).await?;
     if let Some(pinned) = pinned {
         let actual = sha256_hex(&body);
         if actual != pinned {
@@ -263,46 +300,83 @@ pub async fn fetch(
     Ok(body)
 }
 
-/// One HTTP/1.1 GET of `url` (no TLS, no redirects) within `timeout`: the body of a
-/// 200 answer, at most `limit` bytes.
-pub async fn get(url: &str, limit: usize, timeout: Duration) -> Result<Vec<u8>, Error> {
+/// One HTTP/1.1 GET of `url` (no redirects) within `timeout`, over TLS for `https://`
+/// with `trust`'s CAs (for `http://`, a CA named is refused): the body of a 200 answer, at
+/// most `limit` bytes.
+pub async fn get(
+    url: &str,
+    trust: &Trust,
+    limit: usize,
+    timeout: Duration,
+) -> Result<Vec<u8>, Error> {
     let parsed = parse_http_url(url)?;
+    let roots = match (parsed.tls, trust) {
+        (true, trust) => Some(trust.roots()?),
+        (false, Trust::PublicRoots) => None,
+        (false, _) => return Err(tls::Error::CaWithoutHttps.into()),
+    };
     let exchange = async {
-        let host = parsed.host.trim_start_matches('[').trim_end_matches(']');
-        let mut stream = tokio::net::TcpStream::connect((host, parsed.port))
+        let host = parsed.bare_host();
+        let stream = tokio::net::TcpStream::connect((host, parsed.port))
             .await
             .map_err(|error| Error::Connect {
                 address: format!("{}:{}", parsed.host, parsed.port),
                 error,
             })?;
-        let authority = if parsed.port == 80 {
-            parsed.host.clone()
-        } else {
-            format!("{}:{}", parsed.host, parsed.port)
-        };
-        let request = format!(
-            "GET {} HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: keelson-init\r\nAccept: */*\r\nConnection: close\r\n\r\n",
-            parsed.path
-        );
-        stream
-            .write_all(request.as_bytes())
-            .await
-            .map_err(Error::Send)?;
-        // Read until the answer is whole (a proxy may keep the connection open), or the
-        // server closes; the reader refuses what passes its bounds.
-        let mut reader = ResponseReader::new(limit);
-        let mut buf = vec![0u8; 16 * 1024];
-        loop {
-            let n = stream.read(&mut buf).await.map_err(Error::Read)?;
-            let got = buf.get(..n).unwrap_or_default();
-            if got.is_empty() || reader.feed(got)? {
-                return reader.finish();
+        match roots {
+            Some(roots) => {
+                let stream = tls::connect(stream, host, roots, trust.trusted()).await?;
+                exchange(stream, &parsed, limit).await
             }
+            None => exchange(stream, &parsed, limit).await,
         }
     };
     tokio::time::timeout(timeout, exchange)
         .await
         .map_err(|_| Error::Timeout(timeout.as_secs()))?
+}
+
+/// The request for `url` written to `stream`, and the answer read from it.
+async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    url: &HttpUrl,
+    limit: usize,
+) -> Result<Vec<u8>, Error> {
+    let authority = if url.port == HttpUrl::default_port(url.tls) {
+        url.host.clone()
+    } else {
+        format!("{}:{}", url.host, url.port)
+    };
+    let request = format!(
+        "GET {} HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: keelson-init\r\nAccept: */*\r\nConnection: close\r\n\r\n",
+        url.path
+    );
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .map_err(Error::Send)?;
+    // Read until the answer is whole (a proxy may keep the connection open), or the
+    // server closes; the reader refuses what passes its bounds.
+    let mut reader = ResponseReader::new(limit);
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match stream.read(&mut buf).await {
+            Ok(n) => n,
+            // A TLS connection closed without close_notify (never a plain TCP one): the
+            // end of the connection cannot be the end of the body.
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                if reader.reads_until_close() {
+                    return Err(Error::UncleanClose(reader.body.len()));
+                }
+                0
+            }
+            Err(e) => return Err(Error::Read(e)),
+        };
+        let got = buf.get(..n).unwrap_or_default();
+        if got.is_empty() || reader.feed(got)? {
+            return reader.finish();
+        }
+    }
 }
 
 /// Parse a whole answer, as read until the connection closed: the body of a 200 answer
@@ -373,6 +447,12 @@ impl ResponseReader {
         input.drain(..pos.min(input.len()));
         self.pending = input;
         Ok(self.state == State::Done)
+    }
+
+    /// Whether the body, as far as the header says, ends when the connection does (no
+    /// `Content-Length`, not chunked).
+    pub fn reads_until_close(&self) -> bool {
+        self.state == State::UntilClose
     }
 
     /// The connection closed (or [`ResponseReader::feed`] said the answer is whole): the

@@ -118,7 +118,8 @@ impl<'a, K: Kept> Node<'a, K> {
     fn fetch_url(&self, delay: Duration) {
         let Some(url) = self.url() else { return };
         let pin = config_source::cmdline_sha256(&self.boot.cmdline);
-        config_source::fetch_later(url, pin, delay, Sender::new(self.events.clone()));
+        let trust = config_source::cmdline_trust(&self.boot.cmdline);
+        config_source::fetch_later(url, pin, trust, delay, Sender::new(self.events.clone()));
     }
 
     /// The loop: events until a shutdown has stopped every service. How the machine

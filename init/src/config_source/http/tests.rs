@@ -57,7 +57,7 @@ fn urls_are_plain_http_to_a_host() {
             "{s}: {got:?}"
         );
     };
-    refused("https://x/", "only http://");
+    refused("ftp://x/", "only http:// and https://");
     refused("http://x:port/", "bad port");
     refused("http://x:99999/", "bad port");
     refused("http://user@x/", "no host");
@@ -308,7 +308,13 @@ fn a_real_server_s_answer_is_read_until_it_is_whole() -> io::Result<()> {
         for answer in answers {
             // The connection stays open: the client must stop where the answer ends.
             let (url, server) = serve(vec![answer], true).await?;
-            let got = get(&url, MAX_CONFIG, Duration::from_secs(5)).await;
+            let got = get(
+                &url,
+                &Trust::PublicRoots,
+                MAX_CONFIG,
+                Duration::from_secs(5),
+            )
+            .await;
             assert_eq!(got.ok(), Some(b"hello".to_vec()));
             server.abort();
         }
@@ -351,9 +357,14 @@ fn a_hostile_server_s_chunked_body_is_refused_never_a_panic() -> io::Result<()> 
     runtime()?.block_on(async {
         for (answer, needle) in cases {
             let (url, server) = serve(vec![answer], false).await?;
-            let got = get(&url, MAX_CONFIG, Duration::from_secs(5))
-                .await
-                .map_err(|e| e.to_string());
+            let got = get(
+                &url,
+                &Trust::PublicRoots,
+                MAX_CONFIG,
+                Duration::from_secs(5),
+            )
+            .await
+            .map_err(|e| e.to_string());
             assert!(
                 got.as_ref().is_err_and(|e| e.contains(&needle)),
                 "{url}: {got:?} does not say {needle:?}"
@@ -377,9 +388,16 @@ fn a_pinned_config_is_taken_only_with_its_sha256() -> io::Result<()> {
     runtime()?.block_on(async {
         let (url, server) = serve(vec![answer.clone(), answer], false).await?;
         let timeout = Duration::from_secs(5);
-        let got = fetch(&url, Some(&sum.to_uppercase()), MAX_CONFIG, timeout).await;
+        let got = fetch(
+            &url,
+            Some(&sum.to_uppercase()),
+            &Trust::PublicRoots,
+            MAX_CONFIG,
+            timeout,
+        )
+        .await;
         assert_eq!(got.ok(), Some(body.to_vec()));
-        let got = fetch(&url, Some(&other), MAX_CONFIG, timeout)
+        let got = fetch(&url, Some(&other), &Trust::PublicRoots, MAX_CONFIG, timeout)
             .await
             .map_err(|e| e.to_string());
         let Err(message) = got else {
@@ -394,7 +412,7 @@ fn a_pinned_config_is_taken_only_with_its_sha256() -> io::Result<()> {
         }
         server.abort();
         // A malformed pin refuses before connecting: nothing listens here any more.
-        let got = fetch(&url, Some("abc"), MAX_CONFIG, timeout)
+        let got = fetch(&url, Some("abc"), &Trust::PublicRoots, MAX_CONFIG, timeout)
             .await
             .map_err(|e| e.to_string());
         assert!(
