@@ -82,6 +82,12 @@ pub enum Error {
         /// Why.
         error: io::Error,
     },
+    /// The path is not a regular file.
+    #[error(
+        "{CMDLINE_CONFIG_CA}={0} is not a regular file, so no config is accepted: name a PEM \
+         file of the config server's CA"
+    )]
+    CaNotAFile(String),
     /// The named file is over [`MAX_CA_FILE`].
     #[error(
         "{CMDLINE_CONFIG_CA}={0} is larger than {MAX_CA_FILE} bytes, so no config is accepted: \
@@ -276,7 +282,10 @@ fn inline_certificates(value: &str) -> Result<Vec<CertificateDer<'static>>, Erro
         why: why.to_string(),
     };
     let base64 = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'=');
-    if value.is_empty() || !value.bytes().all(base64) {
+    if value.is_empty() {
+        return Err(bad("it is empty"));
+    }
+    if !value.bytes().all(base64) {
         return Err(bad("it has characters outside base64's alphabet"));
     }
     // The value is a PEM body: rustls's PEM reader decodes it.
@@ -295,6 +304,12 @@ fn file_certificates(path: &str) -> Result<Vec<CertificateDer<'static>>, Error> 
         path: path.to_string(),
         error,
     };
+    // Only a regular file: PID 1's loop runs this fetch, and a read of a FIFO or a terminal
+    // (a typo) would wait for ever.
+    let metadata = std::fs::metadata(path).map_err(cannot_read)?;
+    if !metadata.is_file() {
+        return Err(Error::CaNotAFile(path.to_string()));
+    }
     let file = std::fs::File::open(path).map_err(cannot_read)?;
     let mut pem = Vec::new();
     // One byte more than the limit tells a file at the limit from a larger one.

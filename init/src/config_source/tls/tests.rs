@@ -338,6 +338,18 @@ fn a_ca_that_is_no_certificate_refuses_every_fetch_before_connecting() -> io::Re
         ),
         (inline("%%"), &["characters outside base64's alphabet"]),
         (
+            inline(""),
+            &["keelson.config.ca= is not a certificate in base64 (it is empty)"],
+        ),
+        (
+            Trust::File("/dev/null".into()),
+            &["keelson.config.ca=/dev/null is not a regular file"],
+        ),
+        (
+            Trust::File("/".into()),
+            &["keelson.config.ca=/ is not a regular file"],
+        ),
+        (
             inline("QUJD"),
             &[
                 "not an X.509 certificate",
