@@ -720,7 +720,11 @@ mod tests {
                 .iter()
                 .map(|l| format!("keelson-init: {l}"))
                 .collect();
-            assert!(!expected.iter().any(|l| l.contains("machinectl apply-config")));
+            assert!(
+                !expected
+                    .iter()
+                    .any(|l| l.contains("machinectl apply-config"))
+            );
             expected.push(
                 "keelson-init: maintenance mode unavailable: STATE is not mounted, so a config pushed over the API could not be kept".into(),
             );
