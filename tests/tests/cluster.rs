@@ -444,6 +444,7 @@ fn a_node_frozen_before_stage_1_is_power_cycled_into_a_healthy_cluster() {
         .lines()
         .find(|l| l.contains("power-cycling it"))
         .unwrap_or_else(|| panic!("create never power-cycled {frozen}: {}", show(&out)));
+    eprintln!("create said: {cycled}");
     assert!(
         cycled.starts_with(&format!("cluster: node {frozen} printed nothing for "))
             && cycled.ends_with(" s after power-on; power-cycling it (1 of 2)"),
