@@ -40,7 +40,7 @@ use std::sync::Arc;
 use keelson_configs::layout::CMDLINE_CONFIG_CA;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
-use rustls::{CertificateError, RootCertStore};
+use rustls::{AlertDescription, CertificateError, RootCertStore};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
@@ -398,7 +398,10 @@ fn refusal(error: io::Error, host: &str, trusted: Trusted) -> Error {
                 error: tls,
             },
         },
-        rustls::Error::PeerIncompatible(_) => Error::Incompatible(tls),
+        rustls::Error::PeerIncompatible(_)
+        | rustls::Error::AlertReceived(
+            AlertDescription::ProtocolVersion | AlertDescription::InsufficientSecurity,
+        ) => Error::Incompatible(tls),
         rustls::Error::InvalidMessage(_) | rustls::Error::InappropriateHandshakeMessage { .. } => {
             Error::NotTls(tls)
         }

@@ -126,7 +126,7 @@ impl Pki {
 }
 
 /// `openssl s_server -WWW` on 127.0.0.1 (a port of its choosing), serving the PKI's
-/// directory with its server certificate; killed when dropped.
+/// directory with its server certificate, with `extra` arguments; killed when dropped.
 struct Server {
     child: Child,
     port: u16,
@@ -135,7 +135,7 @@ struct Server {
 impl Server {
     // The test's own TLS server.
     #[allow(clippy::disallowed_methods)]
-    fn start(pki: &Pki) -> io::Result<Server> {
+    fn start(pki: &Pki, extra: &[&str]) -> io::Result<Server> {
         // Its output goes to a file: a pipe that nobody reads would end it (SIGPIPE).
         let log_path = pki.path("s_server.log");
         let log = std::fs::File::create(&log_path)?;
@@ -150,6 +150,7 @@ impl Server {
                 "server.key",
                 "-WWW",
             ])
+            .args(extra)
             .current_dir(pki.dir.path())
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -215,7 +216,7 @@ fn refused(got: &Result<Vec<u8>, String>, needles: &[&str]) {
 #[test]
 fn an_https_config_is_fetched_from_a_server_the_named_ca_signed() -> io::Result<()> {
     let pki = Pki::new()?;
-    let server = Server::start(&pki)?;
+    let server = Server::start(&pki, &[])?;
     let url = server.url("127.0.0.1");
     let inline = Trust::from_cmdline_value(Some(&pki.inline("ca")?));
     assert!(matches!(inline, Trust::Inline(_)));
@@ -254,7 +255,7 @@ fn an_https_config_is_fetched_from_a_server_the_named_ca_signed() -> io::Result<
 #[test]
 fn a_server_no_trusted_ca_signed_is_refused_saying_how_to_name_its_ca() -> io::Result<()> {
     let pki = Pki::new()?;
-    let server = Server::start(&pki)?;
+    let server = Server::start(&pki, &[])?;
     let url = server.url("127.0.0.1");
     refused(
         &get(&url, &Trust::PublicRoots, None)?,
@@ -278,7 +279,7 @@ fn a_server_no_trusted_ca_signed_is_refused_saying_how_to_name_its_ca() -> io::R
 #[test]
 fn a_certificate_for_another_host_is_refused() -> io::Result<()> {
     let pki = Pki::new()?;
-    let server = Server::start(&pki)?;
+    let server = Server::start(&pki, &[])?;
     let ca = Trust::from_cmdline_value(Some(&pki.inline("ca")?));
     // The certificate names IP:127.0.0.1 only; localhost is the same server by another name.
     refused(
@@ -487,6 +488,19 @@ fn a_tls_connection_cut_without_close_notify_never_ends_a_body() -> io::Result<(
     refused(
         &fetch_cut("HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nabc")?,
         &["the server closed the connection after 3 of the 9 bytes it announced"],
+    );
+    Ok(())
+}
+
+#[test]
+fn a_server_of_tls_1_2_alone_is_fetched_from() -> io::Result<()> {
+    // IIS before Windows Server 2022 and many appliances speak no TLS 1.3.
+    let pki = Pki::new()?;
+    let server = Server::start(&pki, &["-tls1_2"])?;
+    let ca = Trust::from_cmdline_value(Some(&pki.inline("ca")?));
+    assert_eq!(
+        get(&server.url("127.0.0.1"), &ca, None)?.as_deref(),
+        Ok(CONFIG.as_bytes())
     );
     Ok(())
 }
