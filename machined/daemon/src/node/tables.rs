@@ -3,11 +3,18 @@
 //!
 //! Every resource is a [`Table`] with fixed columns, so the CLI prints it as a table, JSON
 //! or YAML alike; values are kept as the kernel gives them (bytes, kB, hex decoded).
+//!
+//! `processes` shows command lines only to a caller who may `read` them
+//! (`/proc/PID/cmdline` is admin-only: command lines may hold secrets); anyone else sees
+//! each process's name (`/proc/PID/stat`'s `comm`) in brackets.
 
 use std::collections::BTreeMap;
 use std::fs;
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::Path;
+
+use keelson_api::api;
+use keelson_configs::pki::Role;
 
 use super::NodePaths;
 
@@ -75,8 +82,14 @@ impl Table {
     }
 }
 
-/// Reads one resource; `filter` keeps only rows whose first cell starts with it.
-pub fn get(paths: &NodePaths, resource: &str, filter: &str) -> Result<Table, TableError> {
+/// Reads one resource as `role` sees it; `filter` keeps only rows whose first cell
+/// starts with it.
+pub fn get(
+    paths: &NodePaths,
+    resource: &str,
+    filter: &str,
+    role: Role,
+) -> Result<Table, TableError> {
     let mut table = match resource {
         "addresses" => addresses()?,
         "links" => links(&paths.sys)?,
@@ -87,7 +100,7 @@ pub fn get(paths: &NodePaths, resource: &str, filter: &str) -> Result<Table, Tab
         "modules" => modules(&paths.proc)?,
         "disks" => disks(&paths.sys)?,
         "memory" => memory(&paths.proc)?,
-        "processes" => processes(&paths.proc)?,
+        "processes" => processes(&paths.proc, api::allows(role, Role::Admin))?,
         other => {
             return Err(TableError::Unknown {
                 name: other.to_owned(),
@@ -464,7 +477,8 @@ fn memory(proc: &Path) -> Result<Table, TableError> {
     Ok(table)
 }
 
-fn processes(proc: &Path) -> Result<Table, TableError> {
+/// The process table; each command line in full with `command_lines`, else the name.
+fn processes(proc: &Path, command_lines: bool) -> Result<Table, TableError> {
     let mut table = Table::new(&["PID", "PPID", "STATE", "RSS_KB", "COMMAND"]);
     let mut pids: Vec<u32> = sorted_dir(proc)?
         .iter()
@@ -493,7 +507,11 @@ fn processes(proc: &Path) -> Result<Table, TableError> {
             .find_map(|l| l.strip_prefix("VmRSS:"))
             .map(|v| v.trim().trim_end_matches("kB").trim().to_owned())
             .unwrap_or_default();
-        let cmdline = fs::read(dir.join("cmdline")).unwrap_or_default();
+        let cmdline = if command_lines {
+            fs::read(dir.join("cmdline")).unwrap_or_default()
+        } else {
+            Vec::new()
+        };
         let mut command = String::from_utf8_lossy(&cmdline)
             .trim_end_matches('\0')
             .replace('\0', " ");
@@ -576,8 +594,12 @@ mod tests {
     }
 
     fn check(resource: &str, filter: &str, want: &[&[&str]]) {
+        check_as(Role::Admin, resource, filter, want);
+    }
+
+    fn check_as(role: Role, resource: &str, filter: &str, want: &[&[&str]]) {
         let (_dir, paths) = fixture();
-        let table = get(&paths, resource, filter).unwrap();
+        let table = get(&paths, resource, filter, role).unwrap();
         let rows: Vec<Vec<&str>> = table
             .rows
             .iter()
@@ -643,6 +665,18 @@ mod tests {
                 &["2", "0", "S", "", "[kthreadd]"],
             ],
         );
+        // Command lines may hold secrets: below admin, only the names.
+        for role in [Role::Reader, Role::Operator] {
+            check_as(
+                role,
+                "processes",
+                "",
+                &[
+                    &["1", "0", "S", "1234", "[init]"],
+                    &["2", "0", "S", "", "[kthreadd]"],
+                ],
+            );
+        }
         check(
             "links",
             "",
@@ -662,14 +696,16 @@ mod tests {
     #[test]
     fn unknown_resources_are_named() {
         let (_dir, paths) = fixture();
-        let err = get(&paths, "pods", "").unwrap_err().to_string();
+        let err = get(&paths, "pods", "", Role::Admin)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("unknown resource \"pods\""), "{err}");
         assert!(err.contains("addresses, links"), "{err}");
     }
 
     #[test]
     fn addresses_include_loopback() {
-        let table = get(&NodePaths::default(), "addresses", "lo").unwrap();
+        let table = get(&NodePaths::default(), "addresses", "lo", Role::Reader).unwrap();
         assert!(
             table.rows.iter().any(|r| r[2] == "127.0.0.1/8"),
             "{:?}",

@@ -508,9 +508,10 @@ impl Machine for NodeService {
     }
 
     async fn get(&self, req: Request<proto::GetRequest>) -> Result<Response<proto::Table>, Status> {
+        let role = role_of(&req)?;
         let req = req.into_inner();
         let paths = self.paths.clone();
-        let table = blocking(move || tables::get(&paths, &req.resource, &req.filter))
+        let table = blocking(move || tables::get(&paths, &req.resource, &req.filter, role))
             .await?
             .map_err(|e| match e {
                 tables::TableError::Unknown { .. } => Status::invalid_argument(e.to_string()),
