@@ -275,6 +275,47 @@ fn machinectl_operates_a_booted_node() {
         "{}",
         show(&out)
     );
+    // The same name with other content: an operator may not repoint it (a privileged
+    // pod would run the operator's image at its next start); an admin may.
+    let listed_before = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut other = binary.clone();
+    other.extend_from_slice(b"another build");
+    let repoint = dir.path().join("hello-repoint.tar");
+    oci_archive(&repoint, name, &other);
+    let import_as = |context: &str| {
+        run(
+            &bin,
+            &admin,
+            &[
+                "--context",
+                context,
+                "image",
+                "import",
+                repoint.to_str().unwrap(),
+            ],
+        )
+    };
+    let out = import_as("operator");
+    assert!(
+        !out.status.success()
+            && String::from_utf8_lossy(&out.stderr)
+                .contains("replacing an image needs role admin, your certificate has operator"),
+        "an operator repointing an existing name: {}",
+        show(&out)
+    );
+    let list = || {
+        let out = run(&bin, &admin, &["image", "list", "-o", "json"]);
+        assert!(out.status.success(), "{}", show(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(list(), listed_before, "the refused import changed nothing");
+    let out = import_as("admin");
+    assert!(out.status.success(), "an admin repoints it: {}", show(&out));
+    assert_ne!(
+        list(),
+        listed_before,
+        "the admin's import repointed the name"
+    );
     let out = run(&bin, &admin, &["containers"]);
     assert!(out.status.success(), "{}", show(&out));
 }
