@@ -383,6 +383,27 @@ pub fn promote_staged(log: &dyn Log, dir: &Path) {
     }
 }
 
+/// A boot with nothing found yet (no modules, no STATE, no wipe, assessment off), for
+/// the tests of stage 2 to fill in.
+#[cfg(test)]
+impl Boot {
+    pub(super) fn fixture() -> Boot {
+        Boot {
+            modules: None,
+            cmdline: String::new(),
+            machine_id: "0123456789abcdef0123456789abcdef".into(),
+            machine_id_unkept: false,
+            state_dir: None,
+            state_pending: None,
+            state_unavailable: None,
+            disk_options: disks::Options::default(),
+            etc_ok: false,
+            wipe: Vec::new(),
+            assess: BootAssess::off(),
+        }
+    }
+}
+
 #[cfg(test)]
 // Tests build their fixtures on disk.
 #[allow(clippy::disallowed_methods)]
@@ -440,19 +461,7 @@ mod tests {
 
     #[test]
     fn a_node_without_its_state_is_reminded_what_is_wrong_not_told_to_push_a_config() {
-        let mut boot = Boot {
-            modules: None,
-            cmdline: String::new(),
-            machine_id: "0123456789abcdef0123456789abcdef".into(),
-            machine_id_unkept: false,
-            state_dir: None,
-            state_pending: None,
-            state_unavailable: None,
-            disk_options: disks::Options::default(),
-            etc_ok: false,
-            wipe: Vec::new(),
-            assess: BootAssess::off(),
-        };
+        let mut boot = Boot::fixture();
         let no_state = boot.waiting_lines(None).join("\n");
         assert!(
             !no_state.contains("machinectl apply-config --insecure --nodes")

@@ -63,7 +63,6 @@ mod tests {
     use crate::boot_assess::{BootAssess, Booted};
     use crate::bootlog::BootLog;
     use crate::console::memory::MemoryLog;
-    use crate::disks;
     use crate::lifecycle::{Awaiting, UrlFetch};
     use crate::sender::Sender;
     use crate::stage2::boot::Boot;
@@ -106,17 +105,8 @@ mod tests {
             Duration::ZERO,
         );
         let boot = Boot {
-            modules: None,
-            cmdline: String::new(),
-            machine_id: "0123456789abcdef0123456789abcdef".into(),
-            machine_id_unkept: false,
-            state_dir: None,
-            state_pending: None,
-            state_unavailable: None,
-            disk_options: disks::Options::default(),
-            etc_ok: false,
-            wipe: Vec::new(),
             assess,
+            ..Boot::fixture()
         };
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()

@@ -554,7 +554,6 @@ mod tests {
     use crate::bootlog::BootLog;
     use crate::console::memory::MemoryLog;
     use crate::control::Answer;
-    use crate::disks;
     use crate::lifecycle::{Awaiting, Maintenance, UrlFetch};
     use crate::stage2::reset::Wipe;
     use crate::syscalls::fake::Fake;
@@ -567,15 +566,6 @@ mod tests {
         log: &'a BootLog<&'a MemoryLog>,
     ) -> Node<'a, BootLog<&'a MemoryLog>> {
         let boot = Boot {
-            modules: None,
-            cmdline: String::new(),
-            machine_id: "0123456789abcdef0123456789abcdef".into(),
-            machine_id_unkept: false,
-            state_dir: None,
-            state_pending: None,
-            state_unavailable: None,
-            disk_options: disks::Options::default(),
-            etc_ok: false,
             wipe: vec![
                 Wipe {
                     name: "STATE",
@@ -588,7 +578,7 @@ mod tests {
                     target: "/var".into(),
                 },
             ],
-            assess: crate::boot_assess::BootAssess::off(),
+            ..Boot::fixture()
         };
         let mut node = Node::new(sys, log, unbounded_channel().0, boot);
         node.runner = Some(Runner::new(
