@@ -480,6 +480,26 @@ pub struct Running {
 }
 
 impl Running {
+    /// Run `f` every 2 s until its command succeeds (the API comes up, or back after a
+    /// reboot or a change of mode); panics at `timeout` with the last output and the
+    /// console's tail.
+    pub fn until_ok(&self, timeout: Duration, what: &str, f: impl Fn() -> Output) -> Output {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let out = f();
+            if out.status.success() {
+                return out;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what} never succeeded: {}\n--- console ---\n{}",
+                show(&out),
+                tail(&self.console(), 60)
+            );
+            std::thread::sleep(Duration::from_secs(2));
+        }
+    }
+
     /// Everything the guest has printed so far.
     pub fn console(&self) -> String {
         std::fs::read(&self.console)

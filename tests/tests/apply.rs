@@ -69,24 +69,6 @@ fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-/// Run until the command succeeds (the API comes up, or back after a change of mode).
-fn until_ok(vm: &Running, timeout: Duration, what: &str, f: impl Fn() -> Output) -> Output {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let out = f();
-        if out.status.success() {
-            return out;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what} never succeeded: {}\n--- console ---\n{}",
-            show(&out),
-            tail(&vm.console(), 60)
-        );
-        std::thread::sleep(Duration::from_secs(2));
-    }
-}
-
 /// Wait until the console shows `needle` at least `count` times (a later boot of the
 /// same VM prints the same lines again).
 fn wait_count(vm: &mut Running, needle: &str, count: usize, timeout: Duration) {
@@ -143,7 +125,7 @@ fn a_node_from_maintenance_mode_through_apply_config_reboot_and_reset() {
     vm.wait_for("keelson-init: maintenance mode: machined serves", BOOT)
         .unwrap();
     vm.wait_for("service machined ready", BOOT).unwrap();
-    let out = until_ok(&vm, Duration::from_secs(120), "version --insecure", || {
+    let out = vm.until_ok(Duration::from_secs(120), "version --insecure", || {
         insecure(&["version", "-o", "json"])
     });
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -198,12 +180,9 @@ fn a_node_from_maintenance_mode_through_apply_config_reboot_and_reset() {
     )
     .unwrap();
     vm.wait_for("service containerd ready", BOOT).unwrap();
-    let out = until_ok(
-        &vm,
-        Duration::from_secs(120),
-        "version (mutual TLS)",
-        || run(&bin, &admin, &["version", "-o", "json"]),
-    );
+    let out = vm.until_ok(Duration::from_secs(120), "version (mutual TLS)", || {
+        run(&bin, &admin, &["version", "-o", "json"])
+    });
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v[0]["maintenance"], false, "{}", show(&out));
     assert_eq!(v[0]["hostname"], "apply-test", "{}", show(&out));
@@ -323,8 +302,7 @@ fn a_node_from_maintenance_mode_through_apply_config_reboot_and_reset() {
         Duration::from_secs(60),
     )
     .unwrap();
-    until_ok(
-        &vm,
+    vm.until_ok(
         Duration::from_secs(120),
         "version after machined's restart",
         || run(&bin, &admin, &["version"]),
@@ -405,12 +383,9 @@ fn a_node_from_maintenance_mode_through_apply_config_reboot_and_reset() {
     vm.wait_for("promoted to config.toml: this boot runs it", BOOT)
         .unwrap();
     wait_count(&mut vm, "service machined ready", 2, BOOT);
-    until_ok(
-        &vm,
-        Duration::from_secs(120),
-        "version after reboot",
-        || run(&bin, &admin, &["version"]),
-    );
+    vm.until_ok(Duration::from_secs(120), "version after reboot", || {
+        run(&bin, &admin, &["version"])
+    });
     assert_eq!(sysctl(&bin, &admin, "vm.swappiness"), "10");
     assert_eq!(sysctl(&bin, &admin, "vm.overcommit_memory"), "1");
     let console = vm.console();
@@ -435,7 +410,7 @@ fn a_node_from_maintenance_mode_through_apply_config_reboot_and_reset() {
         2,
         BOOT,
     );
-    let out = until_ok(&vm, Duration::from_secs(180), "version after reset", || {
+    let out = vm.until_ok(Duration::from_secs(180), "version after reset", || {
         insecure(&["version", "-o", "json"])
     });
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -453,11 +428,14 @@ fn a_node_from_maintenance_mode_through_apply_config_reboot_and_reset() {
 
 /// How many times the power is cut during applies.
 const APPLY_CUTS: usize = 20;
+/// How soon a call to a node killed under it must end: machinectl's 20 s HTTP/2
+/// keepalive window, with room for a loaded host.
+const CALL_DEADLINE: Duration = Duration::from_secs(40);
 const CUT_MAC: &str = "52:54:00:4b:45:07";
 
 /// The config STATE holds, byte for byte (`read` as admin), once the node answers.
 fn state_config(bin: &Path, admin: &Path, vm: &Running) -> String {
-    let out = until_ok(vm, BOOT, "read STATE's config", || {
+    let out = vm.until_ok(BOOT, "read STATE's config", || {
         run(bin, admin, &["read", "/system/state/config.toml"])
     });
     stdout(&out)
@@ -466,7 +444,9 @@ fn state_config(bin: &Path, admin: &Path, vm: &Running) -> String {
 /// The power is cut at [`APPLY_CUTS`] random points during `apply-config` calls in the
 /// modes that write STATE (`no-reboot`, `staged`, `reboot`): every time, the node boots
 /// the config STATE held before the call or the one it sent, whole, answers on its API,
-/// and runs what that config says. The seed is printed; `KEELSON_TEST_SEED` replays it.
+/// and runs what that config says; and the call to the killed node ends within
+/// [`CALL_DEADLINE`] (a failure says why). The seed is printed;
+/// `KEELSON_TEST_SEED` replays it.
 #[test]
 fn power_cuts_during_applies_leave_the_old_or_the_new_config() {
     let seed = std::env::var("KEELSON_TEST_SEED")
@@ -547,16 +527,33 @@ fn power_cuts_during_applies_leave_the_old_or_the_new_config() {
             .env_remove("MACHINECONFIG")
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
         std::thread::sleep(delay);
         let running = child.try_wait().unwrap().is_none();
         mid_call += usize::from(running);
         vm.power_cycle().unwrap();
-        let _ = child.kill();
-        let _ = child.wait();
+        // The call to the killed node ends by itself, within its deadline, saying so.
+        let cut_at = Instant::now();
+        let ended = std::thread::spawn(move || {
+            let out = child.wait_with_output().unwrap();
+            (cut_at.elapsed(), out)
+        });
         vm.wait_for("service machined ready", BOOT).unwrap();
+        let (took, out) = ended.join().unwrap();
+        assert!(
+            took < CALL_DEADLINE,
+            "cut {i}: apply-config to the killed node ended only {took:?} after the cut: {}",
+            show(&out)
+        );
+        // A call cut mid-call fails saying why (one answered in the instant between the
+        // look and the kill succeeds: no assertion on which).
+        assert!(
+            out.status.success() || !stderr(&out).trim().is_empty(),
+            "cut {i}: a failed apply-config must say why: {}",
+            show(&out)
+        );
         let now = state_config(&bin, &admin, &vm);
         let which = if now == held {
             "old"
@@ -590,12 +587,18 @@ fn power_cuts_during_applies_leave_the_old_or_the_new_config() {
             "cut {i} ({mode}): STATE holds the {which} config"
         );
         eprintln!(
-            "cut {i}: {mode} apply cut {:.2} s in ({}): the node runs the {which} config",
+            "cut {i}: {mode} apply cut {:.2} s in ({}): the node runs the {which} config; the call ended {:.1} s after the cut ({})",
             delay.as_secs_f64(),
             if running {
                 "mid-call"
             } else {
                 "after the call"
+            },
+            took.as_secs_f64(),
+            if out.status.success() {
+                "answered".to_string()
+            } else {
+                stderr(&out).lines().last().unwrap_or_default().to_string()
             }
         );
         held = now;

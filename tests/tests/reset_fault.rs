@@ -50,24 +50,6 @@ fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Run until the command succeeds (the API comes up, or back after a reboot).
-fn until_ok(vm: &Running, timeout: Duration, what: &str, f: impl Fn() -> Output) -> Output {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let out = f();
-        if out.status.success() {
-            return out;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what} never succeeded: {}\n--- console ---\n{}",
-            show(&out),
-            tail(&vm.console(), 60)
-        );
-        std::thread::sleep(Duration::from_secs(2));
-    }
-}
-
 /// `config` checked valid and written to `dir/name`.
 fn write_config(config: &toml::Table, dir: &Path, name: &str) -> PathBuf {
     let text = toml::to_string(config).unwrap();
@@ -80,7 +62,7 @@ fn write_config(config: &toml::Table, dir: &Path, name: &str) -> PathBuf {
 
 /// The hostname `version` reports, once the node answers with the admin's certificate.
 fn hostname(bin: &Path, admin: &Path, vm: &Running) -> String {
-    let out = until_ok(vm, BOOT, "version (mutual TLS)", || {
+    let out = vm.until_ok(BOOT, "version (mutual TLS)", || {
         run(bin, admin, &["version", "-o", "json"])
     });
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -127,7 +109,7 @@ files = [{{ path = "{MARKER}", content = "old data\n", mode = "0644" }}]
         .boot()
         .unwrap();
     assert_eq!(hostname(&bin, &admin, &vm), "reset-fault-a");
-    let out = until_ok(&vm, BOOT, "read the marker", || {
+    let out = vm.until_ok(BOOT, "read the marker", || {
         run(&bin, &admin, &["read", MARKER])
     });
     assert_eq!(stdout(&out), "old data\n");
