@@ -318,4 +318,59 @@ fn machinectl_operates_a_booted_node() {
     );
     let out = run(&bin, &admin, &["containers"]);
     assert!(out.status.success(), "{}", show(&out));
+
+    // machined runs as its own user with three capabilities and no_new_privs, and has
+    // raised its open-file limit to the hard limit (read from the node, as an admin).
+    let out = run(
+        &bin,
+        &admin,
+        &["--context", "admin", "get", "processes", "-o", "json"],
+    );
+    assert!(out.status.success(), "{}", show(&out));
+    let processes: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let pid = processes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| {
+            p["command"]
+                .as_str()
+                .and_then(|c| c.split_whitespace().next())
+                .is_some_and(|argv0| argv0.ends_with("machined"))
+        })
+        .and_then(|p| p["pid"].as_str())
+        .unwrap_or_else(|| panic!("no machined in {}", show(&out)))
+        .to_string();
+    let read = |path: &str| {
+        let out = run(&bin, &admin, &["--context", "admin", "read", path]);
+        assert!(out.status.success(), "{path}: {}", show(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let status = read(&format!("/proc/{pid}/status"));
+    for want in [
+        "Uid:\t50\t50\t50\t50",
+        "Gid:\t50\t50\t50\t50",
+        "CapEff:\t0000000402000002",
+        "CapBnd:\t0000000402000002",
+        "NoNewPrivs:\t1",
+    ] {
+        assert!(
+            status.contains(want),
+            "machined's status lacks {want:?}:\n{status}"
+        );
+    }
+    let limits = read(&format!("/proc/{pid}/limits"));
+    let open_files: Vec<&str> = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap_or_else(|| panic!("{limits}"))
+        .split_whitespace()
+        .skip(3)
+        .take(2)
+        .collect();
+    assert_eq!(open_files[0], open_files[1], "soft = hard:\n{limits}");
+    assert!(
+        open_files[0].parse::<u64>().unwrap() > 1024,
+        "above the default 1024:\n{limits}"
+    );
 }
