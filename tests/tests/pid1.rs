@@ -514,12 +514,11 @@ fn http_server(body: String) -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String
     (port, seen)
 }
 
-#[test]
-fn a_url_on_the_kernel_command_line_gives_the_config() {
-    let dir = tempfile::tempdir().unwrap();
-    let disk = dir.path().join("node.raw");
+/// A copy of the suite's image in `dir` whose boot entry's command line also carries
+/// `options` (edited on the ESP with mtools).
+fn image_with_options(dir: &Path, options: &str) -> PathBuf {
+    let disk = dir.join("node.raw");
     sparse_copy(&test_image(Arch::Amd64).unwrap(), &disk);
-    // Add keelson.config= to the slot's boot entry on the ESP.
     let esp = format!(
         "{}@@{}",
         disk.display(),
@@ -537,26 +536,25 @@ fn a_url_on_the_kernel_command_line_gives_the_config() {
         .trim_start_matches("::/")
         .trim_start_matches("::")
         .to_string();
-    let local = dir.path().join("entry.conf");
+    let local = dir.join("entry.conf");
     let out = Command::new("mcopy")
         .args(["-n", "-i", &esp, &format!("::{entry}")])
         .arg(&local)
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");
-    let url = "http://10.0.2.100/node.toml";
     let text: String = std::fs::read_to_string(&local)
         .unwrap()
         .lines()
         .map(|l| {
             if l.starts_with("options") {
-                format!("{l} keelson.config={url}\n")
+                format!("{l} {options}\n")
             } else {
                 format!("{l}\n")
             }
         })
         .collect();
-    assert!(text.contains("keelson.config="), "{text}");
+    assert!(text.contains(options), "{text}");
     std::fs::write(&local, text).unwrap();
     let out = Command::new("mcopy")
         .args(["-o", "-i", &esp])
@@ -565,6 +563,15 @@ fn a_url_on_the_kernel_command_line_gives_the_config() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");
+    disk
+}
+
+#[test]
+fn a_url_on_the_kernel_command_line_gives_the_config() {
+    let dir = tempfile::tempdir().unwrap();
+    // Add keelson.config= to the slot's boot entry on the ESP.
+    let url = "http://10.0.2.100/node.toml";
+    let disk = image_with_options(dir.path(), &format!("keelson.config={url}"));
 
     let (port, seen) = http_server(node_config());
     let mut vm = Guest::new(Arch::Amd64)
@@ -590,5 +597,149 @@ fn a_url_on_the_kernel_command_line_gives_the_config() {
     assert_eq!(
         seen.lock().unwrap().first().map(String::as_str),
         Some("GET /node.toml HTTP/1.1")
+    );
+}
+
+/// Runs `openssl` with `args` in `dir`; panics with its output if it fails.
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("openssl (Debian package openssl)");
+    assert!(out.status.success(), "openssl {args:?}: {out:?}");
+}
+
+/// Kills the `openssl s_server` when the test ends.
+struct Server(std::process::Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `keelson.config=https://…` with the server's CA named inline by `keelson.config.ca=`:
+/// PID 1 fetches the config over TLS from a real `openssl s_server` (certificates made
+/// by openssl, the server's for the address the guest reaches), checks it against that
+/// CA alone, and boots with it.
+#[test]
+fn an_https_url_with_its_ca_on_the_command_line_gives_the_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    openssl(
+        d,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=keelson test CA",
+        ],
+    );
+    openssl(
+        d,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=10.0.2.100",
+        ],
+    );
+    std::fs::write(
+        d.join("server.ext"),
+        "subjectAltName=IP:10.0.2.100\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    openssl(
+        d,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
+        ],
+    );
+    openssl(
+        d,
+        &["x509", "-in", "ca.pem", "-outform", "der", "-out", "ca.der"],
+    );
+    // As the README says to: `openssl x509 -outform der | base64 -w0`.
+    let out = Command::new("base64")
+        .args(["-w0", "ca.der"])
+        .current_dir(d)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let ca = String::from_utf8(out.stdout).unwrap();
+    let www = d.join("www");
+    std::fs::create_dir_all(&www).unwrap();
+    std::fs::write(www.join("node.toml"), node_config()).unwrap();
+    let port = keelson_tests::free_loopback_port().unwrap();
+    let _server = Server(
+        Command::new("openssl")
+            .current_dir(&www)
+            .args(["s_server", "-WWW", "-quiet", "-accept"])
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("-cert")
+            .arg(d.join("server.pem"))
+            .arg("-key")
+            .arg(d.join("server.key"))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let url = "https://10.0.2.100/node.toml";
+    let disk = image_with_options(d, &format!("keelson.config={url} keelson.config.ca={ca}"));
+    let mut vm = Guest::new(Arch::Amd64)
+        .image(&disk)
+        .raw_disk()
+        .qemu_args([
+            "-netdev".to_string(),
+            format!("user,id=net0,restrict=on,guestfwd=tcp:10.0.2.100:443-tcp:127.0.0.1:{port}"),
+            "-device".to_string(),
+            format!("virtio-net-pci,netdev=net0,mac={MAC}"),
+        ])
+        .boot()
+        .unwrap();
+    wait_all(
+        &mut vm,
+        &[
+            &format!("keelson-init: config from URL {url} is valid"),
+            &format!("keelson-init: config from URL {url} written to STATE"),
+            "keelson-init: module br_netfilter loaded",
+        ],
     );
 }
