@@ -463,7 +463,7 @@ fn power_cuts_during_applies_leave_the_old_or_the_new_config() {
     let bin = machinectl_binary().unwrap();
     let (base, ca) = cluster();
     let dir = tempfile::tempdir().unwrap();
-    // Swappiness 1..=20 tells the configs apart; the boot config's 50 is none of them,
+    // Swappiness 1..=21 tells the configs apart; the boot config's 50 is none of them,
     // so a torn STATE config that init refused (falling back to fw_cfg) cannot pass.
     let boot = variant(&base, &[("vm.swappiness", "50")], dir.path(), "boot.toml");
     let port = free_loopback_port().unwrap();
