@@ -74,15 +74,31 @@ impl Env {
 
     /// Runs machinectl (bounded by `timeout`), as the test's user.
     pub fn run(&self, args: &[&str], timeout: Duration) -> Output {
+        self.run_with(args, timeout, &[], &[])
+    }
+
+    /// [`Env::run`] with these variables set (`NAME=VALUE`) and these unset in
+    /// machinectl's environment (a test hook, say).
+    pub fn run_with(
+        &self,
+        args: &[&str],
+        timeout: Duration,
+        set: &[(&str, &str)],
+        unset: &[&str],
+    ) -> Output {
         let mut cmd = Command::new("timeout");
         cmd.arg(timeout.as_secs().to_string());
         if let Some(user) = &self.user {
             cmd.args(["runuser", "-u", user, "--"]);
         }
-        cmd.arg("env")
-            .arg(format!("XDG_STATE_HOME={}", self.state().display()))
+        cmd.arg("env");
+        for name in unset {
+            cmd.args(["-u", name]);
+        }
+        cmd.arg(format!("XDG_STATE_HOME={}", self.state().display()))
             .arg(format!("HOME={}", self.dir.path().display()))
             .arg("KEELSON_ACCEL=")
+            .args(set.iter().map(|(k, v)| format!("{k}={v}")))
             .arg(&self.bin)
             .arg("--machineconfig")
             .arg(self.client_config())

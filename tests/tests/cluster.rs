@@ -401,13 +401,15 @@ fn a_node_frozen_before_stage_1_is_power_cycled_into_a_healthy_cluster() {
     let frozen = format!("{name}-controlplane-1");
     // As `Env::create`, with the test hook in machinectl's environment.
     let started = Instant::now();
-    let out = Command::new("timeout")
-        .arg((30 * 60).to_string())
-        .arg(&env.bin)
-        .arg("--machineconfig")
-        .arg(env.client_config())
-        .args(["cluster", "create", "--name", &name, "--wait", "25m"])
-        .args([
+    let image = test_image(Arch::Amd64).unwrap();
+    let out = env.run_with(
+        &[
+            "cluster",
+            "create",
+            "--name",
+            &name,
+            "--wait",
+            "25m",
             "--workers",
             "0",
             "--cpus",
@@ -415,18 +417,12 @@ fn a_node_frozen_before_stage_1_is_power_cycled_into_a_healthy_cluster() {
             "--memory",
             "1024",
             "--image",
-        ])
-        .arg(test_image(Arch::Amd64).unwrap())
-        .env("XDG_STATE_HOME", env.state())
-        .env("HOME", env.dir.path())
-        .env("KEELSON_ACCEL", "")
-        .env(stage1_watch::FREEZE_ENV, &frozen)
-        .env_remove(stage1_watch::DEADLINE_ENV)
-        .env_remove("MACHINECONFIG")
-        .current_dir(env.dir.path())
-        .stdin(std::process::Stdio::null())
-        .output()
-        .unwrap();
+            image.to_str().unwrap(),
+        ],
+        Duration::from_secs(30 * 60),
+        &[(stage1_watch::FREEZE_ENV, &frozen)],
+        &[stage1_watch::DEADLINE_ENV],
+    );
     eprintln!(
         "cluster {name}: create took {:.0} s",
         started.elapsed().as_secs_f64()
