@@ -4,6 +4,7 @@
 //!
 //! | module | what it is |
 //! |---|---|
+//! | [`clock`] | wall-clock times as `YYYY-MM-DDTHH:MM:SSZ` (UTC), for records and what the CLI shows |
 //! | [`control`] | the control socket: its path, its framing and size limits, every request with its own typed answer, and the wire types they carry (service statuses, live config parts, PID 1's figures) |
 //! | [`etcd`] | how etcd is started: the file of member settings machined writes before it asks PID 1 to start etcd |
 //! | [`kubelet`] | how the kubelet is started: its flags file machined writes before it asks PID 1 to start it, and where its binary is |
@@ -12,6 +13,7 @@
 //!
 //! It depends on serde alone, so PID 1's static build stays small.
 
+pub mod clock;
 pub mod control;
 pub mod etcd;
 pub mod kubelet;
