@@ -19,6 +19,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use keelson_cluster::cold_boot::{self, ColdBoots};
 use keelson_cluster::qemu::{self, Accel, Machine};
 use keelson_cluster::stage1_watch::{self, MAX_POWER_CYCLES, Step, Watch};
 use keelson_configs::generate::{GenerateOptions, generate};
@@ -310,7 +311,10 @@ impl Guest {
         self
     }
 
-    /// Let guest reboots happen (by default QEMU exits when the guest reboots).
+    /// Let guest reboots happen, each as a cold boot: QEMU exits when the guest reboots
+    /// and is started again on the same disk and firmware variables, the console appended
+    /// to ([`keelson_cluster::cold_boot`]: a warm reset under software emulation sometimes
+    /// costs 20-35 s more). By default QEMU exits when the guest reboots, for good.
     pub fn allow_reboot(mut self) -> Guest {
         self.no_reboot = false;
         self
@@ -387,7 +391,9 @@ impl Guest {
             stage1_watch::deadline(self.arch, accel).map_err(anyhow::Error::msg)?;
         let mut machine = Machine::new(self.arch, accel, disk, dir.path().to_path_buf());
         machine.memory_mib = self.memory_mib;
-        machine.no_reboot = self.no_reboot;
+        // Every reboot ends QEMU; with reboots allowed, ColdBoots starts it again.
+        machine.no_reboot = true;
+        machine.console_append = true;
         machine.fw_cfg = self.fw_cfg;
         machine.extra = self.extra;
         let monitor = dir.path().join("monitor.sock");
@@ -419,7 +425,12 @@ impl Guest {
                 .map(|(k, v)| (k.to_owned(), v.map(ToOwned::to_owned)))
                 .collect(),
         };
-        let child = recipe.spawn(dir.path())?;
+        let spawn = {
+            let (recipe, dir) = (recipe.clone(), dir.path().to_path_buf());
+            Box::new(move || recipe.spawn(&dir)) as cold_boot::Spawn
+        };
+        let qemu = ColdBoots::start(spawn, &machine.console_path(), !self.no_reboot)
+            .with_context(|| format!("starting {}", recipe.program.to_string_lossy()))?;
         eprintln!(
             "guest: {} ({}) booting, console at {}",
             self.arch,
@@ -427,13 +438,12 @@ impl Guest {
             machine.console_path().display()
         );
         Ok(Running {
-            child,
+            qemu,
             console: machine.console_path(),
             monitor,
             dir,
             started: Instant::now(),
             accel,
-            recipe,
             watch: Watch::new(stage1_deadline, Instant::now()),
         })
     }
@@ -448,7 +458,8 @@ struct Recipe {
 }
 
 impl Recipe {
-    fn spawn(&self, dir: &Path) -> Result<Child> {
+    /// Starts QEMU; its standard error is appended to `qemu.stderr` across its starts.
+    fn spawn(&self, dir: &Path) -> std::io::Result<Child> {
         let mut cmd = Command::new(&self.program);
         cmd.args(&self.args);
         for (key, value) in &self.envs {
@@ -459,22 +470,25 @@ impl Recipe {
         }
         cmd.stdin(Stdio::null());
         cmd.stdout(Stdio::null());
-        cmd.stderr(std::fs::File::create(dir.join("qemu.stderr"))?);
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("qemu.stderr"))?;
+        cmd.stderr(stderr);
         cmd.spawn()
-            .with_context(|| format!("starting {}", self.program.to_string_lossy()))
     }
 }
 
 /// A running VM. Dropping it kills QEMU and removes its scratch files.
 #[derive(Debug)]
 pub struct Running {
-    child: Child,
+    /// QEMU, started again after each guest reboot when reboots are allowed.
+    qemu: ColdBoots,
     console: PathBuf,
     monitor: PathBuf,
     dir: tempfile::TempDir,
     started: Instant,
     accel: Accel,
-    recipe: Recipe,
     /// Whether stage 1 started since the last power-on, and the power cycles so far.
     watch: Watch,
 }
@@ -546,7 +560,7 @@ impl Running {
             if self.watch_stage1(&console)? {
                 continue;
             }
-            if let Some(status) = self.child.try_wait()? {
+            if let Some(status) = self.qemu.exited() {
                 if self.console().contains(needle) {
                     return Ok(());
                 }
@@ -605,18 +619,25 @@ impl Running {
     /// firmware variables and an empty console (the hung one appended to
     /// `console.hung.log`, then a `===== power cycle N =====` line).
     fn power_cycle_hung(&mut self, cycle: u32) -> Result<()> {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let hung = self.console();
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.hung_log())?;
-        use std::io::Write as _;
-        writeln!(file, "{hung}\n{}", stage1_watch::power_cycle_marker(cycle))?;
-        std::fs::File::create(&self.console)?;
-        self.child = self.recipe.spawn(self.dir.path())?;
+        let marker = stage1_watch::power_cycle_marker(cycle);
+        self.restart_keeping_console(&self.hung_log(), &marker)?;
         self.watch.power_cycled(Instant::now());
+        Ok(())
+    }
+
+    /// Kills QEMU, appends its console and `marker` to `history`, empties the console
+    /// and starts QEMU again with the same disk and firmware variables.
+    fn restart_keeping_console(&self, history: &Path, marker: &str) -> Result<()> {
+        self.qemu.power_cycle(|| {
+            use std::io::Write as _;
+            let before = self.console();
+            let mut file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(history)?;
+            writeln!(file, "{before}\n{marker}")?;
+            std::fs::File::create(&self.console).map(drop)
+        })?;
         Ok(())
     }
 
@@ -625,18 +646,8 @@ impl Running {
     /// whose power came back. The console starts empty; what the guest printed before the
     /// cut is appended to `console.before-cuts.log` in the scratch directory.
     pub fn power_cycle(&mut self) -> Result<()> {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let before = self.console();
         let history = self.dir.path().join("console.before-cuts.log");
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&history)?;
-        use std::io::Write as _;
-        writeln!(file, "{before}\n===== power cut =====")?;
-        std::fs::File::create(&self.console)?;
-        self.child = self.recipe.spawn(self.dir.path())?;
+        self.restart_keeping_console(&history, "===== power cut =====")?;
         // A new power-on: stage 1 is watched for again, with the power cycles it may take.
         self.watch = Watch::new(self.watch.deadline(), Instant::now());
         Ok(())
@@ -668,7 +679,7 @@ impl Running {
     pub fn wait_exit(&mut self, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
-            if self.child.try_wait()?.is_some() {
+            if self.qemu.exited().is_some() {
                 return Ok(());
             }
             let console = self.console();
@@ -687,8 +698,7 @@ impl Running {
 
 impl Drop for Running {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        // `qemu`, dropped after this, kills QEMU.
         // A failing test's console outlives the scratch directory, for the post-mortem.
         if std::thread::panicking() {
             let name = self

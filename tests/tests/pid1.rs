@@ -566,6 +566,25 @@ fn image_with_options(dir: &Path, options: &str) -> PathBuf {
     disk
 }
 
+/// Boots `disk` (raw, written in place) on QEMU's restricted user network, where the
+/// guest's connections to 10.0.2.100:`guest_port` reach 127.0.0.1:`host_port` (the
+/// config server of a URL test).
+fn boot_fetching_from(disk: &Path, guest_port: u16, host_port: u16) -> Running {
+    Guest::new(Arch::Amd64)
+        .image(disk)
+        .raw_disk()
+        .qemu_args([
+            "-netdev".to_string(),
+            format!(
+                "user,id=net0,restrict=on,guestfwd=tcp:10.0.2.100:{guest_port}-tcp:127.0.0.1:{host_port}"
+            ),
+            "-device".to_string(),
+            format!("virtio-net-pci,netdev=net0,mac={MAC}"),
+        ])
+        .boot()
+        .unwrap()
+}
+
 #[test]
 fn a_url_on_the_kernel_command_line_gives_the_config() {
     let dir = tempfile::tempdir().unwrap();
@@ -574,17 +593,7 @@ fn a_url_on_the_kernel_command_line_gives_the_config() {
     let disk = image_with_options(dir.path(), &format!("keelson.config={url}"));
 
     let (port, seen) = http_server(node_config());
-    let mut vm = Guest::new(Arch::Amd64)
-        .image(&disk)
-        .raw_disk()
-        .qemu_args([
-            "-netdev".to_string(),
-            format!("user,id=net0,restrict=on,guestfwd=tcp:10.0.2.100:80-tcp:127.0.0.1:{port}"),
-            "-device".to_string(),
-            format!("virtio-net-pci,netdev=net0,mac={MAC}"),
-        ])
-        .boot()
-        .unwrap();
+    let mut vm = boot_fetching_from(&disk, 80, port);
     wait_all(
         &mut vm,
         &[
@@ -723,17 +732,7 @@ fn an_https_url_with_its_ca_on_the_command_line_gives_the_config() {
     );
     let url = "https://10.0.2.100/node.toml";
     let disk = image_with_options(d, &format!("keelson.config={url} keelson.config.ca={ca}"));
-    let mut vm = Guest::new(Arch::Amd64)
-        .image(&disk)
-        .raw_disk()
-        .qemu_args([
-            "-netdev".to_string(),
-            format!("user,id=net0,restrict=on,guestfwd=tcp:10.0.2.100:443-tcp:127.0.0.1:{port}"),
-            "-device".to_string(),
-            format!("virtio-net-pci,netdev=net0,mac={MAC}"),
-        ])
-        .boot()
-        .unwrap();
+    let mut vm = boot_fetching_from(&disk, 443, port);
     wait_all(
         &mut vm,
         &[

@@ -7,6 +7,7 @@
 //! | module | what it is |
 //! |---|---|
 //! | [`qemu`] | UEFI firmware, the accelerator probe and the QEMU command line for one machine |
+//! | [`cold_boot`] | guest reboots as cold boots: QEMU under `-no-reboot`, started again on the same disk and variables |
 //! | [`plan`] | names, roles, static addresses, MACs and each node's config patch |
 //! | [`record`] | the state directory and `cluster.toml`, written before any VM starts |
 //! | [`netns`] | as root: the namespace, its bridge and taps |
@@ -26,6 +27,7 @@
 //! `127.0.0.1:PORT_N` and nothing leaves the host.
 
 pub mod bootstrap;
+pub mod cold_boot;
 pub mod create;
 pub mod helper;
 pub mod launch;

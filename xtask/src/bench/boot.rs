@@ -14,10 +14,11 @@
 //! machine's load touches all three alike.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use keelson_cluster::cold_boot::ColdBoots;
 use keelson_cluster::qemu::{self, Accel, Machine};
 use keelson_configs::layout::{self, Arch};
 
@@ -90,7 +91,7 @@ pub struct BootSpec<'a> {
 
 /// A running QEMU, killed when dropped.
 pub struct Vm {
-    child: Child,
+    qemu: ColdBoots,
     start: Instant,
     console: PathBuf,
 }
@@ -101,7 +102,9 @@ pub struct Vm {
 pub struct VmOptions {
     /// The overlay's size in bytes (None: the image's).
     pub disk_bytes: Option<u64>,
-    /// Let the guest reboot (QEMU resets the machine instead of exiting).
+    /// Let the guest reboot, each time as a cold boot: QEMU exits and is started again
+    /// on the same disk and firmware variables ([`keelson_cluster::cold_boot`]; a warm
+    /// reset under TCG sometimes costs 20-35 s more, which no reboot of ours causes).
     pub allow_reboot: bool,
 }
 
@@ -122,33 +125,46 @@ impl Vm {
         qemu::create_overlay(spec.disk, &overlay, options.disk_bytes)?;
         let mut machine = Machine::new(spec.arch, spec.accel, overlay, dir.clone());
         machine.memory_mib = MEMORY_MIB;
-        machine.no_reboot = !options.allow_reboot;
+        // Every reboot ends QEMU; with reboots allowed, ColdBoots starts it again.
+        machine.no_reboot = true;
+        machine.console_append = true;
         machine.fw_cfg = spec.fw_cfg.clone();
         machine.extra = spec.extra.clone();
         let console = machine.console_path();
         let qemu_log = dir.join("qemu.log");
         let qemu_cmd = machine.command()?;
-        // Under `timeout` too, so that QEMU ends even if this process dies before its
-        // Drop runs (the measurements after the watch are bounded well within it).
-        let mut cmd = Command::new("timeout");
-        cmd.arg(format!("{}", (spec.timeout + VM_AFTER_WATCH).as_secs()))
-            .arg(qemu_cmd.get_program())
-            .args(qemu_cmd.get_args())
-            .stdin(Stdio::null());
-        for (key, value) in qemu_cmd.get_envs() {
-            match value {
-                Some(v) => cmd.env(key, v),
-                None => cmd.env_remove(key),
-            };
-        }
-        cmd.stdout(Stdio::null()).stderr(
-            std::fs::File::create(&qemu_log)
-                .with_context(|| format!("creating {}", qemu_log.display()))?,
-        );
+        let program = qemu_cmd.get_program().to_owned();
+        let args: Vec<_> = qemu_cmd.get_args().map(ToOwned::to_owned).collect();
+        let envs: Vec<_> = qemu_cmd
+            .get_envs()
+            .map(|(k, v)| (k.to_owned(), v.map(ToOwned::to_owned)))
+            .collect();
+        let limit = (spec.timeout + VM_AFTER_WATCH).as_secs();
+        let spawn = move || {
+            // Under `timeout` too, so that QEMU ends even if this process dies before its
+            // Drop runs (the measurements after the watch are bounded well within it).
+            let mut cmd = Command::new("timeout");
+            cmd.arg(limit.to_string())
+                .arg(&program)
+                .args(&args)
+                .stdin(Stdio::null());
+            for (key, value) in &envs {
+                match value {
+                    Some(v) => cmd.env(key, v),
+                    None => cmd.env_remove(key),
+                };
+            }
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&qemu_log)?;
+            cmd.stdout(Stdio::null()).stderr(log).spawn()
+        };
         let start = Instant::now();
-        let child = cmd.spawn().context("starting QEMU")?;
+        let qemu = ColdBoots::start(Box::new(spawn), &console, options.allow_reboot)
+            .context("starting QEMU")?;
         Ok(Vm {
-            child,
+            qemu,
             start,
             console,
         })
@@ -167,7 +183,7 @@ impl Vm {
         let mut run = BootRun::default();
         loop {
             let elapsed = self.start.elapsed();
-            let exited = matches!(self.child.try_wait(), Ok(Some(_)));
+            let exited = self.qemu.exited().is_some();
             run.console = self.console();
             let complete = run.console.matches('\n').count();
             if complete > run.timed_lines.len() {
@@ -208,25 +224,6 @@ impl Vm {
             eprintln!("xtask: bench: cannot write {}: {e}", path.display());
         }
         run
-    }
-}
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        // SIGTERM to `timeout`, which passes it on to QEMU (SIGKILL would stop
-        // `timeout` alone); SIGKILL if that did not end it.
-        if let Some(pid) = rustix::process::Pid::from_raw(self.child.id() as i32) {
-            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if matches!(self.child.try_wait(), Ok(Some(_))) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
