@@ -463,7 +463,7 @@ fn power_cuts_during_applies_leave_the_old_or_the_new_config() {
     let bin = machinectl_binary().unwrap();
     let (base, ca) = cluster();
     let dir = tempfile::tempdir().unwrap();
-    // Swappiness 1..=21 tells the configs apart; the boot config's 50 is none of them,
+    // Swappiness 1..=23 tells the configs apart; the boot config's 50 is none of them,
     // so a torn STATE config that init refused (falling back to fw_cfg) cannot pass.
     let boot = variant(&base, &[("vm.swappiness", "50")], dir.path(), "boot.toml");
     let port = free_loopback_port().unwrap();
@@ -480,25 +480,39 @@ fn power_cuts_during_applies_leave_the_old_or_the_new_config() {
     let mut held = state_config(&bin, &admin, &vm);
     assert_eq!(held, std::fs::read_to_string(&boot).unwrap());
 
-    // One uncut no-reboot apply: how long a call takes, to spread the cuts over it.
-    let first = variant(&base, &[("vm.swappiness", "21")], dir.path(), "c21.toml");
-    let started = Instant::now();
-    let out = run(
-        &bin,
-        &admin,
-        &[
-            "apply-config",
-            "--file",
-            first.to_str().unwrap(),
-            "--mode",
-            "no-reboot",
-        ],
+    // Uncut no-reboot applies: how long a call takes, to spread the cuts over it. The
+    // shortest of three: the first call to a fresh node (the binary read from disk, the
+    // node's first apply) took twice as long as the later ones, and cuts spread over it
+    // fell after most calls.
+    let mut call = Duration::MAX;
+    for value in ["21", "22", "23"] {
+        let config = variant(
+            &base,
+            &[("vm.swappiness", value)],
+            dir.path(),
+            &format!("c{value}.toml"),
+        );
+        let started = Instant::now();
+        let out = run(
+            &bin,
+            &admin,
+            &[
+                "apply-config",
+                "--file",
+                config.to_str().unwrap(),
+                "--mode",
+                "no-reboot",
+            ],
+        );
+        call = call.min(started.elapsed());
+        assert!(out.status.success(), "{}", show(&out));
+        held = state_config(&bin, &admin, &vm);
+        assert_eq!(held, std::fs::read_to_string(&config).unwrap());
+    }
+    eprintln!(
+        "the shortest of three uncut no-reboot applies took {:.2} s",
+        call.as_secs_f64()
     );
-    let call = started.elapsed();
-    assert!(out.status.success(), "{}", show(&out));
-    held = state_config(&bin, &admin, &vm);
-    assert_eq!(held, std::fs::read_to_string(&first).unwrap());
-    eprintln!("an uncut no-reboot apply took {:.2} s", call.as_secs_f64());
 
     let modes = ["no-reboot", "staged", "reboot"];
     let mut mid_call = 0;
