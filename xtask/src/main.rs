@@ -230,26 +230,87 @@ fn run_cmd(cmd: &mut Command) -> Result<()> {
 }
 
 fn test() -> Result<()> {
-    host::ensure()?;
-    run_cmd(cargo().args(["fmt", "--all", "--check"]))?;
-    run_cmd(cargo().args([
-        "clippy",
-        "--workspace",
-        "--all-targets",
-        "--",
-        "-D",
-        "warnings",
-    ]))?;
+    let mut stages = Stages::new();
+    stages.run("host set-up", host::ensure)?;
+    stages.run("fmt", || run_cmd(cargo().args(["fmt", "--all", "--check"])))?;
+    stages.run("clippy", || {
+        run_cmd(cargo().args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]))
+    })?;
     // One build of each image, shared by every end-to-end test.
-    image::image(&image::ImageArgs::new(
-        vec![Arch::Amd64],
-        vec![Format::Raw, Format::RawZst, Format::Qcow2],
-    ))?;
-    image::image(&image::ImageArgs::new(vec![Arch::Arm64], vec![Format::Raw]))?;
+    stages.run("amd64 image", || {
+        image::image(&image::ImageArgs::new(
+            vec![Arch::Amd64],
+            vec![Format::Raw, Format::RawZst, Format::Qcow2],
+        ))
+        .map(drop)
+    })?;
+    stages.run("arm64 image", || {
+        image::image(&image::ImageArgs::new(vec![Arch::Arm64], vec![Format::Raw])).map(drop)
+    })?;
     // The upgrade tests' v2 and v3 images and the bundles derived from them.
-    upgrade_inputs::build()?;
-    run_cmd(cargo().args(["test", "--workspace"]))?;
-    fuzz(Duration::from_secs(30))
+    stages.run("upgrade inputs", upgrade_inputs::build)?;
+    stages.run("cargo test", || {
+        run_cmd(cargo().args(["test", "--workspace"]))
+    })?;
+    stages.run("fuzz", || fuzz(Duration::from_secs(30)))?;
+    stages.summary();
+    Ok(())
+}
+
+/// The stages of `cargo xtask test`, timed: each says how long it took as it ends, and
+/// the whole run ends with the list (where a CI run's time went).
+struct Stages {
+    started: std::time::Instant,
+    took: Vec<(&'static str, Duration)>,
+}
+
+impl Stages {
+    fn new() -> Stages {
+        Stages {
+            started: std::time::Instant::now(),
+            took: Vec::new(),
+        }
+    }
+
+    fn run(&mut self, name: &'static str, stage: impl FnOnce() -> Result<()>) -> Result<()> {
+        let started = std::time::Instant::now();
+        let result = stage();
+        let took = started.elapsed();
+        eprintln!(
+            "xtask: test: {name} {} after {} ({} since the start)",
+            if result.is_ok() { "done" } else { "failed" },
+            minutes(took),
+            minutes(self.started.elapsed())
+        );
+        self.took.push((name, took));
+        result
+    }
+
+    fn summary(&self) {
+        let list: Vec<String> = self
+            .took
+            .iter()
+            .map(|(name, took)| format!("{name} {}", minutes(*took)))
+            .collect();
+        eprintln!(
+            "xtask: test: passed in {}: {}",
+            minutes(self.started.elapsed()),
+            list.join(", ")
+        );
+    }
+}
+
+/// `12m05s`.
+fn minutes(d: Duration) -> String {
+    let s = d.as_secs();
+    format!("{}m{:02}s", s / 60, s % 60)
 }
 
 /// The fuzz targets of the short fuzzing run: the crate directory whose `fuzz/` holds
