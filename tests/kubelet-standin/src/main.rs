@@ -176,34 +176,8 @@ fn start_line(start: u64, now: SystemTime) -> String {
     let seconds = since.as_secs();
     format!(
         "{start} {} {seconds}.{:03}\n",
-        utc_date(seconds),
+        keelson_node_protocol::clock::utc(seconds.saturating_mul(1000)),
         since.subsec_millis()
-    )
-}
-
-/// `seconds` since the Unix epoch as an RFC 3339 UTC date (`2026-12-06T04:15:00Z`).
-fn utc_date(seconds: u64) -> String {
-    let (days, second_of_day) = (seconds / 86_400, seconds % 86_400);
-    // Days to a civil date (Howard Hinnant's `civil_from_days`), for days since 1970.
-    let shifted = days + 719_468;
-    let era = shifted / 146_097;
-    let day_of_era = shifted % 146_097;
-    let year_of_era =
-        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let month_index = (5 * day_of_year + 2) / 153;
-    let day = day_of_year - (153 * month_index + 2) / 5 + 1;
-    let month = if month_index < 10 {
-        month_index + 3
-    } else {
-        month_index - 9
-    };
-    let year = year_of_era + era * 400 + u64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        second_of_day / 3600,
-        second_of_day / 60 % 60,
-        second_of_day % 60
     )
 }
 
@@ -298,13 +272,6 @@ mod tests {
             json_string_array(&args),
             "[\"kubelet\", \"--x=\\\"q\\\"\\\\\", \"a\\nb\\u0001\"]\n"
         );
-    }
-
-    #[test]
-    fn dates_are_utc() {
-        assert_eq!(utc_date(0), "1970-01-01T00:00:00Z");
-        assert_eq!(utc_date(951_782_400), "2000-02-29T00:00:00Z");
-        assert_eq!(utc_date(1_796_444_100), "2026-12-05T04:15:00Z");
     }
 
     #[test]

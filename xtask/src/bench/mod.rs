@@ -628,32 +628,10 @@ fn machine_info(load_start: String) -> MachineInfo {
 
 /// The current UTC time as `YYYY-MM-DDTHH:MM:SSZ`.
 pub fn utc_now() -> String {
-    let secs = SystemTime::now()
+    let ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    utc_from_unix(secs)
-}
-
-/// Format seconds since the epoch as `YYYY-MM-DDTHH:MM:SSZ` (the civil-from-days
-/// algorithm of H. Hinnant's date library).
-fn utc_from_unix(secs: u64) -> String {
-    let days = (secs / 86400) as i64;
-    let rem = secs % 86400;
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
-    )
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    keelson_node_protocol::clock::utc(ms)
 }
 
 #[cfg(test)]
@@ -671,13 +649,6 @@ mod tests {
         check_stats(&[5.0, 1.0, 3.0], (1.0, 3.0, 5.0));
         check_stats(&[4.0, 1.0, 3.0, 2.0], (1.0, 2.5, 4.0));
         assert!(Stats::of(&[]).is_none());
-    }
-
-    #[test]
-    fn utc_dates() {
-        assert_eq!(utc_from_unix(0), "1970-01-01T00:00:00Z");
-        assert_eq!(utc_from_unix(951_782_400), "2000-02-29T00:00:00Z");
-        assert_eq!(utc_from_unix(1_735_689_599), "2024-12-31T23:59:59Z");
     }
 
     fn figure(median: f64, reference: Option<f64>) -> Figure {
