@@ -1,8 +1,8 @@
 //! The dm-verity hash tree of a root filesystem, in the standard on-disk format that
 //! `veritysetup` writes and verifies (format version 1, sha256, 4096-byte data and hash
 //! blocks, a salt chosen by the caller): [`build`] makes it for an image (the imager),
-//! [`verify_root`] checks a slot that an upgrade wrote against the root hash of its
-//! manifest (machined).
+//! [`RootVerifier`] checks a slot that an upgrade wrote against the root hash of its
+//! manifest as the slot is read back once (machined).
 //!
 //! Written by hand: the format is a few dozen lines, and the Rust crates available either
 //! only verify or compute a root hash without writing `veritysetup`'s superblock and
@@ -32,8 +32,6 @@ const DIGEST_SIZE: usize = 32;
 const HASHES_PER_BLOCK: usize = BLOCK_SIZE / DIGEST_SIZE;
 /// Largest salt the superblock can hold.
 pub const MAX_SALT_SIZE: usize = 256;
-/// Data blocks [`verify_root`] reads at a time (1 MiB).
-const READ_BLOCKS: u64 = 256;
 
 /// Errors from building or verifying a hash tree.
 #[derive(Debug, thiserror::Error)]
@@ -311,85 +309,166 @@ pub fn tree_size(data_blocks: u64) -> u64 {
     total * BLOCK_SIZE as u64
 }
 
-/// Checks a written root against `params` (a manifest's): reads every data block through
-/// `read_at(offset, buf)` (which fills `buf` from byte `offset` of the partition, or
-/// fails), recomputes the tree with the salt, and compares it with the superblock and the
-/// tree written at `hash_offset` and the root hash with `params.roothash`. A data block
-/// that does not match its written hash is reported by number.
-pub fn verify_root(
-    mut read_at: impl FnMut(u64, &mut [u8]) -> io::Result<()>,
-    params: &boot::VerityParams,
-) -> Result<(), VerityError> {
-    let expected = decode_hex("roothash", &params.roothash)?;
-    let salt = decode_hex("salt", &params.salt)?;
-    if expected.len() != DIGEST_SIZE || salt.len() > MAX_SALT_SIZE || params.data_blocks == 0 {
-        return Err(VerityError::Params(format!(
-            "root hash of {} bytes, salt of {} bytes, {} data blocks",
-            expected.len(),
-            salt.len(),
-            params.data_blocks
-        )));
-    }
-    let data_blocks = params.data_blocks;
-    if data_blocks.checked_mul(BLOCK_SIZE as u64) != Some(params.hash_offset) {
-        return Err(VerityError::Params(format!(
-            "hash_offset {} is not {data_blocks} data blocks of 4096 bytes",
-            params.hash_offset
-        )));
-    }
-    let mut read = |offset: u64, buf: &mut [u8]| {
-        read_at(offset, buf).map_err(|source| VerityError::ReadBack { offset, source })
-    };
+/// Checks a written root against `params` (a manifest's) as its bytes stream by once,
+/// from the partition's first byte, in pieces of any size ([`RootVerifier::update`]): it
+/// hashes each data block with the salt as it passes, keeps the superblock and the hash
+/// levels that follow the data, and at the end ([`RootVerifier::finish`]) compares the
+/// superblock with the parameters, the tree recomputed from the data with the one written
+/// and its root with `params.roothash`. A data block that does not match its written hash
+/// is reported by number; bytes past the tree (the rest of the partition) are not looked
+/// at.
+#[derive(Debug)]
+pub struct RootVerifier {
+    expected: [u8; DIGEST_SIZE],
+    roothash: String,
+    salt: Vec<u8>,
+    /// A hasher that has already taken the salt, cloned for each block.
+    salted: Sha256,
+    data_blocks: u64,
+    hash_offset: u64,
+    /// Where the tree ends: `hash_offset` plus the superblock block and the levels.
+    tree_end: u64,
+    /// Bytes seen so far.
+    received: u64,
+    /// The start of a data block split between two pieces.
+    partial: Vec<u8>,
+    /// One digest per data block seen, in order.
+    digests: Vec<[u8; DIGEST_SIZE]>,
+    /// The superblock block and the written levels, as they went by.
+    tree: Vec<u8>,
+}
 
-    let mut sb = vec![0u8; BLOCK_SIZE];
-    read(params.hash_offset, &mut sb)?;
-    check_superblock(&sb, params.hash_offset, data_blocks, &salt)?;
-
-    let mut digests: Vec<[u8; 32]> = Vec::new();
-    let mut chunk = vec![0u8; READ_BLOCKS as usize * BLOCK_SIZE];
-    let mut block = 0u64;
-    while block < data_blocks {
-        let n = (data_blocks - block).min(READ_BLOCKS);
-        let buf = &mut chunk[..n as usize * BLOCK_SIZE];
-        read(block * BLOCK_SIZE as u64, buf)?;
-        digests.extend(buf.chunks(BLOCK_SIZE).map(|b| hash_block(&salt, b)));
-        block += n;
-    }
-    let (levels, root) = levels(digests, &salt);
-
-    // The written levels, top first after the superblock block, as `build` lays them out.
-    let mut offset = params.hash_offset.saturating_add(BLOCK_SIZE as u64);
-    let mut written: Vec<Vec<u8>> = Vec::with_capacity(levels.len());
-    for level in levels.iter().rev() {
-        let mut bytes = vec![0u8; level.len()];
-        read(offset, &mut bytes)?;
-        offset = offset.saturating_add(level.len() as u64);
-        written.push(bytes);
-    }
-    written.reverse();
-
-    if root != expected[..] {
-        // Name the first data block whose written hash differs, if the tree tells.
-        if let Some(bottom) = written.first()
-            && let Some(block) = first_difference(bottom, &levels[0], DIGEST_SIZE)
-        {
-            return Err(VerityError::DataBlock { block });
+impl RootVerifier {
+    /// A verifier for a root described by `params`, or why they are unusable.
+    pub fn new(params: &boot::VerityParams) -> Result<RootVerifier, VerityError> {
+        let expected = decode_hex("roothash", &params.roothash)?;
+        let salt = decode_hex("salt", &params.salt)?;
+        let Ok(expected) = <[u8; DIGEST_SIZE]>::try_from(&expected[..]) else {
+            return Err(VerityError::Params(format!(
+                "root hash of {} bytes, not {DIGEST_SIZE}",
+                expected.len()
+            )));
+        };
+        if salt.len() > MAX_SALT_SIZE || params.data_blocks == 0 {
+            return Err(VerityError::Params(format!(
+                "salt of {} bytes, {} data blocks",
+                salt.len(),
+                params.data_blocks
+            )));
         }
-        if levels.is_empty() {
-            // One data block: its digest is the root hash itself.
-            return Err(VerityError::DataBlock { block: 0 });
+        let data_blocks = params.data_blocks;
+        if data_blocks.checked_mul(BLOCK_SIZE as u64) != Some(params.hash_offset) {
+            return Err(VerityError::Params(format!(
+                "hash_offset {} is not {data_blocks} data blocks of 4096 bytes",
+                params.hash_offset
+            )));
         }
-        return Err(VerityError::RootHash {
-            expected: params.roothash.clone(),
-            found: hex::encode(root),
-        });
+        let mut salted = Sha256::new();
+        salted.update(&salt);
+        Ok(RootVerifier {
+            expected,
+            roothash: params.roothash.clone(),
+            salt,
+            salted,
+            data_blocks,
+            hash_offset: params.hash_offset,
+            tree_end: params.hash_offset.saturating_add(tree_size(data_blocks)),
+            received: 0,
+            partial: Vec::with_capacity(BLOCK_SIZE),
+            digests: Vec::new(),
+            tree: Vec::new(),
+        })
     }
-    for (level, (computed, on_disk)) in levels.iter().zip(&written).enumerate() {
-        if let Some(block) = first_difference(on_disk, computed, BLOCK_SIZE) {
-            return Err(VerityError::HashBlock { level, block });
+
+    /// The next bytes of the partition, right after the ones given before.
+    pub fn update(&mut self, mut bytes: &[u8]) {
+        // The data blocks: digests, a block split between pieces kept until it is whole.
+        let data_left = self.hash_offset.saturating_sub(self.received);
+        let data_len = usize::try_from(data_left).map_or(bytes.len(), |n| n.min(bytes.len()));
+        let (mut data, rest) = bytes.split_at(data_len);
+        self.received += data_len as u64;
+        if !self.partial.is_empty() {
+            let fill = (BLOCK_SIZE - self.partial.len()).min(data.len());
+            self.partial.extend_from_slice(&data[..fill]);
+            data = &data[fill..];
+            if self.partial.len() == BLOCK_SIZE {
+                let digest = self.digest(&self.partial);
+                self.digests.push(digest);
+                self.partial.clear();
+            }
         }
+        let mut blocks = data.chunks_exact(BLOCK_SIZE);
+        for block in &mut blocks {
+            let digest = self.digest(block);
+            self.digests.push(digest);
+        }
+        self.partial.extend_from_slice(blocks.remainder());
+        bytes = rest;
+
+        // The superblock and the levels, kept; what follows the tree, passed over.
+        let tree_left = self.tree_end.saturating_sub(self.received);
+        let tree_len = usize::try_from(tree_left).map_or(bytes.len(), |n| n.min(bytes.len()));
+        self.tree.extend_from_slice(&bytes[..tree_len]);
+        self.received = self.received.saturating_add(bytes.len() as u64);
     }
-    Ok(())
+
+    fn digest(&self, block: &[u8]) -> [u8; DIGEST_SIZE] {
+        let mut h = self.salted.clone();
+        h.update(block);
+        h.finalize().into()
+    }
+
+    /// The verdict, once the bytes up to the tree's end were given.
+    pub fn finish(self) -> Result<(), VerityError> {
+        if self.received < self.tree_end {
+            return Err(VerityError::ReadBack {
+                offset: self.received,
+                source: io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!(
+                        "the root ends there, before its verity tree's end at byte {}",
+                        self.tree_end
+                    ),
+                ),
+            });
+        }
+        let (sb, mut written_levels) = self.tree.split_at(BLOCK_SIZE);
+        check_superblock(sb, self.hash_offset, self.data_blocks, &self.salt)?;
+        let (levels, root) = levels(self.digests, &self.salt);
+
+        // The written levels, top first after the superblock block, as `build` lays them
+        // out; `written[0]` nearest the data, as `levels`.
+        let mut written: Vec<&[u8]> = Vec::with_capacity(levels.len());
+        for level in levels.iter().rev() {
+            let (bytes, rest) = written_levels.split_at(level.len());
+            written.push(bytes);
+            written_levels = rest;
+        }
+        written.reverse();
+
+        if root != self.expected {
+            // Name the first data block whose written hash differs, if the tree tells.
+            if let Some(bottom) = written.first()
+                && let Some(block) = first_difference(bottom, &levels[0], DIGEST_SIZE)
+            {
+                return Err(VerityError::DataBlock { block });
+            }
+            if levels.is_empty() {
+                // One data block: its digest is the root hash itself.
+                return Err(VerityError::DataBlock { block: 0 });
+            }
+            return Err(VerityError::RootHash {
+                expected: self.roothash,
+                found: hex::encode(root),
+            });
+        }
+        for (level, (computed, on_disk)) in levels.iter().zip(&written).enumerate() {
+            if let Some(block) = first_difference(on_disk, computed, BLOCK_SIZE) {
+                return Err(VerityError::HashBlock { level, block });
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The index of the first `unit`-sized piece where `a` and `b` differ.
@@ -499,18 +578,96 @@ mod tests {
         (part, tree.params.boot_params())
     }
 
+    /// `part` given to a [`RootVerifier`] in pieces of `piece` bytes (the last shorter).
+    fn verify_in_pieces(
+        part: &[u8],
+        params: &boot::VerityParams,
+        piece: usize,
+    ) -> Result<(), VerityError> {
+        let mut verifier = RootVerifier::new(params)?;
+        for bytes in part.chunks(piece) {
+            verifier.update(bytes);
+        }
+        verifier.finish()
+    }
+
     fn verify(part: &[u8], params: &boot::VerityParams) -> Result<(), VerityError> {
-        verify_root(
-            |offset, buf| {
-                let at = usize::try_from(offset).unwrap();
-                let src = part
-                    .get(at..at + buf.len())
-                    .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "past the end"))?;
-                buf.copy_from_slice(src);
-                Ok(())
-            },
-            params,
-        )
+        verify_in_pieces(part, params, 1 << 20)
+    }
+
+    /// Piece sizes that split blocks anywhere, and the whole partition at once.
+    const PIECES: [usize; 6] = [1000, 4095, 4096, 4097, (1 << 20) + 17, usize::MAX];
+
+    #[test]
+    fn a_built_tree_verifies_whatever_the_piece_size() {
+        for blocks in [1, 2, 129, 300] {
+            let (part, params) = partition(blocks);
+            for piece in PIECES {
+                verify_in_pieces(&part, &params, piece)
+                    .unwrap_or_else(|e| panic!("{blocks} blocks in pieces of {piece}: {e}"));
+            }
+        }
+        // One byte at a time, across the data's end and the whole tree.
+        let (part, params) = partition(2);
+        verify_in_pieces(&part, &params, 1).unwrap();
+    }
+
+    /// A 300-block partition with the byte at `at` flipped, given in every piece size,
+    /// is refused as `expected` says.
+    fn check_flip(at: usize, expected: impl Fn(&VerityError) -> bool) {
+        let (mut part, params) = partition(300);
+        part[at] ^= 0x10;
+        for piece in PIECES {
+            match verify_in_pieces(&part, &params, piece) {
+                Err(e) if expected(&e) => {}
+                other => panic!("byte {at} flipped, pieces of {piece}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn one_flipped_byte_is_named_in_every_piece_size() {
+        let tree = 300 * BLOCK_SIZE;
+        // Data block 257, split across pieces of 1000 bytes.
+        check_flip(257 * BLOCK_SIZE + 4000, |e| {
+            matches!(e, VerityError::DataBlock { block: 257 })
+        });
+        // The bottom level (digests of the data), after the superblock and the top level:
+        // its third block.
+        check_flip(tree + 4 * BLOCK_SIZE + 9, |e| {
+            matches!(e, VerityError::HashBlock { level: 0, block: 2 })
+        });
+        // The top level.
+        check_flip(tree + BLOCK_SIZE + 40, |e| {
+            matches!(e, VerityError::HashBlock { level: 1, block: 0 })
+        });
+        // The superblock's number of data blocks, then its salt.
+        check_flip(
+            tree + 72,
+            |e| matches!(e, VerityError::Superblock { what, .. } if what.contains("data blocks")),
+        );
+        check_flip(
+            tree + 88 + 31,
+            |e| matches!(e, VerityError::Superblock { what, .. } if what.contains("salt")),
+        );
+        // Past the tree: not the root's.
+        let (mut part, params) = partition(300);
+        let end = part.len() - 1;
+        part[end] ^= 0x10;
+        verify_in_pieces(&part, &params, 1000).unwrap();
+    }
+
+    #[test]
+    fn a_root_that_ends_before_its_tree_is_a_read_back_error_at_its_end() {
+        let (part, params) = partition(300);
+        let short = &part[..part.len() - 100 - 1];
+        for piece in PIECES {
+            let err = verify_in_pieces(short, &params, piece).unwrap_err();
+            assert!(
+                matches!(&err, VerityError::ReadBack { offset, .. } if *offset == short.len() as u64),
+                "pieces of {piece}: {err:?}"
+            );
+        }
     }
 
     #[test]

@@ -1,15 +1,16 @@
 //! The bundle read as it arrives ([`BundleReader`] over the sans-IO parser), its parts
 //! installed from the spool once all of them arrived and matched ([`write_parts`]: root
 //! into the inactive slot's partition, kernel and initramfs into temporary files on the
-//! ESP, synced and renamed), and what was written read back ([`verify`]) with the page
-//! cache dropped, so a write the disk lost cannot hide behind cached pages.
+//! ESP, synced and renamed), and what was written read back ([`verify`]) from the disk,
+//! not the page cache ([`readback`]), so a write the disk lost cannot hide behind cached
+//! pages.
 
 use std::collections::VecDeque;
 use std::fs::File;
-use std::io::{Read as _, Write as _};
-use std::os::fd::AsFd as _;
-use std::os::unix::fs::{FileExt as _, OpenOptionsExt as _};
+use std::io::Write as _;
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use hyper::body::Bytes;
 use keelson_configs::boot::{slot_initrd_path, slot_kernel_path};
@@ -17,6 +18,7 @@ use keelson_configs::layout::Slot;
 use keelson_node_protocol::upgrade::{PHASE_WRITE, UpgradeRecord};
 use keelson_upgrade::bundle::{BundleError, BundleParser, Event, Header, ParserLimits};
 use keelson_upgrade::manifest::{Manifest, PART_INITRD, PART_KERNEL, PART_NAMES, PART_ROOT};
+use keelson_upgrade::verity::{RootVerifier, VerityError};
 use ring::digest;
 use tokio::sync::mpsc;
 
@@ -26,8 +28,7 @@ use super::progress::{Meter, Reporter};
 use super::spool::{Spool, size_text};
 use super::{BundleSource, UpgradeError, fetch};
 
-/// Bytes read at a time when verifying.
-const READ_CHUNK: usize = 1024 * 1024;
+mod readback;
 
 /// What the checks decided: where the upgrade goes.
 #[derive(Debug, Clone)]
@@ -72,6 +73,15 @@ pub struct BundleReader {
     parser: BundleParser,
     pending: VecDeque<Piece>,
     ended: bool,
+    /// Bytes received from the stream so far.
+    received: u64,
+}
+
+/// Where [`BundleReader::rest_beside`] puts the parts' bytes, on the parser's thread.
+pub trait PartSink: Send + 'static {
+    /// The next bytes of part `part`, in order. They are not checked yet: a part is good
+    /// only once the whole bundle was read.
+    fn part_bytes(&mut self, part: usize, bytes: &[u8]) -> Result<(), UpgradeError>;
 }
 
 impl BundleReader {
@@ -88,12 +98,13 @@ impl BundleReader {
             parser: BundleParser::new(ParserLimits::default()),
             pending: VecDeque::new(),
             ended: false,
+            received: 0,
         }
     }
 
     /// Bytes received so far.
     pub fn received(&self) -> u64 {
-        self.parser.consumed()
+        self.received
     }
 
     /// The bundle's size: the header's once read, else what the sender said (0: unknown).
@@ -129,7 +140,10 @@ impl BundleReader {
             }
             let chunk = self.recv().await?;
             let Some(chunk) = chunk else {
-                return Err(self.parser_error(self.parser.finish().err()));
+                return Err(parser_error(
+                    self.parser.consumed(),
+                    self.parser.finish().err(),
+                ));
             };
             self.feed(&chunk)?;
         }
@@ -140,7 +154,10 @@ impl BundleReader {
             return Ok(None);
         }
         match self.chunks.recv().await {
-            Some(Ok(chunk)) => Ok(Some(chunk)),
+            Some(Ok(chunk)) => {
+                self.received = self.received.saturating_add(chunk.len() as u64);
+                Ok(Some(chunk))
+            }
             None => {
                 self.ended = true;
                 Ok(None)
@@ -161,7 +178,7 @@ impl BundleReader {
     fn feed(&mut self, chunk: &Bytes) -> Result<(), UpgradeError> {
         let events = match self.parser.feed(chunk) {
             Ok(events) => events,
-            Err(e) => return Err(self.parser_error(Some(e))),
+            Err(e) => return Err(parser_error(self.parser.consumed(), Some(e))),
         };
         for event in events {
             self.pending.push_back(match event {
@@ -179,7 +196,9 @@ impl BundleReader {
 
     /// After [`Piece::End`]: the parser's own word that the bundle is whole.
     pub fn finish(&self) -> Result<(), UpgradeError> {
-        self.parser.finish().map_err(|e| self.parser_error(Some(e)))
+        self.parser
+            .finish()
+            .map_err(|e| parser_error(self.parser.consumed(), Some(e)))
     }
 
     /// Reads to the end of the stream: nothing may follow the bundle.
@@ -190,24 +209,116 @@ impl BundleReader {
         Ok(())
     }
 
-    fn parser_error(&self, e: Option<BundleError>) -> UpgradeError {
-        let received = self.received();
-        match e {
-            Some(e @ (BundleError::Truncated { .. } | BundleError::TruncatedHeader { .. })) => {
-                UpgradeError::Truncated {
-                    received,
-                    source: e,
+    /// The rest of the bundle after its header, received on this task and parsed on a
+    /// blocking thread that gives the parts' bytes to `sink` there: the parser's sha256 of
+    /// each part is the transfer's largest cost after its TLS, and the two then run side
+    /// by side. `meter` is told the bytes received. Returns `sink` once the stream ended,
+    /// nothing followed the bundle, and every part matched its sha256.
+    pub async fn rest_beside<S: PartSink>(
+        &mut self,
+        sink: S,
+        meter: &mut Meter,
+    ) -> Result<S, UpgradeError> {
+        let pending: Vec<Piece> = self.pending.drain(..).collect();
+        let parser =
+            std::mem::replace(&mut self.parser, BundleParser::new(ParserLimits::default()));
+        let (tx, rx) = mpsc::channel::<Bytes>(PARSE_QUEUE);
+        let task = tokio::task::spawn_blocking(move || parse_rest(parser, pending, rx, sink));
+        let mut stream = Ok(());
+        loop {
+            match self.recv().await {
+                Ok(Some(chunk)) => {
+                    if tx.send(chunk).await.is_err() {
+                        // The parser stopped: its error is the one to report.
+                        break;
+                    }
+                    meter.update(self.received).await;
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    stream = Err(e);
+                    break;
                 }
             }
-            Some(e) => UpgradeError::BadBundle {
-                at: received,
-                source: e,
-            },
-            None => UpgradeError::Task {
-                what: "bundle reader",
-                reason: "the stream ended although the bundle was complete".into(),
-            },
         }
+        drop(tx);
+        let (parser, parsed) = task.await.map_err(|e| UpgradeError::Task {
+            what: "bundle parser",
+            reason: e.to_string(),
+        })?;
+        self.parser = parser;
+        // A broken stream comes first: the parser then only saw the bundle cut short.
+        stream?;
+        parsed
+    }
+}
+
+/// Chunks received and not yet parsed.
+const PARSE_QUEUE: usize = 16;
+
+/// The parser's thread of [`BundleReader::rest_beside`]: the pieces already parsed, then
+/// every chunk until the stream ends; gives the parser back with the outcome.
+fn parse_rest<S: PartSink>(
+    mut parser: BundleParser,
+    pending: Vec<Piece>,
+    mut chunks: mpsc::Receiver<Bytes>,
+    mut sink: S,
+) -> (BundleParser, Result<S, UpgradeError>) {
+    let start = Instant::now();
+    let mut busy = Duration::ZERO;
+    let parse = || -> Result<(), UpgradeError> {
+        for piece in pending {
+            if let Piece::Data { part, bytes } = piece {
+                sink.part_bytes(part, &bytes)?;
+            }
+        }
+        while let Some(chunk) = chunks.blocking_recv() {
+            let t = Instant::now();
+            let events = parser
+                .feed(&chunk)
+                .map_err(|e| parser_error(parser.consumed(), Some(e)))?;
+            for event in events {
+                if let Event::PartData { part, bytes } = event {
+                    sink.part_bytes(part, bytes)?;
+                }
+            }
+            busy += t.elapsed();
+        }
+        // The stream ended: the bundle must have, whole, with nothing after it.
+        parser
+            .finish()
+            .map_err(|e| parser_error(parser.consumed(), Some(e)))
+    };
+    let outcome = parse();
+    if outcome.is_ok() {
+        tracing::info!(
+            bytes = parser.consumed(),
+            took_ms = start.elapsed().as_millis(),
+            parsing_ms = busy.as_millis(),
+            "upgrade transfer: the bundle parsed, hashed and spooled"
+        );
+    }
+    (parser, outcome.map(|()| sink))
+}
+
+/// The error for what the parser said after `received` bytes (`None`: the stream ended
+/// although the parser had nothing against the bundle).
+fn parser_error(received: u64, e: Option<BundleError>) -> UpgradeError {
+    match e {
+        Some(e @ (BundleError::Truncated { .. } | BundleError::TruncatedHeader { .. })) => {
+            UpgradeError::Truncated {
+                received,
+                source: e,
+            }
+        }
+        Some(e) => UpgradeError::BadBundle {
+            at: received,
+            source: e,
+        },
+        None => UpgradeError::Task {
+            what: "bundle reader",
+            reason: "the stream ended although the bundle was complete".into(),
+        },
     }
 }
 
@@ -375,9 +486,9 @@ fn file_name(path: &Path) -> String {
         .unwrap_or_default()
 }
 
-/// Reads back what was written (page cache dropped first) and checks it against the
-/// manifest: each part's sha256, and the root's verity tree recomputed from its data
-/// blocks.
+/// Reads back what was written, from the disk rather than the page cache
+/// ([`readback`]), and checks it against the manifest: each part's sha256, and the root's
+/// verity tree recomputed from its data blocks, both from one read of the root.
 pub async fn verify(written: Written, manifest: &Manifest) -> Result<(), UpgradeError> {
     let manifest = manifest.clone();
     tokio::task::spawn_blocking(move || verify_blocking(&written, &manifest))
@@ -396,14 +507,32 @@ fn verify_blocking(written: &Written, manifest: &Manifest) -> Result<(), Upgrade
     ];
     for (index, path) in places {
         let part = &manifest.parts[index];
+        let verity_err = |e: VerityError| UpgradeError::Verify {
+            part: "root".into(),
+            path: path.clone(),
+            what: "verity tree",
+            expected: manifest.verity.roothash.clone(),
+            actual: keelson_api::error_chain(&e),
+        };
         let read_err = |source| UpgradeError::Write {
             what: format!("read back part {}", PART_NAMES[index]),
             path: path.clone(),
             source,
         };
-        let file = File::open(path).map_err(read_err)?;
-        drop_cache(&file);
-        let actual = sha256_prefix(&file, part.size).map_err(read_err)?;
+        let mut sha256 = digest::Context::new(&digest::SHA256);
+        let tree = if index == PART_ROOT {
+            let tree = RootVerifier::new(&manifest.verity).map_err(verity_err)?;
+            let (mode, tree) =
+                read_hashing_beside(path, part.size, &mut sha256, tree).map_err(read_err)?;
+            tracing::debug!(part = PART_NAMES[index], path = %path.display(), ?mode, "upgrade verify: read back");
+            Some(tree)
+        } else {
+            let mode = readback::read_prefix(path, part.size, |bytes| sha256.update(bytes))
+                .map_err(read_err)?;
+            tracing::debug!(part = PART_NAMES[index], path = %path.display(), ?mode, "upgrade verify: read back");
+            None
+        };
+        let actual = hex(sha256.finish().as_ref());
         if actual != part.sha256 {
             return Err(UpgradeError::Verify {
                 part: PART_NAMES[index].into(),
@@ -413,54 +542,62 @@ fn verify_blocking(written: &Written, manifest: &Manifest) -> Result<(), Upgrade
                 actual,
             });
         }
-        if index == PART_ROOT {
-            let read_at = |offset: u64, buf: &mut [u8]| file.read_exact_at(buf, offset);
-            keelson_upgrade::verity::verify_root(read_at, &manifest.verity).map_err(|e| {
-                UpgradeError::Verify {
-                    part: "root".into(),
-                    path: path.clone(),
-                    what: "verity tree",
-                    expected: manifest.verity.roothash.clone(),
-                    actual: keelson_api::error_chain(&e),
-                }
-            })?;
+        if let Some(tree) = tree {
+            tree.finish().map_err(verity_err)?;
         }
     }
     Ok(())
 }
 
-/// Drops `file`'s pages from the page cache (they are clean: it was synced), so the
-/// reads that follow come from the disk. For a block device this is the device's cache.
-fn drop_cache(file: &File) {
-    let dropped = nix::fcntl::posix_fadvise(
-        file.as_fd(),
-        0,
-        0,
-        nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
-    );
-    if let Err(e) = dropped {
-        tracing::warn!(error = %e, "upgrade verify: the page cache could not be dropped; reading through it");
-    }
-}
+/// Chunks of the root in flight between the reader and the tree's thread.
+const TREE_QUEUE: usize = 2;
 
-/// The sha256 (hex) of the first `len` bytes of `file`.
-fn sha256_prefix(file: &File, len: u64) -> std::io::Result<String> {
-    let mut ctx = digest::Context::new(&digest::SHA256);
-    let mut buf = vec![0u8; READ_CHUNK];
-    let mut left = len;
-    let mut reader = file.take(len);
-    while left > 0 {
-        let n = reader.read(&mut buf)?;
-        if n == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                format!("{left} bytes short of {len}"),
-            ));
-        }
-        ctx.update(&buf[..n]);
-        left -= n as u64;
-    }
-    Ok(hex(ctx.finish().as_ref()))
+/// Reads the first `len` bytes of `path` once, hashing them with `sha256` on this thread
+/// while `tree` takes a copy of each chunk on a thread of its own: the two hashes are the
+/// verify phase's whole cost, and a node has two cores or more.
+fn read_hashing_beside(
+    path: &Path,
+    len: u64,
+    sha256: &mut digest::Context,
+    mut tree: RootVerifier,
+) -> std::io::Result<(readback::ReadMode, RootVerifier)> {
+    let start = Instant::now();
+    let (mode, tree, sink_busy, tree_busy) = std::thread::scope(|scope| {
+        let (to_tree, chunks) = std::sync::mpsc::sync_channel::<Vec<u8>>(TREE_QUEUE);
+        let hasher = scope.spawn(move || {
+            let mut busy = Duration::ZERO;
+            for chunk in chunks {
+                let t = Instant::now();
+                tree.update(&chunk);
+                busy += t.elapsed();
+            }
+            (tree, busy)
+        });
+        let mut sink_busy = Duration::ZERO;
+        let mode = readback::read_prefix(path, len, |bytes| {
+            let t = Instant::now();
+            // A send fails only if the tree's thread is gone, which its join reports.
+            let _ = to_tree.send(bytes.to_vec());
+            sha256.update(bytes);
+            sink_busy += t.elapsed();
+        });
+        drop(to_tree);
+        let (tree, tree_busy) = hasher
+            .join()
+            .map_err(|_| std::io::Error::other("the verity tree's thread panicked"))?;
+        std::io::Result::Ok((mode?, tree, sink_busy, tree_busy))
+    })?;
+    let took = start.elapsed();
+    tracing::info!(
+        path = %path.display(),
+        bytes = len,
+        took_ms = took.as_millis(),
+        reads_ms = took.saturating_sub(sink_busy).as_millis(),
+        sha256_and_queue_ms = sink_busy.as_millis(),
+        tree_ms = tree_busy.as_millis(),
+        "upgrade verify: root read back"
+    );
+    Ok((mode, tree))
 }
 
 /// The sha256 of `bytes`, lowercase hex.

@@ -21,8 +21,9 @@
 //!    initramfs removed; root goes from the spool into the slot's partition, the kernel
 //!    and initramfs into temporary files on the ESP, synced and renamed; the spool is
 //!    removed;
-//! 5. `verify`: everything is read back with the page cache dropped (sha256 of each part,
-//!    the verity tree recomputed from the data blocks);
+//! 5. `verify`: everything is read back once from the disk, not the page cache (O_DIRECT,
+//!    or buffered with the cache dropped where that is refused): sha256 of each part, and
+//!    root's verity tree recomputed from the same read;
 //! 6. `entry`: the entry, by temporary file, fsync, rename, fsync of the directory; the
 //!    outcome `staged` (`--stage`) or `booting`.
 //!

@@ -17,13 +17,11 @@ use std::io::{self, Write as _};
 use std::os::unix::fs::{FileExt as _, OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 
-use hyper::body::Bytes;
 use keelson_node_protocol::upgrade::PHASE_TRANSFER;
 use keelson_upgrade::manifest::Manifest;
-use tokio::sync::mpsc;
 
 use super::UpgradeError;
-use super::install::{BundleReader, Piece};
+use super::install::{BundleReader, PartSink};
 use super::progress::Reporter;
 
 /// The spool file's name in its directory.
@@ -189,9 +187,10 @@ impl Drop for Spool {
 }
 
 /// Reads the rest of the bundle into `spool` (the `transfer` phase, reported in bytes of
-/// the whole bundle), the writes on a blocking task so the runtime keeps serving. Returns
-/// once the bundle ended, nothing followed it, and every part matched its sha256 (the
-/// parser checks each at its end): only then may anything be installed.
+/// the whole bundle), parsed, hashed and written on a blocking thread so the runtime keeps
+/// serving and receiving. Returns once the bundle ended, nothing followed it, and every
+/// part matched its sha256 (the parser checks each at its end): only then may anything
+/// be installed.
 pub async fn receive(
     reader: &mut BundleReader,
     spool: Spool,
@@ -212,7 +211,6 @@ pub async fn receive(
         )
         .await;
     let mut meter = report.meter(PHASE_TRANSFER, total);
-    let (tx, rx) = mpsc::channel::<Bytes>(16);
     let path = spool.path().to_owned();
     let file = spool
         .file
@@ -222,41 +220,18 @@ pub async fn receive(
             path: path.clone(),
             source,
         })?;
-    let task = tokio::task::spawn_blocking(move || append(rx, file, &path));
-    let received = async {
-        loop {
-            match reader.next().await? {
-                Piece::Data { bytes, .. } => {
-                    if tx.send(bytes).await.is_err() {
-                        // The writer stopped: its error is the one to report.
-                        return Ok(false);
-                    }
-                }
-                Piece::End => return reader.finish().map(|()| true),
-                Piece::Header(_) | Piece::PartEnd { .. } => {}
-            }
-            meter.update(reader.received()).await;
-        }
+    let writer = Appender {
+        file,
+        path,
+        appended: 0,
     };
-    let received: Result<bool, UpgradeError> = received.await;
-    drop(tx);
-    let appended = task.await.map_err(|e| UpgradeError::Task {
-        what: "spool writer",
-        reason: e.to_string(),
-    })?;
-    // A write error comes first: it says where the disk failed.
-    let appended = appended?;
-    if !received? {
-        return Err(UpgradeError::Task {
-            what: "spool writer",
-            reason: "it stopped before the bundle's end".into(),
-        });
-    }
-    if appended != manifest.parts_size() {
+    let writer = reader.rest_beside(writer, &mut meter).await?;
+    if writer.appended != manifest.parts_size() {
         return Err(UpgradeError::Task {
             what: "spool writer",
             reason: format!(
-                "it holds {appended} bytes of parts, the manifest says {}",
+                "it holds {} bytes of parts, the manifest says {}",
+                writer.appended,
                 manifest.parts_size()
             ),
         });
@@ -265,17 +240,25 @@ pub async fn receive(
     Ok(spool)
 }
 
-/// The spool writer: appends every piece; the bytes appended.
-fn append(mut rx: mpsc::Receiver<Bytes>, mut file: File, path: &Path) -> Result<u64, UpgradeError> {
-    let mut appended = 0u64;
-    while let Some(bytes) = rx.blocking_recv() {
-        file.write_all(&bytes)
+/// The spool's writer: appends every part's bytes.
+#[derive(Debug)]
+struct Appender {
+    file: File,
+    path: PathBuf,
+    /// Bytes appended.
+    appended: u64,
+}
+
+impl PartSink for Appender {
+    fn part_bytes(&mut self, _part: usize, bytes: &[u8]) -> Result<(), UpgradeError> {
+        self.file
+            .write_all(bytes)
             .map_err(|source| UpgradeError::Spool {
                 what: "write".into(),
-                path: path.to_owned(),
+                path: self.path.clone(),
                 source,
             })?;
-        appended += bytes.len() as u64;
+        self.appended += bytes.len() as u64;
+        Ok(())
     }
-    Ok(appended)
 }
