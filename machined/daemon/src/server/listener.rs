@@ -42,6 +42,8 @@ pub const MAX_CONNECTIONS_PER_SOURCE: usize = 32;
 pub const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// HTTP/2 streams per connection.
 const MAX_STREAMS: u32 = 64;
+/// The largest HTTP/2 frame a client may send (HTTP/2 allows 16 KiB to 16 MiB).
+const MAX_FRAME_SIZE: u32 = 256 * 1024;
 /// How long maintenance connections may finish after the first config is installed.
 const MAINTENANCE_DRAIN: Duration = Duration::from_secs(3);
 
@@ -408,6 +410,10 @@ async fn serve(
         .timer(TokioTimer::new())
         .max_concurrent_streams(MAX_STREAMS)
         .max_header_list_size(16 * 1024)
+        // An upgrade streams ~75 MB in 1 MiB messages: frames of up to 256 KiB instead
+        // of HTTP/2's default 16 KiB cut the per-frame work of a slow (emulated) node's
+        // receiving task sixteenfold; the flow-control windows stay hyper's 1 MiB.
+        .max_frame_size(MAX_FRAME_SIZE)
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(20));
     if let Err(e) = builder.serve_connection(TokioIo::new(stream), svc).await {

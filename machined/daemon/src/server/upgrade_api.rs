@@ -30,9 +30,11 @@ use keelson_node_protocol::upgrade::COMEBACK_SERVICES;
 /// How long the server waits for the last message to be taken by the connection before
 /// it asks PID 1 to reboot anyway.
 pub const DELIVERY_WAIT: Duration = Duration::from_secs(5);
-/// How long after the last message was taken PID 1 is asked to reboot (its reboot begins
-/// a second after that, as for `Reboot`).
-pub const AFTER_DELIVERY: Duration = Duration::from_millis(500);
+/// How long after the last message was taken PID 1 is asked to reboot. PID 1's reboot
+/// begins a second after it is asked, as for `Reboot`, whose answer has only that second
+/// to reach the client; this is a margin on top for the connection's last writes (it was
+/// 500 ms until 2026-12-06: time the upgrade spent idle that a plain reboot does not).
+pub const AFTER_DELIVERY: Duration = Duration::from_millis(100);
 
 /// Chunks of the bundle in flight between the request stream and the engine.
 const CHUNKS_IN_FLIGHT: usize = 8;
