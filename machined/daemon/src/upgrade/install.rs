@@ -194,13 +194,6 @@ impl BundleReader {
         Ok(())
     }
 
-    /// After [`Piece::End`]: the parser's own word that the bundle is whole.
-    pub fn finish(&self) -> Result<(), UpgradeError> {
-        self.parser
-            .finish()
-            .map_err(|e| parser_error(self.parser.consumed(), Some(e)))
-    }
-
     /// Reads to the end of the stream: nothing may follow the bundle.
     async fn drain(&mut self) -> Result<(), UpgradeError> {
         while let Some(chunk) = self.recv().await? {
