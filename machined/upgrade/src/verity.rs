@@ -322,8 +322,6 @@ pub struct RootVerifier {
     expected: [u8; DIGEST_SIZE],
     roothash: String,
     salt: Vec<u8>,
-    /// A hasher that has already taken the salt, cloned for each block.
-    salted: Sha256,
     data_blocks: u64,
     hash_offset: u64,
     /// Where the tree ends: `hash_offset` plus the superblock block and the levels.
@@ -363,13 +361,10 @@ impl RootVerifier {
                 params.hash_offset
             )));
         }
-        let mut salted = Sha256::new();
-        salted.update(&salt);
         Ok(RootVerifier {
             expected,
             roothash: params.roothash.clone(),
             salt,
-            salted,
             data_blocks,
             hash_offset: params.hash_offset,
             tree_end: params.hash_offset.saturating_add(tree_size(data_blocks)),
@@ -392,15 +387,13 @@ impl RootVerifier {
             self.partial.extend_from_slice(&data[..fill]);
             data = &data[fill..];
             if self.partial.len() == BLOCK_SIZE {
-                let digest = self.digest(&self.partial);
-                self.digests.push(digest);
+                self.digests.push(hash_block(&self.salt, &self.partial));
                 self.partial.clear();
             }
         }
         let mut blocks = data.chunks_exact(BLOCK_SIZE);
         for block in &mut blocks {
-            let digest = self.digest(block);
-            self.digests.push(digest);
+            self.digests.push(hash_block(&self.salt, block));
         }
         self.partial.extend_from_slice(blocks.remainder());
         bytes = rest;
@@ -410,12 +403,6 @@ impl RootVerifier {
         let tree_len = usize::try_from(tree_left).map_or(bytes.len(), |n| n.min(bytes.len()));
         self.tree.extend_from_slice(&bytes[..tree_len]);
         self.received = self.received.saturating_add(bytes.len() as u64);
-    }
-
-    fn digest(&self, block: &[u8]) -> [u8; DIGEST_SIZE] {
-        let mut h = self.salted.clone();
-        h.update(block);
-        h.finalize().into()
     }
 
     /// The verdict, once the bytes up to the tree's end were given.

@@ -513,18 +513,17 @@ fn verify_blocking(written: &Written, manifest: &Manifest) -> Result<(), Upgrade
             source,
         };
         let mut sha256 = digest::Context::new(&digest::SHA256);
-        let tree = if index == PART_ROOT {
+        let (mode, tree) = if index == PART_ROOT {
             let tree = RootVerifier::new(&manifest.verity).map_err(verity_err)?;
             let (mode, tree) =
                 read_hashing_beside(path, part.size, &mut sha256, tree).map_err(read_err)?;
-            tracing::debug!(part = PART_NAMES[index], path = %path.display(), ?mode, "upgrade verify: read back");
-            Some(tree)
+            (mode, Some(tree))
         } else {
             let mode = readback::read_prefix(path, part.size, |bytes| sha256.update(bytes))
                 .map_err(read_err)?;
-            tracing::debug!(part = PART_NAMES[index], path = %path.display(), ?mode, "upgrade verify: read back");
-            None
+            (mode, None)
         };
+        tracing::debug!(part = PART_NAMES[index], path = %path.display(), ?mode, "upgrade verify: read back");
         let actual = hex(sha256.finish().as_ref());
         if actual != part.sha256 {
             return Err(UpgradeError::Verify {
