@@ -483,7 +483,7 @@ fn power_cuts_during_applies_leave_the_old_or_the_new_config() {
     // Uncut no-reboot applies: how long a call takes, to spread the cuts over it. The
     // shortest of three: the first call to a fresh node (the binary read from disk, the
     // node's first apply) took twice as long as the later ones, and cuts spread over it
-    // fell after most calls.
+    // fell after most calls. It only seeds the estimates below, which follow the calls.
     let mut call = Duration::MAX;
     for value in ["21", "22", "23"] {
         let config = variant(
@@ -515,6 +515,12 @@ fn power_cuts_during_applies_leave_the_old_or_the_new_config() {
     );
 
     let modes = ["no-reboot", "staged", "reboot"];
+    // How long a call in each mode takes: the calibration's figure at first, then the
+    // length of the last call in that mode that ended before its cut. A staged call is
+    // shorter than a no-reboot one, and calls to a freshly booted node differ from the
+    // calibration's (CI saw 0.20 s calibrated, 0.08-0.15 s calls, and half the cuts
+    // falling after the call).
+    let mut estimate = [call; 3];
     let mut mid_call = 0;
     for i in 0..APPLY_CUTS {
         let mode = modes[i % modes.len()];
@@ -527,7 +533,8 @@ fn power_cuts_during_applies_leave_the_old_or_the_new_config() {
         );
         let new = std::fs::read_to_string(&file).unwrap();
         // From the CLI's start to a little after an uncut call's end.
-        let delay = call.mul_f64(rng.f64() * 1.3);
+        let delay = estimate[i % modes.len()].mul_f64(rng.f64() * 1.2);
+        let started = Instant::now();
         let mut child = std::process::Command::new(&bin)
             .arg("--machineconfig")
             .arg(&admin)
@@ -544,9 +551,19 @@ fn power_cuts_during_applies_leave_the_old_or_the_new_config() {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        std::thread::sleep(delay);
-        let running = child.try_wait().unwrap().is_none();
+        // Until the cut, watch for the call's end (to within a few milliseconds).
+        let mut call_took = None;
+        while let Some(left) = delay.checked_sub(started.elapsed()) {
+            if call_took.is_none() && child.try_wait().unwrap().is_some() {
+                call_took = Some(started.elapsed());
+            }
+            std::thread::sleep(left.min(Duration::from_millis(2)));
+        }
+        let running = call_took.is_none() && child.try_wait().unwrap().is_none();
         mid_call += usize::from(running);
+        if let Some(took) = call_took {
+            estimate[i % modes.len()] = took;
+        }
         vm.power_cycle().unwrap();
         // The call to the killed node ends by itself, within its deadline, saying so.
         let cut_at = Instant::now();
@@ -603,10 +620,10 @@ fn power_cuts_during_applies_leave_the_old_or_the_new_config() {
         eprintln!(
             "cut {i}: {mode} apply cut {:.2} s in ({}): the node runs the {which} config; the call ended {:.1} s after the cut ({})",
             delay.as_secs_f64(),
-            if running {
-                "mid-call"
-            } else {
-                "after the call"
+            match call_took {
+                _ if running => "mid-call".to_string(),
+                Some(took) => format!("after the call, which took {:.2} s", took.as_secs_f64()),
+                None => "after the call".to_string(),
             },
             took.as_secs_f64(),
             if out.status.success() {
