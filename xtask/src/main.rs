@@ -4,6 +4,7 @@
 mod bench;
 mod bundle;
 mod cluster;
+mod fuzz;
 mod host;
 mod image;
 mod keys;
@@ -122,6 +123,13 @@ enum Cmd {
     /// Run the whole test suite: host set-up, lints, image builds, unit and
     /// end-to-end tests (VMs under QEMU), and a short fuzzing run.
     Test,
+    /// The test suite's fuzzing run alone: build every fuzz target, then run each
+    /// for SECONDS (two at a time). Logs in target/fuzz/.
+    Fuzz {
+        /// How long each target runs.
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+    },
 }
 
 fn main() {
@@ -193,6 +201,10 @@ fn run(cli: Cli) -> Result<()> {
             bench::run(args)
         }
         Cmd::Test => test(),
+        Cmd::Fuzz { seconds } => {
+            host::ensure()?;
+            fuzz::run(fuzz::start_builds()?, Duration::from_secs(seconds))
+        }
     }
 }
 
@@ -232,6 +244,8 @@ fn run_cmd(cmd: &mut Command) -> Result<()> {
 fn test() -> Result<()> {
     let mut stages = Stages::new();
     stages.run("host set-up", host::ensure)?;
+    // Beside every stage, taking what they leave idle; the fuzz stage waits for them.
+    let fuzz_builds = fuzz::start_builds()?;
     stages.run("fmt", || run_cmd(cargo().args(["fmt", "--all", "--check"])))?;
     stages.run("clippy", || {
         run_cmd(cargo().args([
@@ -259,7 +273,7 @@ fn test() -> Result<()> {
     stages.run("cargo test", || {
         run_cmd(cargo().args(["test", "--workspace"]))
     })?;
-    stages.run("fuzz", || fuzz(Duration::from_secs(30)))?;
+    stages.run("fuzz", || fuzz::run(fuzz_builds, Duration::from_secs(30)))?;
     stages.summary();
     Ok(())
 }
@@ -311,59 +325,6 @@ impl Stages {
 fn minutes(d: Duration) -> String {
     let s = d.as_secs();
     format!("{}m{:02}s", s / 60, s % 60)
-}
-
-/// The fuzz targets of the short fuzzing run: the crate directory whose `fuzz/` holds
-/// the target, the target, and its seed inputs (relative to that directory).
-const FUZZ_TARGETS: &[(&str, &str, &str)] = &[
-    // The machine config: parse and validate.
-    ("configs", "check_config", "tests/data"),
-    // PID 1's reader of the config URL's HTTP answer.
-    ("init", "http_response", "fuzz/seeds/http_response"),
-    // PID 1's control socket: its line framing and the requests on it.
-    ("init", "control_frames", "fuzz/seeds/control_frames"),
-    // PID 1's sniffers of a device's first bytes: config-drive labels, ext4 superblocks.
-    ("init", "volume_head", "fuzz/seeds/volume_head"),
-    // PID 1's reader of the boot disk's GPT, and the first boot's plan for it.
-    ("init", "gpt_table", "fuzz/seeds/gpt_table"),
-    // PID 1's DHCP client: packets from any host on the link, and the leases they grant.
-    ("init/netconf", "dhcp_packet", "fuzz/seeds/dhcp_packet"),
-    // machined's parser of upgrade bundles (an upload or a download, not yet trusted).
-    (
-        "machined/upgrade",
-        "bundle_parser",
-        "fuzz/seeds/bundle_parser",
-    ),
-];
-
-/// A short run of each fuzz target of [`FUZZ_TARGETS`]: each must build and
-/// find no crash within `duration`. cargo-fuzz needs nightly features; `RUSTC_BOOTSTRAP`
-/// unlocks them on the stable toolchain this project pins.
-fn fuzz(duration: Duration) -> Result<()> {
-    let have_fuzz = cargo()
-        .args(["fuzz", "--version"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !have_fuzz {
-        run_cmd(cargo().args(["install", "--locked", "cargo-fuzz"]))?;
-    }
-    for &(dir, target, seeds) in FUZZ_TARGETS {
-        let corpus = std::env::temp_dir().join(format!("keelson-fuzz-corpus-{target}"));
-        std::fs::create_dir_all(&corpus)?;
-        run_cmd(
-            cargo()
-                .current_dir(workspace_root().join(dir))
-                .env("RUSTC_BOOTSTRAP", "1")
-                .args(["fuzz", "run", target, "--target-dir"])
-                .arg(workspace_root().join("target/fuzz"))
-                .arg(&corpus)
-                .arg(seeds)
-                .arg("--")
-                .arg(format!("-max_total_time={}", duration.as_secs()))
-                .arg("-max_len=8192"),
-        )?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]
