@@ -77,7 +77,7 @@ pub fn start_builds() -> Result<Builds> {
     let shared = Arc::clone(&running);
     let thread = std::thread::spawn(move || build_all(&file, &shared));
     eprintln!(
-        "xtask: test: the fuzz targets build in the background at the lowest priority (log: {})",
+        "xtask: fuzz: the targets build in the background at the lowest priority (log: {})",
         log.display()
     );
     Ok(Builds {
