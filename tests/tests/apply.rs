@@ -443,7 +443,8 @@ fn state_config(bin: &Path, admin: &Path, vm: &Running) -> String {
 
 /// The power is cut at [`APPLY_CUTS`] random points during `apply-config` calls in the
 /// modes that write STATE (`no-reboot`, `staged`, `reboot`): every time, the node boots
-/// the config STATE held before the call or the one it sent, whole, answers on its API,
+/// the config STATE held before the call or the one it sent, whole (the one it sent when
+/// the call answered before the cut), answers on its API,
 /// and runs what that config says; and the call to the killed node ends within
 /// [`CALL_DEADLINE`] (a failure says why). The seed is printed;
 /// `KEELSON_TEST_SEED` replays it.
@@ -561,9 +562,13 @@ fn power_cuts_during_applies_leave_the_old_or_the_new_config() {
         }
         let running = call_took.is_none() && child.try_wait().unwrap().is_none();
         mid_call += usize::from(running);
-        if let Some(took) = call_took {
-            estimate[i % modes.len()] = took;
-        }
+        // A call that ended sets its mode's window; one cut mid-call widens it a little,
+        // so that some cuts still fall after the answer (an estimate too short would
+        // otherwise never learn, and answered calls would never be cut).
+        estimate[i % modes.len()] = match call_took {
+            Some(took) => took,
+            None => estimate[i % modes.len()].mul_f64(1.05),
+        };
         vm.power_cycle().unwrap();
         // The call to the killed node ends by itself, within its deadline, saying so.
         let cut_at = Instant::now();
@@ -605,6 +610,12 @@ fn power_cuts_during_applies_leave_the_old_or_the_new_config() {
             console.contains("applying the config from STATE") && !refused,
             "cut {i}: the node did not boot STATE's config\n{}",
             tail(&console, 60)
+        );
+        // An answered call was kept: the node wrote STATE before it answered.
+        assert!(
+            !out.status.success() || which == "new",
+            "cut {i} ({mode}, {:.2} s in, seed {seed}): apply-config answered, yet STATE holds the old config after the cut",
+            delay.as_secs_f64()
         );
         // What STATE holds is what runs (a staged config is promoted at this boot).
         let want = if which == "new" {
