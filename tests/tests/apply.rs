@@ -524,7 +524,8 @@ fn power_cuts_during_applies_leave_the_old_or_the_new_config() {
     let mut estimate = [call; 3];
     let mut mid_call = 0;
     for i in 0..APPLY_CUTS {
-        let mode = modes[i % modes.len()];
+        let slot = i % modes.len();
+        let mode = modes[slot];
         let value = (i + 1).to_string();
         let file = variant(
             &base,
@@ -534,7 +535,7 @@ fn power_cuts_during_applies_leave_the_old_or_the_new_config() {
         );
         let new = std::fs::read_to_string(&file).unwrap();
         // From the CLI's start to a little after an uncut call's end.
-        let delay = estimate[i % modes.len()].mul_f64(rng.f64() * 1.2);
+        let delay = estimate[slot].mul_f64(rng.f64() * 1.2);
         let started = Instant::now();
         let mut child = std::process::Command::new(&bin)
             .arg("--machineconfig")
@@ -565,9 +566,9 @@ fn power_cuts_during_applies_leave_the_old_or_the_new_config() {
         // A call that ended sets its mode's window; one cut mid-call widens it a little,
         // so that some cuts still fall after the answer (an estimate too short would
         // otherwise never learn, and answered calls would never be cut).
-        estimate[i % modes.len()] = match call_took {
+        estimate[slot] = match call_took {
             Some(took) => took,
-            None => estimate[i % modes.len()].mul_f64(1.05),
+            None => estimate[slot].mul_f64(1.05),
         };
         vm.power_cycle().unwrap();
         // The call to the killed node ends by itself, within its deadline, saying so.
